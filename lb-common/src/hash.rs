@@ -1,0 +1,128 @@
+//! The flow hash: MurmurHash3 (x86, 32-bit) with a fixed seed.
+//!
+//! The selection slot of a flow is `flow_hash(key) % table_size`. The hash is a fixed, documented
+//! function of the packet's 5-tuple alone — no per-boot random seed, no CPU-specific instruction —
+//! so every lb gateway (and userspace, which runs this same code) maps a flow to the same slot.
+
+use crate::FlowKey;
+
+/// Seed of the flow hash. Changing it moves every flow: treat it as part of the wire format.
+pub const FLOW_HASH_SEED: u32 = 0x6c62_5f31; // "lb_1"
+
+const C1: u32 = 0xcc9e_2d51;
+const C2: u32 = 0x1b87_3593;
+
+#[inline(always)]
+fn mix_k(k: u32) -> u32 {
+    k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2)
+}
+
+#[inline(always)]
+fn mix_h(h: u32, k: u32) -> u32 {
+    (h ^ mix_k(k))
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+fn fmix(mut h: u32, len: u32) -> u32 {
+    h ^= len;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// MurmurHash3_x86_32 of `data` (the reference algorithm; used by userspace for table
+/// permutations and to check `flow_hash` against published vectors).
+pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
+    let mut h = seed;
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        h = mix_h(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let mut k = 0u32;
+        for (i, b) in tail.iter().enumerate() {
+            k |= (*b as u32) << (8 * i);
+        }
+        h ^= mix_k(k);
+    }
+    fmix(h, data.len() as u32)
+}
+
+#[inline(always)]
+fn word(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
+/// The flow hash: `murmur3_32(bytes of key, FLOW_HASH_SEED)`, written out word by word so the
+/// eBPF compiler produces straight-line code with no loop or bounds check.
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h = FLOW_HASH_SEED;
+    h = mix_h(h, word(&key.src_be, 0));
+    h = mix_h(h, word(&key.src_be, 4));
+    h = mix_h(h, word(&key.src_be, 8));
+    h = mix_h(h, word(&key.src_be, 12));
+    h = mix_h(h, word(&key.dst_be, 0));
+    h = mix_h(h, word(&key.dst_be, 4));
+    h = mix_h(h, word(&key.dst_be, 8));
+    h = mix_h(h, word(&key.dst_be, 12));
+    h = mix_h(
+        h,
+        u32::from_le_bytes([key.sport_be[0], key.sport_be[1], key.dport_be[0], key.dport_be[1]]),
+    );
+    h = mix_h(
+        h,
+        u32::from_le_bytes([key.proto, key.family, key._pad[0], key._pad[1]]),
+    );
+    fmix(h, core::mem::size_of::<FlowKey>() as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur3_matches_published_vectors() {
+        assert_eq!(murmur3_32(b"", 0), 0);
+        assert_eq!(murmur3_32(b"", 1), 0x514e_28b7);
+        assert_eq!(murmur3_32(b"hello", 0), 0x248b_fa47);
+        assert_eq!(murmur3_32(b"The quick brown fox jumps over the lazy dog", 0x9747_b28c), 0x2fa8_26cd);
+    }
+
+    #[test]
+    fn flow_hash_is_murmur3_of_the_key_bytes() {
+        let mut key = FlowKey::default();
+        for (i, b) in key.src_be.iter_mut().enumerate() {
+            *b = i as u8 * 7 + 1;
+        }
+        for (i, b) in key.dst_be.iter_mut().enumerate() {
+            *b = 200 - i as u8 * 3;
+        }
+        key.sport_be = [0x9c, 0x40];
+        key.dport_be = [0x00, 0x50];
+        key.proto = crate::PROTO_TCP;
+        key.family = crate::FAMILY_V6;
+        assert_eq!(flow_hash(&key), murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED));
+    }
+
+    #[test]
+    fn flow_hash_is_pinned() {
+        // Pinned value: if this changes, every deployed gateway would disagree with a new one.
+        let mut key = FlowKey::default();
+        key.src_be[..4].copy_from_slice(&[10, 0, 0, 1]);
+        key.dst_be[..4].copy_from_slice(&[10, 100, 0, 100]);
+        key.sport_be = 40000u16.to_be_bytes();
+        key.dport_be = 80u16.to_be_bytes();
+        key.proto = crate::PROTO_TCP;
+        key.family = crate::FAMILY_V4;
+        assert_eq!(flow_hash(&key), murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED));
+        assert_eq!(flow_hash(&key), PINNED);
+    }
+    const PINNED: u32 = 3_515_136_274;
+}

@@ -1,0 +1,203 @@
+//! Keys and values of the BPF maps, and the map names.
+//!
+//! A pinned map is reused by name without any check of its layout, so every map name carries a
+//! layout version (`_V1`): change a layout, bump the version.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Address family tag stored in keys (not the AF_* numbers, which differ between systems).
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag stored in keys.
+pub const FAMILY_V6: u8 = 6;
+
+/// IANA protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Capacity of the VIP map; a VIP's `vip_id` is below this.
+pub const MAX_VIPS: u32 = 1024;
+/// Capacity of the backend array; a backend id is below this.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Default number of slots of a VIP's selection table (a prime).
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// Largest selection table a single VIP may have.
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+/// Default capacity of the slot array shared by all VIPs' tables (16 tables of 65537 slots).
+pub const DEFAULT_TABLE_CAPACITY: u32 = 16 * DEFAULT_TABLE_SIZE;
+/// Default capacity of the connection-tracking LRU map.
+pub const DEFAULT_CT_CAPACITY: u32 = 1 << 20;
+/// Slot value meaning "no backend": the packet is dropped and counted.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Map names, at most 15 characters (the kernel cuts object names there).
+pub mod names {
+    /// `HashMap<Endpoint, VipInfo>`: the configured VIPs.
+    pub const VIPS: &str = "LB_VIPS_V1";
+    /// `Array<Backend>`: every backend of every VIP, indexed by backend id.
+    pub const BACKENDS: &str = "LB_BACKENDS_V1";
+    /// `Array<u32>`: the selection tables of all VIPs, one contiguous run of slots each.
+    pub const TABLE: &str = "LB_TABLE_V1";
+    /// `LruHashMap<FlowKey, CtEntry>`: flow → backend (connection tracking).
+    pub const CONNTRACK: &str = "LB_CT_V1";
+    /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
+    pub const REVNAT: &str = "LB_REVNAT_V1";
+    /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`.
+    pub const STATS: &str = "LB_STATS_V1";
+    /// `PerCpuArray<TrafficStats>`: per-VIP traffic, indexed by `vip_id`.
+    pub const VIP_STATS: &str = "LB_VIPSTATS_V1";
+    /// `PerCpuArray<TrafficStats>`: per-backend traffic, indexed by backend id.
+    pub const BACKEND_STATS: &str = "LB_BESTATS_V1";
+}
+
+/// An L4 endpoint: address, port and protocol. Key of the VIP map (the VIP) and of the
+/// reverse-NAT map (a backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct Endpoint {
+    /// Address in network byte order. IPv4 uses bytes 0..4; bytes 4..16 are zero.
+    pub addr_be: [u8; 16],
+    /// Port in network byte order, as the two bytes appear on the wire.
+    pub port_be: [u8; 2],
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 20);
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipInfo {
+    /// Index of this VIP in the per-VIP statistics array; unique among VIPs, below `MAX_VIPS`.
+    pub vip_id: u32,
+    /// Index of this VIP's first slot in the shared slot array (`names::TABLE`).
+    pub table_off: u32,
+    /// Number of slots M of this VIP's table (a prime). The slot of a flow is `hash % M`.
+    pub table_size: u32,
+    /// Reserved for per-VIP options (forwarding mode, algorithm); zero today.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+
+/// `Backend::flags`: the entry is in use.
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// Value of the backend array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Address in network byte order (IPv4 in bytes 0..4).
+    pub addr_be: [u8; 16],
+    /// Port in network byte order.
+    pub port_be: [u8; 2],
+    /// `FAMILY_V4` or `FAMILY_V6`; always the VIP's family (NAT does not translate families).
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// The VIP this backend serves. The data plane refuses a backend of another VIP.
+    pub vip_id: u32,
+    /// Relative weight; 0 = drained (no new flows, established flows continue). Only userspace
+    /// reads it: the data plane sees weights through the selection table.
+    pub weight: u32,
+    /// Bumped every time the id is given to a new backend, so that a conntrack entry made for
+    /// an earlier holder of the id is recognised as stale.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
+
+impl Backend {
+    /// Whether the entry is in use.
+    #[inline(always)]
+    pub fn is_valid(&self) -> bool {
+        self.flags & BACKEND_F_VALID != 0
+    }
+}
+
+/// A flow as seen by the gateway on the way in (client → VIP). Key of the conntrack map and
+/// input of the flow hash.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Source (client) address, network byte order, IPv4 in bytes 0..4.
+    pub src_be: [u8; 16],
+    /// Destination (VIP) address, network byte order.
+    pub dst_be: [u8; 16],
+    /// Source port, network byte order.
+    pub sport_be: [u8; 2],
+    /// Destination port, network byte order.
+    pub dport_be: [u8; 2],
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Always zero (hashed and compared as part of the key).
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of the conntrack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// The backend this flow is pinned to.
+    pub backend_id: u32,
+    /// `Backend::generation` when the entry was made; a mismatch means the backend was replaced.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 8);
+
+/// Value of the reverse-NAT map: what a backend's reply is rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RevNat {
+    /// The VIP: replies get this address and port as their source.
+    pub vip: Endpoint,
+    /// The VIP's id (for per-VIP reply counters).
+    pub vip_id: u32,
+    /// The backend's id (for per-backend reply counters).
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNat>() == 28);
+
+/// Traffic counters of one VIP or one backend (per CPU in the kernel; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TrafficStats {
+    /// Client → VIP packets forwarded.
+    pub packets: u64,
+    /// Bytes of those packets (whole frames as received).
+    pub bytes: u64,
+    /// Flows that got a backend from the selection table (conntrack misses).
+    pub new_flows: u64,
+    /// Backend → client replies rewritten back to the VIP.
+    pub rev_packets: u64,
+    /// Bytes of those replies.
+    pub rev_bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficStats>() == 40);
+
+impl TrafficStats {
+    /// Adds another CPU's counters to these.
+    pub fn add(&mut self, o: &TrafficStats) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        self.new_flows += o.new_flows;
+        self.rev_packets += o.rev_packets;
+        self.rev_bytes += o.rev_bytes;
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are `bytemuck::Pod`: plain old data without padding.
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for TrafficStats {}
+}

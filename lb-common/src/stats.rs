@@ -1,0 +1,78 @@
+//! The global counters: every packet increments exactly one *verdict* counter (the reason for
+//! what happened to it), and possibly some *event* counters.
+
+/// Index into the global per-CPU counter array (`names::STATS`).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    // ---- verdicts: exactly one per packet ----
+    /// Not IPv4 or IPv6 (ARP, LLDP, …): passed.
+    PassNotIp = 0,
+    /// Frame shorter than an Ethernet header: passed.
+    PassMalformedEth,
+    /// IP header truncated, wrong version, IHL < 5 or total length beyond the frame: passed.
+    PassMalformedIp,
+    /// IPv4 fragment or IPv6 fragment header: passed, lb does not reassemble.
+    PassFragment,
+    /// IPv6 with extension headers before the L4 header: passed.
+    PassIpv6Ext,
+    /// Neither TCP nor UDP (ICMP, …): passed.
+    PassNotTcpUdp,
+    /// TCP/UDP header truncated, or TCP data offset < 5 or beyond the packet: passed.
+    PassMalformedL4,
+    /// Well-formed TCP/UDP for neither a VIP nor from a backend: passed untouched.
+    PassNotVip,
+    /// Addressed to a VIP that has no usable backend: dropped.
+    DropNoBackend,
+    /// Rewritten and sent back out of the interface it came in on.
+    Tx,
+    /// Rewritten and redirected to another interface.
+    Redirect,
+    /// Rewritten; the next hop's MAC is not known yet: given to the kernel, which resolves it.
+    PassNoNeigh,
+    /// Rewritten; the route lookup said the kernel must handle it (local destination,
+    /// forwarding disabled, MTU exceeded, …): given to the kernel.
+    PassFibOther,
+    /// Rewritten; the route is blackhole / unreachable / prohibit: dropped.
+    DropFibUnreachable,
+
+    // ---- events ----
+    /// A client → VIP packet took its backend from conntrack.
+    CtHit,
+    /// A flow got a backend from the selection table (new flow).
+    CtMiss,
+    /// A conntrack entry pointed at a backend that is gone; the flow was selected afresh.
+    CtStale,
+    /// Inserting a conntrack entry failed (the flow is still forwarded).
+    CtInsertFailed,
+    /// A backend → client reply was rewritten back to the VIP.
+    RevNat,
+}
+
+/// Number of counters (size of the global counter array).
+pub const COUNTER_COUNT: u32 = Counter::RevNat as u32 + 1;
+/// Counters `0..VERDICT_COUNT` are verdicts; their sum is the number of packets seen.
+pub const VERDICT_COUNT: u32 = Counter::DropFibUnreachable as u32 + 1;
+
+/// Names of the counters, as shown by `lb stats` and exported as metric labels.
+pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
+    "pass_not_ip",
+    "pass_malformed_eth",
+    "pass_malformed_ip",
+    "pass_fragment",
+    "pass_ipv6_ext",
+    "pass_not_tcp_udp",
+    "pass_malformed_l4",
+    "pass_not_vip",
+    "drop_no_backend",
+    "tx",
+    "redirect",
+    "pass_no_neigh",
+    "pass_fib_other",
+    "drop_fib_unreachable",
+    "ct_hit",
+    "ct_miss",
+    "ct_stale",
+    "ct_insert_failed",
+    "rev_nat",
+];

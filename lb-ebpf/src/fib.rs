@@ -1,0 +1,113 @@
+//! Next hop: `bpf_fib_lookup` on the rewritten packet, then XDP_TX (same interface),
+//! XDP_REDIRECT (another interface), or the kernel stack when it must help.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_fib_lookup, bpf_redirect},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{Counter, FAMILY_V4};
+
+use crate::{
+    parse::{Packet, ETH_LEN},
+    Verdict,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+// bpf_fib_lookup return codes (include/uapi/linux/bpf.h).
+const FIB_SUCCESS: i64 = 0;
+const FIB_BLACKHOLE: i64 = 1;
+const FIB_UNREACHABLE: i64 = 2;
+const FIB_PROHIBIT: i64 = 3;
+const FIB_NO_NEIGH: i64 = 7;
+
+/// `struct bpf_fib_lookup` with its unions flattened to the members we use (64 bytes).
+#[repr(C)]
+struct FibParams {
+    family: u8,
+    l4_protocol: u8,
+    sport_be: [u8; 2],
+    dport_be: [u8; 2],
+    /// In: IP total length (host order), for the MTU check. Out: the MTU.
+    tot_len: u16,
+    /// In: ingress interface. Out: egress interface.
+    ifindex: u32,
+    /// IPv4 TOS or IPv6 flow label (network order).
+    tos_or_flow: u32,
+    src_be: [u8; 16],
+    dst_be: [u8; 16],
+    vlan_or_tbid: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+
+/// Routes the already rewritten packet whose addresses and ports are now `src`/`dst`.
+#[inline(always)]
+pub(crate) fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    sport: [u8; 2],
+    dport: [u8; 2],
+) -> Verdict {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut p = FibParams {
+        family: if pkt.family == FAMILY_V4 { AF_INET } else { AF_INET6 },
+        l4_protocol: pkt.proto,
+        sport_be: sport,
+        dport_be: dport,
+        tot_len: pkt.ip_len,
+        ifindex: ingress,
+        tos_or_flow: pkt.tos_or_flow,
+        src_be: *src,
+        dst_be: *dst,
+        vlan_or_tbid: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    // SAFETY: `p` is a valid, writable `struct bpf_fib_lookup` of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            (&mut p as *mut FibParams).cast(),
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc {
+        FIB_SUCCESS => {
+            let data = ctx.data();
+            if data + ETH_LEN > ctx.data_end() {
+                return Verdict::pass(Counter::PassMalformedEth);
+            }
+            // SAFETY: the Ethernet header is within bounds, checked above.
+            unsafe {
+                *(data as *mut [u8; 6]) = p.dmac;
+                *((data + 6) as *mut [u8; 6]) = p.smac;
+            }
+            if p.ifindex == ingress {
+                Verdict {
+                    action: xdp_action::XDP_TX,
+                    reason: Counter::Tx,
+                }
+            } else {
+                // SAFETY: plain helper call.
+                let action = unsafe { bpf_redirect(p.ifindex, 0) } as u32;
+                Verdict {
+                    action,
+                    reason: Counter::Redirect,
+                }
+            }
+        }
+        FIB_NO_NEIGH => Verdict::pass(Counter::PassNoNeigh),
+        FIB_BLACKHOLE | FIB_UNREACHABLE | FIB_PROHIBIT => {
+            Verdict::drop(Counter::DropFibUnreachable)
+        }
+        _ => Verdict::pass(Counter::PassFibOther),
+    }
+}

@@ -1,0 +1,50 @@
+//! The maps. Sizes marked "set at load" are defaults that userspace overrides with
+//! `EbpfLoader::set_max_entries` before loading.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, Counter, CtEntry, Endpoint, FlowKey, RevNat, TrafficStats, VipInfo, COUNTER_COUNT,
+    DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+};
+
+#[btf_map(name = "LB_VIPS_V1")]
+pub(crate) static VIPS: HashMap<Endpoint, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
+
+#[btf_map(name = "LB_BACKENDS_V1")]
+pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Set at load.
+#[btf_map(name = "LB_TABLE_V1")]
+pub(crate) static TABLE: Array<u32, { DEFAULT_TABLE_CAPACITY as usize }> = Array::new();
+
+/// Set at load. A shared (not per-CPU) LRU: a flow whose packets land on several CPUs still
+/// sees one entry.
+#[btf_map(name = "LB_CT_V1")]
+pub(crate) static CONNTRACK: LruHashMap<FlowKey, CtEntry, { DEFAULT_CT_CAPACITY as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "LB_REVNAT_V1")]
+pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map(name = "LB_STATS_V1")]
+pub(crate) static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map(name = "LB_VIPSTATS_V1")]
+pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> =
+    PerCpuArray::new();
+
+#[btf_map(name = "LB_BESTATS_V1")]
+pub(crate) static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
+/// Adds one to a global counter.
+#[inline(always)]
+pub(crate) fn count(c: Counter) {
+    if let Some(p) = STATS.get_ptr_mut(c as u32) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs concurrently with us.
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,7 @@
+//! The compiled XDP program, embedded at build time by `build.rs`.
+
+/// ELF object of the lb XDP program.
+pub static LB_XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// Name of the XDP program inside the object.
+pub const LB_XDP_PROGRAM: &str = "lb_xdp";
