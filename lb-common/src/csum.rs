@@ -20,33 +20,41 @@ impl CsumUpdate {
         }
     }
 
+    /// Collects changes without a checksum yet, to be applied with `rebase` (for fields that
+    /// two checksums cover, like an IPv4 address in the IP header and the L4 pseudo-header).
+    #[inline(always)]
+    pub fn delta() -> Self {
+        CsumUpdate { acc: 0 }
+    }
+
+    /// The changes collected so far, applied to the checksum field `old_csum`.
+    #[inline(always)]
+    pub fn rebase(self, old_csum: u16) -> Self {
+        CsumUpdate {
+            acc: self.acc + (!old_csum) as u32,
+        }
+    }
+
     /// One 16-bit word changes from `old` to `new`.
     #[inline(always)]
     pub fn word(&mut self, old: u16, new: u16) {
         self.acc += (!old) as u32 + new as u32;
     }
 
-    /// Two bytes change from `old` to `new` (loaded in host order).
+    /// A 32-bit word (two 16-bit words, loaded in host order) changes.
     #[inline(always)]
-    pub fn bytes2(&mut self, old: [u8; 2], new: [u8; 2]) {
-        self.word(u16::from_ne_bytes(old), u16::from_ne_bytes(new));
+    pub fn word32(&mut self, old: u32, new: u32) {
+        self.word(old as u16, new as u16);
+        self.word((old >> 16) as u16, (new >> 16) as u16);
     }
 
-    /// Four bytes (an IPv4 address) change.
+    /// An address stored as four 32-bit words changes (IPv6; IPv4 uses `word32`).
     #[inline(always)]
-    pub fn bytes4(&mut self, old: &[u8; 4], new: &[u8; 4]) {
-        self.bytes2([old[0], old[1]], [new[0], new[1]]);
-        self.bytes2([old[2], old[3]], [new[2], new[3]]);
-    }
-
-    /// Sixteen bytes (an IPv6 address) change.
-    #[inline(always)]
-    pub fn bytes16(&mut self, old: &[u8; 16], new: &[u8; 16]) {
-        let mut i = 0;
-        while i < 16 {
-            self.bytes2([old[i], old[i + 1]], [new[i], new[i + 1]]);
-            i += 2;
-        }
+    pub fn addr(&mut self, old: &[u32; 4], new: &[u32; 4]) {
+        self.word32(old[0], new[0]);
+        self.word32(old[1], new[1]);
+        self.word32(old[2], new[2]);
+        self.word32(old[3], new[3]);
     }
 
     /// The new checksum value. At most 20 words can have been fed before this without the
@@ -104,18 +112,16 @@ mod tests {
             }
             set_csum(&mut buf, 2);
             assert_eq!(checksum(&buf), 0);
-            let old_addr: [u8; 16] = buf[8..24].try_into().unwrap();
-            let old_port = [buf[24], buf[25]];
-            let mut new_addr = [0u8; 16];
-            for b in new_addr.iter_mut() {
-                *b = next() as u8;
-            }
-            let new_port = [next() as u8, next() as u8];
-            let mut u = CsumUpdate::new(u16::from_ne_bytes([buf[2], buf[3]]));
-            u.bytes16(&old_addr, &new_addr);
-            u.bytes2(old_port, new_port);
-            buf[8..24].copy_from_slice(&new_addr);
-            buf[24..26].copy_from_slice(&new_port);
+            let old_addr = crate::addr_words(buf[8..24].try_into().unwrap());
+            let old_port = u16::from_ne_bytes([buf[24], buf[25]]);
+            let new_addr = [next(), next(), next(), next()];
+            let new_port = next() as u16;
+            let mut d = CsumUpdate::delta();
+            d.addr(&old_addr, &new_addr);
+            let mut u = d.rebase(u16::from_ne_bytes([buf[2], buf[3]]));
+            u.word(old_port, new_port);
+            buf[8..24].copy_from_slice(&crate::addr_octets(new_addr));
+            buf[24..26].copy_from_slice(&new_port.to_ne_bytes());
             buf[2..4].copy_from_slice(&u.finish().to_ne_bytes());
             assert_eq!(checksum(&buf), 0, "checksum invalid after update: {buf:?}");
         }

@@ -50,15 +50,21 @@ pub mod names {
     pub const BACKEND_STATS: &str = "LB_BESTATS_V1";
 }
 
+/// Byte order, once for all types here: a field named `*_be` holds the bytes exactly as they
+/// are on the wire (network byte order). `u16`/`u32` words are used instead of byte arrays so
+/// that the data plane moves them with word loads and stores; their numeric value is therefore
+/// the wire bytes read in host order (`u16::from_ne_bytes(wire)`), not the port or address.
+/// Convert with `u16::to_be`/`from_be` and `addr_words`/`addr_octets`.
+///
 /// An L4 endpoint: address, port and protocol. Key of the VIP map (the VIP) and of the
 /// reverse-NAT map (a backend).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct Endpoint {
-    /// Address in network byte order. IPv4 uses bytes 0..4; bytes 4..16 are zero.
-    pub addr_be: [u8; 16],
-    /// Port in network byte order, as the two bytes appear on the wire.
-    pub port_be: [u8; 2],
+    /// Address, network byte order. IPv4 uses word 0; words 1..4 are zero.
+    pub addr_be: [u32; 4],
+    /// Port, network byte order.
+    pub port_be: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
     /// `FAMILY_V4` or `FAMILY_V6`.
@@ -88,10 +94,10 @@ pub const BACKEND_F_VALID: u8 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Backend {
-    /// Address in network byte order (IPv4 in bytes 0..4).
-    pub addr_be: [u8; 16],
-    /// Port in network byte order.
-    pub port_be: [u8; 2],
+    /// Address, network byte order (IPv4 in word 0).
+    pub addr_be: [u32; 4],
+    /// Port, network byte order.
+    pub port_be: u16,
     /// `FAMILY_V4` or `FAMILY_V6`; always the VIP's family (NAT does not translate families).
     pub family: u8,
     /// `BACKEND_F_*` bits.
@@ -117,23 +123,23 @@ impl Backend {
 
 /// A flow as seen by the gateway on the way in (client → VIP). Key of the conntrack map and
 /// input of the flow hash.
-#[repr(C, align(4))]
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
-    /// Source (client) address, network byte order, IPv4 in bytes 0..4.
-    pub src_be: [u8; 16],
+    /// Source (client) address, network byte order, IPv4 in word 0.
+    pub src_be: [u32; 4],
     /// Destination (VIP) address, network byte order.
-    pub dst_be: [u8; 16],
+    pub dst_be: [u32; 4],
     /// Source port, network byte order.
-    pub sport_be: [u8; 2],
+    pub sport_be: u16,
     /// Destination port, network byte order.
-    pub dport_be: [u8; 2],
+    pub dport_be: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
     /// Always zero (hashed and compared as part of the key).
-    pub _pad: [u8; 2],
+    pub _pad: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
@@ -187,6 +193,21 @@ impl TrafficStats {
         self.rev_packets += o.rev_packets;
         self.rev_bytes += o.rev_bytes;
     }
+}
+
+/// An address's 16 wire bytes as the words stored in `*_be: [u32; 4]` fields.
+pub fn addr_words(octets: [u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The 16 wire bytes of an address stored as words.
+pub fn addr_octets(words: [u32; 4]) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    o
 }
 
 #[cfg(feature = "user")]

@@ -10,7 +10,8 @@ use aya_ebpf::{
 use lb_common::{Counter, FAMILY_V4};
 
 use crate::{
-    parse::{Packet, ETH_LEN},
+    headers::EthHdr,
+    parse::{ptr_at, Packet},
     Verdict,
 };
 
@@ -29,16 +30,16 @@ const FIB_NO_NEIGH: i64 = 7;
 struct FibParams {
     family: u8,
     l4_protocol: u8,
-    sport_be: [u8; 2],
-    dport_be: [u8; 2],
+    sport_be: u16,
+    dport_be: u16,
     /// In: IP total length (host order), for the MTU check. Out: the MTU.
     tot_len: u16,
     /// In: ingress interface. Out: egress interface.
     ifindex: u32,
     /// IPv4 TOS or IPv6 flow label (network order).
     tos_or_flow: u32,
-    src_be: [u8; 16],
-    dst_be: [u8; 16],
+    src_be: [u32; 4],
+    dst_be: [u32; 4],
     vlan_or_tbid: u32,
     smac: [u8; 6],
     dmac: [u8; 6],
@@ -50,10 +51,10 @@ const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 pub(crate) fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    sport: [u8; 2],
-    dport: [u8; 2],
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
 ) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = FibParams {
@@ -81,14 +82,13 @@ pub(crate) fn forward(
     };
     match rc {
         FIB_SUCCESS => {
-            let data = ctx.data();
-            if data + ETH_LEN > ctx.data_end() {
+            let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
                 return Verdict::pass(Counter::PassMalformedEth);
-            }
-            // SAFETY: the Ethernet header is within bounds, checked above.
+            };
+            // SAFETY: bounds-checked by ptr_at.
             unsafe {
-                *(data as *mut [u8; 6]) = p.dmac;
-                *((data + 6) as *mut [u8; 6]) = p.smac;
+                (*eth).dst = p.dmac;
+                (*eth).src = p.smac;
             }
             if p.ifindex == ingress {
                 Verdict {

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod fib;
+mod headers;
 mod maps;
 mod nat;
 mod parse;
@@ -99,7 +100,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         dport_be: pkt.dport,
         proto: pkt.proto,
         family: pkt.family,
-        _pad: [0; 2],
+        _pad: 0,
     };
     let mut chosen: Option<(u32, Backend)> = None;
     // SAFETY: copied out at once.

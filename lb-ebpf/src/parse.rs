@@ -4,15 +4,11 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{Counter, Endpoint, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
-use crate::Verdict;
-
-pub(crate) const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
-pub(crate) const IPV4_MIN_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
-pub(crate) const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
-pub(crate) const TCP_MIN_LEN: usize = 20;
-pub(crate) const UDP_LEN: usize = 8;
+use crate::{
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_LEN, IPV6_LEN},
+    Verdict,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -24,12 +20,11 @@ pub(crate) struct Packet {
     pub proto: u8,
     /// Offset of the TCP/UDP header from the start of the frame.
     pub l4_off: usize,
-    /// Source address, network byte order (IPv4 in bytes 0..4).
-    pub src: [u8; 16],
-    /// Destination address, network byte order.
-    pub dst: [u8; 16],
-    pub sport: [u8; 2],
-    pub dport: [u8; 2],
+    /// Addresses and ports, network byte order (IPv4 in word 0).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
     /// Length of the whole frame, for byte counters.
     pub frame_len: u64,
     /// IP total length (IPv4 total length; IPv6 payload length + 40), host order.
@@ -62,53 +57,68 @@ impl Packet {
 
 type ParseResult = Result<Packet, Verdict>;
 
+/// `data_end`, loaded afresh each time. A plain load lets LLVM prove a bounds check redundant
+/// from earlier checks (e.g. "L4 header within IP total length, IP total length within the
+/// frame") and delete it; the verifier cannot follow such proofs and rejects the access.
+#[inline(always)]
+pub(crate) fn data_end(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx points at the kernel's xdp_md for the duration of the program.
+    unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize }
+}
+
+/// A pointer to a `T` at `off`, if the whole `T` lies within the packet.
+#[inline(always)]
+pub(crate) fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let p = ctx.data() + off;
+    if p + core::mem::size_of::<T>() > data_end(ctx) {
+        return None;
+    }
+    Some(p as *mut T)
+}
+
 #[inline(always)]
 pub(crate) fn parse(ctx: &XdpContext) -> ParseResult {
-    let data = ctx.data();
-    let end = ctx.data_end();
-    if data + ETH_LEN > end {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Err(Verdict::pass(Counter::PassMalformedEth));
-    }
-    // SAFETY: the Ethernet header is within [data, end), checked above.
-    let ether_type = u16::from_be(unsafe { (*(data as *const EthHdr)).ether_type });
-    match ether_type {
-        ETH_P_IP => parse_v4(data, end),
-        ETH_P_IPV6 => parse_v6(data, end),
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    match u16::from_be(unsafe { (*eth).ether_type_be }) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
         _ => Err(Verdict::pass(Counter::PassNotIp)),
     }
 }
 
 #[inline(always)]
-fn parse_v4(data: usize, end: usize) -> ParseResult {
-    let ip = data + ETH_LEN;
-    if ip + IPV4_MIN_LEN > end {
+fn parse_v4(ctx: &XdpContext) -> ParseResult {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
         return Err(Verdict::pass(Counter::PassMalformedIp));
-    }
-    // SAFETY: the fixed IPv4 header is within bounds, checked above.
-    let h = unsafe { &*(ip as *const Ipv4Hdr) };
-    let ihl = (h.vihl & 0x0f) as usize;
-    if h.vihl >> 4 != 4 || ihl < 5 {
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let h = unsafe { &*ip };
+    let ihl = (h.version_ihl & 0x0f) as usize;
+    if h.version_ihl >> 4 != 4 || ihl < 5 {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     let hdr_len = ihl * 4;
-    let tot_len = u16::from_be_bytes(h.tot_len) as usize;
-    if tot_len < hdr_len || ip + tot_len > end {
+    let tot_len = u16::from_be(h.tot_len_be) as usize;
+    let frame_len = data_end(ctx) - ctx.data();
+    if tot_len < hdr_len || ETH_LEN + tot_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     // More-fragments flag or a fragment offset: lb does not reassemble.
-    if u16::from_be_bytes(h.frags) & 0x3fff != 0 {
+    if u16::from_be(h.frag_off_be) & 0x3fff != 0 {
         return Err(Verdict::pass(Counter::PassFragment));
     }
-    let proto = h.proto;
+    let proto = h.protocol;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Verdict::pass(Counter::PassNotTcpUdp));
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&h.src_addr);
-    dst[..4].copy_from_slice(&h.dst_addr);
+    let src = [h.saddr_be, 0, 0, 0];
+    let dst = [h.daddr_be, 0, 0, 0];
+    let tos = h.tos as u32;
     let l4_off = ETH_LEN + hdr_len;
-    let (sport, dport) = parse_l4(data, end, proto, l4_off, ETH_LEN + tot_len)?;
+    let (sport, dport) = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
     Ok(Packet {
         family: FAMILY_V4,
         proto,
@@ -117,28 +127,29 @@ fn parse_v4(data: usize, end: usize) -> ParseResult {
         dst,
         sport,
         dport,
-        frame_len: (end - data) as u64,
+        frame_len: frame_len as u64,
         ip_len: tot_len as u16,
-        tos_or_flow: h.tos as u32,
+        tos_or_flow: tos,
     })
 }
 
 #[inline(always)]
-fn parse_v6(data: usize, end: usize) -> ParseResult {
-    let ip = data + ETH_LEN;
-    if ip + IPV6_LEN > end {
+fn parse_v6(ctx: &XdpContext) -> ParseResult {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        return Err(Verdict::pass(Counter::PassMalformedIp));
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let h = unsafe { &*ip };
+    let vtc_flow = u32::from_be(h.vtc_flow_be);
+    if vtc_flow >> 28 != 6 {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
-    // SAFETY: the IPv6 header is within bounds, checked above.
-    let h = unsafe { &*(ip as *const Ipv6Hdr) };
-    if h.vcf[0] >> 4 != 6 {
+    let payload_len = u16::from_be(h.payload_len_be) as usize;
+    let frame_len = data_end(ctx) - ctx.data();
+    if ETH_LEN + IPV6_LEN + payload_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
-    let payload_len = u16::from_be_bytes(h.payload_len) as usize;
-    if ip + IPV6_LEN + payload_len > end {
-        return Err(Verdict::pass(Counter::PassMalformedIp));
-    }
-    let proto = h.next_hdr;
+    let proto = h.next_header;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Err(Verdict::pass(match proto {
             IPV6_FRAGMENT => Counter::PassFragment,
@@ -147,55 +158,56 @@ fn parse_v6(data: usize, end: usize) -> ParseResult {
             _ => Counter::PassNotTcpUdp,
         }));
     }
+    let src = h.saddr_be;
+    let dst = h.daddr_be;
+    let flow = (vtc_flow & 0x000f_ffff).to_be();
     let l4_off = ETH_LEN + IPV6_LEN;
-    let (sport, dport) = parse_l4(data, end, proto, l4_off, l4_off + payload_len)?;
+    let (sport, dport) = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
     Ok(Packet {
         family: FAMILY_V6,
         proto,
         l4_off,
-        src: h.src_addr,
-        dst: h.dst_addr,
+        src,
+        dst,
         sport,
         dport,
-        frame_len: (end - data) as u64,
+        frame_len: frame_len as u64,
         ip_len: (IPV6_LEN + payload_len) as u16,
-        tos_or_flow: u32::from_ne_bytes([h.vcf[0] & 0x0f, h.vcf[1], h.vcf[2], h.vcf[3]]),
+        tos_or_flow: flow,
     })
 }
 
-/// Checks the TCP/UDP header at `l4_off` (which must end within the IP packet, `ip_end`) and
-/// returns the source and destination ports.
+/// Checks the TCP/UDP header at `l4_off`, which must lie within the IP packet ending at
+/// `ip_end`, and returns the source and destination ports (network byte order).
 #[inline(always)]
 fn parse_l4(
-    data: usize,
-    end: usize,
+    ctx: &XdpContext,
     proto: u8,
     l4_off: usize,
     ip_end: usize,
-) -> Result<([u8; 2], [u8; 2]), Verdict> {
-    let l4 = data + l4_off;
+) -> Result<(u16, u16), Verdict> {
     let malformed = Err(Verdict::pass(Counter::PassMalformedL4));
     if proto == PROTO_TCP {
-        if l4 + TCP_MIN_LEN > end || l4_off + TCP_MIN_LEN > ip_end {
+        let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
             return malformed;
-        }
-        // SAFETY: 20 bytes at l4 are within bounds, checked above.
-        let b = unsafe { &*(l4 as *const [u8; TCP_MIN_LEN]) };
-        let doff = (b[12] >> 4) as usize;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let t = unsafe { &*tcp };
+        let doff = (t.doff_res >> 4) as usize;
         if doff < 5 || l4_off + doff * 4 > ip_end {
             return malformed;
         }
-        Ok(([b[0], b[1]], [b[2], b[3]]))
+        Ok((t.sport_be, t.dport_be))
     } else {
-        if l4 + UDP_LEN > end || l4_off + UDP_LEN > ip_end {
+        let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
+            return malformed;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let u = unsafe { &*udp };
+        let len = u16::from_be(u.len_be) as usize;
+        if len < core::mem::size_of::<UdpHdr>() || l4_off + len > ip_end {
             return malformed;
         }
-        // SAFETY: 8 bytes at l4 are within bounds, checked above.
-        let b = unsafe { &*(l4 as *const [u8; UDP_LEN]) };
-        let len = u16::from_be_bytes([b[4], b[5]]) as usize;
-        if len < UDP_LEN || l4_off + len > ip_end {
-            return malformed;
-        }
-        Ok(([b[0], b[1]], [b[2], b[3]]))
+        Ok((u.sport_be, u.dport_be))
     }
 }

@@ -1,5 +1,14 @@
 //! lb userspace: builds selection tables, loads and attaches the XDP program and manages its
 //! maps. The `lb` binary (src/main.rs) is a thin command line over this library.
 
+pub mod dataplane;
+pub mod error;
 pub mod maglev;
+pub mod model;
 pub mod object;
+pub mod state;
+
+pub use dataplane::{AttachMode, Dataplane, LoadOptions};
+pub use error::LbError;
+pub use model::{Proto, Vip};
+pub use state::{BackendState, Change, LbMaps};

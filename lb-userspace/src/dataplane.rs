@@ -1,0 +1,104 @@
+//! Loading the XDP program and attaching it to interfaces.
+
+use anyhow::{Context, Result};
+use aya::{
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{names, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY};
+
+use crate::{
+    object::{LB_XDP_OBJECT, LB_XDP_PROGRAM},
+    state::LbMaps,
+};
+
+/// Sizes fixed when the program is loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Slots of the table array shared by all VIPs.
+    pub table_capacity: u32,
+    /// Entries of the conntrack LRU.
+    pub ct_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            table_capacity: DEFAULT_TABLE_CAPACITY,
+            ct_capacity: DEFAULT_CT_CAPACITY,
+        }
+    }
+}
+
+/// A loaded (not necessarily attached) lb program and its maps.
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    pub maps: LbMaps,
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (fastest; needs driver support).
+    Native,
+    /// In the generic network stack (works on every interface).
+    Generic,
+    /// Native, falling back to generic where the driver refuses.
+    Auto,
+}
+
+impl Dataplane {
+    /// Loads the program into the kernel (verifying it) and creates its maps.
+    pub fn load(opts: LoadOptions) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::TABLE, opts.table_capacity)
+            .map_max_entries(names::CONNTRACK, opts.ct_capacity)
+            .load(LB_XDP_OBJECT)
+            .context("loading the lb XDP object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(LB_XDP_PROGRAM)
+            .context("program lb_xdp missing from the object")?
+            .try_into()?;
+        prog.load().context("loading lb_xdp into the kernel (verifier)")?;
+        let maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
+        Ok(Dataplane { ebpf, maps })
+    }
+
+    /// The XDP program.
+    pub fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(LB_XDP_PROGRAM)
+            .expect("loaded in Dataplane::load")
+            .try_into()
+            .expect("lb_xdp is an XDP program")
+    }
+
+    /// Attaches to `iface`; returns the mode actually used. In `Auto` mode a refusal of native
+    /// mode falls back to generic with a message on stderr saying so.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+        let prog = self.program();
+        match mode {
+            AttachMode::Native => {
+                prog.attach(iface, XdpMode::Driver)
+                    .with_context(|| format!("attaching to {iface} in native mode"))?;
+                Ok(AttachMode::Native)
+            }
+            AttachMode::Generic => {
+                prog.attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attaching to {iface} in generic mode"))?;
+                Ok(AttachMode::Generic)
+            }
+            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                Ok(_) => Ok(AttachMode::Native),
+                Err(native_err) => {
+                    eprintln!(
+                        "lb: {iface}: native XDP refused ({native_err}); using generic mode, which is slower"
+                    );
+                    prog.attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("attaching to {iface} in generic mode"))?;
+                    Ok(AttachMode::Generic)
+                }
+            },
+        }
+    }
+}

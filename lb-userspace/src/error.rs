@@ -1,0 +1,65 @@
+//! Errors of the library. Every variant names the problem in words an operator can act on.
+
+use std::net::SocketAddr;
+
+use crate::model::Vip;
+
+/// Largest backend weight (as in ipvsadm).
+pub const MAX_WEIGHT: u32 = 65_535;
+/// Smallest selection table.
+pub const MIN_TABLE_SIZE: u32 = 7;
+/// A table must have at least this many slots per backend with a weight above zero, so that
+/// every backend's share is within 10% of its weight even in the worst case (±1 slot).
+pub const MIN_SLOTS_PER_BACKEND: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("VIP {0} already exists")]
+    VipExists(Vip),
+    #[error("VIP {0} does not exist")]
+    VipNotFound(Vip),
+    #[error("backend {backend} of VIP {vip} already exists")]
+    BackendExists { vip: Vip, backend: SocketAddr },
+    #[error("backend {backend} of VIP {vip} does not exist")]
+    BackendNotFound { vip: Vip, backend: SocketAddr },
+    #[error("backend {0} is listed twice")]
+    DuplicateBackend(SocketAddr),
+    #[error("backend {backend} and VIP {vip} are of different address families (NAT does not translate between IPv4 and IPv6)")]
+    FamilyMismatch { vip: Vip, backend: SocketAddr },
+    #[error("backend {backend} already serves VIP {other}: one backend address:port can serve only one VIP, because its replies are translated back to that VIP")]
+    BackendServesOtherVip { backend: SocketAddr, other: String },
+    #[error("weight {0} is out of range (0..={MAX_WEIGHT}; 0 drains the backend)")]
+    WeightOutOfRange(u32),
+    #[error("table size {0} is not a prime number (try 65537, 32771, 16411, 4099, 1031 or 251)")]
+    TableSizeNotPrime(u32),
+    #[error("table size {size} is out of range ({MIN_TABLE_SIZE}..={max})")]
+    TableSizeOutOfRange { size: u32, max: u32 },
+    #[error("table size {size} is too small for {backends} backends with a weight above zero: it must be at least {MIN_SLOTS_PER_BACKEND} slots per backend ({need})")]
+    TableTooSmall { size: u32, backends: u32, need: u32 },
+    #[error("too many VIPs: the maximum is {0}")]
+    TooManyVips(u32),
+    #[error("too many backends: {need} more needed but only {free} of {capacity} are free")]
+    TooManyBackends { need: u32, free: u32, capacity: u32 },
+    #[error("no room for a table of {size} slots: the table array has {capacity} slots and no free run that long; use smaller tables or load lb with a larger table capacity")]
+    TableCapacity { size: u32, capacity: u32 },
+    #[error("{context}: {source}")]
+    Map {
+        context: String,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Adds context to a map error.
+pub(crate) trait MapContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, LbError>;
+}
+
+impl<T> MapContext<T> for Result<T, aya::maps::MapError> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, LbError> {
+        self.map_err(|source| LbError::Map {
+            context: context(),
+            source,
+        })
+    }
+}

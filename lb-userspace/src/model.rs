@@ -1,0 +1,212 @@
+//! The user-facing vocabulary: VIPs and backends as people write them
+//! (`10.100.0.100:80/tcp`, `[2001:db8::100]:80/udp`, `10.200.0.11:8080`), and their
+//! conversion to the data plane's `Endpoint`.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+};
+
+use lb_common::{Endpoint, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+
+/// An L4 protocol lb balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+
+    /// From an IANA protocol number.
+    pub fn from_number(n: u8) -> Option<Proto> {
+        match n {
+            PROTO_TCP => Some(Proto::Tcp),
+            PROTO_UDP => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Proto {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            _ => Err(ParseError(format!("unknown protocol {s:?} (expected tcp or udp)"))),
+        }
+    }
+}
+
+/// Why a VIP or backend string did not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+/// A virtual service: address, port and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Vip {
+    pub addr: SocketAddr,
+    pub proto: Proto,
+}
+
+impl Vip {
+    pub fn new(addr: SocketAddr, proto: Proto) -> Self {
+        Vip { addr, proto }
+    }
+
+    /// The data plane's key for this VIP.
+    pub fn endpoint(&self) -> Endpoint {
+        endpoint(self.addr, self.proto)
+    }
+
+    /// The VIP a data plane key stands for (None for a malformed key).
+    pub fn from_endpoint(e: &Endpoint) -> Option<Vip> {
+        Some(Vip {
+            addr: socket_addr(e.family, e.addr_be, e.port_be)?,
+            proto: Proto::from_number(e.proto)?,
+        })
+    }
+}
+
+impl fmt::Display for Vip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.proto)
+    }
+}
+
+impl FromStr for Vip {
+    type Err = ParseError;
+    /// `ADDR:PORT/PROTO`, IPv6 in brackets: `10.0.0.1:80/tcp`, `[2001:db8::1]:53/udp`.
+    fn from_str(s: &str) -> Result<Self, ParseError> {
+        let (addr, proto) = s.rsplit_once('/').ok_or_else(|| {
+            ParseError(format!(
+                "invalid VIP {s:?}: expected ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.1:80/tcp or [2001:db8::1]:80/tcp"
+            ))
+        })?;
+        let addr = parse_socket_addr(addr, "VIP")?;
+        let proto = proto.parse()?;
+        Ok(Vip { addr, proto })
+    }
+}
+
+/// Parses `ADDR:PORT` (IPv6 in brackets), rejecting port 0 and unspecified/multicast addresses.
+pub fn parse_socket_addr(s: &str, what: &str) -> Result<SocketAddr, ParseError> {
+    let a: SocketAddr = s.parse().map_err(|_| {
+        ParseError(format!(
+            "invalid {what} address {s:?}: expected ADDRESS:PORT, IPv6 in brackets ([2001:db8::1]:80)"
+        ))
+    })?;
+    if a.port() == 0 {
+        return Err(ParseError(format!("invalid {what} address {s:?}: port 0")));
+    }
+    if a.ip().is_unspecified() || a.ip().is_multicast() {
+        return Err(ParseError(format!(
+            "invalid {what} address {s:?}: {} cannot be a {what} address",
+            a.ip()
+        )));
+    }
+    if let IpAddr::V4(v4) = a.ip() {
+        if v4.is_broadcast() {
+            return Err(ParseError(format!("invalid {what} address {s:?}: broadcast")));
+        }
+    }
+    Ok(a)
+}
+
+/// The data plane's endpoint for an address, port and protocol.
+pub fn endpoint(addr: SocketAddr, proto: Proto) -> Endpoint {
+    let (addr_be, family) = addr_words(addr.ip());
+    Endpoint {
+        addr_be,
+        port_be: addr.port().to_be(),
+        proto: proto.number(),
+        family,
+    }
+}
+
+/// The conntrack key / hash input of a client → VIP flow.
+pub fn flow_key(client: SocketAddr, vip: &Vip) -> lb_common::FlowKey {
+    let (src_be, family) = addr_words(client.ip());
+    let (dst_be, _) = addr_words(vip.addr.ip());
+    lb_common::FlowKey {
+        src_be,
+        dst_be,
+        sport_be: client.port().to_be(),
+        dport_be: vip.addr.port().to_be(),
+        proto: vip.proto.number(),
+        family,
+        _pad: 0,
+    }
+}
+
+/// An address as the data plane stores it (network order words, IPv4 in word 0) and its
+/// family tag.
+pub fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => (lb_common::addr_words(v6.octets()), FAMILY_V6),
+    }
+}
+
+/// The socket address for a data-plane address, family tag and port (network order).
+pub fn socket_addr(family: u8, addr_be: [u32; 4], port_be: u16) -> Option<SocketAddr> {
+    let ip = match family {
+        FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(addr_be[0].to_ne_bytes())),
+        FAMILY_V6 => IpAddr::V6(Ipv6Addr::from(lb_common::addr_octets(addr_be))),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, u16::from_be(port_be)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vips_parse_and_print() {
+        let v: Vip = "10.100.0.100:80/tcp".parse().unwrap();
+        assert_eq!(v.to_string(), "10.100.0.100:80/tcp");
+        let v6: Vip = "[2001:db8::100]:53/UDP".parse().unwrap();
+        assert_eq!(v6.to_string(), "[2001:db8::100]:53/udp");
+        assert_eq!(Vip::from_endpoint(&v6.endpoint()), Some(v6));
+        assert_eq!(v.endpoint().port_be.to_ne_bytes(), [0, 80]);
+        assert_eq!(v.endpoint().addr_be[0].to_ne_bytes(), [10, 100, 0, 100]);
+        assert_eq!(&v.endpoint().addr_be[1..], &[0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_vips_are_rejected_with_the_reason() {
+        for (s, needle) in [
+            ("10.0.0.1:80", "expected ADDRESS:PORT/PROTOCOL"),
+            ("10.0.0.1:80/icmp", "unknown protocol"),
+            ("10.0.0.300:80/tcp", "invalid VIP address"),
+            ("10.0.0.1/tcp", "invalid VIP address"),
+            ("10.0.0.1:0/tcp", "port 0"),
+            ("10.0.0.1:65536/tcp", "invalid VIP address"),
+            ("0.0.0.0:80/tcp", "cannot be a VIP"),
+            ("2001:db8::1:80/tcp", "invalid VIP address"),
+        ] {
+            let e = s.parse::<Vip>().unwrap_err();
+            assert!(e.0.contains(needle), "{s}: {e}");
+        }
+    }
+}

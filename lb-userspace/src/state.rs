@@ -1,0 +1,528 @@
+//! The map layer: VIPs, backends and selection tables, kept in the data plane's BPF maps.
+//!
+//! The maps are the only state: nothing here caches across calls, so a second process that
+//! opens the same (pinned) maps sees exactly what the first one wrote. Every free id, free table
+//! range and backend list is derived from the maps on demand.
+//!
+//! Update order is chosen so that a packet never meets an invalid reference:
+//! * a new backend's entry is written before any table slot points at it;
+//! * a removed backend's slots are rewritten before its entry is invalidated;
+//! * a new VIP's table is filled before the VIP becomes visible, and a VIP is hidden before
+//!   its backends go.
+
+use std::net::SocketAddr;
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use lb_common::{
+    names, Backend, CtEntry, Endpoint, FlowKey, RevNat, TrafficStats, VipInfo, BACKEND_F_VALID,
+    COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, NO_BACKEND,
+};
+
+use crate::{
+    error::{LbError, MapContext, MAX_WEIGHT, MIN_SLOTS_PER_BACKEND, MIN_TABLE_SIZE},
+    maglev::{self, TableEntry},
+    model::{socket_addr, Proto, Vip},
+};
+
+type Result<T, E = LbError> = std::result::Result<T, E>;
+
+/// Typed handles on all of the data plane's maps.
+pub struct LbMaps {
+    vips: HashMap<MapData, Endpoint, VipInfo>,
+    backends: Array<MapData, Backend>,
+    table: Array<MapData, u32>,
+    conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    revnat: HashMap<MapData, Endpoint, RevNat>,
+    stats: PerCpuArray<MapData, u64>,
+    vip_stats: PerCpuArray<MapData, TrafficStats>,
+    backend_stats: PerCpuArray<MapData, TrafficStats>,
+}
+
+/// A backend as configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendState {
+    /// Index in the backend array (and the per-backend counters).
+    pub id: u32,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+/// What a backend update did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    pub added: u32,
+    pub removed: u32,
+    pub reweighted: u32,
+    /// Table slots rewritten (only the slots whose backend changed are written).
+    pub slots_written: u32,
+}
+
+/// A conntrack entry.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub key: FlowKey,
+    pub entry: CtEntry,
+}
+
+impl LbMaps {
+    /// Takes the maps out of a freshly loaded program.
+    pub fn from_maps(mut take: impl FnMut(&str) -> Option<Map>) -> anyhow::Result<Self> {
+        let mut get = |name: &str| take(name).ok_or_else(|| anyhow::anyhow!("map {name} missing"));
+        Ok(LbMaps {
+            vips: get(names::VIPS)?.try_into()?,
+            backends: get(names::BACKENDS)?.try_into()?,
+            table: get(names::TABLE)?.try_into()?,
+            conntrack: get(names::CONNTRACK)?.try_into()?,
+            revnat: get(names::REVNAT)?.try_into()?,
+            stats: get(names::STATS)?.try_into()?,
+            vip_stats: get(names::VIP_STATS)?.try_into()?,
+            backend_stats: get(names::BACKEND_STATS)?.try_into()?,
+        })
+    }
+
+    /// Capacity of the shared table array.
+    pub fn table_capacity(&self) -> u32 {
+        self.table.len()
+    }
+
+    // ---- VIPs ----
+
+    /// All VIPs, sorted.
+    pub fn vips(&self) -> Result<Vec<(Vip, VipInfo)>> {
+        let mut out = Vec::new();
+        for kv in self.vips.iter() {
+            let (k, v) = kv.ctx(|| "reading the VIP map".into())?;
+            if let Some(vip) = Vip::from_endpoint(&k) {
+                out.push((vip, v));
+            }
+        }
+        out.sort_by_key(|(vip, _)| *vip);
+        Ok(out)
+    }
+
+    /// One VIP's entry.
+    pub fn vip(&self, vip: &Vip) -> Result<VipInfo> {
+        match self.vips.get(&vip.endpoint(), 0) {
+            Ok(v) => Ok(v),
+            Err(aya::maps::MapError::KeyNotFound) => Err(LbError::VipNotFound(*vip)),
+            Err(e) => Err(e).ctx(|| format!("looking up VIP {vip}")),
+        }
+    }
+
+    /// Adds a VIP with an empty table of `table_size` slots (a prime).
+    pub fn add_vip(&mut self, vip: &Vip, table_size: u32) -> Result<VipInfo> {
+        check_table_size(table_size)?;
+        let existing = self.vips()?;
+        if existing.iter().any(|(v, _)| v == vip) {
+            return Err(LbError::VipExists(*vip));
+        }
+        let vip_id = (0..MAX_VIPS)
+            .find(|id| !existing.iter().any(|(_, i)| i.vip_id == *id))
+            .ok_or(LbError::TooManyVips(MAX_VIPS))?;
+        let table_off = free_range(
+            existing.iter().map(|(_, i)| (i.table_off, i.table_size)),
+            table_size,
+            self.table_capacity(),
+        )
+        .ok_or(LbError::TableCapacity {
+            size: table_size,
+            capacity: self.table_capacity(),
+        })?;
+        for slot in table_off..table_off + table_size {
+            self.table
+                .set(slot, NO_BACKEND, 0)
+                .ctx(|| format!("clearing table slot {slot}"))?;
+        }
+        self.reset_stats_vip(vip_id)?;
+        let info = VipInfo {
+            vip_id,
+            table_off,
+            table_size,
+            flags: 0,
+        };
+        self.vips
+            .insert(vip.endpoint(), info, 0)
+            .ctx(|| format!("adding VIP {vip}"))?;
+        Ok(info)
+    }
+
+    /// Removes a VIP and all its backends. Its conntrack entries age out of the LRU.
+    pub fn del_vip(&mut self, vip: &Vip) -> Result<()> {
+        let info = self.vip(vip)?;
+        let backends = self.backends(vip)?;
+        self.vips
+            .remove(&vip.endpoint())
+            .ctx(|| format!("removing VIP {vip}"))?;
+        for b in backends {
+            self.retire_backend(vip, &b)?;
+        }
+        let _ = info;
+        Ok(())
+    }
+
+    // ---- backends ----
+
+    /// The backends of a VIP, sorted by address.
+    pub fn backends(&self, vip: &Vip) -> Result<Vec<BackendState>> {
+        let info = self.vip(vip)?;
+        let all = self.backend_array()?;
+        let mut out: Vec<BackendState> = all
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_valid() && b.vip_id == info.vip_id)
+            .filter_map(|(id, b)| {
+                Some(BackendState {
+                    id: id as u32,
+                    addr: socket_addr(b.family, b.addr_be, b.port_be)?,
+                    weight: b.weight,
+                })
+            })
+            .collect();
+        out.sort_by_key(|b| b.addr);
+        Ok(out)
+    }
+
+    /// Adds one backend.
+    pub fn add_backend(&mut self, vip: &Vip, addr: SocketAddr, weight: u32) -> Result<Change> {
+        let mut want = self.wanted(vip)?;
+        if want.iter().any(|(a, _)| *a == addr) {
+            return Err(LbError::BackendExists { vip: *vip, backend: addr });
+        }
+        want.push((addr, weight));
+        self.set_backends(vip, &want)
+    }
+
+    /// Removes one backend. Its flows are selected afresh on their next packet.
+    pub fn del_backend(&mut self, vip: &Vip, addr: SocketAddr) -> Result<Change> {
+        let mut want = self.wanted(vip)?;
+        let before = want.len();
+        want.retain(|(a, _)| *a != addr);
+        if want.len() == before {
+            return Err(LbError::BackendNotFound { vip: *vip, backend: addr });
+        }
+        self.set_backends(vip, &want)
+    }
+
+    /// Changes one backend's weight; 0 drains it (no new flows, established flows continue).
+    pub fn set_weight(&mut self, vip: &Vip, addr: SocketAddr, weight: u32) -> Result<Change> {
+        let mut want = self.wanted(vip)?;
+        let Some(entry) = want.iter_mut().find(|(a, _)| *a == addr) else {
+            return Err(LbError::BackendNotFound { vip: *vip, backend: addr });
+        };
+        entry.1 = weight;
+        self.set_backends(vip, &want)
+    }
+
+    fn wanted(&self, vip: &Vip) -> Result<Vec<(SocketAddr, u32)>> {
+        Ok(self.backends(vip)?.iter().map(|b| (b.addr, b.weight)).collect())
+    }
+
+    /// Makes the VIP's backends exactly `want` (address, weight), rewriting only the table
+    /// slots that change. Everything is validated before anything is written.
+    pub fn set_backends(&mut self, vip: &Vip, want: &[(SocketAddr, u32)]) -> Result<Change> {
+        let info = self.vip(vip)?;
+        // ---- validate ----
+        for (i, (addr, weight)) in want.iter().enumerate() {
+            if want[..i].iter().any(|(a, _)| a == addr) {
+                return Err(LbError::DuplicateBackend(*addr));
+            }
+            if addr.is_ipv4() != vip.addr.is_ipv4() {
+                return Err(LbError::FamilyMismatch { vip: *vip, backend: *addr });
+            }
+            if *weight > MAX_WEIGHT {
+                return Err(LbError::WeightOutOfRange(*weight));
+            }
+            let key = crate::model::endpoint(*addr, vip.proto);
+            if let Ok(rev) = self.revnat.get(&key, 0) {
+                if rev.vip_id != info.vip_id {
+                    let other = Vip::from_endpoint(&rev.vip).map_or("?".into(), |v| v.to_string());
+                    return Err(LbError::BackendServesOtherVip { backend: *addr, other });
+                }
+            }
+        }
+        let active = want.iter().filter(|(_, w)| *w > 0).count() as u32;
+        if active > 0 && (info.table_size / MIN_SLOTS_PER_BACKEND) < active {
+            return Err(LbError::TableTooSmall {
+                size: info.table_size,
+                backends: active,
+                need: active * MIN_SLOTS_PER_BACKEND,
+            });
+        }
+        let array = self.backend_array()?;
+        let current: Vec<(u32, Backend)> = array
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.is_valid() && b.vip_id == info.vip_id)
+            .map(|(id, b)| (id as u32, *b))
+            .collect();
+        let find_current = |addr: &SocketAddr| {
+            current
+                .iter()
+                .find(|(_, b)| socket_addr(b.family, b.addr_be, b.port_be).as_ref() == Some(addr))
+                .copied()
+        };
+        let new: Vec<&(SocketAddr, u32)> = want.iter().filter(|(a, _)| find_current(a).is_none()).collect();
+        let free: Vec<u32> = array
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| !b.is_valid())
+            .map(|(id, _)| id as u32)
+            .take(new.len())
+            .collect();
+        if free.len() < new.len() {
+            let total_free = array.iter().filter(|b| !b.is_valid()).count() as u32;
+            return Err(LbError::TooManyBackends {
+                need: new.len() as u32,
+                free: total_free,
+                capacity: MAX_BACKENDS,
+            });
+        }
+
+        // ---- 1. new backends and weight changes, before any slot points at them ----
+        let mut change = Change::default();
+        let mut ids: Vec<(SocketAddr, u32, u32)> = Vec::new(); // (addr, weight, id)
+        for (addr, weight) in want {
+            if let Some((id, mut b)) = find_current(addr) {
+                if b.weight != *weight {
+                    b.weight = *weight;
+                    self.backends
+                        .set(id, b, 0)
+                        .ctx(|| format!("updating backend {addr}"))?;
+                    change.reweighted += 1;
+                }
+                ids.push((*addr, *weight, id));
+            }
+        }
+        for ((addr, weight), id) in new.iter().zip(&free) {
+            let (addr_be, family) = crate::model::addr_words(addr.ip());
+            let backend = Backend {
+                addr_be,
+                port_be: addr.port().to_be(),
+                family,
+                flags: BACKEND_F_VALID,
+                vip_id: info.vip_id,
+                weight: *weight,
+                generation: array[*id as usize].generation.wrapping_add(1),
+            };
+            self.reset_stats_backend(*id)?;
+            self.backends
+                .set(*id, backend, 0)
+                .ctx(|| format!("adding backend {addr}"))?;
+            let rev = RevNat {
+                vip: vip.endpoint(),
+                vip_id: info.vip_id,
+                backend_id: *id,
+            };
+            self.revnat
+                .insert(crate::model::endpoint(*addr, vip.proto), rev, 0)
+                .ctx(|| format!("adding reverse NAT for backend {addr}"))?;
+            ids.push((*addr, *weight, *id));
+            change.added += 1;
+        }
+
+        // ---- 2. the table: write only the slots that change ----
+        let entries: Vec<TableEntry<u32>> = ids
+            .iter()
+            .map(|(addr, weight, id)| TableEntry {
+                identity: bytemuck::bytes_of(&crate::model::endpoint(*addr, vip.proto)).to_vec(),
+                weight: *weight,
+                value: *id,
+            })
+            .collect();
+        let table = maglev::build(&entries, info.table_size);
+        for (i, slot) in table.iter().enumerate() {
+            let index = info.table_off + i as u32;
+            let value = slot.unwrap_or(NO_BACKEND);
+            let old = self
+                .table
+                .get(&index, 0)
+                .ctx(|| format!("reading table slot {index}"))?;
+            if old != value {
+                self.table
+                    .set(index, value, 0)
+                    .ctx(|| format!("writing table slot {index}"))?;
+                change.slots_written += 1;
+            }
+        }
+
+        // ---- 3. removed backends, now that no slot points at them ----
+        for (id, b) in &current {
+            let Some(addr) = socket_addr(b.family, b.addr_be, b.port_be) else {
+                continue;
+            };
+            if !want.iter().any(|(a, _)| *a == addr) {
+                self.retire_backend(
+                    vip,
+                    &BackendState {
+                        id: *id,
+                        addr,
+                        weight: b.weight,
+                    },
+                )?;
+                change.removed += 1;
+            }
+        }
+        Ok(change)
+    }
+
+    /// Invalidates a backend entry (keeping its generation, so the next holder of the id gets a
+    /// new one) and removes its reverse-NAT entry.
+    fn retire_backend(&mut self, vip: &Vip, b: &BackendState) -> Result<()> {
+        let mut entry = self
+            .backends
+            .get(&b.id, 0)
+            .ctx(|| format!("reading backend {}", b.addr))?;
+        entry.flags &= !BACKEND_F_VALID;
+        self.backends
+            .set(b.id, entry, 0)
+            .ctx(|| format!("removing backend {}", b.addr))?;
+        match self.revnat.remove(&crate::model::endpoint(b.addr, vip.proto)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).ctx(|| format!("removing reverse NAT of {}", b.addr)),
+        }
+    }
+
+    /// The whole backend array.
+    fn backend_array(&self) -> Result<Vec<Backend>> {
+        self.backends
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .ctx(|| "reading the backend array".into())
+    }
+
+    /// A VIP's table: backend id per slot (`NO_BACKEND` for none).
+    pub fn table(&self, vip: &Vip) -> Result<Vec<u32>> {
+        let info = self.vip(vip)?;
+        (info.table_off..info.table_off + info.table_size)
+            .map(|i| self.table.get(&i, 0).ctx(|| format!("reading table slot {i}")))
+            .collect()
+    }
+
+    /// The backend the VIP's table gives a new flow (what the data plane picks on a conntrack
+    /// miss), or None if the slot is empty.
+    pub fn table_backend(&self, vip: &Vip, key: &FlowKey) -> Result<Option<BackendState>> {
+        let info = self.vip(vip)?;
+        let slot = info.table_off + lb_common::hash::flow_hash(key) % info.table_size;
+        let id = self
+            .table
+            .get(&slot, 0)
+            .ctx(|| format!("reading table slot {slot}"))?;
+        Ok(self.backends(vip)?.into_iter().find(|b| b.id == id))
+    }
+
+    // ---- counters ----
+
+    /// Global counters summed over CPUs, indexed by `lb_common::Counter`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        (0..COUNTER_COUNT)
+            .map(|i| {
+                self.stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .ctx(|| format!("reading counter {i}"))
+            })
+            .collect()
+    }
+
+    /// A VIP's traffic counters summed over CPUs.
+    pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
+        sum_stats(&self.vip_stats, vip_id)
+    }
+
+    /// A backend's traffic counters summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<TrafficStats> {
+        sum_stats(&self.backend_stats, id)
+    }
+
+    fn reset_stats_vip(&mut self, id: u32) -> Result<()> {
+        self.vip_stats
+            .set(id, zero_per_cpu(), 0)
+            .ctx(|| format!("resetting counters of VIP id {id}"))
+    }
+
+    fn reset_stats_backend(&mut self, id: u32) -> Result<()> {
+        self.backend_stats
+            .set(id, zero_per_cpu(), 0)
+            .ctx(|| format!("resetting counters of backend id {id}"))
+    }
+
+    // ---- conntrack ----
+
+    /// All conntrack entries.
+    pub fn flows(&self) -> Result<Vec<Flow>> {
+        let mut out = Vec::new();
+        for kv in self.conntrack.iter() {
+            let (key, entry) = kv.ctx(|| "reading conntrack".into())?;
+            out.push(Flow { key, entry });
+        }
+        Ok(out)
+    }
+
+    /// The backend id conntrack holds for a flow, if any.
+    pub fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+}
+
+fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<TrafficStats> {
+    let v = map.get(&id, 0).ctx(|| format!("reading counters of id {id}"))?;
+    let mut total = TrafficStats::default();
+    for s in v.iter() {
+        total.add(s);
+    }
+    Ok(total)
+}
+
+/// Zeroed per-CPU counters, one value per possible CPU.
+fn zero_per_cpu() -> PerCpuValues<TrafficStats> {
+    let cpus = aya::util::nr_cpus().expect("reading the number of possible CPUs");
+    PerCpuValues::try_from(vec![TrafficStats::default(); cpus]).expect("one value per CPU")
+}
+
+/// Checks a table size: prime and within range.
+pub fn check_table_size(size: u32) -> Result<()> {
+    if !(MIN_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&size) {
+        return Err(LbError::TableSizeOutOfRange {
+            size,
+            max: MAX_TABLE_SIZE,
+        });
+    }
+    if !maglev::is_prime(size) {
+        return Err(LbError::TableSizeNotPrime(size));
+    }
+    Ok(())
+}
+
+/// First offset in `[0, capacity)` where `size` slots fit between the `used` (offset, size) runs.
+fn free_range(used: impl Iterator<Item = (u32, u32)>, size: u32, capacity: u32) -> Option<u32> {
+    let mut runs: Vec<(u32, u32)> = used.collect();
+    runs.sort();
+    let mut at = 0u64;
+    for (off, len) in runs {
+        if off as u64 >= at + size as u64 {
+            break;
+        }
+        at = at.max(off as u64 + len as u64);
+    }
+    (at + size as u64 <= capacity as u64).then_some(at as u32)
+}
+
+/// The protocol of a VIP key, for callers holding raw keys.
+pub fn proto_of(e: &Endpoint) -> Option<Proto> {
+    Proto::from_number(e.proto)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_range;
+
+    #[test]
+    fn free_range_finds_gaps() {
+        assert_eq!(free_range([].into_iter(), 10, 100), Some(0));
+        assert_eq!(free_range([(0, 10)].into_iter(), 10, 100), Some(10));
+        assert_eq!(free_range([(10, 10), (0, 5)].into_iter(), 5, 100), Some(5));
+        assert_eq!(free_range([(10, 10), (0, 5)].into_iter(), 6, 100), Some(20));
+        assert_eq!(free_range([(0, 95)].into_iter(), 6, 100), None);
+        assert_eq!(free_range([(0, 94)].into_iter(), 6, 100), Some(94));
+    }
+}

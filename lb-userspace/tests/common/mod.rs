@@ -1,0 +1,7 @@
+//! Shared test support: network namespaces, packet building, running the real program.
+#![allow(dead_code)]
+
+pub mod netns;
+pub mod packets;
+pub mod testrun;
+pub mod topology;

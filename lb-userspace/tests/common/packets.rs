@@ -1,0 +1,157 @@
+//! Packets built with etherparse: a small description → wire bytes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use etherparse::{IpHeaders, IpNumber, Ipv4Header, Ipv4Options, PacketBuilder};
+
+pub type Mac = [u8; 6];
+
+/// TCP flags of a test packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tcp {
+    Syn,
+    Ack,
+    SynAck,
+    Fin,
+}
+
+/// What a test packet is.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub smac: Mac,
+    pub dmac: Mac,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// `Some` for TCP with these flags, `None` for UDP.
+    pub tcp: Option<Tcp>,
+    pub payload: Vec<u8>,
+    /// IPv4 options (multiple of 4 bytes, at most 40).
+    pub ipv4_options: Vec<u8>,
+    pub ttl: u8,
+}
+
+impl Spec {
+    pub fn tcp(smac: Mac, dmac: Mac, src: SocketAddr, dst: SocketAddr, flags: Tcp) -> Spec {
+        Spec {
+            smac,
+            dmac,
+            src,
+            dst,
+            tcp: Some(flags),
+            payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            ipv4_options: vec![],
+            ttl: 64,
+        }
+    }
+
+    pub fn udp(smac: Mac, dmac: Mac, src: SocketAddr, dst: SocketAddr) -> Spec {
+        Spec {
+            tcp: None,
+            payload: b"ping over udp".to_vec(),
+            ..Spec::tcp(smac, dmac, src, dst, Tcp::Syn)
+        }
+    }
+
+    /// The same packet with other endpoints and MACs.
+    pub fn with(&self, smac: Mac, dmac: Mac, src: SocketAddr, dst: SocketAddr) -> Spec {
+        Spec {
+            smac,
+            dmac,
+            src,
+            dst,
+            ..self.clone()
+        }
+    }
+
+    /// Wire bytes, with every checksum computed.
+    pub fn build(&self) -> Vec<u8> {
+        let eth = PacketBuilder::ethernet2(self.smac, self.dmac);
+        let ip = match (self.src.ip(), self.dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut h = Ipv4Header::new(0, self.ttl, IpNumber::TCP, s.octets(), d.octets())
+                    .unwrap();
+                h.identification = 0x4c42;
+                h.dont_fragment = true;
+                h.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
+                eth.ip(IpHeaders::Ipv4(h, Default::default()))
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), self.ttl),
+            _ => panic!("mixed address families"),
+        };
+        let mut out = Vec::new();
+        match self.tcp {
+            Some(flags) => {
+                let b = ip.tcp(self.src.port(), self.dst.port(), 0x1000_0000, 64240);
+                let b = match flags {
+                    Tcp::Syn => b.syn(),
+                    Tcp::Ack => b.ack(0x2000_0000),
+                    Tcp::SynAck => b.syn().ack(0x2000_0000),
+                    Tcp::Fin => b.fin().ack(0x2000_0000),
+                };
+                b.write(&mut out, &self.payload).unwrap();
+            }
+            None => ip
+                .udp(self.src.port(), self.dst.port())
+                .write(&mut out, &self.payload)
+                .unwrap(),
+        }
+        out
+    }
+}
+
+/// Checks every checksum of a frame: IPv4 header, TCP/UDP (with pseudo-header). Returns a
+/// description of the first problem.
+pub fn checksums_ok(frame: &[u8]) -> Result<(), String> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).map_err(|e| format!("does not parse: {e}"))?;
+    match (&p.net, &p.transport) {
+        (Some(NetSlice::Ipv4(ip)), t) => {
+            let h = ip.header().to_header();
+            if h.calc_header_checksum() != h.header_checksum {
+                return Err("IPv4 header checksum".into());
+            }
+            let (src, dst) = (ip.header().source(), ip.header().destination());
+            match t {
+                Some(TransportSlice::Tcp(tcp)) => {
+                    let want = tcp
+                        .to_header()
+                        .calc_checksum_ipv4_raw(src, dst, tcp.payload())
+                        .unwrap();
+                    (want == tcp.checksum()).then_some(()).ok_or("TCP checksum".into())
+                }
+                Some(TransportSlice::Udp(udp)) => {
+                    if udp.checksum() == 0 {
+                        return Ok(());
+                    }
+                    let want = udp
+                        .to_header()
+                        .calc_checksum_ipv4_raw(src, dst, udp.payload())
+                        .unwrap();
+                    (want == udp.checksum()).then_some(()).ok_or("UDP checksum".into())
+                }
+                _ => Err("no TCP/UDP header".into()),
+            }
+        }
+        (Some(NetSlice::Ipv6(ip)), t) => {
+            let (src, dst) = (ip.header().source(), ip.header().destination());
+            match t {
+                Some(TransportSlice::Tcp(tcp)) => {
+                    let want = tcp
+                        .to_header()
+                        .calc_checksum_ipv6_raw(src, dst, tcp.payload())
+                        .unwrap();
+                    (want == tcp.checksum()).then_some(()).ok_or("TCP checksum".into())
+                }
+                Some(TransportSlice::Udp(udp)) => {
+                    let want = udp
+                        .to_header()
+                        .calc_checksum_ipv6_raw(src, dst, udp.payload())
+                        .unwrap();
+                    (want == udp.checksum()).then_some(()).ok_or("UDP checksum".into())
+                }
+                _ => Err("no TCP/UDP header".into()),
+            }
+        }
+        _ => Err("not IP".into()),
+    }
+}
