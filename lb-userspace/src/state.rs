@@ -407,7 +407,21 @@ impl LbMaps {
             .table
             .get(&slot, 0)
             .ctx(|| format!("reading table slot {slot}"))?;
-        Ok(self.backends(vip)?.into_iter().find(|b| b.id == id))
+        if id == NO_BACKEND {
+            return Ok(None);
+        }
+        let b = self
+            .backends
+            .get(&id, 0)
+            .ctx(|| format!("reading backend {id}"))?;
+        if !b.is_valid() || b.vip_id != info.vip_id {
+            return Ok(None);
+        }
+        Ok(socket_addr(b.family, b.addr_be, b.port_be).map(|addr| BackendState {
+            id,
+            addr,
+            weight: b.weight,
+        }))
     }
 
     // ---- counters ----
