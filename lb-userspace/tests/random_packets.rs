@@ -1,0 +1,285 @@
+//! Property test: 100,000 random and mutated packets through the real program.
+//!
+//! For every packet: the verdict is one of PASS, DROP, TX, REDIRECT (never ABORTED); the frame
+//! length never changes; a packet the program changed is a NAT rewrite — destination set to a
+//! configured backend of the VIP it was sent to, or source set back to the VIP of the backend it
+//! came from — with nothing else changed but MACs and checksums; and valid checksums stay valid.
+//! At the end, the verdict counters add up to the number of packets.
+//!
+//! Reproducible: the seed is printed; set LB_RANDOM_SEED to replay one.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::{
+    packets::{checksums_ok, Spec, Tcp},
+    testrun::{run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    topology::{Gateway, CLIENT_MAC, GW_MAC_A},
+};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use lb::Vip;
+use lb_common::VERDICT_COUNT;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const PACKETS: usize = 100_000;
+
+struct Config {
+    /// (VIP, its backends)
+    services: Vec<(Vip, Vec<SocketAddr>)>,
+}
+
+impl Config {
+    fn vip_of_backend(&self, b: SocketAddr, udp: bool) -> Option<&Vip> {
+        self.services
+            .iter()
+            .find(|(v, bs)| (v.proto == lb::Proto::Udp) == udp && bs.contains(&b))
+            .map(|(v, _)| v)
+    }
+}
+
+fn random_addr(rng: &mut StdRng, v6: bool, cfg: &Config) -> SocketAddr {
+    // Mostly addresses that matter (VIPs, backends, the client), sometimes anything.
+    match rng.random_range(0..10) {
+        0..=3 => {
+            let (v, _) = &cfg.services[rng.random_range(0..cfg.services.len())];
+            if v.addr.is_ipv6() == v6 {
+                return v.addr;
+            }
+        }
+        4..=5 => {
+            let (_, bs) = &cfg.services[rng.random_range(0..cfg.services.len())];
+            let b = bs[rng.random_range(0..bs.len())];
+            if b.is_ipv6() == v6 {
+                return b;
+            }
+        }
+        _ => {}
+    }
+    let port = if rng.random_bool(0.3) { 80 } else { rng.random_range(1..=65535) };
+    let ip: IpAddr = if v6 {
+        if rng.random_bool(0.5) {
+            "fd00::2".parse().unwrap()
+        } else {
+            IpAddr::V6(rng.random::<u128>().into())
+        }
+    } else if rng.random_bool(0.5) {
+        "10.0.0.2".parse().unwrap()
+    } else {
+        IpAddr::V4(rng.random::<u32>().into())
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn random_packet(rng: &mut StdRng, cfg: &Config) -> Vec<u8> {
+    let v6 = rng.random_bool(0.4);
+    let src = random_addr(rng, v6, cfg);
+    let dst = random_addr(rng, v6, cfg);
+    let mut spec = if rng.random_bool(0.6) {
+        let flags = [Tcp::Syn, Tcp::Ack, Tcp::SynAck, Tcp::Fin][rng.random_range(0..4)];
+        Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, flags)
+    } else {
+        Spec::udp(CLIENT_MAC, GW_MAC_A, src, dst)
+    };
+    spec.payload = (0..rng.random_range(0..80)).map(|_| rng.random()).collect();
+    if !v6 && rng.random_bool(0.2) {
+        let words = rng.random_range(1..=10);
+        spec.ipv4_options = vec![1; words * 4]; // NOPs
+    }
+    let mut f = spec.build();
+    let mutations = match rng.random_range(0..10) {
+        0..=3 => 0,
+        4..=7 => 1,
+        _ => rng.random_range(2..=4),
+    };
+    for _ in 0..mutations {
+        mutate(rng, &mut f);
+    }
+    if f.len() < 14 {
+        f.resize(14, 0);
+    }
+    f
+}
+
+fn mutate(rng: &mut StdRng, f: &mut Vec<u8>) {
+    let len = f.len();
+    match rng.random_range(0..11) {
+        0 => f.truncate(rng.random_range(14..=len.max(14))),
+        1 => {
+            let i = rng.random_range(0..len);
+            f[i] = rng.random();
+        }
+        2 if len > 14 => f[14] = (f[14] & 0xf0) | rng.random_range(0..16), // IHL
+        3 => {
+            // IPv4 total length or IPv6 payload length
+            let at = if f[12] == 0x86 { 18 } else { 16 };
+            if len > at + 1 {
+                let v: u16 = rng.random();
+                f[at..at + 2].copy_from_slice(&v.to_be_bytes());
+            }
+        }
+        4 => {
+            // TCP data offset / UDP length (assuming no options)
+            let l4 = if f[12] == 0x86 { 54 } else { 34 };
+            if len > l4 + 13 {
+                f[l4 + 12] = rng.random();
+                f[l4 + 4] = rng.random();
+                f[l4 + 5] = rng.random();
+            }
+        }
+        5 => {
+            // TCP flags
+            let l4 = if f[12] == 0x86 { 54 } else { 34 };
+            if len > l4 + 13 {
+                f[l4 + 13] = rng.random();
+            }
+        }
+        6 => {
+            // junk after the headers (Ethernet padding, trailers)
+            let n = rng.random_range(1..64);
+            f.extend((0..n).map(|_| rng.random::<u8>()));
+        }
+        7 => {
+            // fragment bits / IPv6 next header
+            if f[12] == 0x86 {
+                if len > 20 {
+                    f[20] = [0, 43, 44, 60, 58, 6, 17][rng.random_range(0..7)];
+                }
+            } else if len > 21 {
+                f[20] = rng.random();
+                f[21] = rng.random();
+            }
+        }
+        8 => {
+            let types = [[0x08, 0x00], [0x86, 0xdd], [0x08, 0x06], [rng.random(), rng.random()]];
+            let t = types[rng.random_range(0..types.len())];
+            f[12..14].copy_from_slice(&t);
+        }
+        9 if len > 14 => {
+            // IP version nibble
+            f[14] = (rng.random_range(0..16u8) << 4) | (f[14] & 0x0f);
+        }
+        2 | 9 => {}
+        _ => {
+            // random bytes from the start of IP on
+            let n = rng.random_range(0..48);
+            f.truncate(14);
+            f.extend((0..n).map(|_| rng.random::<u8>()));
+        }
+    }
+}
+
+/// (src, dst, proto is UDP) of a frame that parses as IP + TCP/UDP.
+fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    let (s, d): (IpAddr, IpAddr) = match p.net? {
+        NetSlice::Ipv4(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
+        NetSlice::Ipv6(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
+        _ => return None,
+    };
+    match p.transport? {
+        TransportSlice::Tcp(t) => Some((
+            SocketAddr::new(s, t.source_port()),
+            SocketAddr::new(d, t.destination_port()),
+            false,
+        )),
+        TransportSlice::Udp(u) => Some((
+            SocketAddr::new(s, u.source_port()),
+            SocketAddr::new(d, u.destination_port()),
+            true,
+        )),
+        _ => None,
+    }
+}
+
+/// Byte positions where a rewrite may legitimately differ: MACs, IP addresses, ports and
+/// checksums (IPv4 header checksum, L4 checksum).
+fn allowed_diff(f: &[u8], i: usize) -> bool {
+    if i < 12 {
+        return true;
+    }
+    if f[12] == 0x08 && f[13] == 0x00 {
+        let l4 = 14 + ((f[14] & 0x0f) as usize) * 4;
+        let proto = f[23];
+        let csum = if proto == 6 { l4 + 16 } else { l4 + 6 };
+        (24..26).contains(&i) || (26..34).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+    } else {
+        let l4 = 54;
+        let proto = f[20];
+        let csum = if proto == 6 { l4 + 16 } else { l4 + 6 };
+        (22..54).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+    }
+}
+
+#[test]
+fn random_and_mutated_packets() {
+    let seed: u64 = std::env::var("LB_RANDOM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("LB_RANDOM_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let mut gw = Gateway::new("random");
+    let cfg = Config {
+        services: vec![
+            ("10.100.0.100:80/tcp".parse().unwrap(), vec!["10.1.0.11:8080".parse().unwrap(), "10.1.0.12:8080".parse().unwrap()]),
+            ("10.100.0.100:80/udp".parse().unwrap(), vec!["10.1.0.13:5353".parse().unwrap()]),
+            ("[fd10::100]:80/tcp".parse().unwrap(), vec!["[fd01::11]:8080".parse().unwrap(), "[fd01::12]:8080".parse().unwrap()]),
+            ("[fd10::100]:80/udp".parse().unwrap(), vec!["[fd01::13]:5353".parse().unwrap()]),
+        ],
+    };
+    for (v, bs) in &cfg.services {
+        gw.dp.maps.add_vip(v, 251).unwrap();
+        let want: Vec<(SocketAddr, u32)> = bs.iter().map(|b| (*b, 1)).collect();
+        gw.dp.maps.set_backends(v, &want).unwrap();
+    }
+    let before = gw.dp.maps.counters().unwrap();
+    let ifindex = gw.ifindex_a;
+    let (mut forwarded, mut reversed, mut unchanged) = (0, 0, 0);
+    for n in 0..PACKETS {
+        let input = random_packet(&mut rng, &cfg);
+        let (action, out) = run(gw.dp.program(), ifindex, &input);
+        let ctx = || format!("packet {n} (seed {seed}): {}", hex(&input));
+        assert!(
+            [XDP_PASS, XDP_DROP, XDP_TX, XDP_REDIRECT].contains(&action),
+            "verdict {action}: {}",
+            ctx()
+        );
+        assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
+        if out == input {
+            assert!(action != XDP_TX && action != XDP_REDIRECT, "sent unchanged: {}", ctx());
+            unchanged += 1;
+            continue;
+        }
+        // Changed: it must be a NAT rewrite.
+        let (isrc, idst, udp) = endpoints(&input).unwrap_or_else(|| panic!("changed a packet that does not parse: {}", ctx()));
+        let (osrc, odst, _) = endpoints(&out).unwrap_or_else(|| panic!("output does not parse: {}", ctx()));
+        for i in 0..out.len() {
+            assert!(out[i] == input[i] || allowed_diff(&input, i), "byte {i} changed: {}", ctx());
+        }
+        if let Some((_, bs)) = cfg.services.iter().find(|(v, _)| v.addr == idst && (v.proto == lb::Proto::Udp) == udp) {
+            assert_eq!(osrc, isrc, "client changed: {}", ctx());
+            assert!(bs.contains(&odst), "destination {odst} is not a backend of {idst}: {}", ctx());
+            forwarded += 1;
+        } else if let Some(v) = cfg.vip_of_backend(isrc, udp) {
+            assert_eq!(osrc, v.addr, "reply not rewritten to the VIP: {}", ctx());
+            assert_eq!(odst, idst, "reply destination changed: {}", ctx());
+            reversed += 1;
+        } else {
+            panic!("changed a packet neither for a VIP nor from a backend: {}", ctx());
+        }
+        if checksums_ok(&input).is_ok() {
+            checksums_ok(&out).unwrap_or_else(|e| panic!("{e} broken by the rewrite: {}", ctx()));
+        }
+    }
+    let after = gw.dp.maps.counters().unwrap();
+    let total: u64 = (0..VERDICT_COUNT as usize).map(|i| after[i] - before[i]).sum();
+    assert_eq!(total, PACKETS as u64, "verdict counters sum to the packets sent");
+    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched");
+    assert!(forwarded > 1000 && reversed > 1000 && unchanged > 1000, "the generator must exercise every path");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
