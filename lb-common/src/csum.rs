@@ -71,11 +71,11 @@ impl CsumUpdate {
 /// The full Internet checksum of `data` (for tests and userspace; the data plane only updates).
 pub fn checksum(data: &[u8]) -> u16 {
     let mut s: u32 = 0;
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        s += u16::from_be_bytes([c[0], c[1]]) as u32;
+    let (chunks, tail) = data.as_chunks::<2>();
+    for c in chunks {
+        s += u16::from_be_bytes(*c) as u32;
     }
-    if let [b] = chunks.remainder() {
+    if let [b] = tail {
         s += (*b as u32) << 8;
     }
     while s >> 16 != 0 {

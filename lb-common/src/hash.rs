@@ -39,11 +39,10 @@ fn fmix(mut h: u32, len: u32) -> u32 {
 /// permutations and to check `flow_hash` against published vectors).
 pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
     let mut h = seed;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        h = mix_h(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    let (chunks, tail) = data.as_chunks::<4>();
+    for c in chunks {
+        h = mix_h(h, u32::from_le_bytes(*c));
     }
-    let tail = chunks.remainder();
     if !tail.is_empty() {
         let mut k = 0u32;
         for (i, b) in tail.iter().enumerate() {
@@ -85,7 +84,10 @@ mod tests {
         assert_eq!(murmur3_32(b"", 0), 0);
         assert_eq!(murmur3_32(b"", 1), 0x514e_28b7);
         assert_eq!(murmur3_32(b"hello", 0), 0x248b_fa47);
-        assert_eq!(murmur3_32(b"The quick brown fox jumps over the lazy dog", 0x9747_b28c), 0x2fa8_26cd);
+        assert_eq!(
+            murmur3_32(b"The quick brown fox jumps over the lazy dog", 0x9747_b28c),
+            0x2fa8_26cd
+        );
     }
 
     #[test]
@@ -103,7 +105,10 @@ mod tests {
         key.dport_be = 80u16.to_be();
         key.proto = crate::PROTO_TCP;
         key.family = crate::FAMILY_V6;
-        assert_eq!(flow_hash(&key), murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED));
+        assert_eq!(
+            flow_hash(&key),
+            murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED)
+        );
     }
 
     #[test]
@@ -116,7 +121,10 @@ mod tests {
         key.dport_be = 80u16.to_be();
         key.proto = crate::PROTO_TCP;
         key.family = crate::FAMILY_V4;
-        assert_eq!(flow_hash(&key), murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED));
+        assert_eq!(
+            flow_hash(&key),
+            murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED)
+        );
         assert_eq!(flow_hash(&key), PINNED);
     }
     const PINNED: u32 = 3_515_136_274;

@@ -58,7 +58,11 @@ pub(crate) fn forward(
 ) -> Verdict {
     let ingress = ctx.ingress_ifindex() as u32;
     let mut p = FibParams {
-        family: if pkt.family == FAMILY_V4 { AF_INET } else { AF_INET6 },
+        family: if pkt.family == FAMILY_V4 {
+            AF_INET
+        } else {
+            AF_INET6
+        },
         l4_protocol: pkt.proto,
         sport_be: sport,
         dport_be: dport,

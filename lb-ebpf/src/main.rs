@@ -15,9 +15,7 @@ mod nat;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{
-    hash::flow_hash, Backend, Counter, CtEntry, FlowKey, VipInfo, NO_BACKEND,
-};
+use lb_common::{hash::flow_hash, Backend, Counter, CtEntry, FlowKey, VipInfo, NO_BACKEND};
 
 use crate::{
     maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, TABLE, VIPS, VIP_STATS},
@@ -64,13 +62,13 @@ fn process(ctx: &XdpContext) -> Verdict {
     };
     let vip_key = pkt.dst_endpoint();
     // SAFETY: the value is copied out at once; a concurrent update replaces it whole.
-    if let Some(vip) = unsafe { VIPS.get(&vip_key) } {
+    if let Some(vip) = unsafe { VIPS.get(vip_key) } {
         let vip = *vip;
         return forward(ctx, &pkt, &vip);
     }
     let backend_key = pkt.src_endpoint();
     // SAFETY: as above.
-    if let Some(rev) = unsafe { REVNAT.get(&backend_key) } {
+    if let Some(rev) = unsafe { REVNAT.get(backend_key) } {
         let rev = *rev;
         count(Counter::RevNat);
         add_traffic(&VIP_STATS, rev.vip_id, pkt.frame_len, false, true);
@@ -104,7 +102,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     };
     let mut chosen: Option<(u32, Backend)> = None;
     // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(&flow) } {
+    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
         let ct = *ct;
         match usable_backend(ct.backend_id, vip.vip_id) {
             Some(b) if b.generation == ct.generation => {
@@ -124,7 +122,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
                 backend_id: id,
                 generation: b.generation,
             };
-            if CONNTRACK.insert(&flow, &entry, 0).is_err() {
+            if CONNTRACK.insert(flow, entry, 0).is_err() {
                 count(Counter::CtInsertFailed);
             }
             count(Counter::CtMiss);

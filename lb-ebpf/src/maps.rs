@@ -33,8 +33,7 @@ pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> =
 pub(crate) static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_VIPSTATS_V1")]
-pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> =
-    PerCpuArray::new();
+pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_BESTATS_V1")]
 pub(crate) static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =

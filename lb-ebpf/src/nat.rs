@@ -21,7 +21,13 @@ pub(crate) enum Side {
 /// Returns false if a header is not within bounds (cannot happen after `parse`; checked again
 /// because the verifier needs it).
 #[inline(always)]
-pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4], port: u16) -> bool {
+pub(crate) fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    side: Side,
+    addr: &[u32; 4],
+    port: u16,
+) -> bool {
     // Addresses first, collecting their effect on the L4 checksum.
     let mut l4 = CsumUpdate::delta();
     if pkt.family == FAMILY_V4 {
@@ -30,7 +36,11 @@ pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4
         };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
-        let field = if side == Side::Src { &mut ip.saddr_be } else { &mut ip.daddr_be };
+        let field = if side == Side::Src {
+            &mut ip.saddr_be
+        } else {
+            &mut ip.daddr_be
+        };
         let old = *field;
         *field = addr[0];
         let mut c = CsumUpdate::new(ip.check);
@@ -43,7 +53,11 @@ pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4
         };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
-        let field = if side == Side::Src { &mut ip.saddr_be } else { &mut ip.daddr_be };
+        let field = if side == Side::Src {
+            &mut ip.saddr_be
+        } else {
+            &mut ip.daddr_be
+        };
         let old = *field;
         *field = *addr;
         l4.addr(&old, addr);
@@ -55,7 +69,11 @@ pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4
         };
         // SAFETY: bounds-checked by ptr_at.
         let tcp = unsafe { &mut *tcp };
-        let field = if side == Side::Src { &mut tcp.sport_be } else { &mut tcp.dport_be };
+        let field = if side == Side::Src {
+            &mut tcp.sport_be
+        } else {
+            &mut tcp.dport_be
+        };
         let mut c = l4.rebase(tcp.check);
         c.word(*field, port);
         *field = port;
@@ -66,7 +84,11 @@ pub(crate) fn rewrite(ctx: &XdpContext, pkt: &Packet, side: Side, addr: &[u32; 4
         };
         // SAFETY: bounds-checked by ptr_at.
         let udp = unsafe { &mut *udp };
-        let field = if side == Side::Src { &mut udp.sport_be } else { &mut udp.dport_be };
+        let field = if side == Side::Src {
+            &mut udp.sport_be
+        } else {
+            &mut udp.dport_be
+        };
         let mut c = l4.rebase(udp.check);
         c.word(*field, port);
         *field = port;

@@ -59,7 +59,8 @@ impl Dataplane {
             .program_mut(LB_XDP_PROGRAM)
             .context("program lb_xdp missing from the object")?
             .try_into()?;
-        prog.load().context("loading lb_xdp into the kernel (verifier)")?;
+        prog.load()
+            .context("loading lb_xdp into the kernel (verifier)")?;
         let maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
         Ok(Dataplane { ebpf, maps })
     }

@@ -93,7 +93,10 @@ pub fn build<T: Clone>(entries: &[TableEntry<T>], m: u32) -> Vec<Option<T>> {
 /// Largest-remainder apportionment of `m` slots by `weights` (ties go to the earlier backend).
 fn quotas(weights: &[u64], m: u64) -> Vec<u64> {
     let total: u64 = weights.iter().sum();
-    let mut q: Vec<u64> = weights.iter().map(|w| (m as u128 * *w as u128 / total as u128) as u64).collect();
+    let mut q: Vec<u64> = weights
+        .iter()
+        .map(|w| (m as u128 * *w as u128 / total as u128) as u64)
+        .collect();
     let given: u64 = q.iter().sum();
     let mut by_remainder: Vec<usize> = (0..weights.len()).collect();
     let rem = |i: usize| (m as u128 * weights[i] as u128) % total as u128;
@@ -131,7 +134,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &w)| TableEntry {
-                identity: format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256).into_bytes(),
+                identity: format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256)
+                    .into_bytes(),
                 weight: w,
                 value: i as u32,
             })
@@ -191,19 +195,30 @@ mod tests {
         ];
         for w in cases {
             let err = max_share_error(&w, m);
-            println!("{} backends: max relative share error {:.4}%", w.len(), err * 100.0);
+            println!(
+                "{} backends: max relative share error {:.4}%",
+                w.len(),
+                err * 100.0
+            );
             assert!(err < 0.01, "{} backends: share error {err}", w.len());
         }
     }
 
     #[test]
     fn every_share_is_within_one_slot() {
-        for (w, m) in [(vec![1u32, 2, 3], 7u32), (vec![5, 1, 1, 9], 101), (vec![7; 13], 65_537)] {
+        for (w, m) in [
+            (vec![1u32, 2, 3], 7u32),
+            (vec![5, 1, 1, 9], 101),
+            (vec![7; 13], 65_537),
+        ] {
             let c = counts(&build(&entries(&w), m), w.len());
             let total: u64 = w.iter().map(|&x| x as u64).sum();
             for (i, &got) in c.iter().enumerate() {
                 let exact = m as f64 * w[i] as f64 / total as f64;
-                assert!((got as f64 - exact).abs() < 1.0, "backend {i}: {got} vs {exact}");
+                assert!(
+                    (got as f64 - exact).abs() < 1.0,
+                    "backend {i}: {got} vs {exact}"
+                );
             }
         }
     }
@@ -235,7 +250,12 @@ mod tests {
         let before = build(&entries(&vec![1; n]), m);
         let after = build(&entries(&vec![1; n + 1]), m);
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / m as f64;
-        println!("N={n}→{}: {:.3}% moved (ideal {:.3}%)", n + 1, moved * 100.0, 100.0 / (n + 1) as f64);
+        println!(
+            "N={n}→{}: {:.3}% moved (ideal {:.3}%)",
+            n + 1,
+            moved * 100.0,
+            100.0 / (n + 1) as f64
+        );
         assert!(moved <= 1.0 / (n + 1) as f64 + 0.01);
     }
 
@@ -249,7 +269,11 @@ mod tests {
         assert_eq!(a, build(&e, 65_537));
         // Pinned digest: the table format must not change silently between versions/machines.
         let bytes: Vec<u8> = a.iter().map(|s| s.unwrap() as u8).collect();
-        assert_eq!(murmur3_32(&bytes, 0), PINNED_DIGEST, "table content changed");
+        assert_eq!(
+            murmur3_32(&bytes, 0),
+            PINNED_DIGEST,
+            "table content changed"
+        );
     }
     const PINNED_DIGEST: u32 = 3_362_308_578;
 

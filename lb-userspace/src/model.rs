@@ -51,7 +51,9 @@ impl FromStr for Proto {
         match s.to_ascii_lowercase().as_str() {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            _ => Err(ParseError(format!("unknown protocol {s:?} (expected tcp or udp)"))),
+            _ => Err(ParseError(format!(
+                "unknown protocol {s:?} (expected tcp or udp)"
+            ))),
         }
     }
 }
@@ -126,7 +128,9 @@ pub fn parse_socket_addr(s: &str, what: &str) -> Result<SocketAddr, ParseError> 
     }
     if let IpAddr::V4(v4) = a.ip() {
         if v4.is_broadcast() {
-            return Err(ParseError(format!("invalid {what} address {s:?}: broadcast")));
+            return Err(ParseError(format!(
+                "invalid {what} address {s:?}: broadcast"
+            )));
         }
     }
     Ok(a)

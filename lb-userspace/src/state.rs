@@ -186,7 +186,10 @@ impl LbMaps {
     pub fn add_backend(&mut self, vip: &Vip, addr: SocketAddr, weight: u32) -> Result<Change> {
         let mut want = self.wanted(vip)?;
         if want.iter().any(|(a, _)| *a == addr) {
-            return Err(LbError::BackendExists { vip: *vip, backend: addr });
+            return Err(LbError::BackendExists {
+                vip: *vip,
+                backend: addr,
+            });
         }
         want.push((addr, weight));
         self.set_backends(vip, &want)
@@ -198,7 +201,10 @@ impl LbMaps {
         let before = want.len();
         want.retain(|(a, _)| *a != addr);
         if want.len() == before {
-            return Err(LbError::BackendNotFound { vip: *vip, backend: addr });
+            return Err(LbError::BackendNotFound {
+                vip: *vip,
+                backend: addr,
+            });
         }
         self.set_backends(vip, &want)
     }
@@ -207,14 +213,21 @@ impl LbMaps {
     pub fn set_weight(&mut self, vip: &Vip, addr: SocketAddr, weight: u32) -> Result<Change> {
         let mut want = self.wanted(vip)?;
         let Some(entry) = want.iter_mut().find(|(a, _)| *a == addr) else {
-            return Err(LbError::BackendNotFound { vip: *vip, backend: addr });
+            return Err(LbError::BackendNotFound {
+                vip: *vip,
+                backend: addr,
+            });
         };
         entry.1 = weight;
         self.set_backends(vip, &want)
     }
 
     fn wanted(&self, vip: &Vip) -> Result<Vec<(SocketAddr, u32)>> {
-        Ok(self.backends(vip)?.iter().map(|b| (b.addr, b.weight)).collect())
+        Ok(self
+            .backends(vip)?
+            .iter()
+            .map(|b| (b.addr, b.weight))
+            .collect())
     }
 
     /// Makes the VIP's backends exactly `want` (address, weight), rewriting only the table
@@ -227,7 +240,10 @@ impl LbMaps {
                 return Err(LbError::DuplicateBackend(*addr));
             }
             if addr.is_ipv4() != vip.addr.is_ipv4() {
-                return Err(LbError::FamilyMismatch { vip: *vip, backend: *addr });
+                return Err(LbError::FamilyMismatch {
+                    vip: *vip,
+                    backend: *addr,
+                });
             }
             if *weight > MAX_WEIGHT {
                 return Err(LbError::WeightOutOfRange(*weight));
@@ -236,7 +252,10 @@ impl LbMaps {
             if let Ok(rev) = self.revnat.get(&key, 0) {
                 if rev.vip_id != info.vip_id {
                     let other = Vip::from_endpoint(&rev.vip).map_or("?".into(), |v| v.to_string());
-                    return Err(LbError::BackendServesOtherVip { backend: *addr, other });
+                    return Err(LbError::BackendServesOtherVip {
+                        backend: *addr,
+                        other,
+                    });
                 }
             }
         }
@@ -261,7 +280,10 @@ impl LbMaps {
                 .find(|(_, b)| socket_addr(b.family, b.addr_be, b.port_be).as_ref() == Some(addr))
                 .copied()
         };
-        let new: Vec<&(SocketAddr, u32)> = want.iter().filter(|(a, _)| find_current(a).is_none()).collect();
+        let new: Vec<&(SocketAddr, u32)> = want
+            .iter()
+            .filter(|(a, _)| find_current(a).is_none())
+            .collect();
         let free: Vec<u32> = array
             .iter()
             .enumerate()
@@ -376,7 +398,10 @@ impl LbMaps {
         self.backends
             .set(b.id, entry, 0)
             .ctx(|| format!("removing backend {}", b.addr))?;
-        match self.revnat.remove(&crate::model::endpoint(b.addr, vip.proto)) {
+        match self
+            .revnat
+            .remove(&crate::model::endpoint(b.addr, vip.proto))
+        {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).ctx(|| format!("removing reverse NAT of {}", b.addr)),
         }
@@ -394,7 +419,11 @@ impl LbMaps {
     pub fn table(&self, vip: &Vip) -> Result<Vec<u32>> {
         let info = self.vip(vip)?;
         (info.table_off..info.table_off + info.table_size)
-            .map(|i| self.table.get(&i, 0).ctx(|| format!("reading table slot {i}")))
+            .map(|i| {
+                self.table
+                    .get(&i, 0)
+                    .ctx(|| format!("reading table slot {i}"))
+            })
             .collect()
     }
 
@@ -417,11 +446,13 @@ impl LbMaps {
         if !b.is_valid() || b.vip_id != info.vip_id {
             return Ok(None);
         }
-        Ok(socket_addr(b.family, b.addr_be, b.port_be).map(|addr| BackendState {
-            id,
-            addr,
-            weight: b.weight,
-        }))
+        Ok(
+            socket_addr(b.family, b.addr_be, b.port_be).map(|addr| BackendState {
+                id,
+                addr,
+                weight: b.weight,
+            }),
+        )
     }
 
     // ---- counters ----
@@ -479,7 +510,9 @@ impl LbMaps {
 }
 
 fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<TrafficStats> {
-    let v = map.get(&id, 0).ctx(|| format!("reading counters of id {id}"))?;
+    let v = map
+        .get(&id, 0)
+        .ctx(|| format!("reading counters of id {id}"))?;
     let mut total = TrafficStats::default();
     for s in v.iter() {
         total.add(s);

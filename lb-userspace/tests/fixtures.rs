@@ -84,7 +84,9 @@ impl Table {
             ingress: self.gw.ifindex_a,
             input: spec.build(),
             verdict: XDP_TX,
-            output: spec.with(GW_MAC_A, mac_of(backend), spec.src, backend).build(),
+            output: spec
+                .with(GW_MAC_A, mac_of(backend), spec.src, backend)
+                .build(),
             reason: Counter::Tx,
         });
     }
@@ -145,7 +147,11 @@ fn fixture_table() {
     let unresolved = vip("10.100.0.102:80/tcp"); // backend without a neighbour entry
     let blackholed = vip("10.100.0.103:80/tcp"); // backend behind a blackhole route
     let empty = vip("10.100.0.104:80/tcp"); // no backends
-    let web_backends = [sa("10.1.0.11:8080"), sa("10.1.0.12:8080"), sa("10.1.0.13:8080")];
+    let web_backends = [
+        sa("10.1.0.11:8080"),
+        sa("10.1.0.12:8080"),
+        sa("10.1.0.13:8080"),
+    ];
     {
         let m = &mut t.gw.dp.maps;
         m.add_vip(&web, 65_537).unwrap();
@@ -153,8 +159,11 @@ fn fixture_table() {
             m.add_backend(&web, *b, w).unwrap();
         }
         m.add_vip(&web6, 251).unwrap();
-        m.set_backends(&web6, &[(sa("[fd01::11]:8080"), 1), (sa("[fd01::12]:8080"), 1)])
-            .unwrap();
+        m.set_backends(
+            &web6,
+            &[(sa("[fd01::11]:8080"), 1), (sa("[fd01::12]:8080"), 1)],
+        )
+        .unwrap();
         m.add_vip(&dns, 251).unwrap();
         m.add_backend(&dns, sa("10.1.0.11:5353"), 1).unwrap();
         m.add_vip(&dns6, 251).unwrap();
@@ -171,8 +180,16 @@ fn fixture_table() {
     // ---- forwarding, IPv4 TCP ----
     let c1 = client(40_001);
     let b1 = t.predict(c1, &web);
-    t.forward("IPv4 TCP SYN to a VIP → destination rewritten to the chosen backend", &syn(c1, web.addr), b1);
-    t.forward("the same flow again (ACK) → same backend, from conntrack", &ack(c1, web.addr), b1);
+    t.forward(
+        "IPv4 TCP SYN to a VIP → destination rewritten to the chosen backend",
+        &syn(c1, web.addr),
+        b1,
+    );
+    t.forward(
+        "the same flow again (ACK) → same backend, from conntrack",
+        &ack(c1, web.addr),
+        b1,
+    );
 
     // Many flows, to check the table change below against.
     let mut flows: Vec<(SocketAddr, SocketAddr)> = Vec::new();
@@ -190,8 +207,14 @@ fn fixture_table() {
         m.set_weight(&web, web_backends[2], 1).unwrap();
         m.add_backend(&web, sa("10.2.0.21:8080"), 4).unwrap();
     }
-    let moved = flows.iter().filter(|(c, b)| t.predict(*c, &web) != *b).count();
-    assert!(moved >= 4, "the table change moved only {moved} of 32 slots; pick a bigger change");
+    let moved = flows
+        .iter()
+        .filter(|(c, b)| t.predict(*c, &web) != *b)
+        .count();
+    assert!(
+        moved >= 4,
+        "the table change moved only {moved} of 32 slots; pick a bigger change"
+    );
     for (c, b) in flows.clone() {
         t.forward(
             &format!("after the table change, flow from {c} keeps {b}"),
@@ -222,12 +245,21 @@ fn fixture_table() {
     t.forward("IPv6 TCP SYN to a VIP", &syn(c6, web6.addr), b6);
     t.forward("IPv6 TCP, same flow", &ack(c6, web6.addr), b6);
     let cu = client(40_004);
-    t.forward("IPv4 UDP to a VIP", &udp(cu, dns.addr), sa("10.1.0.11:5353"));
+    t.forward(
+        "IPv4 UDP to a VIP",
+        &udp(cu, dns.addr),
+        sa("10.1.0.11:5353"),
+    );
     let mut zero = udp(client(40_005), dns.addr).build();
     let csum_at = l4_v4(&zero) + 6;
     zero[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
     let mut zero_out = udp(client(40_005), sa("10.1.0.11:5353"))
-        .with(GW_MAC_A, mac_of(sa("10.1.0.11:5353")), client(40_005), sa("10.1.0.11:5353"))
+        .with(
+            GW_MAC_A,
+            mac_of(sa("10.1.0.11:5353")),
+            client(40_005),
+            sa("10.1.0.11:5353"),
+        )
         .build();
     zero_out[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
     t.check(Case {
@@ -238,7 +270,11 @@ fn fixture_table() {
         output: zero_out,
         reason: Counter::Tx,
     });
-    t.forward("IPv6 UDP to a VIP", &udp(client6(40_006), dns6.addr), sa("[fd01::13]:5353"));
+    t.forward(
+        "IPv6 UDP to a VIP",
+        &udp(client6(40_006), dns6.addr),
+        sa("[fd01::13]:5353"),
+    );
 
     // ---- IPv4 options ----
     let mut opt = syn(client(40_007), web.addr);
@@ -268,7 +304,14 @@ fn fixture_table() {
         ingress: t.gw.ifindex_a,
         input: sf.build(),
         verdict: XDP_REDIRECT,
-        output: sf.with(GW_MAC_B, mac_of(sa("10.2.0.21:80")), sf.src, sa("10.2.0.21:80")).build(),
+        output: sf
+            .with(
+                GW_MAC_B,
+                mac_of(sa("10.2.0.21:80")),
+                sf.src,
+                sa("10.2.0.21:80"),
+            )
+            .build(),
         reason: Counter::Redirect,
     });
     let su = syn(client(40_009), unresolved.addr);
@@ -277,7 +320,9 @@ fn fixture_table() {
         ingress: t.gw.ifindex_a,
         input: su.build(),
         verdict: XDP_PASS,
-        output: su.with(su.smac, su.dmac, su.src, sa("10.1.0.99:80")).build(),
+        output: su
+            .with(su.smac, su.dmac, su.src, sa("10.1.0.99:80"))
+            .build(),
         reason: Counter::PassNoNeigh,
     });
     let sb = syn(client(40_010), blackholed.addr);
@@ -316,7 +361,12 @@ fn fixture_table() {
         output: reply6.with(GW_MAC_A, CLIENT_MAC, web6.addr, c6).build(),
         reason: Counter::Tx,
     });
-    let reply_udp = Spec::udp(mac_of(sa("10.1.0.11:5353")), GW_MAC_A, sa("10.1.0.11:5353"), cu);
+    let reply_udp = Spec::udp(
+        mac_of(sa("10.1.0.11:5353")),
+        GW_MAC_A,
+        sa("10.1.0.11:5353"),
+        cu,
+    );
     t.check(Case {
         desc: "UDP backend's reply → source rewritten back to the VIP".into(),
         ingress: t.gw.ifindex_a,
@@ -366,7 +416,12 @@ fn fixture_table() {
             .unwrap();
         out
     };
-    t.unchanged("ICMP echo to a VIP address → passed", icmp, XDP_PASS, Counter::PassNotTcpUdp);
+    t.unchanged(
+        "ICMP echo to a VIP address → passed",
+        icmp,
+        XDP_PASS,
+        Counter::PassNotTcpUdp,
+    );
     let arp = {
         let mut f = etherparse::Ethernet2Header {
             source: CLIENT_MAC,
@@ -383,21 +438,51 @@ fn fixture_table() {
     // ---- fragments ----
     let mut mf = syn(client(40_016), web.addr).build();
     set_ipv4_u16(&mut mf, 6, 0x2000);
-    t.unchanged("IPv4 first fragment (MF) to a VIP → passed, lb does not reassemble", mf, XDP_PASS, Counter::PassFragment);
+    t.unchanged(
+        "IPv4 first fragment (MF) to a VIP → passed, lb does not reassemble",
+        mf,
+        XDP_PASS,
+        Counter::PassFragment,
+    );
     let mut later = udp(client(40_017), dns.addr).build();
     set_ipv4_u16(&mut later, 6, 0x0010);
-    t.unchanged("IPv4 later fragment (offset 128) → passed", later, XDP_PASS, Counter::PassFragment);
+    t.unchanged(
+        "IPv4 later fragment (offset 128) → passed",
+        later,
+        XDP_PASS,
+        Counter::PassFragment,
+    );
     let mut frag6 = udp(client6(40_018), dns6.addr).build();
     frag6[IP + 6] = 44;
-    t.unchanged("IPv6 fragment header → passed", frag6, XDP_PASS, Counter::PassFragment);
+    t.unchanged(
+        "IPv6 fragment header → passed",
+        frag6,
+        XDP_PASS,
+        Counter::PassFragment,
+    );
     let mut hbh = udp(client6(40_019), dns6.addr).build();
     hbh[IP + 6] = 0;
-    t.unchanged("IPv6 hop-by-hop extension header → passed", hbh, XDP_PASS, Counter::PassIpv6Ext);
+    t.unchanged(
+        "IPv6 hop-by-hop extension header → passed",
+        hbh,
+        XDP_PASS,
+        Counter::PassIpv6Ext,
+    );
 
     // ---- malformed: passed to the kernel, which validates and drops ----
     let good = syn(client(40_020), web.addr).build();
-    t.unchanged("Ethernet header only", good[..14].to_vec(), XDP_PASS, Counter::PassMalformedIp);
-    t.unchanged("IPv4 header cut at 10 bytes", good[..24].to_vec(), XDP_PASS, Counter::PassMalformedIp);
+    t.unchanged(
+        "Ethernet header only",
+        good[..14].to_vec(),
+        XDP_PASS,
+        Counter::PassMalformedIp,
+    );
+    t.unchanged(
+        "IPv4 header cut at 10 bytes",
+        good[..24].to_vec(),
+        XDP_PASS,
+        Counter::PassMalformedIp,
+    );
     t.unchanged(
         "IPv4 total length beyond the frame",
         good[..good.len() - 5].to_vec(),
@@ -409,28 +494,63 @@ fn fixture_table() {
     t.unchanged("IPv4 IHL 4", ihl4, XDP_PASS, Counter::PassMalformedIp);
     let mut v5 = good.clone();
     set_ipv4_u8(&mut v5, 0, 0x55);
-    t.unchanged("IP version 5 in an IPv4 frame", v5, XDP_PASS, Counter::PassMalformedIp);
+    t.unchanged(
+        "IP version 5 in an IPv4 frame",
+        v5,
+        XDP_PASS,
+        Counter::PassMalformedIp,
+    );
     let good6 = syn(client6(40_021), web6.addr).build();
-    t.unchanged("IPv6 header cut", good6[..14 + 30].to_vec(), XDP_PASS, Counter::PassMalformedIp);
+    t.unchanged(
+        "IPv6 header cut",
+        good6[..14 + 30].to_vec(),
+        XDP_PASS,
+        Counter::PassMalformedIp,
+    );
     let mut cut_tcp = good.clone();
     set_ipv4_u16(&mut cut_tcp, 2, 20 + 12);
     cut_tcp.truncate(14 + 32);
-    t.unchanged("TCP header cut (12 of 20 bytes)", cut_tcp, XDP_PASS, Counter::PassMalformedL4);
+    t.unchanged(
+        "TCP header cut (12 of 20 bytes)",
+        cut_tcp,
+        XDP_PASS,
+        Counter::PassMalformedL4,
+    );
     let mut doff4 = good.clone();
     doff4[l4_v4(&good) + 12] = 0x40;
-    t.unchanged("TCP data offset 4", doff4, XDP_PASS, Counter::PassMalformedL4);
+    t.unchanged(
+        "TCP data offset 4",
+        doff4,
+        XDP_PASS,
+        Counter::PassMalformedL4,
+    );
     let mut doff15 = good.clone();
     doff15[l4_v4(&good) + 12] = 0xf0;
-    t.unchanged("TCP data offset beyond the packet", doff15, XDP_PASS, Counter::PassMalformedL4);
+    t.unchanged(
+        "TCP data offset beyond the packet",
+        doff15,
+        XDP_PASS,
+        Counter::PassMalformedL4,
+    );
     let mut udp_short = udp(client(40_022), dns.addr).build();
     let at = l4_v4(&udp_short) + 4;
     udp_short[at..at + 2].copy_from_slice(&4u16.to_be_bytes());
-    t.unchanged("UDP length 4", udp_short, XDP_PASS, Counter::PassMalformedL4);
+    t.unchanged(
+        "UDP length 4",
+        udp_short,
+        XDP_PASS,
+        Counter::PassMalformedL4,
+    );
     let mut cut_udp = udp(client(40_023), dns.addr).build();
     set_ipv4_u16(&mut cut_udp, 2, 20 + 6);
     cut_udp.truncate(14 + 26);
     fix_ipv4_csum(&mut cut_udp);
-    t.unchanged("UDP header cut (6 of 8 bytes)", cut_udp, XDP_PASS, Counter::PassMalformedL4);
+    t.unchanged(
+        "UDP header cut (6 of 8 bytes)",
+        cut_udp,
+        XDP_PASS,
+        Counter::PassMalformedL4,
+    );
 
     // ---- draining: weight 0 keeps established flows, takes no new ones ----
     let drained = web_backends[0];
@@ -439,11 +559,18 @@ fn fixture_table() {
         .find(|(_, b)| *b == drained)
         .expect("some flow is on the backend to drain");
     t.gw.dp.maps.set_weight(&web, drained, 0).unwrap();
-    t.forward("drained backend keeps its established flow", &ack(dc, web.addr), drained);
+    t.forward(
+        "drained backend keeps its established flow",
+        &ack(dc, web.addr),
+        drained,
+    );
     for port in 42_000..42_064 {
         let c = client(port);
         let b = t.predict(c, &web);
-        assert_ne!(b, drained, "the table still gives a slot to the drained backend");
+        assert_ne!(
+            b, drained,
+            "the table still gives a slot to the drained backend"
+        );
         let spec = syn(c, web.addr);
         let (smac, verdict, reason) = if b.ip().to_string() == "10.2.0.21" {
             (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
@@ -485,7 +612,11 @@ fn fixture_table() {
         reason,
     });
     let stale_after = t.gw.dp.maps.counters().unwrap()[Counter::CtStale as usize];
-    assert_eq!(stale_after - stale_before, 1, "ct_stale counts the re-selection");
+    assert_eq!(
+        stale_after - stale_before,
+        1,
+        "ct_stale counts the re-selection"
+    );
     t.unchanged(
         "the removed backend's replies are no longer rewritten",
         Spec::tcp(mac_of(removed), GW_MAC_A, removed, rmc, Tcp::Ack).build(),
@@ -507,12 +638,23 @@ fn fixture_table() {
             COUNTER_NAMES[i]
         );
     }
-    let total: u64 = (0..VERDICT_COUNT as usize).map(|i| after[i] - before[i]).sum();
-    assert_eq!(total, t.rows as u64, "verdict counters sum to the packets run");
-    assert_eq!(after[Counter::RevNat as usize] - before[Counter::RevNat as usize], 3);
+    let total: u64 = (0..VERDICT_COUNT as usize)
+        .map(|i| after[i] - before[i])
+        .sum();
+    assert_eq!(
+        total, t.rows as u64,
+        "verdict counters sum to the packets run"
+    );
+    assert_eq!(
+        after[Counter::RevNat as usize] - before[Counter::RevNat as usize],
+        3
+    );
     let info = t.gw.dp.maps.vip(&web).unwrap();
     let s = t.gw.dp.maps.vip_stats(info.vip_id).unwrap();
-    assert!(s.packets > 100 && s.new_flows > 90 && s.rev_packets == 1, "{s:?}");
+    assert!(
+        s.packets > 100 && s.new_flows > 90 && s.rev_packets == 1,
+        "{s:?}"
+    );
     println!("{} fixture cases passed", t.rows);
 }
 

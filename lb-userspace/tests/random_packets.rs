@@ -56,7 +56,11 @@ fn random_addr(rng: &mut StdRng, v6: bool, cfg: &Config) -> SocketAddr {
         }
         _ => {}
     }
-    let port = if rng.random_bool(0.3) { 80 } else { rng.random_range(1..=65535) };
+    let port = if rng.random_bool(0.3) {
+        80
+    } else {
+        rng.random_range(1..=65535)
+    };
     let ip: IpAddr = if v6 {
         if rng.random_bool(0.5) {
             "fd00::2".parse().unwrap()
@@ -151,7 +155,12 @@ fn mutate(rng: &mut StdRng, f: &mut Vec<u8>) {
             }
         }
         8 => {
-            let types = [[0x08, 0x00], [0x86, 0xdd], [0x08, 0x06], [rng.random(), rng.random()]];
+            let types = [
+                [0x08, 0x00],
+                [0x86, 0xdd],
+                [0x08, 0x06],
+                [rng.random(), rng.random()],
+            ];
             let t = types[rng.random_range(0..types.len())];
             f[12..14].copy_from_slice(&t);
         }
@@ -173,8 +182,14 @@ fn mutate(rng: &mut StdRng, f: &mut Vec<u8>) {
 fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
     let p = SlicedPacket::from_ethernet(f).ok()?;
     let (s, d): (IpAddr, IpAddr) = match p.net? {
-        NetSlice::Ipv4(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
-        NetSlice::Ipv6(ip) => (ip.header().source_addr().into(), ip.header().destination_addr().into()),
+        NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
         _ => return None,
     };
     match p.transport? {
@@ -202,7 +217,10 @@ fn allowed_diff(f: &[u8], i: usize) -> bool {
         let l4 = 14 + ((f[14] & 0x0f) as usize) * 4;
         let proto = f[23];
         let csum = if proto == 6 { l4 + 16 } else { l4 + 6 };
-        (24..26).contains(&i) || (26..34).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+        (24..26).contains(&i)
+            || (26..34).contains(&i)
+            || (l4..l4 + 4).contains(&i)
+            || (csum..csum + 2).contains(&i)
     } else {
         let l4 = 54;
         let proto = f[20];
@@ -223,10 +241,28 @@ fn random_and_mutated_packets() {
     let mut gw = Gateway::new("random");
     let cfg = Config {
         services: vec![
-            ("10.100.0.100:80/tcp".parse().unwrap(), vec!["10.1.0.11:8080".parse().unwrap(), "10.1.0.12:8080".parse().unwrap()]),
-            ("10.100.0.100:80/udp".parse().unwrap(), vec!["10.1.0.13:5353".parse().unwrap()]),
-            ("[fd10::100]:80/tcp".parse().unwrap(), vec!["[fd01::11]:8080".parse().unwrap(), "[fd01::12]:8080".parse().unwrap()]),
-            ("[fd10::100]:80/udp".parse().unwrap(), vec!["[fd01::13]:5353".parse().unwrap()]),
+            (
+                "10.100.0.100:80/tcp".parse().unwrap(),
+                vec![
+                    "10.1.0.11:8080".parse().unwrap(),
+                    "10.1.0.12:8080".parse().unwrap(),
+                ],
+            ),
+            (
+                "10.100.0.100:80/udp".parse().unwrap(),
+                vec!["10.1.0.13:5353".parse().unwrap()],
+            ),
+            (
+                "[fd10::100]:80/tcp".parse().unwrap(),
+                vec![
+                    "[fd01::11]:8080".parse().unwrap(),
+                    "[fd01::12]:8080".parse().unwrap(),
+                ],
+            ),
+            (
+                "[fd10::100]:80/udp".parse().unwrap(),
+                vec!["[fd01::13]:5353".parse().unwrap()],
+            ),
         ],
     };
     for (v, bs) in &cfg.services {
@@ -248,36 +284,65 @@ fn random_and_mutated_packets() {
         );
         assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
         if out == input {
-            assert!(action != XDP_TX && action != XDP_REDIRECT, "sent unchanged: {}", ctx());
+            assert!(
+                action != XDP_TX && action != XDP_REDIRECT,
+                "sent unchanged: {}",
+                ctx()
+            );
             unchanged += 1;
             continue;
         }
         // Changed: it must be a NAT rewrite.
-        let (isrc, idst, udp) = endpoints(&input).unwrap_or_else(|| panic!("changed a packet that does not parse: {}", ctx()));
-        let (osrc, odst, _) = endpoints(&out).unwrap_or_else(|| panic!("output does not parse: {}", ctx()));
+        let (isrc, idst, udp) = endpoints(&input)
+            .unwrap_or_else(|| panic!("changed a packet that does not parse: {}", ctx()));
+        let (osrc, odst, _) =
+            endpoints(&out).unwrap_or_else(|| panic!("output does not parse: {}", ctx()));
         for i in 0..out.len() {
-            assert!(out[i] == input[i] || allowed_diff(&input, i), "byte {i} changed: {}", ctx());
+            assert!(
+                out[i] == input[i] || allowed_diff(&input, i),
+                "byte {i} changed: {}",
+                ctx()
+            );
         }
-        if let Some((_, bs)) = cfg.services.iter().find(|(v, _)| v.addr == idst && (v.proto == lb::Proto::Udp) == udp) {
+        if let Some((_, bs)) = cfg
+            .services
+            .iter()
+            .find(|(v, _)| v.addr == idst && (v.proto == lb::Proto::Udp) == udp)
+        {
             assert_eq!(osrc, isrc, "client changed: {}", ctx());
-            assert!(bs.contains(&odst), "destination {odst} is not a backend of {idst}: {}", ctx());
+            assert!(
+                bs.contains(&odst),
+                "destination {odst} is not a backend of {idst}: {}",
+                ctx()
+            );
             forwarded += 1;
         } else if let Some(v) = cfg.vip_of_backend(isrc, udp) {
             assert_eq!(osrc, v.addr, "reply not rewritten to the VIP: {}", ctx());
             assert_eq!(odst, idst, "reply destination changed: {}", ctx());
             reversed += 1;
         } else {
-            panic!("changed a packet neither for a VIP nor from a backend: {}", ctx());
+            panic!(
+                "changed a packet neither for a VIP nor from a backend: {}",
+                ctx()
+            );
         }
         if checksums_ok(&input).is_ok() {
             checksums_ok(&out).unwrap_or_else(|e| panic!("{e} broken by the rewrite: {}", ctx()));
         }
     }
     let after = gw.dp.maps.counters().unwrap();
-    let total: u64 = (0..VERDICT_COUNT as usize).map(|i| after[i] - before[i]).sum();
-    assert_eq!(total, PACKETS as u64, "verdict counters sum to the packets sent");
+    let total: u64 = (0..VERDICT_COUNT as usize)
+        .map(|i| after[i] - before[i])
+        .sum();
+    assert_eq!(
+        total, PACKETS as u64,
+        "verdict counters sum to the packets sent"
+    );
     println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched");
-    assert!(forwarded > 1000 && reversed > 1000 && unchanged > 1000, "the generator must exercise every path");
+    assert!(
+        forwarded > 1000 && reversed > 1000 && unchanged > 1000,
+        "the generator must exercise every path"
+    );
 }
 
 fn hex(b: &[u8]) -> String {

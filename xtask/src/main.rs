@@ -1,1 +1,168 @@
-fn main() {}
+//! `cargo xtask …`: set-up, tests, demo and benchmarks for lb.
+
+mod setup;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "lb's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (Debian packages, the pinned nightly, bpf-linker).
+    /// Idempotent: on a set-up machine it only checks, in seconds.
+    Setup,
+    /// Set up, then run every check and test (needs root: tests load BPF programs and create
+    /// network namespaces).
+    Test {
+        /// Skip formatting and clippy checks.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Formatting and clippy, for the host crates and the eBPF crate.
+    Lint,
+    /// The end-to-end demo (arrives with issue 4).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { no_lint, args } => {
+            setup::run()?;
+            if !no_lint {
+                lint()?;
+            }
+            test(&args)
+        }
+        Task::Lint => {
+            setup::run()?;
+            lint()
+        }
+        Task::Demo => bail!(
+            "the demo is not built yet (issue 4); `cargo xtask test` runs the data-plane tests"
+        ),
+    }
+}
+
+/// Runs a command, echoing it, failing on a non-zero exit.
+pub(crate) fn cmd(program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("+ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    cmd("cargo", &["fmt", "--all", "--", "--check"])?;
+    cmd(
+        "cargo",
+        &["clippy", "--all-targets", "--", "-D", "warnings"],
+    )?;
+    let tc = format!("+{}", setup::EBPF_TOOLCHAIN);
+    // The eBPF crate is checked for its own target with the nightly that builds it.
+    let mut c = Command::new("cargo");
+    c.args([
+        tc.as_str(),
+        "clippy",
+        "-p",
+        "lb-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .env("CARGO_TARGET_DIR", "target/ebpf-lint");
+    eprintln!("+ cargo {tc} clippy -p lb-ebpf --target bpfel-unknown-none");
+    if !c
+        .status()
+        .context("running cargo clippy for lb-ebpf")?
+        .success()
+    {
+        bail!("clippy found problems in lb-ebpf");
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if !setup::is_root() {
+        bail!("the tests load BPF programs and create network namespaces: run them as root");
+    }
+    let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    eprintln!("+ cargo {}", args.join(" "));
+    let mut child = Command::new("cargo")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up cargo's per-binary "test result:" lines into one total.
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .trim()
+                            .rsplit(' ')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count("passed");
+            failed += count("failed");
+            ignored += count("ignored");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}

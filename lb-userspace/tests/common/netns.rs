@@ -66,13 +66,20 @@ impl NetNs {
             .output()
             .expect("ip link show");
         let s = String::from_utf8_lossy(&out.stdout);
-        s.split(':').next().unwrap().trim().parse().expect("ifindex")
+        s.split(':')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("ifindex")
     }
 }
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 

@@ -68,8 +68,8 @@ impl Spec {
         let eth = PacketBuilder::ethernet2(self.smac, self.dmac);
         let ip = match (self.src.ip(), self.dst.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let mut h = Ipv4Header::new(0, self.ttl, IpNumber::TCP, s.octets(), d.octets())
-                    .unwrap();
+                let mut h =
+                    Ipv4Header::new(0, self.ttl, IpNumber::TCP, s.octets(), d.octets()).unwrap();
                 h.identification = 0x4c42;
                 h.dont_fragment = true;
                 h.options = Ipv4Options::try_from(&self.ipv4_options[..]).unwrap();
@@ -117,7 +117,9 @@ pub fn checksums_ok(frame: &[u8]) -> Result<(), String> {
                         .to_header()
                         .calc_checksum_ipv4_raw(src, dst, tcp.payload())
                         .unwrap();
-                    (want == tcp.checksum()).then_some(()).ok_or("TCP checksum".into())
+                    (want == tcp.checksum())
+                        .then_some(())
+                        .ok_or("TCP checksum".into())
                 }
                 Some(TransportSlice::Udp(udp)) => {
                     if udp.checksum() == 0 {
@@ -127,7 +129,9 @@ pub fn checksums_ok(frame: &[u8]) -> Result<(), String> {
                         .to_header()
                         .calc_checksum_ipv4_raw(src, dst, udp.payload())
                         .unwrap();
-                    (want == udp.checksum()).then_some(()).ok_or("UDP checksum".into())
+                    (want == udp.checksum())
+                        .then_some(())
+                        .ok_or("UDP checksum".into())
                 }
                 _ => Err("no TCP/UDP header".into()),
             }
@@ -140,14 +144,18 @@ pub fn checksums_ok(frame: &[u8]) -> Result<(), String> {
                         .to_header()
                         .calc_checksum_ipv6_raw(src, dst, tcp.payload())
                         .unwrap();
-                    (want == tcp.checksum()).then_some(()).ok_or("TCP checksum".into())
+                    (want == tcp.checksum())
+                        .then_some(())
+                        .ok_or("TCP checksum".into())
                 }
                 Some(TransportSlice::Udp(udp)) => {
                     let want = udp
                         .to_header()
                         .calc_checksum_ipv6_raw(src, dst, udp.payload())
                         .unwrap();
-                    (want == udp.checksum()).then_some(()).ok_or("UDP checksum".into())
+                    (want == udp.checksum())
+                        .then_some(())
+                        .ok_or("UDP checksum".into())
                 }
                 _ => Err("no TCP/UDP header".into()),
             }

@@ -55,8 +55,12 @@ impl Gateway {
     /// Builds the namespace, moves the calling thread into it and loads the program.
     pub fn new(tag: &str) -> Gateway {
         let ns = NetNs::new(tag);
-        ns.ip(&["link", "add", "fxa", "type", "veth", "peer", "name", "fxa-peer"]);
-        ns.ip(&["link", "add", "fxb", "type", "veth", "peer", "name", "fxb-peer"]);
+        ns.ip(&[
+            "link", "add", "fxa", "type", "veth", "peer", "name", "fxa-peer",
+        ]);
+        ns.ip(&[
+            "link", "add", "fxb", "type", "veth", "peer", "name", "fxb-peer",
+        ]);
         ns.ip(&["link", "set", "fxa", "address", "02:00:00:00:00:a0"]);
         ns.ip(&["link", "set", "fxb", "address", "02:00:00:00:00:b0"]);
         for l in ["fxa", "fxa-peer", "fxb", "fxb-peer"] {
@@ -69,12 +73,30 @@ impl Gateway {
         ] {
             ns.ip(&["addr", "add", addr, "dev", dev]);
         }
-        for (addr, dev) in [("fd00::1/64", "fxa"), ("fd01::1/64", "fxa"), ("fd02::1/64", "fxb")] {
+        for (addr, dev) in [
+            ("fd00::1/64", "fxa"),
+            ("fd01::1/64", "fxa"),
+            ("fd02::1/64", "fxb"),
+        ] {
             ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
         }
         for (addr, dev, mac) in NEIGHBOURS {
-            let mac = mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
-            ns.ip(&["neigh", "replace", addr, "lladdr", &mac, "dev", dev, "nud", "permanent"]);
+            let mac = mac
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            ns.ip(&[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
         }
         ns.ip(&["route", "add", "blackhole", "10.9.0.0/24"]);
         ns.enable_forwarding();
