@@ -50,6 +50,15 @@ pub enum AttachMode {
 impl Dataplane {
     /// Loads the program into the kernel (verifying it) and creates its maps.
     pub fn load(opts: LoadOptions) -> Result<Self> {
+        Self::load_with(opts, |_| Ok(()))
+    }
+
+    /// Like `load`, running `before_take` (e.g. to pin the maps) while the maps are still
+    /// owned by the `Ebpf` object.
+    pub fn load_with(
+        opts: LoadOptions,
+        before_take: impl FnOnce(&Ebpf) -> Result<()>,
+    ) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::TABLE, opts.table_capacity)
             .map_max_entries(names::CONNTRACK, opts.ct_capacity)
@@ -61,6 +70,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("loading lb_xdp into the kernel (verifier)")?;
+        before_take(&ebpf)?;
         let maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
         Ok(Dataplane { ebpf, maps })
     }

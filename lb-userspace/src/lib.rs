@@ -1,11 +1,13 @@
 //! lb userspace: builds selection tables, loads and attaches the XDP program and manages its
 //! maps. The `lb` binary (src/main.rs) is a thin command line over this library.
 
+pub mod config;
 pub mod dataplane;
 pub mod error;
 pub mod maglev;
 pub mod model;
 pub mod object;
+pub mod pin;
 pub mod state;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};

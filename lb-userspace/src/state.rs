@@ -57,6 +57,16 @@ pub struct Change {
     pub slots_written: u32,
 }
 
+/// (used, capacity) of each map, for `lb status`.
+#[derive(Clone, Copy, Debug)]
+pub struct Fill {
+    pub vips: (u64, u64),
+    pub backends: (u64, u64),
+    pub table_slots: (u64, u64),
+    pub conntrack: (u64, u64),
+    pub revnat: (u64, u64),
+}
+
 /// A conntrack entry.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
@@ -158,6 +168,49 @@ impl LbMaps {
         }
         let _ = info;
         Ok(())
+    }
+
+    /// Gives a VIP a table of another size, keeping its backends (and so its conntrack
+    /// entries): the new table is built in a free range, then the VIP entry is switched to it
+    /// in one map update. Returns the number of slots written.
+    pub fn resize_vip(&mut self, vip: &Vip, table_size: u32) -> Result<u32> {
+        check_table_size(table_size)?;
+        let info = self.vip(vip)?;
+        let backends = self.backends(vip)?;
+        let active = backends.iter().filter(|b| b.weight > 0).count() as u32;
+        if active > 0 && table_size / MIN_SLOTS_PER_BACKEND < active {
+            return Err(LbError::TableTooSmall {
+                size: table_size,
+                backends: active,
+                need: active * MIN_SLOTS_PER_BACKEND,
+            });
+        }
+        let existing = self.vips()?;
+        let table_off = free_range(
+            existing.iter().map(|(_, i)| (i.table_off, i.table_size)),
+            table_size,
+            self.table_capacity(),
+        )
+        .ok_or(LbError::TableCapacity {
+            size: table_size,
+            capacity: self.table_capacity(),
+        })?;
+        let table = maglev::build(&table_entries(vip, &backends), table_size);
+        for (i, slot) in table.iter().enumerate() {
+            let index = table_off + i as u32;
+            self.table
+                .set(index, slot.unwrap_or(NO_BACKEND), 0)
+                .ctx(|| format!("writing table slot {index}"))?;
+        }
+        let new = VipInfo {
+            table_off,
+            table_size,
+            ..info
+        };
+        self.vips
+            .insert(vip.endpoint(), new, 0)
+            .ctx(|| format!("switching VIP {vip} to its new table"))?;
+        Ok(table_size)
     }
 
     // ---- backends ----
@@ -343,15 +396,15 @@ impl LbMaps {
         }
 
         // ---- 2. the table: write only the slots that change ----
-        let entries: Vec<TableEntry<u32>> = ids
+        let states: Vec<BackendState> = ids
             .iter()
-            .map(|(addr, weight, id)| TableEntry {
-                identity: bytemuck::bytes_of(&crate::model::endpoint(*addr, vip.proto)).to_vec(),
+            .map(|(addr, weight, id)| BackendState {
+                id: *id,
+                addr: *addr,
                 weight: *weight,
-                value: *id,
             })
             .collect();
-        let table = maglev::build(&entries, info.table_size);
+        let table = maglev::build(&table_entries(vip, &states), info.table_size);
         for (i, slot) in table.iter().enumerate() {
             let index = info.table_off + i as u32;
             let value = slot.unwrap_or(NO_BACKEND);
@@ -455,6 +508,31 @@ impl LbMaps {
         )
     }
 
+    /// How full the maps are: (used, capacity) for each.
+    pub fn fill(&self) -> anyhow::Result<Fill> {
+        use aya::maps::IterableMap;
+        let cap = |m: &MapData| -> anyhow::Result<u64> { Ok(m.info()?.max_entries() as u64) };
+        let vips = self.vips()?;
+        let backends = self
+            .backend_array()?
+            .iter()
+            .filter(|b| b.is_valid())
+            .count() as u64;
+        Ok(Fill {
+            vips: (vips.len() as u64, cap(self.vips.map())?),
+            backends: (backends, MAX_BACKENDS as u64),
+            table_slots: (
+                vips.iter().map(|(_, i)| i.table_size as u64).sum(),
+                self.table_capacity() as u64,
+            ),
+            conntrack: (
+                self.conntrack.keys().count() as u64,
+                cap(self.conntrack.map())?,
+            ),
+            revnat: (self.revnat.keys().count() as u64, cap(self.revnat.map())?),
+        })
+    }
+
     // ---- counters ----
 
     /// Global counters summed over CPUs, indexed by `lb_common::Counter`.
@@ -507,6 +585,18 @@ impl LbMaps {
     pub fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
         self.conntrack.get(key, 0).ok()
     }
+}
+
+/// Table builder input for a VIP's backends: identity = the backend's endpoint bytes.
+fn table_entries(vip: &Vip, backends: &[BackendState]) -> Vec<TableEntry<u32>> {
+    backends
+        .iter()
+        .map(|b| TableEntry {
+            identity: bytemuck::bytes_of(&crate::model::endpoint(b.addr, vip.proto)).to_vec(),
+            weight: b.weight,
+            value: b.id,
+        })
+        .collect()
 }
 
 fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<TrafficStats> {

@@ -1,0 +1,184 @@
+//! The command line. Verbs follow ipvsadm and katranc: a VIP is `ADDRESS:PORT/PROTOCOL`,
+//! a backend `ADDRESS:PORT`, IPv6 in brackets.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lb::{model::parse_socket_addr, Vip};
+
+#[derive(Parser)]
+#[command(
+    name = "lb",
+    version,
+    about = "lb: an XDP layer-4 load balancer",
+    long_about = "lb: an XDP layer-4 load balancer.\n\nThe data plane and its state live in the kernel, pinned under a BPF filesystem \
+directory; every lb command works on that state and exits. Exit codes: 0 success, 1 runtime error \
+(state, kernel, system), 2 usage error (bad command line or configuration file).",
+    after_help = "Example:\n  lb attach eth0\n  lb vip add 10.100.0.100:80/tcp\n  lb backend add 10.100.0.100:80/tcp 10.200.0.11:8080 --weight 3\n  lb stats"
+)]
+pub struct Cli {
+    /// Pin directory on a BPF filesystem (several instances, e.g. one per network namespace,
+    /// use different directories).
+    #[arg(long, global = true, env = "LB_PIN_DIR", default_value = lb::pin::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the program (once), attach it to interfaces and pin everything; traffic keeps
+    /// flowing after lb exits.
+    #[command(after_help = "Example:\n  lb attach eth0 eth1\n  lb attach veth0 --mode generic")]
+    Attach {
+        /// Interfaces to attach to.
+        #[arg(required = true)]
+        ifaces: Vec<String>,
+        /// native: in the driver; generic: in the network stack (any interface, slower);
+        /// auto: native, falling back to generic where the driver refuses.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        #[command(flatten)]
+        sizes: Sizes,
+    },
+    /// Detach from interfaces (all of them if none is named); --purge also removes the
+    /// program and all state (VIPs, backends, conntrack, counters).
+    #[command(after_help = "Example:\n  lb detach eth1\n  lb detach --purge")]
+    Detach {
+        ifaces: Vec<String>,
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Where lb is attached, the program id and how full the maps are.
+    #[command(after_help = "Example:\n  lb status\n  lb status --json")]
+    Status,
+    /// Manage virtual services.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Manage the backends of a virtual service.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Counters: per VIP and per backend, and the global verdict counters.
+    #[command(after_help = "Example:\n  lb stats\n  lb stats --watch 2\n  lb stats --json")]
+    Stats {
+        /// Redraw every SECONDS with rates, until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
+        watch: Option<u64>,
+    },
+    /// Connection-tracking entries (flow → backend), optionally of one VIP.
+    #[command(after_help = "Example:\n  lb flows\n  lb flows 10.100.0.100:80/tcp --json")]
+    Flows { vip: Option<Vip> },
+    /// A VIP's selection table: each backend's share of the slots against its weight.
+    #[command(after_help = "Example:\n  lb table 10.100.0.100:80/tcp")]
+    Table { vip: Vip },
+    /// Make the kernel state equal to a configuration file, with the fewest changes.
+    #[command(
+        after_help = "Example:\n  lb apply -f /etc/lb/lb.toml\n  lb show-config > a.toml && lb apply -f a.toml   # changes nothing"
+    )]
+    Apply {
+        /// The configuration file (TOML; see `lb show-config` for the format).
+        #[arg(short, long)]
+        file: PathBuf,
+        #[command(flatten)]
+        sizes: Sizes,
+    },
+    /// Print the current state as a configuration file.
+    #[command(
+        name = "show-config",
+        after_help = "Example:\n  lb show-config > lb.toml"
+    )]
+    ShowConfig,
+}
+
+#[derive(Subcommand)]
+pub enum VipCommand {
+    /// Add a VIP (ADDRESS:PORT/PROTOCOL) with an empty selection table.
+    #[command(
+        after_help = "Example:\n  lb vip add 10.100.0.100:80/tcp\n  lb vip add [2001:db8::100]:443/tcp --table-size 4099"
+    )]
+    Add {
+        vip: Vip,
+        /// Slots in the selection table: a prime, at least 10 per backend.
+        #[arg(long, default_value_t = lb_common::DEFAULT_TABLE_SIZE)]
+        table_size: u32,
+        #[command(flatten)]
+        sizes: Sizes,
+    },
+    /// Remove a VIP and its backends.
+    #[command(after_help = "Example:\n  lb vip del 10.100.0.100:80/tcp")]
+    Del { vip: Vip },
+    /// List VIPs.
+    #[command(after_help = "Example:\n  lb vip list --json")]
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum BackendCommand {
+    /// Add a backend (ADDRESS:PORT) to a VIP.
+    #[command(
+        after_help = "Example:\n  lb backend add 10.100.0.100:80/tcp 10.200.0.11:8080 --weight 3"
+    )]
+    Add {
+        vip: Vip,
+        #[arg(value_parser = backend_addr)]
+        backend: SocketAddr,
+        /// Relative weight, 0..=65535 (0 drains: no new flows).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    /// Remove a backend; its flows move to other backends on their next packet.
+    #[command(after_help = "Example:\n  lb backend del 10.100.0.100:80/tcp 10.200.0.11:8080")]
+    Del {
+        vip: Vip,
+        #[arg(value_parser = backend_addr)]
+        backend: SocketAddr,
+    },
+    /// Change a backend's weight; --weight 0 drains it (established flows continue).
+    #[command(
+        after_help = "Example:\n  lb backend set 10.100.0.100:80/tcp 10.200.0.11:8080 --weight 0"
+    )]
+    Set {
+        vip: Vip,
+        #[arg(value_parser = backend_addr)]
+        backend: SocketAddr,
+        #[arg(long)]
+        weight: u32,
+    },
+    /// List backends, of one VIP or of all.
+    #[command(after_help = "Example:\n  lb backend list 10.100.0.100:80/tcp")]
+    List { vip: Option<Vip> },
+}
+
+/// Map sizes, used only when the program is first loaded.
+#[derive(clap::Args, Clone, Copy)]
+pub struct Sizes {
+    /// Slots of the table array shared by all VIPs (fixed when lb is first loaded).
+    #[arg(long, default_value_t = lb_common::DEFAULT_TABLE_CAPACITY)]
+    pub table_capacity: u32,
+    /// Entries of the connection-tracking table (fixed when lb is first loaded).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CT_CAPACITY)]
+    pub conntrack_size: u32,
+}
+
+impl Sizes {
+    pub fn load_options(&self) -> lb::LoadOptions {
+        lb::LoadOptions {
+            table_capacity: self.table_capacity,
+            ct_capacity: self.conntrack_size,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Mode {
+    Native,
+    Generic,
+    Auto,
+}
+
+fn backend_addr(s: &str) -> Result<SocketAddr, String> {
+    parse_socket_addr(s, "backend").map_err(|e| e.0)
+}

@@ -1,0 +1,37 @@
+//! apply, show-config.
+
+use std::path::Path;
+
+use anyhow::Context;
+use lb::{
+    config::{apply as apply_config, Config},
+    pin::PinDir,
+};
+
+use super::{args::Sizes, CmdResult, Failure};
+
+pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading {}", file.display()))
+        .map_err(|e| Failure::Usage(format!("{e:#}")))?;
+    // The whole file is validated before the kernel is touched.
+    let cfg = Config::parse(&file.display().to_string(), &text)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let mut maps = dir.maps_or_load(sizes.load_options())?;
+    let s = apply_config(&mut maps, &cfg)?;
+    if s.is_empty() {
+        println!("no changes");
+    } else {
+        println!(
+            "applied: {} VIPs added, {} removed, {} tables resized; {} backends added, {} removed, {} reweighted; {} table slots written",
+            s.vips_added, s.vips_removed, s.tables_resized, s.backends_added, s.backends_removed, s.backends_reweighted, s.slots_written
+        );
+    }
+    Ok(())
+}
+
+pub fn show(dir: &PinDir) -> CmdResult {
+    let maps = dir.maps()?;
+    print!("{}", Config::from_maps(&maps)?.to_toml());
+    Ok(())
+}

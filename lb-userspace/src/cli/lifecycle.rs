@@ -1,0 +1,170 @@
+//! attach, detach, status.
+
+use anyhow::Context;
+use lb::{
+    pin::{mode_name, PinDir},
+    AttachMode,
+};
+use serde::Serialize;
+
+use super::{
+    args::{Mode, Sizes},
+    print_json, table_fmt, CmdResult,
+};
+
+pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
+    let mode = match mode {
+        Mode::Native => AttachMode::Native,
+        Mode::Generic => AttachMode::Generic,
+        Mode::Auto => AttachMode::Auto,
+    };
+    // Check every interface first, so that a bad name changes nothing.
+    let attached = dir.attachments().unwrap_or_default();
+    for iface in ifaces {
+        let c = std::ffi::CString::new(iface.as_str())
+            .map_err(|_| anyhow::anyhow!("invalid interface name {iface:?}"))?;
+        // SAFETY: valid C string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            return Err(anyhow::anyhow!("interface {iface} does not exist").into());
+        }
+        if attached.iter().any(|a| &a.iface == iface) {
+            return Err(anyhow::anyhow!("lb is already attached to {iface}").into());
+        }
+    }
+    let mut done = Vec::new();
+    for iface in ifaces {
+        let used = dir.attach(iface, mode, sizes.load_options())?;
+        done.push(Attached {
+            iface: iface.clone(),
+            mode: mode_name(used),
+        });
+    }
+    if json {
+        print_json(&done);
+    } else {
+        for a in &done {
+            println!("attached to {} ({} mode)", a.iface, a.mode);
+        }
+    }
+    Ok(())
+}
+
+pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
+    let attached = dir.attachments()?;
+    for iface in ifaces {
+        if !attached.iter().any(|a| &a.iface == iface) {
+            return Err(anyhow::anyhow!("lb is not attached to {iface}").into());
+        }
+    }
+    let targets: Vec<String> = if ifaces.is_empty() {
+        attached.iter().map(|a| a.iface.clone()).collect()
+    } else {
+        ifaces.to_vec()
+    };
+    for iface in &targets {
+        dir.detach(iface)?;
+        println!("detached from {iface}");
+    }
+    if purge {
+        let path = dir.path().to_path_buf();
+        dir.purge().context("removing the pinned state")?;
+        println!("removed the program and all state from {}", path.display());
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Attached {
+    iface: String,
+    mode: &'static str,
+}
+
+#[derive(Serialize)]
+struct Fill {
+    map: &'static str,
+    used: u64,
+    capacity: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    pin_dir: String,
+    program_id: u32,
+    attached: Vec<Attached>,
+    maps: Vec<Fill>,
+}
+
+pub fn status(dir: &PinDir, json: bool) -> CmdResult {
+    let maps = dir.maps()?;
+    let f = maps.fill()?;
+    let s = Status {
+        pin_dir: dir.path().display().to_string(),
+        program_id: dir.program_id()?,
+        attached: dir
+            .attachments()?
+            .into_iter()
+            .map(|a| Attached {
+                iface: a.iface,
+                mode: mode_name(a.mode),
+            })
+            .collect(),
+        maps: vec![
+            Fill {
+                map: "vips",
+                used: f.vips.0,
+                capacity: f.vips.1,
+            },
+            Fill {
+                map: "backends",
+                used: f.backends.0,
+                capacity: f.backends.1,
+            },
+            Fill {
+                map: "table slots",
+                used: f.table_slots.0,
+                capacity: f.table_slots.1,
+            },
+            Fill {
+                map: "conntrack",
+                used: f.conntrack.0,
+                capacity: f.conntrack.1,
+            },
+            Fill {
+                map: "reverse nat",
+                used: f.revnat.0,
+                capacity: f.revnat.1,
+            },
+        ],
+    };
+    if json {
+        print_json(&s);
+        return Ok(());
+    }
+    println!("pin directory: {}", s.pin_dir);
+    println!("program id:    {}", s.program_id);
+    if s.attached.is_empty() {
+        println!("attached:      nowhere (loaded, not attached)");
+    } else {
+        let list: Vec<String> = s
+            .attached
+            .iter()
+            .map(|a| format!("{} ({})", a.iface, a.mode))
+            .collect();
+        println!("attached:      {}", list.join(", "));
+    }
+    println!();
+    let rows: Vec<Vec<String>> = s
+        .maps
+        .iter()
+        .map(|m| {
+            vec![
+                m.map.to_string(),
+                m.used.to_string(),
+                m.capacity.to_string(),
+                format!("{:.1}%", 100.0 * m.used as f64 / m.capacity.max(1) as f64),
+            ]
+        })
+        .collect();
+    table_fmt::print(&["MAP", "USED", "CAPACITY", "FILL"], &rows);
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! The `lb` command: parse, run one command against the pinned state, report.
+
+mod args;
+mod config_cmd;
+mod lifecycle;
+mod observe;
+mod services;
+mod table_fmt;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::{pin::PinDir, LbError};
+
+pub use args::Cli;
+use args::Command;
+
+/// A failed command: its message and whether it was the user's input (exit 2) or the world
+/// (exit 1).
+pub enum Failure {
+    Usage(String),
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        // Library errors about the input itself are usage errors.
+        if let Some(lb) = e.downcast_ref::<LbError>() {
+            if is_usage(lb) {
+                return Failure::Usage(lb.to_string());
+            }
+        }
+        if let Some(c) = e.downcast_ref::<lb::config::ConfigError>() {
+            return Failure::Usage(c.to_string());
+        }
+        Failure::Runtime(e)
+    }
+}
+
+impl From<LbError> for Failure {
+    fn from(e: LbError) -> Self {
+        Failure::from(anyhow::Error::new(e))
+    }
+}
+
+fn is_usage(e: &LbError) -> bool {
+    matches!(
+        e,
+        LbError::DuplicateBackend(_)
+            | LbError::FamilyMismatch { .. }
+            | LbError::WeightOutOfRange(_)
+            | LbError::TableSizeNotPrime(_)
+            | LbError::TableSizeOutOfRange { .. }
+            | LbError::TableTooSmall { .. }
+    )
+}
+
+pub type CmdResult = Result<(), Failure>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse(); // exits with 2 on a usage error
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("lb: error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("lb: error: {}", chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// "outer: inner: innermost", without repeating a cause that the outer message already says.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
+}
+
+fn run(cli: Cli) -> CmdResult {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "lb must run as root: it loads BPF programs and changes BPF maps"
+        )));
+    }
+    let dir = PinDir::open(&cli.pin_dir)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Attach {
+            ifaces,
+            mode,
+            sizes,
+        } => lifecycle::attach(&dir, &ifaces, mode, sizes, json),
+        Command::Detach { ifaces, purge } => lifecycle::detach(dir, &ifaces, purge),
+        Command::Status => lifecycle::status(&dir, json),
+        Command::Vip(c) => services::vip(&dir, c, json),
+        Command::Backend(c) => services::backend(&dir, c, json),
+        Command::Stats { watch } => observe::stats(&dir, watch, json),
+        Command::Flows { vip } => observe::flows(&dir, vip, json),
+        Command::Table { vip } => observe::table(&dir, &vip, json),
+        Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
+        Command::ShowConfig => config_cmd::show(&dir),
+    }
+}
+
+/// Prints a serializable value as JSON.
+pub fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}

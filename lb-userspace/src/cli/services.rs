@@ -1,0 +1,153 @@
+//! vip add/del/list, backend add/del/set/list.
+
+use lb::{pin::PinDir, Vip};
+use serde::Serialize;
+
+use super::{
+    args::{BackendCommand, VipCommand},
+    print_json, table_fmt, CmdResult,
+};
+
+#[derive(Serialize)]
+struct VipRow {
+    vip: String,
+    table_size: u32,
+    backends: usize,
+    active_backends: usize,
+}
+
+#[derive(Serialize)]
+struct BackendRow {
+    vip: String,
+    backend: String,
+    weight: u32,
+    id: u32,
+}
+
+pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
+    match cmd {
+        VipCommand::Add {
+            vip,
+            table_size,
+            sizes,
+        } => {
+            // Validate before loading anything, so bad input leaves no trace.
+            lb::state::check_table_size(table_size)?;
+            let mut maps = dir.maps_or_load(sizes.load_options())?;
+            maps.add_vip(&vip, table_size)?;
+            println!("added VIP {vip} (table of {table_size} slots)");
+        }
+        VipCommand::Del { vip } => {
+            let mut maps = dir.maps()?;
+            maps.del_vip(&vip)?;
+            println!("removed VIP {vip}");
+        }
+        VipCommand::List => {
+            let maps = dir.maps()?;
+            let mut rows = Vec::new();
+            for (vip, info) in maps.vips()? {
+                let b = maps.backends(&vip)?;
+                rows.push(VipRow {
+                    vip: vip.to_string(),
+                    table_size: info.table_size,
+                    backends: b.len(),
+                    active_backends: b.iter().filter(|b| b.weight > 0).count(),
+                });
+            }
+            if json {
+                print_json(&rows);
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.vip.clone(),
+                            r.table_size.to_string(),
+                            r.backends.to_string(),
+                            r.active_backends.to_string(),
+                        ]
+                    })
+                    .collect();
+                table_fmt::print(&["VIP", "TABLE", "BACKENDS", "ACTIVE"], &cells);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
+    let mut maps = dir.maps()?;
+    match cmd {
+        BackendCommand::Add {
+            vip,
+            backend,
+            weight,
+        } => {
+            let c = maps.add_backend(&vip, backend, weight)?;
+            println!(
+                "added backend {backend} (weight {weight}) to {vip}: {} table slots changed",
+                c.slots_written
+            );
+        }
+        BackendCommand::Del { vip, backend } => {
+            let c = maps.del_backend(&vip, backend)?;
+            println!(
+                "removed backend {backend} from {vip}: {} table slots changed",
+                c.slots_written
+            );
+        }
+        BackendCommand::Set {
+            vip,
+            backend,
+            weight,
+        } => {
+            let c = maps.set_weight(&vip, backend, weight)?;
+            let what = if weight == 0 {
+                " (drained: no new flows)".to_string()
+            } else {
+                String::new()
+            };
+            println!(
+                "backend {backend} of {vip}: weight {weight}{what}; {} table slots changed",
+                c.slots_written
+            );
+        }
+        BackendCommand::List { vip } => {
+            let vips: Vec<Vip> = match vip {
+                Some(v) => {
+                    maps.vip(&v)?;
+                    vec![v]
+                }
+                None => maps.vips()?.into_iter().map(|(v, _)| v).collect(),
+            };
+            let mut rows = Vec::new();
+            for v in vips {
+                for b in maps.backends(&v)? {
+                    rows.push(BackendRow {
+                        vip: v.to_string(),
+                        backend: b.addr.to_string(),
+                        weight: b.weight,
+                        id: b.id,
+                    });
+                }
+            }
+            if json {
+                print_json(&rows);
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.vip.clone(),
+                            r.backend.clone(),
+                            r.weight.to_string(),
+                            r.id.to_string(),
+                        ]
+                    })
+                    .collect();
+                table_fmt::print(&["VIP", "BACKEND", "WEIGHT", "ID"], &cells);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! The declarative configuration (`lb.toml`): parse and validate it completely before touching
+//! the kernel, apply it with the fewest changes, and print the kernel state in the same format.
+//!
+//! ```toml
+//! [[vip]]
+//! address = "10.100.0.100:80/tcp"
+//! table_size = 65537            # optional, a prime; default 65537
+//!
+//! [[vip.backend]]
+//! address = "10.200.0.11:8080"
+//! weight = 3                    # optional, default 1; 0 drains
+//! ```
+
+use std::{collections::HashMap, fmt::Write as _, net::SocketAddr};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{
+    error::{LbError, MAX_WEIGHT, MIN_SLOTS_PER_BACKEND},
+    model::{parse_socket_addr, Vip},
+    state::{check_table_size, LbMaps},
+};
+use lb_common::{DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
+
+/// A validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipConfig {
+    pub vip: Vip,
+    pub table_size: u32,
+    pub backends: Vec<(SocketAddr, u32)>,
+}
+
+/// A configuration error, with the 1-based line it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: Spanned<String>,
+    table_size: Option<Spanned<u32>>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+}
+
+impl Config {
+    /// Parses and validates `text` (named `file` in errors).
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let err = |offset: usize, message: String| ConfigError {
+            file: file.to_string(),
+            line: line_of(offset),
+            message,
+        };
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            err(offset, e.message().to_string())
+        })?;
+        let mut vips: Vec<VipConfig> = Vec::new();
+        // backend endpoint (address, protocol) → the VIP that has it, across the whole file
+        let mut owner: HashMap<(SocketAddr, crate::Proto), Vip> = HashMap::new();
+        let mut total_backends = 0usize;
+        for rv in raw.vip {
+            let vip: Vip = rv
+                .address
+                .get_ref()
+                .parse()
+                .map_err(|e: crate::model::ParseError| err(rv.address.span().start, e.0))?;
+            if vips.iter().any(|v| v.vip == vip) {
+                return Err(err(
+                    rv.address.span().start,
+                    format!("VIP {vip} is listed twice"),
+                ));
+            }
+            let table_size = match &rv.table_size {
+                Some(s) => {
+                    check_table_size(*s.get_ref())
+                        .map_err(|e| err(s.span().start, e.to_string()))?;
+                    *s.get_ref()
+                }
+                None => DEFAULT_TABLE_SIZE,
+            };
+            let mut backends: Vec<(SocketAddr, u32)> = Vec::new();
+            for rb in &rv.backend {
+                let at = rb.address.span().start;
+                let addr =
+                    parse_socket_addr(rb.address.get_ref(), "backend").map_err(|e| err(at, e.0))?;
+                if addr.is_ipv4() != vip.addr.is_ipv4() {
+                    return Err(err(
+                        at,
+                        LbError::FamilyMismatch { vip, backend: addr }.to_string(),
+                    ));
+                }
+                if backends.iter().any(|(a, _)| *a == addr) {
+                    return Err(err(
+                        at,
+                        format!("backend {addr} of VIP {vip} is listed twice"),
+                    ));
+                }
+                if let Some(other) = owner.get(&(addr, vip.proto)) {
+                    return Err(err(
+                        at,
+                        LbError::BackendServesOtherVip {
+                            backend: addr,
+                            other: other.to_string(),
+                        }
+                        .to_string(),
+                    ));
+                }
+                let weight = match &rb.weight {
+                    Some(w) if *w.get_ref() > MAX_WEIGHT => {
+                        return Err(err(
+                            w.span().start,
+                            LbError::WeightOutOfRange(*w.get_ref()).to_string(),
+                        ))
+                    }
+                    Some(w) => *w.get_ref(),
+                    None => 1,
+                };
+                owner.insert((addr, vip.proto), vip);
+                backends.push((addr, weight));
+            }
+            let active = backends.iter().filter(|(_, w)| *w > 0).count() as u32;
+            if active > 0 && table_size / MIN_SLOTS_PER_BACKEND < active {
+                let at = rv
+                    .table_size
+                    .as_ref()
+                    .map_or(rv.address.span().start, |s| s.span().start);
+                return Err(err(
+                    at,
+                    LbError::TableTooSmall {
+                        size: table_size,
+                        backends: active,
+                        need: active * MIN_SLOTS_PER_BACKEND,
+                    }
+                    .to_string(),
+                ));
+            }
+            total_backends += backends.len();
+            vips.push(VipConfig {
+                vip,
+                table_size,
+                backends,
+            });
+        }
+        if vips.len() > MAX_VIPS as usize {
+            return Err(err(text.len(), LbError::TooManyVips(MAX_VIPS).to_string()));
+        }
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(err(
+                text.len(),
+                format!("too many backends: {total_backends} (the maximum is {MAX_BACKENDS})"),
+            ));
+        }
+        Ok(Config { vips })
+    }
+
+    /// The current kernel state as a configuration.
+    pub fn from_maps(maps: &LbMaps) -> Result<Config, LbError> {
+        let mut vips = Vec::new();
+        for (vip, info) in maps.vips()? {
+            let backends = maps
+                .backends(&vip)?
+                .iter()
+                .map(|b| (b.addr, b.weight))
+                .collect();
+            vips.push(VipConfig {
+                vip,
+                table_size: info.table_size,
+                backends,
+            });
+        }
+        Ok(Config { vips })
+    }
+
+    /// The configuration as TOML, in the format `parse` reads (sorted, so the output of the
+    /// same state is always the same text).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# lb configuration (lb show-config)\n");
+        let mut vips = self.vips.clone();
+        vips.sort_by_key(|v| v.vip);
+        for v in vips {
+            let _ = write!(
+                out,
+                "\n[[vip]]\naddress = \"{}\"\ntable_size = {}\n",
+                v.vip, v.table_size
+            );
+            let mut backends = v.backends.clone();
+            backends.sort();
+            for (addr, weight) in backends {
+                let _ = write!(
+                    out,
+                    "\n[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n"
+                );
+            }
+        }
+        out
+    }
+}
+
+/// What `apply` changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub vips_added: u32,
+    pub vips_removed: u32,
+    pub tables_resized: u32,
+    pub backends_added: u32,
+    pub backends_removed: u32,
+    pub backends_reweighted: u32,
+    pub slots_written: u32,
+}
+
+impl ApplySummary {
+    pub fn is_empty(&self) -> bool {
+        *self == ApplySummary::default()
+    }
+}
+
+/// Makes the kernel state equal to `cfg` with the fewest map changes. The configuration was
+/// validated as a whole by `Config::parse`, so the steps below do not fail on bad input.
+pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
+    let mut s = ApplySummary::default();
+    let current = maps.vips()?;
+    let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);
+    // 1. VIPs that go away.
+    for (vip, _) in &current {
+        if wanted(vip).is_none() {
+            s.backends_removed += maps.backends(vip)?.len() as u32;
+            maps.del_vip(vip)?;
+            s.vips_removed += 1;
+        }
+    }
+    // 2. Backends that leave a VIP that stays (before any other VIP may take them).
+    for (vip, _) in &current {
+        if let Some(w) = wanted(vip) {
+            let keep: Vec<(SocketAddr, u32)> = maps
+                .backends(vip)?
+                .iter()
+                .filter_map(|b| w.backends.iter().find(|(a, _)| *a == b.addr).copied())
+                .collect();
+            let c = maps.set_backends(vip, &keep)?;
+            s.backends_removed += c.removed;
+            s.slots_written += c.slots_written;
+            s.backends_reweighted += c.reweighted;
+        }
+    }
+    // 3. New VIPs, new table sizes, and the full backend sets.
+    for v in &cfg.vips {
+        match current.iter().find(|(vip, _)| *vip == v.vip) {
+            None => {
+                maps.add_vip(&v.vip, v.table_size)?;
+                s.vips_added += 1;
+            }
+            Some((_, info)) if info.table_size != v.table_size => {
+                s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
+                s.tables_resized += 1;
+            }
+            Some(_) => {}
+        }
+        let c = maps.set_backends(&v.vip, &v.backends)?;
+        s.backends_added += c.added;
+        s.backends_removed += c.removed;
+        s.backends_reweighted += c.reweighted;
+        s.slots_written += c.slots_written;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[vip]]
+address = "10.100.0.100:80/tcp"
+table_size = 251
+
+[[vip.backend]]
+address = "10.200.0.11:8080"
+weight = 3
+
+[[vip.backend]]
+address = "10.200.0.12:8080"
+
+[[vip]]
+address = "[2001:db8::100]:53/udp"
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = Config::parse("lb.toml", GOOD).unwrap();
+        assert_eq!(c.vips.len(), 2);
+        assert_eq!(c.vips[0].table_size, 251);
+        assert_eq!(
+            c.vips[0].backends,
+            vec![
+                ("10.200.0.11:8080".parse().unwrap(), 3),
+                ("10.200.0.12:8080".parse().unwrap(), 1)
+            ]
+        );
+        assert_eq!(c.vips[1].table_size, DEFAULT_TABLE_SIZE);
+        // Round trip through the printer.
+        let again = Config::parse("x", &c.to_toml()).unwrap();
+        let mut sorted = c.clone();
+        sorted.vips.sort_by_key(|v| v.vip);
+        assert_eq!(again, sorted);
+    }
+
+    fn error_of(text: &str) -> ConfigError {
+        Config::parse("lb.toml", text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("[[vip]]\naddress = \"10.0.0.1:80/sctp\"\n", 2, "unknown protocol"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ntable_size = 100\n", 3, "not a prime"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2\"\n", 4, "invalid backend address"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"[::1]:80\"\n", 4, "different address families"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\nweight = 70000\n", 5, "weight 70000"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n\n[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n", 5, "listed twice"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ncolour = 1\n", 3, "unknown field"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ntable_size = 7\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 3, "too small"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n[[vip]]\naddress = \"10.0.0.9:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 8, "already serves"),
+            ("[[vip]\n", 1, ""),
+        ];
+        for (text, line, needle) in cases {
+            let e = error_of(text);
+            assert_eq!(e.line, *line, "{text:?}: {e}");
+            assert!(e.message.contains(needle), "{text:?}: {e}");
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The pin directory: where `lb` keeps the program, its links and its maps on a BPF filesystem,
+//! so that the data plane and its state outlive every `lb` process.
+//!
+//! ```text
+//! /sys/fs/bpf/lb/            (0700; flock'ed by every lb command: concurrent runs serialize)
+//!   prog_lb_xdp              the loaded program
+//!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic)
+//!   LB_VIPS_V1 …             the maps (names from lb_common::names)
+//! ```
+
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    os::{fd::AsRawFd, unix::fs::DirBuilderExt},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Map, MapData},
+    programs::{links::FdLink, Xdp, XdpMode},
+};
+use aya_obj::programs::XdpAttachType;
+use lb_common::names;
+
+use crate::{
+    dataplane::{AttachMode, Dataplane, LoadOptions},
+    state::LbMaps,
+};
+
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Environment variable that overrides the default pin directory.
+pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
+const PROG_PIN: &str = "prog_lb_xdp";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const ALL_MAPS: [&str; 8] = [
+    names::VIPS,
+    names::BACKENDS,
+    names::TABLE,
+    names::CONNTRACK,
+    names::REVNAT,
+    names::STATS,
+    names::VIP_STATS,
+    names::BACKEND_STATS,
+];
+
+/// An attachment of the program to an interface, as recorded by its link pin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub iface: String,
+    pub mode: AttachMode,
+}
+
+/// An open (and locked) pin directory.
+pub struct PinDir {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl PinDir {
+    /// Opens the directory, creating it (mode 0700) and mounting bpffs at /sys/fs/bpf if needed,
+    /// and takes an exclusive lock that serializes concurrent `lb` commands.
+    pub fn open(path: &Path) -> Result<PinDir> {
+        ensure_bpffs(path)?;
+        if !path.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .with_context(|| format!("creating pin directory {}", path.display()))?;
+        }
+        let lock = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: plain syscall on a valid fd.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            bail!(
+                "locking {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(PinDir {
+            path: path.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a program and its maps are pinned here.
+    pub fn is_loaded(&self) -> bool {
+        self.path.join(PROG_PIN).exists() && self.path.join(names::VIPS).exists()
+    }
+
+    /// The pinned maps; an error that says what to do if there are none.
+    pub fn maps(&self) -> Result<LbMaps> {
+        if !self.is_loaded() {
+            bail!(
+                "lb is not loaded: nothing pinned in {} (run `lb attach IFACE`, `lb vip add` or `lb apply` first, or set --pin-dir / {PIN_DIR_ENV})",
+                self.path.display()
+            );
+        }
+        LbMaps::from_maps(|name| {
+            let data = MapData::from_pin(self.path.join(name)).ok()?;
+            Map::from_map_data(data).ok()
+        })
+        .with_context(|| format!("opening the maps pinned in {}", self.path.display()))
+    }
+
+    /// The pinned maps, loading the program and pinning it and its maps first if nothing is
+    /// pinned yet (the program is not attached anywhere until `attach`).
+    pub fn maps_or_load(&self, opts: LoadOptions) -> Result<LbMaps> {
+        if !self.is_loaded() {
+            self.load(opts)?;
+        }
+        self.maps()
+    }
+
+    fn load(&self, opts: LoadOptions) -> Result<()> {
+        let mut dp = Dataplane::load_with(opts, |ebpf| {
+            for name in ALL_MAPS {
+                let map = ebpf
+                    .map(name)
+                    .ok_or_else(|| anyhow!("map {name} missing from the object"))?;
+                map.pin(self.path.join(name))
+                    .with_context(|| format!("pinning map {name}"))?;
+            }
+            Ok(())
+        })?;
+        dp.program()
+            .pin(self.path.join(PROG_PIN))
+            .context("pinning the program")?;
+        Ok(())
+    }
+
+    /// Attaches the pinned program (loading it first if needed) to `iface` and pins the link.
+    pub fn attach(&self, iface: &str, mode: AttachMode, opts: LoadOptions) -> Result<AttachMode> {
+        let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name {iface:?}"))?;
+        // SAFETY: valid C string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            bail!("interface {iface} does not exist");
+        }
+        if let Some(a) = self.attachments()?.into_iter().find(|a| a.iface == iface) {
+            bail!(
+                "lb is already attached to {iface} ({} mode)",
+                mode_name(a.mode)
+            );
+        }
+        if !self.is_loaded() {
+            self.load(opts)?;
+        }
+        let mut prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+            .context("opening the pinned program")?;
+        let try_attach = |prog: &mut Xdp, m: XdpMode| prog.attach(iface, m);
+        let (id, used) = match mode {
+            AttachMode::Native => (try_attach(&mut prog, XdpMode::Driver), AttachMode::Native),
+            AttachMode::Generic => (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic),
+            AttachMode::Auto => match try_attach(&mut prog, XdpMode::Driver) {
+                Ok(id) => (Ok(id), AttachMode::Native),
+                Err(e) => {
+                    eprintln!("lb: {iface}: native XDP refused ({e}); falling back to generic mode, which is slower");
+                    (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic)
+                }
+            },
+        };
+        let id = id.map_err(|e| {
+            anyhow!(
+                "attaching to {iface} in {} mode: {e} (does the interface already have an XDP program?)",
+                mode_name(used)
+            )
+        })?;
+        let link = prog.take_link(id).context("taking the XDP link")?;
+        let fd_link = FdLink::try_from(link).context("the kernel gave no BPF link to pin")?;
+        fd_link
+            .pin(self.path.join(format!("link_{iface}_{}", mode_name(used))))
+            .context("pinning the XDP link")?;
+        Ok(used)
+    }
+
+    /// Detaches from `iface` by removing its link pin (the kernel then drops the link).
+    pub fn detach(&self, iface: &str) -> Result<()> {
+        let a = self
+            .attachments()?
+            .into_iter()
+            .find(|a| a.iface == iface)
+            .ok_or_else(|| anyhow!("lb is not attached to {iface}"))?;
+        let pin = self
+            .path
+            .join(format!("link_{iface}_{}", mode_name(a.mode)));
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))
+    }
+
+    /// Where the program is attached, from the link pins.
+    pub fn attachments(&self) -> Result<Vec<Attachment>> {
+        let mut out = Vec::new();
+        for entry in
+            fs::read_dir(&self.path).with_context(|| format!("reading {}", self.path.display()))?
+        {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("link_") else {
+                continue;
+            };
+            let Some((iface, mode)) = rest.rsplit_once('_') else {
+                continue;
+            };
+            let mode = match mode {
+                "native" => AttachMode::Native,
+                "generic" => AttachMode::Generic,
+                _ => continue,
+            };
+            out.push(Attachment {
+                iface: iface.to_string(),
+                mode,
+            });
+        }
+        out.sort_by(|a, b| a.iface.cmp(&b.iface));
+        Ok(out)
+    }
+
+    /// The kernel id of the pinned program.
+    pub fn program_id(&self) -> Result<u32> {
+        let prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+            .context("opening the pinned program")?;
+        Ok(prog.info().context("program info")?.id())
+    }
+
+    /// Detaches everywhere and removes the program, the maps and the directory: all state.
+    pub fn purge(self) -> Result<()> {
+        for a in self.attachments()? {
+            self.detach(&a.iface)?;
+        }
+        for name in ALL_MAPS.iter().copied().chain([PROG_PIN]) {
+            let p = self.path.join(name);
+            if p.exists() {
+                fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+        fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
+    }
+}
+
+pub fn mode_name(m: AttachMode) -> &'static str {
+    match m {
+        AttachMode::Native => "native",
+        AttachMode::Generic => "generic",
+        AttachMode::Auto => "auto",
+    }
+}
+
+/// Makes sure `path` is (or will be created) on a BPF filesystem, mounting bpffs at
+/// /sys/fs/bpf when that is where it belongs and nothing is mounted there.
+fn ensure_bpffs(path: &Path) -> Result<()> {
+    let mut existing = path;
+    while !existing.exists() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| anyhow!("{} has no existing parent", path.display()))?;
+    }
+    if fs_type(existing)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    let bpf_root = Path::new("/sys/fs/bpf");
+    if path.starts_with(bpf_root) && bpf_root.exists() && fs_type(bpf_root)? != BPF_FS_MAGIC {
+        let src = CString::new("bpf").unwrap();
+        let dst = CString::new("/sys/fs/bpf").unwrap();
+        // SAFETY: valid C strings; mounting bpffs has no other preconditions.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "no BPF filesystem at /sys/fs/bpf and mounting one failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        eprintln!("lb: mounted a BPF filesystem at /sys/fs/bpf");
+        return Ok(());
+    }
+    bail!(
+        "{} is not on a BPF filesystem: choose a pin directory under /sys/fs/bpf, or mount one (mount -t bpf bpf DIR)",
+        path.display()
+    )
+}
+
+fn fs_type(path: &Path) -> Result<i64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).context("path with NUL")?;
+    // SAFETY: statfs writes into the zeroed struct we pass.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        bail!(
+            "statfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(st.f_type as i64)
+}

@@ -1,0 +1,576 @@
+//! The real `lb` binary against a real attached program on veths in a namespace the test
+//! creates: every command, every bad-input case (with the state checked unchanged), the
+//! show-config/apply round trip, state seen from a second process, bpftool's view.
+
+mod common;
+
+use std::{
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::Xdp;
+use aya_obj::programs::XdpAttachType;
+use common::{
+    netns::NetNs,
+    packets::{Spec, Tcp},
+    testrun::{run, XDP_PASS},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace with a veth pair and a private pin directory; purged on drop.
+struct Lb {
+    ns: NetNs,
+    pin: String,
+}
+
+impl Lb {
+    fn new(tag: &str) -> Lb {
+        let ns = NetNs::new(tag);
+        ns.ip(&[
+            "link", "add", "lbc0", "type", "veth", "peer", "name", "lbc1",
+        ]);
+        ns.ip(&["link", "set", "lbc0", "up"]);
+        ns.ip(&["link", "set", "lbc1", "up"]);
+        let pin = format!(
+            "/sys/fs/bpf/lbt-{}-{}-{tag}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        Lb { ns, pin }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns.name))
+            .arg(env!("CARGO_BIN_EXE_lb"))
+            .args(args)
+            .env("LB_PIN_DIR", &self.pin);
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running lb")
+    }
+
+    /// Runs lb, expecting success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "lb {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("valid JSON")
+    }
+
+    /// Runs lb, expecting exit `code` and one error line containing `needle`, with the state
+    /// unchanged.
+    fn fails(&self, args: &[&str], code: i32, needle: &str) {
+        let before = self.state();
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(code),
+            "lb {args:?}: exit code; stderr: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "lb {args:?}: {err:?} does not mention {needle:?}"
+        );
+        assert_eq!(self.state(), before, "lb {args:?} changed the state");
+    }
+
+    /// Everything observable: configuration, attachments, map fill levels.
+    fn state(&self) -> String {
+        let cfg = self.run(&["show-config"]);
+        let st = self.run(&["status", "--json"]);
+        format!(
+            "{}{}{}",
+            String::from_utf8_lossy(&cfg.stdout),
+            String::from_utf8_lossy(&st.stdout),
+            std::path::Path::new(&self.pin).exists()
+        )
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.run(&["detach", "--purge"]);
+        let _ = std::fs::remove_dir_all(&self.pin);
+    }
+}
+
+const VIP: &str = "10.100.0.100:80/tcp";
+
+#[test]
+fn attach_status_detach() {
+    let lb = Lb::new("attach");
+    let out = lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+    assert!(out.contains("attached to lbc0 (generic mode)"), "{out}");
+    lb.ok(&["attach", "lbc1", "--mode", "native"]);
+    // No lb process is running now; the state is pinned.
+    let st = lb.json(&["status"]);
+    let attached = st["attached"].as_array().unwrap();
+    assert_eq!(attached.len(), 2);
+    assert_eq!(attached[0]["iface"], "lbc0");
+    assert_eq!(attached[0]["mode"], "generic");
+    assert_eq!(attached[1]["mode"], "native");
+    assert!(st["program_id"].as_u64().unwrap() > 0);
+    // The kernel agrees: the interfaces carry an XDP program.
+    let link = Command::new("ip")
+        .args(["-n", &lb.ns.name, "link", "show", "lbc0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("xdpgeneric"));
+    // Pinned objects are root's only.
+    let meta = std::fs::metadata(&lb.pin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        meta.permissions().mode() & 0o077,
+        0,
+        "pin directory is private"
+    );
+
+    lb.fails(&["attach", "lbc0"], 1, "already attached to lbc0");
+    lb.fails(
+        &["attach", "nosuch0"],
+        1,
+        "interface nosuch0 does not exist",
+    );
+    lb.fails(&["detach", "nosuch0"], 1, "not attached to nosuch0");
+
+    lb.ok(&["detach", "lbc1"]);
+    let st = lb.json(&["status"]);
+    assert_eq!(st["attached"].as_array().unwrap().len(), 1);
+    let link = Command::new("ip")
+        .args(["-n", &lb.ns.name, "link", "show", "lbc1"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"));
+    lb.ok(&["detach", "--purge"]);
+    assert!(!std::path::Path::new(&lb.pin).exists());
+    lb.fails(&["vip", "list"], 1, "lb is not loaded");
+}
+
+#[test]
+fn vips_backends_and_bad_input() {
+    let lb = Lb::new("services");
+    lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+    lb.ok(&["vip", "add", VIP, "--table-size", "4099"]);
+    lb.ok(&[
+        "vip",
+        "add",
+        "[2001:db8::100]:53/udp",
+        "--table-size",
+        "251",
+    ]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.11:8080", "--weight", "3"]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.12:8080"]);
+    lb.ok(&[
+        "backend",
+        "add",
+        "[2001:db8::100]:53/udp",
+        "[2001:db8::11]:5353",
+    ]);
+
+    // Listings, read by a new process each time.
+    let vips = lb.json(&["vip", "list"]);
+    assert_eq!(vips.as_array().unwrap().len(), 2);
+    assert_eq!(vips[0]["vip"], VIP);
+    assert_eq!(vips[0]["table_size"], 4099);
+    assert_eq!(vips[0]["backends"], 2);
+    let bs = lb.json(&["backend", "list", VIP]);
+    assert_eq!(bs[0]["backend"], "10.200.0.11:8080");
+    assert_eq!(bs[0]["weight"], 3);
+    let table = lb.json(&["table", VIP]);
+    let share = table["backends"][0]["slot_share_percent"].as_f64().unwrap();
+    assert!((share - 75.0).abs() < 0.1, "share {share}");
+    assert_eq!(table["empty_slots"], 0);
+
+    // Drain, and the table follows.
+    lb.ok(&["backend", "set", VIP, "10.200.0.11:8080", "--weight", "0"]);
+    let table = lb.json(&["table", VIP]);
+    assert_eq!(table["backends"][0]["slots"], 0);
+    assert_eq!(table["backends"][1]["slots"], 4099);
+    lb.ok(&["backend", "set", VIP, "10.200.0.11:8080", "--weight", "3"]);
+
+    // Bad input: one clear error, the right exit code, nothing changed.
+    lb.fails(
+        &["vip", "add", "10.100.0.300:80/tcp"],
+        2,
+        "invalid VIP address",
+    );
+    lb.fails(&["vip", "add", "10.100.0.1:80/icmp"], 2, "unknown protocol");
+    lb.fails(&["vip", "add", "10.100.0.1:0/tcp"], 2, "port 0");
+    lb.fails(
+        &["vip", "add", "10.100.0.1:70000/tcp"],
+        2,
+        "invalid VIP address",
+    );
+    lb.fails(
+        &["vip", "add", "10.100.0.1:80/tcp", "--table-size", "4096"],
+        2,
+        "not a prime",
+    );
+    lb.fails(
+        &["vip", "add", "10.100.0.1:80/tcp", "--table-size", "3"],
+        2,
+        "out of range",
+    );
+    lb.fails(&["vip", "add", VIP], 1, "already exists");
+    lb.fails(&["vip", "del", "10.100.0.9:80/tcp"], 1, "does not exist");
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.11:8080"],
+        1,
+        "already exists",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.13"],
+        2,
+        "invalid backend address",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.13:80", "--weight", "70000"],
+        2,
+        "weight 70000",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.13:80", "--weight", "-1"],
+        2,
+        "",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "[2001:db8::13]:80"],
+        2,
+        "different address families",
+    );
+    lb.fails(
+        &["backend", "add", "10.100.0.9:80/tcp", "10.200.0.13:80"],
+        1,
+        "does not exist",
+    );
+    lb.fails(
+        &["backend", "del", VIP, "10.200.0.99:80"],
+        1,
+        "does not exist",
+    );
+    lb.fails(
+        &["backend", "set", VIP, "10.200.0.99:80", "--weight", "1"],
+        1,
+        "does not exist",
+    );
+    lb.fails(
+        &[
+            "backend",
+            "add",
+            "[2001:db8::100]:53/udp",
+            "[2001:db8::11]:5353",
+        ],
+        1,
+        "already exists",
+    );
+    lb.ok(&["vip", "add", "10.100.0.101:80/tcp", "--table-size", "251"]);
+    lb.fails(
+        &["backend", "add", "10.100.0.101:80/tcp", "10.200.0.11:8080"],
+        1,
+        "already serves VIP 10.100.0.100:80/tcp",
+    );
+    for i in 0..25 {
+        lb.ok(&[
+            "backend",
+            "add",
+            "10.100.0.101:80/tcp",
+            &format!("10.201.0.{i}:80"),
+        ]);
+    }
+    lb.fails(
+        &["backend", "add", "10.100.0.101:80/tcp", "10.201.0.99:80"],
+        2,
+        "too small for 26 backends",
+    );
+    lb.fails(&["vip", "add"], 2, "required");
+    lb.fails(&["frobnicate"], 2, "unrecognized subcommand");
+
+    // Not root.
+    let o = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_lb"),
+            "vip",
+            "list",
+        ])
+        .env("LB_PIN_DIR", &lb.pin)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("must run as root"));
+
+    // No BPF filesystem under the pin directory.
+    let o = lb
+        .cmd(&["vip", "list"])
+        .env("LB_PIN_DIR", "/tmp/lb-not-bpffs")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not on a BPF filesystem"));
+
+    lb.ok(&["backend", "del", VIP, "10.200.0.12:8080"]);
+    assert_eq!(
+        lb.json(&["backend", "list", VIP]).as_array().unwrap().len(),
+        1
+    );
+    lb.ok(&["vip", "del", "[2001:db8::100]:53/udp"]);
+    assert_eq!(lb.json(&["vip", "list"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn capacity_is_enforced() {
+    let lb = Lb::new("capacity");
+    lb.ok(&[
+        "attach",
+        "lbc0",
+        "--mode",
+        "generic",
+        "--table-capacity",
+        "600",
+        "--conntrack-size",
+        "1024",
+    ]);
+    lb.ok(&["vip", "add", "10.100.0.1:80/tcp", "--table-size", "251"]);
+    lb.ok(&["vip", "add", "10.100.0.2:80/tcp", "--table-size", "251"]);
+    lb.fails(
+        &["vip", "add", "10.100.0.3:80/tcp", "--table-size", "251"],
+        1,
+        "no room for a table of 251 slots",
+    );
+    let st = lb.json(&["status"]);
+    assert_eq!(st["maps"][2]["capacity"], 600);
+    assert_eq!(st["maps"][3]["capacity"], 1024);
+}
+
+#[test]
+fn apply_show_config_round_trip() {
+    let lb = Lb::new("config");
+    let dir = std::env::temp_dir().join(format!("lbt-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lb.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[vip]]
+address = "10.100.0.100:80/tcp"
+table_size = 4099
+
+[[vip.backend]]
+address = "10.200.0.11:8080"
+weight = 1
+
+[[vip.backend]]
+address = "10.200.0.12:8080"
+weight = 2
+
+[[vip]]
+address = "[2001:db8::100]:443/tcp"
+table_size = 251
+
+[[vip.backend]]
+address = "[2001:db8::11]:8443"
+"#,
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let out = lb.ok(&["apply", "-f", f]);
+    assert!(out.contains("2 VIPs added"), "{out}");
+    // Round trip: what show-config prints, applied, changes nothing.
+    let shown = lb.ok(&["show-config"]);
+    let again = dir.join("again.toml");
+    std::fs::write(&again, &shown).unwrap();
+    assert_eq!(
+        lb.ok(&["apply", "-f", again.to_str().unwrap()]).trim(),
+        "no changes"
+    );
+    assert_eq!(lb.ok(&["show-config"]), shown);
+
+    // A change: one backend goes, one weight changes, a VIP goes, a VIP comes, a table grows.
+    std::fs::write(
+        &file,
+        r#"
+[[vip]]
+address = "10.100.0.100:80/tcp"
+table_size = 8191
+
+[[vip.backend]]
+address = "10.200.0.12:8080"
+weight = 5
+
+[[vip]]
+address = "10.100.0.101:53/udp"
+table_size = 251
+
+[[vip.backend]]
+address = "10.200.0.11:53"
+"#,
+    )
+    .unwrap();
+    let out = lb.ok(&["apply", "-f", f]);
+    assert!(
+        out.contains("1 VIPs added, 1 removed, 1 tables resized"),
+        "{out}"
+    );
+    let vips = lb.json(&["vip", "list"]);
+    assert_eq!(vips.as_array().unwrap().len(), 2);
+    assert_eq!(vips[0]["table_size"], 8191);
+    let table = lb.json(&["table", "10.100.0.100:80/tcp"]);
+    assert_eq!(table["backends"][0]["slots"], 8191);
+
+    // Malformed and inconsistent files: the error names the line; nothing changes.
+    for (text, needle) in [
+        (
+            "[[vip]]\naddress = \"10.100.0.100:80/tcp\"\ntable_size = 1000\n",
+            "lb.toml:3: table size 1000 is not a prime",
+        ),
+        (
+            "[[vip]]\naddress = \"10.100.0.100:80/tcp\"\n[[vip.backend]]\naddress = \"nope\"\n",
+            "lb.toml:4: invalid backend address",
+        ),
+        (
+            "[[vip]]\naddress = \"10.1.0.1:80/tcp\"\n\n[[vip]]\naddress = \"10.1.0.1:80/tcp\"\n",
+            "lb.toml:5: VIP 10.1.0.1:80/tcp is listed twice",
+        ),
+        ("[[vip]\naddress = 1\n", "lb.toml:1:"),
+        (
+            "[[vip]]\nadress = \"10.1.0.1:80/tcp\"\n",
+            "lb.toml:2: unknown field",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        lb.fails(&["apply", "-f", f], 2, needle);
+    }
+    lb.fails(
+        &["apply", "-f", "/nonexistent/lb.toml"],
+        2,
+        "reading /nonexistent/lb.toml",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn traffic_shows_in_stats_and_flows_and_bpftool() {
+    let lb = Lb::new("observe");
+    lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+    lb.ok(&["vip", "add", VIP, "--table-size", "251"]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.11:8080"]);
+    // Run packets through the pinned program itself (the same one the link runs).
+    lb.ns.enter();
+    let mut prog =
+        Xdp::from_pin(format!("{}/prog_lb_xdp", lb.pin), XdpAttachType::Interface).unwrap();
+    let ifindex = lb.ns.ifindex("lbc0");
+    for port in 0..5u16 {
+        let spec = Spec::tcp(
+            [2, 0, 0, 0, 0, 1],
+            [2, 0, 0, 0, 0, 2],
+            format!("10.0.0.2:{}", 40000 + port).parse().unwrap(),
+            "10.100.0.100:80".parse().unwrap(),
+            Tcp::Syn,
+        );
+        // No route to the backend in this namespace: rewritten and passed to the kernel.
+        let (action, _) = run(&mut prog, ifindex, &spec.build());
+        assert_eq!(action, XDP_PASS);
+    }
+    let stats = lb.json(&["stats"]);
+    assert_eq!(stats["vips"][0]["packets"], 5);
+    assert_eq!(stats["vips"][0]["new_flows"], 5);
+    assert_eq!(stats["vips"][0]["backends"][0]["packets"], 5);
+    assert!(stats["packets_seen"].as_u64().unwrap() >= 5);
+    let text = lb.ok(&["stats"]);
+    assert!(text.contains("-> 10.200.0.11:8080"), "{text}");
+    let flows = lb.json(&["flows", VIP]);
+    assert_eq!(flows.as_array().unwrap().len(), 5);
+    assert_eq!(flows[0]["backend"], "10.200.0.11:8080");
+    assert_eq!(flows[0]["state"], "active");
+    assert!(lb.ok(&["flows"]).contains("10.0.0.2:40000"));
+    let st = lb.json(&["status"]);
+    assert_eq!(st["maps"][3]["used"], 5, "conntrack fill");
+
+    // bpftool prints the maps with their field names.
+    let dump = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("{}/LB_VIPS_V1", lb.pin),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    // With BTF, `bpftool -j` puts the decoded key and value under "formatted".
+    let entry = &v[0]["formatted"];
+    for field in ["addr_be", "port_be", "proto", "family"] {
+        assert!(
+            entry["key"].get(field).is_some(),
+            "key has no {field}: {entry}"
+        );
+    }
+    assert_eq!(
+        entry["key"]["port_be"],
+        u16::from_ne_bytes(80u16.to_be_bytes())
+    );
+    assert_eq!(entry["value"]["table_size"], 251);
+    let dump = Command::new("bpftool")
+        .args([
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            &format!("{}/LB_BACKENDS_V1", lb.pin),
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert_eq!(v[0]["formatted"]["value"]["weight"], 1);
+    assert_eq!(v[0]["formatted"]["value"]["flags"], 1);
+    drop(prog);
+}
+
+#[test]
+fn concurrent_commands_are_serialized() {
+    let lb = Lb::new("concurrent");
+    lb.ok(&["vip", "add", VIP, "--table-size", "4099"]);
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            lb.cmd(&["backend", "add", VIP, &format!("10.200.1.{i}:80")])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success());
+    }
+    let bs = lb.json(&["backend", "list", VIP]);
+    assert_eq!(
+        bs.as_array().unwrap().len(),
+        8,
+        "every concurrent add landed"
+    );
+    let table = lb.json(&["table", VIP]);
+    assert_eq!(table["empty_slots"], 0);
+}
