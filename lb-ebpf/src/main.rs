@@ -15,7 +15,7 @@ mod nat;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{hash::flow_hash, Backend, Counter, CtEntry, FlowKey, VipInfo, NO_BACKEND};
+use lb_common::{hash::flow_hash, Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, NO_BACKEND};
 
 use crate::{
     maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, TABLE, VIPS, VIP_STATS},
@@ -70,22 +70,52 @@ fn process(ctx: &XdpContext) -> Verdict {
     // SAFETY: as above.
     if let Some(rev) = unsafe { REVNAT.get(backend_key) } {
         let rev = *rev;
-        count(Counter::RevNat);
-        add_traffic(&VIP_STATS, rev.vip_id, pkt.frame_len, false, true);
-        add_traffic(&BACKEND_STATS, rev.backend_id, pkt.frame_len, false, true);
-        if !nat::rewrite(ctx, &pkt, Side::Src, &rev.vip.addr_be, rev.vip.port_be) {
-            return Verdict::pass(Counter::PassMalformedL4);
+        if is_reply(&pkt, &rev) {
+            return reverse(ctx, &pkt, &rev);
         }
-        return fib::forward(
-            ctx,
-            &pkt,
-            &rev.vip.addr_be,
-            &pkt.dst,
-            rev.vip.port_be,
-            pkt.dport,
-        );
     }
     Verdict::pass(Counter::PassNotVip)
+}
+
+/// Whether a packet from a backend's service endpoint answers a flow that lb forwarded to that
+/// backend: conntrack holds the client → VIP flow, pinned to this backend. Anything else from
+/// the backend — e.g. a client that talks to the backend's address directly through the
+/// gateway — is not lb's to rewrite.
+#[inline(always)]
+fn is_reply(pkt: &Packet, rev: &RevNat) -> bool {
+    let flow = FlowKey {
+        src_be: pkt.dst,
+        dst_be: rev.vip.addr_be,
+        sport_be: pkt.dport,
+        dport_be: rev.vip.port_be,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { CONNTRACK.get(flow) } {
+        Some(ct) => ct.backend_id == rev.backend_id,
+        None => false,
+    }
+}
+
+/// Backend → client: rewrite the source back to the VIP, forward.
+#[inline(always)]
+fn reverse(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> Verdict {
+    count(Counter::RevNat);
+    add_traffic(&VIP_STATS, rev.vip_id, pkt.frame_len, false, true);
+    add_traffic(&BACKEND_STATS, rev.backend_id, pkt.frame_len, false, true);
+    if !nat::rewrite(ctx, pkt, Side::Src, &rev.vip.addr_be, rev.vip.port_be) {
+        return Verdict::pass(Counter::PassMalformedL4);
+    }
+    fib::forward(
+        ctx,
+        pkt,
+        &rev.vip.addr_be,
+        &pkt.dst,
+        rev.vip.port_be,
+        pkt.dport,
+    )
 }
 
 /// Client → VIP: find the flow's backend, rewrite the destination to it, forward.

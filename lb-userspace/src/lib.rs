@@ -9,6 +9,7 @@ pub mod model;
 pub mod object;
 pub mod pin;
 pub mod state;
+pub mod testbed;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};
 pub use error::LbError;

@@ -376,6 +376,12 @@ fn fixture_table() {
         reason: Counter::Tx,
     });
     t.unchanged(
+        "from the backend's service port to a client port lb never forwarded (direct traffic to the backend) → untouched",
+        Spec::tcp(mac_of(rb), GW_MAC_A, rb, client(45_000), Tcp::SynAck).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.unchanged(
         "backend traffic from another port is not a reply → passes untouched",
         Spec::tcp(mac_of(rb), GW_MAC_A, sa("10.1.0.11:22"), rc, Tcp::Ack).build(),
         XDP_PASS,

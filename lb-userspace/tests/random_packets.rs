@@ -75,11 +75,26 @@ fn random_addr(rng: &mut StdRng, v6: bool, cfg: &Config) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-fn random_packet(rng: &mut StdRng, cfg: &Config) -> Vec<u8> {
+/// Forwarded flows seen so far (client, backend, is UDP), for generating their replies.
+type Seen = Vec<(SocketAddr, SocketAddr, bool)>;
+
+fn random_packet(rng: &mut StdRng, cfg: &Config, seen: &Seen) -> Vec<u8> {
     let v6 = rng.random_bool(0.4);
-    let src = random_addr(rng, v6, cfg);
-    let dst = random_addr(rng, v6, cfg);
-    let mut spec = if rng.random_bool(0.6) {
+    let mut src = random_addr(rng, v6, cfg);
+    let mut dst = random_addr(rng, v6, cfg);
+    let mut force_udp = None;
+    if !seen.is_empty() && rng.random_bool(0.15) {
+        // A reply to a flow lb forwarded.
+        let (client, backend, udp) = seen[rng.random_range(0..seen.len())];
+        src = backend;
+        dst = client;
+        force_udp = Some(udp);
+    }
+    let tcp = match force_udp {
+        Some(udp) => !udp,
+        None => rng.random_bool(0.6),
+    };
+    let mut spec = if tcp {
         let flags = [Tcp::Syn, Tcp::Ack, Tcp::SynAck, Tcp::Fin][rng.random_range(0..4)];
         Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, flags)
     } else {
@@ -273,8 +288,9 @@ fn random_and_mutated_packets() {
     let before = gw.dp.maps.counters().unwrap();
     let ifindex = gw.ifindex_a;
     let (mut forwarded, mut reversed, mut unchanged) = (0, 0, 0);
+    let mut seen: Seen = Vec::new();
     for n in 0..PACKETS {
-        let input = random_packet(&mut rng, &cfg);
+        let input = random_packet(&mut rng, &cfg, &seen);
         let (action, out) = run(gw.dp.program(), ifindex, &input);
         let ctx = || format!("packet {n} (seed {seed}): {}", hex(&input));
         assert!(
@@ -316,6 +332,9 @@ fn random_and_mutated_packets() {
                 ctx()
             );
             forwarded += 1;
+            if seen.len() < 4096 {
+                seen.push((isrc, odst, udp));
+            }
         } else if let Some(v) = cfg.vip_of_backend(isrc, udp) {
             assert_eq!(osrc, v.addr, "reply not rewritten to the VIP: {}", ctx());
             assert_eq!(odst, idst, "reply destination changed: {}", ctx());

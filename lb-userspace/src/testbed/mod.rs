@@ -1,0 +1,341 @@
+//! A virtual network in namespaces — a client, a gateway running the real `lb` binary on all
+//! its NICs, and N backends running real servers — for the demo and the end-to-end tests.
+//!
+//! ```text
+//!  client ns            gateway ns (lb attached to g0, g1…gN)         backend ns i
+//!  eth0 10.0.0.2  ───── g0 10.0.0.1                     g<i> 10.1.<i>.1 ───── eth0 10.1.<i>.2
+//!       fd00::2            fd00::1                          fd01:<i>::1          fd01:<i>::2
+//! ```
+//!
+//! Every name carries a per-run prefix, so runs never collide; everything is removed on drop
+//! (and `cleanup_prefix` removes the leftovers of a run that was killed). All addresses are
+//! inside the namespaces. Client and backend veths have TX checksum offload off: veth would
+//! otherwise hand the gateway packets with partial checksums, which a real NIC never does.
+
+mod netns;
+mod servers;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+pub use netns::{in_ns, NetNs};
+pub use servers::Servers;
+
+/// Ports the backends serve on.
+pub const HTTP_PORT: u16 = 8080;
+/// A persistent line protocol: each line in gets the backend's name back.
+pub const LINE_PORT: u16 = 9000;
+/// UDP: each datagram gets the backend's name back.
+pub const UDP_PORT: u16 = 5353;
+
+/// Socket timeouts: every client operation is bounded.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+static RUN: AtomicU32 = AtomicU32::new(0);
+
+pub struct Backend {
+    pub name: String,
+    pub ns: NetNs,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub client: NetNs,
+    pub gateway: NetNs,
+    pub backends: Vec<Backend>,
+    pub client_v4: IpAddr,
+    pub client_v6: IpAddr,
+    lb_bin: PathBuf,
+    pin_dir: String,
+    servers: Option<Servers>,
+}
+
+impl Testbed {
+    /// Builds the network with `n` backends (names `backend-1`…), starts their servers and
+    /// attaches lb to every gateway interface in `mode` (`native` or `generic`).
+    pub fn new(n: usize, mode: &str, lb_bin: &Path) -> Result<Testbed> {
+        assert!((1..=200).contains(&n));
+        let prefix = format!(
+            "lbe{}x{}",
+            std::process::id(),
+            RUN.fetch_add(1, Ordering::SeqCst)
+        );
+        let client = NetNs::new(&format!("{prefix}-client"))?;
+        let gateway = NetNs::new(&format!("{prefix}-gw"))?;
+        let mut tb = Testbed {
+            pin_dir: format!("/sys/fs/bpf/{prefix}"),
+            prefix: prefix.clone(),
+            client,
+            gateway,
+            backends: Vec::new(),
+            client_v4: "10.0.0.2".parse().unwrap(),
+            client_v6: "fd00::2".parse().unwrap(),
+            lb_bin: lb_bin.to_path_buf(),
+            servers: None,
+        };
+        let gw = &tb.gateway;
+        gw.sysctl(&[
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ])?;
+        link_pair(
+            gw,
+            "g0",
+            &tb.client,
+            "10.0.0.1/24",
+            "10.0.0.2/24",
+            "fd00::1/64",
+            "fd00::2/64",
+        )?;
+        tb.client
+            .ip(&["route", "add", "default", "via", "10.0.0.1"])?;
+        tb.client
+            .ip(&["-6", "route", "add", "default", "via", "fd00::1"])?;
+        for i in 1..=n {
+            let ns = NetNs::new(&format!("{prefix}-b{i}"))?;
+            link_pair(
+                &tb.gateway,
+                &format!("g{i}"),
+                &ns,
+                &format!("10.1.{i}.1/24"),
+                &format!("10.1.{i}.2/24"),
+                &format!("fd01:{i:x}::1/64"),
+                &format!("fd01:{i:x}::2/64"),
+            )?;
+            ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
+            ns.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd01:{i:x}::1"),
+            ])?;
+            tb.backends.push(Backend {
+                name: format!("backend-{i}"),
+                ns,
+                v4: format!("10.1.{i}.2").parse().unwrap(),
+                v6: format!("fd01:{i:x}::2").parse().unwrap(),
+            });
+        }
+        tb.servers = Some(Servers::start(&tb.backends)?);
+        let mut args = vec!["attach".to_string()];
+        args.extend((0..=n).map(|i| format!("g{i}")));
+        args.extend([
+            "--mode".into(),
+            mode.into(),
+            "--table-capacity".into(),
+            "262144".into(),
+            "--conntrack-size".into(),
+            "65536".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tb.lb(&args)?;
+        Ok(tb)
+    }
+
+    /// Runs the real `lb` binary in the gateway's namespace; returns stdout.
+    pub fn lb(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.gateway.name))
+            .arg(&self.lb_bin)
+            .args(args)
+            .env("LB_PIN_DIR", &self.pin_dir)
+            .output()
+            .context("running lb")?;
+        if !out.status.success() {
+            bail!(
+                "lb {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `lb … --json`, parsed.
+    pub fn lb_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.lb(&a)?).context("lb printed invalid JSON")
+    }
+
+    pub fn backend_by_name(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// One HTTP request from the client to `addr` on a new connection. Returns the name of the
+    /// backend that answered and the client's source port.
+    pub fn http_get(&self, addr: SocketAddr) -> Result<(String, u16)> {
+        in_ns(&self.client, move || {
+            let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            let port = s.local_addr()?.port();
+            write!(
+                s,
+                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)
+                .context("reading the response")?;
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(h, b)| (h, b.trim()))
+                .filter(|(h, _)| h.starts_with("HTTP/1.1 200"))
+                .map(|(_, b)| b.to_string())
+                .ok_or_else(|| anyhow::anyhow!("bad HTTP response {resp:?}"))?;
+            Ok((body, port))
+        })?
+    }
+
+    /// Opens a persistent connection from the client to `addr` (a LINE_PORT service).
+    pub fn open_line(&self, addr: SocketAddr) -> Result<LineConn> {
+        let stream = in_ns(&self.client, move || -> Result<TcpStream> {
+            let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Ok(s)
+        })??;
+        let mut c = LineConn {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            backend: String::new(),
+        };
+        c.backend = c.ping()?;
+        Ok(c)
+    }
+
+    /// Sends `count` datagrams from one client socket (one UDP flow) to `addr`; returns
+    /// (source address of the reply, backend name) for each.
+    pub fn udp_flow(&self, addr: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>> {
+        let client = if addr.is_ipv4() {
+            self.client_v4
+        } else {
+            self.client_v6
+        };
+        in_ns(
+            &self.client,
+            move || -> Result<Vec<(SocketAddr, String)>> {
+                let s = UdpSocket::bind(SocketAddr::new(client, 0))?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                let mut out = Vec::new();
+                let mut buf = [0u8; 256];
+                for i in 0..count {
+                    s.send_to(format!("ping {i}").as_bytes(), addr)?;
+                    let (n, from) = s
+                        .recv_from(&mut buf)
+                        .with_context(|| format!("no UDP reply from {addr}"))?;
+                    out.push((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()));
+                }
+                Ok(out)
+            },
+        )?
+    }
+
+    /// Whether `ping` from the client reaches `ip` (one packet, 2 s).
+    pub fn ping(&self, ip: IpAddr) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.client.name,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &ip.to_string(),
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Some(s) = self.servers.take() {
+            s.stop();
+        }
+        let _ = self.lb(&["detach", "--purge"]);
+        cleanup_prefix(&self.prefix);
+    }
+}
+
+/// Removes every namespace and pin directory whose name starts with `prefix` (after a run that
+/// was interrupted).
+pub fn cleanup_prefix(prefix: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(prefix) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let pin = format!("/sys/fs/bpf/{prefix}");
+    if Path::new(&pin).exists() {
+        let _ = std::fs::remove_dir_all(&pin);
+    }
+}
+
+/// A veth pair between `a` (named `a_name`) and `b` (named eth0), with addresses, up, and
+/// the endpoint's offloads set as described in the module docs.
+fn link_pair(
+    a: &NetNs,
+    a_name: &str,
+    b: &NetNs,
+    a_v4: &str,
+    b_v4: &str,
+    a_v6: &str,
+    b_v6: &str,
+) -> Result<()> {
+    a.ip(&[
+        "link", "add", a_name, "type", "veth", "peer", "name", "eth0", "netns", &b.name,
+    ])?;
+    a.ip(&["addr", "add", a_v4, "dev", a_name])?;
+    a.ip(&["-6", "addr", "add", a_v6, "dev", a_name, "nodad"])?;
+    b.ip(&["addr", "add", b_v4, "dev", "eth0"])?;
+    b.ip(&["-6", "addr", "add", b_v6, "dev", "eth0", "nodad"])?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["link", "set", "eth0", "up"])?;
+    // Full checksums on the wire; NAPI (GRO) on the endpoint so that frames the gateway sends
+    // with native XDP_TX/XDP_REDIRECT are delivered.
+    b.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
+    Ok(())
+}
+
+/// A persistent TCP connection to a LINE_PORT service.
+pub struct LineConn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The backend that answered the first ping.
+    pub backend: String,
+}
+
+impl LineConn {
+    /// Sends a line; returns the name of the backend that answered.
+    pub fn ping(&mut self) -> Result<String> {
+        self.stream.write_all(b"ping\n")?;
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line)?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_string())
+    }
+}

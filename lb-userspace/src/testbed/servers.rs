@@ -1,0 +1,152 @@
+//! Real servers on the backends: HTTP (answers with the backend's name), a persistent line
+//! protocol (each line in → the name back) and UDP echo (each datagram → the name back).
+//! Each backend's servers run on threads inside its namespace, listening on all addresses
+//! (IPv4 and IPv6), and stop when told to.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use super::{Backend, HTTP_PORT, LINE_PORT, UDP_PORT};
+
+const POLL: Duration = Duration::from_millis(20);
+
+pub struct Servers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Servers {
+    pub fn start(backends: &[Backend]) -> Result<Servers> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for b in backends {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+            let ns_name = b.ns.name.clone();
+            let name = b.name.clone();
+            let stop2 = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let ns = super::NetNs { name: ns_name };
+                let setup = (|| -> Result<(TcpListener, TcpListener, UdpSocket)> {
+                    ns.enter()?;
+                    let http = TcpListener::bind(("::", HTTP_PORT))?;
+                    let line = TcpListener::bind(("::", LINE_PORT))?;
+                    let udp = UdpSocket::bind(("::", UDP_PORT))?;
+                    http.set_nonblocking(true)?;
+                    line.set_nonblocking(true)?;
+                    udp.set_read_timeout(Some(POLL))?;
+                    Ok((http, line, udp))
+                })();
+                // The namespace handle must not delete the namespace when it goes.
+                std::mem::forget(ns);
+                let (http, line, udp) = match setup {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                serve(&name, http, line, udp, &stop2);
+            }));
+            ready_rx.recv()??;
+        }
+        Ok(Servers { stop, threads })
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(name: &str, http: TcpListener, line: TcpListener, udp: UdpSocket, stop: &Arc<AtomicBool>) {
+    std::thread::scope(|sc| {
+        sc.spawn(|| accept_loop(&http, stop, |s| handle_http(s, name)));
+        sc.spawn(|| accept_loop(&line, stop, |s| handle_line(s, name, stop)));
+        sc.spawn(|| {
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::SeqCst) {
+                // Blocks up to POLL, so the stop flag is seen.
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(name.as_bytes(), from);
+                }
+            }
+        });
+    });
+}
+
+/// Accepts until stopped, one thread per connection.
+fn accept_loop(l: &TcpListener, stop: &Arc<AtomicBool>, handle: impl Fn(TcpStream) + Sync) {
+    std::thread::scope(|sc| {
+        while !stop.load(Ordering::SeqCst) {
+            match l.accept() {
+                Ok((s, _)) => {
+                    sc.spawn(|| handle(s));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    });
+}
+
+fn handle_http(mut s: TcpStream, name: &str) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => req.extend_from_slice(&buf[..n]),
+        }
+        if req.len() > 16 * 1024 {
+            return;
+        }
+    }
+    let body = format!("{name}\n");
+    let _ = write!(
+        s,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+fn handle_line(s: TcpStream, name: &str, stop: &Arc<AtomicBool>) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let Ok(w) = s.try_clone() else { return };
+    let mut w = w;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writeln!(w, "{name}").is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
