@@ -218,14 +218,13 @@ impl LbMaps {
     /// The backends of a VIP, sorted by address.
     pub fn backends(&self, vip: &Vip) -> Result<Vec<BackendState>> {
         let info = self.vip(vip)?;
-        let all = self.backend_array()?;
-        let mut out: Vec<BackendState> = all
+        let mut out: Vec<BackendState> = self
+            .valid_backends()?
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.is_valid() && b.vip_id == info.vip_id)
+            .filter(|(_, b)| b.vip_id == info.vip_id)
             .filter_map(|(id, b)| {
                 Some(BackendState {
-                    id: id as u32,
+                    id: *id,
                     addr: socket_addr(b.family, b.addr_be, b.port_be)?,
                     weight: b.weight,
                 })
@@ -320,12 +319,11 @@ impl LbMaps {
                 need: active * MIN_SLOTS_PER_BACKEND,
             });
         }
-        let array = self.backend_array()?;
-        let current: Vec<(u32, Backend)> = array
+        let valid = self.valid_backends()?;
+        let current: Vec<(u32, Backend)> = valid
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.is_valid() && b.vip_id == info.vip_id)
-            .map(|(id, b)| (id as u32, *b))
+            .filter(|(_, b)| b.vip_id == info.vip_id)
+            .copied()
             .collect();
         let find_current = |addr: &SocketAddr| {
             current
@@ -337,15 +335,13 @@ impl LbMaps {
             .iter()
             .filter(|(a, _)| find_current(a).is_none())
             .collect();
-        let free: Vec<u32> = array
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| !b.is_valid())
-            .map(|(id, _)| id as u32)
+        let used: std::collections::HashSet<u32> = valid.iter().map(|(id, _)| *id).collect();
+        let free: Vec<u32> = (0..MAX_BACKENDS)
+            .filter(|id| !used.contains(id))
             .take(new.len())
             .collect();
         if free.len() < new.len() {
-            let total_free = array.iter().filter(|b| !b.is_valid()).count() as u32;
+            let total_free = MAX_BACKENDS - used.len() as u32;
             return Err(LbError::TooManyBackends {
                 need: new.len() as u32,
                 free: total_free,
@@ -377,7 +373,12 @@ impl LbMaps {
                 flags: BACKEND_F_VALID,
                 vip_id: info.vip_id,
                 weight: *weight,
-                generation: array[*id as usize].generation.wrapping_add(1),
+                generation: self
+                    .backends
+                    .get(id, 0)
+                    .ctx(|| format!("reading backend slot {id}"))?
+                    .generation
+                    .wrapping_add(1),
             };
             self.reset_stats_backend(*id)?;
             self.backends
@@ -460,12 +461,23 @@ impl LbMaps {
         }
     }
 
-    /// The whole backend array.
-    fn backend_array(&self) -> Result<Vec<Backend>> {
-        self.backends
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .ctx(|| "reading the backend array".into())
+    /// Every backend in use, with its id. Found through the reverse-NAT map, which has exactly
+    /// one entry per backend in use (written and removed together with the backend entry), so
+    /// this costs one lookup per backend rather than a scan of the whole array.
+    fn valid_backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let mut out = Vec::new();
+        for kv in self.revnat.iter() {
+            let (_, rev) = kv.ctx(|| "reading the reverse-NAT map".into())?;
+            let b = self
+                .backends
+                .get(&rev.backend_id, 0)
+                .ctx(|| format!("reading backend {}", rev.backend_id))?;
+            if b.is_valid() {
+                out.push((rev.backend_id, b));
+            }
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
     }
 
     /// A VIP's table: backend id per slot (`NO_BACKEND` for none).
@@ -513,11 +525,7 @@ impl LbMaps {
         use aya::maps::IterableMap;
         let cap = |m: &MapData| -> anyhow::Result<u64> { Ok(m.info()?.max_entries() as u64) };
         let vips = self.vips()?;
-        let backends = self
-            .backend_array()?
-            .iter()
-            .filter(|b| b.is_valid())
-            .count() as u64;
+        let backends = self.valid_backends()?.len() as u64;
         Ok(Fill {
             vips: (vips.len() as u64, cap(self.vips.map())?),
             backends: (backends, MAX_BACKENDS as u64),

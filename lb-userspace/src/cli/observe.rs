@@ -197,6 +197,7 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
         maps.vip(v)?;
     }
     let mut rows = Vec::new();
+    let mut backends_of: std::collections::HashMap<Vip, Vec<lb::BackendState>> = Default::default();
     for f in maps.flows()? {
         let Some(proto) = lb::Proto::from_number(f.key.proto) else {
             continue;
@@ -211,10 +212,10 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
         if vip.is_some_and(|v| v != flow_vip) {
             continue;
         }
-        let backend = maps
-            .backends(&flow_vip)
-            .ok()
-            .and_then(|bs| bs.into_iter().find(|b| b.id == f.entry.backend_id));
+        let bs = backends_of
+            .entry(flow_vip)
+            .or_insert_with(|| maps.backends(&flow_vip).unwrap_or_default());
+        let backend = bs.iter().find(|b| b.id == f.entry.backend_id).copied();
         rows.push(FlowRow {
             client: client.to_string(),
             vip: flow_vip.to_string(),

@@ -206,6 +206,7 @@ impl Testbed {
     pub fn open_line(&self, addr: SocketAddr) -> Result<LineConn> {
         let stream = in_ns(&self.client, move || -> Result<TcpStream> {
             let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+            s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
             Ok(s)

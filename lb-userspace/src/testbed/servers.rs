@@ -118,16 +118,18 @@ fn handle_http(mut s: TcpStream, name: &str) {
         }
     }
     let body = format!("{name}\n");
-    let _ = write!(
-        s,
+    let resp = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    let _ = s.set_nodelay(true);
+    let _ = s.write_all(resp.as_bytes());
 }
 
 fn handle_line(s: TcpStream, name: &str, stop: &Arc<AtomicBool>) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = s.set_nodelay(true);
     let Ok(w) = s.try_clone() else { return };
     let mut w = w;
     let mut r = BufReader::new(s);
@@ -137,7 +139,7 @@ fn handle_line(s: TcpStream, name: &str, stop: &Arc<AtomicBool>) {
         match r.read_line(&mut line) {
             Ok(0) => return,
             Ok(_) => {
-                if writeln!(w, "{name}").is_err() {
+                if w.write_all(format!("{name}\n").as_bytes()).is_err() {
                     return;
                 }
             }

@@ -1,0 +1,280 @@
+//! End to end: real kernel TCP/UDP stacks in namespaces, the real `lb` binary, real servers
+//! (lb::testbed). Every scenario runs with lb attached in native and in generic XDP mode.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use lb::testbed::{Testbed, HTTP_PORT, LINE_PORT, UDP_PORT};
+
+fn testbed(n: usize, mode: &str) -> Testbed {
+    Testbed::new(n, mode, Path::new(env!("CARGO_BIN_EXE_lb"))).expect("building the testbed")
+}
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+const VIP4: &str = "10.100.0.100";
+const VIP6: &str = "fd10::100";
+
+fn vip4(port: u16) -> SocketAddr {
+    sa(VIP4.parse().unwrap(), port)
+}
+
+fn vip6(port: u16) -> SocketAddr {
+    sa(VIP6.parse().unwrap(), port)
+}
+
+/// Backend address (as lb prints it) → backend name.
+fn names(tb: &Testbed, port: u16) -> HashMap<String, String> {
+    tb.backends
+        .iter()
+        .flat_map(|b| {
+            [
+                (sa(b.v4, port).to_string(), b.name.clone()),
+                (sa(b.v6, port).to_string(), b.name.clone()),
+            ]
+        })
+        .collect()
+}
+
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn native() {
+                super::$name("native");
+            }
+            #[test]
+            fn generic() {
+                super::$name("generic");
+            }
+        }
+    };
+}
+
+both_modes!(distribution_and_bystanders);
+both_modes!(established_connections_survive_changes);
+both_modes!(ipv6_end_to_end);
+
+/// Weighted shares of real HTTP connections; every answer from the VIP and from the backend lb
+/// chose; UDP flows stick; traffic not for a VIP is unaffected.
+fn distribution_and_bystanders(mode: &str) {
+    let tb = testbed(3, mode);
+    let vip = format!("{VIP4}:80/tcp");
+    tb.lb(&["vip", "add", &vip]).unwrap();
+    for (b, w) in tb.backends.iter().zip([1, 2, 3]) {
+        tb.lb(&[
+            "backend",
+            "add",
+            &vip,
+            &sa(b.v4, HTTP_PORT).to_string(),
+            "--weight",
+            &w.to_string(),
+        ])
+        .unwrap();
+    }
+    const N: usize = 600;
+    let mut by_port: HashMap<u16, String> = HashMap::new();
+    let mut failures = 0;
+    for _ in 0..N {
+        // A connection to the VIP completes only if the answers come from the VIP address.
+        match tb.http_get(vip4(80)) {
+            Ok((name, port)) => {
+                by_port.insert(port, name);
+            }
+            Err(_) => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0, "failed connections");
+    assert_eq!(by_port.len(), N, "client ports are distinct");
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for name in by_port.values() {
+        *count.entry(name.as_str()).or_default() += 1;
+    }
+    for (b, w) in tb.backends.iter().zip([1.0, 2.0, 3.0]) {
+        let share = *count.get(b.name.as_str()).unwrap_or(&0) as f64 / N as f64;
+        let want = w / 6.0;
+        println!(
+            "{mode}: {} served {:.1}% (weight share {:.1}%)",
+            b.name,
+            share * 100.0,
+            want * 100.0
+        );
+        // 5 points is more than 3 standard deviations of a share at N = 600.
+        assert!(
+            (share - want).abs() < 0.05,
+            "{}: share {share:.3}, expected {want:.3}",
+            b.name
+        );
+    }
+    // Each answer came from the backend lb chose for that connection (conntrack).
+    let flows = tb.lb_json(&["flows", &vip]).unwrap();
+    let names = names(&tb, HTTP_PORT);
+    let mut checked = 0;
+    for f in flows.as_array().unwrap() {
+        let client: SocketAddr = f["client"].as_str().unwrap().parse().unwrap();
+        if let Some(answered) = by_port.get(&client.port()) {
+            let chosen = &names[f["backend"].as_str().unwrap()];
+            assert_eq!(
+                answered,
+                chosen,
+                "connection from port {} answered by another backend",
+                client.port()
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, N, "every connection is in conntrack");
+    let stats = tb.lb_json(&["stats"]).unwrap();
+    assert_eq!(stats["vips"][0]["new_flows"], N as u64);
+    assert!(stats["vips"][0]["reply_packets"].as_u64().unwrap() >= 3 * N as u64);
+
+    // UDP: each flow sticks to one backend; replies come from the VIP.
+    let dns = format!("{VIP4}:53/udp");
+    tb.lb(&["vip", "add", &dns, "--table-size", "251"]).unwrap();
+    for b in &tb.backends {
+        tb.lb(&["backend", "add", &dns, &sa(b.v4, UDP_PORT).to_string()])
+            .unwrap();
+    }
+    let mut seen_backends = std::collections::HashSet::new();
+    for _ in 0..12 {
+        let replies = tb.udp_flow(vip4(53), 10).unwrap();
+        assert!(
+            replies.iter().all(|(from, _)| *from == vip4(53)),
+            "UDP reply not from the VIP: {replies:?}"
+        );
+        let first = &replies[0].1;
+        assert!(
+            replies.iter().all(|(_, n)| n == first),
+            "UDP flow moved: {replies:?}"
+        );
+        seen_backends.insert(first.clone());
+    }
+    assert!(seen_backends.len() >= 2, "12 UDP flows all on one backend");
+
+    // Bystanders: the client reaches a backend's own address directly (forwarded by the
+    // gateway's kernel, replies from the backend's address), and ping works.
+    let b = &tb.backends[0];
+    let (name, _) = tb.http_get(sa(b.v4, HTTP_PORT)).unwrap();
+    assert_eq!(name, b.name);
+    let replies = tb.udp_flow(sa(b.v4, UDP_PORT), 3).unwrap();
+    assert!(replies
+        .iter()
+        .all(|(from, n)| *from == sa(b.v4, UDP_PORT) && *n == b.name));
+    assert!(tb.ping(b.v4), "ping {} through the gateway", b.v4);
+    assert!(tb.ping(b.v6), "ping {} through the gateway", b.v6);
+    assert!(tb.ping("10.0.0.1".parse().unwrap()), "ping the gateway");
+}
+
+/// Long-lived connections through adding a backend, changing weights, draining and removing.
+fn established_connections_survive_changes(mode: &str) {
+    let tb = testbed(4, mode);
+    let vip = format!("{VIP4}:{LINE_PORT}/tcp");
+    let addr = |i: usize| sa(tb.backends[i].v4, LINE_PORT).to_string();
+    tb.lb(&["vip", "add", &vip, "--table-size", "4099"])
+        .unwrap();
+    for i in 0..3 {
+        tb.lb(&["backend", "add", &vip, &addr(i)]).unwrap();
+    }
+    let mut conns: Vec<_> = (0..24)
+        .map(|_| tb.open_line(vip4(LINE_PORT)).unwrap())
+        .collect();
+    let on = |conns: &Vec<lb::testbed::LineConn>, name: &str| {
+        conns.iter().filter(|c| c.backend == name).count()
+    };
+    assert!(
+        on(&conns, "backend-1") > 0 && on(&conns, "backend-2") > 0 && on(&conns, "backend-3") > 0
+    );
+    let all_alive = |conns: &mut Vec<lb::testbed::LineConn>, skip: Option<&str>, step: &str| {
+        for c in conns.iter_mut() {
+            if Some(c.backend.as_str()) == skip {
+                continue;
+            }
+            let answer = c
+                .ping()
+                .unwrap_or_else(|e| panic!("{step}: connection to {} broke: {e}", c.backend));
+            assert_eq!(answer, c.backend, "{step}: connection moved");
+        }
+    };
+    let new_spread = |count: usize| -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for _ in 0..count {
+            let c = tb.open_line(vip4(LINE_PORT)).unwrap();
+            *m.entry(c.backend.clone()).or_default() += 1;
+        }
+        m
+    };
+
+    tb.lb(&["backend", "add", &vip, &addr(3)]).unwrap();
+    all_alive(&mut conns, None, "after adding backend-4");
+    let spread = new_spread(40);
+    assert!(
+        spread.get("backend-4").copied().unwrap_or(0) > 0,
+        "new connections reach the new backend: {spread:?}"
+    );
+
+    tb.lb(&["backend", "set", &vip, &addr(0), "--weight", "5"])
+        .unwrap();
+    all_alive(&mut conns, None, "after changing a weight");
+
+    tb.lb(&["backend", "set", &vip, &addr(1), "--weight", "0"])
+        .unwrap();
+    all_alive(&mut conns, None, "after draining backend-2");
+    let spread = new_spread(60);
+    assert_eq!(
+        spread.get("backend-2"),
+        None,
+        "a drained backend got new connections: {spread:?}"
+    );
+
+    tb.lb(&["backend", "del", &vip, &addr(2)]).unwrap();
+    // Connections on the removed backend are re-balanced (and reset by their new backend);
+    // all the others keep working, including the drained backend's.
+    all_alive(&mut conns, Some("backend-3"), "after removing backend-3");
+    let spread = new_spread(60);
+    assert_eq!(spread.get("backend-2"), None, "{spread:?}");
+    assert_eq!(spread.get("backend-3"), None, "{spread:?}");
+    assert_eq!(
+        spread.values().sum::<usize>(),
+        60,
+        "zero failed new connections"
+    );
+}
+
+/// IPv6 VIP and backends, TCP and UDP.
+fn ipv6_end_to_end(mode: &str) {
+    let tb = testbed(2, mode);
+    let vip = format!("[{VIP6}]:80/tcp");
+    tb.lb(&["vip", "add", &vip, "--table-size", "251"]).unwrap();
+    for b in &tb.backends {
+        tb.lb(&["backend", "add", &vip, &sa(b.v6, HTTP_PORT).to_string()])
+            .unwrap();
+    }
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..100 {
+        let (name, _) = tb
+            .http_get(vip6(80))
+            .expect("IPv6 connection through the VIP");
+        *count.entry(name).or_default() += 1;
+    }
+    assert_eq!(count.len(), 2, "both IPv6 backends served: {count:?}");
+    let dns = format!("[{VIP6}]:53/udp");
+    tb.lb(&["vip", "add", &dns, "--table-size", "251"]).unwrap();
+    for b in &tb.backends {
+        tb.lb(&["backend", "add", &dns, &sa(b.v6, UDP_PORT).to_string()])
+            .unwrap();
+    }
+    let replies = tb.udp_flow(vip6(53), 10).unwrap();
+    assert!(
+        replies
+            .iter()
+            .all(|(from, n)| *from == vip6(53) && *n == replies[0].1),
+        "{replies:?}"
+    );
+    let (name, _) = tb.http_get(sa(tb.backends[1].v6, HTTP_PORT)).unwrap();
+    assert_eq!(name, "backend-2", "direct IPv6 traffic to a backend");
+}
