@@ -278,3 +278,27 @@ fn ipv6_end_to_end(mode: &str) {
     let (name, _) = tb.http_get(sa(tb.backends[1].v6, HTTP_PORT)).unwrap();
     assert_eq!(name, "backend-2", "direct IPv6 traffic to a backend");
 }
+
+/// The demo itself (fewer connections), so that `cargo xtask demo` keeps working.
+#[test]
+fn demo_runs_and_cleans_up() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb-demo"))
+        .args(["--lb", env!("CARGO_BIN_EXE_lb"), "--connections", "80"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("80 connections in") && text.contains(", 0 failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(drained: established connections continue)"),
+        "{text}"
+    );
+    assert!(text.contains("network torn down"), "{text}");
+}

@@ -34,8 +34,12 @@ enum Task {
     },
     /// Formatting and clippy, for the host crates and the eBPF crate.
     Lint,
-    /// The end-to-end demo (arrives with issue 4).
-    Demo,
+    /// Set up, build, and show lb balancing real connections through a virtual gateway
+    /// (network namespaces; needs root). Extra arguments go to lb-demo (try `-- --help`).
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -62,9 +66,27 @@ fn run(cli: Cli) -> Result<()> {
             setup::run()?;
             lint()
         }
-        Task::Demo => bail!(
-            "the demo is not built yet (issue 4); `cargo xtask test` runs the data-plane tests"
-        ),
+        Task::Demo { args } => {
+            setup::run()?;
+            if !setup::is_root() {
+                bail!("the demo creates network namespaces and loads BPF programs: run it as root");
+            }
+            eprintln!("building lb (release)…");
+            cmd(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-userspace",
+                    "--bins",
+                ],
+            )?;
+            let mut demo_args: Vec<&str> = vec!["--lb", "target/release/lb"];
+            demo_args.extend(args.iter().map(String::as_str));
+            cmd("target/release/lb-demo", &demo_args)
+        }
     }
 }
 

@@ -65,11 +65,7 @@ impl Testbed {
     /// attaches lb to every gateway interface in `mode` (`native` or `generic`).
     pub fn new(n: usize, mode: &str, lb_bin: &Path) -> Result<Testbed> {
         assert!((1..=200).contains(&n));
-        let prefix = format!(
-            "lbe{}x{}",
-            std::process::id(),
-            RUN.fetch_add(1, Ordering::SeqCst)
-        );
+        let prefix = format!("{}{}", run_prefix(), RUN.fetch_add(1, Ordering::SeqCst));
         let client = NetNs::new(&format!("{prefix}-client"))?;
         let gateway = NetNs::new(&format!("{prefix}-gw"))?;
         let mut tb = Testbed {
@@ -277,6 +273,11 @@ impl Drop for Testbed {
     }
 }
 
+/// The prefix of every name this process gives its testbeds.
+pub fn run_prefix() -> String {
+    format!("lbe{}x", std::process::id())
+}
+
 /// Removes every namespace and pin directory whose name starts with `prefix` (after a run that
 /// was interrupted).
 pub fn cleanup_prefix(prefix: &str) {
@@ -288,9 +289,12 @@ pub fn cleanup_prefix(prefix: &str) {
             }
         }
     }
-    let pin = format!("/sys/fs/bpf/{prefix}");
-    if Path::new(&pin).exists() {
-        let _ = std::fs::remove_dir_all(&pin);
+    if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 }
 
