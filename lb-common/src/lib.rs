@@ -10,6 +10,7 @@
 //! host.
 #![no_std]
 
+pub mod bench;
 pub mod csum;
 pub mod hash;
 pub mod maps;

@@ -5,3 +5,7 @@ pub static LB_XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 
 /// Name of the XDP program inside the object.
 pub const LB_XDP_PROGRAM: &str = "lb_xdp";
+
+/// ELF object of the benchmark helpers (`bench_wrap`, `bench_pass`).
+pub static LB_BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));

@@ -589,6 +589,19 @@ impl LbMaps {
         Ok(out)
     }
 
+    /// Inserts a conntrack entry (benchmarks use it to fill the table).
+    pub fn insert_flow(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .ctx(|| "inserting a conntrack entry".into())
+    }
+
+    /// Kernel id of the conntrack map (for `bpftool map show id`).
+    pub fn conntrack_map_id(&self) -> anyhow::Result<u32> {
+        use aya::maps::IterableMap;
+        Ok(self.conntrack.map().info()?.id())
+    }
+
     /// The backend id conntrack holds for a flow, if any.
     pub fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
         self.conntrack.get(key, 0).ok()

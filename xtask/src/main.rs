@@ -34,6 +34,14 @@ enum Task {
     },
     /// Formatting and clippy, for the host crates and the eBPF crate.
     Lint,
+    /// Set up (plus wrk, nftables, HAProxy), build, and measure lb; writes BENCHMARKS.md and
+    /// docs/bench-per-packet.svg. `--quick` for a smoke run; extra arguments go to lb-bench.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Set up, build, and show lb balancing real connections through a virtual gateway
     /// (network namespaces; needs root). Extra arguments go to lb-demo (try `-- --help`).
     Demo {
@@ -65,6 +73,31 @@ fn run(cli: Cli) -> Result<()> {
         Task::Lint => {
             setup::run()?;
             lint()
+        }
+        Task::Bench { quick, args } => {
+            setup::run()?;
+            setup::bench_packages()?;
+            if !setup::is_root() {
+                bail!("the benchmarks load BPF programs and create network namespaces: run them as root");
+            }
+            eprintln!("building lb (release)…");
+            cmd(
+                "cargo",
+                &[
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "lb-userspace",
+                    "--bins",
+                ],
+            )?;
+            let mut bench_args: Vec<&str> = vec!["--lb", "target/release/lb"];
+            if quick {
+                bench_args.push("--quick");
+            }
+            bench_args.extend(args.iter().map(String::as_str));
+            cmd("target/release/lb-bench", &bench_args)
         }
         Task::Demo { args } => {
             setup::run()?;

@@ -56,8 +56,19 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// What only `cargo xtask bench` needs: the load generator and the two comparison setups.
+const BENCH_PACKAGES: &[&str] = &["wrk", "nftables", "haproxy"];
+
+pub fn bench_packages() -> Result<()> {
+    install(BENCH_PACKAGES)
+}
+
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    install(PACKAGES)
+}
+
+fn install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -103,27 +103,38 @@ fn accept_loop(l: &TcpListener, stop: &Arc<AtomicBool>, handle: impl Fn(TcpStrea
     });
 }
 
+/// HTTP/1.1 with keep-alive: answers every request on the connection with the backend's
+/// name, until the client closes or asks `Connection: close`.
 fn handle_http(mut s: TcpStream, name: &str) {
     let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_secs(3)));
+    let _ = s.set_nodelay(true);
+    let body = format!("{name}\n");
     let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => req.extend_from_slice(&buf[..n]),
-        }
-        if req.len() > 16 * 1024 {
+    let mut buf = [0u8; 4096];
+    loop {
+        let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+            if req.len() > 64 * 1024 {
+                return;
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+        let close = head.contains("connection: close");
+        req.drain(..end + 4);
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        );
+        if s.write_all(resp.as_bytes()).is_err() || close {
             return;
         }
     }
-    let body = format!("{name}\n");
-    let resp = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.set_nodelay(true);
-    let _ = s.write_all(resp.as_bytes());
 }
 
 fn handle_line(s: TcpStream, name: &str, stop: &Arc<AtomicBool>) {

@@ -1,0 +1,85 @@
+//! Benchmark helpers (never attached to an interface):
+//! - `bench_wrap` restores the frame from `BENCH_FRAME` (and, if asked, gives it a new source
+//!   port), then tail-calls the program under test in `BENCH_PROGS[0]`. Its own cost is
+//!   measured by tail-calling `bench_pass` and subtracted.
+//! - `bench_pass`: the floor, a program that only returns XDP_PASS.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{Array, PerCpuArray, ProgramArray},
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use lb_common::bench::{BenchFrame, BENCH_MAX_FRAME};
+
+#[btf_map(name = "BENCH_FRAME")]
+static FRAME: Array<BenchFrame, 1> = Array::new();
+
+#[btf_map(name = "BENCH_SEQ")]
+static SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[btf_map(name = "BENCH_PROGS")]
+static PROGS: ProgramArray<1> = ProgramArray::new();
+
+#[inline(always)]
+fn data_end(ctx: &XdpContext) -> usize {
+    // SAFETY: ctx points at the kernel's xdp_md.
+    unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize }
+}
+
+#[xdp]
+pub fn bench_wrap(ctx: XdpContext) -> u32 {
+    let Some(f) = FRAME.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let len = f.len as usize;
+    let data = ctx.data();
+    let mut i = 0;
+    while i < BENCH_MAX_FRAME / 8 {
+        let off = i * 8;
+        if off >= len {
+            break;
+        }
+        if data + off + 8 > data_end(&ctx) {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: 8 bytes at data + off are within the packet, checked above.
+        unsafe { *((data + off) as *mut u64) = f.words[i] };
+        i += 1;
+    }
+    // Masked (not just compared) so that the verifier sees a bounded offset.
+    let at = f.vary_at as usize & (BENCH_MAX_FRAME - 1);
+    if at != 0 {
+        if let Some(seq) = SEQ.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot.
+            let s = unsafe {
+                *seq = (*seq).wrapping_add(1);
+                *seq
+            };
+            if data + at + 4 <= data_end(&ctx) {
+                // SAFETY: 4 bytes within the packet, checked above.
+                unsafe { *((data + at) as *mut [u8; 4]) = s.to_be_bytes() };
+            }
+        }
+    }
+    // SAFETY: tail call into the program under test; returns only if the slot is empty.
+    unsafe { PROGS.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[xdp]
+pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

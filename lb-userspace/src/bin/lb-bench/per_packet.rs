@@ -1,0 +1,221 @@
+//! Per-packet cost by path, and how it scales with VIPs, backends and conntrack fill.
+
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, ensure, Result};
+use etherparse::PacketBuilder;
+use lb::{model::flow_key, Vip};
+use lb_common::{CtEntry, FlowKey};
+
+use crate::rig::{dst_of, endpoints, Rig, Sample, CLIENT_MAC, GW_MAC};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+pub struct Settings {
+    pub repeat: u32,
+    pub rounds: usize,
+}
+
+/// One measured path.
+pub struct PathResult {
+    pub name: String,
+    pub sample: Sample,
+}
+
+/// A TCP frame padded to a multiple of 8 bytes.
+pub fn tcp_frame(src: SocketAddr, dst: SocketAddr, syn: bool) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC);
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!(),
+    };
+    let t = ip.tcp(src.port(), dst.port(), 1, 64240);
+    let t = if syn { t.syn() } else { t.ack(1) };
+    // Payload so that the frame is a multiple of 8 bytes.
+    let hdr = t.size(0);
+    let payload = vec![0x61u8; (8 - hdr % 8) % 8 + 8];
+    let mut out = Vec::new();
+    t.write(&mut out, &payload).unwrap();
+    out
+}
+
+/// Offset of the last 4 bytes of the source address (varied per run for new flows).
+fn vary_at(frame: &[u8]) -> u32 {
+    if frame[12] == 0x86 {
+        14 + 8 + 12
+    } else {
+        14 + 12
+    }
+}
+
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+pub const VIP4: &str = "10.100.0.100:80";
+pub const VIP6: &str = "[fd10::100]:80";
+
+/// Configures one v4 and one v6 VIP with `n` backends each (neighbour entries exist for
+/// 10.1.x.y and fd01::x).
+pub fn configure(rig: &mut Rig, n: usize, table: u32) -> Result<()> {
+    for (vip, v6) in [(VIP4, false), (VIP6, true)] {
+        let v = Vip::new(sa(vip), lb::Proto::Tcp);
+        rig.dp.maps.add_vip(&v, table)?;
+        let backends: Vec<(SocketAddr, u32)> = (0..n).map(|i| (backend_addr(i, v6), 1)).collect();
+        rig.dp.maps.set_backends(&v, &backends)?;
+    }
+    Ok(())
+}
+
+pub fn backend_addr(i: usize, v6: bool) -> SocketAddr {
+    if v6 {
+        SocketAddr::new(backend_ip(i, true), 8080)
+    } else {
+        SocketAddr::new(backend_ip(i, false), 8080)
+    }
+}
+
+pub fn backend_ip(i: usize, v6: bool) -> IpAddr {
+    if v6 {
+        format!("fd01::{:x}", i + 16).parse().unwrap()
+    } else {
+        format!("10.1.{}.{}", 1 + i / 250, 1 + i % 250)
+            .parse()
+            .unwrap()
+    }
+}
+
+fn expect_tx_to_backend(rig_vip: SocketAddr) -> impl Fn(u32, &[u8]) -> Result<()> {
+    move |a, out| {
+        ensure!(a == XDP_TX, "expected XDP_TX, got {a}");
+        let d = dst_of(out).ok_or_else(|| anyhow::anyhow!("output does not parse"))?;
+        ensure!(
+            d != rig_vip && d.port() == 8080,
+            "destination {d} is not a backend"
+        );
+        Ok(())
+    }
+}
+
+/// The paths of the issue: not for a VIP, new flow v4/v6, established v4/v6, reverse NAT,
+/// malformed; plus the floor. Adding a path is a few lines here.
+pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
+    let mut out = Vec::new();
+    let client4 = sa("10.0.0.2:40000");
+    let client6 = sa("[fd00::2]:40000");
+
+    // Not for a VIP: passes untouched.
+    let f = tcp_frame(client4, sa("10.1.1.1:8080"), true);
+    let input = f.clone();
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(
+            a == XDP_PASS && o == input,
+            "non-VIP packet must pass untouched"
+        );
+        Ok(())
+    };
+    out.push(PathResult {
+        name: "not for a VIP (pass)".into(),
+        sample: rig.measure_lb(&f, 0, s.repeat, s.rounds, &check)?,
+    });
+
+    // Malformed: TCP header cut short (IP total length 32), padded to 48 bytes.
+    let mut m = tcp_frame(client4, sa(VIP4), true);
+    m[16..18].copy_from_slice(&32u16.to_be_bytes());
+    m.truncate(48);
+    let input = m.clone();
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(
+            a == XDP_PASS && o == input,
+            "malformed packet must pass untouched"
+        );
+        Ok(())
+    };
+    out.push(PathResult {
+        name: "malformed (pass)".into(),
+        sample: rig.measure_lb(&m, 0, s.repeat, s.rounds, &check)?,
+    });
+
+    for (label, client, vip) in [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))] {
+        let syn = tcp_frame(client, vip, true);
+        let check = expect_tx_to_backend(vip);
+        out.push(PathResult {
+            name: format!("new flow {label} (TCP SYN, conntrack miss, table)"),
+            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
+        });
+    }
+    for (label, client, vip) in [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))] {
+        let ack = tcp_frame(client, vip, false);
+        let (a, first) = rig.run_once(&ack)?;
+        ensure!(a == XDP_TX, "establishing the {label} flow: got {a}");
+        let check = move |a: u32, o: &[u8]| -> Result<()> {
+            ensure!(
+                a == XDP_TX && o == first,
+                "established flow must go to the same backend, same bytes"
+            );
+            Ok(())
+        };
+        out.push(PathResult {
+            name: format!("established {label} (conntrack hit)"),
+            sample: rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?,
+        });
+    }
+    // Reverse NAT: the backend's reply to the established IPv4 flow.
+    let (_, fwd) = rig.run_once(&tcp_frame(client4, sa(VIP4), false))?;
+    let backend = dst_of(&fwd).unwrap();
+    let reply = tcp_frame(backend, client4, false);
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(a == XDP_TX, "reply: expected XDP_TX, got {a}");
+        let (src, _) = endpoints(o).ok_or_else(|| anyhow::anyhow!("reply does not parse"))?;
+        ensure!(src == sa(VIP4), "reply source {src} is not the VIP");
+        Ok(())
+    };
+    out.push(PathResult {
+        name: "reverse NAT IPv4 (reply to the VIP)".into(),
+        sample: rig.measure_lb(&reply, 0, s.repeat, s.rounds, &check)?,
+    });
+
+    let floor = rig.floor(&tcp_frame(client4, sa(VIP4), true), s.repeat, s.rounds)?;
+    Ok((floor, out))
+}
+
+/// Established and new-flow IPv4 cost under a given configuration.
+pub fn est_and_new(rig: &mut Rig, s: &Settings) -> Result<(Sample, Sample)> {
+    let client = sa("10.0.0.2:41000");
+    let vip = sa(VIP4);
+    let ack = tcp_frame(client, vip, false);
+    let (a, first) = rig.run_once(&ack)?;
+    if a != XDP_TX {
+        bail!("establishing the flow: got {a}");
+    }
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(a == XDP_TX && o == first, "established flow changed");
+        Ok(())
+    };
+    let est = rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?;
+    let syn = tcp_frame(client, vip, true);
+    let check = expect_tx_to_backend(vip);
+    let new = rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?;
+    Ok((est, new))
+}
+
+/// Fills conntrack with `n` entries for unrelated flows (to VIP4, backend 0).
+pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
+    let vip = Vip::new(sa(VIP4), lb::Proto::Tcp);
+    let b = rig.dp.maps.backends(&vip)?[0];
+    let mut key: FlowKey = flow_key(sa("10.0.0.2:1"), &vip);
+    let entry = CtEntry {
+        backend_id: b.id,
+        generation: 1,
+    };
+    for i in 0..n as u32 {
+        // Clients 172.16.0.0/12-ish, varied in the low bytes.
+        key.src_be[0] =
+            u32::from_ne_bytes([172, 16 + ((i >> 16) & 0x0f) as u8, (i >> 8) as u8, i as u8]);
+        key.sport_be = (1024 + (i % 60_000) as u16).to_be();
+        rig.dp.maps.insert_flow(&key, &entry)?;
+    }
+    Ok(())
+}

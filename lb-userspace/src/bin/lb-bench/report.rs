@@ -1,0 +1,262 @@
+//! BENCHMARKS.md and its chart.
+
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
+
+use anyhow::Result;
+
+use crate::{
+    control::BuildTime,
+    e2e::{E2eResult, SETUPS},
+    per_packet::{PathResult, Settings},
+    rig::Sample,
+    Args,
+};
+
+pub struct Report {
+    md: String,
+    chart: Vec<(String, f64)>,
+    floor: f64,
+}
+
+/// Targets from the issue (ns per packet, same method): established, new flow, non-VIP.
+fn target(path: &str) -> Option<f64> {
+    if path.starts_with("established") {
+        Some(45.0)
+    } else if path.starts_with("new flow") {
+        Some(100.0)
+    } else if path.starts_with("not for a VIP") {
+        Some(15.0)
+    } else {
+        None
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!("{cpu}, {cores} vCPUs, {mem}, Linux {kernel}")
+}
+
+fn fmt_sample(s: &Sample) -> String {
+    format!("{:.1} | {:.1}–{:.1}", s.median, s.p10, s.p90)
+}
+
+impl Report {
+    pub fn new(args: &Args, s: &Settings) -> Report {
+        let mut md = String::new();
+        let cmd = if args.quick {
+            "cargo xtask bench --quick"
+        } else {
+            "cargo xtask bench"
+        };
+        let _ = writeln!(md, "# lb benchmarks\n");
+        let _ = writeln!(md, "Written by `{cmd}` — every number below comes from that command; re-run it to reproduce.\n");
+        let _ = writeln!(md, "- Machine: {}", machine());
+        let _ = writeln!(
+            md,
+            "- Per-packet method: BPF_PROG_TEST_RUN of the real program, `repeat` = {} per round, {} rounds; median and 10th–90th percentile over rounds. A wrapper program restores the frame before every run (so each run takes the intended path) and tail-calls lb; the wrapper's own cost (wrapper → a program that only returns XDP_PASS, minus that program alone) is subtracted. New-flow runs get a new source address every run. Every round's verdict and output frame are checked.",
+            s.repeat, s.rounds
+        );
+        let _ = writeln!(
+            md,
+            "- Figures drift by a few ns between runs: compare within one run.\n"
+        );
+        Report {
+            md,
+            chart: Vec::new(),
+            floor: 0.0,
+        }
+    }
+
+    pub fn paths(&mut self, floor: Sample, results: &[PathResult]) {
+        self.floor = floor.median;
+        let md = &mut self.md;
+        let _ = writeln!(md, "## Per-packet cost by path\n");
+        let _ = writeln!(
+            md,
+            "| path | ns/packet (median) | p10–p90 | × floor | target | met |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | | |",
+            fmt_sample(&floor)
+        );
+        self.chart.push(("floor (XDP_PASS)".into(), floor.median));
+        for r in results {
+            let t = target(&r.name);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.1} | {} | {} |",
+                r.name,
+                fmt_sample(&r.sample),
+                r.sample.median / floor.median.max(0.1),
+                t.map_or("".into(), |t| format!("≤ {t:.0}")),
+                t.map_or("", |t| if r.sample.median <= t {
+                    "yes"
+                } else {
+                    "**no**"
+                })
+            );
+            self.chart.push((r.name.clone(), r.sample.median));
+        }
+        let _ = writeln!(
+            md,
+            "\n![per-packet cost by path](docs/bench-per-packet.svg)\n"
+        );
+        let _ = writeln!(
+            md,
+            "Reference (SETUP-NOTES, same method on this machine kind): Katran established flow 63–68 ns, new flow 150–155 ns, not for a VIP 19–21 ns; trivial XDP_PASS 5–6 ns. lb does a route lookup (`bpf_fib_lookup`) on every forwarded packet; Katran does none.\n"
+        );
+    }
+
+    pub fn scaling(&mut self, rows: &[(String, Sample, Sample)]) {
+        let md = &mut self.md;
+        let _ = writeln!(md, "## Scaling (IPv4)\n");
+        let _ = writeln!(
+            md,
+            "| configuration | established ns | p10–p90 | new flow ns | p10–p90 |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for (name, e, n) in rows {
+            let _ = writeln!(md, "| {name} | {} | {} |", fmt_sample(e), fmt_sample(n));
+        }
+        let _ = writeln!(md);
+    }
+
+    pub fn control(&mut self, rows: &[BuildTime]) {
+        let md = &mut self.md;
+        let _ = writeln!(md, "## Control plane (M = 65537)\n");
+        let _ = writeln!(md, "| backends | table build (ms, median) | first fill of the table map (ms) | slots written | one weight change (ms) | slots written |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
+        for r in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {:.2} | {:.0} | {} | {:.0} | {} |",
+                r.backends,
+                r.build_ms,
+                r.update_ms,
+                r.slots_written,
+                r.reweight_ms,
+                r.reweight_slots
+            );
+        }
+        let _ = writeln!(md, "\nMap updates include reading the table back (one syscall per slot) to write only the slots that change.\n");
+    }
+
+    pub fn conntrack_memory(&mut self, capacity: u32, bytes: f64, per: f64) {
+        let _ = writeln!(
+            self.md,
+            "Conntrack memory (kernel accounting, `bpftool map show` bytes_memlock): {:.0} MiB for {capacity} entries, {per:.0} bytes per entry — {:.0} MiB at 1M flows.\n",
+            bytes / 1048576.0,
+            per * 1_048_576.0 / 1048576.0
+        );
+    }
+
+    pub fn set_latency(&mut self, (first_packet_ms, command_ms): (f64, f64)) {
+        let _ = writeln!(
+            self.md,
+            "`lb backend add` (the real binary, on pinned maps) to the first new-flow packet on the new table: {first_packet_ms:.1} ms median of 5; the command itself exits after {command_ms:.1} ms (it loads nothing: it opens the pinned maps, computes the table and writes the slots that change).\n"
+        );
+    }
+
+    pub fn e2e(&mut self, r: &E2eResult, rounds: usize, secs: u32) {
+        let med = |v: &Vec<f64>| {
+            let mut s = v.clone();
+            s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (s[s.len() / 2], s[0], s[s.len() - 1])
+        };
+        let md = &mut self.md;
+        let _ = writeln!(md, "## End to end (the demo topology)\n");
+        let _ = writeln!(
+            md,
+            "wrk (1 thread, 32 connections) in the client namespace → gateway namespace → 3 backends running the testbed's HTTP server; {rounds} rounds of {secs} s per setup, setups alternating; median (min–max). Connections/s: every request on a new connection (`Connection: close`); requests/s: keep-alive. CPU: busy CPU time of the whole machine per connection — client, gateway and backends share the same 2 vCPUs, so this is an upper bound of the gateway's share.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| setup | connections/s | requests/s (keep-alive) | machine CPU µs per connection |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|");
+        for s in SETUPS {
+            let (c, c0, c1) = med(&r.cps[s]);
+            let (q, q0, q1) = med(&r.rps[s]);
+            let (u, _, _) = med(&r.cpu_us_per_conn[s]);
+            let _ = writeln!(
+                md,
+                "| {s} | {c:.0} ({c0:.0}–{c1:.0}) | {q:.0} ({q0:.0}–{q1:.0}) | {u:.0} |"
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    pub fn write(mut self, path: &Path, took: Duration) -> Result<()> {
+        let _ = writeln!(self.md, "Run took {:.0} s.", took.as_secs_f64());
+        std::fs::write(path, &self.md)?;
+        let dir = path.parent().unwrap_or(Path::new(".")).join("docs");
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("bench-per-packet.svg"),
+            svg_chart(&self.chart, self.floor),
+        )?;
+        Ok(())
+    }
+}
+
+/// A horizontal bar chart of ns per packet by path, with the floor marked.
+fn svg_chart(bars: &[(String, f64)], floor: f64) -> String {
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+    let (left, width, row) = (330.0, 420.0, 28.0);
+    let height = 50.0 + row * bars.len() as f64 + 30.0;
+    let x = |v: f64| left + width * v / max;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">lb: ns per packet by path (BPF_PROG_TEST_RUN, median)</text>\n"
+    );
+    for (i, (name, v)) in bars.iter().enumerate() {
+        let y = 40.0 + row * i as f64;
+        let colour = if i == 0 { "#999999" } else { "#3b75af" };
+        let _ = write!(
+            s,
+            "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{}</text>\n<rect x=\"{left}\" y=\"{:.0}\" width=\"{:.1}\" height=\"18\" fill=\"{colour}\"/>\n<text x=\"{:.1}\" y=\"{:.0}\">{v:.1} ns ({:.1}× floor)</text>\n",
+            left - 8.0,
+            y + 13.0,
+            name.replace('&', "&amp;").replace('<', "&lt;"),
+            y,
+            x(*v) - left,
+            x(*v) + 5.0,
+            y + 13.0,
+            v / floor.max(0.1)
+        );
+    }
+    let _ = write!(
+        s,
+        "<line x1=\"{:.1}\" y1=\"32\" x2=\"{:.1}\" y2=\"{:.0}\" stroke=\"#cc3333\" stroke-dasharray=\"4 3\"/>\n</svg>\n",
+        x(floor),
+        x(floor),
+        height - 25.0
+    );
+    s
+}

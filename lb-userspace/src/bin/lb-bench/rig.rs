@@ -1,0 +1,282 @@
+//! The measuring rig: the real lb program loaded (not attached) in a namespace whose routes
+//! and static neighbours make its route lookups succeed, plus the wrapper that restores the
+//! frame before every run.
+
+use std::{net::SocketAddr, process::Command};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, ProgramArray},
+    programs::{TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use lb::{object::LB_BENCH_OBJECT, testbed::NetNs, Dataplane, LoadOptions};
+use lb_common::bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP};
+
+pub const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xa0];
+pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
+
+pub struct Rig {
+    pub dp: Dataplane,
+    bench: Ebpf,
+    pub ifindex: u32,
+    /// Kept for its Drop: the namespace goes with the rig.
+    _ns: NetNs,
+}
+
+/// A measurement: median and spread (10th–90th percentile) of ns per packet over rounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
+}
+
+/// What a program under test must do with the frame, checked on every round.
+pub type Check<'a> = &'a dyn Fn(u32, &[u8]) -> Result<()>;
+
+impl Rig {
+    /// Builds the namespace and loads lb. The client (10.0.0.2, fd00::2) is on-link; all
+    /// backends (10.1.0.0/16, 10.2.0.0/16, fd01::/64) sit behind a router (10.0.0.254,
+    /// fd00::fe), so every route lookup succeeds with two static neighbour entries.
+    pub fn new(ct_capacity: u32, table_capacity: u32) -> Result<Rig> {
+        let ns = NetNs::new(&format!("lbb{}", std::process::id()))?;
+        ns.ip(&[
+            "link", "add", "ba", "type", "veth", "peer", "name", "ba-peer",
+        ])?;
+        ns.ip(&["link", "set", "ba", "address", "02:00:00:00:00:a0"])?;
+        ns.ip(&["link", "set", "ba", "up"])?;
+        ns.ip(&["link", "set", "ba-peer", "up"])?;
+        ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "ba"])?;
+        ns.ip(&["-6", "addr", "add", "fd00::1/64", "dev", "ba", "nodad"])?;
+        ns.sysctl(&["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])?;
+        for (ip, mac) in [
+            ("10.0.0.2", "02:00:00:00:00:0c"),
+            ("fd00::2", "02:00:00:00:00:0c"),
+            ("10.0.0.254", "02:00:00:00:00:fe"),
+            ("fd00::fe", "02:00:00:00:00:fe"),
+        ] {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                ip,
+                "lladdr",
+                mac,
+                "dev",
+                "ba",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        ns.ip(&["route", "add", "10.1.0.0/16", "via", "10.0.0.254"])?;
+        ns.ip(&["route", "add", "10.2.0.0/16", "via", "10.0.0.254"])?;
+        ns.ip(&["-6", "route", "add", "fd01::/64", "via", "fd00::fe"])?;
+        ns.enter()?;
+        let dp = Dataplane::load(LoadOptions {
+            table_capacity,
+            ct_capacity,
+        })?;
+        let mut bench = EbpfLoader::new()
+            .load(LB_BENCH_OBJECT)
+            .context("loading the bench object")?;
+        for name in ["bench_wrap", "bench_pass"] {
+            let p: &mut Xdp = bench
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("{name} missing"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+        }
+        let ifindex = {
+            let out = Command::new("ip")
+                .args(["-n", &ns.name, "-o", "link", "show", "ba"])
+                .output()?;
+            String::from_utf8_lossy(&out.stdout)
+                .split(':')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()?
+        };
+        Ok(Rig {
+            dp,
+            bench,
+            ifindex,
+            _ns: ns,
+        })
+    }
+
+    fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut Xdp {
+        ebpf.program_mut(name).unwrap().try_into().unwrap()
+    }
+
+    /// Runs a program once on `frame`; returns (action, output).
+    pub fn run_once(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let (a, out, _) = run(self.dp.program(), self.ifindex, frame, 1)?;
+        Ok((a, out))
+    }
+
+    /// Cost of the lb program on `frame`, per packet, restored before every run: the wrapped
+    /// run's time, minus the wrapper's own (wrapper → bench_pass), plus the floor (bench_pass
+    /// alone). `vary_at`: see `BenchFrame`. `check` is applied to every round's result.
+    pub fn measure_lb(
+        &mut self,
+        frame: &[u8],
+        vary_at: u32,
+        repeat: u32,
+        rounds: usize,
+        check: Check,
+    ) -> Result<Sample> {
+        let lb_fd = self.dp.program().fd()?.try_clone()?;
+        self.set_target(&lb_fd)?;
+        self.set_frame(frame, vary_at)?;
+        let mut v = Vec::new();
+        for _ in 0..rounds {
+            let (a, out, ns) = run(
+                Self::prog(&mut self.bench, "bench_wrap"),
+                self.ifindex,
+                frame,
+                repeat,
+            )?;
+            check(a, &out)?;
+            v.push(ns);
+        }
+        let overhead = self.wrapper_overhead(frame, repeat, rounds)?;
+        Ok(stats(&v, -overhead))
+    }
+
+    /// The floor: bench_pass alone.
+    pub fn floor(&mut self, frame: &[u8], repeat: u32, rounds: usize) -> Result<Sample> {
+        let mut v = Vec::new();
+        for _ in 0..rounds {
+            let (a, _, ns) = run(
+                Self::prog(&mut self.bench, "bench_pass"),
+                self.ifindex,
+                frame,
+                repeat,
+            )?;
+            if a != 2 {
+                bail!("bench_pass returned {a}");
+            }
+            v.push(ns);
+        }
+        Ok(stats(&v, 0.0))
+    }
+
+    /// What restoring the frame and the tail call cost: (wrapper → pass) − (pass alone).
+    fn wrapper_overhead(&mut self, frame: &[u8], repeat: u32, rounds: usize) -> Result<f64> {
+        let pass_fd = Self::prog(&mut self.bench, "bench_pass")
+            .fd()?
+            .try_clone()?;
+        self.set_target(&pass_fd)?;
+        let mut wrapped = Vec::new();
+        for _ in 0..rounds {
+            let (_, _, ns) = run(
+                Self::prog(&mut self.bench, "bench_wrap"),
+                self.ifindex,
+                frame,
+                repeat,
+            )?;
+            wrapped.push(ns);
+        }
+        let floor = self.floor(frame, repeat, rounds)?;
+        Ok(stats(&wrapped, 0.0).median - floor.median)
+    }
+
+    fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
+        let mut progs: ProgramArray<_> =
+            ProgramArray::try_from(self.bench.map_mut(BENCH_PROGS_MAP).unwrap())?;
+        progs.set(0, fd, 0)?;
+        Ok(())
+    }
+
+    fn set_frame(&mut self, frame: &[u8], vary_at: u32) -> Result<()> {
+        if !frame.len().is_multiple_of(8) || frame.len() > BENCH_MAX_FRAME {
+            bail!(
+                "bench frames must be a multiple of 8 bytes, at most {BENCH_MAX_FRAME} (got {})",
+                frame.len()
+            );
+        }
+        let mut f = BenchFrame {
+            len: frame.len() as u32,
+            vary_at,
+            words: [0; BENCH_MAX_FRAME / 8],
+        };
+        for (i, chunk) in frame.chunks(8).enumerate() {
+            f.words[i] = u64::from_ne_bytes(chunk.try_into().unwrap());
+        }
+        let mut m: Array<_, BenchFrame> =
+            Array::try_from(self.bench.map_mut(BENCH_FRAME_MAP).unwrap())?;
+        m.set(0, f, 0)?;
+        Ok(())
+    }
+}
+
+/// `struct xdp_md` for ctx_in: data, data_end, data_meta, ingress_ifindex, rx_queue, egress.
+fn xdp_md(len: usize, ifindex: u32) -> [u8; 24] {
+    let fields = [0u32, len as u32, 0, ifindex, 0, 0];
+    let mut b = [0u8; 24];
+    for (i, f) in fields.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&f.to_ne_bytes());
+    }
+    b
+}
+
+/// One BPF_PROG_TEST_RUN: (action, output frame, ns per run as the kernel reports it).
+fn run(prog: &mut Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = xdp_md(frame.len(), ifindex);
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value, out, r.duration.as_nanos() as f64))
+}
+
+/// One run of any XDP program on `frame` (ingress ifindex 1: loopback).
+pub fn run_raw(prog: &mut Xdp, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let (a, out, _) = run(prog, 1, frame, 1)?;
+    Ok((a, out))
+}
+
+fn stats(v: &[f64], offset: f64) -> Sample {
+    let mut s: Vec<f64> = v.iter().map(|x| x + offset).collect();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+    Sample {
+        median: at(0.5),
+        p10: at(0.1),
+        p90: at(0.9),
+    }
+}
+
+/// Destination of an IPv4/IPv6 TCP/UDP frame.
+pub fn dst_of(frame: &[u8]) -> Option<SocketAddr> {
+    endpoints(frame).map(|(_, d)| d)
+}
+
+/// (source, destination) of an IPv4/IPv6 TCP/UDP frame.
+pub fn endpoints(frame: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    let (s, d): (std::net::IpAddr, std::net::IpAddr) = match p.net? {
+        NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => return None,
+    };
+    let (sp, dp) = match p.transport? {
+        TransportSlice::Tcp(t) => (t.source_port(), t.destination_port()),
+        TransportSlice::Udp(u) => (u.source_port(), u.destination_port()),
+        _ => return None,
+    };
+    Some((SocketAddr::new(s, sp), SocketAddr::new(d, dp)))
+}
