@@ -43,7 +43,9 @@ pub mod names {
     /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
     pub const REVNAT: &str = "LB_REVNAT_V1";
     /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`.
-    pub const STATS: &str = "LB_STATS_V1";
+    pub const STATS: &str = "LB_STATS_V2";
+    /// `Array<NextHop>`: optional next-hop cache, indexed by backend id.
+    pub const NEXTHOP: &str = "LB_NEXTHOP_V1";
     /// `PerCpuArray<TrafficStats>`: per-VIP traffic, indexed by `vip_id`.
     pub const VIP_STATS: &str = "LB_VIPSTATS_V1";
     /// `PerCpuArray<TrafficStats>`: per-backend traffic, indexed by backend id.
@@ -154,6 +156,28 @@ pub struct CtEntry {
 }
 const _: () = assert!(core::mem::size_of::<CtEntry>() == 8);
 
+/// `NextHop::flags`: the entry may be used.
+pub const NEXTHOP_F_VALID: u32 = 1;
+
+/// Value of the next-hop cache: how to reach a backend without a route lookup. Written by
+/// userspace (`lb nexthop refresh`) from the kernel's routes and neighbours; used by the data
+/// plane only while `generation` equals the backend's (the id was not reused since).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `NEXTHOP_F_*` bits.
+    pub flags: u32,
+    /// Destination MAC: the backend's, or its router's.
+    pub dmac: [u8; 6],
+    /// Source MAC: the egress interface's.
+    pub smac: [u8; 6],
+    /// `Backend::generation` this entry was resolved for.
+    pub generation: u32,
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+
 /// Value of the reverse-NAT map: what a backend's reply is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -221,4 +245,5 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for NextHop {}
 }

@@ -47,10 +47,12 @@ pub enum Counter {
     CtInsertFailed,
     /// A backend → client reply was rewritten back to the VIP.
     RevNat,
+    /// A client → VIP packet was sent with the next-hop cache (no route lookup).
+    NextHopCached,
 }
 
 /// Number of counters (size of the global counter array).
-pub const COUNTER_COUNT: u32 = Counter::RevNat as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::NextHopCached as u32 + 1;
 /// Counters `0..VERDICT_COUNT` are verdicts; their sum is the number of packets seen.
 pub const VERDICT_COUNT: u32 = Counter::DropFibUnreachable as u32 + 1;
 
@@ -75,4 +77,5 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "ct_stale",
     "ct_insert_failed",
     "rev_nat",
+    "nexthop_cached",
 ];

@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{Counter, FAMILY_V4};
+use lb_common::{Counter, NextHop, FAMILY_V4};
 
 use crate::{
     headers::EthHdr,
@@ -45,6 +45,38 @@ struct FibParams {
     dmac: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
+
+/// Sends the rewritten packet with a cached next hop: MACs from the cache, then XDP_TX or
+/// XDP_REDIRECT as a route lookup would have decided.
+#[inline(always)]
+pub(crate) fn send_cached(ctx: &XdpContext, nh: &NextHop) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::pass(Counter::PassMalformedEth);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).dst = nh.dmac;
+        (*eth).src = nh.smac;
+    }
+    egress(ctx.ingress_ifindex() as u32, nh.ifindex)
+}
+
+#[inline(always)]
+fn egress(ingress: u32, ifindex: u32) -> Verdict {
+    if ifindex == ingress {
+        Verdict {
+            action: xdp_action::XDP_TX,
+            reason: Counter::Tx,
+        }
+    } else {
+        // SAFETY: plain helper call.
+        let action = unsafe { bpf_redirect(ifindex, 0) } as u32;
+        Verdict {
+            action,
+            reason: Counter::Redirect,
+        }
+    }
+}
 
 /// Routes the already rewritten packet whose addresses and ports are now `src`/`dst`.
 #[inline(always)]
@@ -94,19 +126,7 @@ pub(crate) fn forward(
                 (*eth).dst = p.dmac;
                 (*eth).src = p.smac;
             }
-            if p.ifindex == ingress {
-                Verdict {
-                    action: xdp_action::XDP_TX,
-                    reason: Counter::Tx,
-                }
-            } else {
-                // SAFETY: plain helper call.
-                let action = unsafe { bpf_redirect(p.ifindex, 0) } as u32;
-                Verdict {
-                    action,
-                    reason: Counter::Redirect,
-                }
-            }
+            egress(ingress, p.ifindex)
         }
         FIB_NO_NEIGH => Verdict::pass(Counter::PassNoNeigh),
         FIB_BLACKHOLE | FIB_UNREACHABLE | FIB_PROHIBIT => {

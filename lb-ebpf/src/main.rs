@@ -15,10 +15,13 @@ mod nat;
 mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{hash::flow_hash, Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, NO_BACKEND};
+use lb_common::{
+    hash::flow_hash, Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, NEXTHOP_F_VALID,
+    NO_BACKEND,
+};
 
 use crate::{
-    maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, REVNAT, TABLE, VIPS, VIP_STATS},
+    maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, NEXTHOP, REVNAT, TABLE, VIPS, VIP_STATS},
     nat::Side,
     parse::Packet,
 };
@@ -164,6 +167,12 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
     if !nat::rewrite(ctx, pkt, Side::Dst, &backend.addr_be, backend.port_be) {
         return Verdict::pass(Counter::PassMalformedL4);
+    }
+    if let Some(nh) = NEXTHOP.get(id) {
+        if nh.flags & NEXTHOP_F_VALID != 0 && nh.generation == backend.generation {
+            count(Counter::NextHopCached);
+            return fib::send_cached(ctx, nh);
+        }
     }
     fib::forward(
         ctx,

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Counter, CtEntry, Endpoint, FlowKey, RevNat, TrafficStats, VipInfo, COUNTER_COUNT,
-    DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    Backend, Counter, CtEntry, Endpoint, FlowKey, NextHop, RevNat, TrafficStats, VipInfo,
+    COUNTER_COUNT, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
 #[btf_map(name = "LB_VIPS_V1")]
@@ -29,7 +29,11 @@ pub(crate) static CONNTRACK: LruHashMap<FlowKey, CtEntry, { DEFAULT_CT_CAPACITY 
 #[btf_map(name = "LB_REVNAT_V1")]
 pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();
 
-#[btf_map(name = "LB_STATS_V1")]
+/// Optional next-hop cache, written by `lb nexthop refresh`.
+#[btf_map(name = "LB_NEXTHOP_V1")]
+pub(crate) static NEXTHOP: Array<NextHop, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map(name = "LB_STATS_V2")]
 pub(crate) static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_VIPSTATS_V1")]

@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod error;
 pub mod maglev;
 pub mod model;
+pub mod nexthop;
 pub mod object;
 pub mod pin;
 pub mod state;

@@ -34,7 +34,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 8] = [
+const ALL_MAPS: [&str; 9] = [
+    names::NEXTHOP,
     names::VIPS,
     names::BACKENDS,
     names::TABLE,

@@ -14,8 +14,8 @@ use std::net::SocketAddr;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    names, Backend, CtEntry, Endpoint, FlowKey, RevNat, TrafficStats, VipInfo, BACKEND_F_VALID,
-    COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, NO_BACKEND,
+    names, Backend, CtEntry, Endpoint, FlowKey, NextHop, RevNat, TrafficStats, VipInfo,
+    BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, NO_BACKEND,
 };
 
 use crate::{
@@ -36,6 +36,7 @@ pub struct LbMaps {
     stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
+    nexthop: Array<MapData, NextHop>,
 }
 
 /// A backend as configured.
@@ -87,6 +88,7 @@ impl LbMaps {
             stats: get(names::STATS)?.try_into()?,
             vip_stats: get(names::VIP_STATS)?.try_into()?,
             backend_stats: get(names::BACKEND_STATS)?.try_into()?,
+            nexthop: get(names::NEXTHOP)?.try_into()?,
         })
     }
 
@@ -441,9 +443,59 @@ impl LbMaps {
         Ok(change)
     }
 
+    // ---- next-hop cache ----
+
+    /// Caches how to reach backend `id` (its current generation is recorded in the entry).
+    pub fn set_nexthop(
+        &mut self,
+        id: u32,
+        ifindex: u32,
+        smac: [u8; 6],
+        dmac: [u8; 6],
+    ) -> Result<()> {
+        let b = self
+            .backends
+            .get(&id, 0)
+            .ctx(|| format!("reading backend {id}"))?;
+        let nh = NextHop {
+            ifindex,
+            flags: lb_common::NEXTHOP_F_VALID,
+            dmac,
+            smac,
+            generation: b.generation,
+        };
+        self.nexthop
+            .set(id, nh, 0)
+            .ctx(|| format!("writing the next hop of backend {id}"))
+    }
+
+    /// Removes backend `id`'s cached next hop (it goes back to a route lookup per packet).
+    pub fn clear_nexthop(&mut self, id: u32) -> Result<()> {
+        self.nexthop
+            .set(id, NextHop::default(), 0)
+            .ctx(|| format!("clearing the next hop of backend {id}"))
+    }
+
+    /// Backend `id`'s cached next hop, if valid for its current holder.
+    pub fn nexthop(&self, id: u32) -> Result<Option<NextHop>> {
+        let nh = self
+            .nexthop
+            .get(&id, 0)
+            .ctx(|| format!("reading the next hop of backend {id}"))?;
+        let b = self
+            .backends
+            .get(&id, 0)
+            .ctx(|| format!("reading backend {id}"))?;
+        Ok((nh.flags & lb_common::NEXTHOP_F_VALID != 0
+            && nh.generation == b.generation
+            && b.is_valid())
+        .then_some(nh))
+    }
+
     /// Invalidates a backend entry (keeping its generation, so the next holder of the id gets a
-    /// new one) and removes its reverse-NAT entry.
+    /// new one) and removes its reverse-NAT entry and cached next hop.
     fn retire_backend(&mut self, vip: &Vip, b: &BackendState) -> Result<()> {
+        self.clear_nexthop(b.id)?;
         let mut entry = self
             .backends
             .get(&b.id, 0)

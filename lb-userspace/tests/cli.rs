@@ -504,6 +504,31 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
     let st = lb.json(&["status"]);
     assert_eq!(st["maps"][3]["used"], 5, "conntrack fill");
 
+    // The next-hop cache: unresolved without a route, resolved once there is a neighbour.
+    let nh = lb.json(&["nexthop", "refresh"]);
+    assert_eq!(nh[0]["mac"], serde_json::Value::Null, "{nh}");
+    assert!(lb
+        .ok(&["nexthop", "refresh"])
+        .contains("unresolved: route lookup per packet"));
+    lb.ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "lbc0"]);
+    lb.ns.ip(&[
+        "neigh",
+        "replace",
+        "10.200.0.11",
+        "lladdr",
+        "02:00:00:00:02:11",
+        "dev",
+        "lbc0",
+        "nud",
+        "permanent",
+    ]);
+    let nh = lb.json(&["nexthop", "refresh"]);
+    assert_eq!(nh[0]["dev"], "lbc0");
+    assert_eq!(nh[0]["mac"], "02:00:00:00:02:11");
+    assert!(lb
+        .ok(&["nexthop", "clear"])
+        .contains("cleared the next hop of 1 backends"));
+
     // bpftool prints the maps with their field names.
     let dump = Command::new("bpftool")
         .args([

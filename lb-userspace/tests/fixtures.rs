@@ -77,17 +77,40 @@ impl Table {
             .addr
     }
 
-    /// Case: client → VIP, forwarded to `backend` out of interface A (XDP_TX).
-    fn forward(&mut self, desc: &str, spec: &Spec, backend: SocketAddr) {
+    /// The backend conntrack holds for an established flow.
+    fn predict_existing(&self, client: SocketAddr, v: &Vip) -> SocketAddr {
+        let e = self
+            .gw
+            .dp
+            .maps
+            .flow(&flow_key(client, v))
+            .expect("flow in conntrack");
+        self.gw
+            .dp
+            .maps
+            .backends(v)
+            .unwrap()
+            .into_iter()
+            .find(|b| b.id == e.backend_id)
+            .unwrap()
+            .addr
+    }
+
+    /// Case: client → VIP, forwarded to `backend` wherever it is (XDP_TX on interface A,
+    /// XDP_REDIRECT to interface B for 10.2.0.21).
+    fn forward_to(&mut self, desc: &str, spec: &Spec, backend: SocketAddr) {
+        let (smac, verdict, reason) = if backend.ip().to_string() == "10.2.0.21" {
+            (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
+        } else {
+            (GW_MAC_A, XDP_TX, Counter::Tx)
+        };
         self.check(Case {
             desc: desc.into(),
             ingress: self.gw.ifindex_a,
             input: spec.build(),
-            verdict: XDP_TX,
-            output: spec
-                .with(GW_MAC_A, mac_of(backend), spec.src, backend)
-                .build(),
-            reason: Counter::Tx,
+            verdict,
+            output: spec.with(smac, mac_of(backend), spec.src, backend).build(),
+            reason,
         });
     }
 
@@ -180,12 +203,12 @@ fn fixture_table() {
     // ---- forwarding, IPv4 TCP ----
     let c1 = client(40_001);
     let b1 = t.predict(c1, &web);
-    t.forward(
+    t.forward_to(
         "IPv4 TCP SYN to a VIP → destination rewritten to the chosen backend",
         &syn(c1, web.addr),
         b1,
     );
-    t.forward(
+    t.forward_to(
         "the same flow again (ACK) → same backend, from conntrack",
         &ack(c1, web.addr),
         b1,
@@ -196,7 +219,7 @@ fn fixture_table() {
     for port in 41_000..41_032 {
         let c = client(port);
         let b = t.predict(c, &web);
-        t.forward(&format!("new flow from port {port}"), &syn(c, web.addr), b);
+        t.forward_to(&format!("new flow from port {port}"), &syn(c, web.addr), b);
         flows.push((c, b));
     }
 
@@ -216,7 +239,7 @@ fn fixture_table() {
         "the table change moved only {moved} of 32 slots; pick a bigger change"
     );
     for (c, b) in flows.clone() {
-        t.forward(
+        t.forward_to(
             &format!("after the table change, flow from {c} keeps {b}"),
             &ack(c, web.addr),
             b,
@@ -224,28 +247,19 @@ fn fixture_table() {
     }
     let c2 = client(40_002);
     let b2 = t.predict(c2, &web);
-    let spec = syn(c2, web.addr);
-    let b2_mac_side = if b2.ip().to_string() == "10.2.0.21" {
-        (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
-    } else {
-        (GW_MAC_A, XDP_TX, Counter::Tx)
-    };
-    t.check(Case {
-        desc: "a new flow after the change follows the new table".into(),
-        ingress: t.gw.ifindex_a,
-        input: spec.build(),
-        verdict: b2_mac_side.1,
-        output: spec.with(b2_mac_side.0, mac_of(b2), c2, b2).build(),
-        reason: b2_mac_side.2,
-    });
+    t.forward_to(
+        "a new flow after the change follows the new table",
+        &syn(c2, web.addr),
+        b2,
+    );
 
     // ---- IPv6, UDP ----
     let c6 = client6(40_003);
     let b6 = t.predict(c6, &web6);
-    t.forward("IPv6 TCP SYN to a VIP", &syn(c6, web6.addr), b6);
-    t.forward("IPv6 TCP, same flow", &ack(c6, web6.addr), b6);
+    t.forward_to("IPv6 TCP SYN to a VIP", &syn(c6, web6.addr), b6);
+    t.forward_to("IPv6 TCP, same flow", &ack(c6, web6.addr), b6);
     let cu = client(40_004);
-    t.forward(
+    t.forward_to(
         "IPv4 UDP to a VIP",
         &udp(cu, dns.addr),
         sa("10.1.0.11:5353"),
@@ -270,7 +284,7 @@ fn fixture_table() {
         output: zero_out,
         reason: Counter::Tx,
     });
-    t.forward(
+    t.forward_to(
         "IPv6 UDP to a VIP",
         &udp(client6(40_006), dns6.addr),
         sa("[fd01::13]:5353"),
@@ -280,22 +294,12 @@ fn fixture_table() {
     let mut opt = syn(client(40_007), web.addr);
     opt.ipv4_options = vec![0x94, 0x04, 0x00, 0x00, 0x01, 0x01, 0x01, 0x01]; // router alert, NOPs
     let bo = t.predict(client(40_007), &web);
-    let out = opt.with(GW_MAC_A, mac_of(bo), opt.src, bo);
-    let mut t_case = Case {
-        desc: "IPv4 with options (IHL 7) → L4 found after the options, rewritten".into(),
-        ingress: t.gw.ifindex_a,
-        input: opt.build(),
-        verdict: XDP_TX,
-        output: out.build(),
-        reason: Counter::Tx,
-    };
-    if bo.ip().to_string() == "10.2.0.21" {
-        t_case.verdict = XDP_REDIRECT;
-        t_case.reason = Counter::Redirect;
-        t_case.output = opt.with(GW_MAC_B, mac_of(bo), opt.src, bo).build();
-    }
-    assert_eq!(t_case.input[IP] & 0x0f, 7);
-    t.check(t_case);
+    assert_eq!(opt.build()[IP] & 0x0f, 7);
+    t.forward_to(
+        "IPv4 with options (IHL 7) → L4 found after the options, rewritten",
+        &opt,
+        bo,
+    );
 
     // ---- next hop ----
     let sf = syn(client(40_008), far.addr);
@@ -565,7 +569,7 @@ fn fixture_table() {
         .find(|(_, b)| *b == drained)
         .expect("some flow is on the backend to drain");
     t.gw.dp.maps.set_weight(&web, drained, 0).unwrap();
-    t.forward(
+    t.forward_to(
         "drained backend keeps its established flow",
         &ack(dc, web.addr),
         drained,
@@ -577,20 +581,11 @@ fn fixture_table() {
             b, drained,
             "the table still gives a slot to the drained backend"
         );
-        let spec = syn(c, web.addr);
-        let (smac, verdict, reason) = if b.ip().to_string() == "10.2.0.21" {
-            (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
-        } else {
-            (GW_MAC_A, XDP_TX, Counter::Tx)
-        };
-        t.check(Case {
-            desc: format!("new flow from port {port} avoids the drained backend"),
-            ingress: t.gw.ifindex_a,
-            input: spec.build(),
-            verdict,
-            output: spec.with(smac, mac_of(b), c, b).build(),
-            reason,
-        });
+        t.forward_to(
+            &format!("new flow from port {port} avoids the drained backend"),
+            &syn(c, web.addr),
+            b,
+        );
     }
 
     // ---- removal: a flow whose backend is gone is selected afresh ----
@@ -603,20 +598,11 @@ fn fixture_table() {
     t.gw.dp.maps.del_backend(&web, removed).unwrap();
     let nb = t.predict(rmc, &web);
     assert_ne!(nb, removed);
-    let spec = ack(rmc, web.addr);
-    let (smac, verdict, reason) = if nb.ip().to_string() == "10.2.0.21" {
-        (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
-    } else {
-        (GW_MAC_A, XDP_TX, Counter::Tx)
-    };
-    t.check(Case {
-        desc: "flow of a removed backend → selected afresh from the table".into(),
-        ingress: t.gw.ifindex_a,
-        input: spec.build(),
-        verdict,
-        output: spec.with(smac, mac_of(nb), rmc, nb).build(),
-        reason,
-    });
+    t.forward_to(
+        "flow of a removed backend → selected afresh from the table",
+        &ack(rmc, web.addr),
+        nb,
+    );
     let stale_after = t.gw.dp.maps.counters().unwrap()[Counter::CtStale as usize];
     assert_eq!(
         stale_after - stale_before,
@@ -628,6 +614,89 @@ fn fixture_table() {
         Spec::tcp(mac_of(removed), GW_MAC_A, removed, rmc, Tcp::Ack).build(),
         XDP_PASS,
         Counter::PassNotVip,
+    );
+
+    // ---- next-hop cache: same output as the route lookup, without the lookup ----
+    let nh_before = t.gw.dp.maps.counters().unwrap()[Counter::NextHopCached as usize];
+    let rows = lb::nexthop::refresh(&mut t.gw.dp.maps).unwrap();
+    let row = |b: &str| rows.iter().find(|r| r.backend == b).unwrap();
+    assert_eq!(row("10.1.0.11:8080").dev.as_deref(), Some("fxa"));
+    assert_eq!(
+        row("10.1.0.11:8080").mac.as_deref(),
+        Some("02:00:00:00:01:11")
+    );
+    assert_eq!(row("10.2.0.21:80").dev.as_deref(), Some("fxb"));
+    assert_eq!(
+        row("10.1.0.99:80").mac,
+        None,
+        "no neighbour entry: not cached"
+    );
+    assert_eq!(row("10.9.0.1:80").mac, None, "blackhole route: not cached");
+    let mut cached = 0;
+    for port in 43_000..43_016 {
+        let c = client(port);
+        let b = t.predict(c, &web);
+        t.forward_to(
+            &format!(
+                "cached next hop: new flow from port {port} → exactly as with the route lookup"
+            ),
+            &syn(c, web.addr),
+            b,
+        );
+        cached += 1;
+    }
+    let su2 = syn(client(43_100), unresolved.addr);
+    t.check(Case {
+        desc: "backend not in the cache → route lookup as before (MAC unknown: to the kernel)"
+            .into(),
+        ingress: t.gw.ifindex_a,
+        input: su2.build(),
+        verdict: XDP_PASS,
+        output: su2
+            .with(su2.smac, su2.dmac, su2.src, sa("10.1.0.99:80"))
+            .build(),
+        reason: Counter::PassNoNeigh,
+    });
+    // The cache is used as written (egress interface and MACs).
+    let far_id = t.gw.dp.maps.backends(&far).unwrap()[0].id;
+    t.gw.dp
+        .maps
+        .set_nexthop(
+            far_id,
+            t.gw.ifindex_a,
+            [2, 0, 0, 0, 0, 0xee],
+            [2, 0, 0, 0, 0, 0xdd],
+        )
+        .unwrap();
+    let sf2 = syn(client(43_101), far.addr);
+    t.check(Case {
+        desc: "cached next hop on the ingress interface → XDP_TX with the cached MACs".into(),
+        ingress: t.gw.ifindex_a,
+        input: sf2.build(),
+        verdict: XDP_TX,
+        output: sf2
+            .with(
+                [2, 0, 0, 0, 0, 0xee],
+                [2, 0, 0, 0, 0, 0xdd],
+                sf2.src,
+                sa("10.2.0.21:80"),
+            )
+            .build(),
+        reason: Counter::Tx,
+    });
+    cached += 1;
+    let nh_after = t.gw.dp.maps.counters().unwrap()[Counter::NextHopCached as usize];
+    assert_eq!(
+        nh_after - nh_before,
+        cached,
+        "nexthop_cached counts the cached sends"
+    );
+    lb::nexthop::clear(&mut t.gw.dp.maps).unwrap();
+    let b = t.predict_existing(client(43_000), &web);
+    t.forward_to(
+        "after clearing the cache → route lookup again",
+        &ack(client(43_000), web.addr),
+        b,
     );
 
     // ---- counters: one verdict per packet, each as the cases say ----

@@ -74,6 +74,10 @@ pub enum Command {
     /// A VIP's selection table: each backend's share of the slots against its weight.
     #[command(after_help = "Example:\n  lb table 10.100.0.100:80/tcp")]
     Table { vip: Vip },
+    /// The next-hop cache: skip the route lookup per packet for backends whose neighbour is
+    /// known. A snapshot — refresh it when routes or neighbours change.
+    #[command(subcommand)]
+    Nexthop(NexthopCommand),
     /// Make the kernel state equal to a configuration file, with the fewest changes.
     #[command(
         after_help = "Example:\n  lb apply -f /etc/lb/lb.toml\n  lb show-config > a.toml && lb apply -f a.toml   # changes nothing"
@@ -150,6 +154,16 @@ pub enum BackendCommand {
     /// List backends, of one VIP or of all.
     #[command(after_help = "Example:\n  lb backend list 10.100.0.100:80/tcp")]
     List { vip: Option<Vip> },
+}
+
+#[derive(Subcommand)]
+pub enum NexthopCommand {
+    /// Resolve every backend's egress interface and MACs now and cache them.
+    #[command(after_help = "Example:\n  lb nexthop refresh")]
+    Refresh,
+    /// Drop the cache: a route lookup for every packet again.
+    #[command(after_help = "Example:\n  lb nexthop clear")]
+    Clear,
 }
 
 /// Map sizes, used only when the program is first loaded.

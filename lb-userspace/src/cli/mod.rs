@@ -110,6 +110,7 @@ fn run(cli: Cli) -> CmdResult {
         Command::Stats { watch } => observe::stats(&dir, watch, json),
         Command::Flows { vip } => observe::flows(&dir, vip, json),
         Command::Table { vip } => observe::table(&dir, &vip, json),
+        Command::Nexthop(c) => services::nexthop(&dir, c, json),
         Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
         Command::ShowConfig => config_cmd::show(&dir),
     }

@@ -4,7 +4,7 @@ use lb::{pin::PinDir, Vip};
 use serde::Serialize;
 
 use super::{
-    args::{BackendCommand, VipCommand},
+    args::{BackendCommand, NexthopCommand, VipCommand},
     print_json, table_fmt, CmdResult,
 };
 
@@ -147,6 +147,39 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                     .collect();
                 table_fmt::print(&["VIP", "BACKEND", "WEIGHT", "ID"], &cells);
             }
+        }
+    }
+    Ok(())
+}
+
+pub fn nexthop(dir: &PinDir, cmd: NexthopCommand, json: bool) -> CmdResult {
+    let mut maps = dir.maps()?;
+    match cmd {
+        NexthopCommand::Refresh => {
+            let rows = lb::nexthop::refresh(&mut maps)?;
+            if json {
+                print_json(&rows);
+            } else {
+                let cells: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.vip.clone(),
+                            r.backend.clone(),
+                            r.dev.clone().unwrap_or_else(|| "-".into()),
+                            r.via.clone().unwrap_or_else(|| "-".into()),
+                            r.mac
+                                .clone()
+                                .unwrap_or_else(|| "unresolved: route lookup per packet".into()),
+                        ]
+                    })
+                    .collect();
+                table_fmt::print(&["VIP", "BACKEND", "DEV", "VIA", "MAC"], &cells);
+            }
+        }
+        NexthopCommand::Clear => {
+            let n = lb::nexthop::clear(&mut maps)?;
+            println!("cleared the next hop of {n} backends");
         }
     }
     Ok(())

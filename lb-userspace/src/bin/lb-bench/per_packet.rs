@@ -177,6 +177,39 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         sample: rig.measure_lb(&reply, 0, s.repeat, s.rounds, &check)?,
     });
 
+    // The same forward paths with the next-hop cache (no route lookup per packet).
+    let rows = lb::nexthop::refresh(&mut rig.dp.maps)?;
+    ensure!(
+        rows.iter().all(|r| r.mac.is_some()),
+        "next hops not resolved: {rows:?}"
+    );
+    for (label, client, vip) in [
+        ("IPv4", sa("10.0.0.2:42000"), sa(VIP4)),
+        ("IPv6", sa("[fd00::2]:42000"), sa(VIP6)),
+    ] {
+        let syn = tcp_frame(client, vip, true);
+        let check = expect_tx_to_backend(vip);
+        out.push(PathResult {
+            name: format!("new flow {label}, next-hop cache"),
+            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
+        });
+        let ack = tcp_frame(client, vip, false);
+        let (a, first) = rig.run_once(&ack)?;
+        ensure!(a == XDP_TX, "establishing the {label} flow: got {a}");
+        let check = move |a: u32, o: &[u8]| -> Result<()> {
+            ensure!(
+                a == XDP_TX && o == first,
+                "established flow must go to the same backend, same bytes"
+            );
+            Ok(())
+        };
+        out.push(PathResult {
+            name: format!("established {label}, next-hop cache"),
+            sample: rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?,
+        });
+    }
+    lb::nexthop::clear(&mut rig.dp.maps)?;
+
     let floor = rig.floor(&tcp_frame(client4, sa(VIP4), true), s.repeat, s.rounds)?;
     Ok((floor, out))
 }
