@@ -175,16 +175,35 @@ impl Testbed {
     /// One HTTP request from the client to `addr` on a new connection. Returns the name of the
     /// backend that answered and the client's source port.
     pub fn http_get(&self, addr: SocketAddr) -> Result<(String, u16)> {
+        self.http_get_from(addr, 0)
+    }
+
+    /// Like `http_get`, from source port `port` (0: any), so that a test can choose its flows
+    /// (and so their hashes) instead of leaving them to the kernel.
+    pub fn http_get_from(&self, addr: SocketAddr, port: u16) -> Result<(String, u16)> {
+        let client = if addr.is_ipv4() {
+            self.client_v4
+        } else {
+            self.client_v6
+        };
         in_ns(&self.client, move || {
-            let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&SocketAddr::new(client, port).into())?;
+            sock.connect_timeout(&addr.into(), IO_TIMEOUT)
                 .with_context(|| format!("connecting to {addr}"))?;
+            let mut s: TcpStream = sock.into();
+            s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
             let port = s.local_addr()?.port();
-            write!(
-                s,
-                "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-            )?;
+            // One write: a request split over segments would wait on Nagle + delayed ACK.
+            let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes())?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)
                 .context("reading the response")?;

@@ -84,8 +84,8 @@ pub fn table_times(rig: &mut Rig, sizes: &[usize], rounds: usize) -> Result<Vec<
     Ok(out)
 }
 
-/// Time from starting `lb backend set` (the real binary, on pinned maps) until a new flow whose
-/// slot changes is sent to the new backend — measured by running packets through the
+/// Time from starting `lb backend set` (the real binary, on pinned maps; a drained backend is
+/// given almost all the weight) until a new flow is sent to that backend — measured by running packets through the
 /// attached program's twin (the same pinned program, via BPF_PROG_TEST_RUN) until it does.
 pub fn set_to_first_packet(lb_bin: &std::path::Path) -> Result<(f64, f64)> {
     let pin = format!("/sys/fs/bpf/lbb{}-pin", std::process::id());
@@ -116,19 +116,14 @@ pub fn set_to_first_packet(lb_bin: &std::path::Path) -> Result<(f64, f64)> {
         format!("{pin}/prog_lb_xdp"),
         aya_obj::programs::XdpAttachType::Interface,
     )?;
-    // A SYN whose flow the new backend will own once it takes all the weight.
     let mut results = Vec::new();
     for round in 0..5u16 {
+        let target = format!("10.1.2.{}:8080", round + 1);
+        lb(&["backend", "add", vip, &target, "--weight", "0"])?;
         let t = Instant::now();
         let mut child = Command::new(lb_bin)
-            .args([
-                "backend",
-                "add",
-                vip,
-                &format!("10.1.2.{}:8080", round + 1),
-                "--weight",
-                "65535",
-            ])
+            .args(["backend", "set", vip, &target, "--weight", "65535"])
+            .stdout(std::process::Stdio::null())
             .env("LB_PIN_DIR", &pin)
             .spawn()?;
         let mut seen = None;

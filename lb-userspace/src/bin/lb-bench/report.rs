@@ -235,7 +235,7 @@ impl Report {
     pub fn set_latency(&mut self, (first_packet_ms, command_ms): (f64, f64)) {
         let _ = writeln!(
             self.md,
-            "`lb backend add` (the real binary, on pinned maps) to the first new-flow packet on the new table: {first_packet_ms:.1} ms median of 5; the command itself exits after {command_ms:.1} ms (it loads nothing: it opens the pinned maps, computes the table and writes the slots that change).\n"
+            "`lb backend set` (the real binary, on pinned maps: a drained backend given almost all the weight) to the first new-flow packet on the new table: {first_packet_ms:.1} ms, median of 5; the command itself exits after {command_ms:.1} ms (it loads nothing: it opens the pinned maps, computes the table and writes the slots that change, while packets already use the slots written).\n"
         );
     }
 
