@@ -247,6 +247,7 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let mut s = ApplySummary::default();
     let current = maps.vips()?;
     let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);
+    check_table_room(maps, &current, cfg)?;
     // 1. VIPs that go away.
     for (vip, _) in &current {
         if wanted(vip).is_none() {
@@ -255,28 +256,35 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             s.vips_removed += 1;
         }
     }
-    // 2. Backends that leave a VIP that stays (before any other VIP may take them).
+    // 2. Backends that leave a VIP that stays (before another VIP may take them). The others
+    //    keep their current weights here, so no table needs more room than it has.
     for (vip, _) in &current {
         if let Some(w) = wanted(vip) {
             let keep: Vec<(SocketAddr, u32)> = maps
                 .backends(vip)?
                 .iter()
-                .filter_map(|b| w.backends.iter().find(|(a, _)| *a == b.addr).copied())
+                .filter(|b| w.backends.iter().any(|(a, _)| *a == b.addr))
+                .map(|b| (b.addr, b.weight))
                 .collect();
             let c = maps.set_backends(vip, &keep)?;
             s.backends_removed += c.removed;
             s.slots_written += c.slots_written;
-            s.backends_reweighted += c.reweighted;
         }
     }
-    // 3. New VIPs, new table sizes, and the full backend sets.
+    // 3. New VIPs, new table sizes, and the full backend sets. A table that grows is resized
+    //    before its backends are set, one that shrinks after, so that every intermediate state
+    //    satisfies the slots-per-backend rule.
     for v in &cfg.vips {
-        match current.iter().find(|(vip, _)| *vip == v.vip) {
+        let old_size = current
+            .iter()
+            .find(|(vip, _)| *vip == v.vip)
+            .map(|(_, i)| i.table_size);
+        match old_size {
             None => {
                 maps.add_vip(&v.vip, v.table_size)?;
                 s.vips_added += 1;
             }
-            Some((_, info)) if info.table_size != v.table_size => {
+            Some(old) if v.table_size > old => {
                 s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
                 s.tables_resized += 1;
             }
@@ -287,8 +295,48 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
         s.backends_removed += c.removed;
         s.backends_reweighted += c.reweighted;
         s.slots_written += c.slots_written;
+        if old_size.is_some_and(|old| v.table_size < old) {
+            s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
+            s.tables_resized += 1;
+        }
     }
     Ok(s)
+}
+
+/// Checks, before anything is written, that the table array has room for every new table and
+/// for each resized table's new range while its old range is still in use.
+fn check_table_room(
+    maps: &LbMaps,
+    current: &[(Vip, lb_common::VipInfo)],
+    cfg: &Config,
+) -> Result<(), LbError> {
+    let capacity = maps.table_capacity();
+    // Ranges in use after the VIPs that go away are removed.
+    let mut used: Vec<(u32, u32)> = current
+        .iter()
+        .filter(|(vip, _)| cfg.vips.iter().any(|v| v.vip == *vip))
+        .map(|(_, i)| (i.table_off, i.table_size))
+        .collect();
+    for v in &cfg.vips {
+        let old = current
+            .iter()
+            .find(|(vip, _)| *vip == v.vip)
+            .map(|(_, i)| *i);
+        if old.is_some_and(|i| i.table_size == v.table_size) {
+            continue;
+        }
+        let off = crate::state::free_range(used.iter().copied(), v.table_size, capacity).ok_or(
+            LbError::TableCapacity {
+                size: v.table_size,
+                capacity,
+            },
+        )?;
+        used.push((off, v.table_size));
+        if let Some(i) = old {
+            used.retain(|r| *r != (i.table_off, i.table_size));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -120,6 +120,13 @@ pub fn parse_socket_addr(s: &str, what: &str) -> Result<SocketAddr, ParseError> 
     if a.port() == 0 {
         return Err(ParseError(format!("invalid {what} address {s:?}: port 0")));
     }
+    if let SocketAddr::V6(v6) = a {
+        if v6.scope_id() != 0 || v6.flowinfo() != 0 {
+            return Err(ParseError(format!(
+                "invalid {what} address {s:?}: IPv6 scope ids (%…) are not supported"
+            )));
+        }
+    }
     if a.ip().is_unspecified() || a.ip().is_multicast() {
         return Err(ParseError(format!(
             "invalid {what} address {s:?}: {} cannot be a {what} address",
@@ -208,6 +215,7 @@ mod tests {
             ("10.0.0.1:65536/tcp", "invalid VIP address"),
             ("0.0.0.0:80/tcp", "cannot be a VIP"),
             ("2001:db8::1:80/tcp", "invalid VIP address"),
+            ("[fe80::1%1]:80/tcp", "scope ids"),
         ] {
             let e = s.parse::<Vip>().unwrap_err();
             assert!(e.0.contains(needle), "{s}: {e}");

@@ -11,7 +11,10 @@
 use std::{
     ffi::CString,
     fs::{self, File},
-    os::{fd::AsRawFd, unix::fs::DirBuilderExt},
+    os::{
+        fd::AsRawFd,
+        unix::fs::{DirBuilderExt, MetadataExt},
+    },
     path::{Path, PathBuf},
 };
 
@@ -56,7 +59,8 @@ pub struct Attachment {
 /// An open (and locked) pin directory.
 pub struct PinDir {
     path: PathBuf,
-    _lock: File,
+    /// Holding the open directory holds the flock.
+    lock: Option<File>,
 }
 
 impl PinDir {
@@ -64,26 +68,43 @@ impl PinDir {
     /// and takes an exclusive lock that serializes concurrent `lb` commands.
     pub fn open(path: &Path) -> Result<PinDir> {
         ensure_bpffs(path)?;
-        if !path.exists() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(path)
-                .with_context(|| format!("creating pin directory {}", path.display()))?;
+        // Lock the directory. If it was removed (`lb detach --purge`) or replaced while we
+        // waited, lock the one that is there now, so commands stay serialized.
+        for _ in 0..100 {
+            if !path.exists() {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(path)
+                    .with_context(|| format!("creating pin directory {}", path.display()))?;
+            }
+            let lock = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: plain syscall on a valid fd.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                bail!(
+                    "locking {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            let same = fs::metadata(path)
+                .ok()
+                .zip(lock.metadata().ok())
+                .is_some_and(|(a, b)| a.ino() == b.ino() && a.dev() == b.dev());
+            if same {
+                return Ok(PinDir {
+                    path: path.to_path_buf(),
+                    lock: Some(lock),
+                });
+            }
         }
-        let lock = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: plain syscall on a valid fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            bail!(
-                "locking {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(PinDir {
-            path: path.to_path_buf(),
-            _lock: lock,
-        })
+        bail!("could not lock {}: it keeps being replaced", path.display())
+    }
+
+    /// Gives up the lock (for long-running readers such as `lb stats --watch`, which must not
+    /// block other commands).
+    pub fn unlock(&mut self) {
+        self.lock = None;
     }
 
     pub fn path(&self) -> &Path {
@@ -120,6 +141,22 @@ impl PinDir {
     }
 
     fn load(&self, opts: LoadOptions) -> Result<()> {
+        let r = self.load_and_pin(opts);
+        if r.is_err() {
+            // Leave nothing half-pinned behind: a later load would find stale maps.
+            self.unload();
+        }
+        r
+    }
+
+    /// Removes the program and map pins (not the links).
+    pub fn unload(&self) {
+        for name in ALL_MAPS.iter().copied().chain([PROG_PIN]) {
+            let _ = fs::remove_file(self.path.join(name));
+        }
+    }
+
+    fn load_and_pin(&self, opts: LoadOptions) -> Result<()> {
         let mut dp = Dataplane::load_with(opts, |ebpf| {
             for name in ALL_MAPS {
                 let map = ebpf

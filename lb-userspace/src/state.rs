@@ -704,7 +704,11 @@ pub fn check_table_size(size: u32) -> Result<()> {
 }
 
 /// First offset in `[0, capacity)` where `size` slots fit between the `used` (offset, size) runs.
-fn free_range(used: impl Iterator<Item = (u32, u32)>, size: u32, capacity: u32) -> Option<u32> {
+pub(crate) fn free_range(
+    used: impl Iterator<Item = (u32, u32)>,
+    size: u32,
+    capacity: u32,
+) -> Option<u32> {
     let mut runs: Vec<(u32, u32)> = used.collect();
     runs.sort();
     let mut at = 0u64;

@@ -149,6 +149,23 @@ fn attach_status_detach() {
     );
     lb.fails(&["detach", "nosuch0"], 1, "not attached to nosuch0");
 
+    // A failure on one interface undoes the others of the same command.
+    lb.ok(&["detach", "lbc0"]);
+    lb.fails(
+        &["attach", "lbc0", "lo", "--mode", "native"],
+        1,
+        "attaching to lo in native mode",
+    );
+    assert!(!String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-n", &lb.ns.name, "link", "show", "lbc0"])
+            .output()
+            .unwrap()
+            .stdout
+    )
+    .contains("xdp"));
+    lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+
     lb.ok(&["detach", "lbc1"]);
     let st = lb.json(&["status"]);
     assert_eq!(st["attached"].as_array().unwrap().len(), 1);

@@ -31,13 +31,25 @@ pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: b
             return Err(anyhow::anyhow!("lb is already attached to {iface}").into());
         }
     }
+    let was_loaded = dir.is_loaded();
     let mut done = Vec::new();
     for iface in ifaces {
-        let used = dir.attach(iface, mode, sizes.load_options())?;
-        done.push(Attached {
-            iface: iface.clone(),
-            mode: mode_name(used),
-        });
+        match dir.attach(iface, mode, sizes.load_options()) {
+            Ok(used) => done.push(Attached {
+                iface: iface.clone(),
+                mode: mode_name(used),
+            }),
+            Err(e) => {
+                // Undo this command's attachments (and load), leaving the state as it was.
+                for a in &done {
+                    let _ = dir.detach(&a.iface);
+                }
+                if !was_loaded {
+                    dir.unload();
+                }
+                return Err(e.into());
+            }
+        }
     }
     if json {
         print_json(&done);

@@ -95,7 +95,7 @@ fn run(cli: Cli) -> CmdResult {
             "lb must run as root: it loads BPF programs and changes BPF maps"
         )));
     }
-    let dir = PinDir::open(&cli.pin_dir)?;
+    let mut dir = PinDir::open(&cli.pin_dir)?;
     let json = cli.json;
     match cli.command {
         Command::Attach {
@@ -107,7 +107,7 @@ fn run(cli: Cli) -> CmdResult {
         Command::Status => lifecycle::status(&dir, json),
         Command::Vip(c) => services::vip(&dir, c, json),
         Command::Backend(c) => services::backend(&dir, c, json),
-        Command::Stats { watch } => observe::stats(&dir, watch, json),
+        Command::Stats { watch } => observe::stats(&mut dir, watch, json),
         Command::Flows { vip } => observe::flows(&dir, vip, json),
         Command::Table { vip } => observe::table(&dir, &vip, json),
         Command::Nexthop(c) => services::nexthop(&dir, c, json),

@@ -155,8 +155,10 @@ fn traffic_row(name: &str, weight: &str, t: &Traffic) -> Vec<String> {
     ]
 }
 
-pub fn stats(dir: &PinDir, watch: Option<u64>, json: bool) -> CmdResult {
+pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
     let maps = dir.maps()?;
+    // The maps stay open without the lock: watching must not block other commands.
+    dir.unlock();
     let Some(interval) = watch else {
         let s = snapshot(&maps)?;
         if json {

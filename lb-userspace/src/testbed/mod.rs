@@ -288,7 +288,9 @@ impl Drop for Testbed {
             s.stop();
         }
         let _ = self.lb(&["detach", "--purge"]);
-        cleanup_prefix(&self.prefix);
+        // This testbed's names only ("…x1-" must not match "…x10-").
+        cleanup_prefix(&format!("{}-", self.prefix));
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

@@ -60,7 +60,12 @@ impl Servers {
                 };
                 serve(&name, http, line, udp, &stop2);
             }));
-            ready_rx.recv()??;
+            let ready = ready_rx.recv().map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = ready {
+                // Stop the servers already running before reporting.
+                Servers { stop, threads }.stop();
+                return Err(e);
+            }
         }
         Ok(Servers { stop, threads })
     }
