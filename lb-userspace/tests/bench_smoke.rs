@@ -1,0 +1,38 @@
+//! `lb-bench --quick` still runs: every path it measures still takes the path it claims (it
+//! checks each round's verdict and output). No timing is asserted here — numbers come from
+//! `cargo xtask bench`.
+
+#[test]
+fn bench_quick_runs_and_checks_its_paths() {
+    let dir = std::env::temp_dir().join(format!("lbt-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out_file = dir.join("BENCHMARKS.md");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb-bench"))
+        .args([
+            "--quick",
+            "--no-e2e",
+            "--lb",
+            env!("CARGO_BIN_EXE_lb"),
+            "--out",
+        ])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(&out_file).unwrap();
+    for row in [
+        "| not for a VIP (pass) |",
+        "| established IPv4 (conntrack hit) |",
+        "| new flow IPv6, next-hop cache |",
+        "| reverse NAT IPv4 (reply to the VIP) |",
+        "| 1000 backends |",
+    ] {
+        assert!(md.contains(row), "{row} missing:\n{md}");
+    }
+    assert!(dir.join("docs/bench-per-packet.svg").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
