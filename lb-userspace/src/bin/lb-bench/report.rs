@@ -283,7 +283,7 @@ impl Report {
 
 /// A horizontal bar chart of ns per packet by path, with the floor marked.
 fn svg_chart(bars: &[(String, f64)], floor: f64) -> String {
-    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.15;
+    let max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.5;
     let (left, width, row) = (330.0, 420.0, 28.0);
     let height = 50.0 + row * bars.len() as f64 + 30.0;
     let x = |v: f64| left + width * v / max;
