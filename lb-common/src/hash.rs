@@ -75,6 +75,43 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     fmix(h, core::mem::size_of::<FlowKey>() as u32)
 }
 
+/// Seed of the source hash.
+pub const SOURCE_HASH_SEED: u32 = 0x6c62_5f32; // "lb_2"
+
+/// The source hash: MurmurHash3 of the client address masked to `prefix_len` bits (0 = all),
+/// and its family. Every flow of a client (or of a client subnet) gets the same value.
+#[inline(always)]
+pub fn source_hash(src_be: &[u32; 4], family: u8, prefix_len: u8) -> u32 {
+    let bits_total: u32 = if family == crate::FAMILY_V4 { 32 } else { 128 };
+    let prefix = if prefix_len == 0 || prefix_len as u32 > bits_total {
+        bits_total
+    } else {
+        prefix_len as u32
+    };
+    let mut h = SOURCE_HASH_SEED;
+    let mut i = 0;
+    while i < 4 {
+        let start = 32 * i as u32;
+        let keep = if prefix <= start {
+            0
+        } else if prefix >= start + 32 {
+            32
+        } else {
+            prefix - start
+        };
+        // Network-order words: the mask is built in wire order, then stored like the words.
+        let mask = if keep == 0 {
+            0
+        } else {
+            (u32::MAX << (32 - keep)).to_be()
+        };
+        h = mix_h(h, src_be[i] & mask);
+        i += 1;
+    }
+    h = mix_h(h, family as u32);
+    fmix(h, 20)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,4 +165,21 @@ mod tests {
         assert_eq!(flow_hash(&key), PINNED);
     }
     const PINNED: u32 = 3_515_136_274;
+
+    #[test]
+    fn source_hash_ignores_host_bits_beyond_the_prefix() {
+        let a = crate::addr_words([10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let b = crate::addr_words([10, 1, 2, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let c = crate::addr_words([10, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let v4 = crate::FAMILY_V4;
+        assert_eq!(source_hash(&a, v4, 24), source_hash(&b, v4, 24));
+        assert_ne!(source_hash(&a, v4, 24), source_hash(&c, v4, 24));
+        assert_ne!(source_hash(&a, v4, 0), source_hash(&b, v4, 0));
+        assert_eq!(source_hash(&a, v4, 0), source_hash(&a, v4, 32));
+        let x = crate::addr_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let y = crate::addr_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 2]);
+        let v6 = crate::FAMILY_V6;
+        assert_eq!(source_hash(&x, v6, 64), source_hash(&y, v6, 64));
+        assert_ne!(source_hash(&x, v6, 72), source_hash(&y, v6, 72));
+    }
 }

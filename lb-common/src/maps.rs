@@ -33,13 +33,17 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// Map names, at most 15 characters (the kernel cuts object names there).
 pub mod names {
     /// `HashMap<Endpoint, VipInfo>`: the configured VIPs.
-    pub const VIPS: &str = "LB_VIPS_V1";
+    pub const VIPS: &str = "LB_VIPS_V2";
+    /// `PerCpuArray<u32>`: each CPU's position in a round-robin VIP's sequence, by `vip_id`.
+    pub const RR_POS: &str = "LB_RRPOS_V1";
     /// `Array<Backend>`: every backend of every VIP, indexed by backend id.
     pub const BACKENDS: &str = "LB_BACKENDS_V1";
     /// `Array<u32>`: the selection tables of all VIPs, one contiguous run of slots each.
     pub const TABLE: &str = "LB_TABLE_V1";
     /// `LruHashMap<FlowKey, CtEntry>`: flow → backend (connection tracking).
-    pub const CONNTRACK: &str = "LB_CT_V1";
+    pub const CONNTRACK: &str = "LB_CT_V2";
+    /// `Array<u64>`: active (open) flows per backend, by backend id.
+    pub const ACTIVE: &str = "LB_ACTIVE_V1";
     /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
     pub const REVNAT: &str = "LB_REVNAT_V1";
     /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`.
@@ -84,10 +88,28 @@ pub struct VipInfo {
     pub table_off: u32,
     /// Number of slots M of this VIP's table (a prime). The slot of a flow is `hash % M`.
     pub table_size: u32,
-    /// Reserved for per-VIP options (forwarding mode, algorithm); zero today.
-    pub flags: u32,
+    /// Round robin only: the length of the sequence stored at the start of the table
+    /// (0 = no backend). Zero for the other algorithms.
+    pub seq_len: u32,
+    /// How new flows pick their backend: `ALGO_*`.
+    pub algo: u8,
+    /// Source hash only: the client address prefix length that is hashed (0 = whole address).
+    pub src_prefix_len: u8,
+    /// Always zero.
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<VipInfo>() == 16);
+const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
+
+/// Weighted consistent hash of the 5-tuple through the Maglev table (default).
+pub const ALGO_MAGLEV: u8 = 0;
+/// A random slot of the Maglev table (so a backend's chance is its share of slots).
+pub const ALGO_RANDOM: u8 = 1;
+/// Smooth weighted round robin: each CPU walks the VIP's sequence in turn.
+pub const ALGO_ROUND_ROBIN: u8 = 2;
+/// Consistent hash of the client address (or its prefix) through the Maglev table.
+pub const ALGO_SOURCE_HASH: u8 = 3;
+/// The less loaded (active flows / weight) of two random Maglev slots' backends (TCP only).
+pub const ALGO_LEAST_CONN: u8 = 4;
 
 /// `Backend::flags`: the entry is in use.
 pub const BACKEND_F_VALID: u8 = 1;
@@ -153,8 +175,14 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// `Backend::generation` when the entry was made; a mismatch means the backend was replaced.
     pub generation: u32,
+    /// `CT_F_*` bits (64-bit: the data plane sets them with an atomic fetch-or, which BPF has
+    /// for 64-bit words).
+    pub flags: u64,
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+
+/// `CtEntry::flags`: a TCP FIN or RST was seen; the flow no longer counts as active.
+pub const CT_F_CLOSED: u64 = 1;
 
 /// `NextHop::flags`: the entry may be used.
 pub const NEXTHOP_F_VALID: u32 = 1;

@@ -7,6 +7,10 @@
 //! the per-packet path; every helper is `#[inline(always)]`.
 #![no_std]
 #![no_main]
+// Atomic fetch-add / fetch-or on map values (BPF_ATOMIC); core's Atomic types have no RMW
+// methods on the bpf target.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod fib;
 mod headers;
@@ -14,14 +18,21 @@ mod maps;
 mod nat;
 mod parse;
 
+use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
+
 use lb_common::{
-    hash::flow_hash, Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, NEXTHOP_F_VALID,
-    NO_BACKEND,
+    hash::{flow_hash, source_hash},
+    Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, ALGO_LEAST_CONN, ALGO_RANDOM,
+    ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_CLOSED, NEXTHOP_F_VALID, NO_BACKEND,
 };
 
 use crate::{
-    maps::{count, BACKENDS, BACKEND_STATS, CONNTRACK, NEXTHOP, REVNAT, TABLE, VIPS, VIP_STATS},
+    maps::{
+        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, NEXTHOP, REVNAT, RR_POS, TABLE, VIPS,
+        VIP_STATS,
+    },
     nat::Side,
     parse::Packet,
 };
@@ -96,9 +107,89 @@ fn is_reply(pkt: &Packet, rev: &RevNat) -> bool {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    match unsafe { CONNTRACK.get(flow) } {
-        Some(ct) => ct.backend_id == rev.backend_id,
-        None => false,
+    let Some(ct) = (unsafe { CONNTRACK.get(flow) }).copied() else {
+        return false;
+    };
+    if ct.backend_id != rev.backend_id {
+        return false;
+    }
+    if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
+        mark_closed(&flow, ct.backend_id);
+    }
+    true
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+#[inline(always)]
+fn is_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+#[inline(always)]
+fn closes(flags: u8) -> bool {
+    flags & (TCP_FIN | TCP_RST) != 0
+}
+
+/// Marks a flow closed and takes it off its backend's active count — once, even when both
+/// directions' FINs race on two CPUs (the flag is set with an atomic fetch-or).
+#[inline(always)]
+fn mark_closed(flow: &FlowKey, backend_id: u32) {
+    if let Some(p) = CONNTRACK.get_ptr_mut(*flow) {
+        // SAFETY: the LRU value is live while we hold the RCU read side (the program run);
+        // u32 fields are naturally aligned.
+        let before = unsafe {
+            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
+                core::ptr::addr_of_mut!((*p).flags),
+                CT_F_CLOSED,
+            )
+        };
+        if before & CT_F_CLOSED == 0 {
+            active_add(backend_id, u64::MAX); // −1
+        }
+    }
+}
+
+/// Adds `delta` (wrapping: u64::MAX is −1) to a backend's active-flow count.
+#[inline(always)]
+fn active_add(id: u32, delta: u64) {
+    if let Some(p) = ACTIVE.get_ptr_mut(id) {
+        // SAFETY: array values are live and 8-byte aligned.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
+}
+
+/// The less loaded of the backends in two random slots: active flows / weight, compared by
+/// cross-multiplying (the "power of two choices": near least-connections at O(1) cost).
+#[inline(always)]
+fn select_least_conn(vip: &VipInfo) -> Option<(u32, Backend)> {
+    // SAFETY: plain helper calls.
+    let (r1, r2) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    let id1 = *TABLE.get(vip.table_off.wrapping_add(r1 % vip.table_size))?;
+    // A second candidate that is another backend where possible: up to 4 more slots, spread
+    // over the table (the same backend twice would be no choice at all).
+    let mut s2 = r2 % vip.table_size;
+    let mut id2 = *TABLE.get(vip.table_off.wrapping_add(s2))?;
+    let stride = vip.table_size / 5 + 1;
+    let mut k = 0;
+    while k < 4 && id2 == id1 {
+        s2 = (s2 + stride) % vip.table_size;
+        id2 = *TABLE.get(vip.table_off.wrapping_add(s2))?;
+        k += 1;
+    }
+    let b1 = usable_backend(id1, vip.vip_id)?;
+    let Some(b2) = usable_backend(id2, vip.vip_id) else {
+        return Some((id1, b1));
+    };
+    let a1 = ACTIVE.get(id1).copied().unwrap_or(0);
+    let a2 = ACTIVE.get(id2).copied().unwrap_or(0);
+    if a1 * b2.weight as u64 <= a2 * b1.weight as u64 {
+        Some((id1, b1))
+    } else {
+        Some((id2, b2))
     }
 }
 
@@ -137,12 +228,19 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     // SAFETY: copied out at once.
     if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
         let ct = *ct;
-        match usable_backend(ct.backend_id, vip.vip_id) {
-            Some(b) if b.generation == ct.generation => {
-                count(Counter::CtHit);
-                chosen = Some((ct.backend_id, b));
+        // A SYN on a closed flow's 5-tuple is a new connection (port reuse): select afresh.
+        let reopened = ct.flags & CT_F_CLOSED != 0 && is_syn(pkt.tcp_flags);
+        if !reopened {
+            match usable_backend(ct.backend_id, vip.vip_id) {
+                Some(b) if b.generation == ct.generation => {
+                    count(Counter::CtHit);
+                    if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
+                        mark_closed(&flow, ct.backend_id);
+                    }
+                    chosen = Some((ct.backend_id, b));
+                }
+                _ => count(Counter::CtStale),
             }
-            _ => count(Counter::CtStale),
         }
     }
     let (id, backend) = match chosen {
@@ -154,10 +252,12 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
             let entry = CtEntry {
                 backend_id: id,
                 generation: b.generation,
+                flags: 0,
             };
             if CONNTRACK.insert(flow, entry, 0).is_err() {
                 count(Counter::CtInsertFailed);
             }
+            active_add(id, 1);
             count(Counter::CtMiss);
             (id, b)
         }
@@ -184,13 +284,34 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     )
 }
 
-/// The backend of the flow's slot in the VIP's selection table, if usable.
+/// The backend the VIP's algorithm gives a new flow, if usable.
 #[inline(always)]
 fn select(vip: &VipInfo, flow: &FlowKey) -> Option<(u32, Backend)> {
     if vip.table_size == 0 {
         return None;
     }
-    let slot = vip.table_off.wrapping_add(flow_hash(flow) % vip.table_size);
+    let index = match vip.algo {
+        ALGO_LEAST_CONN => return select_least_conn(vip),
+        // SAFETY: plain helper call.
+        ALGO_RANDOM => (unsafe { bpf_get_prandom_u32() }) % vip.table_size,
+        ALGO_SOURCE_HASH => {
+            source_hash(&flow.src_be, flow.family, vip.src_prefix_len) % vip.table_size
+        }
+        ALGO_ROUND_ROBIN => {
+            if vip.seq_len == 0 || vip.seq_len > vip.table_size {
+                return None;
+            }
+            let pos = RR_POS.get_ptr_mut(vip.vip_id)?;
+            // SAFETY: per-CPU slot; nothing else on this CPU runs concurrently with us.
+            unsafe {
+                let p = *pos % vip.seq_len;
+                *pos = p + 1;
+                p
+            }
+        }
+        _ => flow_hash(flow) % vip.table_size,
+    };
+    let slot = vip.table_off.wrapping_add(index);
     let id = *TABLE.get(slot)?;
     if id == NO_BACKEND {
         return None;

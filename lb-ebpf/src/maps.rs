@@ -10,7 +10,7 @@ use lb_common::{
     COUNTER_COUNT, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
-#[btf_map(name = "LB_VIPS_V1")]
+#[btf_map(name = "LB_VIPS_V2")]
 pub(crate) static VIPS: HashMap<Endpoint, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
 
 #[btf_map(name = "LB_BACKENDS_V1")]
@@ -22,12 +22,21 @@ pub(crate) static TABLE: Array<u32, { DEFAULT_TABLE_CAPACITY as usize }> = Array
 
 /// Set at load. A shared (not per-CPU) LRU: a flow whose packets land on several CPUs still
 /// sees one entry.
-#[btf_map(name = "LB_CT_V1")]
+#[btf_map(name = "LB_CT_V2")]
 pub(crate) static CONNTRACK: LruHashMap<FlowKey, CtEntry, { DEFAULT_CT_CAPACITY as usize }> =
     LruHashMap::new();
 
 #[btf_map(name = "LB_REVNAT_V1")]
 pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();
+
+/// Active (open) flows per backend: +1 when a flow gets the backend, −1 when its TCP FIN or
+/// RST is seen. Shared, updated atomically.
+#[btf_map(name = "LB_ACTIVE_V1")]
+pub(crate) static ACTIVE: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Each CPU's position in each round-robin VIP's sequence (per CPU: no atomics, no contention).
+#[btf_map(name = "LB_RRPOS_V1")]
+pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray::new();
 
 /// Optional next-hop cache, written by `lb nexthop refresh`.
 #[btf_map(name = "LB_NEXTHOP_V1")]

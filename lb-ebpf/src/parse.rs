@@ -25,6 +25,8 @@ pub(crate) struct Packet {
     pub dst: [u32; 4],
     pub sport: u16,
     pub dport: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
     /// Length of the whole frame, for byte counters.
     pub frame_len: u64,
     /// IP total length (IPv4 total length; IPv6 payload length + 40), host order.
@@ -118,7 +120,7 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
     let dst = [h.daddr_be, 0, 0, 0];
     let tos = h.tos as u32;
     let l4_off = ETH_LEN + hdr_len;
-    let (sport, dport) = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
+    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
     Ok(Packet {
         family: FAMILY_V4,
         proto,
@@ -127,6 +129,7 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
         dst,
         sport,
         dport,
+        tcp_flags,
         frame_len: frame_len as u64,
         ip_len: tot_len as u16,
         tos_or_flow: tos,
@@ -162,7 +165,7 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
     let dst = h.daddr_be;
     let flow = (vtc_flow & 0x000f_ffff).to_be();
     let l4_off = ETH_LEN + IPV6_LEN;
-    let (sport, dport) = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
+    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
     Ok(Packet {
         family: FAMILY_V6,
         proto,
@@ -171,6 +174,7 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
         dst,
         sport,
         dport,
+        tcp_flags,
         frame_len: frame_len as u64,
         ip_len: (IPV6_LEN + payload_len) as u16,
         tos_or_flow: flow,
@@ -178,14 +182,15 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
 }
 
 /// Checks the TCP/UDP header at `l4_off`, which must lie within the IP packet ending at
-/// `ip_end`, and returns the source and destination ports (network byte order).
+/// `ip_end`, and returns the source and destination ports (network byte order) and the TCP
+/// flags.
 #[inline(always)]
 fn parse_l4(
     ctx: &XdpContext,
     proto: u8,
     l4_off: usize,
     ip_end: usize,
-) -> Result<(u16, u16), Verdict> {
+) -> Result<(u16, u16, u8), Verdict> {
     let malformed = Err(Verdict::pass(Counter::PassMalformedL4));
     if proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
@@ -197,7 +202,7 @@ fn parse_l4(
         if doff < 5 || l4_off + doff * 4 > ip_end {
             return malformed;
         }
-        Ok((t.sport_be, t.dport_be))
+        Ok((t.sport_be, t.dport_be, t.flags))
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
             return malformed;
@@ -208,6 +213,6 @@ fn parse_l4(
         if len < core::mem::size_of::<UdpHdr>() || l4_off + len > ip_end {
             return malformed;
         }
-        Ok((u.sport_be, u.dport_be))
+        Ok((u.sport_be, u.dport_be, 0))
     }
 }

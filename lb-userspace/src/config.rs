@@ -32,6 +32,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipConfig {
     pub vip: Vip,
+    pub algorithm: crate::model::Algorithm,
     pub table_size: u32,
     pub backends: Vec<(SocketAddr, u32)>,
 }
@@ -56,6 +57,8 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawVip {
     address: Spanned<String>,
+    algorithm: Option<Spanned<String>>,
+    source_prefix: Option<Spanned<u8>>,
     table_size: Option<Spanned<u32>>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -161,9 +164,62 @@ impl Config {
                     .to_string(),
                 ));
             }
+            let algorithm = match &rv.algorithm {
+                Some(a) => crate::model::Algorithm::parse(
+                    a.get_ref(),
+                    rv.source_prefix.as_ref().map(|p| *p.get_ref()),
+                )
+                .map_err(|e| err(a.span().start, e.0))?,
+                None => match &rv.source_prefix {
+                    Some(p) => {
+                        return Err(err(
+                            p.span().start,
+                            "source_prefix needs algorithm = \"source-hash\"".into(),
+                        ))
+                    }
+                    None => crate::model::Algorithm::Maglev,
+                },
+            };
+            if let (Some(p), crate::model::Algorithm::SourceHash { prefix_len }) =
+                (&rv.source_prefix, algorithm)
+            {
+                let max = if vip.addr.is_ipv4() { 32 } else { 128 };
+                if prefix_len > max {
+                    return Err(err(
+                        p.span().start,
+                        format!("source prefix /{prefix_len} is longer than the VIP's addresses"),
+                    ));
+                }
+            }
+            if algorithm == crate::model::Algorithm::LeastConn && vip.proto != crate::Proto::Tcp {
+                let at = rv
+                    .algorithm
+                    .as_ref()
+                    .map_or(rv.address.span().start, |a| a.span().start);
+                return Err(err(at, LbError::LeastConnNeedsTcp(vip).to_string()));
+            }
+            if algorithm == crate::model::Algorithm::RoundRobin {
+                let weights: Vec<u32> = backends.iter().map(|(_, w)| *w).collect();
+                let len = crate::schedule::sequence_len(&weights);
+                if len > table_size as u64 {
+                    let at = rv
+                        .algorithm
+                        .as_ref()
+                        .map_or(rv.address.span().start, |a| a.span().start);
+                    return Err(err(
+                        at,
+                        LbError::RoundRobinTooLong {
+                            len,
+                            size: table_size,
+                        }
+                        .to_string(),
+                    ));
+                }
+            }
             total_backends += backends.len();
             vips.push(VipConfig {
                 vip,
+                algorithm,
                 table_size,
                 backends,
             });
@@ -191,6 +247,7 @@ impl Config {
                 .collect();
             vips.push(VipConfig {
                 vip,
+                algorithm: crate::model::Algorithm::from_codes(info.algo, info.src_prefix_len),
                 table_size: info.table_size,
                 backends,
             });
@@ -207,9 +264,16 @@ impl Config {
         for v in vips {
             let _ = write!(
                 out,
-                "\n[[vip]]\naddress = \"{}\"\ntable_size = {}\n",
-                v.vip, v.table_size
+                "\n[[vip]]\naddress = \"{}\"\nalgorithm = \"{}\"\n",
+                v.vip,
+                v.algorithm.name()
             );
+            if let crate::model::Algorithm::SourceHash { prefix_len } = v.algorithm {
+                if prefix_len > 0 {
+                    let _ = writeln!(out, "source_prefix = {prefix_len}");
+                }
+            }
+            let _ = writeln!(out, "table_size = {}", v.table_size);
             let mut backends = v.backends.clone();
             backends.sort();
             for (addr, weight) in backends {
@@ -233,6 +297,7 @@ pub struct ApplySummary {
     pub backends_removed: u32,
     pub backends_reweighted: u32,
     pub slots_written: u32,
+    pub algorithms_changed: u32,
 }
 
 impl ApplySummary {
@@ -290,11 +355,23 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             }
             Some(_) => {}
         }
+        let current_algo = maps.vip(&v.vip)?;
+        let new_vip = old_size.is_none();
+        let algo_changes =
+            crate::model::Algorithm::from_codes(current_algo.algo, current_algo.src_prefix_len)
+                != v.algorithm;
+        if new_vip && algo_changes {
+            s.slots_written += maps.set_algorithm(&v.vip, v.algorithm)?;
+        }
         let c = maps.set_backends(&v.vip, &v.backends)?;
         s.backends_added += c.added;
         s.backends_removed += c.removed;
         s.backends_reweighted += c.reweighted;
         s.slots_written += c.slots_written;
+        if !new_vip && algo_changes {
+            s.slots_written += maps.set_algorithm(&v.vip, v.algorithm)?;
+            s.algorithms_changed += 1;
+        }
         if old_size.is_some_and(|old| v.table_size < old) {
             s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
             s.tables_resized += 1;
@@ -372,6 +449,7 @@ address = "[2001:db8::100]:53/udp"
             ]
         );
         assert_eq!(c.vips[1].table_size, DEFAULT_TABLE_SIZE);
+        assert_eq!(c.vips[1].algorithm, crate::model::Algorithm::Maglev);
         // Round trip through the printer.
         let again = Config::parse("x", &c.to_toml()).unwrap();
         let mut sorted = c.clone();
@@ -396,6 +474,10 @@ address = "[2001:db8::100]:53/udp"
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ntable_size = 7\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 3, "too small"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n[[vip]]\naddress = \"10.0.0.9:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 8, "already serves"),
             ("[[vip]\n", 1, ""),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"fastest\"\n", 3, "unknown algorithm"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"random\"\nsource_prefix = 24\n", 3, "applies only to source-hash"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nsource_prefix = 24\n", 3, "needs algorithm"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"source-hash\"\nsource_prefix = 40\n", 4, "longer than"),
         ];
         for (text, line, needle) in cases {
             let e = error_of(text);

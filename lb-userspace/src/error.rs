@@ -36,6 +36,14 @@ pub enum LbError {
     TableSizeOutOfRange { size: u32, max: u32 },
     #[error("table size {size} is too small for {backends} backends with a weight above zero: it must be at least {MIN_SLOTS_PER_BACKEND} slots per backend ({need})")]
     TableTooSmall { size: u32, backends: u32, need: u32 },
+    #[error("source prefix /{prefix} is longer than an IPv{family} address")]
+    SourcePrefixTooLong { prefix: u8, family: u8 },
+    #[error("round robin needs a sequence of {len} slots for these weights (their sum divided by their greatest common divisor), but the table has {size}: use smaller weights or a larger table")]
+    RoundRobinTooLong { len: u64, size: u32 },
+    #[error(
+        "least-conn needs a TCP VIP: {0} is UDP, whose flows have no end the data plane can see"
+    )]
+    LeastConnNeedsTcp(Vip),
     #[error("too many VIPs: the maximum is {0}")]
     TooManyVips(u32),
     #[error("too many backends: {need} more needed but only {free} of {capacity} are free")]

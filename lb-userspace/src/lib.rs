@@ -9,10 +9,11 @@ pub mod model;
 pub mod nexthop;
 pub mod object;
 pub mod pin;
+pub mod schedule;
 pub mod state;
 pub mod testbed;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};
 pub use error::LbError;
-pub use model::{Proto, Vip};
+pub use model::{Algorithm, Proto, Vip};
 pub use state::{BackendState, Change, LbMaps};

@@ -58,6 +58,109 @@ impl FromStr for Proto {
     }
 }
 
+/// How a VIP's new flows pick their backend (ipvsadm's `-s`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Algorithm {
+    /// Weighted consistent hash of the 5-tuple (Maglev): every gateway picks the same backend.
+    #[default]
+    Maglev,
+    /// A random backend, with probability W(i)/ΣW.
+    Random,
+    /// Smooth weighted round robin, per CPU.
+    RoundRobin,
+    /// Consistent hash of the client address, or of its first `prefix_len` bits (0 = all).
+    SourceHash { prefix_len: u8 },
+    /// Fewest active flows relative to weight (of two random weighted candidates); TCP only.
+    LeastConn,
+}
+
+impl Algorithm {
+    /// The data plane's code (`lb_common::ALGO_*`) and source prefix length.
+    pub fn codes(self) -> (u8, u8) {
+        match self {
+            Algorithm::Maglev => (lb_common::ALGO_MAGLEV, 0),
+            Algorithm::Random => (lb_common::ALGO_RANDOM, 0),
+            Algorithm::RoundRobin => (lb_common::ALGO_ROUND_ROBIN, 0),
+            Algorithm::SourceHash { prefix_len } => (lb_common::ALGO_SOURCE_HASH, prefix_len),
+            Algorithm::LeastConn => (lb_common::ALGO_LEAST_CONN, 0),
+        }
+    }
+
+    pub fn from_codes(algo: u8, prefix_len: u8) -> Algorithm {
+        match algo {
+            lb_common::ALGO_RANDOM => Algorithm::Random,
+            lb_common::ALGO_ROUND_ROBIN => Algorithm::RoundRobin,
+            lb_common::ALGO_SOURCE_HASH => Algorithm::SourceHash { prefix_len },
+            lb_common::ALGO_LEAST_CONN => Algorithm::LeastConn,
+            _ => Algorithm::Maglev,
+        }
+    }
+
+    /// The name, as `--algo` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Maglev => "maglev",
+            Algorithm::Random => "random",
+            Algorithm::RoundRobin => "round-robin",
+            Algorithm::SourceHash { .. } => "source-hash",
+            Algorithm::LeastConn => "least-conn",
+        }
+    }
+
+    /// Whether this algorithm can serve `vip`: least-conn needs TCP (flows must have a visible
+    /// end); a source prefix must fit the VIP's address family.
+    pub fn check_for(self, vip: &Vip) -> Result<(), crate::LbError> {
+        if self == Algorithm::LeastConn && vip.proto != Proto::Tcp {
+            return Err(crate::LbError::LeastConnNeedsTcp(*vip));
+        }
+        let (_, prefix) = self.codes();
+        let max = if vip.addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(crate::LbError::SourcePrefixTooLong {
+                prefix,
+                family: if vip.addr.is_ipv4() { 4 } else { 6 },
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds one from its name and an optional source prefix, which only source-hash takes.
+    pub fn parse(name: &str, source_prefix: Option<u8>) -> Result<Algorithm, ParseError> {
+        let a = match name.to_ascii_lowercase().as_str() {
+            "maglev" | "mh" => Algorithm::Maglev,
+            "random" => Algorithm::Random,
+            "round-robin" | "rr" | "wrr" => Algorithm::RoundRobin,
+            "source-hash" | "sh" => Algorithm::SourceHash {
+                prefix_len: source_prefix.unwrap_or(0),
+            },
+            "least-conn" | "lc" | "wlc" => Algorithm::LeastConn,
+            _ => {
+                return Err(ParseError(format!(
+                    "unknown algorithm {name:?} (expected maglev, random, round-robin, source-hash or least-conn)"
+                )))
+            }
+        };
+        if source_prefix.is_some() && !matches!(a, Algorithm::SourceHash { .. }) {
+            return Err(ParseError(format!(
+                "a source prefix applies only to source-hash, not to {}",
+                a.name()
+            )));
+        }
+        Ok(a)
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Algorithm::SourceHash { prefix_len } if *prefix_len > 0 => {
+                write!(f, "source-hash/{prefix_len}")
+            }
+            a => f.write_str(a.name()),
+        }
+    }
+}
+
 /// Why a VIP or backend string did not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

@@ -5,7 +5,7 @@
 //! /sys/fs/bpf/lb/            (0700; flock'ed by every lb command: concurrent runs serialize)
 //!   prog_lb_xdp              the loaded program
 //!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic)
-//!   LB_VIPS_V1 …             the maps (names from lb_common::names)
+//!   LB_VIPS_V2 …             the maps (names from lb_common::names)
 //! ```
 
 use std::{
@@ -37,7 +37,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 9] = [
+const ALL_MAPS: [&str; 11] = [
+    names::ACTIVE,
+    names::RR_POS,
     names::NEXTHOP,
     names::VIPS,
     names::BACKENDS,

@@ -37,6 +37,7 @@ pub struct LbMaps {
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     nexthop: Array<MapData, NextHop>,
+    active: Array<MapData, u64>,
 }
 
 /// A backend as configured.
@@ -89,6 +90,7 @@ impl LbMaps {
             vip_stats: get(names::VIP_STATS)?.try_into()?,
             backend_stats: get(names::BACKEND_STATS)?.try_into()?,
             nexthop: get(names::NEXTHOP)?.try_into()?,
+            active: get(names::ACTIVE)?.try_into()?,
         })
     }
 
@@ -150,7 +152,10 @@ impl LbMaps {
             vip_id,
             table_off,
             table_size,
-            flags: 0,
+            seq_len: 0,
+            algo: 0,
+            src_prefix_len: 0,
+            _pad: 0,
         };
         self.vips
             .insert(vip.endpoint(), info, 0)
@@ -197,22 +202,92 @@ impl LbMaps {
             size: table_size,
             capacity: self.table_capacity(),
         })?;
-        let table = maglev::build(&table_entries(vip, &backends), table_size);
-        for (i, slot) in table.iter().enumerate() {
-            let index = table_off + i as u32;
-            self.table
-                .set(index, slot.unwrap_or(NO_BACKEND), 0)
-                .ctx(|| format!("writing table slot {index}"))?;
+        if info.algo == lb_common::ALGO_ROUND_ROBIN {
+            let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+            check_rr_len(&weights, table_size)?;
         }
-        let new = VipInfo {
+        let resized = VipInfo {
             table_off,
             table_size,
             ..info
         };
+        let (table, seq_len) = table_content(vip, &resized, &backends);
+        for (i, value) in table.iter().enumerate() {
+            let index = table_off + i as u32;
+            self.table
+                .set(index, *value, 0)
+                .ctx(|| format!("writing table slot {index}"))?;
+        }
+        let new = VipInfo { seq_len, ..resized };
         self.vips
             .insert(vip.endpoint(), new, 0)
             .ctx(|| format!("switching VIP {vip} to its new table"))?;
         Ok(table_size)
+    }
+
+    /// Writes the VIP's table for its algorithm and backends — only the slots that differ —
+    /// then, for round robin, the new sequence length. Returns the slots written.
+    fn write_table(&mut self, vip: &Vip, info: &VipInfo, backends: &[BackendState]) -> Result<u32> {
+        let (table, seq_len) = table_content(vip, info, backends);
+        let mut written = 0;
+        for (i, value) in table.iter().enumerate() {
+            let index = info.table_off + i as u32;
+            let old = self
+                .table
+                .get(&index, 0)
+                .ctx(|| format!("reading table slot {index}"))?;
+            if old != *value {
+                self.table
+                    .set(index, *value, 0)
+                    .ctx(|| format!("writing table slot {index}"))?;
+                written += 1;
+            }
+        }
+        if seq_len != info.seq_len {
+            let new = VipInfo { seq_len, ..*info };
+            self.vips
+                .insert(vip.endpoint(), new, 0)
+                .ctx(|| format!("updating VIP {vip}"))?;
+        }
+        Ok(written)
+    }
+
+    /// Changes how a VIP's new flows pick their backend. Established flows keep theirs
+    /// (conntrack). Returns the table slots written.
+    pub fn set_algorithm(&mut self, vip: &Vip, algo: crate::model::Algorithm) -> Result<u32> {
+        let info = self.vip(vip)?;
+        algo.check_for(vip)?;
+        let (code, prefix) = algo.codes();
+        let backends = self.backends(vip)?;
+        if code == lb_common::ALGO_ROUND_ROBIN {
+            let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
+            check_rr_len(&weights, info.table_size)?;
+        }
+        // The slots first (every value is a valid backend either way), then the VIP entry.
+        let new = VipInfo {
+            algo: code,
+            src_prefix_len: prefix,
+            ..info
+        };
+        let (table, seq_len) = table_content(vip, &new, &backends);
+        let mut written = 0;
+        for (i, value) in table.iter().enumerate() {
+            let index = info.table_off + i as u32;
+            let old = self
+                .table
+                .get(&index, 0)
+                .ctx(|| format!("reading table slot {index}"))?;
+            if old != *value {
+                self.table
+                    .set(index, *value, 0)
+                    .ctx(|| format!("writing table slot {index}"))?;
+                written += 1;
+            }
+        }
+        self.vips
+            .insert(vip.endpoint(), VipInfo { seq_len, ..new }, 0)
+            .ctx(|| format!("updating VIP {vip}"))?;
+        Ok(written)
     }
 
     // ---- backends ----
@@ -313,6 +388,10 @@ impl LbMaps {
                 }
             }
         }
+        if info.algo == lb_common::ALGO_ROUND_ROBIN {
+            let weights: Vec<u32> = want.iter().map(|(_, w)| *w).collect();
+            check_rr_len(&weights, info.table_size)?;
+        }
         let active = want.iter().filter(|(_, w)| *w > 0).count() as u32;
         if active > 0 && (info.table_size / MIN_SLOTS_PER_BACKEND) < active {
             return Err(LbError::TableTooSmall {
@@ -383,6 +462,9 @@ impl LbMaps {
                     .wrapping_add(1),
             };
             self.reset_stats_backend(*id)?;
+            self.active
+                .set(*id, 0, 0)
+                .ctx(|| format!("resetting the active flows of backend {id}"))?;
             self.backends
                 .set(*id, backend, 0)
                 .ctx(|| format!("adding backend {addr}"))?;
@@ -407,21 +489,7 @@ impl LbMaps {
                 weight: *weight,
             })
             .collect();
-        let table = maglev::build(&table_entries(vip, &states), info.table_size);
-        for (i, slot) in table.iter().enumerate() {
-            let index = info.table_off + i as u32;
-            let value = slot.unwrap_or(NO_BACKEND);
-            let old = self
-                .table
-                .get(&index, 0)
-                .ctx(|| format!("reading table slot {index}"))?;
-            if old != value {
-                self.table
-                    .set(index, value, 0)
-                    .ctx(|| format!("writing table slot {index}"))?;
-                change.slots_written += 1;
-            }
-        }
+        change.slots_written += self.write_table(vip, &info, &states)?;
 
         // ---- 3. removed backends, now that no slot points at them ----
         for (id, b) in &current {
@@ -654,10 +722,48 @@ impl LbMaps {
         Ok(self.conntrack.map().info()?.id())
     }
 
+    /// Active flows of a backend: flows that got it and have not shown a TCP FIN or RST (UDP
+    /// flows count until the backend is removed: they have no visible end).
+    pub fn active_flows(&self, id: u32) -> Result<u64> {
+        self.active
+            .get(&id, 0)
+            .ctx(|| format!("reading the active flows of backend {id}"))
+    }
+
     /// The backend id conntrack holds for a flow, if any.
     pub fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
         self.conntrack.get(key, 0).ok()
     }
+}
+
+/// The slots of a VIP's table for its algorithm, and the round-robin sequence length (0 for
+/// the other algorithms). Round robin: the smooth weighted sequence from slot 0, the rest empty.
+fn table_content(vip: &Vip, info: &VipInfo, backends: &[BackendState]) -> (Vec<u32>, u32) {
+    if info.algo == lb_common::ALGO_ROUND_ROBIN {
+        let mut sorted = backends.to_vec();
+        sorted.sort_by_key(|b| b.addr);
+        let seq = crate::schedule::smooth_wrr(
+            &sorted.iter().map(|b| (b.id, b.weight)).collect::<Vec<_>>(),
+        );
+        let mut t = vec![NO_BACKEND; info.table_size as usize];
+        t[..seq.len()].copy_from_slice(&seq);
+        (t, seq.len() as u32)
+    } else {
+        let t = maglev::build(&table_entries(vip, backends), info.table_size);
+        (t.into_iter().map(|s| s.unwrap_or(NO_BACKEND)).collect(), 0)
+    }
+}
+
+/// Round robin's sequence must fit in the table.
+fn check_rr_len(weights: &[u32], table_size: u32) -> Result<()> {
+    let len = crate::schedule::sequence_len(weights);
+    if len > table_size as u64 {
+        return Err(LbError::RoundRobinTooLong {
+            len,
+            size: table_size,
+        });
+    }
+    Ok(())
 }
 
 /// Table builder input for a VIP's backends: identity = the backend's endpoint bytes.

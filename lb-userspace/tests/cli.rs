@@ -316,6 +316,72 @@ fn vips_backends_and_bad_input() {
         "too small for 26 backends",
     );
     lb.fails(&["vip", "add"], 2, "required");
+    // Algorithms.
+    lb.fails(
+        &["vip", "add", "10.100.0.7:80/tcp", "--algo", "fastest"],
+        2,
+        "unknown algorithm \"fastest\"",
+    );
+    lb.fails(
+        &[
+            "vip",
+            "add",
+            "10.100.0.7:80/tcp",
+            "--algo",
+            "maglev",
+            "--source-prefix",
+            "24",
+        ],
+        2,
+        "applies only to source-hash",
+    );
+    lb.fails(
+        &[
+            "vip",
+            "add",
+            "10.100.0.7:80/tcp",
+            "--algo",
+            "source-hash",
+            "--source-prefix",
+            "33",
+        ],
+        2,
+        "longer than",
+    );
+    lb.fails(
+        &["vip", "add", "10.100.0.7:53/udp", "--algo", "least-conn"],
+        2,
+        "least-conn needs a TCP VIP",
+    );
+    lb.fails(
+        &[
+            "vip",
+            "set",
+            "[2001:db8::100]:53/udp",
+            "--algo",
+            "least-conn",
+        ],
+        2,
+        "least-conn needs a TCP VIP",
+    );
+    lb.fails(
+        &["vip", "set", "10.100.0.9:80/tcp", "--algo", "random"],
+        1,
+        "does not exist",
+    );
+    lb.ok(&["vip", "set", VIP, "--algo", "round-robin"]);
+    assert_eq!(lb.json(&["vip", "list"])[0]["algorithm"], "round-robin");
+    lb.ok(&[
+        "vip",
+        "set",
+        VIP,
+        "--algo",
+        "source-hash",
+        "--source-prefix",
+        "24",
+    ]);
+    assert_eq!(lb.json(&["vip", "list"])[0]["algorithm"], "source-hash/24");
+    lb.ok(&["vip", "set", VIP, "--algo", "maglev"]);
     lb.fails(&["frobnicate"], 2, "unrecognized subcommand");
 
     // Not root.
@@ -400,16 +466,43 @@ weight = 2
 
 [[vip]]
 address = "[2001:db8::100]:443/tcp"
+algorithm = "least-conn"
 table_size = 251
 
 [[vip.backend]]
 address = "[2001:db8::11]:8443"
+
+[[vip]]
+address = "10.100.0.102:80/tcp"
+algorithm = "source-hash"
+source_prefix = 24
+table_size = 251
+
+[[vip]]
+address = "10.100.0.103:80/tcp"
+algorithm = "round-robin"
+table_size = 251
+
+[[vip.backend]]
+address = "10.200.3.1:80"
+weight = 2
 "#,
     )
     .unwrap();
     let f = file.to_str().unwrap();
     let out = lb.ok(&["apply", "-f", f]);
-    assert!(out.contains("2 VIPs added"), "{out}");
+    assert!(out.contains("4 VIPs added"), "{out}");
+    let vips = lb.json(&["vip", "list"]);
+    let algos: Vec<&str> = vips
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["algorithm"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        algos,
+        ["maglev", "source-hash/24", "round-robin", "least-conn"]
+    );
     // Round trip: what show-config prints, applied, changes nothing.
     let shown = lb.ok(&["show-config"]);
     let again = dir.join("again.toml");
@@ -443,7 +536,7 @@ address = "10.200.0.11:53"
     .unwrap();
     let out = lb.ok(&["apply", "-f", f]);
     assert!(
-        out.contains("1 VIPs added, 1 removed, 1 tables resized"),
+        out.contains("1 VIPs added, 3 removed, 1 tables resized"),
         "{out}"
     );
     let vips = lb.json(&["vip", "list"]);
@@ -553,7 +646,7 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
             "map",
             "dump",
             "pinned",
-            &format!("{}/LB_VIPS_V1", lb.pin),
+            &format!("{}/LB_VIPS_V2", lb.pin),
         ])
         .output()
         .unwrap();

@@ -109,7 +109,18 @@ pub enum VipCommand {
         #[arg(long, default_value_t = lb_common::DEFAULT_TABLE_SIZE)]
         table_size: u32,
         #[command(flatten)]
+        algo: AlgoArgs,
+        #[command(flatten)]
         sizes: Sizes,
+    },
+    /// Change how a VIP's new flows pick their backend (established flows keep theirs).
+    #[command(
+        after_help = "Example:\n  lb vip set 10.100.0.100:80/tcp --algo round-robin\n  lb vip set 10.100.0.100:80/tcp --algo source-hash --source-prefix 24"
+    )]
+    Set {
+        vip: Vip,
+        #[command(flatten)]
+        algo: AlgoArgs,
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  lb vip del 10.100.0.100:80/tcp")]
@@ -164,6 +175,25 @@ pub enum NexthopCommand {
     /// Drop the cache: a route lookup for every packet again.
     #[command(after_help = "Example:\n  lb nexthop clear")]
     Clear,
+}
+
+/// The scheduling algorithm of a VIP.
+#[derive(clap::Args, Clone)]
+pub struct AlgoArgs {
+    /// maglev (weighted consistent hash, default), random, round-robin (smooth weighted, per
+    /// CPU) or source-hash (all flows of a client address on one backend).
+    #[arg(long, default_value = "maglev")]
+    pub algo: String,
+    /// source-hash only: hash the first N bits of the client address, so a whole client subnet
+    /// sticks together (default: the whole address).
+    #[arg(long, value_name = "BITS")]
+    pub source_prefix: Option<u8>,
+}
+
+impl AlgoArgs {
+    pub fn algorithm(&self) -> Result<lb::Algorithm, super::Failure> {
+        lb::Algorithm::parse(&self.algo, self.source_prefix).map_err(|e| super::Failure::Usage(e.0))
+    }
 }
 
 /// Map sizes, used only when the program is first loaded.

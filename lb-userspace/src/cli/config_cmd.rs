@@ -23,8 +23,8 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
         println!("no changes");
     } else {
         println!(
-            "applied: {} VIPs added, {} removed, {} tables resized; {} backends added, {} removed, {} reweighted; {} table slots written",
-            s.vips_added, s.vips_removed, s.tables_resized, s.backends_added, s.backends_removed, s.backends_reweighted, s.slots_written
+            "applied: {} VIPs added, {} removed, {} tables resized, {} algorithms changed; {} backends added, {} removed, {} reweighted; {} table slots written",
+            s.vips_added, s.vips_removed, s.tables_resized, s.algorithms_changed, s.backends_added, s.backends_removed, s.backends_reweighted, s.slots_written
         );
     }
     Ok(())

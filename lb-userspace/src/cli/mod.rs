@@ -52,6 +52,9 @@ fn is_usage(e: &LbError) -> bool {
             | LbError::TableSizeNotPrime(_)
             | LbError::TableSizeOutOfRange { .. }
             | LbError::TableTooSmall { .. }
+            | LbError::SourcePrefixTooLong { .. }
+            | LbError::RoundRobinTooLong { .. }
+            | LbError::LeastConnNeedsTcp(_)
     )
 }
 

@@ -222,7 +222,13 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
             client: client.to_string(),
             vip: flow_vip.to_string(),
             backend: backend.map_or(format!("#{}", f.entry.backend_id), |b| b.addr.to_string()),
-            state: if backend.is_some() { "active" } else { "stale" },
+            state: if backend.is_none() {
+                "stale"
+            } else if f.entry.flags & lb_common::CT_F_CLOSED != 0 {
+                "closed"
+            } else {
+                "active"
+            },
         });
     }
     rows.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));

@@ -11,6 +11,7 @@ use super::{
 #[derive(Serialize)]
 struct VipRow {
     vip: String,
+    algorithm: String,
     table_size: u32,
     backends: usize,
     active_backends: usize,
@@ -21,6 +22,7 @@ struct BackendRow {
     vip: String,
     backend: String,
     weight: u32,
+    active_flows: u64,
     id: u32,
 }
 
@@ -29,13 +31,27 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
         VipCommand::Add {
             vip,
             table_size,
+            algo,
             sizes,
         } => {
             // Validate before loading anything, so bad input leaves no trace.
             lb::state::check_table_size(table_size)?;
+            let algorithm = algo.algorithm()?;
+            algorithm.check_for(&vip)?;
             let mut maps = dir.maps_or_load(sizes.load_options())?;
             maps.add_vip(&vip, table_size)?;
-            println!("added VIP {vip} (table of {table_size} slots)");
+            if algorithm != lb::Algorithm::Maglev {
+                maps.set_algorithm(&vip, algorithm)?;
+            }
+            println!("added VIP {vip} ({algorithm}, table of {table_size} slots)");
+        }
+        VipCommand::Set { vip, algo } => {
+            let algorithm = algo.algorithm()?;
+            let mut maps = dir.maps()?;
+            let n = maps.set_algorithm(&vip, algorithm)?;
+            println!(
+                "VIP {vip}: {algorithm}; {n} table slots changed (established flows keep their backends)"
+            );
         }
         VipCommand::Del { vip } => {
             let mut maps = dir.maps()?;
@@ -49,6 +65,8 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                 let b = maps.backends(&vip)?;
                 rows.push(VipRow {
                     vip: vip.to_string(),
+                    algorithm: lb::Algorithm::from_codes(info.algo, info.src_prefix_len)
+                        .to_string(),
                     table_size: info.table_size,
                     backends: b.len(),
                     active_backends: b.iter().filter(|b| b.weight > 0).count(),
@@ -62,13 +80,14 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     .map(|r| {
                         vec![
                             r.vip.clone(),
+                            r.algorithm.clone(),
                             r.table_size.to_string(),
                             r.backends.to_string(),
                             r.active_backends.to_string(),
                         ]
                     })
                     .collect();
-                table_fmt::print(&["VIP", "TABLE", "BACKENDS", "ACTIVE"], &cells);
+                table_fmt::print(&["VIP", "ALGORITHM", "TABLE", "BACKENDS", "ACTIVE"], &cells);
             }
         }
     }
@@ -127,6 +146,7 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                         vip: v.to_string(),
                         backend: b.addr.to_string(),
                         weight: b.weight,
+                        active_flows: maps.active_flows(b.id)?,
                         id: b.id,
                     });
                 }
@@ -145,7 +165,7 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                         ]
                     })
                     .collect();
-                table_fmt::print(&["VIP", "BACKEND", "WEIGHT", "ID"], &cells);
+                table_fmt::print(&["VIP", "BACKEND", "WEIGHT", "ACTIVE FLOWS", "ID"], &cells);
             }
         }
     }

@@ -146,6 +146,24 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
             sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
         });
     }
+    // The new-flow path of each other scheduling algorithm (maglev is the row above).
+    let vip4 = Vip::new(sa(VIP4), lb::Proto::Tcp);
+    for algo in [
+        lb::Algorithm::Random,
+        lb::Algorithm::RoundRobin,
+        lb::Algorithm::SourceHash { prefix_len: 0 },
+        lb::Algorithm::LeastConn,
+    ] {
+        rig.dp.maps.set_algorithm(&vip4, algo)?;
+        let syn = tcp_frame(client4, sa(VIP4), true);
+        let check = expect_tx_to_backend(sa(VIP4));
+        out.push(PathResult {
+            name: format!("new flow IPv4, {algo}"),
+            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
+        });
+    }
+    rig.dp.maps.set_algorithm(&vip4, lb::Algorithm::Maglev)?;
+
     for (label, client, vip) in [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))] {
         let ack = tcp_frame(client, vip, false);
         let (a, first) = rig.run_once(&ack)?;
@@ -242,6 +260,7 @@ pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
     let entry = CtEntry {
         backend_id: b.id,
         generation: 1,
+        flags: 0,
     };
     for i in 0..n as u32 {
         // Clients 172.16.0.0/12-ish, varied in the low bytes.
