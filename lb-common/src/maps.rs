@@ -34,6 +34,10 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub mod names {
     /// `HashMap<Endpoint, VipInfo>`: the configured VIPs.
     pub const VIPS: &str = "LB_VIPS_V2";
+    /// `Array<u8>`: per port (host order), whether some VIP listens on it (`PORT_F_VIP`) and
+    /// whether some backend serves from it (`PORT_F_BACKEND`): a cheap filter before the hash
+    /// lookups, so traffic not for lb pays two array reads instead of two hash lookups.
+    pub const PORTS: &str = "LB_PORTS_V1";
     /// `PerCpuArray<u32>`: each CPU's position in a round-robin VIP's sequence, by `vip_id`.
     pub const RR_POS: &str = "LB_RRPOS_V1";
     /// `Array<Backend>`: every backend of every VIP, indexed by backend id.
@@ -110,6 +114,11 @@ pub const ALGO_ROUND_ROBIN: u8 = 2;
 pub const ALGO_SOURCE_HASH: u8 = 3;
 /// The less loaded (active flows / weight) of two random Maglev slots' backends (TCP only).
 pub const ALGO_LEAST_CONN: u8 = 4;
+
+/// `names::PORTS` flag: some VIP has this port.
+pub const PORT_F_VIP: u8 = 1;
+/// `names::PORTS` flag: some backend has this port.
+pub const PORT_F_BACKEND: u8 = 2;
 
 /// `Backend::flags`: the entry is in use.
 pub const BACKEND_F_VALID: u8 = 1;

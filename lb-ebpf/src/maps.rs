@@ -34,6 +34,10 @@ pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> =
 #[btf_map(name = "LB_ACTIVE_V1")]
 pub(crate) static ACTIVE: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 
+/// Port filter: `PORT_F_VIP` / `PORT_F_BACKEND` per port (host order).
+#[btf_map(name = "LB_PORTS_V1")]
+pub(crate) static PORTS: Array<u8, 65536> = Array::new();
+
 /// Each CPU's position in each round-robin VIP's sequence (per CPU: no atomics, no contention).
 #[btf_map(name = "LB_RRPOS_V1")]
 pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray::new();

@@ -37,7 +37,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 11] = [
+const ALL_MAPS: [&str; 12] = [
+    names::PORTS,
     names::ACTIVE,
     names::RR_POS,
     names::NEXTHOP,

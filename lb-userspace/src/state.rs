@@ -38,6 +38,7 @@ pub struct LbMaps {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     nexthop: Array<MapData, NextHop>,
     active: Array<MapData, u64>,
+    ports: Array<MapData, u8>,
 }
 
 /// A backend as configured.
@@ -91,6 +92,7 @@ impl LbMaps {
             backend_stats: get(names::BACKEND_STATS)?.try_into()?,
             nexthop: get(names::NEXTHOP)?.try_into()?,
             active: get(names::ACTIVE)?.try_into()?,
+            ports: get(names::PORTS)?.try_into()?,
         })
     }
 
@@ -157,6 +159,8 @@ impl LbMaps {
             src_prefix_len: 0,
             _pad: 0,
         };
+        // The port filter must let the VIP's packets through before the VIP exists.
+        self.claim_port(vip.addr.port(), lb_common::PORT_F_VIP)?;
         self.vips
             .insert(vip.endpoint(), info, 0)
             .ctx(|| format!("adding VIP {vip}"))?;
@@ -170,10 +174,14 @@ impl LbMaps {
         self.vips
             .remove(&vip.endpoint())
             .ctx(|| format!("removing VIP {vip}"))?;
-        for b in backends {
-            self.retire_backend(vip, &b)?;
+        for b in &backends {
+            self.retire_backend(vip, b)?;
         }
         let _ = info;
+        self.release_port(vip.addr.port(), lb_common::PORT_F_VIP)?;
+        for b in &backends {
+            self.release_port(b.addr.port(), lb_common::PORT_F_BACKEND)?;
+        }
         Ok(())
     }
 
@@ -468,6 +476,7 @@ impl LbMaps {
             self.backends
                 .set(*id, backend, 0)
                 .ctx(|| format!("adding backend {addr}"))?;
+            self.claim_port(addr.port(), lb_common::PORT_F_BACKEND)?;
             let rev = RevNat {
                 vip: vip.endpoint(),
                 vip_id: info.vip_id,
@@ -505,10 +514,60 @@ impl LbMaps {
                         weight: b.weight,
                     },
                 )?;
+                self.release_port(addr.port(), lb_common::PORT_F_BACKEND)?;
                 change.removed += 1;
             }
         }
         Ok(change)
+    }
+
+    // ---- port filter ----
+
+    /// The port filter's flags for `port` (`PORT_F_*`).
+    pub fn port_flags(&self, port: u16) -> Result<u8> {
+        self.ports
+            .get(&(port as u32), 0)
+            .ctx(|| format!("reading port {port}"))
+    }
+
+    /// Sets `flag` on `port` (before a VIP or backend using it is written).
+    fn claim_port(&mut self, port: u16, flag: u8) -> Result<()> {
+        let p = port as u32;
+        let cur = self
+            .ports
+            .get(&p, 0)
+            .ctx(|| format!("reading port {port}"))?;
+        if cur & flag == 0 {
+            self.ports
+                .set(p, cur | flag, 0)
+                .ctx(|| format!("writing port {port}"))?;
+        }
+        Ok(())
+    }
+
+    /// Clears `flag` on `port` if no VIP (`PORT_F_VIP`) or backend (`PORT_F_BACKEND`) uses
+    /// it any more (after the last one was removed).
+    fn release_port(&mut self, port: u16, flag: u8) -> Result<()> {
+        let used = if flag == lb_common::PORT_F_VIP {
+            self.vips()?.iter().any(|(v, _)| v.addr.port() == port)
+        } else {
+            self.valid_backends()?
+                .iter()
+                .any(|(_, b)| u16::from_be(b.port_be) == port)
+        };
+        if !used {
+            let p = port as u32;
+            let cur = self
+                .ports
+                .get(&p, 0)
+                .ctx(|| format!("reading port {port}"))?;
+            if cur & flag != 0 {
+                self.ports
+                    .set(p, cur & !flag, 0)
+                    .ctx(|| format!("writing port {port}"))?;
+            }
+        }
+        Ok(())
     }
 
     // ---- next-hop cache ----

@@ -699,6 +699,30 @@ fn fixture_table() {
         b,
     );
 
+    // ---- the port filter follows the configuration ----
+    {
+        use lb_common::{PORT_F_BACKEND, PORT_F_VIP};
+        let m = &mut t.gw.dp.maps;
+        assert_eq!(m.port_flags(80).unwrap() & PORT_F_VIP, PORT_F_VIP);
+        assert_eq!(m.port_flags(53).unwrap(), PORT_F_VIP);
+        assert_eq!(m.port_flags(8080).unwrap(), PORT_F_BACKEND);
+        assert_eq!(m.port_flags(81).unwrap(), 0);
+        m.del_vip(&dns).unwrap();
+        assert_eq!(
+            m.port_flags(53).unwrap(),
+            PORT_F_VIP,
+            "the IPv6 DNS VIP still uses 53"
+        );
+        m.del_vip(&dns6).unwrap();
+        assert_eq!(m.port_flags(53).unwrap(), 0);
+        assert_eq!(
+            m.port_flags(5353).unwrap(),
+            0,
+            "no backend on 5353 any more"
+        );
+        assert_eq!(m.port_flags(8080).unwrap(), PORT_F_BACKEND);
+    }
+
     // ---- counters: one verdict per packet, each as the cases say ----
     let after = t.gw.dp.maps.counters().unwrap();
     let mut want: HashMap<usize, u64> = HashMap::new();

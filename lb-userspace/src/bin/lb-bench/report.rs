@@ -182,7 +182,7 @@ impl Report {
         if let Some(p) = get("not for a VIP") {
             let _ = writeln!(
                 md,
-                "- Traffic not for a VIP ({:.1}× the floor, Katran 3.5–3.8×) pays two hash lookups: the VIP map and the backend (reverse NAT) map, since a reply from a backend is not addressed to a VIP.",
+                "- Traffic not for a VIP ({:.1}× the floor, Katran 3.5–3.8×) costs parsing plus two reads of the port filter (array lookups, inlined by the verifier): only packets to a VIP's port or from a backend's port go on to the hash maps. The measured packet is to a backend's address and port from a client port, so it takes the filter's fast way; traffic on VIP or backend ports pays a hash lookup more.",
                 p / floor.median
             );
         }
