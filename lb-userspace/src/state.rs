@@ -233,13 +233,21 @@ impl LbMaps {
         Ok(table_size)
     }
 
-    /// Writes the VIP's table for its algorithm and backends — only the slots that differ —
-    /// then, for round robin, the new sequence length. Returns the slots written.
-    fn write_table(&mut self, vip: &Vip, info: &VipInfo, backends: &[BackendState]) -> Result<u32> {
-        let (table, seq_len) = table_content(vip, info, backends);
+    /// Writes the table for the VIP entry `want` (its algorithm) and `backends` — only the
+    /// slots that differ — then the entry itself (with the round-robin sequence length) if it
+    /// differs from `stored`, the one in the map now. Slots go first: every value written is a
+    /// valid backend under either entry. Returns the slots written.
+    fn write_table(
+        &mut self,
+        vip: &Vip,
+        stored: &VipInfo,
+        want: &VipInfo,
+        backends: &[BackendState],
+    ) -> Result<u32> {
+        let (table, seq_len) = table_content(vip, want, backends);
         let mut written = 0;
         for (i, value) in table.iter().enumerate() {
-            let index = info.table_off + i as u32;
+            let index = want.table_off + i as u32;
             let old = self
                 .table
                 .get(&index, 0)
@@ -251,8 +259,8 @@ impl LbMaps {
                 written += 1;
             }
         }
-        if seq_len != info.seq_len {
-            let new = VipInfo { seq_len, ..*info };
+        let new = VipInfo { seq_len, ..*want };
+        if new != *stored {
             self.vips
                 .insert(vip.endpoint(), new, 0)
                 .ctx(|| format!("updating VIP {vip}"))?;
@@ -271,31 +279,12 @@ impl LbMaps {
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             check_rr_len(&weights, info.table_size)?;
         }
-        // The slots first (every value is a valid backend either way), then the VIP entry.
-        let new = VipInfo {
+        let want = VipInfo {
             algo: code,
             src_prefix_len: prefix,
             ..info
         };
-        let (table, seq_len) = table_content(vip, &new, &backends);
-        let mut written = 0;
-        for (i, value) in table.iter().enumerate() {
-            let index = info.table_off + i as u32;
-            let old = self
-                .table
-                .get(&index, 0)
-                .ctx(|| format!("reading table slot {index}"))?;
-            if old != *value {
-                self.table
-                    .set(index, *value, 0)
-                    .ctx(|| format!("writing table slot {index}"))?;
-                written += 1;
-            }
-        }
-        self.vips
-            .insert(vip.endpoint(), VipInfo { seq_len, ..new }, 0)
-            .ctx(|| format!("updating VIP {vip}"))?;
-        Ok(written)
+        self.write_table(vip, &info, &want, &backends)
     }
 
     // ---- backends ----
@@ -498,7 +487,7 @@ impl LbMaps {
                 weight: *weight,
             })
             .collect();
-        change.slots_written += self.write_table(vip, &info, &states)?;
+        change.slots_written += self.write_table(vip, &info, &info, &states)?;
 
         // ---- 3. removed backends, now that no slot points at them ----
         for (id, b) in &current {
