@@ -77,50 +77,42 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench { quick, args } => {
             setup::run()?;
             setup::bench_packages()?;
-            if !setup::is_root() {
-                bail!("the benchmarks load BPF programs and create network namespaces: run them as root");
-            }
-            eprintln!("building lb (release)…");
-            cmd(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "lb-userspace",
-                    "--bins",
-                ],
-            )?;
-            let mut bench_args: Vec<&str> = vec!["--lb", "target/release/lb"];
+            let mut bench_args: Vec<&str> = Vec::new();
             if quick {
                 bench_args.push("--quick");
             }
             bench_args.extend(args.iter().map(String::as_str));
-            cmd("target/release/lb-bench", &bench_args)
+            run_release("lb-bench", "the benchmarks", &bench_args)
         }
         Task::Demo { args } => {
             setup::run()?;
-            if !setup::is_root() {
-                bail!("the demo creates network namespaces and loads BPF programs: run it as root");
-            }
-            eprintln!("building lb (release)…");
-            cmd(
-                "cargo",
-                &[
-                    "build",
-                    "--release",
-                    "--quiet",
-                    "-p",
-                    "lb-userspace",
-                    "--bins",
-                ],
-            )?;
-            let mut demo_args: Vec<&str> = vec!["--lb", "target/release/lb"];
-            demo_args.extend(args.iter().map(String::as_str));
-            cmd("target/release/lb-demo", &demo_args)
+            let demo_args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_release("lb-demo", "the demo", &demo_args)
         }
     }
+}
+
+/// Builds lb's binaries in release mode and runs `bin --lb target/release/lb ARGS` (as root:
+/// the demo and benchmarks create network namespaces and load BPF programs).
+fn run_release(bin: &str, what: &str, args: &[&str]) -> Result<()> {
+    if !setup::is_root() {
+        bail!("run {what} as root: it creates network namespaces and loads BPF programs");
+    }
+    eprintln!("building lb (release)…");
+    cmd(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "lb-userspace",
+            "--bins",
+        ],
+    )?;
+    let mut full = vec!["--lb", "target/release/lb"];
+    full.extend_from_slice(args);
+    cmd(&format!("target/release/{bin}"), &full)
 }
 
 /// Runs a command, echoing it, failing on a non-zero exit.

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use etherparse::PacketBuilder;
 use lb::{model::flow_key, Vip};
 use lb_common::{CtEntry, FlowKey};
@@ -99,52 +99,81 @@ fn expect_tx_to_backend(rig_vip: SocketAddr) -> impl Fn(u32, &[u8]) -> Result<()
     }
 }
 
+/// A packet lb must pass untouched (its verdict and bytes checked on every round).
+fn measure_untouched(rig: &mut Rig, s: &Settings, frame: &[u8], what: &str) -> Result<Sample> {
+    let input = frame.to_vec();
+    let what = what.to_string();
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(a == XDP_PASS && o == input, "{what} must pass untouched");
+        Ok(())
+    };
+    rig.measure_lb(frame, 0, s.repeat, s.rounds, &check)
+}
+
+/// New flows (a new source address every run) from `client` to `vip`.
+fn measure_new_flow(
+    rig: &mut Rig,
+    s: &Settings,
+    client: SocketAddr,
+    vip: SocketAddr,
+) -> Result<Sample> {
+    let syn = tcp_frame(client, vip, true);
+    let check = expect_tx_to_backend(vip);
+    rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)
+}
+
+/// One established flow from `client` to `vip`: every run must give the same bytes as the
+/// first packet of the flow did.
+fn measure_established(
+    rig: &mut Rig,
+    s: &Settings,
+    client: SocketAddr,
+    vip: SocketAddr,
+) -> Result<Sample> {
+    let ack = tcp_frame(client, vip, false);
+    let (a, first) = rig.run_once(&ack)?;
+    ensure!(
+        a == XDP_TX,
+        "establishing the flow {client} → {vip}: got {a}"
+    );
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        ensure!(
+            a == XDP_TX && o == first,
+            "established flow must go to the same backend, same bytes"
+        );
+        Ok(())
+    };
+    rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)
+}
+
 /// The paths of the issue: not for a VIP, new flow v4/v6, established v4/v6, reverse NAT,
 /// malformed; plus the floor. Adding a path is a few lines here.
 pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
     let mut out = Vec::new();
+    let mut push = |name: String, sample: Sample| out.push(PathResult { name, sample });
     let client4 = sa("10.0.0.2:40000");
     let client6 = sa("[fd00::2]:40000");
 
-    // Not for a VIP: passes untouched.
     let f = tcp_frame(client4, sa("10.1.1.1:8080"), true);
-    let input = f.clone();
-    let check = move |a: u32, o: &[u8]| -> Result<()> {
-        ensure!(
-            a == XDP_PASS && o == input,
-            "non-VIP packet must pass untouched"
-        );
-        Ok(())
-    };
-    out.push(PathResult {
-        name: "not for a VIP (pass)".into(),
-        sample: rig.measure_lb(&f, 0, s.repeat, s.rounds, &check)?,
-    });
-
+    push(
+        "not for a VIP (pass)".into(),
+        measure_untouched(rig, s, &f, "a non-VIP packet")?,
+    );
     // Malformed: TCP header cut short (IP total length 32), padded to 48 bytes.
     let mut m = tcp_frame(client4, sa(VIP4), true);
     m[16..18].copy_from_slice(&32u16.to_be_bytes());
     m.truncate(48);
-    let input = m.clone();
-    let check = move |a: u32, o: &[u8]| -> Result<()> {
-        ensure!(
-            a == XDP_PASS && o == input,
-            "malformed packet must pass untouched"
-        );
-        Ok(())
-    };
-    out.push(PathResult {
-        name: "malformed (pass)".into(),
-        sample: rig.measure_lb(&m, 0, s.repeat, s.rounds, &check)?,
-    });
+    push(
+        "malformed (pass)".into(),
+        measure_untouched(rig, s, &m, "a malformed packet")?,
+    );
 
-    for (label, client, vip) in [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))] {
-        let syn = tcp_frame(client, vip, true);
-        let check = expect_tx_to_backend(vip);
-        out.push(PathResult {
-            name: format!("new flow {label} (TCP SYN, conntrack miss, table)"),
-            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
-        });
+    let families = [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))];
+    for (label, client, vip) in families {
+        push(
+            format!("new flow {label} (TCP SYN, conntrack miss, table)"),
+            measure_new_flow(rig, s, client, vip)?,
+        );
     }
     // The new-flow path of each other scheduling algorithm (maglev is the row above).
     let vip4 = Vip::new(sa(VIP4), lb::Proto::Tcp);
@@ -155,31 +184,19 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         lb::Algorithm::LeastConn,
     ] {
         rig.dp.maps.set_algorithm(&vip4, algo)?;
-        let syn = tcp_frame(client4, sa(VIP4), true);
-        let check = expect_tx_to_backend(sa(VIP4));
-        out.push(PathResult {
-            name: format!("new flow IPv4, {algo}"),
-            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
-        });
+        push(
+            format!("new flow IPv4, {algo}"),
+            measure_new_flow(rig, s, client4, sa(VIP4))?,
+        );
     }
     rig.dp.maps.set_algorithm(&vip4, lb::Algorithm::Maglev)?;
-
-    for (label, client, vip) in [("IPv4", client4, sa(VIP4)), ("IPv6", client6, sa(VIP6))] {
-        let ack = tcp_frame(client, vip, false);
-        let (a, first) = rig.run_once(&ack)?;
-        ensure!(a == XDP_TX, "establishing the {label} flow: got {a}");
-        let check = move |a: u32, o: &[u8]| -> Result<()> {
-            ensure!(
-                a == XDP_TX && o == first,
-                "established flow must go to the same backend, same bytes"
-            );
-            Ok(())
-        };
-        out.push(PathResult {
-            name: format!("established {label} (conntrack hit)"),
-            sample: rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?,
-        });
+    for (label, client, vip) in families {
+        push(
+            format!("established {label} (conntrack hit)"),
+            measure_established(rig, s, client, vip)?,
+        );
     }
+
     // Reverse NAT: the backend's reply to the established IPv4 flow.
     let (_, fwd) = rig.run_once(&tcp_frame(client4, sa(VIP4), false))?;
     let backend = dst_of(&fwd).unwrap();
@@ -190,10 +207,10 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         ensure!(src == sa(VIP4), "reply source {src} is not the VIP");
         Ok(())
     };
-    out.push(PathResult {
-        name: "reverse NAT IPv4 (reply to the VIP)".into(),
-        sample: rig.measure_lb(&reply, 0, s.repeat, s.rounds, &check)?,
-    });
+    push(
+        "reverse NAT IPv4 (reply to the VIP)".into(),
+        rig.measure_lb(&reply, 0, s.repeat, s.rounds, &check)?,
+    );
 
     // The same forward paths with the next-hop cache (no route lookup per packet).
     let rows = lb::nexthop::refresh(&mut rig.dp.maps)?;
@@ -205,26 +222,14 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         ("IPv4", sa("10.0.0.2:42000"), sa(VIP4)),
         ("IPv6", sa("[fd00::2]:42000"), sa(VIP6)),
     ] {
-        let syn = tcp_frame(client, vip, true);
-        let check = expect_tx_to_backend(vip);
-        out.push(PathResult {
-            name: format!("new flow {label}, next-hop cache"),
-            sample: rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?,
-        });
-        let ack = tcp_frame(client, vip, false);
-        let (a, first) = rig.run_once(&ack)?;
-        ensure!(a == XDP_TX, "establishing the {label} flow: got {a}");
-        let check = move |a: u32, o: &[u8]| -> Result<()> {
-            ensure!(
-                a == XDP_TX && o == first,
-                "established flow must go to the same backend, same bytes"
-            );
-            Ok(())
-        };
-        out.push(PathResult {
-            name: format!("established {label}, next-hop cache"),
-            sample: rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?,
-        });
+        push(
+            format!("new flow {label}, next-hop cache"),
+            measure_new_flow(rig, s, client, vip)?,
+        );
+        push(
+            format!("established {label}, next-hop cache"),
+            measure_established(rig, s, client, vip)?,
+        );
     }
     lb::nexthop::clear(&mut rig.dp.maps)?;
 
@@ -235,20 +240,8 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
 /// Established and new-flow IPv4 cost under a given configuration.
 pub fn est_and_new(rig: &mut Rig, s: &Settings) -> Result<(Sample, Sample)> {
     let client = sa("10.0.0.2:41000");
-    let vip = sa(VIP4);
-    let ack = tcp_frame(client, vip, false);
-    let (a, first) = rig.run_once(&ack)?;
-    if a != XDP_TX {
-        bail!("establishing the flow: got {a}");
-    }
-    let check = move |a: u32, o: &[u8]| -> Result<()> {
-        ensure!(a == XDP_TX && o == first, "established flow changed");
-        Ok(())
-    };
-    let est = rig.measure_lb(&ack, 0, s.repeat, s.rounds, &check)?;
-    let syn = tcp_frame(client, vip, true);
-    let check = expect_tx_to_backend(vip);
-    let new = rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)?;
+    let est = measure_established(rig, s, client, sa(VIP4))?;
+    let new = measure_new_flow(rig, s, client, sa(VIP4))?;
     Ok((est, new))
 }
 
