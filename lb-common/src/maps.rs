@@ -99,8 +99,10 @@ pub struct VipInfo {
     pub algo: u8,
     /// Source hash only: the client address prefix length that is hashed (0 = whole address).
     pub src_prefix_len: u8,
+    /// `VIP_F_*` bits. Only userspace reads them (they shape the table it writes).
+    pub flags: u8,
     /// Always zero.
-    pub _pad: u16,
+    pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
 
@@ -122,6 +124,15 @@ pub const PORT_F_BACKEND: u8 = 2;
 
 /// `Backend::flags`: the entry is in use.
 pub const BACKEND_F_VALID: u8 = 1;
+/// `Backend::flags`: health checks found the backend down, so it has no table slots (its
+/// established flows are left alone). Set and cleared by the agent; kept in the map so that a
+/// restarted agent adopts it instead of sending new flows to a dead backend again.
+pub const BACKEND_F_DOWN: u8 = 2;
+
+/// `VipInfo::flags`: when every backend with a weight is down, give the VIP an empty table
+/// (new flows dropped and counted as `no_backend`). Without it the VIP fails open: new flows
+/// go to all its backends with a weight, as if they were healthy.
+pub const VIP_F_DROP_WHEN_ALL_DOWN: u8 = 1;
 
 /// Value of the backend array.
 #[repr(C)]

@@ -6,18 +6,27 @@
 //! address = "10.100.0.100:80/tcp"
 //! table_size = 65537            # optional, a prime; default 65537
 //!
+//! when_all_down = "fail-open"  # optional: fail-open (default) | drop
+//! drain_timeout = "5m"          # optional (agent): how long a removed backend drains
+//!
+//! [vip.health]                  # optional (agent): health checks of every backend
+//! check = "http"                # tcp | http | https | udp
+//! path = "/healthz"             # http(s); expect_status = 200, host = "…" optional
+//! interval = "2s"               # timeout = "1s", rise = 2, fall = 3, port = backend's
+//!
 //! [[vip.backend]]
 //! address = "10.200.0.11:8080"
 //! weight = 3                    # optional, default 1; 0 drains
 //! ```
 
-use std::{collections::HashMap, fmt::Write as _, net::SocketAddr};
+use std::{collections::HashMap, fmt::Write as _, net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
     error::{LbError, MAX_WEIGHT, MIN_SLOTS_PER_BACKEND},
+    health::{CheckKind, HealthCheck},
     model::{parse_socket_addr, Vip},
     state::{check_table_size, LbMaps},
 };
@@ -35,7 +44,16 @@ pub struct VipConfig {
     pub algorithm: crate::model::Algorithm,
     pub table_size: u32,
     pub backends: Vec<(SocketAddr, u32)>,
+    /// Every backend with a weight down: drop new flows (true) or fail open (false).
+    pub drop_when_all_down: bool,
+    /// Health checks of the backends (run by the agent, `lb run`).
+    pub health: Option<HealthCheck>,
+    /// How long the agent lets a backend removed from the file drain before removing it.
+    pub drain_timeout: Duration,
 }
+
+/// Default `drain_timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A configuration error, with the 1-based line it is about.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +78,27 @@ struct RawVip {
     algorithm: Option<Spanned<String>>,
     source_prefix: Option<Spanned<u8>>,
     table_size: Option<Spanned<u32>>,
+    when_all_down: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+    health: Option<Spanned<RawHealth>>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Spanned<String>,
+    port: Option<Spanned<u16>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    expect_status: Option<Spanned<u16>>,
+    send: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -216,12 +253,41 @@ impl Config {
                     ));
                 }
             }
+            let drop_when_all_down =
+                match &rv.when_all_down {
+                    None => false,
+                    Some(s) => match s.get_ref().as_str() {
+                        "fail-open" => false,
+                        "drop" => true,
+                        other => return Err(err(
+                            s.span().start,
+                            format!(
+                                "unknown when_all_down {other:?} (use \"fail-open\" or \"drop\")"
+                            ),
+                        )),
+                    },
+                };
+            let drain_timeout = match &rv.drain_timeout {
+                None => DEFAULT_DRAIN_TIMEOUT,
+                Some(s) => parse_duration("drain_timeout", s.get_ref())
+                    .map_err(|m| err(s.span().start, m))?,
+            };
+            let health = match &rv.health {
+                None => None,
+                Some(h) => Some(
+                    parse_health(h.get_ref(), vip.proto)
+                        .map_err(|(offset, m)| err(offset.unwrap_or(h.span().start), m))?,
+                ),
+            };
             total_backends += backends.len();
             vips.push(VipConfig {
                 vip,
                 algorithm,
                 table_size,
                 backends,
+                drop_when_all_down,
+                health,
+                drain_timeout,
             });
         }
         if vips.len() > MAX_VIPS as usize {
@@ -250,6 +316,9 @@ impl Config {
                 algorithm: crate::model::Algorithm::from_codes(info.algo, info.src_prefix_len),
                 table_size: info.table_size,
                 backends,
+                drop_when_all_down: info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0,
+                health: None,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             });
         }
         Ok(Config { vips })
@@ -274,6 +343,19 @@ impl Config {
                 }
             }
             let _ = writeln!(out, "table_size = {}", v.table_size);
+            if v.drop_when_all_down {
+                let _ = writeln!(out, "when_all_down = \"drop\"");
+            }
+            if v.drain_timeout != DEFAULT_DRAIN_TIMEOUT {
+                let _ = writeln!(
+                    out,
+                    "drain_timeout = \"{}\"",
+                    humantime::format_duration(v.drain_timeout)
+                );
+            }
+            if let Some(h) = &v.health {
+                out.push_str(&h.to_toml());
+            }
             let mut backends = v.backends.clone();
             backends.sort();
             for (addr, weight) in backends {
@@ -298,6 +380,8 @@ pub struct ApplySummary {
     pub backends_reweighted: u32,
     pub slots_written: u32,
     pub algorithms_changed: u32,
+    /// VIPs whose `when_all_down` changed.
+    pub policies_changed: u32,
 }
 
 impl ApplySummary {
@@ -376,6 +460,11 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
             s.tables_resized += 1;
         }
+        let was_drop = maps.vip(&v.vip)?.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0;
+        if was_drop != v.drop_when_all_down {
+            s.slots_written += maps.set_all_down_drop(&v.vip, v.drop_when_all_down)?;
+            s.policies_changed += 1;
+        }
     }
     Ok(s)
 }
@@ -414,6 +503,170 @@ fn check_table_room(
         }
     }
     Ok(())
+}
+
+/// A duration such as "500ms", "2s" or "5m".
+fn parse_duration(what: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid {what} {s:?}: {e} (e.g. \"2s\", \"500ms\")"))
+}
+
+/// `[vip.health]`; an error carries the offset of the field it is about.
+fn parse_health(
+    h: &RawHealth,
+    proto: crate::Proto,
+) -> Result<HealthCheck, (Option<usize>, String)> {
+    let at = |s: usize| Some(s);
+    let dur = |f: &Option<Spanned<String>>, what: &str, default: Duration| match f {
+        None => Ok(default),
+        Some(s) => parse_duration(what, s.get_ref()).map_err(|m| (at(s.span().start), m)),
+    };
+    let interval = dur(&h.interval, "interval", crate::health::DEFAULT_INTERVAL)?;
+    // The default timeout never exceeds the interval.
+    let timeout = dur(
+        &h.timeout,
+        "timeout",
+        crate::health::DEFAULT_TIMEOUT.min(interval),
+    )?;
+    if interval < crate::health::MIN_INTERVAL {
+        let s = h.interval.as_ref().map(|s| s.span().start);
+        return Err((
+            s,
+            format!(
+                "interval must be at least {}",
+                humantime::format_duration(crate::health::MIN_INTERVAL)
+            ),
+        ));
+    }
+    if timeout.is_zero() || timeout > interval {
+        let s = h.timeout.as_ref().map(|s| s.span().start);
+        return Err((
+            s,
+            "timeout must be more than 0 and at most the interval".into(),
+        ));
+    }
+    let count = |f: &Option<Spanned<u32>>, what: &str, default: u32| match f {
+        None => Ok(default),
+        Some(n) if (1..=100).contains(n.get_ref()) => Ok(*n.get_ref()),
+        Some(n) => Err((
+            at(n.span().start),
+            format!("{what} must be between 1 and 100"),
+        )),
+    };
+    let rise = count(&h.rise, "rise", crate::health::DEFAULT_RISE)?;
+    let fall = count(&h.fall, "fall", crate::health::DEFAULT_FALL)?;
+    let check = h.check.get_ref().as_str();
+    let only = |f: Option<usize>, field: &str| -> Result<(), (Option<usize>, String)> {
+        match f {
+            Some(o) => Err((
+                at(o),
+                format!("{field} does not apply to check = \"{check}\""),
+            )),
+            None => Ok(()),
+        }
+    };
+    let http_fields = [
+        h.path.as_ref().map(|s| (s.span().start, "path")),
+        h.host.as_ref().map(|s| (s.span().start, "host")),
+        h.expect_status
+            .as_ref()
+            .map(|s| (s.span().start, "expect_status")),
+    ];
+    let udp_fields = [
+        h.send.as_ref().map(|s| (s.span().start, "send")),
+        h.expect.as_ref().map(|s| (s.span().start, "expect")),
+    ];
+    let kind = match check {
+        "tcp" | "http" | "https" if proto != crate::Proto::Tcp => {
+            return Err((
+                at(h.check.span().start),
+                format!("check = \"{check}\" needs a TCP VIP"),
+            ))
+        }
+        "udp" if proto != crate::Proto::Udp => {
+            return Err((
+                at(h.check.span().start),
+                "check = \"udp\" needs a UDP VIP".into(),
+            ))
+        }
+        "tcp" => {
+            for (o, f) in http_fields.iter().chain(&udp_fields).flatten() {
+                only(Some(*o), f)?;
+            }
+            CheckKind::Tcp
+        }
+        "http" | "https" => {
+            for (o, f) in udp_fields.iter().flatten() {
+                only(Some(*o), f)?;
+            }
+            let path = h
+                .path
+                .as_ref()
+                .map_or("/".to_string(), |p| p.get_ref().clone());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                let o = h.path.as_ref().map(|p| p.span().start);
+                return Err((
+                    o,
+                    format!("invalid path {path:?}: it must start with / and have no spaces"),
+                ));
+            }
+            if let Some(host) = &h.host {
+                if host.get_ref().is_empty()
+                    || host
+                        .get_ref()
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err((
+                        at(host.span().start),
+                        format!("invalid host {:?}", host.get_ref()),
+                    ));
+                }
+            }
+            let expect_status = match &h.expect_status {
+                None => 200,
+                Some(s) if (100..=599).contains(s.get_ref()) => *s.get_ref(),
+                Some(s) => {
+                    return Err((
+                        at(s.span().start),
+                        format!("expect_status {} is not an HTTP status", s.get_ref()),
+                    ))
+                }
+            };
+            CheckKind::Http {
+                tls: check == "https",
+                path,
+                host: h.host.as_ref().map(|s| s.get_ref().clone()),
+                expect_status,
+            }
+        }
+        "udp" => {
+            for (o, f) in http_fields.iter().flatten() {
+                only(Some(*o), f)?;
+            }
+            CheckKind::Udp {
+                send: h
+                    .send
+                    .as_ref()
+                    .map_or("ping".to_string(), |s| s.get_ref().clone()),
+                expect: h.expect.as_ref().map(|s| s.get_ref().clone()),
+            }
+        }
+        other => {
+            return Err((
+                at(h.check.span().start),
+                format!("unknown check {other:?} (use tcp, http, https or udp)"),
+            ))
+        }
+    };
+    Ok(HealthCheck {
+        kind,
+        port: h.port.as_ref().map(|p| *p.get_ref()),
+        interval,
+        timeout,
+        rise,
+        fall,
+    })
 }
 
 #[cfg(test)]

@@ -1,10 +1,13 @@
 //! lb userspace: builds selection tables, loads and attaches the XDP program and manages its
 //! maps. The `lb` binary (src/main.rs) is a thin command line over this library.
 
+pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod model;
 pub mod nexthop;
 pub mod object;

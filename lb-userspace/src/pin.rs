@@ -59,6 +59,15 @@ pub struct Attachment {
     pub mode: AttachMode,
 }
 
+/// What `PinDir::upgrade` did.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Upgrade {
+    pub old_program_id: u32,
+    pub new_program_id: u32,
+    /// Interfaces whose link now runs the new program.
+    pub interfaces: Vec<String>,
+}
+
 /// An open (and locked) pin directory.
 pub struct PinDir {
     path: PathBuf,
@@ -265,6 +274,79 @@ impl PinDir {
         let prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
             .context("opening the pinned program")?;
         Ok(prog.info().context("program info")?.id())
+    }
+
+    /// Replaces the running program with the one in `object` without touching its state: the
+    /// new program is loaded against the pinned maps (conntrack, tables, counters carry over),
+    /// then every pinned link is switched to it atomically (`BPF_LINK_UPDATE`: no packet sees
+    /// no program), and the program pin is replaced. Refused, with nothing changed, if the new
+    /// object's maps do not match the pinned ones (a layout change needs a purge or migration).
+    pub fn upgrade(&self, object: &[u8]) -> Result<Upgrade> {
+        if !self.is_loaded() {
+            bail!(
+                "lb is not loaded: nothing pinned in {} to upgrade",
+                self.path.display()
+            );
+        }
+        let old_id = self.program_id()?;
+        let obj = aya_obj::Object::parse(object).context("parsing the new object")?;
+        let mut loader = aya::EbpfLoader::new();
+        for name in ALL_MAPS {
+            let Some(new) = obj.maps.get(name) else {
+                bail!("the new program has no map {name}: its map layout differs from the running one (upgrading needs `lb detach --purge` and a fresh start)");
+            };
+            let pinned = MapData::from_pin(self.path.join(name))
+                .with_context(|| format!("opening pinned map {name}"))?;
+            let info = pinned.info().with_context(|| format!("map {name} info"))?;
+            if (info.key_size(), info.value_size()) != (new.key_size(), new.value_size()) {
+                bail!(
+                    "map {name} differs: pinned key/value {}/{} bytes, new program {}/{} bytes; refusing to upgrade",
+                    info.key_size(),
+                    info.value_size(),
+                    new.key_size(),
+                    new.value_size()
+                );
+            }
+        }
+        for name in ALL_MAPS {
+            loader.map_pin_path(name, self.path.join(name));
+        }
+        let mut ebpf = loader.load(object).context("loading the new object")?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(crate::object::LB_XDP_PROGRAM)
+            .context("program lb_xdp missing from the new object")?
+            .try_into()?;
+        prog.load()
+            .context("loading the new lb_xdp into the kernel (verifier)")?;
+        let new_id = prog.info().context("program info")?.id();
+        let mut switched = Vec::new();
+        for a in self.attachments()? {
+            let pin = self
+                .path
+                .join(format!("link_{}_{}", a.iface, mode_name(a.mode)));
+            let link: FdLink = aya::programs::links::PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening {}", pin.display()))?
+                .into();
+            let link = aya::programs::xdp::XdpLink::try_from(link)
+                .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+            let id = prog
+                .attach_to_link(link)
+                .with_context(|| format!("switching the link on {} to the new program", a.iface))?;
+            // The pin keeps the link; our handle on it can go.
+            drop(prog.take_link(id));
+            switched.push(a.iface);
+        }
+        // Replace the program pin: pin beside it, then rename over it (atomic on bpffs).
+        // (bpffs names cannot contain dots.)
+        let tmp = self.path.join(format!("{PROG_PIN}_new"));
+        let _ = fs::remove_file(&tmp);
+        prog.pin(&tmp).context("pinning the new program")?;
+        fs::rename(&tmp, self.path.join(PROG_PIN)).context("replacing the program pin")?;
+        Ok(Upgrade {
+            old_program_id: old_id,
+            new_program_id: new_id,
+            interfaces: switched,
+        })
     }
 
     /// Detaches everywhere and removes the program, the maps and the directory: all state.

@@ -15,7 +15,8 @@ use std::net::SocketAddr;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     names, Backend, CtEntry, Endpoint, FlowKey, NextHop, RevNat, TrafficStats, VipInfo,
-    BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, NO_BACKEND,
+    BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS,
+    NO_BACKEND,
 };
 
 use crate::{
@@ -48,6 +49,8 @@ pub struct BackendState {
     pub id: u32,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// False when health checks took it out of the table (`BACKEND_F_DOWN`).
+    pub healthy: bool,
 }
 
 /// What a backend update did.
@@ -157,6 +160,7 @@ impl LbMaps {
             seq_len: 0,
             algo: 0,
             src_prefix_len: 0,
+            flags: 0,
             _pad: 0,
         };
         // The port filter must let the VIP's packets through before the VIP exists.
@@ -287,6 +291,53 @@ impl LbMaps {
         self.write_table(vip, &info, &want, &backends)
     }
 
+    /// What a VIP does when every backend with a weight is down: `drop` new flows (an empty
+    /// table) or fail open (the default). Returns the table slots written.
+    pub fn set_all_down_drop(&mut self, vip: &Vip, drop: bool) -> Result<u32> {
+        let info = self.vip(vip)?;
+        let flags = if drop {
+            info.flags | lb_common::VIP_F_DROP_WHEN_ALL_DOWN
+        } else {
+            info.flags & !lb_common::VIP_F_DROP_WHEN_ALL_DOWN
+        };
+        if flags == info.flags {
+            return Ok(0);
+        }
+        let backends = self.backends(vip)?;
+        self.write_table(vip, &info, &VipInfo { flags, ..info }, &backends)
+    }
+
+    /// Marks a backend up or down (health checks). A backend that is down keeps its entry,
+    /// weight and established flows but gets no table slots. Returns the slots written.
+    pub fn set_health(&mut self, vip: &Vip, addr: SocketAddr, healthy: bool) -> Result<u32> {
+        let info = self.vip(vip)?;
+        let mut backends = self.backends(vip)?;
+        let Some(b) = backends.iter_mut().find(|b| b.addr == addr) else {
+            return Err(LbError::BackendNotFound {
+                vip: *vip,
+                backend: addr,
+            });
+        };
+        if b.healthy == healthy {
+            return Ok(0);
+        }
+        b.healthy = healthy;
+        let id = b.id;
+        let mut entry = self
+            .backends
+            .get(&id, 0)
+            .ctx(|| format!("reading backend {addr}"))?;
+        if healthy {
+            entry.flags &= !BACKEND_F_DOWN;
+        } else {
+            entry.flags |= BACKEND_F_DOWN;
+        }
+        self.backends
+            .set(id, entry, 0)
+            .ctx(|| format!("updating backend {addr}"))?;
+        self.write_table(vip, &info, &info, &backends)
+    }
+
     // ---- backends ----
 
     /// The backends of a VIP, sorted by address.
@@ -301,6 +352,7 @@ impl LbMaps {
                     id: *id,
                     addr: socket_addr(b.family, b.addr_be, b.port_be)?,
                     weight: b.weight,
+                    healthy: b.flags & BACKEND_F_DOWN == 0,
                 })
             })
             .collect();
@@ -429,7 +481,7 @@ impl LbMaps {
 
         // ---- 1. new backends and weight changes, before any slot points at them ----
         let mut change = Change::default();
-        let mut ids: Vec<(SocketAddr, u32, u32)> = Vec::new(); // (addr, weight, id)
+        let mut states: Vec<BackendState> = Vec::new();
         for (addr, weight) in want {
             if let Some((id, mut b)) = find_current(addr) {
                 if b.weight != *weight {
@@ -439,7 +491,12 @@ impl LbMaps {
                         .ctx(|| format!("updating backend {addr}"))?;
                     change.reweighted += 1;
                 }
-                ids.push((*addr, *weight, id));
+                states.push(BackendState {
+                    id,
+                    addr: *addr,
+                    weight: *weight,
+                    healthy: b.flags & BACKEND_F_DOWN == 0,
+                });
             }
         }
         for ((addr, weight), id) in new.iter().zip(&free) {
@@ -474,19 +531,16 @@ impl LbMaps {
             self.revnat
                 .insert(crate::model::endpoint(*addr, vip.proto), rev, 0)
                 .ctx(|| format!("adding reverse NAT for backend {addr}"))?;
-            ids.push((*addr, *weight, *id));
+            states.push(BackendState {
+                id: *id,
+                addr: *addr,
+                weight: *weight,
+                healthy: true,
+            });
             change.added += 1;
         }
 
         // ---- 2. the table: write only the slots that change ----
-        let states: Vec<BackendState> = ids
-            .iter()
-            .map(|(addr, weight, id)| BackendState {
-                id: *id,
-                addr: *addr,
-                weight: *weight,
-            })
-            .collect();
         change.slots_written += self.write_table(vip, &info, &info, &states)?;
 
         // ---- 3. removed backends, now that no slot points at them ----
@@ -501,6 +555,7 @@ impl LbMaps {
                         id: *id,
                         addr,
                         weight: b.weight,
+                        healthy: true,
                     },
                 )?;
                 self.release_port(addr.port(), lb_common::PORT_F_BACKEND)?;
@@ -684,6 +739,7 @@ impl LbMaps {
                 id,
                 addr,
                 weight: b.weight,
+                healthy: b.flags & BACKEND_F_DOWN == 0,
             }),
         )
     }
@@ -787,6 +843,7 @@ impl LbMaps {
 /// The slots of a VIP's table for its algorithm, and the round-robin sequence length (0 for
 /// the other algorithms). Round robin: the smooth weighted sequence from slot 0, the rest empty.
 fn table_content(vip: &Vip, info: &VipInfo, backends: &[BackendState]) -> (Vec<u32>, u32) {
+    let backends = &effective(info, backends);
     if info.algo == lb_common::ALGO_ROUND_ROBIN {
         let mut sorted = backends.to_vec();
         sorted.sort_by_key(|b| b.addr);
@@ -800,6 +857,25 @@ fn table_content(vip: &Vip, info: &VipInfo, backends: &[BackendState]) -> (Vec<u
         let t = maglev::build(&table_entries(vip, backends), info.table_size);
         (t.into_iter().map(|s| s.unwrap_or(NO_BACKEND)).collect(), 0)
     }
+}
+
+/// The backends with the weights the table gives them: a backend that is down gets none. When
+/// every backend with a weight is down, the VIP fails open (all of them keep their weights) or,
+/// with `VIP_F_DROP_WHEN_ALL_DOWN`, gets an empty table.
+fn effective(info: &VipInfo, backends: &[BackendState]) -> Vec<BackendState> {
+    let any_up = backends.iter().any(|b| b.weight > 0 && b.healthy);
+    let drop_all = info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0;
+    backends
+        .iter()
+        .map(|b| BackendState {
+            weight: if b.healthy || (!any_up && !drop_all) {
+                b.weight
+            } else {
+                0
+            },
+            ..*b
+        })
+        .collect()
 }
 
 /// Round robin's sequence must fit in the table.

@@ -95,6 +95,51 @@ pub enum Command {
         after_help = "Example:\n  lb show-config > lb.toml"
     )]
     ShowConfig,
+    /// Run the agent: apply the file and keep it applied as it changes, health-check backends
+    /// (taking failed ones out of the tables), drain removed backends, serve metrics. Stopping
+    /// or killing it leaves the data plane forwarding; a new agent adopts the pinned state.
+    #[command(after_help = "Example:
+  lb run -f /etc/lb/lb.toml --attach eth0 --metrics 127.0.0.1:9100
+  RUST_LOG=debug lb run -f lb.toml
+
+SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data plane).")]
+    Run {
+        /// The configuration file, watched for changes.
+        #[arg(short, long)]
+        file: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9100")]
+        metrics: String,
+        /// Attach to these interfaces if lb is not attached to them yet.
+        #[arg(long, value_name = "IFACE")]
+        attach: Vec<String>,
+        /// XDP mode for --attach.
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+        /// How often the file is checked for changes (and drains for progress).
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+        poll: std::time::Duration,
+        #[command(flatten)]
+        sizes: Sizes,
+    },
+    /// Replace the running XDP program (by default with the one built into this lb) without
+    /// losing state: the new program uses the pinned maps and every link switches atomically.
+    #[command(after_help = "Example:
+  lb upgrade
+  lb upgrade --object ./lb-xdp.o")]
+    Upgrade {
+        /// An lb XDP object file to load instead of the built-in one.
+        #[arg(long)]
+        object: Option<PathBuf>,
+    },
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand)]

@@ -12,12 +12,16 @@ use super::{
     print_json, table_fmt, CmdResult,
 };
 
-pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
-    let mode = match mode {
+pub fn attach_mode(mode: Mode) -> AttachMode {
+    match mode {
         Mode::Native => AttachMode::Native,
         Mode::Generic => AttachMode::Generic,
         Mode::Auto => AttachMode::Auto,
-    };
+    }
+}
+
+pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
+    let mode = attach_mode(mode);
     // Check every interface first, so that a bad name changes nothing.
     let attached = dir.attachments().unwrap_or_default();
     for iface in ifaces {
@@ -104,12 +108,23 @@ struct Status {
     program_id: u32,
     attached: Vec<Attached>,
     maps: Vec<Fill>,
+    /// Backends that health checks took out of the tables.
+    backends_down: Vec<String>,
 }
 
 pub fn status(dir: &PinDir, json: bool) -> CmdResult {
     let maps = dir.maps()?;
     let f = maps.fill()?;
+    let mut backends_down = Vec::new();
+    for (vip, _) in maps.vips()? {
+        for b in maps.backends(&vip)? {
+            if !b.healthy {
+                backends_down.push(format!("{vip} -> {}", b.addr));
+            }
+        }
+    }
     let s = Status {
+        backends_down,
         pin_dir: dir.path().display().to_string(),
         program_id: dir.program_id()?,
         attached: dir
@@ -178,5 +193,14 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         })
         .collect();
     table_fmt::print(&["MAP", "USED", "CAPACITY", "FILL"], &rows);
+    println!();
+    if s.backends_down.is_empty() {
+        println!("health:        no backend down");
+    } else {
+        println!("health:        {} backends down", s.backends_down.len());
+        for b in &s.backends_down {
+            println!("  {b}");
+        }
+    }
     Ok(())
 }

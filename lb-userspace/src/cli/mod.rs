@@ -1,5 +1,6 @@
 //! The `lb` command: parse, run one command against the pinned state, report.
 
+mod agent_cmd;
 mod args;
 mod config_cmd;
 mod lifecycle;
@@ -98,8 +99,20 @@ fn run(cli: Cli) -> CmdResult {
             "lb must run as root: it loads BPF programs and changes BPF maps"
         )));
     }
-    let mut dir = PinDir::open(&cli.pin_dir)?;
     let json = cli.json;
+    // The agent takes the pin-directory lock only while it writes.
+    if let Command::Run {
+        file,
+        metrics,
+        attach,
+        mode,
+        poll,
+        sizes,
+    } = cli.command
+    {
+        return agent_cmd::run(cli.pin_dir, file, &metrics, attach, mode, poll, sizes);
+    }
+    let mut dir = PinDir::open(&cli.pin_dir)?;
     match cli.command {
         Command::Attach {
             ifaces,
@@ -116,6 +129,8 @@ fn run(cli: Cli) -> CmdResult {
         Command::Nexthop(c) => services::nexthop(&dir, c, json),
         Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
         Command::ShowConfig => config_cmd::show(&dir),
+        Command::Upgrade { object } => agent_cmd::upgrade(&dir, object.as_deref(), json),
+        Command::Run { .. } => unreachable!("handled above"),
     }
 }
 

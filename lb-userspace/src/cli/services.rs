@@ -22,6 +22,8 @@ struct BackendRow {
     vip: String,
     backend: String,
     weight: u32,
+    /// "up", or "down" when health checks took it out of the table.
+    health: &'static str,
     active_flows: u64,
     id: u32,
 }
@@ -146,6 +148,7 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                         vip: v.to_string(),
                         backend: b.addr.to_string(),
                         weight: b.weight,
+                        health: if b.healthy { "up" } else { "down" },
                         active_flows: maps.active_flows(b.id)?,
                         id: b.id,
                     });
@@ -161,11 +164,16 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                             r.vip.clone(),
                             r.backend.clone(),
                             r.weight.to_string(),
+                            r.health.to_string(),
+                            r.active_flows.to_string(),
                             r.id.to_string(),
                         ]
                     })
                     .collect();
-                table_fmt::print(&["VIP", "BACKEND", "WEIGHT", "ACTIVE FLOWS", "ID"], &cells);
+                table_fmt::print(
+                    &["VIP", "BACKEND", "WEIGHT", "HEALTH", "ACTIVE FLOWS", "ID"],
+                    &cells,
+                );
             }
         }
     }

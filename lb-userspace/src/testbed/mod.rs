@@ -161,6 +161,68 @@ impl Testbed {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Starts the real `lb` binary in the gateway's namespace as a child process (the agent),
+    /// its stderr (the log) going to `log`.
+    pub fn spawn_lb(&self, args: &[&str], log: &Path) -> Result<std::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.gateway.name))
+            .arg(&self.lb_bin)
+            .args(args)
+            .env("LB_PIN_DIR", &self.pin_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting lb")
+    }
+
+    /// Stops the servers of backend `name` (as if the process died).
+    pub fn stop_server(&mut self, name: &str) {
+        if let Some(s) = self.servers.as_mut() {
+            s.stop_one(name);
+        }
+    }
+
+    /// Starts the servers of backend `name` again.
+    pub fn start_server(&mut self, name: &str) -> Result<()> {
+        let b = self
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| format!("no backend {name}"))?;
+        self.servers
+            .as_mut()
+            .context("servers not running")?
+            .start_one(b)
+    }
+
+    /// An HTTP GET from inside the gateway's namespace (e.g. the agent's /metrics on
+    /// loopback); returns the body if the status is 200.
+    pub fn gateway_http_get(&self, addr: SocketAddr, path: &str) -> Result<String> {
+        let path = path.to_string();
+        in_ns(&self.gateway, move || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let (head, body) = resp
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow::anyhow!("bad HTTP response"))?;
+            if !head.starts_with("HTTP/1.1 200") {
+                bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+            }
+            Ok(body.to_string())
+        })?
+    }
+
     /// `lb … --json`, parsed.
     pub fn lb_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut a = args.to_vec();

@@ -20,62 +20,112 @@ use super::{Backend, HTTP_PORT, LINE_PORT, UDP_PORT};
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// The servers of every backend; each backend's can be stopped and started again (a server
+/// that dies and comes back, for health-check tests).
 pub struct Servers {
+    running: Vec<Running>,
+}
+
+struct Running {
+    name: String,
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    thread: JoinHandle<()>,
 }
 
 impl Servers {
     pub fn start(backends: &[Backend]) -> Result<Servers> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut s = Servers {
+            running: Vec::new(),
+        };
         for b in backends {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
-            let ns_name = b.ns.name.clone();
-            let name = b.name.clone();
-            let stop2 = stop.clone();
-            threads.push(std::thread::spawn(move || {
-                let ns = super::NetNs { name: ns_name };
-                let setup = (|| -> Result<(TcpListener, TcpListener, UdpSocket)> {
-                    ns.enter()?;
-                    let http = TcpListener::bind(("::", HTTP_PORT))?;
-                    let line = TcpListener::bind(("::", LINE_PORT))?;
-                    let udp = UdpSocket::bind(("::", UDP_PORT))?;
-                    http.set_nonblocking(true)?;
-                    line.set_nonblocking(true)?;
-                    udp.set_read_timeout(Some(POLL))?;
-                    Ok((http, line, udp))
-                })();
-                // The namespace handle must not delete the namespace when it goes.
-                std::mem::forget(ns);
-                let (http, line, udp) = match setup {
-                    Ok(s) => {
-                        let _ = ready_tx.send(Ok(()));
-                        s
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                serve(&name, http, line, udp, &stop2);
-            }));
-            let ready = ready_rx.recv().map_err(anyhow::Error::from).and_then(|r| r);
-            if let Err(e) = ready {
-                // Stop the servers already running before reporting.
-                Servers { stop, threads }.stop();
+            if let Err(e) = s.start_one(b) {
+                s.stop();
                 return Err(e);
             }
         }
-        Ok(Servers { stop, threads })
+        Ok(s)
+    }
+
+    /// Starts `b`'s servers (if they are not running).
+    pub fn start_one(&mut self, b: &Backend) -> Result<()> {
+        if self.running.iter().any(|r| r.name == b.name) {
+            return Ok(());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let ns_name = b.ns.name.clone();
+        let name = b.name.clone();
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let ns = super::NetNs { name: ns_name };
+            let setup = (|| -> Result<(TcpListener, TcpListener, UdpSocket)> {
+                ns.enter()?;
+                let http = bind_tcp(HTTP_PORT)?;
+                let line = bind_tcp(LINE_PORT)?;
+                let udp = UdpSocket::bind(("::", UDP_PORT))?;
+                udp.set_read_timeout(Some(POLL))?;
+                Ok((http, line, udp))
+            })();
+            // The namespace handle must not delete the namespace when it goes.
+            std::mem::forget(ns);
+            let (http, line, udp) = match setup {
+                Ok(s) => {
+                    let _ = ready_tx.send(Ok(()));
+                    s
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            serve(&name, http, line, udp, &stop2);
+        });
+        let ready = ready_rx.recv().map_err(anyhow::Error::from).and_then(|r| r);
+        let r = Running {
+            name: b.name.clone(),
+            stop,
+            thread,
+        };
+        if let Err(e) = ready {
+            r.stop();
+            return Err(e);
+        }
+        self.running.push(r);
+        Ok(())
+    }
+
+    /// Stops the servers of backend `name`: its listeners close (new connections are
+    /// refused) and its open connections are closed, as when a server process dies.
+    pub fn stop_one(&mut self, name: &str) {
+        if let Some(i) = self.running.iter().position(|r| r.name == name) {
+            self.running.remove(i).stop();
+        }
     }
 
     pub fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
-            let _ = t.join();
+        for r in self.running {
+            r.stop();
         }
     }
+}
+
+impl Running {
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+/// A non-blocking listener with SO_REUSEADDR, so a restarted server can bind again while
+/// connections of the previous one are in TIME_WAIT.
+fn bind_tcp(port: u16) -> Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_only_v6(false)?;
+    s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
 }
 
 fn serve(name: &str, http: TcpListener, line: TcpListener, udp: UdpSocket, stop: &Arc<AtomicBool>) {

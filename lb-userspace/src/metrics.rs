@@ -1,0 +1,231 @@
+//! Prometheus metrics of the agent (`lb run --metrics ADDR`, path `/metrics`): read from the
+//! maps at every scrape (the kernel counters are the truth; nothing is cached), plus the
+//! agent's own health-check, reload and table-rebuild counters. The format is OpenMetrics text
+//! (what the prometheus-client crate writes), which Prometheus scrapes natively.
+
+use std::net::SocketAddr;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::agent::Shared;
+use lb_common::{COUNTER_NAMES, VERDICT_COUNT};
+
+type Labels = Vec<(String, String)>;
+
+/// Families registered on a fresh registry per scrape.
+struct Families {
+    reg: Registry,
+}
+
+impl Families {
+    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
+        let f = Family::<Labels, Counter>::default();
+        self.reg.register(name, help, f.clone());
+        f
+    }
+
+    fn plain_counter(&mut self, name: &str, help: &str, v: u64) {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        self.reg.register(name, help, c);
+    }
+
+    fn plain_gauge(&mut self, name: &str, help: &str, v: i64) {
+        let g = Gauge::<i64>::default();
+        g.set(v);
+        self.reg.register(name, help, g);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
+        let f = Family::<Labels, Gauge>::default();
+        self.reg.register(name, help, f.clone());
+        f
+    }
+}
+
+fn labels(pairs: &[(&str, String)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// The metrics page, in the Prometheus text format.
+pub fn render(shared: &Shared) -> anyhow::Result<String> {
+    let maps = &shared.maps;
+    let mut f = Families {
+        reg: Registry::default(),
+    };
+    // Global counters: verdicts (one per packet) and events.
+    let verdicts = f.counter(
+        "lb_packets",
+        "Packets seen by the XDP program, by verdict (exactly one per packet).",
+    );
+    let events = f.counter(
+        "lb_events",
+        "Data-plane events (conntrack, reverse NAT, …).",
+    );
+    for (i, v) in maps.counters()?.iter().enumerate() {
+        let fam = if (i as u32) < VERDICT_COUNT {
+            &verdicts
+        } else {
+            &events
+        };
+        let key = if (i as u32) < VERDICT_COUNT {
+            "verdict"
+        } else {
+            "event"
+        };
+        fam.get_or_create(&labels(&[(key, COUNTER_NAMES[i].to_string())]))
+            .inc_by(*v);
+    }
+
+    let vip_packets = f.counter("lb_vip_packets", "Client packets forwarded for a VIP.");
+    let vip_bytes = f.counter(
+        "lb_vip_bytes",
+        "Bytes of client packets forwarded for a VIP.",
+    );
+    let vip_new = f.counter(
+        "lb_vip_new_flows",
+        "New flows of a VIP (selection table used).",
+    );
+    let vip_rev = f.counter(
+        "lb_vip_reply_packets",
+        "Backend replies rewritten back to the VIP.",
+    );
+    let be_packets = f.counter(
+        "lb_backend_packets",
+        "Client packets forwarded to a backend.",
+    );
+    let be_bytes = f.counter("lb_backend_bytes", "Bytes forwarded to a backend.");
+    let be_new = f.counter("lb_backend_new_flows", "New flows given to a backend.");
+    let be_rev = f.counter(
+        "lb_backend_reply_packets",
+        "Replies of a backend rewritten.",
+    );
+    let be_active = f.gauge(
+        "lb_backend_active_flows",
+        "Flows of a backend without a TCP FIN/RST seen (UDP flows count until removal).",
+    );
+    let be_up = f.gauge(
+        "lb_backend_up",
+        "1 if the backend is healthy (or not checked), 0 if health checks took it out.",
+    );
+    let be_weight = f.gauge("lb_backend_weight", "Configured weight (0 = drained).");
+    let be_draining = f.gauge(
+        "lb_backend_draining",
+        "1 while a backend removed from the configuration drains.",
+    );
+    let checks = f.counter("lb_health_checks", "Health-check probes, by result.");
+    for (vip, info) in maps.vips()? {
+        let vl = labels(&[("vip", vip.to_string())]);
+        let s = maps.vip_stats(info.vip_id)?;
+        vip_packets.get_or_create(&vl).inc_by(s.packets);
+        vip_bytes.get_or_create(&vl).inc_by(s.bytes);
+        vip_new.get_or_create(&vl).inc_by(s.new_flows);
+        vip_rev.get_or_create(&vl).inc_by(s.rev_packets);
+        for b in maps.backends(&vip)? {
+            let bl = labels(&[("vip", vip.to_string()), ("backend", b.addr.to_string())]);
+            let s = maps.backend_stats(b.id)?;
+            be_packets.get_or_create(&bl).inc_by(s.packets);
+            be_bytes.get_or_create(&bl).inc_by(s.bytes);
+            be_new.get_or_create(&bl).inc_by(s.new_flows);
+            be_rev.get_or_create(&bl).inc_by(s.rev_packets);
+            be_active
+                .get_or_create(&bl)
+                .set(maps.active_flows(b.id)? as i64);
+            be_up.get_or_create(&bl).set(b.healthy as i64);
+            be_weight.get_or_create(&bl).set(b.weight as i64);
+            be_draining
+                .get_or_create(&bl)
+                .set(shared.draining.contains_key(&(vip, b.addr)) as i64);
+            if let Some(h) = shared.health.get(&(vip, b.addr)) {
+                let mut ok = bl.clone();
+                ok.push(("result".into(), "ok".into()));
+                checks.get_or_create(&ok).inc_by(h.checks_ok);
+                let mut failed = bl.clone();
+                failed.push(("result".into(), "failed".into()));
+                checks.get_or_create(&failed).inc_by(h.checks_failed);
+            }
+        }
+    }
+
+    let c = &shared.counters;
+    f.plain_counter(
+        "lb_table_rebuilds",
+        "Selection-table updates made by the agent (config changes, health transitions, drains).",
+        c.table_rebuilds,
+    );
+    f.plain_counter(
+        "lb_table_slots_written",
+        "Table slots the agent rewrote.",
+        c.slots_written,
+    );
+    let reloads = f.counter("lb_config_reloads", "Configuration reloads, by result.");
+    reloads
+        .get_or_create(&labels(&[("result", "ok".into())]))
+        .inc_by(c.reloads_ok);
+    reloads
+        .get_or_create(&labels(&[("result", "error".into())]))
+        .inc_by(c.reloads_failed);
+    f.plain_gauge(
+        "lb_config_last_reload_ok",
+        "1 if the last configuration read was valid and applied.",
+        c.last_reload_ok as i64,
+    );
+    f.plain_counter(
+        "lb_backends_drained",
+        "Backends removed after draining (no active flows, idle, or the drain timeout).",
+        c.drained,
+    );
+
+    let mut out = String::new();
+    encode(&mut out, &f.reg)?;
+    Ok(out)
+}
+
+/// Serves `/metrics` on `addr` until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("metrics: listening on {addr}: {e}"))?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let shared = shared.clone();
+            async move {
+                let page = {
+                    let s = shared.lock().expect("agent state lock");
+                    render(&s)
+                };
+                match page {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(e) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
+                    }
+                }
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    }))
+}
