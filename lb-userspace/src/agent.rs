@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -23,6 +23,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{apply, ApplySummary, Config, ConfigError, VipConfig},
+    drain::Drain,
     health::{Health, HealthCheck},
     pin::PinDir,
     AttachMode, LbMaps, LoadOptions, Vip,
@@ -41,24 +42,13 @@ pub struct AgentOptions {
     pub load: LoadOptions,
     /// How often the file is read for changes and drains are checked.
     pub poll: Duration,
+    /// Keep the next-hop cache (`lb nexthop refresh`) fresh: re-resolve every backend's
+    /// neighbour this often and after every change. None: the agent leaves the cache alone.
+    pub nexthop_refresh: Option<Duration>,
 }
 
 /// A backend of a VIP.
 pub type Key = (Vip, SocketAddr);
-
-/// A backend that left the configuration and is draining.
-#[derive(Clone, Debug)]
-pub struct Drain {
-    started: Instant,
-    timeout: Duration,
-    /// Packets forwarded to it when last looked, and when that number last changed.
-    packets: u64,
-    last_traffic: Instant,
-}
-
-/// A drained backend is removed once it has had no packet for this long, even if flows are
-/// still counted as active (UDP flows and TCP flows that ended without a FIN/RST seen).
-pub const DRAIN_IDLE: Duration = Duration::from_secs(10);
 
 /// The agent's counters (exported as metrics).
 #[derive(Clone, Debug, Default)]
@@ -107,6 +97,8 @@ struct Agent {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("{0}")]
+    Unreadable(String),
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
 }
@@ -114,7 +106,7 @@ pub enum StartError {
 /// Runs the agent until SIGTERM or SIGINT. The data plane keeps forwarding after it returns.
 pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let text = std::fs::read_to_string(&opts.config)
-        .with_context(|| format!("reading {}", opts.config.display()))?;
+        .map_err(|e| StartError::Unreadable(format!("reading {}: {e}", opts.config.display())))?;
     let config = Config::parse(&opts.config.display().to_string(), &text)?;
     let maps = {
         let dir = PinDir::open(&opts.pin_dir)?;
@@ -174,6 +166,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut tick = tokio::time::interval(agent.opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let nexthop_every = agent.opts.nexthop_refresh;
+    let mut nexthop_tick =
+        tokio::time::interval(nexthop_every.unwrap_or(Duration::from_secs(3600)));
+    nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some(r) = rx.recv() => agent.on_probe(r),
@@ -181,6 +177,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 agent.reload_if_changed(false);
                 agent.progress_drains();
             }
+            _ = nexthop_tick.tick(), if nexthop_every.is_some() => agent.refresh_nexthops(),
             _ = hup.recv() => {
                 info!("SIGHUP: reading the configuration");
                 agent.reload_if_changed(true);
@@ -248,8 +245,10 @@ impl Agent {
     /// Makes the maps match `cfg` (plus the backends still draining, minus the `drained` ones
     /// to remove now), then starts and stops health checks to match.
     fn apply_config(&mut self, cfg: Config, drained: &[Key]) -> Result<()> {
-        let _dir = self.lock_dir()?;
         let summary = {
+            // The pin-directory lock is held for the map writes only (flock: taking it again
+            // in this process while holding it would wait forever).
+            let _dir = self.lock_dir()?;
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
             update_drains(&cfg, &s.maps, &mut s.draining, drained)?;
@@ -282,7 +281,32 @@ impl Agent {
         }
         self.config = cfg;
         self.reconcile_checkers()?;
+        if !summary.is_empty() {
+            self.refresh_nexthops();
+        }
         Ok(())
+    }
+
+    /// Re-resolves the next hop of every backend (if the agent keeps the cache).
+    fn refresh_nexthops(&mut self) {
+        if self.opts.nexthop_refresh.is_none() {
+            return;
+        }
+        let r = self.lock_dir().and_then(|_dir| {
+            let mut s = self.shared.lock().expect("agent state lock");
+            crate::nexthop::refresh(&mut s.maps)
+        });
+        match r {
+            Ok(rows) => {
+                let unresolved = rows.iter().filter(|r| r.mac.is_none()).count();
+                tracing::debug!(
+                    backends = rows.len(),
+                    unresolved,
+                    "next-hop cache refreshed"
+                );
+            }
+            Err(e) => warn!("refreshing the next-hop cache failed: {e:#}"),
+        }
     }
 
     /// One probe task per backend of every VIP with a health check; backends of VIPs without
@@ -396,7 +420,6 @@ impl Agent {
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
             let mut done = Vec::new();
-            let now = Instant::now();
             for (key, d) in s.draining.iter_mut() {
                 let Some(b) = s
                     .maps
@@ -407,18 +430,8 @@ impl Agent {
                     done.push((*key, "gone"));
                     continue;
                 };
-                let active = s.maps.active_flows(b.id).unwrap_or(u64::MAX);
-                let packets = s.maps.backend_stats(b.id).map(|t| t.packets).unwrap_or(0);
-                if packets != d.packets {
-                    d.packets = packets;
-                    d.last_traffic = now;
-                }
-                if active == 0 {
-                    done.push((*key, "no active flows"));
-                } else if now - d.last_traffic >= DRAIN_IDLE {
-                    done.push((*key, "idle"));
-                } else if now - d.started >= d.timeout {
-                    done.push((*key, "drain timeout"));
+                if let Some(why) = d.finished(&s.maps, b.id) {
+                    done.push((*key, why));
                 }
             }
             for (key, _) in &done {
@@ -457,7 +470,6 @@ fn update_drains(
     draining: &mut HashMap<Key, Drain>,
     drained: &[Key],
 ) -> Result<()> {
-    let now = Instant::now();
     let in_file = |vip: &Vip, addr: &SocketAddr| {
         cfg.vips
             .iter()
@@ -486,16 +498,7 @@ fn update_drains(
             }
             info!(%vip, backend = %b.addr, timeout = %humantime::format_duration(timeout),
                 "backend left the configuration: draining (no new flows)");
-            let packets = maps.backend_stats(b.id)?.packets;
-            draining.insert(
-                key,
-                Drain {
-                    started: now,
-                    timeout,
-                    packets,
-                    last_traffic: now,
-                },
-            );
+            draining.insert(key, Drain::start(maps, b.id, timeout));
         }
     }
     Ok(())

@@ -253,20 +253,21 @@ impl Config {
                     ));
                 }
             }
-            let drop_when_all_down =
-                match &rv.when_all_down {
-                    None => false,
-                    Some(s) => match s.get_ref().as_str() {
-                        "fail-open" => false,
-                        "drop" => true,
-                        other => return Err(err(
+            let drop_when_all_down = match &rv.when_all_down {
+                None => false,
+                Some(s) => match s.get_ref().as_str() {
+                    "fail-open" => false,
+                    "drop" => true,
+                    other => {
+                        return Err(err(
                             s.span().start,
                             format!(
                                 "unknown when_all_down {other:?} (use \"fail-open\" or \"drop\")"
                             ),
-                        )),
-                    },
-                };
+                        ))
+                    }
+                },
+            };
             let drain_timeout = match &rv.drain_timeout {
                 None => DEFAULT_DRAIN_TIMEOUT,
                 Some(s) => parse_duration("drain_timeout", s.get_ref())
@@ -659,6 +660,9 @@ fn parse_health(
             ))
         }
     };
+    if let Some(p) = h.port.as_ref().filter(|p| *p.get_ref() == 0) {
+        return Err((at(p.span().start), "port 0 cannot be checked".into()));
+    }
     Ok(HealthCheck {
         kind,
         port: h.port.as_ref().map(|p| *p.get_ref()),
@@ -710,6 +714,60 @@ address = "[2001:db8::100]:53/udp"
         assert_eq!(again, sorted);
     }
 
+    #[test]
+    fn health_checks_parse_and_print() {
+        let text = r#"
+[[vip]]
+address = "10.100.0.100:80/tcp"
+when_all_down = "drop"
+drain_timeout = "30s"
+
+[vip.health]
+check = "https"
+port = 8443
+path = "/healthz"
+host = "svc.example"
+expect_status = 204
+interval = "500ms"
+rise = 3
+
+[[vip]]
+address = "[2001:db8::100]:53/udp"
+
+[vip.health]
+check = "udp"
+send = "hello"
+expect = "hi"
+"#;
+        let c = Config::parse("lb.toml", text).unwrap();
+        let v = &c.vips[0];
+        assert!(v.drop_when_all_down);
+        assert_eq!(v.drain_timeout, Duration::from_secs(30));
+        let h = v.health.as_ref().unwrap();
+        assert_eq!(h.name(), "https");
+        assert_eq!(h.port, Some(8443));
+        assert_eq!(h.interval, Duration::from_millis(500));
+        // The default timeout (1 s) is capped at the interval.
+        assert_eq!(h.timeout, Duration::from_millis(500));
+        assert_eq!((h.rise, h.fall), (3, crate::health::DEFAULT_FALL));
+        assert_eq!(
+            h.target("10.1.1.2:8080".parse().unwrap()),
+            "10.1.1.2:8443".parse().unwrap()
+        );
+        let u = c.vips[1].health.as_ref().unwrap();
+        assert_eq!(
+            u.kind,
+            CheckKind::Udp {
+                send: "hello".into(),
+                expect: Some("hi".into())
+            }
+        );
+        // Round trip through the printer.
+        let mut sorted = c.clone();
+        sorted.vips.sort_by_key(|v| v.vip);
+        assert_eq!(Config::parse("x", &c.to_toml()).unwrap(), sorted);
+    }
+
     fn error_of(text: &str) -> ConfigError {
         Config::parse("lb.toml", text).unwrap_err()
     }
@@ -731,6 +789,20 @@ address = "[2001:db8::100]:53/udp"
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"random\"\nsource_prefix = 24\n", 3, "applies only to source-hash"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nsource_prefix = 24\n", 3, "needs algorithm"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"source-hash\"\nsource_prefix = 40\n", 4, "longer than"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nwhen_all_down = \"panic\"\n", 3, "unknown when_all_down"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ndrain_timeout = \"soon\"\n", 3, "invalid drain_timeout"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"icmp\"\n", 4, "unknown check"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"udp\"\n", 4, "needs a UDP VIP"),
+            ("[[vip]]\naddress = \"10.0.0.1:53/udp\"\n[vip.health]\ncheck = \"http\"\n", 4, "needs a TCP VIP"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\ninterval = \"fast\"\n", 5, "invalid interval"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\ninterval = \"10ms\"\n", 5, "at least"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\ninterval = \"1s\"\ntimeout = \"2s\"\n", 6, "at most the interval"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\nrise = 0\n", 5, "between 1 and 100"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"http\"\npath = \"healthz\"\n", 5, "invalid path"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"http\"\nexpect_status = 42\n", 5, "not an HTTP status"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\nsend = \"x\"\n", 5, "does not apply"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\nport = 0\n", 5, "port 0"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\ncolour = 1\n", 5, "unknown field"),
         ];
         for (text, line, needle) in cases {
             let e = error_of(text);

@@ -445,4 +445,75 @@ mod tests {
             .unwrap();
         assert!(udp(None).probe(closed_udp).await.is_err());
     }
+
+    /// HTTPS against a server with a self-signed certificate (tests/data, made with
+    /// `openssl req -x509 -newkey ec …`): the check passes on the status, whatever the
+    /// certificate.
+    #[tokio::test]
+    async fn https_probe() {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let cert =
+            CertificateDer::from_pem_slice(include_bytes!("../tests/data/health-test-cert.pem"))
+                .unwrap();
+        let key =
+            PrivateKeyDer::from_pem_slice(include_bytes!("../tests/data/health-test-key.pem"))
+                .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /ok ");
+                    let status = if ok { "200 OK" } else { "404 Not Found" };
+                    let _ = s
+                        .write_all(
+                            format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        let https = |path: &str, expect_status| HealthCheck {
+            kind: CheckKind::Http {
+                tls: true,
+                path: path.into(),
+                host: Some("example.test".into()),
+                expect_status,
+            },
+            port: None,
+            interval: DEFAULT_INTERVAL,
+            timeout: DEFAULT_TIMEOUT,
+            rise: 1,
+            fall: 1,
+        };
+        assert_eq!(https("/ok", 200).probe(addr).await, Ok(()));
+        assert_eq!(https("/missing", 404).probe(addr).await, Ok(()));
+        let e = https("/missing", 200).probe(addr).await.unwrap_err();
+        assert!(e.contains("status 404"), "{e}");
+        // Plain HTTP against the TLS port fails.
+        let mut plain = https("/ok", 200);
+        plain.kind = CheckKind::Http {
+            tls: false,
+            path: "/ok".into(),
+            host: None,
+            expect_status: 200,
+        };
+        assert!(plain.probe(addr).await.is_err());
+    }
 }

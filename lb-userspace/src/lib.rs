@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod drain;
 pub mod error;
 pub mod health;
 pub mod maglev;

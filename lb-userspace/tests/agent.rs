@@ -71,7 +71,17 @@ struct Agent(Child);
 impl Agent {
     fn start(tb: &Testbed, files: &Files) -> Agent {
         let cfg = files.config().display().to_string();
-        let args = ["run", "-f", &cfg, "--metrics", METRICS, "--poll", "200ms"];
+        let args = [
+            "run",
+            "-f",
+            &cfg,
+            "--metrics",
+            METRICS,
+            "--poll",
+            "200ms",
+            "--nexthop-refresh",
+            "1s",
+        ];
         Agent(
             tb.spawn_lb(&args, &files.log())
                 .expect("starting the agent"),
@@ -359,10 +369,14 @@ fn agent_restart_and_program_upgrade_are_hitless() {
     }
     let status = tb.lb_json(&["status"]).unwrap();
     assert_ne!(status["program_id"], prog_before);
-    let after = tb.lb_json(&["stats"]).unwrap()["packets_seen"]
-        .as_u64()
-        .unwrap();
+    let stats = tb.lb_json(&["stats"]).unwrap();
+    let after = stats["packets_seen"].as_u64().unwrap();
     assert!(after > before, "counters restarted: {before} -> {after}");
+    // The agent keeps the next-hop cache filled: forwarded packets skipped the route lookup.
+    assert!(
+        stats["counters"]["nexthop_cached"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
 }
 
 /// An invalid file is logged and the running state kept; a valid change is applied; a backend
@@ -524,4 +538,62 @@ fn config_reload_drain_and_metrics() {
     assert!(value("lb_config_reloads_total", &[("result", "error")]) >= 1.0);
     assert_eq!(value("lb_config_last_reload_ok", &[]), 1.0);
     assert!(value("lb_backends_drained_total", &[]) >= 1.0);
+}
+
+/// `lb backend del --drain` (no agent): the backend gets no new flows at once, keeps its
+/// established connection, and is removed when that connection closes.
+#[test]
+fn cli_drain_then_delete() {
+    let tb = testbed(2);
+    let files = Files::new(&tb);
+    let v = format!("{}/tcp", vip(LINE_PORT));
+    tb.lb(&["vip", "add", &v, "--table-size", "1009"]).unwrap();
+    for b in &tb.backends {
+        tb.lb(&["backend", "add", &v, &sa(b.v4, LINE_PORT).to_string()])
+            .unwrap();
+    }
+    let mut held = None;
+    for _ in 0..30 {
+        let c = tb.open_line(vip(LINE_PORT)).unwrap();
+        if c.backend == "backend-2" {
+            held = Some(c);
+            break;
+        }
+    }
+    let mut held = held.expect("no connection landed on backend-2");
+    let b2 = sa(tb.backends[1].v4, LINE_PORT).to_string();
+    let mut child = tb
+        .spawn_lb(
+            &["backend", "del", &v, &b2, "--drain", "--timeout", "30s"],
+            &files.log(),
+        )
+        .unwrap();
+    let weight = |tb: &Testbed| -> Option<u64> {
+        tb.lb_json(&["backend", "list"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["backend"] == b2)
+            .map(|r| r["weight"].as_u64().unwrap())
+    };
+    wait_for(Duration::from_secs(5), "backend-2 at weight 0", || {
+        weight(&tb) == Some(0)
+    });
+    for _ in 0..10 {
+        assert_eq!(tb.open_line(vip(LINE_PORT)).unwrap().backend, "backend-1");
+    }
+    assert_eq!(held.ping().unwrap(), "backend-2");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished while a flow was active"
+    );
+    assert_eq!(weight(&tb), Some(0));
+    drop(held);
+    wait_for(Duration::from_secs(5), "the drain to finish", || {
+        child.try_wait().unwrap().is_some()
+    });
+    assert!(child.wait().unwrap().success(), "{}", files.log_text());
+    assert_eq!(weight(&tb), None, "not removed");
 }

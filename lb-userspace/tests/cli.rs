@@ -709,3 +709,71 @@ fn concurrent_commands_are_serialized() {
     let table = lb.json(&["table", VIP]);
     assert_eq!(table["empty_slots"], 0);
 }
+
+/// `lb run` refuses bad input before touching anything; `lb upgrade` replaces the program and
+/// keeps the state, and refuses an object whose maps differ, changing nothing.
+#[test]
+fn run_and_upgrade_bad_input() {
+    let lb = Lb::new("agent");
+    lb.fails(&["upgrade"], 1, "not loaded");
+    lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+    lb.ok(&["vip", "add", VIP, "--table-size", "251"]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.11:8080"]);
+    let dir = std::env::temp_dir().join(format!("lbt-agent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[vip]]\naddress = \"10.100.0.100:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\nfall = 0\n",
+    )
+    .unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, "[[vip]]\naddress = \"10.100.0.100:80/tcp\"\n").unwrap();
+    let (bad, good) = (bad.to_str().unwrap(), good.to_str().unwrap());
+    lb.fails(
+        &["run", "-f", "/nonexistent/lb.toml"],
+        2,
+        "reading /nonexistent/lb.toml",
+    );
+    lb.fails(
+        &["run", "-f", bad],
+        2,
+        "bad.toml:5: fall must be between 1 and 100",
+    );
+    lb.fails(
+        &["run", "-f", good, "--metrics", "localhost"],
+        2,
+        "invalid --metrics",
+    );
+    lb.fails(&["run", "-f", good, "--poll", "0s"], 2, "more than 0");
+    lb.fails(
+        &["upgrade", "--object", "/nonexistent.o"],
+        2,
+        "reading /nonexistent.o",
+    );
+    // An object without lb's maps (the benchmark helpers) is refused.
+    let other = dir.join("other.o");
+    std::fs::write(&other, lb::object::LB_BENCH_OBJECT).unwrap();
+    lb.fails(
+        &["upgrade", "--object", other.to_str().unwrap()],
+        1,
+        "has no map",
+    );
+    let garbage = dir.join("garbage.o");
+    std::fs::write(&garbage, b"not an ELF file").unwrap();
+    lb.fails(
+        &["upgrade", "--object", garbage.to_str().unwrap()],
+        1,
+        "parsing the new object",
+    );
+    // The real upgrade: a new program id, the same state.
+    let before = lb.json(&["status"])["program_id"].clone();
+    let cfg = lb.ok(&["show-config"]);
+    let u = lb.json(&["upgrade"]);
+    assert_eq!(u["old_program_id"], before);
+    assert_ne!(u["new_program_id"], before);
+    assert_eq!(u["interfaces"], serde_json::json!(["lbc0"]));
+    assert_eq!(lb.json(&["status"])["program_id"], u["new_program_id"]);
+    assert_eq!(lb.ok(&["show-config"]), cfg);
+    let _ = std::fs::remove_dir_all(&dir);
+}

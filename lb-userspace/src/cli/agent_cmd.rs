@@ -1,10 +1,6 @@
 //! run (the agent), upgrade.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path};
 
 use anyhow::Context;
 use lb::{
@@ -12,29 +8,21 @@ use lb::{
     pin::PinDir,
 };
 
-use super::{
-    args::{Mode, Sizes},
-    lifecycle::attach_mode,
-    print_json, CmdResult, Failure,
-};
+use super::{print_json, CmdResult, Failure};
 
-pub fn run(
-    pin_dir: PathBuf,
-    file: PathBuf,
-    metrics: &str,
-    attach: Vec<String>,
-    mode: Mode,
-    poll: Duration,
-    sizes: Sizes,
-) -> CmdResult {
-    let metrics: Option<SocketAddr> = match metrics {
-        "off" => None,
-        m => Some(m.parse().map_err(|_| {
+/// `--metrics`: an address, or "off".
+pub fn metrics_addr(s: &str) -> Result<Option<SocketAddr>, Failure> {
+    match s {
+        "off" => Ok(None),
+        m => m.parse().map(Some).map_err(|_| {
             Failure::Usage(format!(
                 "invalid --metrics address {m:?} (e.g. 127.0.0.1:9100, or off)"
             ))
-        })?),
-    };
+        }),
+    }
+}
+
+pub fn run(opts: AgentOptions) -> CmdResult {
     // Logs go to stderr (the journal, under systemd); RUST_LOG sets the level.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -43,15 +31,6 @@ pub fn run(
         )
         .with_writer(std::io::stderr)
         .try_init();
-    let opts = AgentOptions {
-        config: file,
-        pin_dir,
-        metrics,
-        attach,
-        mode: attach_mode(mode),
-        load: sizes.load_options(),
-        poll,
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,6 +38,7 @@ pub fn run(
         .context("starting the async runtime")?;
     rt.block_on(lb::agent::run(opts)).map_err(|e| match e {
         StartError::Config(c) => Failure::Usage(c.to_string()),
+        StartError::Unreadable(m) => Failure::Usage(m),
         StartError::Runtime(e) => Failure::from(e),
     })
 }

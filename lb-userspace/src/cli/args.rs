@@ -119,6 +119,10 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// How often the file is checked for changes (and drains for progress).
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
         poll: std::time::Duration,
+        /// Keep the next-hop cache fresh: re-resolve backends' neighbours this often (and
+        /// after each change). Without it the agent leaves the cache alone.
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        nexthop_refresh: Option<std::time::Duration>,
         #[command(flatten)]
         sizes: Sizes,
     },
@@ -189,12 +193,22 @@ pub enum BackendCommand {
         #[arg(long, default_value_t = 1)]
         weight: u32,
     },
-    /// Remove a backend; its flows move to other backends on their next packet.
-    #[command(after_help = "Example:\n  lb backend del 10.100.0.100:80/tcp 10.200.0.11:8080")]
+    /// Remove a backend; its flows move to other backends on their next packet. With --drain,
+    /// first stop its new flows and wait until it has no active flow, has been idle for 10 s,
+    /// or --timeout passes.
+    #[command(
+        after_help = "Example:\n  lb backend del 10.100.0.100:80/tcp 10.200.0.11:8080\n  lb backend del 10.100.0.100:80/tcp 10.200.0.11:8080 --drain --timeout 5m"
+    )]
     Del {
         vip: Vip,
         #[arg(value_parser = backend_addr)]
         backend: SocketAddr,
+        /// Drain before removing (weight 0, wait for the flows to end).
+        #[arg(long)]
+        drain: bool,
+        /// --drain: the longest wait.
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration, requires = "drain")]
+        timeout: std::time::Duration,
     },
     /// Change a backend's weight; --weight 0 drains it (established flows continue).
     #[command(

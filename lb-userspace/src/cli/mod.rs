@@ -107,10 +107,21 @@ fn run(cli: Cli) -> CmdResult {
         attach,
         mode,
         poll,
+        nexthop_refresh,
         sizes,
     } = cli.command
     {
-        return agent_cmd::run(cli.pin_dir, file, &metrics, attach, mode, poll, sizes);
+        let opts = lb::agent::AgentOptions {
+            config: file,
+            pin_dir: cli.pin_dir,
+            metrics: agent_cmd::metrics_addr(&metrics)?,
+            attach,
+            mode: lifecycle::attach_mode(mode),
+            load: sizes.load_options(),
+            poll,
+            nexthop_refresh,
+        };
+        return agent_cmd::run(opts);
     }
     let mut dir = PinDir::open(&cli.pin_dir)?;
     match cli.command {
@@ -122,7 +133,7 @@ fn run(cli: Cli) -> CmdResult {
         Command::Detach { ifaces, purge } => lifecycle::detach(dir, &ifaces, purge),
         Command::Status => lifecycle::status(&dir, json),
         Command::Vip(c) => services::vip(&dir, c, json),
-        Command::Backend(c) => services::backend(&dir, c, json),
+        Command::Backend(c) => services::backend(&mut dir, c, json),
         Command::Stats { watch } => observe::stats(&mut dir, watch, json),
         Command::Flows { vip } => observe::flows(&dir, vip, json),
         Command::Table { vip } => observe::table(&dir, &vip, json),

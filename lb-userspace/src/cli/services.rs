@@ -96,7 +96,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
     Ok(())
 }
 
-pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
+pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
     let mut maps = dir.maps()?;
     match cmd {
         BackendCommand::Add {
@@ -110,7 +110,16 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                 c.slots_written
             );
         }
-        BackendCommand::Del { vip, backend } => {
+        BackendCommand::Del {
+            vip,
+            backend,
+            drain: true,
+            timeout,
+        } => {
+            drop(maps);
+            return drain_and_delete(dir, vip, backend, timeout);
+        }
+        BackendCommand::Del { vip, backend, .. } => {
             let c = maps.del_backend(&vip, backend)?;
             println!(
                 "removed backend {backend} from {vip}: {} table slots changed",
@@ -178,6 +187,55 @@ pub fn backend(dir: &PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
         }
     }
     Ok(())
+}
+
+/// `lb backend del --drain`: weight 0, wait without holding the lock (other commands and the
+/// agent go on), then remove — unless someone changed the backend meanwhile.
+fn drain_and_delete(
+    dir: &mut PinDir,
+    vip: Vip,
+    backend: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> CmdResult {
+    let mut maps = dir.maps()?;
+    let find = |maps: &lb::LbMaps| -> Result<lb::BackendState, lb::LbError> {
+        maps.backends(&vip)?
+            .into_iter()
+            .find(|b| b.addr == backend)
+            .ok_or(lb::LbError::BackendNotFound { vip, backend })
+    };
+    let b = find(&maps)?;
+    if b.weight > 0 {
+        maps.set_weight(&vip, backend, 0)?;
+    }
+    dir.unlock();
+    println!(
+        "draining backend {backend} of {vip} (no new flows; at most {})",
+        humantime::format_duration(timeout)
+    );
+    let mut watch = lb::drain::Drain::start(&maps, b.id, timeout);
+    let why = loop {
+        if let Some(why) = watch.finished(&maps, b.id) {
+            break why;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let dir = PinDir::open(dir.path())?;
+    let maps = &mut dir.maps()?;
+    match find(maps) {
+        Ok(now) if now.id == b.id && now.weight == 0 => {
+            let c = maps.del_backend(&vip, backend)?;
+            println!(
+                "removed backend {backend} from {vip} ({why}): {} table slots changed",
+                c.slots_written
+            );
+            Ok(())
+        }
+        _ => Err(anyhow::anyhow!(
+            "backend {backend} of {vip} was changed or removed while it drained; not removing it"
+        )
+        .into()),
+    }
 }
 
 pub fn nexthop(dir: &PinDir, cmd: NexthopCommand, json: bool) -> CmdResult {
