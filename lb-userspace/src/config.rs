@@ -768,6 +768,13 @@ expect = "hi"
         assert_eq!(Config::parse("x", &c.to_toml()).unwrap(), sorted);
     }
 
+    #[test]
+    fn the_shipped_example_is_valid() {
+        let c = Config::parse("deploy/lb.toml", include_str!("../../deploy/lb.toml")).unwrap();
+        assert_eq!(c.vips.len(), 2);
+        assert!(c.vips.iter().all(|v| v.health.is_some()));
+    }
+
     fn error_of(text: &str) -> ConfigError {
         Config::parse("lb.toml", text).unwrap_err()
     }
