@@ -14,6 +14,48 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 /// IANA protocol number of UDP.
 pub const PROTO_UDP: u8 = 17;
+/// IANA protocol number of ICMP.
+pub const PROTO_ICMP: u8 = 1;
+/// IANA protocol number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// IANA protocol number of IPv4 encapsulated in IP (IPIP).
+pub const PROTO_IPIP: u8 = 4;
+/// IANA protocol number of IPv6 encapsulated in IP.
+pub const PROTO_IPV6: u8 = 41;
+
+/// `names::PROGS` slot of `lb_ipip` (encapsulation, too-big answers).
+pub const PROG_IPIP: u32 = 0;
+/// `names::PROGS` slot of `lb_icmp` (ICMP errors about VIP flows).
+pub const PROG_ICMP: u32 = 1;
+/// Names of the tail-called programs, by slot.
+pub const TAIL_PROGRAMS: [&str; 2] = ["lb_ipip", "lb_icmp"];
+
+/// What `lb_xdp` hands `lb_ipip` in `names::HANDOFF`: the chosen backend and the flow hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Handoff {
+    pub backend_id: u32,
+    pub hash: u32,
+}
+const _: () = assert!(core::mem::size_of::<Handoff>() == 8);
+
+/// `VipInfo::fwd`: rewrite the destination address and port (replies come back through lb).
+pub const FWD_NAT: u8 = 0;
+/// `VipInfo::fwd`: rewrite only the destination MAC to the backend's (direct server return on
+/// one L2 segment; the backend holds the VIP on a loopback interface).
+pub const FWD_DSR_L2: u8 = 1;
+/// `VipInfo::fwd`: encapsulate in an outer IP header to the backend (IPv4 in IPv4, IPv6 in
+/// IPv6, IPv4 in IPv6), which decapsulates and answers the client directly.
+pub const FWD_IPIP: u8 = 2;
+
+/// Outer source addresses of IPIP packets: this /16 (IPv4) or /96 (IPv6), with the low 16 / 32
+/// bits taken from the flow hash, so that backends' receive-side scaling spreads flows over
+/// queues while one flow stays on one queue (as Katran does). Nothing is ever sent to them.
+pub const ENCAP_SRC_V4_BE: u32 = u32::from_ne_bytes([172, 16, 0, 0]);
+/// IPv6 outer source prefix: 100::/64 is the discard-only prefix (RFC 6666).
+pub const ENCAP_SRC_V6_BE: [u32; 3] = [u32::from_ne_bytes([0x01, 0, 0, 0]), 0, 0];
+/// TTL / hop limit of outer headers and of ICMP messages lb writes.
+pub const LB_TTL: u8 = 64;
 
 /// Capacity of the VIP map; a VIP's `vip_id` is below this.
 pub const MAX_VIPS: u32 = 1024;
@@ -50,8 +92,15 @@ pub mod names {
     pub const ACTIVE: &str = "LB_ACTIVE_V1";
     /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
     pub const REVNAT: &str = "LB_REVNAT_V1";
-    /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`.
-    pub const STATS: &str = "LB_STATS_V2";
+    /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
+    /// with a whole stack of its own.
+    pub const PROGS: &str = "LB_PROGS_V1";
+    /// `PerCpuArray<Handoff>`: what `lb_xdp` hands a tail-called program (same CPU, same
+    /// packet).
+    pub const HANDOFF: &str = "LB_HANDOFF_V1";
+    /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`
+    /// (`COUNTER_CAPACITY` entries, so counters can be added without a new layout).
+    pub const STATS: &str = "LB_STATS_V3";
     /// `Array<NextHop>`: optional next-hop cache, indexed by backend id.
     pub const NEXTHOP: &str = "LB_NEXTHOP_V1";
     /// `PerCpuArray<TrafficStats>`: per-VIP traffic, indexed by `vip_id`.
@@ -101,8 +150,8 @@ pub struct VipInfo {
     pub src_prefix_len: u8,
     /// `VIP_F_*` bits. Only userspace reads them (they shape the table it writes).
     pub flags: u8,
-    /// Always zero.
-    pub _pad: u8,
+    /// How packets reach the backend: `FWD_NAT`, `FWD_DSR_L2` or `FWD_IPIP`.
+    pub fwd: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
 

@@ -35,6 +35,22 @@ pub enum Counter {
     PassFibOther,
     /// Rewritten; the route is blackhole / unreachable / prohibit: dropped.
     DropFibUnreachable,
+    /// dsr-l2: the backend's MAC is not known yet (no neighbour entry). Dropped: a packet still
+    /// addressed to the VIP cannot be handed to the kernel (the client retransmits; the
+    /// gateway resolves backends it talks to — health checks, `lb nexthop refresh`).
+    DropNoNeigh,
+    /// dsr-l2: the backend is not on a directly connected network (the route has a gateway):
+    /// dropped, since only the MAC is rewritten.
+    DropNotOnLink,
+    /// ipip: the encapsulated packet would exceed the egress MTU and no ICMP could be sent
+    /// (IPv4 without DF, or with IP options): dropped.
+    DropTooBig,
+    /// ipip: the encapsulation program is not installed (cannot happen once lb is loaded):
+    /// dropped.
+    DropNoProgram,
+    /// ipip: the encapsulated packet would exceed the egress MTU: an ICMP fragmentation-needed
+    /// / packet-too-big with the MTU left after encapsulation was sent back to the client.
+    TxIcmpTooBig,
 
     // ---- events ----
     /// A client → VIP packet took its backend from conntrack.
@@ -49,12 +65,24 @@ pub enum Counter {
     RevNat,
     /// A client → VIP packet was sent with the next-hop cache (no route lookup).
     NextHopCached,
+    /// A client → VIP packet was forwarded with NAT.
+    FwdNat,
+    /// A client → VIP packet was forwarded with dsr-l2 (MAC rewrite).
+    FwdDsrL2,
+    /// A client → VIP packet was forwarded with ipip (encapsulated).
+    FwdIpip,
+    /// An ICMP fragmentation-needed / packet-too-big about a VIP flow was sent to the flow's
+    /// backend (PMTU discovery keeps working behind lb).
+    IcmpToBackend,
 }
 
 /// Number of counters (size of the global counter array).
-pub const COUNTER_COUNT: u32 = Counter::NextHopCached as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::IcmpToBackend as u32 + 1;
+/// Entries of the counter array: room for counters added later without a new map layout.
+pub const COUNTER_CAPACITY: u32 = 64;
+const _: () = assert!(COUNTER_COUNT <= COUNTER_CAPACITY);
 /// Counters `0..VERDICT_COUNT` are verdicts; their sum is the number of packets seen.
-pub const VERDICT_COUNT: u32 = Counter::DropFibUnreachable as u32 + 1;
+pub const VERDICT_COUNT: u32 = Counter::TxIcmpTooBig as u32 + 1;
 
 /// Names of the counters, as shown by `lb stats` and exported as metric labels.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -72,10 +100,19 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "pass_no_neigh",
     "pass_fib_other",
     "drop_fib_unreachable",
+    "drop_no_neigh",
+    "drop_not_on_link",
+    "drop_too_big",
+    "drop_no_program",
+    "tx_icmp_too_big",
     "ct_hit",
     "ct_miss",
     "ct_stale",
     "ct_insert_failed",
     "rev_nat",
     "nexthop_cached",
+    "fwd_nat",
+    "fwd_dsr_l2",
+    "fwd_ipip",
+    "icmp_to_backend",
 ];

@@ -24,25 +24,107 @@ const FIB_BLACKHOLE: i64 = 1;
 const FIB_UNREACHABLE: i64 = 2;
 const FIB_PROHIBIT: i64 = 3;
 const FIB_NO_NEIGH: i64 = 7;
+const FIB_FRAG_NEEDED: i64 = 8;
 
 /// `struct bpf_fib_lookup` with its unions flattened to the members we use (64 bytes).
 #[repr(C)]
-struct FibParams {
+pub(crate) struct FibParams {
     family: u8,
     l4_protocol: u8,
     sport_be: u16,
     dport_be: u16,
     /// In: IP total length (host order), for the MTU check. Out: the MTU.
-    tot_len: u16,
+    pub tot_len: u16,
     /// In: ingress interface. Out: egress interface.
-    ifindex: u32,
+    pub ifindex: u32,
     /// IPv4 TOS or IPv6 flow label (network order).
     tos_or_flow: u32,
     src_be: [u32; 4],
-    dst_be: [u32; 4],
+    /// In: destination. Out: the next hop's address (the gateway, if the route has one).
+    pub dst_be: [u32; 4],
     vlan_or_tbid: u32,
-    smac: [u8; 6],
-    dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// What the route lookup said.
+pub(crate) enum Route {
+    /// Next hop known: MACs and egress interface in the params.
+    Ok,
+    /// The next hop's MAC is not known yet.
+    NoNeigh,
+    /// Blackhole, unreachable or prohibit.
+    Unreachable,
+    /// The packet (of the length given) exceeds the egress MTU, which is in `tot_len`.
+    FragNeeded,
+    /// Anything else the kernel must handle (local destination, forwarding disabled, …).
+    Other,
+}
+
+/// Looks up the route of a packet from `src` to `dst` of `tot_len` bytes (IP total length).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lookup(
+    ctx: &XdpContext,
+    family: u8,
+    proto: u8,
+    src: &[u32; 4],
+    dst: &[u32; 4],
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    tos_or_flow: u32,
+) -> (Route, FibParams) {
+    let mut p = FibParams {
+        family: if family == FAMILY_V4 {
+            AF_INET
+        } else {
+            AF_INET6
+        },
+        l4_protocol: proto,
+        sport_be: sport,
+        dport_be: dport,
+        tot_len,
+        ifindex: ctx.ingress_ifindex() as u32,
+        tos_or_flow,
+        src_be: *src,
+        dst_be: *dst,
+        vlan_or_tbid: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    };
+    // SAFETY: `p` is a valid, writable `struct bpf_fib_lookup` of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            (&mut p as *mut FibParams).cast(),
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let r = match rc {
+        FIB_SUCCESS => Route::Ok,
+        FIB_NO_NEIGH => Route::NoNeigh,
+        FIB_BLACKHOLE | FIB_UNREACHABLE | FIB_PROHIBIT => Route::Unreachable,
+        FIB_FRAG_NEEDED => Route::FragNeeded,
+        _ => Route::Other,
+    };
+    (r, p)
+}
+
+/// Writes the next hop's MACs into the Ethernet header and sends the frame out of the
+/// looked-up interface.
+#[inline(always)]
+pub(crate) fn send(ctx: &XdpContext, p: &FibParams) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::pass(Counter::PassMalformedEth);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).dst = p.dmac;
+        (*eth).src = p.smac;
+    }
+    egress(ctx.ingress_ifindex() as u32, p.ifindex)
 }
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
@@ -62,7 +144,7 @@ pub(crate) fn send_cached(ctx: &XdpContext, nh: &NextHop) -> Verdict {
 }
 
 #[inline(always)]
-fn egress(ingress: u32, ifindex: u32) -> Verdict {
+pub(crate) fn egress(ingress: u32, ifindex: u32) -> Verdict {
     if ifindex == ingress {
         Verdict {
             action: xdp_action::XDP_TX,
@@ -88,50 +170,21 @@ pub(crate) fn forward(
     sport: u16,
     dport: u16,
 ) -> Verdict {
-    let ingress = ctx.ingress_ifindex() as u32;
-    let mut p = FibParams {
-        family: if pkt.family == FAMILY_V4 {
-            AF_INET
-        } else {
-            AF_INET6
-        },
-        l4_protocol: pkt.proto,
-        sport_be: sport,
-        dport_be: dport,
-        tot_len: pkt.ip_len,
-        ifindex: ingress,
-        tos_or_flow: pkt.tos_or_flow,
-        src_be: *src,
-        dst_be: *dst,
-        vlan_or_tbid: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
-    };
-    // SAFETY: `p` is a valid, writable `struct bpf_fib_lookup` of the size passed.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.as_ptr(),
-            (&mut p as *mut FibParams).cast(),
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    match rc {
-        FIB_SUCCESS => {
-            let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-                return Verdict::pass(Counter::PassMalformedEth);
-            };
-            // SAFETY: bounds-checked by ptr_at.
-            unsafe {
-                (*eth).dst = p.dmac;
-                (*eth).src = p.smac;
-            }
-            egress(ingress, p.ifindex)
-        }
-        FIB_NO_NEIGH => Verdict::pass(Counter::PassNoNeigh),
-        FIB_BLACKHOLE | FIB_UNREACHABLE | FIB_PROHIBIT => {
-            Verdict::drop(Counter::DropFibUnreachable)
-        }
-        _ => Verdict::pass(Counter::PassFibOther),
+    let (r, p) = lookup(
+        ctx,
+        pkt.family,
+        pkt.proto,
+        src,
+        dst,
+        sport,
+        dport,
+        pkt.ip_len,
+        pkt.tos_or_flow,
+    );
+    match r {
+        Route::Ok => send(ctx, &p),
+        Route::NoNeigh => Verdict::pass(Counter::PassNoNeigh),
+        Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
+        Route::FragNeeded | Route::Other => Verdict::pass(Counter::PassFibOther),
     }
 }

@@ -5,6 +5,7 @@
 //! verifier does not enforce alignment on them.)
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
@@ -12,6 +13,7 @@ pub(crate) struct EthHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
@@ -26,6 +28,7 @@ pub(crate) struct Ipv4Hdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct Ipv6Hdr {
     /// Version, traffic class, flow label.
     pub vtc_flow_be: u32,
@@ -38,6 +41,7 @@ pub(crate) struct Ipv6Hdr {
 
 /// The first 20 bytes of TCP and the 8 of UDP, as far as lb touches them.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct TcpHdr {
     pub sport_be: u16,
     pub dport_be: u16,
@@ -52,6 +56,7 @@ pub(crate) struct TcpHdr {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub(crate) struct UdpHdr {
     pub sport_be: u16,
     pub dport_be: u16,

@@ -12,8 +12,10 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod dsr;
 mod fib;
 mod headers;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -24,15 +26,15 @@ use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use lb_common::{
     hash::{flow_hash, source_hash},
-    Backend, Counter, CtEntry, FlowKey, RevNat, VipInfo, ALGO_LEAST_CONN, ALGO_RANDOM,
-    ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_CLOSED, NEXTHOP_F_VALID, NO_BACKEND, PORT_F_BACKEND,
-    PORT_F_VIP,
+    Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, VipInfo, ALGO_LEAST_CONN, ALGO_RANDOM,
+    ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_CLOSED, FWD_DSR_L2, FWD_IPIP, NEXTHOP_F_VALID,
+    NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP,
 };
 
 use crate::{
     maps::{
-        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, NEXTHOP, PORTS, REVNAT, RR_POS, TABLE,
-        VIPS, VIP_STATS,
+        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, HANDOFF, NEXTHOP, PORTS, PROGS, REVNAT,
+        RR_POS, TABLE, VIPS, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -69,10 +71,57 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     v.action
 }
 
+/// Tail-called by `lb_xdp` for an ipip VIP, with the backend and flow hash in `HANDOFF`:
+/// encapsulates and sends (or answers too-big). Its own program, so its own stack.
+#[xdp]
+pub fn lb_ipip(ctx: XdpContext) -> u32 {
+    let v = ipip_handoff(&ctx);
+    count(v.reason);
+    v.action
+}
+
+/// Tail-called by `lb_xdp` for ICMP/ICMPv6: routes too-big errors about VIP flows to their
+/// backends, passes everything else.
+#[xdp]
+pub fn lb_icmp(ctx: XdpContext) -> u32 {
+    let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    count(v.reason);
+    v.action
+}
+
+#[inline(always)]
+fn ipip_handoff(ctx: &XdpContext) -> Verdict {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(v) => return v,
+    };
+    let Some(h) = HANDOFF.get(0).copied() else {
+        return Verdict::drop(Counter::DropNoProgram);
+    };
+    let Some(backend) = BACKENDS.get(h.backend_id).copied() else {
+        return Verdict::drop(Counter::DropNoBackend);
+    };
+    dsr::ipip(ctx, &pkt, &backend, h.hash)
+}
+
+/// Tail-calls program `slot`; returns only if that fails.
+#[inline(always)]
+fn tail_call(ctx: &XdpContext, slot: u32) {
+    // SAFETY: on success the call does not return; on failure nothing happened.
+    let _ = unsafe { PROGS.tail_call(ctx, slot) };
+}
+
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
+        Err(v) if matches!(v.reason, Counter::PassNotTcpUdp) => {
+            // ICMP errors about VIP flows are handled by lb_icmp; if that is missing, pass.
+            if parse::is_icmp(ctx) {
+                tail_call(ctx, PROG_ICMP);
+            }
+            return v;
+        }
         Err(v) => return v,
     };
     // A port filter first: two array reads spare traffic not for lb two hash lookups.
@@ -279,6 +328,40 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     let new_flow = chosen.is_none();
     add_traffic(&VIP_STATS, vip.vip_id, pkt.frame_len, new_flow, false);
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
+    send_to_backend(ctx, pkt, vip, id, &backend, &flow)
+}
+
+/// Sends a packet for a VIP to backend `id` the VIP's way: NAT, dsr-l2 or ipip.
+#[inline(always)]
+fn send_to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipInfo,
+    id: u32,
+    backend: &Backend,
+    flow: &FlowKey,
+) -> Verdict {
+    match vip.fwd {
+        FWD_DSR_L2 => {
+            count(Counter::FwdDsrL2);
+            return dsr::dsr_l2(ctx, pkt, backend);
+        }
+        FWD_IPIP => {
+            count(Counter::FwdIpip);
+            if let Some(h) = HANDOFF.get_ptr_mut(0) {
+                // SAFETY: per-CPU slot, read by the program tail-called next on this CPU.
+                unsafe {
+                    *h = Handoff {
+                        backend_id: id,
+                        hash: flow_hash(flow),
+                    }
+                };
+            }
+            tail_call(ctx, PROG_IPIP);
+            return Verdict::drop(Counter::DropNoProgram);
+        }
+        _ => count(Counter::FwdNat),
+    }
     if !nat::rewrite(ctx, pkt, Side::Dst, &backend.addr_be, backend.port_be) {
         return Verdict::pass(Counter::PassMalformedL4);
     }
@@ -296,6 +379,47 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         pkt.sport,
         backend.port_be,
     )
+}
+
+/// An ICMP too-big about a VIP flow: to the flow's backend (conntrack, else the VIP's
+/// selection), in the VIP's forwarding mode. None: not one (the caller passes the packet).
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
+    let m = icmp::parse(ctx)?;
+    // SAFETY: copied out at once.
+    let vip = unsafe { VIPS.get(m.vip) }.copied()?;
+    // SAFETY: copied out at once.
+    let from_ct = unsafe { CONNTRACK.get(m.flow) }
+        .copied()
+        .and_then(|ct| {
+            let b = usable_backend(ct.backend_id, vip.vip_id)?;
+            (b.generation == ct.generation).then_some((ct.backend_id, b))
+        });
+    let (_, backend) = match from_ct {
+        Some(c) => c,
+        None => select(&vip, &m.flow)?,
+    };
+    count(Counter::IcmpToBackend);
+    if vip.fwd == FWD_DSR_L2 {
+        count(Counter::FwdDsrL2);
+        return Some(dsr::dsr_l2(ctx, &m.outer, &backend));
+    }
+    if vip.fwd == FWD_IPIP {
+        count(Counter::FwdIpip);
+        return Some(dsr::ipip_quiet(ctx, &m.outer, &backend, flow_hash(&m.flow)));
+    }
+    count(Counter::FwdNat);
+    if !icmp::nat_rewrite(ctx, &m, &backend.addr_be, backend.port_be) {
+        return Some(Verdict::pass(Counter::PassMalformedL4));
+    }
+    Some(fib::forward(
+        ctx,
+        &m.outer,
+        &m.outer.src,
+        &backend.addr_be,
+        0,
+        0,
+    ))
 }
 
 /// The backend the VIP's algorithm gives a new flow, if usable.

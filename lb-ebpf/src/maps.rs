@@ -2,12 +2,12 @@
 //! `EbpfLoader::set_max_entries` before loading.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Counter, CtEntry, Endpoint, FlowKey, NextHop, RevNat, TrafficStats, VipInfo,
-    COUNTER_COUNT, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    Backend, Counter, CtEntry, Endpoint, FlowKey, Handoff, NextHop, RevNat, TrafficStats, VipInfo,
+    COUNTER_CAPACITY, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
 #[btf_map(name = "LB_VIPS_V2")]
@@ -46,8 +46,8 @@ pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray:
 #[btf_map(name = "LB_NEXTHOP_V1")]
 pub(crate) static NEXTHOP: Array<NextHop, { MAX_BACKENDS as usize }> = Array::new();
 
-#[btf_map(name = "LB_STATS_V2")]
-pub(crate) static STATS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+#[btf_map(name = "LB_STATS_V3")]
+pub(crate) static STATS: PerCpuArray<u64, { COUNTER_CAPACITY as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_VIPSTATS_V1")]
 pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> = PerCpuArray::new();
@@ -55,6 +55,13 @@ pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> = 
 #[btf_map(name = "LB_BESTATS_V1")]
 pub(crate) static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
+
+/// The tail-called programs (`PROG_*` slots), filled by userspace at load.
+#[btf_map(name = "LB_PROGS_V1")]
+pub(crate) static PROGS: ProgramArray<2> = ProgramArray::new();
+
+#[btf_map(name = "LB_HANDOFF_V1")]
+pub(crate) static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();
 
 /// Adds one to a global counter.
 #[inline(always)]

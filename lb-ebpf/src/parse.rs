@@ -78,6 +78,24 @@ pub(crate) fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some(p as *mut T)
 }
 
+/// Whether the frame is ICMP (IPv4) or ICMPv6 (IPv6 without extension headers).
+#[inline(always)]
+pub(crate) fn is_icmp(ctx: &XdpContext) -> bool {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    match u16::from_be(unsafe { (*eth).ether_type_be }) {
+        ETH_P_IP => ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)
+            // SAFETY: bounds-checked by ptr_at.
+            .is_some_and(|ip| unsafe { (*ip).protocol } == lb_common::PROTO_ICMP),
+        ETH_P_IPV6 => ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)
+            // SAFETY: bounds-checked by ptr_at.
+            .is_some_and(|ip| unsafe { (*ip).next_header } == lb_common::PROTO_ICMPV6),
+        _ => false,
+    }
+}
+
 #[inline(always)]
 pub(crate) fn parse(ctx: &XdpContext) -> ParseResult {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {

@@ -47,6 +47,31 @@ pub enum AttachMode {
     Auto,
 }
 
+/// Loads the programs `lb_xdp` tail-calls (`lb_common::TAIL_PROGRAMS`) and puts them in its
+/// program array, each in its slot (an atomic replacement per slot).
+pub fn install_tail_programs(ebpf: &mut Ebpf) -> Result<()> {
+    let mut fds = Vec::new();
+    for name in lb_common::TAIL_PROGRAMS {
+        let prog: &mut Xdp = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+        fds.push(prog.fd()?.try_clone()?);
+    }
+    let map = ebpf
+        .map_mut(names::PROGS)
+        .with_context(|| format!("map {} missing from the object", names::PROGS))?;
+    let mut progs = aya::maps::ProgramArray::try_from(map)?;
+    for (slot, fd) in fds.iter().enumerate() {
+        progs
+            .set(slot as u32, fd, 0)
+            .with_context(|| format!("installing {}", lb_common::TAIL_PROGRAMS[slot]))?;
+    }
+    Ok(())
+}
+
 impl Dataplane {
     /// Loads the program into the kernel (verifying it) and creates its maps.
     pub fn load(opts: LoadOptions) -> Result<Self> {
@@ -70,6 +95,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("loading lb_xdp into the kernel (verifier)")?;
+        install_tail_programs(&mut ebpf)?;
         before_take(&ebpf)?;
         let maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
         Ok(Dataplane { ebpf, maps })

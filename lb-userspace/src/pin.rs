@@ -37,7 +37,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 12] = [
+const ALL_MAPS: [&str; 14] = [
+    names::PROGS,
+    names::HANDOFF,
     names::PORTS,
     names::ACTIVE,
     names::RR_POS,
@@ -319,6 +321,13 @@ impl PinDir {
         prog.load()
             .context("loading the new lb_xdp into the kernel (verifier)")?;
         let new_id = prog.info().context("program info")?.id();
+        // The tail-called programs first: the old lb_xdp calls them through the shared program
+        // array until its links switch, and their hand-off layout is the same.
+        crate::dataplane::install_tail_programs(&mut ebpf)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(crate::object::LB_XDP_PROGRAM)
+            .context("program lb_xdp missing from the new object")?
+            .try_into()?;
         let mut switched = Vec::new();
         for a in self.attachments()? {
             let pin = self

@@ -161,7 +161,7 @@ impl LbMaps {
             algo: 0,
             src_prefix_len: 0,
             flags: 0,
-            _pad: 0,
+            fwd: lb_common::FWD_NAT,
         };
         // The port filter must let the VIP's packets through before the VIP exists.
         self.claim_port(vip.addr.port(), lb_common::PORT_F_VIP)?;

@@ -1,0 +1,415 @@
+//! Direct server return: the backend answers the client itself, so the packet keeps the VIP as
+//! its destination and only reaches the backend differently:
+//! - `dsr_l2`: the destination MAC becomes the backend's (same L2 segment);
+//! - `ipip`: an outer IPv4/IPv6 header to the backend is put in front (IPv4 in IPv4, IPv6 in
+//!   IPv6, IPv4 in IPv6). If the result would not fit the egress MTU, the client gets an ICMP
+//!   fragmentation-needed / packet-too-big with the MTU left after encapsulation, as a router
+//!   would send.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+    EbpfContext,
+};
+use lb_common::{
+    Backend, Counter, ENCAP_SRC_V4_BE, ENCAP_SRC_V6_BE, FAMILY_V4, LB_TTL, PROTO_ICMP,
+    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6,
+};
+
+use crate::{
+    fib::{self, Route},
+    headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
+    parse::{data_end, ptr_at, Packet},
+    Verdict,
+};
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+const IPV4_DF: u16 = 0x4000;
+const IPV6_MIN_MTU: u32 = 1280;
+
+/// dsr-l2: send the packet unchanged to the backend's MAC.
+#[inline(always)]
+pub(crate) fn dsr_l2(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Verdict {
+    let (r, p) = fib::lookup(
+        ctx,
+        pkt.family,
+        pkt.proto,
+        &pkt.src,
+        &backend.addr_be,
+        pkt.sport,
+        pkt.dport,
+        pkt.ip_len,
+        pkt.tos_or_flow,
+    );
+    match r {
+        // The next hop must be the backend itself: with a gateway in between, the gateway
+        // would route the packet by its destination, the VIP.
+        Route::Ok if same_addr(pkt.family, &p.dst_be, &backend.addr_be) => fib::send(ctx, &p),
+        Route::Ok => Verdict::drop(Counter::DropNotOnLink),
+        Route::NoNeigh => Verdict::drop(Counter::DropNoNeigh),
+        Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
+        Route::FragNeeded => Verdict::drop(Counter::DropTooBig),
+        Route::Other => Verdict::pass(Counter::PassFibOther),
+    }
+}
+
+#[inline(always)]
+fn same_addr(family: u8, a: &[u32; 4], b: &[u32; 4]) -> bool {
+    if family == FAMILY_V4 {
+        a[0] == b[0]
+    } else {
+        a == b
+    }
+}
+
+/// ipip: encapsulate the packet (the whole IP packet `pkt` describes) to the backend, with an
+/// outer source address derived from `hash` (the flow's), and send it; a packet that would be
+/// too big is answered with an ICMP error.
+#[inline(always)]
+pub(crate) fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Verdict {
+    ipip_send(ctx, pkt, backend, hash, true)
+}
+
+/// Like `ipip`, for a packet that is itself an ICMP error: one that would be too big is dropped
+/// (an ICMP error is never answered with another).
+#[inline(always)]
+pub(crate) fn ipip_quiet(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    hash: u32,
+) -> Verdict {
+    ipip_send(ctx, pkt, backend, hash, false)
+}
+
+#[inline(always)]
+fn ipip_send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    hash: u32,
+    answer_too_big: bool,
+) -> Verdict {
+    let outer_v4 = backend.family == FAMILY_V4;
+    let outer_len: u16 = if outer_v4 { 20 } else { IPV6_LEN as u16 };
+    let src = if outer_v4 {
+        [
+            ENCAP_SRC_V4_BE | u32::from_ne_bytes([0, 0, (hash >> 8) as u8, hash as u8]),
+            0,
+            0,
+            0,
+        ]
+    } else {
+        [
+            ENCAP_SRC_V6_BE[0],
+            ENCAP_SRC_V6_BE[1],
+            ENCAP_SRC_V6_BE[2],
+            hash.to_be(),
+        ]
+    };
+    let inner_proto = if pkt.family == FAMILY_V4 {
+        PROTO_IPIP
+    } else {
+        PROTO_IPV6
+    };
+    let total = pkt.ip_len as u32 + outer_len as u32;
+    if total > 0xffff {
+        return Verdict::drop(Counter::DropTooBig);
+    }
+    let (r, p) = fib::lookup(
+        ctx,
+        backend.family,
+        inner_proto,
+        &src,
+        &backend.addr_be,
+        0,
+        0,
+        total as u16,
+        0,
+    );
+    match r {
+        Route::Ok | Route::NoNeigh | Route::Other => {}
+        Route::Unreachable => return Verdict::drop(Counter::DropFibUnreachable),
+        Route::FragNeeded if answer_too_big => {
+            let mtu = (p.tot_len as u32).saturating_sub(outer_len as u32);
+            return too_big(ctx, pkt, mtu);
+        }
+        Route::FragNeeded => return Verdict::drop(Counter::DropTooBig),
+    }
+    if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
+        return Verdict::drop(Counter::DropTooBig);
+    }
+    match r {
+        Route::Ok => fib::send(ctx, &p),
+        // Encapsulated, the packet is an ordinary one to the backend: the kernel resolves the
+        // neighbour (or whatever else it must do) and sends it.
+        Route::NoNeigh => Verdict::pass(Counter::PassNoNeigh),
+        _ => Verdict::pass(Counter::PassFibOther),
+    }
+}
+
+/// Puts the outer header in front of the IP packet. False if the frame cannot grow.
+#[inline(always)]
+fn encapsulate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    src: &[u32; 4],
+    inner_proto: u8,
+    hash: u32,
+) -> bool {
+    let outer_v4 = backend.family == FAMILY_V4;
+    let outer_len: i32 = if outer_v4 { 20 } else { IPV6_LEN as i32 };
+    // SAFETY: plain helper call; every pointer is derived afresh afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -outer_len) } != 0 {
+        return false;
+    }
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at. The MACs are written by the caller's `send`.
+    unsafe {
+        (*eth).ether_type_be = if outer_v4 {
+            ETH_P_IP_BE
+        } else {
+            ETH_P_IPV6_BE
+        }
+    };
+    if outer_v4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+            return false;
+        };
+        let tos = if pkt.family == FAMILY_V4 {
+            pkt.tos_or_flow as u8
+        } else {
+            0
+        };
+        let mut h = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos,
+            tot_len_be: (pkt.ip_len + 20).to_be(),
+            id_be: 0,
+            frag_off_be: IPV4_DF.to_be(),
+            ttl: LB_TTL,
+            protocol: inner_proto,
+            check: 0,
+            saddr_be: src[0],
+            daddr_be: backend.addr_be[0],
+        };
+        h.check = ipv4_checksum(&h);
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *ip = h };
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+            return false;
+        };
+        let h = Ipv6Hdr {
+            // Version 6, traffic class 0, the flow label from the flow hash (ECMP and RSS on
+            // the way to the backend keep the flow together and spread flows).
+            vtc_flow_be: ((6u32 << 28) | (hash & 0x000f_ffff)).to_be(),
+            payload_len_be: pkt.ip_len.to_be(),
+            next_header: inner_proto,
+            hop_limit: LB_TTL,
+            saddr_be: *src,
+            daddr_be: backend.addr_be,
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe { *ip = h };
+    }
+    true
+}
+
+/// Folds a 32-bit ones' complement sum to the 16-bit checksum.
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}
+
+#[inline(always)]
+fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
+    // SAFETY: Ipv4Hdr is 20 plain bytes.
+    let words: &[u16; 10] = unsafe { &*(h as *const Ipv4Hdr).cast() };
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < 10 {
+        s += words[i] as u32;
+        i += 1;
+    }
+    fold(s)
+}
+
+/// Sum of the `N` 32-bit words at `off` (bounds-checked once), as 16-bit ones' complement
+/// words, for checksums of what lb writes. Read in place, one word at a time.
+#[inline(always)]
+fn sum_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u32> {
+    let p = ptr_at::<[u32; N]>(ctx, off)?;
+    let mut s = 0u32;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: bounds-checked by ptr_at (the whole array).
+        let w = unsafe { (*p)[i] };
+        s += (w & 0xffff) + (w >> 16);
+        i += 1;
+    }
+    Some(s)
+}
+
+/// Answers the client with an ICMP fragmentation-needed (IPv4, only when DF is set: otherwise
+/// a router would fragment, which lb does not) or packet-too-big (IPv6) carrying `mtu`, from
+/// the VIP, quoting the packet's IP header and first 8 bytes of payload, out of the interface
+/// it came in on.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Verdict {
+    let sent = if pkt.family == FAMILY_V4 {
+        too_big_v4(ctx, mtu)
+    } else {
+        too_big_v6(ctx, mtu.max(IPV6_MIN_MTU))
+    };
+    match sent {
+        Some(true) => Verdict {
+            action: aya_ebpf::bindings::xdp_action::XDP_TX,
+            reason: Counter::TxIcmpTooBig,
+        },
+        // Cannot answer (no DF, IP options): dropped, counted.
+        Some(false) => Verdict::drop(Counter::DropTooBig),
+        // The frame was being rebuilt when a check failed: drop what is left.
+        None => Verdict::drop(Counter::DropTooBig),
+    }
+}
+
+/// Frame of an IPv4 ICMP error lb sends: Ethernet, IP (20), ICMP (8), quoted IP (20) + 8.
+const V4_QUOTE: usize = 28;
+const V4_ICMP_FRAME: usize = ETH_LEN + 20 + 8 + V4_QUOTE;
+
+#[inline(always)]
+fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Option<bool> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (version_ihl, frag_off, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            u16::from_be((*ip).frag_off_be),
+            (*ip).saddr_be,
+            (*ip).daddr_be,
+        )
+    };
+    if version_ihl != 0x45 || frag_off & IPV4_DF == 0 {
+        return Some(false);
+    }
+    if data_end(ctx) - ctx.data() < ETH_LEN + V4_QUOTE {
+        return Some(false);
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
+    // Make room for the new IP and ICMP headers in front of the quoted IP header.
+    // SAFETY: plain helper call; pointers are derived afresh afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -28) } != 0 {
+        return None;
+    }
+    let len = (data_end(ctx) - ctx.data()) as i32;
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), V4_ICMP_FRAME as i32 - len) } != 0 {
+        return None;
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + 20)?;
+    let mut h = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos: 0,
+        tot_len_be: ((20 + 8 + V4_QUOTE) as u16).to_be(),
+        id_be: 0,
+        frag_off_be: 0,
+        ttl: LB_TTL,
+        protocol: PROTO_ICMP,
+        check: 0,
+        saddr_be: daddr,
+        daddr_be: saddr,
+    };
+    h.check = ipv4_checksum(&h);
+    // SAFETY: all three bounds-checked by ptr_at.
+    unsafe {
+        *eth = EthHdr {
+            dst: old_src,
+            src: old_dst,
+            ether_type_be: ETH_P_IP_BE,
+        };
+        *ip = h;
+        // Type 3 (destination unreachable), code 4 (fragmentation needed), checksum, unused,
+        // next-hop MTU.
+        let m = (mtu.min(0xffff) as u16).to_be_bytes();
+        *icmp = [3, 4, 0, 0, 0, 0, m[0], m[1]];
+    }
+    let sum = sum_at::<{ (8 + V4_QUOTE) / 4 }>(ctx, ETH_LEN + 20)?;
+    let csum = ptr_at::<u16>(ctx, ETH_LEN + 20 + 2)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *csum = fold(sum) };
+    Some(true)
+}
+
+/// IPv6: Ethernet, IPv6 (40), ICMPv6 (8), quoted IPv6 header (40) + 8.
+const V6_QUOTE: usize = IPV6_LEN + 8;
+const V6_ICMP_FRAME: usize = ETH_LEN + IPV6_LEN + 8 + V6_QUOTE;
+
+#[inline(always)]
+fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Option<bool> {
+    if data_end(ctx) - ctx.data() < ETH_LEN + V6_QUOTE {
+        return Some(false);
+    }
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (saddr, daddr) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
+    // SAFETY: plain helper calls; pointers are derived afresh afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(IPV6_LEN as i32 + 8)) } != 0 {
+        return None;
+    }
+    let len = (data_end(ctx) - ctx.data()) as i32;
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), V6_ICMP_FRAME as i32 - len) } != 0 {
+        return None;
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+    let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + IPV6_LEN)?;
+    let payload = (8 + V6_QUOTE) as u16;
+    // SAFETY: all three bounds-checked by ptr_at.
+    unsafe {
+        *eth = EthHdr {
+            dst: old_src,
+            src: old_dst,
+            ether_type_be: ETH_P_IPV6_BE,
+        };
+        *ip = Ipv6Hdr {
+            vtc_flow_be: (6u32 << 28).to_be(),
+            payload_len_be: payload.to_be(),
+            next_header: PROTO_ICMPV6,
+            hop_limit: LB_TTL,
+            saddr_be: daddr,
+            daddr_be: saddr,
+        };
+        // Type 2 (packet too big), code 0, checksum, MTU (32 bits).
+        let m = mtu.to_be_bytes();
+        *icmp = [2, 0, 0, 0, m[0], m[1], m[2], m[3]];
+    }
+    // Pseudo-header: source, destination, upper-layer length, next header.
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 4 {
+        let (a, b) = (daddr[i], saddr[i]);
+        sum += (a & 0xffff) + (a >> 16) + (b & 0xffff) + (b >> 16);
+        i += 1;
+    }
+    sum += (payload.to_be() as u32) + ((PROTO_ICMPV6 as u16).to_be() as u32);
+    sum += sum_at::<{ (8 + V6_QUOTE) / 4 }>(ctx, ETH_LEN + IPV6_LEN)?;
+    let csum = ptr_at::<u16>(ctx, ETH_LEN + IPV6_LEN + 2)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *csum = fold(sum) };
+    Some(true)
+}
