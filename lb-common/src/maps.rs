@@ -92,6 +92,8 @@ pub mod names {
     pub const ACTIVE: &str = "LB_ACTIVE_V1";
     /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
     pub const REVNAT: &str = "LB_REVNAT_V1";
+    /// `PerCpuArray<u64>`: the decapsulation program's counters, indexed by `DecapCounter`.
+    pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
     /// with a whole stack of its own.
     pub const PROGS: &str = "LB_PROGS_V1";

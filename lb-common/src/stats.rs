@@ -116,3 +116,36 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "fwd_ipip",
     "icmp_to_backend",
 ];
+
+/// Counters of the decapsulation program (`lb_decap`, map `LB_DECAP_STATS_V1`): one per packet.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Not IPIP / IPv6-in-IPv6 / IPv4-in-IPv6: passed untouched.
+    PassNotEncap = 0,
+    /// Encapsulated, but with IPv4 options, a fragment, or an inner header of the wrong
+    /// version: passed untouched (the kernel drops it: nothing here handles protocol 4/41).
+    PassMalformed,
+    /// IPv4 in IPv4 decapsulated and passed up.
+    DecapV4InV4,
+    /// IPv6 in IPv6 decapsulated and passed up.
+    DecapV6InV6,
+    /// IPv4 in IPv6 decapsulated and passed up.
+    DecapV4InV6,
+    /// The frame could not be shrunk after its header was moved: dropped (not seen in
+    /// practice).
+    Dropped,
+}
+
+/// Number of decap counters.
+pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::Dropped as u32 + 1;
+
+/// Names of the decap counters, as `lb decap status` shows them.
+pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
+    "pass_not_encap",
+    "pass_malformed",
+    "decap_v4_in_v4",
+    "decap_v6_in_v6",
+    "decap_v4_in_v6",
+    "dropped",
+];

@@ -74,12 +74,7 @@ pub(crate) fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32)
 /// Like `ipip`, for a packet that is itself an ICMP error: one that would be too big is dropped
 /// (an ICMP error is never answered with another).
 #[inline(always)]
-pub(crate) fn ipip_quiet(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    backend: &Backend,
-    hash: u32,
-) -> Verdict {
+pub(crate) fn ipip_quiet(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Verdict {
     ipip_send(ctx, pkt, backend, hash, false)
 }
 
@@ -169,13 +164,7 @@ fn encapsulate(
         return false;
     };
     // SAFETY: bounds-checked by ptr_at. The MACs are written by the caller's `send`.
-    unsafe {
-        (*eth).ether_type_be = if outer_v4 {
-            ETH_P_IP_BE
-        } else {
-            ETH_P_IPV6_BE
-        }
-    };
+    unsafe { (*eth).ether_type_be = if outer_v4 { ETH_P_IP_BE } else { ETH_P_IPV6_BE } };
     if outer_v4 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
             return false;

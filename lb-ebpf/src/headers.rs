@@ -6,7 +6,7 @@
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct EthHdr {
+pub struct EthHdr {
     pub dst: [u8; 6],
     pub src: [u8; 6],
     pub ether_type_be: u16,
@@ -14,7 +14,7 @@ pub(crate) struct EthHdr {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct Ipv4Hdr {
+pub struct Ipv4Hdr {
     pub version_ihl: u8,
     pub tos: u8,
     pub tot_len_be: u16,
@@ -29,7 +29,7 @@ pub(crate) struct Ipv4Hdr {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct Ipv6Hdr {
+pub struct Ipv6Hdr {
     /// Version, traffic class, flow label.
     pub vtc_flow_be: u32,
     pub payload_len_be: u16,
@@ -42,7 +42,7 @@ pub(crate) struct Ipv6Hdr {
 /// The first 20 bytes of TCP and the 8 of UDP, as far as lb touches them.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct TcpHdr {
+pub struct TcpHdr {
     pub sport_be: u16,
     pub dport_be: u16,
     pub seq: u32,
@@ -57,18 +57,18 @@ pub(crate) struct TcpHdr {
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct UdpHdr {
+pub struct UdpHdr {
     pub sport_be: u16,
     pub dport_be: u16,
     pub len_be: u16,
     pub check: u16,
 }
 
-pub(crate) const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
-pub(crate) const IPV4_MIN_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
-pub(crate) const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
-pub(crate) const TCP_MIN_LEN: usize = core::mem::size_of::<TcpHdr>();
-pub(crate) const UDP_LEN: usize = core::mem::size_of::<UdpHdr>();
+pub const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
+pub const IPV4_MIN_LEN: usize = core::mem::size_of::<Ipv4Hdr>();
+pub const IPV6_LEN: usize = core::mem::size_of::<Ipv6Hdr>();
+pub const TCP_MIN_LEN: usize = core::mem::size_of::<TcpHdr>();
+pub const UDP_LEN: usize = core::mem::size_of::<UdpHdr>();
 
 const _: () = assert!(ETH_LEN == 14 && IPV4_MIN_LEN == 20 && IPV6_LEN == 40);
 const _: () = assert!(TCP_MIN_LEN == 20 && UDP_LEN == 8);

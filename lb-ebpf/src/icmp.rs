@@ -5,8 +5,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    csum::CsumUpdate, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6,
-    PROTO_TCP, PROTO_UDP,
+    csum::CsumUpdate, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::{
@@ -33,7 +33,7 @@ pub(crate) struct TooBig {
 /// (possibly a VIP). Only option-less IPv4 headers, outer and quoted.
 #[inline(always)]
 pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
-    let eth = ptr_at::<crate::headers::EthHdr>(ctx, 0)?;
+    let eth = ptr_at::<lb_ebpf::headers::EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
     let frame_len = (data_end(ctx) - ctx.data()) as u64;

@@ -13,8 +13,9 @@
 #![allow(internal_features)]
 
 mod dsr;
+// The shared header layouts, as `crate::headers` for the modules below.
+pub(crate) use lb_ebpf::headers;
 mod fib;
-mod headers;
 mod icmp;
 mod maps;
 mod nat;
@@ -389,12 +390,10 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
     // SAFETY: copied out at once.
     let vip = unsafe { VIPS.get(m.vip) }.copied()?;
     // SAFETY: copied out at once.
-    let from_ct = unsafe { CONNTRACK.get(m.flow) }
-        .copied()
-        .and_then(|ct| {
-            let b = usable_backend(ct.backend_id, vip.vip_id)?;
-            (b.generation == ct.generation).then_some((ct.backend_id, b))
-        });
+    let from_ct = unsafe { CONNTRACK.get(m.flow) }.copied().and_then(|ct| {
+        let b = usable_backend(ct.backend_id, vip.vip_id)?;
+        (b.generation == ct.generation).then_some((ct.backend_id, b))
+    });
     let (_, backend) = match from_ct {
         Some(c) => c,
         None => select(&vip, &m.flow)?,

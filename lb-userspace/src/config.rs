@@ -6,6 +6,7 @@
 //! address = "10.100.0.100:80/tcp"
 //! table_size = 65537            # optional, a prime; default 65537
 //!
+//! forward = "nat"              # optional: nat (default) | dsr-l2 | ipip
 //! when_all_down = "fail-open"  # optional: fail-open (default) | drop
 //! drain_timeout = "5m"          # optional (agent): how long a removed backend drains
 //!
@@ -42,6 +43,7 @@ pub struct Config {
 pub struct VipConfig {
     pub vip: Vip,
     pub algorithm: crate::model::Algorithm,
+    pub forward: crate::model::Forward,
     pub table_size: u32,
     pub backends: Vec<(SocketAddr, u32)>,
     /// Every backend with a weight down: drop new flows (true) or fail open (false).
@@ -76,6 +78,7 @@ struct RawFile {
 struct RawVip {
     address: Spanned<String>,
     algorithm: Option<Spanned<String>>,
+    forward: Option<Spanned<String>>,
     source_prefix: Option<Spanned<u8>>,
     table_size: Option<Spanned<u32>>,
     when_all_down: Option<Spanned<String>>,
@@ -145,17 +148,19 @@ impl Config {
                 }
                 None => DEFAULT_TABLE_SIZE,
             };
+            let forward = match &rv.forward {
+                None => crate::model::Forward::Nat,
+                Some(f) => crate::model::Forward::parse(f.get_ref())
+                    .map_err(|e| err(f.span().start, e.0))?,
+            };
             let mut backends: Vec<(SocketAddr, u32)> = Vec::new();
             for rb in &rv.backend {
                 let at = rb.address.span().start;
                 let addr =
                     parse_socket_addr(rb.address.get_ref(), "backend").map_err(|e| err(at, e.0))?;
-                if addr.is_ipv4() != vip.addr.is_ipv4() {
-                    return Err(err(
-                        at,
-                        LbError::FamilyMismatch { vip, backend: addr }.to_string(),
-                    ));
-                }
+                forward
+                    .check_backend(&vip, addr)
+                    .map_err(|e| err(at, e.to_string()))?;
                 if backends.iter().any(|(a, _)| *a == addr) {
                     return Err(err(
                         at,
@@ -284,6 +289,7 @@ impl Config {
             vips.push(VipConfig {
                 vip,
                 algorithm,
+                forward,
                 table_size,
                 backends,
                 drop_when_all_down,
@@ -315,6 +321,7 @@ impl Config {
             vips.push(VipConfig {
                 vip,
                 algorithm: crate::model::Algorithm::from_codes(info.algo, info.src_prefix_len),
+                forward: crate::model::Forward::from_code(info.fwd),
                 table_size: info.table_size,
                 backends,
                 drop_when_all_down: info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0,
@@ -342,6 +349,9 @@ impl Config {
                 if prefix_len > 0 {
                     let _ = writeln!(out, "source_prefix = {prefix_len}");
                 }
+            }
+            if v.forward != crate::model::Forward::Nat {
+                let _ = writeln!(out, "forward = \"{}\"", v.forward);
             }
             let _ = writeln!(out, "table_size = {}", v.table_size);
             if v.drop_when_all_down {
@@ -383,6 +393,8 @@ pub struct ApplySummary {
     pub algorithms_changed: u32,
     /// VIPs whose `when_all_down` changed.
     pub policies_changed: u32,
+    /// VIPs whose forwarding mode changed.
+    pub forwards_changed: u32,
 }
 
 impl ApplySummary {
@@ -439,6 +451,10 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
                 s.tables_resized += 1;
             }
             Some(_) => {}
+        }
+        // Backends that do not suit the new mode have left in step 2 (the file's all do).
+        if maps.set_forward(&v.vip, v.forward)? && old_size.is_some() {
+            s.forwards_changed += 1;
         }
         let current_algo = maps.vip(&v.vip)?;
         let new_vip = old_size.is_none();

@@ -24,8 +24,18 @@ pub enum LbError {
     BackendNotFound { vip: Vip, backend: SocketAddr },
     #[error("backend {0} is listed twice")]
     DuplicateBackend(SocketAddr),
-    #[error("backend {backend} and VIP {vip} are of different address families (NAT does not translate between IPv4 and IPv6)")]
-    FamilyMismatch { vip: Vip, backend: SocketAddr },
+    #[error("backend {backend} and VIP {vip} are of different address families, which {mode} does not support (only ipip carries IPv4 in IPv6)")]
+    FamilyMismatch {
+        vip: Vip,
+        backend: SocketAddr,
+        mode: crate::model::Forward,
+    },
+    #[error("backend {backend} of VIP {vip}: {mode} does not change the port, so the backend must listen on the VIP's port {}", vip.addr.port())]
+    DsrPort {
+        vip: Vip,
+        backend: SocketAddr,
+        mode: crate::model::Forward,
+    },
     #[error("backend {backend} already serves VIP {other}: one backend address:port can serve only one VIP, because its replies are translated back to that VIP")]
     BackendServesOtherVip { backend: SocketAddr, other: String },
     #[error("weight {0} is out of range (0..={MAX_WEIGHT}; 0 drains the backend)")]

@@ -58,6 +58,86 @@ impl FromStr for Proto {
     }
 }
 
+/// How packets reach a VIP's backends (ipvsadm's `-m` / `-g` / `-i`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Forward {
+    /// Destination address and port rewritten; replies come back through lb.
+    #[default]
+    Nat,
+    /// Only the destination MAC rewritten (backends on the same L2 segment hold the VIP).
+    DsrL2,
+    /// Encapsulated in IP to the backend, which decapsulates and answers directly.
+    Ipip,
+}
+
+impl Forward {
+    pub fn code(self) -> u8 {
+        match self {
+            Forward::Nat => lb_common::FWD_NAT,
+            Forward::DsrL2 => lb_common::FWD_DSR_L2,
+            Forward::Ipip => lb_common::FWD_IPIP,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Forward {
+        match c {
+            lb_common::FWD_DSR_L2 => Forward::DsrL2,
+            lb_common::FWD_IPIP => Forward::Ipip,
+            _ => Forward::Nat,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Forward::Nat => "nat",
+            Forward::DsrL2 => "dsr-l2",
+            Forward::Ipip => "ipip",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Forward, ParseError> {
+        match s.to_ascii_lowercase().as_str() {
+            "nat" | "masq" => Ok(Forward::Nat),
+            "dsr-l2" | "dr" | "dsr" => Ok(Forward::DsrL2),
+            "ipip" | "tun" => Ok(Forward::Ipip),
+            _ => Err(ParseError(format!(
+                "unknown forwarding mode {s:?} (expected nat, dsr-l2 or ipip)"
+            ))),
+        }
+    }
+
+    /// Whether `backend` can serve `vip` in this mode: NAT and dsr-l2 keep the address family
+    /// (ipip also carries IPv4 in IPv6); the DSR modes do not change the port, so the backend
+    /// listens on the VIP's.
+    pub fn check_backend(self, vip: &Vip, backend: SocketAddr) -> Result<(), crate::LbError> {
+        let families_ok = match self {
+            Forward::Nat | Forward::DsrL2 => backend.is_ipv4() == vip.addr.is_ipv4(),
+            Forward::Ipip => vip.addr.is_ipv4() || backend.is_ipv6(),
+        };
+        if !families_ok {
+            return Err(crate::LbError::FamilyMismatch {
+                vip: *vip,
+                backend,
+                mode: self,
+            });
+        }
+        if self != Forward::Nat && backend.port() != vip.addr.port() {
+            return Err(crate::LbError::DsrPort {
+                vip: *vip,
+                backend,
+                mode: self,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a VIP's new flows pick their backend (ipvsadm's `-s`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub enum Algorithm {

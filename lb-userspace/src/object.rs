@@ -9,3 +9,10 @@ pub const LB_XDP_PROGRAM: &str = "lb_xdp";
 /// ELF object of the benchmark helpers (`bench_wrap`, `bench_pass`).
 pub static LB_BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));
+
+/// ELF object of the decapsulation program backends attach (`lb decap attach`).
+pub static LB_DECAP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+/// Name of the decapsulation program inside its object.
+pub const LB_DECAP_PROGRAM: &str = "lb_decap";

@@ -6,6 +6,8 @@
 //!   prog_lb_xdp              the loaded program
 //!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic)
 //!   LB_VIPS_V2 …             the maps (names from lb_common::names)
+//!   prog_lb_decap, decap_<iface>_<mode>, LB_DECAP_STATS_V1
+//!                            the decapsulation program (on backends of ipip VIPs)
 //! ```
 
 use std::{
@@ -36,6 +38,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Environment variable that overrides the default pin directory.
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
+const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const ALL_MAPS: [&str; 14] = [
     names::PROGS,
@@ -246,12 +249,16 @@ impl PinDir {
 
     /// Where the program is attached, from the link pins.
     pub fn attachments(&self) -> Result<Vec<Attachment>> {
+        self.links_with_prefix("link_")
+    }
+
+    fn links_with_prefix(&self, prefix: &str) -> Result<Vec<Attachment>> {
         let mut out = Vec::new();
         for entry in
             fs::read_dir(&self.path).with_context(|| format!("reading {}", self.path.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix("link_") else {
+            let Some(rest) = name.strip_prefix(prefix) else {
                 continue;
             };
             let Some((iface, mode)) = rest.rsplit_once('_') else {
@@ -321,35 +328,16 @@ impl PinDir {
         prog.load()
             .context("loading the new lb_xdp into the kernel (verifier)")?;
         let new_id = prog.info().context("program info")?.id();
-        // The tail-called programs first: the old lb_xdp calls them through the shared program
-        // array until its links switch, and their hand-off layout is the same.
-        crate::dataplane::install_tail_programs(&mut ebpf)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(crate::object::LB_XDP_PROGRAM)
-            .context("program lb_xdp missing from the new object")?
-            .try_into()?;
-        let mut switched = Vec::new();
-        for a in self.attachments()? {
-            let pin = self
-                .path
-                .join(format!("link_{}_{}", a.iface, mode_name(a.mode)));
-            let link: FdLink = aya::programs::links::PinnedLink::from_pin(&pin)
-                .with_context(|| format!("opening {}", pin.display()))?
-                .into();
-            let link = aya::programs::xdp::XdpLink::try_from(link)
-                .with_context(|| format!("{} is not an XDP link", pin.display()))?;
-            let id = prog
-                .attach_to_link(link)
-                .with_context(|| format!("switching the link on {} to the new program", a.iface))?;
-            // The pin keeps the link; our handle on it can go.
-            drop(prog.take_link(id));
-            switched.push(a.iface);
-        }
-        // Replace the program pin: pin beside it, then rename over it (atomic on bpffs).
-        // (bpffs names cannot contain dots.)
+        // Pinned beside the old one before anything switches, then renamed over it (atomic on
+        // bpffs). bpffs names cannot contain dots.
         let tmp = self.path.join(format!("{PROG_PIN}_new"));
         let _ = fs::remove_file(&tmp);
         prog.pin(&tmp).context("pinning the new program")?;
+        let r = self.switch_to(&mut ebpf);
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        let switched = r?;
         fs::rename(&tmp, self.path.join(PROG_PIN)).context("replacing the program pin")?;
         Ok(Upgrade {
             old_program_id: old_id,
@@ -358,10 +346,179 @@ impl PinDir {
         })
     }
 
+    /// Switches every pinned link to the new object's lb_xdp (after its tail-called programs),
+    /// all or nothing: links are opened before any switches, and on a failure the links
+    /// already switched go back to the pinned (old) program.
+    fn switch_to(&self, ebpf: &mut aya::Ebpf) -> Result<Vec<String>> {
+        let mut links = Vec::new();
+        for a in self.attachments()? {
+            let pin = self
+                .path
+                .join(format!("link_{}_{}", a.iface, mode_name(a.mode)));
+            let link: FdLink = aya::programs::links::PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening {}", pin.display()))?
+                .into();
+            links.push((a.iface, pin, link));
+        }
+        // The tail-called programs first: the old lb_xdp calls them through the shared program
+        // array until its links switch, and the hand-off between them has the same layout.
+        crate::dataplane::install_tail_programs(ebpf)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(crate::object::LB_XDP_PROGRAM)
+            .context("program lb_xdp missing from the new object")?
+            .try_into()?;
+        let mut switched: Vec<(String, std::path::PathBuf)> = Vec::new();
+        for (iface, pin, link) in links {
+            let r = aya::programs::xdp::XdpLink::try_from(link)
+                .with_context(|| format!("{} is not an XDP link", pin.display()))
+                .and_then(|link| {
+                    prog.attach_to_link(link).with_context(|| {
+                        format!("switching the link on {iface} to the new program")
+                    })
+                });
+            match r {
+                Ok(id) => {
+                    // The pin keeps the link; our handle on it can go.
+                    drop(prog.take_link(id));
+                    switched.push((iface, pin));
+                }
+                Err(e) => {
+                    let back = self.switch_back(&switched);
+                    return Err(match back {
+                        Ok(()) => e.context("upgrade undone: every link runs the old program"),
+                        Err(b) => e.context(format!(
+                            "and switching the links already moved back failed too ({b:#}): run `lb upgrade` again"
+                        )),
+                    });
+                }
+            }
+        }
+        Ok(switched.into_iter().map(|(i, _)| i).collect())
+    }
+
+    /// Switches links back to the program pinned under `PROG_PIN`.
+    fn switch_back(&self, links: &[(String, std::path::PathBuf)]) -> Result<()> {
+        let mut old = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+            .context("opening the pinned program")?;
+        for (_, pin) in links {
+            let link: FdLink = aya::programs::links::PinnedLink::from_pin(pin)?.into();
+            let link = aya::programs::xdp::XdpLink::try_from(link)?;
+            let id = old.attach_to_link(link)?;
+            drop(old.take_link(id));
+        }
+        Ok(())
+    }
+
+    // ---- the decapsulation program (backends of ipip VIPs) ----
+
+    /// Attaches `lb_decap` to `iface` (loading and pinning it first if needed).
+    pub fn decap_attach(&self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+        let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name {iface:?}"))?;
+        // SAFETY: valid C string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            bail!("interface {iface} does not exist");
+        }
+        if let Some(a) = self
+            .decap_attachments()?
+            .into_iter()
+            .find(|a| a.iface == iface)
+        {
+            bail!(
+                "lb decap is already attached to {iface} ({} mode)",
+                mode_name(a.mode)
+            );
+        }
+        if !self.path.join(DECAP_PROG_PIN).exists() {
+            let mut ebpf = aya::EbpfLoader::new()
+                .load(crate::object::LB_DECAP_OBJECT)
+                .context("loading the decap object")?;
+            ebpf.map(names::DECAP_STATS)
+                .context("decap counters missing from the object")?
+                .pin(self.path.join(names::DECAP_STATS))
+                .context("pinning the decap counters")?;
+            let prog: &mut Xdp = ebpf
+                .program_mut(crate::object::LB_DECAP_PROGRAM)
+                .context("program lb_decap missing from the object")?
+                .try_into()?;
+            let r = prog
+                .load()
+                .context("loading lb_decap into the kernel (verifier)")
+                .and_then(|()| {
+                    prog.pin(self.path.join(DECAP_PROG_PIN))
+                        .context("pinning lb_decap")
+                });
+            if let Err(e) = r {
+                let _ = fs::remove_file(self.path.join(names::DECAP_STATS));
+                return Err(e);
+            }
+        }
+        let mut prog = Xdp::from_pin(self.path.join(DECAP_PROG_PIN), XdpAttachType::Interface)
+            .context("opening the pinned decap program")?;
+        let (id, used) = match mode {
+            AttachMode::Native => (prog.attach(iface, XdpMode::Driver), AttachMode::Native),
+            AttachMode::Generic => (prog.attach(iface, XdpMode::Skb), AttachMode::Generic),
+            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
+                Ok(id) => (Ok(id), AttachMode::Native),
+                Err(_) => (prog.attach(iface, XdpMode::Skb), AttachMode::Generic),
+            },
+        };
+        let id = id.map_err(|e| {
+            anyhow!(
+                "attaching lb_decap to {iface} in {} mode: {e} (does the interface already have an XDP program?)",
+                mode_name(used)
+            )
+        })?;
+        let link = prog.take_link(id).context("taking the XDP link")?;
+        FdLink::try_from(link)
+            .context("the kernel gave no BPF link to pin")?
+            .pin(self.path.join(format!("decap_{iface}_{}", mode_name(used))))
+            .context("pinning the decap link")?;
+        Ok(used)
+    }
+
+    /// Detaches `lb_decap` from `iface`; the last detach also removes its program and counters.
+    pub fn decap_detach(&self, iface: &str) -> Result<()> {
+        let a = self
+            .decap_attachments()?
+            .into_iter()
+            .find(|a| a.iface == iface)
+            .ok_or_else(|| anyhow!("lb decap is not attached to {iface}"))?;
+        let pin = self
+            .path
+            .join(format!("decap_{iface}_{}", mode_name(a.mode)));
+        fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        if self.decap_attachments()?.is_empty() {
+            let _ = fs::remove_file(self.path.join(DECAP_PROG_PIN));
+            let _ = fs::remove_file(self.path.join(names::DECAP_STATS));
+        }
+        Ok(())
+    }
+
+    /// Where `lb_decap` is attached.
+    pub fn decap_attachments(&self) -> Result<Vec<Attachment>> {
+        self.links_with_prefix("decap_")
+    }
+
+    /// The decap counters summed over CPUs (zeros if it is not loaded).
+    pub fn decap_counters(&self) -> Result<Vec<u64>> {
+        let p = self.path.join(names::DECAP_STATS);
+        if !p.exists() {
+            return Ok(vec![0; lb_common::DECAP_COUNTER_COUNT as usize]);
+        }
+        let map = Map::from_map_data(MapData::from_pin(&p)?)?;
+        let arr: aya::maps::PerCpuArray<MapData, u64> = map.try_into()?;
+        (0..lb_common::DECAP_COUNTER_COUNT)
+            .map(|i| Ok(arr.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+
     /// Detaches everywhere and removes the program, the maps and the directory: all state.
     pub fn purge(self) -> Result<()> {
         for a in self.attachments()? {
             self.detach(&a.iface)?;
+        }
+        for a in self.decap_attachments()? {
+            self.decap_detach(&a.iface)?;
         }
         for name in ALL_MAPS.iter().copied().chain([PROG_PIN]) {
             let p = self.path.join(name);

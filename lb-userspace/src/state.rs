@@ -291,6 +291,30 @@ impl LbMaps {
         self.write_table(vip, &info, &want, &backends)
     }
 
+    /// Changes how packets reach a VIP's backends. Every current backend must suit the new
+    /// mode. Flows already established under another mode break (the backends see different
+    /// packets): change the mode of an idle VIP.
+    pub fn set_forward(&mut self, vip: &Vip, fwd: crate::model::Forward) -> Result<bool> {
+        let info = self.vip(vip)?;
+        if info.fwd == fwd.code() {
+            return Ok(false);
+        }
+        for b in self.backends(vip)? {
+            fwd.check_backend(vip, b.addr)?;
+        }
+        self.vips
+            .insert(
+                vip.endpoint(),
+                VipInfo {
+                    fwd: fwd.code(),
+                    ..info
+                },
+                0,
+            )
+            .ctx(|| format!("updating VIP {vip}"))?;
+        Ok(true)
+    }
+
     /// What a VIP does when every backend with a weight is down: `drop` new flows (an empty
     /// table) or fail open (the default). Returns the table slots written.
     pub fn set_all_down_drop(&mut self, vip: &Vip, drop: bool) -> Result<u32> {
@@ -417,12 +441,7 @@ impl LbMaps {
             if want[..i].iter().any(|(a, _)| a == addr) {
                 return Err(LbError::DuplicateBackend(*addr));
             }
-            if addr.is_ipv4() != vip.addr.is_ipv4() {
-                return Err(LbError::FamilyMismatch {
-                    vip: *vip,
-                    backend: *addr,
-                });
-            }
+            crate::model::Forward::from_code(info.fwd).check_backend(vip, *addr)?;
             if *weight > MAX_WEIGHT {
                 return Err(LbError::WeightOutOfRange(*weight));
             }

@@ -126,6 +126,10 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         #[command(flatten)]
         sizes: Sizes,
     },
+    /// On a backend of ipip VIPs: the program that strips lb's outer header (this kernel needs
+    /// no ipip module), so the inner packet reaches the VIP held on a loopback interface.
+    #[command(subcommand)]
+    Decap(DecapCommand),
     /// Replace the running XDP program (by default with the one built into this lb) without
     /// losing state: the new program uses the pinned maps and every link switches atomically.
     #[command(after_help = "Example:
@@ -159,17 +163,31 @@ pub enum VipCommand {
         table_size: u32,
         #[command(flatten)]
         algo: AlgoArgs,
+        /// How packets reach the backends: nat (rewrite address and port; replies return
+        /// through lb), dsr-l2 (rewrite the MAC; backends on this L2 segment answer clients
+        /// directly) or ipip (encapsulate; backends decapsulate, see `lb decap`, and answer
+        /// directly).
+        #[arg(long, default_value = "nat", value_parser = forward)]
+        forward: lb::model::Forward,
         #[command(flatten)]
         sizes: Sizes,
     },
-    /// Change how a VIP's new flows pick their backend (established flows keep theirs).
+    /// Change how a VIP's new flows pick their backend (established flows keep theirs), or how
+    /// packets reach its backends (established flows break: change the mode of an idle VIP).
     #[command(
-        after_help = "Example:\n  lb vip set 10.100.0.100:80/tcp --algo round-robin\n  lb vip set 10.100.0.100:80/tcp --algo source-hash --source-prefix 24"
+        after_help = "Example:\n  lb vip set 10.100.0.100:80/tcp --algo round-robin\n  lb vip set 10.100.0.100:80/tcp --algo source-hash --source-prefix 24\n  lb vip set 10.100.0.100:80/tcp --forward ipip"
     )]
     Set {
         vip: Vip,
-        #[command(flatten)]
-        algo: AlgoArgs,
+        /// maglev, random, round-robin, source-hash or least-conn.
+        #[arg(long, required_unless_present = "forward")]
+        algo: Option<String>,
+        /// source-hash only: hash the first N bits of the client address.
+        #[arg(long, value_name = "BITS", requires = "algo")]
+        source_prefix: Option<u8>,
+        /// nat, dsr-l2 or ipip.
+        #[arg(long, value_parser = forward)]
+        forward: Option<lb::model::Forward>,
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  lb vip del 10.100.0.100:80/tcp")]
@@ -227,6 +245,26 @@ pub enum BackendCommand {
 }
 
 #[derive(Subcommand)]
+pub enum DecapCommand {
+    /// Attach the decapsulation program to interfaces.
+    #[command(
+        after_help = "Example:\n  lb decap attach eth0\n  lb decap attach eth0 --mode generic"
+    )]
+    Attach {
+        #[arg(required = true)]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+    },
+    /// Detach it (from all interfaces if none is named).
+    #[command(after_help = "Example:\n  lb decap detach eth0")]
+    Detach { ifaces: Vec<String> },
+    /// Where it is attached and its counters.
+    #[command(after_help = "Example:\n  lb decap status --json")]
+    Status,
+}
+
+#[derive(Subcommand)]
 pub enum NexthopCommand {
     /// Resolve every backend's egress interface and MACs now and cache them.
     #[command(after_help = "Example:\n  lb nexthop refresh")]
@@ -280,6 +318,10 @@ pub enum Mode {
     Native,
     Generic,
     Auto,
+}
+
+fn forward(s: &str) -> Result<lb::model::Forward, String> {
+    lb::model::Forward::parse(s).map_err(|e| e.0)
 }
 
 fn backend_addr(s: &str) -> Result<SocketAddr, String> {

@@ -8,7 +8,7 @@ use lb::{
 use serde::Serialize;
 
 use super::{
-    args::{Mode, Sizes},
+    args::{DecapCommand, Mode, Sizes},
     print_json, table_fmt, CmdResult,
 };
 
@@ -200,6 +200,106 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         println!("health:        {} backends down", s.backends_down.len());
         for b in &s.backends_down {
             println!("  {b}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct DecapStatus {
+    attached: Vec<Attached>,
+    counters: std::collections::BTreeMap<&'static str, u64>,
+}
+
+pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
+    match cmd {
+        DecapCommand::Attach { ifaces, mode } => {
+            let mode = attach_mode(mode);
+            // Check every interface first, so that a bad name changes nothing.
+            let attached = dir.decap_attachments()?;
+            for iface in &ifaces {
+                let c = std::ffi::CString::new(iface.as_str())
+                    .map_err(|_| anyhow::anyhow!("invalid interface name {iface:?}"))?;
+                // SAFETY: valid C string.
+                if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+                    return Err(anyhow::anyhow!("interface {iface} does not exist").into());
+                }
+                if attached.iter().any(|a| &a.iface == iface) {
+                    return Err(anyhow::anyhow!("lb decap is already attached to {iface}").into());
+                }
+            }
+            let mut done = Vec::new();
+            for iface in &ifaces {
+                match dir.decap_attach(iface, mode) {
+                    Ok(m) => {
+                        println!("lb decap attached to {iface} ({} mode)", mode_name(m));
+                        done.push(iface.clone());
+                    }
+                    Err(e) => {
+                        for d in &done {
+                            let _ = dir.decap_detach(d);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        DecapCommand::Detach { ifaces } => {
+            let attached = dir.decap_attachments()?;
+            let ifaces: Vec<String> = if ifaces.is_empty() {
+                attached.iter().map(|a| a.iface.clone()).collect()
+            } else {
+                for i in &ifaces {
+                    if !attached.iter().any(|a| &a.iface == i) {
+                        return Err(anyhow::anyhow!("lb decap is not attached to {i}").into());
+                    }
+                }
+                ifaces
+            };
+            for i in &ifaces {
+                dir.decap_detach(i)?;
+                println!("lb decap detached from {i}");
+            }
+        }
+        DecapCommand::Status => {
+            let s = DecapStatus {
+                attached: dir
+                    .decap_attachments()?
+                    .into_iter()
+                    .map(|a| Attached {
+                        iface: a.iface,
+                        mode: mode_name(a.mode),
+                    })
+                    .collect(),
+                counters: lb_common::DECAP_COUNTER_NAMES
+                    .iter()
+                    .copied()
+                    .zip(dir.decap_counters()?)
+                    .collect(),
+            };
+            if json {
+                print_json(&s);
+            } else {
+                let list: Vec<String> = s
+                    .attached
+                    .iter()
+                    .map(|a| format!("{} ({})", a.iface, a.mode))
+                    .collect();
+                println!(
+                    "attached: {}",
+                    if list.is_empty() {
+                        "nowhere".to_string()
+                    } else {
+                        list.join(", ")
+                    }
+                );
+                let rows: Vec<Vec<String>> = s
+                    .counters
+                    .iter()
+                    .map(|(k, v)| vec![k.to_string(), v.to_string()])
+                    .collect();
+                table_fmt::print(&["COUNTER", "VALUE"], &rows);
+            }
         }
     }
     Ok(())

@@ -49,6 +49,7 @@ fn is_usage(e: &LbError) -> bool {
         e,
         LbError::DuplicateBackend(_)
             | LbError::FamilyMismatch { .. }
+            | LbError::DsrPort { .. }
             | LbError::WeightOutOfRange(_)
             | LbError::TableSizeNotPrime(_)
             | LbError::TableSizeOutOfRange { .. }
@@ -140,6 +141,7 @@ fn run(cli: Cli) -> CmdResult {
         Command::Nexthop(c) => services::nexthop(&dir, c, json),
         Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
         Command::ShowConfig => config_cmd::show(&dir),
+        Command::Decap(c) => lifecycle::decap(&dir, c, json),
         Command::Upgrade { object } => agent_cmd::upgrade(&dir, object.as_deref(), json),
         Command::Run { .. } => unreachable!("handled above"),
     }

@@ -12,6 +12,7 @@ use super::{
 struct VipRow {
     vip: String,
     algorithm: String,
+    forward: &'static str,
     table_size: u32,
     backends: usize,
     active_backends: usize,
@@ -34,6 +35,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             vip,
             table_size,
             algo,
+            forward,
             sizes,
         } => {
             // Validate before loading anything, so bad input leaves no trace.
@@ -45,15 +47,45 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             if algorithm != lb::Algorithm::Maglev {
                 maps.set_algorithm(&vip, algorithm)?;
             }
-            println!("added VIP {vip} ({algorithm}, table of {table_size} slots)");
+            maps.set_forward(&vip, forward)?;
+            println!("added VIP {vip} ({algorithm}, {forward}, table of {table_size} slots)");
         }
-        VipCommand::Set { vip, algo } => {
-            let algorithm = algo.algorithm()?;
+        VipCommand::Set {
+            vip,
+            algo,
+            source_prefix,
+            forward,
+        } => {
+            let algorithm = match &algo {
+                Some(a) => Some(
+                    lb::Algorithm::parse(a, source_prefix)
+                        .map_err(|e| super::Failure::Usage(e.0))?,
+                ),
+                None => None,
+            };
             let mut maps = dir.maps()?;
-            let n = maps.set_algorithm(&vip, algorithm)?;
-            println!(
-                "VIP {vip}: {algorithm}; {n} table slots changed (established flows keep their backends)"
-            );
+            // Both checked before either is written.
+            if let Some(a) = algorithm {
+                a.check_for(&vip)?;
+            }
+            if let Some(f) = forward {
+                for b in maps.backends(&vip)? {
+                    f.check_backend(&vip, b.addr)?;
+                }
+            }
+            if let Some(f) = forward {
+                if maps.set_forward(&vip, f)? {
+                    println!("VIP {vip}: forwarding {f} (flows established before break)");
+                } else {
+                    println!("VIP {vip}: forwarding {f} (unchanged)");
+                }
+            }
+            if let Some(a) = algorithm {
+                let n = maps.set_algorithm(&vip, a)?;
+                println!(
+                    "VIP {vip}: {a}; {n} table slots changed (established flows keep their backends)"
+                );
+            }
         }
         VipCommand::Del { vip } => {
             let mut maps = dir.maps()?;
@@ -69,6 +101,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     vip: vip.to_string(),
                     algorithm: lb::Algorithm::from_codes(info.algo, info.src_prefix_len)
                         .to_string(),
+                    forward: lb::model::Forward::from_code(info.fwd).name(),
                     table_size: info.table_size,
                     backends: b.len(),
                     active_backends: b.iter().filter(|b| b.weight > 0).count(),
@@ -83,13 +116,17 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                         vec![
                             r.vip.clone(),
                             r.algorithm.clone(),
+                            r.forward.to_string(),
                             r.table_size.to_string(),
                             r.backends.to_string(),
                             r.active_backends.to_string(),
                         ]
                     })
                     .collect();
-                table_fmt::print(&["VIP", "ALGORITHM", "TABLE", "BACKENDS", "ACTIVE"], &cells);
+                table_fmt::print(
+                    &["VIP", "ALGORITHM", "FORWARD", "TABLE", "BACKENDS", "ACTIVE"],
+                    &cells,
+                );
             }
         }
     }

@@ -1,0 +1,699 @@
+//! The data plane's specification for direct server return and ICMP: input packet → verdict →
+//! exact output packet, through the real programs with BPF_PROG_TEST_RUN (the same fixture
+//! gateway as fixtures.rs, plus routes for the cases below):
+//! - dsr-l2: only the MACs change; a backend behind a gateway or without a neighbour entry is
+//!   refused;
+//! - ipip: IPv4 in IPv4, IPv6 in IPv6, IPv4 in IPv6, byte for byte (outer source from the flow
+//!   hash, TTL 64, checksums); too big for the egress MTU → ICMP fragmentation-needed /
+//!   packet-too-big to the client, or dropped without DF;
+//! - ICMP too-big about a VIP flow → the flow's backend, in each mode;
+//! - the decapsulation program backends run, on the ipip cases' own output.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use aya::programs::Xdp;
+use common::{
+    packets::{Mac, Spec, Tcp},
+    testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
+};
+use lb::{
+    model::{flow_key, Forward},
+    Vip,
+};
+use lb_common::{
+    csum::checksum, hash::flow_hash, Counter, DecapCounter, COUNTER_NAMES, DECAP_COUNTER_COUNT,
+    VERDICT_COUNT,
+};
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn vip(s: &str) -> Vip {
+    s.parse().unwrap()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn v4(a: SocketAddr) -> [u8; 4] {
+    match a.ip() {
+        IpAddr::V4(x) => x.octets(),
+        _ => panic!("not IPv4: {a}"),
+    }
+}
+
+fn v6(a: SocketAddr) -> [u8; 16] {
+    match a.ip() {
+        IpAddr::V6(x) => x.octets(),
+        _ => panic!("not IPv6: {a}"),
+    }
+}
+
+fn eth(dst: Mac, src: Mac, ether_type: u16) -> Vec<u8> {
+    let mut e = Vec::with_capacity(14);
+    e.extend_from_slice(&dst);
+    e.extend_from_slice(&src);
+    e.extend_from_slice(&ether_type.to_be_bytes());
+    e
+}
+
+/// An option-less IPv4 header with its checksum.
+#[allow(clippy::too_many_arguments)]
+fn ipv4(
+    tos: u8,
+    total: usize,
+    id: u16,
+    df: bool,
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Vec<u8> {
+    let mut h = vec![0x45, tos];
+    h.extend_from_slice(&(total as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&(if df { 0x4000u16 } else { 0 }).to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+fn ipv6(flow: u32, payload: usize, next: u8, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let mut h = ((6u32 << 28) | (flow & 0xf_ffff)).to_be_bytes().to_vec();
+    h.extend_from_slice(&(payload as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h
+}
+
+/// An ICMPv4 message (type, code, 4 bytes of rest) with its checksum.
+fn icmp4(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An ICMPv6 message with its checksum (pseudo-header included).
+fn icmp6(ty: u8, rest: [u8; 4], body: &[u8], src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
+    let mut m = vec![ty, 0, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&m);
+    let c = checksum(&pseudo);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// The first 28 (IPv4) / 48 (IPv6) bytes of an IP packet a VIP sent to a client: what a router
+/// quotes in a too-big message. TCP, seq 0x11223344.
+fn quote(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut l4 = src.port().to_be_bytes().to_vec();
+    l4.extend_from_slice(&dst.port().to_be_bytes());
+    l4.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    let mut q = if src.is_ipv4() {
+        ipv4(0, 1500, 7, true, 6, v4(src), v4(dst))
+    } else {
+        ipv6(0, 1460, 6, v6(src), v6(dst))
+    };
+    q.extend_from_slice(&l4);
+    q
+}
+
+/// A too-big message from `router` to `to` about the quoted packet, as a frame.
+#[allow(clippy::too_many_arguments)]
+fn too_big_frame(
+    dmac: Mac,
+    smac: Mac,
+    router: IpAddr,
+    to: IpAddr,
+    mtu: u32,
+    quoted_src: SocketAddr,
+    quoted_dst: SocketAddr,
+) -> Vec<u8> {
+    let q = quote(quoted_src, quoted_dst);
+    match (router, to) {
+        (IpAddr::V4(r), IpAddr::V4(t)) => {
+            let m = icmp4(3, 4, [0, 0, (mtu >> 8) as u8, mtu as u8], &q);
+            let mut f = eth(dmac, smac, 0x0800);
+            f.extend(ipv4(0, 20 + m.len(), 9, false, 1, r.octets(), t.octets()));
+            f.extend(m);
+            f
+        }
+        (IpAddr::V6(r), IpAddr::V6(t)) => {
+            let m = icmp6(2, mtu.to_be_bytes(), &q, r.octets(), t.octets());
+            let mut f = eth(dmac, smac, 0x86dd);
+            f.extend(ipv6(0, m.len(), 58, r.octets(), t.octets()));
+            f.extend(m);
+            f
+        }
+        _ => panic!("mixed families"),
+    }
+}
+
+/// Outer source address of an ipip packet for a flow with this hash.
+fn encap_src(hash: u32, outer_v4: bool) -> Vec<u8> {
+    if outer_v4 {
+        vec![172, 16, (hash >> 8) as u8, hash as u8]
+    } else {
+        let mut a = vec![1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        a.extend_from_slice(&hash.to_be_bytes());
+        a
+    }
+}
+
+/// The MAC of a backend: the fixture neighbours, plus the two added here.
+fn backend_mac(b: SocketAddr) -> Mac {
+    match b.ip().to_string().as_str() {
+        "10.1.0.14" | "fd01::14" => [2, 0, 0, 0, 1, 0x14],
+        _ => mac_of(b),
+    }
+}
+
+/// `frame`'s IP packet encapsulated to `backend`, as lb sends it (MACs to the backend on A).
+fn encapsulated(frame: &[u8], backend: SocketAddr, hash: u32, tos: u8) -> Vec<u8> {
+    let inner = &frame[14..];
+    let inner_v4 = inner[0] >> 4 == 4;
+    let mut f;
+    if backend.is_ipv4() {
+        f = eth(backend_mac(backend), GW_MAC_A, 0x0800);
+        let src: [u8; 4] = encap_src(hash, true).try_into().unwrap();
+        f.extend(ipv4(tos, 20 + inner.len(), 0, true, 4, src, v4(backend)));
+    } else {
+        f = eth(backend_mac(backend), GW_MAC_A, 0x86dd);
+        let src: [u8; 16] = encap_src(hash, false).try_into().unwrap();
+        let next = if inner_v4 { 4 } else { 41 };
+        f.extend(ipv6(hash, inner.len(), next, src, v6(backend)));
+    }
+    f.extend_from_slice(inner);
+    f
+}
+
+struct Table {
+    gw: Gateway,
+    reasons: Vec<Counter>,
+    rows: usize,
+}
+
+impl Table {
+    fn check(&mut self, desc: &str, input: &[u8], verdict: u32, output: &[u8], reason: Counter) {
+        let prog = self.gw.dp.program();
+        let (action, out) = run(prog, self.gw.ifindex_a, input);
+        self.rows += 1;
+        assert_eq!(
+            action_name(action),
+            action_name(verdict),
+            "case {desc:?}: verdict"
+        );
+        assert!(
+            out == output,
+            "case {desc:?}: output differs\n   got {}\n  want {}",
+            hex(&out),
+            hex(output)
+        );
+        self.reasons.push(reason);
+    }
+
+    fn unchanged(&mut self, desc: &str, input: &[u8], verdict: u32, reason: Counter) {
+        self.check(desc, input, verdict, input, reason);
+    }
+}
+
+fn client(port: u16) -> SocketAddr {
+    SocketAddr::new("10.0.0.2".parse().unwrap(), port)
+}
+
+fn client6(port: u16) -> SocketAddr {
+    SocketAddr::new("fd00::2".parse().unwrap(), port)
+}
+
+fn syn(src: SocketAddr, dst: SocketAddr) -> Spec {
+    Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, Tcp::Syn)
+}
+
+/// `spec` with a payload of `n` bytes.
+fn sized(mut spec: Spec, n: usize) -> Spec {
+    spec.payload = vec![0x5a; n];
+    spec
+}
+
+#[test]
+fn dsr_ipip_icmp_and_decap() {
+    let gw = Gateway::new("dsr");
+    // A network behind a gateway (for "not on link"), and two backends whose routes have a
+    // small MTU (for "too big"; the IPv4 route's locked, or forwarding would use the
+    // device's).
+    gw.ns
+        .ip(&["route", "add", "10.3.0.0/24", "via", "10.1.0.13"]);
+    gw.ns.ip(&[
+        "neigh",
+        "replace",
+        "10.1.0.14",
+        "lladdr",
+        "02:00:00:00:01:14",
+        "dev",
+        "fxa",
+        "nud",
+        "permanent",
+    ]);
+    gw.ns.ip(&[
+        "route",
+        "add",
+        "10.1.0.14/32",
+        "dev",
+        "fxa",
+        "mtu",
+        "lock",
+        "1000",
+    ]);
+    gw.ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "fd01::14",
+        "lladdr",
+        "02:00:00:00:01:14",
+        "dev",
+        "fxa",
+        "nud",
+        "permanent",
+    ]);
+    // (IPv6 route lookups take the device's MTU.)
+    gw.ns.ip(&["link", "set", "fxa", "mtu", "1400"]);
+    let mut t = Table {
+        gw,
+        reasons: vec![],
+        rows: 0,
+    };
+    let before = t.gw.dp.maps.counters().unwrap();
+
+    let l2 = vip("10.100.1.1:80/tcp");
+    let l2_6 = vip("[fd10::1]:80/tcp");
+    let l2_far = vip("10.100.1.2:80/tcp"); // backend behind interface B
+    let l2_gw = vip("10.100.1.3:80/tcp"); // backend behind a gateway
+    let l2_noneigh = vip("10.100.1.4:80/tcp"); // backend without a neighbour entry
+    let tun = vip("10.100.2.1:80/tcp");
+    let tun6 = vip("[fd10::2]:80/tcp");
+    let tun46 = vip("10.100.2.2:80/tcp"); // IPv4 VIP, IPv6 backend
+    let tun_small = vip("10.100.2.3:80/tcp"); // backend route MTU 1000
+    let tun6_small = vip("[fd10::3]:80/tcp"); // backend route MTU 1400
+    let nat = vip("10.100.3.1:80/tcp");
+    let nat6 = vip("[fd10::4]:80/tcp");
+    {
+        let m = &mut t.gw.dp.maps;
+        let setups: &[(Vip, Forward, &str)] = &[
+            (l2, Forward::DsrL2, "10.1.0.11:80"),
+            (l2_6, Forward::DsrL2, "[fd01::12]:80"),
+            (l2_far, Forward::DsrL2, "10.2.0.21:80"),
+            (l2_gw, Forward::DsrL2, "10.3.0.5:80"),
+            (l2_noneigh, Forward::DsrL2, "10.1.0.99:80"),
+            (tun, Forward::Ipip, "10.1.0.12:80"),
+            (tun6, Forward::Ipip, "[fd01::11]:80"),
+            (tun46, Forward::Ipip, "[fd01::13]:80"),
+            (tun_small, Forward::Ipip, "10.1.0.14:80"),
+            (tun6_small, Forward::Ipip, "[fd01::14]:80"),
+            (nat, Forward::Nat, "10.1.0.13:8080"),
+            (nat6, Forward::Nat, "[fd01::11]:8080"),
+        ];
+        for (v, f, b) in setups {
+            m.add_vip(v, 251).unwrap();
+            m.set_forward(v, *f).unwrap();
+            m.add_backend(v, sa(b), 1).unwrap();
+        }
+        // Mode rules: DSR keeps the port; only ipip carries IPv4 in IPv6.
+        let e = m.add_backend(&l2, sa("10.1.0.12:8080"), 1).unwrap_err();
+        assert!(
+            e.to_string().contains("must listen on the VIP's port 80"),
+            "{e}"
+        );
+        let e = m.add_backend(&l2, sa("[fd01::11]:80"), 1).unwrap_err();
+        assert!(e.to_string().contains("only ipip"), "{e}");
+        let e = m.set_forward(&nat, Forward::DsrL2).unwrap_err();
+        assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    // ---- dsr-l2: the MACs change, nothing else ----
+    for (v, c) in [(l2, client(40001)), (l2_6, client6(40002))] {
+        let s = syn(c, v.addr);
+        let b = t.gw.dp.maps.backends(&v).unwrap()[0].addr;
+        let out = Spec {
+            dmac: mac_of(b),
+            smac: GW_MAC_A,
+            ..s.clone()
+        }
+        .build();
+        t.check(
+            &format!("dsr-l2 {v}"),
+            &s.build(),
+            XDP_TX,
+            &out,
+            Counter::Tx,
+        );
+    }
+    let s = syn(client(40003), l2_far.addr);
+    let out = Spec {
+        dmac: mac_of(sa("10.2.0.21:80")),
+        smac: GW_MAC_B,
+        ..s.clone()
+    }
+    .build();
+    t.check(
+        "dsr-l2 to another interface",
+        &s.build(),
+        XDP_REDIRECT,
+        &out,
+        Counter::Redirect,
+    );
+    t.unchanged(
+        "dsr-l2: backend behind a gateway",
+        &syn(client(40004), l2_gw.addr).build(),
+        XDP_DROP,
+        Counter::DropNotOnLink,
+    );
+    t.unchanged(
+        "dsr-l2: backend MAC unknown",
+        &syn(client(40005), l2_noneigh.addr).build(),
+        XDP_DROP,
+        Counter::DropNoNeigh,
+    );
+
+    // ---- ipip ----
+    let mut encapsulated_frames = Vec::new();
+    for (v, c, b) in [
+        (tun, client(40011), sa("10.1.0.12:80")),
+        (tun6, client6(40012), sa("[fd01::11]:80")),
+        (tun46, client(40013), sa("[fd01::13]:80")),
+    ] {
+        let s = syn(c, v.addr);
+        let hash = flow_hash(&flow_key(c, &v));
+        let out = encapsulated(&s.build(), b, hash, 0);
+        t.check(
+            &format!("ipip {v} -> {b}"),
+            &s.build(),
+            XDP_TX,
+            &out,
+            Counter::Tx,
+        );
+        encapsulated_frames.push((s.build(), out));
+    }
+    // An established flow: the same backend and outer source again.
+    let c = client(40011);
+    let a = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, tun.addr, Tcp::Ack);
+    let out = encapsulated(
+        &a.build(),
+        sa("10.1.0.12:80"),
+        flow_hash(&flow_key(c, &tun)),
+        0,
+    );
+    t.check("ipip established", &a.build(), XDP_TX, &out, Counter::Tx);
+
+    // Too big after encapsulation: 20 + 20 + 960 = 1000 fits the route's MTU of 1000 only
+    // without the outer header.
+    let c = client(40021);
+    let fits = sized(syn(c, tun_small.addr), 940); // 980 + 20 = 1000
+    let hash = flow_hash(&flow_key(c, &tun_small));
+    let out = encapsulated(&fits.build(), sa("10.1.0.14:80"), hash, 0);
+    t.check(
+        "ipip: exactly the MTU",
+        &fits.build(),
+        XDP_TX,
+        &out,
+        Counter::Tx,
+    );
+    let big = sized(syn(client(40022), tun_small.addr), 941).build();
+    let mut want = eth(CLIENT_MAC, GW_MAC_A, 0x0800);
+    let m = icmp4(
+        3,
+        4,
+        [0, 0, (980u16 >> 8) as u8, 980u16 as u8],
+        &big[14..14 + 28],
+    );
+    want.extend(ipv4(
+        0,
+        20 + m.len(),
+        0,
+        false,
+        1,
+        v4(tun_small.addr),
+        v4(client(0)),
+    ));
+    want.extend(m);
+    t.check(
+        "ipip: too big, DF → ICMP fragmentation needed (MTU 980)",
+        &big,
+        XDP_TX,
+        &want,
+        Counter::TxIcmpTooBig,
+    );
+    let mut no_df = big.clone();
+    no_df[20] &= !0x40; // clear DF
+    let c = checksum(&{
+        let mut h = no_df[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    t.unchanged(
+        "ipip: too big without DF → dropped",
+        &no_df,
+        XDP_DROP,
+        Counter::DropTooBig,
+    );
+    let big6 = sized(syn(client6(40023), tun6_small.addr), 1341).build(); // 40+20+1341 = 1401
+    let mut want = eth(CLIENT_MAC, GW_MAC_A, 0x86dd);
+    let m = icmp6(
+        2,
+        1360u32.to_be_bytes(),
+        &big6[14..14 + 48],
+        v6(tun6_small.addr),
+        v6(client6(0)),
+    );
+    want.extend(ipv6(0, m.len(), 58, v6(tun6_small.addr), v6(client6(0))));
+    want.extend(m);
+    t.check(
+        "ipip: too big → ICMPv6 packet too big (MTU 1360)",
+        &big6,
+        XDP_TX,
+        &want,
+        Counter::TxIcmpTooBig,
+    );
+
+    // ---- ICMP too-big about a VIP flow → the flow's backend ----
+    let router: IpAddr = "10.0.0.7".parse().unwrap();
+    let router6: IpAddr = "fd00::7".parse().unwrap();
+    // NAT: establish the flow, then the quoted source becomes the backend's.
+    let c = client(40031);
+    let s = syn(c, nat.addr);
+    let nat_backend = sa("10.1.0.13:8080");
+    let out = s
+        .with(GW_MAC_A, mac_of(nat_backend), c, nat_backend)
+        .build();
+    t.check("nat flow", &s.build(), XDP_TX, &out, Counter::Tx);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        nat.addr.ip(),
+        1400,
+        nat.addr,
+        c,
+    );
+    let want = too_big_frame(
+        mac_of(nat_backend),
+        GW_MAC_A,
+        router,
+        nat_backend.ip(),
+        1400,
+        nat_backend,
+        c,
+    );
+    t.check(
+        "ICMP too-big for a NAT flow → its backend, rewritten",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    let c = client6(40032);
+    let s = syn(c, nat6.addr);
+    let nat6_backend = sa("[fd01::11]:8080");
+    let out = s
+        .with(GW_MAC_A, mac_of(nat6_backend), c, nat6_backend)
+        .build();
+    t.check("nat flow v6", &s.build(), XDP_TX, &out, Counter::Tx);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router6,
+        nat6.addr.ip(),
+        1400,
+        nat6.addr,
+        c,
+    );
+    let want = too_big_frame(
+        mac_of(nat6_backend),
+        GW_MAC_A,
+        router6,
+        nat6_backend.ip(),
+        1400,
+        nat6_backend,
+        c,
+    );
+    t.check(
+        "ICMPv6 too-big for a NAT flow → its backend, rewritten",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    // dsr-l2: the message goes as it is, to the backend's MAC.
+    let c = client(40033);
+    let input = too_big_frame(GW_MAC_A, CLIENT_MAC, router, l2.addr.ip(), 1400, l2.addr, c);
+    let b = sa("10.1.0.11:80");
+    let mut want = input.clone();
+    want[0..6].copy_from_slice(&mac_of(b));
+    want[6..12].copy_from_slice(&GW_MAC_A);
+    t.check(
+        "ICMP too-big for a dsr-l2 flow → its backend's MAC",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    // ipip: encapsulated, with the flow's outer source.
+    let c = client(40034);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        tun.addr.ip(),
+        1400,
+        tun.addr,
+        c,
+    );
+    let want = encapsulated(&input, sa("10.1.0.12:80"), flow_hash(&flow_key(c, &tun)), 0);
+    t.check(
+        "ICMP too-big for an ipip flow → encapsulated to its backend",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    // Not about a VIP, and echo: passed.
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        "10.0.0.1".parse().unwrap(),
+        1400,
+        sa("10.0.0.1:80"),
+        c,
+    );
+    t.unchanged(
+        "ICMP too-big not about a VIP",
+        &input,
+        XDP_PASS,
+        Counter::PassNotTcpUdp,
+    );
+    let mut echo = eth(GW_MAC_A, CLIENT_MAC, 0x0800);
+    let m = icmp4(8, 0, [0, 1, 0, 1], b"ping");
+    echo.extend(ipv4(
+        0,
+        20 + m.len(),
+        3,
+        false,
+        1,
+        v4(client(0)),
+        v4(nat.addr),
+    ));
+    echo.extend(m);
+    t.unchanged(
+        "ICMP echo to a VIP: passed to the kernel",
+        &echo,
+        XDP_PASS,
+        Counter::PassNotTcpUdp,
+    );
+
+    // ---- counters ----
+    let after = t.gw.dp.maps.counters().unwrap();
+    let mut want: HashMap<usize, u64> = HashMap::new();
+    for r in &t.reasons {
+        *want.entry(*r as usize).or_default() += 1;
+    }
+    for i in 0..VERDICT_COUNT as usize {
+        assert_eq!(
+            after[i] - before[i],
+            want.get(&i).copied().unwrap_or(0),
+            "counter {}",
+            COUNTER_NAMES[i]
+        );
+    }
+    let ev = |c: Counter| after[c as usize] - before[c as usize];
+    assert_eq!(ev(Counter::FwdDsrL2), 6, "5 dsr-l2 packets + 1 ICMP");
+    assert_eq!(
+        ev(Counter::FwdIpip),
+        9,
+        "8 ipip packets (3 of them too big) + 1 ICMP"
+    );
+    assert_eq!(ev(Counter::IcmpToBackend), 4);
+
+    // ---- the decapsulation program, on the ipip cases' output ----
+    let mut decap = aya::EbpfLoader::new()
+        .load(lb::object::LB_DECAP_OBJECT)
+        .unwrap();
+    let prog: &mut Xdp = decap.program_mut("lb_decap").unwrap().try_into().unwrap();
+    prog.load().unwrap();
+    for (original, encapsulated) in &encapsulated_frames {
+        let (action, out) = run(prog, 1, encapsulated);
+        assert_eq!(action_name(action), "XDP_PASS");
+        // The original packet, with the Ethernet header of the encapsulated one.
+        let mut want = encapsulated[..12].to_vec();
+        want.extend_from_slice(&original[12..]);
+        assert_eq!(hex(&out), hex(&want), "decapsulated");
+    }
+    let plain = syn(client(1), sa("10.1.0.12:80")).build();
+    let (action, out) = run(prog, 1, &plain);
+    assert_eq!(
+        (action, out),
+        (XDP_PASS, plain),
+        "not encapsulated: untouched"
+    );
+    // Protocol 4 with an IPv6 packet inside: passed untouched.
+    let mut bad = encapsulated_frames[0].1.clone();
+    bad[34] = 0x60;
+    let (action, out) = run(prog, 1, &bad);
+    assert_eq!(
+        (action, out),
+        (XDP_PASS, bad),
+        "wrong inner version: untouched"
+    );
+    let map = decap.map("LB_DECAP_STATS_V1").unwrap();
+    let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
+    let n = |c: DecapCounter| -> u64 { stats.get(&(c as u32), 0).unwrap().iter().sum() };
+    assert_eq!(n(DecapCounter::DecapV4InV4), 1);
+    assert_eq!(n(DecapCounter::DecapV6InV6), 1);
+    assert_eq!(n(DecapCounter::DecapV4InV6), 1);
+    assert_eq!(n(DecapCounter::PassNotEncap), 1);
+    assert_eq!(n(DecapCounter::PassMalformed), 1);
+    assert_eq!(DECAP_COUNTER_COUNT, 6);
+    println!("{} dsr/ipip/icmp cases and 5 decap cases passed", t.rows);
+}
