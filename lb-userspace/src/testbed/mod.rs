@@ -12,6 +12,7 @@
 //! inside the namespaces. Client and backend veths have TX checksum offload off: veth would
 //! otherwise hand the gateway packets with partial checksums, which a real NIC never does.
 
+mod lan;
 mod netns;
 mod servers;
 
@@ -58,6 +59,8 @@ pub struct Testbed {
     lb_bin: PathBuf,
     pin_dir: String,
     servers: Option<Servers>,
+    /// Other namespaces of the topology (the LAN's switch).
+    extra: Vec<NetNs>,
 }
 
 impl Testbed {
@@ -78,6 +81,7 @@ impl Testbed {
             client_v6: "fd00::2".parse().unwrap(),
             lb_bin: lb_bin.to_path_buf(),
             servers: None,
+            extra: Vec::new(),
         };
         let gw = &tb.gateway;
         gw.sysctl(&[
@@ -418,7 +422,12 @@ pub struct LineConn {
 impl LineConn {
     /// Sends a line; returns the name of the backend that answered.
     pub fn ping(&mut self) -> Result<String> {
-        self.stream.write_all(b"ping\n")?;
+        self.send_line("ping")
+    }
+
+    /// Sends `line` (any length); returns the name of the backend that answered.
+    pub fn send_line(&mut self, line: &str) -> Result<String> {
+        self.stream.write_all(format!("{line}\n").as_bytes())?;
         let mut line = String::new();
         let n = self.reader.read_line(&mut line)?;
         if n == 0 {

@@ -24,6 +24,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// that dies and comes back, for health-check tests).
 pub struct Servers {
     running: Vec<Running>,
+    /// Extra addresses the UDP echo also binds to (the VIPs of direct server return: a reply
+    /// must come from the address the request went to).
+    udp_addrs: Vec<std::net::IpAddr>,
 }
 
 struct Running {
@@ -34,8 +37,15 @@ struct Running {
 
 impl Servers {
     pub fn start(backends: &[Backend]) -> Result<Servers> {
+        Self::start_with(backends, &[])
+    }
+
+    /// Like `start`, with the UDP echo also bound to `udp_addrs` (which must be local addresses
+    /// of every backend, e.g. VIPs on its loopback).
+    pub fn start_with(backends: &[Backend], udp_addrs: &[std::net::IpAddr]) -> Result<Servers> {
         let mut s = Servers {
             running: Vec::new(),
+            udp_addrs: udp_addrs.to_vec(),
         };
         for b in backends {
             if let Err(e) = s.start_one(b) {
@@ -56,14 +66,17 @@ impl Servers {
         let ns_name = b.ns.name.clone();
         let name = b.name.clone();
         let stop2 = stop.clone();
+        let udp_addrs = self.udp_addrs.clone();
         let thread = std::thread::spawn(move || {
             let ns = super::NetNs { name: ns_name };
-            let setup = (|| -> Result<(TcpListener, TcpListener, UdpSocket)> {
+            let setup = (|| -> Result<(TcpListener, TcpListener, Vec<UdpSocket>)> {
                 ns.enter()?;
                 let http = bind_tcp(HTTP_PORT)?;
                 let line = bind_tcp(LINE_PORT)?;
-                let udp = UdpSocket::bind(("::", UDP_PORT))?;
-                udp.set_read_timeout(Some(POLL))?;
+                let mut udp = vec![bind_udp(std::net::Ipv6Addr::UNSPECIFIED.into())?];
+                for a in &udp_addrs {
+                    udp.push(bind_udp(*a)?);
+                }
                 Ok((http, line, udp))
             })();
             // The namespace handle must not delete the namespace when it goes.
@@ -128,19 +141,45 @@ fn bind_tcp(port: u16) -> Result<TcpListener> {
     Ok(s.into())
 }
 
-fn serve(name: &str, http: TcpListener, line: TcpListener, udp: UdpSocket, stop: &Arc<AtomicBool>) {
+/// A UDP echo socket on `addr`:UDP_PORT. SO_REUSEADDR lets the wildcard socket and sockets on
+/// specific addresses share the port (the most specific one receives).
+fn bind_udp(addr: std::net::IpAddr) -> Result<UdpSocket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let s = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(!addr.is_unspecified())?;
+    }
+    s.bind(&std::net::SocketAddr::new(addr, UDP_PORT).into())?;
+    s.set_read_timeout(Some(POLL))?;
+    Ok(s.into())
+}
+
+fn serve(
+    name: &str,
+    http: TcpListener,
+    line: TcpListener,
+    udp: Vec<UdpSocket>,
+    stop: &Arc<AtomicBool>,
+) {
     std::thread::scope(|sc| {
         sc.spawn(|| accept_loop(&http, stop, |s| handle_http(s, name)));
         sc.spawn(|| accept_loop(&line, stop, |s| handle_line(s, name, stop)));
-        sc.spawn(|| {
-            let mut buf = [0u8; 1500];
-            while !stop.load(Ordering::SeqCst) {
-                // Blocks up to POLL, so the stop flag is seen.
-                if let Ok((_, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(name.as_bytes(), from);
+        for u in &udp {
+            sc.spawn(move || {
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::SeqCst) {
+                    // Blocks up to POLL, so the stop flag is seen.
+                    if let Ok((_, from)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(name.as_bytes(), from);
+                    }
                 }
-            }
-        });
+            });
+        }
     });
 }
 
