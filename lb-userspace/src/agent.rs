@@ -86,7 +86,13 @@ struct Agent {
     opts: AgentOptions,
     shared: Arc<Mutex<Shared>>,
     config: Config,
+    /// The text of the file last applied (or found invalid).
     config_text: String,
+    /// A changed text seen once: applied when the next read finds it again, so that a file
+    /// caught half-written is never applied.
+    pending_text: Option<String>,
+    /// The last reload error logged (the same error is not logged every poll).
+    last_error: Option<String>,
     checkers: HashMap<Key, Checker>,
     next_task: u64,
     results: mpsc::Sender<ProbeResult>,
@@ -149,16 +155,19 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         })),
         config: config.clone(),
         config_text: text,
+        pending_text: None,
+        last_error: None,
         checkers: HashMap::new(),
         next_task: 0,
         results: tx,
         opts,
     };
-    agent.apply_config(config, &[])?;
+    // The metrics port first: a start that cannot serve it changes nothing.
     if let Some(addr) = agent.opts.metrics {
         crate::metrics::serve(addr, agent.shared.clone()).await?;
         info!(%addr, "serving metrics on /metrics");
     }
+    agent.apply_config(config)?;
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term =
@@ -174,6 +183,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         tokio::select! {
             Some(r) = rx.recv() => agent.on_probe(r),
             _ = tick.tick() => {
+                if !agent.state_present() {
+                    error!(pin_dir = %agent.opts.pin_dir.display(),
+                        "the pinned state is gone (lb detach --purge?): stopping");
+                    return Err(StartError::Runtime(anyhow::anyhow!(
+                        "the pinned state in {} was removed while the agent ran",
+                        agent.opts.pin_dir.display()
+                    )));
+                }
                 agent.reload_if_changed(false);
                 agent.progress_drains();
             }
@@ -198,42 +215,61 @@ impl Agent {
         PinDir::open(&self.opts.pin_dir)
     }
 
-    /// Reads the file; applies it if its text changed (or `force`). An invalid file is logged
-    /// and the running state kept.
+    /// Whether the maps the agent writes are still the pinned ones.
+    fn state_present(&self) -> bool {
+        self.opts.pin_dir.join(lb_common::names::VIPS).exists()
+    }
+
+    /// Reads the file; applies it once the same changed text has been read twice in a row
+    /// (or at once with `force`, on SIGHUP). An invalid file is logged and the running state
+    /// kept; a valid one that fails to apply is retried at the next poll.
     fn reload_if_changed(&mut self, force: bool) {
         let path = self.opts.config.display().to_string();
         let text = match std::fs::read_to_string(&self.opts.config) {
             Ok(t) => t,
             Err(e) => {
-                if self.config_text_differs_from_none() {
-                    error!(file = %path, "cannot read the configuration: {e}; keeping the running state");
-                    self.config_text.clear();
-                    self.fail_reload();
-                }
+                self.report(format!(
+                    "cannot read the configuration {path}: {e}; keeping the running state"
+                ));
                 return;
             }
         };
         if text == self.config_text && !force {
+            self.pending_text = None;
             return;
         }
-        self.config_text = text.clone();
+        if !force && self.pending_text.as_deref() != Some(text.as_str()) {
+            self.pending_text = Some(text);
+            return;
+        }
+        self.pending_text = None;
         match Config::parse(&path, &text) {
-            Ok(cfg) => match self.apply_config(cfg, &[]) {
-                Ok(()) => {}
-                Err(e) => {
-                    error!("applying {path} failed: {e:#}; keeping the running state");
-                    self.fail_reload();
+            Ok(cfg) => match self.apply_config(cfg) {
+                Ok(()) => {
+                    self.config_text = text;
+                    self.last_error = None;
                 }
+                Err(e) => self.report(format!(
+                    "applying {path} failed: {e:#}; keeping the running state (retrying)"
+                )),
             },
             Err(e) => {
-                error!("invalid configuration, keeping the running state: {e}");
-                self.fail_reload();
+                // Not retried: the same text stays invalid.
+                self.config_text = text;
+                self.report(format!(
+                    "invalid configuration, keeping the running state: {e}"
+                ));
             }
         }
     }
 
-    fn config_text_differs_from_none(&self) -> bool {
-        !self.config_text.is_empty()
+    /// Logs a reload failure (once per distinct message) and counts it.
+    fn report(&mut self, message: String) {
+        if self.last_error.as_deref() != Some(message.as_str()) {
+            error!("{message}");
+            self.last_error = Some(message);
+        }
+        self.fail_reload();
     }
 
     fn fail_reload(&mut self) {
@@ -242,28 +278,36 @@ impl Agent {
         s.counters.last_reload_ok = false;
     }
 
-    /// Makes the maps match `cfg` (plus the backends still draining, minus the `drained` ones
-    /// to remove now), then starts and stops health checks to match.
-    fn apply_config(&mut self, cfg: Config, drained: &[Key]) -> Result<()> {
+    /// Makes the maps match `cfg` (plus the backends still draining), then starts and stops
+    /// health checks to match.
+    fn apply_config(&mut self, cfg: Config) -> Result<()> {
         let summary = {
             // The pin-directory lock is held for the map writes only (flock: taking it again
             // in this process while holding it would wait forever).
             let _dir = self.lock_dir()?;
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
-            update_drains(&cfg, &s.maps, &mut s.draining, drained)?;
-            let effective = with_drains(&cfg, &s.maps, &s.draining)?;
+            // Drains change only if the whole apply succeeds.
+            let mut draining = s.draining.clone();
+            update_drains(&cfg, &s.maps, &mut draining)?;
+            let effective = with_drains(&cfg, &s.maps, &draining)?;
             let summary = apply(&mut s.maps, &effective)?;
+            s.draining = draining;
             s.counters.reloads_ok += 1;
             s.counters.last_reload_ok = true;
             count_rebuild(&mut s.counters, &summary);
-            // Backends that left: forget their health.
-            let present: Vec<Key> = effective
-                .vips
-                .iter()
-                .flat_map(|v| v.backends.iter().map(move |(a, _)| (v.vip, *a)))
-                .collect();
-            s.health.retain(|k, _| present.contains(k));
+            // Health as the maps have it (a backend re-added by hand starts up again);
+            // backends that left are forgotten.
+            let mut present = HashMap::new();
+            for (vip, _) in s.maps.vips()? {
+                for b in s.maps.backends(&vip)? {
+                    present.insert((vip, b.addr), b.healthy);
+                }
+            }
+            s.health.retain(|k, _| present.contains_key(k));
+            for (k, up) in present {
+                s.health.entry(k).or_insert_with(|| Health::new(up)).up = up;
+            }
             summary
         };
         if summary.is_empty() {
@@ -284,7 +328,28 @@ impl Agent {
         if !summary.is_empty() {
             self.refresh_nexthops();
         }
+        let vips: Vec<Vip> = self.config.vips.iter().map(|v| v.vip).collect();
+        for vip in vips {
+            self.log_if_all_down(&vip);
+        }
         Ok(())
+    }
+
+    /// Logs the documented choice if every backend of `vip` with a weight is down.
+    fn log_if_all_down(&self, vip: &Vip) {
+        let s = self.shared.lock().expect("agent state lock");
+        let (Ok(info), Ok(backends)) = (s.maps.vip(vip), s.maps.backends(vip)) else {
+            return;
+        };
+        let weighted: Vec<_> = backends.iter().filter(|b| b.weight > 0).collect();
+        if weighted.is_empty() || weighted.iter().any(|b| b.healthy) {
+            return;
+        }
+        if info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0 {
+            error!(%vip, "every backend is down: new flows are dropped (when_all_down = \"drop\")");
+        } else {
+            error!(%vip, "every backend is down: failing open, new flows go to all backends (when_all_down = \"fail-open\")");
+        }
     }
 
     /// Re-resolves the next hop of every backend (if the agent keeps the cache).
@@ -391,30 +456,42 @@ impl Agent {
         }
     }
 
-    /// Writes a health transition to the maps (flag and table).
+    /// Writes a health transition to the maps (flag and table). On failure the agent's view
+    /// goes back to what the maps say, so the next probe result tries again.
     fn set_health(&mut self, key: Key, up: bool) -> Result<()> {
-        let _dir = self.lock_dir()?;
-        let mut s = self.shared.lock().expect("agent state lock");
         let (vip, backend) = key;
-        s.health.entry(key).or_insert_with(|| Health::new(up)).up = up;
-        let slots = s.maps.set_health(&vip, backend, up)?;
-        s.counters.table_rebuilds += 1;
-        s.counters.slots_written += slots as u64;
-        let info = s.maps.vip(&vip)?;
-        let backends = s.maps.backends(&vip)?;
-        let weighted: Vec<_> = backends.iter().filter(|b| b.weight > 0).collect();
-        if !weighted.is_empty() && weighted.iter().all(|b| !b.healthy) {
-            if info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0 {
-                error!(%vip, "every backend is down: new flows are dropped (when_all_down = \"drop\")");
-            } else {
-                error!(%vip, "every backend is down: failing open, new flows go to all backends (when_all_down = \"fail-open\")");
+        let r = (|| -> Result<()> {
+            let _dir = self.lock_dir()?;
+            let mut s = self.shared.lock().expect("agent state lock");
+            let slots = s.maps.set_health(&vip, backend, up)?;
+            s.counters.table_rebuilds += 1;
+            s.counters.slots_written += slots as u64;
+            s.health.entry(key).or_insert_with(|| Health::new(up)).up = up;
+            Ok(())
+        })();
+        if r.is_err() {
+            let mut s = self.shared.lock().expect("agent state lock");
+            let in_maps = s
+                .maps
+                .backends(&vip)
+                .ok()
+                .and_then(|bs| bs.into_iter().find(|b| b.addr == backend))
+                .map(|b| b.healthy);
+            match in_maps {
+                Some(h) => s.health.entry(key).or_insert_with(|| Health::new(h)).up = h,
+                None => {
+                    s.health.remove(&key);
+                }
             }
         }
+        r?;
+        self.log_if_all_down(&vip);
         Ok(())
     }
 
-    /// Removes drained backends: no active flow, no traffic for `DRAIN_IDLE`, or the drain
-    /// timeout reached.
+    /// Removes drained backends (`drain.rs` says when), one by one, without reapplying the
+    /// file (changes made with `lb` commands since stay); a VIP that left the file goes with
+    /// its last backend.
     fn progress_drains(&mut self) {
         let done: Vec<(Key, &'static str)> = {
             let mut s = self.shared.lock().expect("agent state lock");
@@ -434,22 +511,32 @@ impl Agent {
                     done.push((*key, why));
                 }
             }
-            for (key, _) in &done {
-                s.draining.remove(key);
-            }
-            s.counters.drained += done.len() as u64;
             done
         };
-        if done.is_empty() {
-            return;
-        }
-        for (key, why) in &done {
-            info!(vip = %key.0, backend = %key.1, reason = why, "backend drained: removing it");
-        }
-        let cfg = self.config.clone();
-        let keys: Vec<Key> = done.iter().map(|(k, _)| *k).collect();
-        if let Err(e) = self.apply_config(cfg, &keys) {
-            error!("removing drained backends failed: {e:#}");
+        for (key, why) in done {
+            let (vip, backend) = key;
+            let in_file = self.config.vips.iter().any(|v| v.vip == vip);
+            let r = (|| -> Result<()> {
+                let _dir = self.lock_dir()?;
+                let mut s = self.shared.lock().expect("agent state lock");
+                if s.maps.backends(&vip)?.iter().any(|b| b.addr == backend) {
+                    let c = s.maps.del_backend(&vip, backend)?;
+                    s.counters.table_rebuilds += 1;
+                    s.counters.slots_written += c.slots_written as u64;
+                }
+                if !in_file && s.maps.backends(&vip)?.is_empty() {
+                    s.maps.del_vip(&vip)?;
+                    info!(%vip, "VIP left the configuration and has no backend left: removed");
+                }
+                s.draining.remove(&key);
+                s.health.remove(&key);
+                s.counters.drained += 1;
+                Ok(())
+            })();
+            match r {
+                Ok(()) => info!(%vip, %backend, reason = why, "backend drained: removed"),
+                Err(e) => error!(%vip, %backend, "removing the drained backend failed: {e:#}"),
+            }
         }
     }
 }
@@ -464,12 +551,7 @@ fn count_rebuild(c: &mut Counters, s: &ApplySummary) {
 /// Starts draining the backends in the maps that `cfg` no longer has (unless another VIP of
 /// the file takes the same endpoint: that one is moved at once), and stops draining those
 /// that are back.
-fn update_drains(
-    cfg: &Config,
-    maps: &LbMaps,
-    draining: &mut HashMap<Key, Drain>,
-    drained: &[Key],
-) -> Result<()> {
+fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>) -> Result<()> {
     let in_file = |vip: &Vip, addr: &SocketAddr| {
         cfg.vips
             .iter()
@@ -492,13 +574,13 @@ fn update_drains(
             if in_file(&vip, &b.addr)
                 || taken_elsewhere(&vip, &b.addr)
                 || draining.contains_key(&key)
-                || drained.contains(&key)
             {
                 continue;
             }
             info!(%vip, backend = %b.addr, timeout = %humantime::format_duration(timeout),
                 "backend left the configuration: draining (no new flows)");
-            draining.insert(key, Drain::start(maps, b.id, timeout));
+            let udp = vip.proto == crate::Proto::Udp;
+            draining.insert(key, Drain::start(maps, b.id, timeout, udp));
         }
     }
     Ok(())

@@ -1,14 +1,17 @@
-//! When a drained backend (weight 0: no new flows) is finished: no active flow left, no packet
-//! for `DRAIN_IDLE`, or the drain timeout reached. Used by the agent for backends removed from
-//! the file and by `lb backend del --drain`.
+//! When a drained backend (weight 0: no new flows) is finished: no active flow left for
+//! `DRAIN_GRACE` (TCP), no packet for `DRAIN_IDLE` (UDP, whose flows have no visible end), or
+//! the drain timeout reached. Used by the agent for backends removed from the file and by
+//! `lb backend del --drain`.
 
 use std::time::{Duration, Instant};
 
 use crate::LbMaps;
 
-/// A drained backend is finished once it has had no packet for this long, even if flows are
-/// still counted as active (UDP flows, and TCP flows that ended without a FIN/RST seen).
+/// A UDP backend is finished once it has had no packet for this long.
 pub const DRAIN_IDLE: Duration = Duration::from_secs(10);
+/// A TCP backend is finished once it has had no active flow for this long: a flow counts as
+/// closed at its first FIN, and the other direction may still be sending.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// A backend being drained.
 #[derive(Clone, Debug)]
@@ -18,17 +21,23 @@ pub struct Drain {
     /// Packets forwarded to it when last looked, and when that number last changed.
     packets: u64,
     last_traffic: Instant,
+    /// UDP: finished by idleness; TCP: by the active count.
+    udp: bool,
+    /// Since when the active count has been zero.
+    zero_since: Option<Instant>,
 }
 
 impl Drain {
     /// Starts watching backend `id` (already at weight 0).
-    pub fn start(maps: &LbMaps, id: u32, timeout: Duration) -> Drain {
+    pub fn start(maps: &LbMaps, id: u32, timeout: Duration, udp: bool) -> Drain {
         let now = Instant::now();
         Drain {
             started: now,
             timeout,
             packets: maps.backend_stats(id).map(|t| t.packets).unwrap_or(0),
             last_traffic: now,
+            udp,
+            zero_since: None,
         }
     }
 
@@ -40,9 +49,15 @@ impl Drain {
             self.packets = packets;
             self.last_traffic = now;
         }
-        if maps.active_flows(id).is_ok_and(|n| n == 0) {
+        let zero = maps.active_flows(id).is_ok_and(|n| n == 0);
+        self.zero_since = match (zero, self.zero_since) {
+            (true, None) => Some(now),
+            (true, since) => since,
+            (false, _) => None,
+        };
+        if !self.udp && self.zero_since.is_some_and(|t| now - t >= DRAIN_GRACE) {
             Some("no active flows")
-        } else if now - self.last_traffic >= DRAIN_IDLE {
+        } else if self.udp && now - self.last_traffic >= DRAIN_IDLE {
             Some("idle")
         } else if now - self.started >= self.timeout {
             Some("drain timeout")

@@ -135,11 +135,12 @@ impl HealthCheck {
                 let tcp = TcpStream::connect(target)
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
-                let host = host.clone().unwrap_or_else(|| target.to_string());
                 let status = if *tls {
-                    let tls = tls_connect(tcp, target).await?;
+                    let tls = tls_connect(tcp, target, host.as_deref()).await?;
+                    let host = host.clone().unwrap_or_else(|| target.to_string());
                     http_status(tls, path, &host).await?
                 } else {
+                    let host = host.clone().unwrap_or_else(|| target.to_string());
                     http_status(tcp, path, &host).await?
                 };
                 if status == *expect_status {
@@ -214,12 +215,17 @@ async fn http_status<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// A TLS client connection; the server name (SNI) is `host` when it is a DNS name, so that
+/// servers that pick a certificate by name answer as they would to clients.
 async fn tls_connect(
     tcp: TcpStream,
     target: SocketAddr,
+    host: Option<&str>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let config = tls_config();
-    let name = rustls::pki_types::ServerName::IpAddress(target.ip().into());
+    let name = host
+        .and_then(|h| rustls::pki_types::ServerName::try_from(h.to_string()).ok())
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(target.ip().into()));
     tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await

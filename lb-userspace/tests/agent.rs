@@ -178,7 +178,7 @@ fn health_checks_take_dead_backends_out_and_back() {
     let mut tb = testbed(3);
     let files = Files::new(&tb);
     files.write_config(&config(&tb, HTTP_CHECK, &[(0, 1), (1, 1), (2, 1)], ""));
-    let _agent = Agent::start(&tb, &files);
+    let agent = Agent::start(&tb, &files);
     wait_for(
         Duration::from_secs(20),
         "the agent to apply the file",
@@ -225,6 +225,19 @@ fn health_checks_take_dead_backends_out_and_back() {
         "lb status to show both down",
         || tb.lb(&["status"]).unwrap().contains("2 backends down"),
     );
+
+    // A restarted agent adopts the health the maps record: backend-2 stays out.
+    agent.kill();
+    let _agent = Agent::start(&tb, &files);
+    wait_for(Duration::from_secs(20), "the new agent to adopt", || {
+        log_count(&files, "adopting the pinned state") >= 2
+    });
+    for _ in 0..10 {
+        assert_eq!(backend_health(&tb, b2).as_deref(), Some("down"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (by, failed) = connections(&tb, 30);
+    assert_eq!((failed, by.get("backend-2")), (0, None), "{by:?}");
 
     tb.start_server("backend-2").unwrap();
     let took = wait_for(Duration::from_secs(10), "backend-2 to be back", || {
@@ -354,7 +367,15 @@ fn agent_restart_and_program_upgrade_are_hitless() {
         let u = tb.lb_json(&["upgrade"]).unwrap();
         assert_ne!(u["old_program_id"], u["new_program_id"]);
         assert_eq!(u["interfaces"].as_array().unwrap().len(), 4);
+        // The new program counts into the pinned maps.
+        let just_after = tb.lb_json(&["stats"]).unwrap()["packets_seen"]
+            .as_u64()
+            .unwrap();
         std::thread::sleep(Duration::from_millis(700));
+        let later = tb.lb_json(&["stats"]).unwrap()["packets_seen"]
+            .as_u64()
+            .unwrap();
+        assert!(later > just_after, "counters stopped after the upgrade");
         stop.store(true, Ordering::SeqCst);
     });
     let (ok, failed) = (ok.into_inner(), failed.into_inner());
@@ -464,10 +485,24 @@ fn config_reload_drain_and_metrics() {
         "removed while a flow was active"
     );
     drop(on_b3); // FIN: no active flow left
-    wait_for(Duration::from_secs(10), "backend-3 removed", || {
+                 // Removed after the 2 s grace, well before the 10 s idle rule or the 30 s timeout.
+    let took = wait_for(Duration::from_secs(6), "backend-3 removed", || {
         weight_of(&tb, b3).is_none()
     });
-    assert!(log_count(&files, "backend drained") >= 1);
+    assert!(
+        took >= Duration::from_secs(1),
+        "removed without the grace: {took:?}"
+    );
+    assert!(
+        files
+            .log_text()
+            .lines()
+            .any(|l| l.contains("backend drained")
+                && l.contains(&b3.to_string())
+                && l.contains("no active flows")),
+        "{}",
+        files.log_text()
+    );
 
     // Quiet traffic, then metrics between two `lb stats` snapshots.
     let (_, failed) = connections(&tb, 20);
@@ -495,11 +530,11 @@ fn config_reload_drain_and_metrics() {
     // Global counters move with health checks and other bystander traffic: between the two.
     for (name, v1) in s1["counters"].as_object().unwrap() {
         let v2 = s2["counters"][name].as_u64().unwrap();
-        let (metric, key) = if name.starts_with("pass_")
-            || name.starts_with("drop_")
-            || name == "tx"
-            || name == "redirect"
-        {
+        let index = lb_common::COUNTER_NAMES
+            .iter()
+            .position(|n| n == name)
+            .unwrap();
+        let (metric, key) = if (index as u32) < lb_common::VERDICT_COUNT {
             ("lb_packets_total", "verdict")
         } else {
             ("lb_events_total", "event")

@@ -777,3 +777,87 @@ fn run_and_upgrade_bad_input() {
     assert_eq!(lb.ok(&["show-config"]), cfg);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Forwarding modes (their rules on backends), marking backends up/down by hand, and the
+/// decapsulation program's commands.
+#[test]
+fn forward_modes_health_and_decap() {
+    let lb = Lb::new("fwd");
+    lb.ok(&["attach", "lbc0", "--mode", "generic"]);
+    lb.ok(&[
+        "vip",
+        "add",
+        VIP,
+        "--forward",
+        "dsr-l2",
+        "--table-size",
+        "251",
+    ]);
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.11:8080"],
+        2,
+        "must listen on the VIP's port 80",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "[2001:db8::11]:80"],
+        2,
+        "only ipip carries IPv4 in IPv6",
+    );
+    lb.ok(&["backend", "add", VIP, "10.200.0.11:80"]);
+    lb.fails(
+        &["vip", "set", VIP, "--forward", "tunnel"],
+        2,
+        "unknown forwarding mode",
+    );
+    let v = lb.json(&["vip", "list"]);
+    assert_eq!(v[0]["forward"], "dsr-l2");
+    assert!(lb.ok(&["show-config"]).contains("forward = \"dsr-l2\""));
+    // ipip carries IPv4 in IPv6; nat needs the VIP's port only in DSR modes.
+    let tun = "10.100.0.101:80/tcp";
+    lb.ok(&[
+        "vip",
+        "add",
+        tun,
+        "--forward",
+        "ipip",
+        "--table-size",
+        "251",
+    ]);
+    lb.ok(&["backend", "add", tun, "[2001:db8::11]:80"]);
+    lb.fails(
+        &["vip", "set", tun, "--forward", "nat"],
+        2,
+        "different address families",
+    );
+    // By hand: down takes it out of the table, up brings it back.
+    lb.ok(&["backend", "set", VIP, "10.200.0.11:80", "--health", "down"]);
+    let rows = lb.json(&["backend", "list", VIP]);
+    assert_eq!(rows[0]["health"], "down");
+    assert!(lb.ok(&["status"]).contains("1 backends down"));
+    assert_eq!(
+        lb.json(&["table", VIP])["empty_slots"],
+        0,
+        "fail-open keeps the table"
+    );
+    lb.ok(&["backend", "set", VIP, "10.200.0.11:80", "--health", "up"]);
+    assert_eq!(lb.json(&["backend", "list", VIP])[0]["health"], "up");
+    lb.fails(
+        &["backend", "set", VIP, "10.200.0.99:80", "--health", "up"],
+        1,
+        "does not exist",
+    );
+
+    // The decapsulation program.
+    lb.ok(&["decap", "attach", "lbc1", "--mode", "generic"]);
+    let s = lb.json(&["decap", "status"]);
+    assert_eq!(s["attached"][0]["iface"], "lbc1");
+    assert_eq!(s["counters"]["decap_v4_in_v4"], 0);
+    lb.fails(&["decap", "attach", "lbc1"], 1, "already attached");
+    lb.fails(&["decap", "attach", "nosuch0"], 1, "does not exist");
+    lb.ok(&["decap", "detach"]);
+    assert_eq!(
+        lb.json(&["decap", "status"])["attached"],
+        serde_json::json!([])
+    );
+    lb.fails(&["decap", "detach", "lbc1"], 1, "not attached");
+}

@@ -16,7 +16,7 @@ pub fn metrics_addr(s: &str) -> Result<Option<SocketAddr>, Failure> {
         "off" => Ok(None),
         m => m.parse().map(Some).map_err(|_| {
             Failure::Usage(format!(
-                "invalid --metrics address {m:?} (e.g. 127.0.0.1:9100, or off)"
+                "invalid --metrics address {m:?} (e.g. 127.0.0.1:9650, or off)"
             ))
         }),
     }
@@ -30,6 +30,8 @@ pub fn run(opts: AgentOptions) -> CmdResult {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal (not in the journal or a log file).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

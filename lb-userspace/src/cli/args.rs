@@ -99,7 +99,7 @@ pub enum Command {
     /// (taking failed ones out of the tables), drain removed backends, serve metrics. Stopping
     /// or killing it leaves the data plane forwarding; a new agent adopts the pinned state.
     #[command(after_help = "Example:
-  lb run -f /etc/lb/lb.toml --attach eth0 --metrics 127.0.0.1:9100
+  lb run -f /etc/lb/lb.toml --attach eth0 --metrics 127.0.0.1:9650
   RUST_LOG=debug lb run -f lb.toml
 
 SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data plane).")]
@@ -108,7 +108,7 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         #[arg(short, long)]
         file: PathBuf,
         /// Serve Prometheus metrics at http://ADDR/metrics ("off" to disable).
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9100")]
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9650")]
         metrics: String,
         /// Attach to these interfaces if lb is not attached to them yet.
         #[arg(long, value_name = "IFACE")]
@@ -228,16 +228,20 @@ pub enum BackendCommand {
         #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = duration, requires = "drain")]
         timeout: std::time::Duration,
     },
-    /// Change a backend's weight; --weight 0 drains it (established flows continue).
+    /// Change a backend's weight (--weight 0 drains it: established flows continue), or mark
+    /// it up or down by hand (what the agent's health checks do).
     #[command(
-        after_help = "Example:\n  lb backend set 10.100.0.100:80/tcp 10.200.0.11:8080 --weight 0"
+        after_help = "Example:\n  lb backend set 10.100.0.100:80/tcp 10.200.0.11:8080 --weight 0\n  lb backend set 10.100.0.100:80/tcp 10.200.0.11:8080 --health up"
     )]
     Set {
         vip: Vip,
         #[arg(value_parser = backend_addr)]
         backend: SocketAddr,
-        #[arg(long)]
-        weight: u32,
+        #[arg(long, required_unless_present = "health")]
+        weight: Option<u32>,
+        /// up: back in the selection table; down: out of it (established flows stay).
+        #[arg(long, value_enum)]
+        health: Option<HealthArg>,
     },
     /// List backends, of one VIP or of all.
     #[command(after_help = "Example:\n  lb backend list 10.100.0.100:80/tcp")]
@@ -311,6 +315,12 @@ impl Sizes {
             ct_capacity: self.conntrack_size,
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum HealthArg {
+    Up,
+    Down,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -167,17 +167,37 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
             vip,
             backend,
             weight,
+            health,
         } => {
-            let c = maps.set_weight(&vip, backend, weight)?;
-            let what = if weight == 0 {
-                " (drained: no new flows)".to_string()
-            } else {
-                String::new()
-            };
-            println!(
-                "backend {backend} of {vip}: weight {weight}{what}; {} table slots changed",
-                c.slots_written
-            );
+            // Both checked before either is written.
+            if !maps.backends(&vip)?.iter().any(|b| b.addr == backend) {
+                return Err(lb::LbError::BackendNotFound { vip, backend }.into());
+            }
+            if let Some(w) = weight {
+                if w > lb::error::MAX_WEIGHT {
+                    return Err(lb::LbError::WeightOutOfRange(w).into());
+                }
+            }
+            if let Some(weight) = weight {
+                let c = maps.set_weight(&vip, backend, weight)?;
+                let what = if weight == 0 {
+                    " (drained: no new flows)".to_string()
+                } else {
+                    String::new()
+                };
+                println!(
+                    "backend {backend} of {vip}: weight {weight}{what}; {} table slots changed",
+                    c.slots_written
+                );
+            }
+            if let Some(h) = health {
+                let up = matches!(h, super::args::HealthArg::Up);
+                let n = maps.set_health(&vip, backend, up)?;
+                println!(
+                    "backend {backend} of {vip}: {}; {n} table slots changed",
+                    if up { "up" } else { "down" }
+                );
+            }
         }
         BackendCommand::List { vip } => {
             let vips: Vec<Vip> = match vip {
@@ -250,7 +270,7 @@ fn drain_and_delete(
         "draining backend {backend} of {vip} (no new flows; at most {})",
         humantime::format_duration(timeout)
     );
-    let mut watch = lb::drain::Drain::start(&maps, b.id, timeout);
+    let mut watch = lb::drain::Drain::start(&maps, b.id, timeout, vip.proto == lb::Proto::Udp);
     let why = loop {
         if let Some(why) = watch.finished(&maps, b.id) {
             break why;
