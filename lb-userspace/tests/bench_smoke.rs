@@ -30,6 +30,10 @@ fn bench_quick_runs_and_checks_its_paths() {
         "| new flow IPv6, next-hop cache |",
         "| reverse NAT IPv4 (reply to the VIP) |",
         "| 1000 backends |",
+        "| established IPv4, dsr-l2 |",
+        "| established IPv4 in IPv4, ipip |",
+        "| established IPv6 in IPv6, ipip |",
+        "| decap IPv4 in IPv4 (backend, lb decap) |",
     ] {
         assert!(md.contains(row), "{row} missing:\n{md}");
     }

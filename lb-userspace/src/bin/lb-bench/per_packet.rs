@@ -233,8 +233,134 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
     }
     lb::nexthop::clear(&mut rig.dp.maps)?;
 
+    dsr_paths(rig, s, &mut push)?;
+
     let floor = rig.floor(&tcp_frame(client4, sa(VIP4), true), s.repeat, s.rounds)?;
     Ok((floor, out))
+}
+
+/// Runs per measurement of paths that move the frame's start (one packet per run).
+const SINGLE_RUNS: u32 = 1;
+
+/// dsr-l2 (MAC rewrite to an on-link backend), ipip (encapsulation to a routed backend) and
+/// the decapsulation program on the backend side.
+fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample)) -> Result<()> {
+    use lb::model::Forward;
+    let setups = [
+        ("10.100.0.110:80", Forward::DsrL2, "10.0.0.11:80"),
+        ("[fd10::110]:80", Forward::DsrL2, "[fd00::11]:80"),
+        ("10.100.0.120:80", Forward::Ipip, "10.1.0.5:80"),
+        ("[fd10::120]:80", Forward::Ipip, "[fd01::5]:80"),
+    ];
+    for (vip, fwd, backend) in setups {
+        let v = Vip::new(sa(vip), lb::Proto::Tcp);
+        rig.dp.maps.add_vip(&v, 251)?;
+        rig.dp.maps.set_forward(&v, fwd)?;
+        rig.dp.maps.add_backend(&v, sa(backend), 1)?;
+    }
+    // dsr-l2: only the MACs may change (and the source address the wrapper varies, at `vary`).
+    let same_packet = |input: Vec<u8>, vary: usize| {
+        move |a: u32, o: &[u8]| -> Result<()> {
+            ensure!(a == XDP_TX, "dsr-l2: expected XDP_TX, got {a}");
+            let same = |r: std::ops::Range<usize>| o.get(r.clone()) == input.get(r);
+            let ok = if vary == 0 {
+                same(12..input.len())
+            } else {
+                same(12..vary) && same(vary + 4..input.len())
+            };
+            ensure!(
+                ok && o.len() == input.len(),
+                "dsr-l2 changed more than the MACs"
+            );
+            Ok(())
+        }
+    };
+    let c4 = sa("10.0.0.2:43000");
+    let syn = tcp_frame(c4, sa("10.100.0.110:80"), true);
+    push(
+        "new flow IPv4, dsr-l2".into(),
+        rig.measure_lb(
+            &syn,
+            vary_at(&syn),
+            s.repeat,
+            s.rounds,
+            &same_packet(syn.clone(), vary_at(&syn) as usize),
+        )?,
+    );
+    for (label, client, vip) in [
+        ("IPv4", c4, sa("10.100.0.110:80")),
+        ("IPv6", sa("[fd00::2]:43000"), sa("[fd10::110]:80")),
+    ] {
+        let ack = tcp_frame(client, vip, false);
+        push(
+            format!("established {label}, dsr-l2"),
+            rig.measure_lb(&ack, 0, s.repeat, s.rounds, &same_packet(ack.clone(), 0))?,
+        );
+    }
+    // ipip: one packet per run; every output is the first run's (same backend, same outer
+    // source).
+    let single_rounds = s.rounds * 200;
+    let mut encapsulated = Vec::new();
+    for (label, client, vip, outer) in [
+        ("IPv4 in IPv4", c4, sa("10.100.0.120:80"), 20),
+        (
+            "IPv6 in IPv6",
+            sa("[fd00::2]:43000"),
+            sa("[fd10::120]:80"),
+            40,
+        ),
+    ] {
+        let ack = tcp_frame(client, vip, false);
+        let (a, first) = rig.run_once(&ack)?;
+        ensure!(
+            a == XDP_TX && first.len() == ack.len() + outer,
+            "ipip {label}: got {a}"
+        );
+        encapsulated.push((label, ack.clone(), first.clone()));
+        let check = move |a: u32, o: &[u8]| -> Result<()> {
+            ensure!(a == XDP_TX && o == first, "ipip {label}: output changed");
+            Ok(())
+        };
+        push(
+            format!("established {label}, ipip"),
+            rig.measure_lb(&ack, 0, SINGLE_RUNS, single_rounds, &check)?,
+        );
+    }
+    let syn = tcp_frame(c4, sa("10.100.0.120:80"), true);
+    let want_len = syn.len() + 20;
+    let check = move |a: u32, o: &[u8]| -> Result<()> {
+        // Encapsulated: 20 bytes longer, outer destination the backend.
+        ensure!(
+            a == XDP_TX && o.len() == want_len && o[30..34] == [10, 1, 0, 5],
+            "ipip new flow: got {a}"
+        );
+        Ok(())
+    };
+    push(
+        "new flow IPv4, ipip".into(),
+        rig.measure_lb(&syn, vary_at(&syn), SINGLE_RUNS, single_rounds, &check)?,
+    );
+    // The backend side: lb decap on what the gateway sent (padded to 8 bytes: trailing bytes
+    // after the IP packet are Ethernet padding).
+    for (label, inner, mut frame) in encapsulated {
+        while frame.len() % 8 != 0 {
+            frame.push(0);
+        }
+        let (a, first) = rig.run_decap(&frame)?;
+        ensure!(
+            a == XDP_PASS && first[14..14 + inner.len() - 14] == inner[14..],
+            "decap {label}: the inner packet did not come out"
+        );
+        let check = move |a: u32, o: &[u8]| -> Result<()> {
+            ensure!(a == XDP_PASS && o == first, "decap {label}: output changed");
+            Ok(())
+        };
+        push(
+            format!("decap {label} (backend, lb decap)"),
+            rig.measure_decap(&frame, SINGLE_RUNS, single_rounds, &check)?,
+        );
+    }
+    Ok(())
 }
 
 /// Established and new-flow IPv4 cost under a given configuration.

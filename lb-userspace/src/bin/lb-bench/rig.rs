@@ -19,6 +19,8 @@ pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
 pub struct Rig {
     pub dp: Dataplane,
     bench: Ebpf,
+    /// The decapsulation program backends run.
+    decap: Ebpf,
     pub ifindex: u32,
     /// Kept for its Drop: the namespace goes with the rig.
     _ns: NetNs,
@@ -55,6 +57,9 @@ impl Rig {
             ("fd00::2", "02:00:00:00:00:0c"),
             ("10.0.0.254", "02:00:00:00:00:fe"),
             ("fd00::fe", "02:00:00:00:00:fe"),
+            // On-link backends, for dsr-l2.
+            ("10.0.0.11", "02:00:00:00:00:11"),
+            ("fd00::11", "02:00:00:00:00:11"),
         ] {
             ns.ip(&[
                 "neigh",
@@ -86,6 +91,14 @@ impl Rig {
                 .try_into()?;
             p.load().with_context(|| format!("loading {name}"))?;
         }
+        let mut decap = EbpfLoader::new()
+            .load(lb::object::LB_DECAP_OBJECT)
+            .context("loading the decap object")?;
+        let p: &mut Xdp = decap
+            .program_mut(lb::object::LB_DECAP_PROGRAM)
+            .ok_or_else(|| anyhow!("lb_decap missing"))?
+            .try_into()?;
+        p.load().context("loading lb_decap")?;
         let ifindex = {
             let out = Command::new("ip")
                 .args(["-n", &ns.name, "-o", "link", "show", "ba"])
@@ -100,6 +113,7 @@ impl Rig {
         Ok(Rig {
             dp,
             bench,
+            decap,
             ifindex,
             _ns: ns,
         })
@@ -127,7 +141,47 @@ impl Rig {
         check: Check,
     ) -> Result<Sample> {
         let lb_fd = self.dp.program().fd()?.try_clone()?;
-        self.set_target(&lb_fd)?;
+        self.measure_fd(&lb_fd, frame, vary_at, repeat, rounds, check)
+    }
+
+    /// Like `measure_lb`, for the decapsulation program.
+    pub fn measure_decap(
+        &mut self,
+        frame: &[u8],
+        repeat: u32,
+        rounds: usize,
+        check: Check,
+    ) -> Result<Sample> {
+        let fd = Self::prog(&mut self.decap, lb::object::LB_DECAP_PROGRAM)
+            .fd()?
+            .try_clone()?;
+        self.measure_fd(&fd, frame, 0, repeat, rounds, check)
+    }
+
+    /// One run of the decapsulation program.
+    pub fn run_decap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let (a, out, _) = run(
+            Self::prog(&mut self.decap, lb::object::LB_DECAP_PROGRAM),
+            self.ifindex,
+            frame,
+            1,
+        )?;
+        Ok((a, out))
+    }
+
+    /// Cost of the program `target` on `frame` (see `measure_lb`). Programs that move the
+    /// start of the frame (encapsulation, decapsulation) must be measured with `repeat` 1:
+    /// the kernel does not reset the frame between repetitions of one run.
+    pub fn measure_fd(
+        &mut self,
+        target: &aya::programs::ProgramFd,
+        frame: &[u8],
+        vary_at: u32,
+        repeat: u32,
+        rounds: usize,
+        check: Check,
+    ) -> Result<Sample> {
+        self.set_target(target)?;
         self.set_frame(frame, vary_at)?;
         let mut v = Vec::new();
         for _ in 0..rounds {
