@@ -109,7 +109,7 @@ fn ipip_handoff(ctx: &XdpContext) -> Verdict {
 #[inline(always)]
 fn tail_call(ctx: &XdpContext, slot: u32) {
     // SAFETY: on success the call does not return; on failure nothing happened.
-    let _ = unsafe { PROGS.tail_call(ctx, slot) };
+    unsafe { PROGS.tail_call(ctx, slot) };
 }
 
 #[inline(always)]
