@@ -150,7 +150,7 @@ pub struct VipInfo {
     pub algo: u8,
     /// Source hash only: the client address prefix length that is hashed (0 = whole address).
     pub src_prefix_len: u8,
-    /// `VIP_F_*` bits. Only userspace reads them (they shape the table it writes).
+    /// `VIP_F_*` bits.
     pub flags: u8,
     /// How packets reach the backend: `FWD_NAT`, `FWD_DSR_L2` or `FWD_IPIP`.
     pub fwd: u8,
@@ -184,6 +184,10 @@ pub const BACKEND_F_DOWN: u8 = 2;
 /// (new flows dropped and counted as `no_backend`). Without it the VIP fails open: new flows
 /// go to all its backends with a weight, as if they were healthy.
 pub const VIP_F_DROP_WHEN_ALL_DOWN: u8 = 1;
+/// `VipInfo::flags`: a backend's reply with no conntrack entry here is still the VIP's if the
+/// VIP's table gives that flow to that backend (several gateways behind ECMP, where the client's
+/// packets may have gone through another one). Only for maglev and source-hash VIPs.
+pub const VIP_F_STATELESS_REVERSE: u8 = 2;
 
 /// Value of the backend array.
 #[repr(C)]

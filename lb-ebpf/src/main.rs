@@ -29,7 +29,7 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, VipInfo, ALGO_LEAST_CONN, ALGO_RANDOM,
     ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_CLOSED, FWD_DSR_L2, FWD_IPIP, NEXTHOP_F_VALID,
-    NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP,
+    NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP, VIP_F_STATELESS_REVERSE,
 };
 
 use crate::{
@@ -147,7 +147,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         // SAFETY: as above.
         if let Some(rev) = unsafe { REVNAT.get(backend_key) } {
             let rev = *rev;
-            if is_reply(&pkt, &rev) {
+            if is_reply(ctx, &pkt, &rev) {
                 return reverse(ctx, &pkt, &rev);
             }
         }
@@ -160,7 +160,7 @@ fn process(ctx: &XdpContext) -> Verdict {
 /// the backend — e.g. a client that talks to the backend's address directly through the
 /// gateway — is not lb's to rewrite.
 #[inline(always)]
-fn is_reply(pkt: &Packet, rev: &RevNat) -> bool {
+fn is_reply(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> bool {
     let flow = FlowKey {
         src_be: pkt.dst,
         dst_be: rev.vip.addr_be,
@@ -172,7 +172,7 @@ fn is_reply(pkt: &Packet, rev: &RevNat) -> bool {
     };
     // SAFETY: copied out at once.
     let Some(ct) = (unsafe { CONNTRACK.get(flow) }).copied() else {
-        return false;
+        return stateless_reply(ctx, pkt, &flow, rev);
     };
     if ct.backend_id != rev.backend_id {
         return false;
@@ -181,6 +181,49 @@ fn is_reply(pkt: &Packet, rev: &RevNat) -> bool {
         mark_closed(&flow, ct.backend_id);
     }
     true
+}
+
+/// A reply this gateway has no conntrack entry for (several gateways behind ECMP: the client's
+/// packets went through another one). For a VIP with `VIP_F_STATELESS_REVERSE` whose algorithm
+/// is a pure function of the packet (maglev, source-hash), the reply is the VIP's if the VIP's
+/// table gives this flow to this backend — what every gateway with the same configuration
+/// computes — and it is not addressed to this gateway itself (its health checks talk to the
+/// backends directly, from addresses the table may well give to that backend).
+#[inline(always)]
+fn stateless_reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, rev: &RevNat) -> bool {
+    // SAFETY: copied out at once.
+    let Some(vip) = (unsafe { VIPS.get(rev.vip) }).copied() else {
+        return false;
+    };
+    if vip.flags & VIP_F_STATELESS_REVERSE == 0 || vip.table_size == 0 {
+        return false;
+    }
+    let index = match vip.algo {
+        ALGO_SOURCE_HASH => {
+            source_hash(&flow.src_be, flow.family, vip.src_prefix_len) % vip.table_size
+        }
+        lb_common::ALGO_MAGLEV => flow_hash(flow) % vip.table_size,
+        _ => return false,
+    };
+    if !TABLE
+        .get(vip.table_off.wrapping_add(index))
+        .is_some_and(|id| *id == rev.backend_id)
+    {
+        return false;
+    }
+    let (route, _) = fib::lookup(
+        ctx,
+        pkt.family,
+        pkt.proto,
+        &pkt.src,
+        &pkt.dst,
+        pkt.sport,
+        pkt.dport,
+        pkt.ip_len,
+        pkt.tos_or_flow,
+    );
+    // Local destinations come back as "not forwarded" (Other).
+    matches!(route, fib::Route::Ok | fib::Route::NoNeigh)
 }
 
 const TCP_FIN: u8 = 0x01;

@@ -45,6 +45,8 @@ pub struct AgentOptions {
     /// Keep the next-hop cache (`lb nexthop refresh`) fresh: re-resolve every backend's
     /// neighbour this often and after every change. None: the agent leaves the cache alone.
     pub nexthop_refresh: Option<Duration>,
+    /// Announce servable VIPs through BIRD: (the file bird.conf includes, BIRD's socket).
+    pub bird: Option<(PathBuf, PathBuf)>,
 }
 
 /// A backend of a VIP.
@@ -67,6 +69,24 @@ pub struct Shared {
     pub health: HashMap<Key, Health>,
     pub draining: HashMap<Key, Drain>,
     pub counters: Counters,
+    /// `LbMaps::table_digest` of every VIP, recomputed after each change the agent makes.
+    pub digests: HashMap<Vip, String>,
+    /// VIP addresses announced through BIRD now.
+    pub announced: Vec<std::net::IpAddr>,
+}
+
+impl Shared {
+    fn refresh_digests(&mut self) {
+        let mut d = HashMap::new();
+        if let Ok(vips) = self.maps.vips() {
+            for (vip, _) in vips {
+                if let Ok(x) = self.maps.table_digest(&vip) {
+                    d.insert(vip, x);
+                }
+            }
+        }
+        self.digests = d;
+    }
 }
 
 /// One probe result, tagged with the probe task that made it.
@@ -96,6 +116,9 @@ struct Agent {
     checkers: HashMap<Key, Checker>,
     next_task: u64,
     results: mpsc::Sender<ProbeResult>,
+    bird: Option<crate::announce::Bird>,
+    /// The last announcement error logged.
+    bird_error: Option<String>,
 }
 
 /// Why the agent could not start.
@@ -152,6 +175,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             health,
             draining: HashMap::new(),
             counters: Counters::default(),
+            digests: HashMap::new(),
+            announced: Vec::new(),
         })),
         config: config.clone(),
         config_text: text,
@@ -160,6 +185,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         checkers: HashMap::new(),
         next_task: 0,
         results: tx,
+        bird: opts
+            .bird
+            .clone()
+            .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
+        bird_error: None,
         opts,
     };
     // The metrics port first: a start that cannot serve it changes nothing.
@@ -193,6 +223,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 }
                 agent.reload_if_changed(false);
                 agent.progress_drains();
+                agent.announce();
             }
             _ = nexthop_tick.tick(), if nexthop_every.is_some() => agent.refresh_nexthops(),
             _ = hup.recv() => {
@@ -206,6 +237,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     for (_, c) in agent.checkers.drain() {
         c.handle.abort();
     }
+    if let Some(bird) = agent.bird.as_mut() {
+        // This node stops vouching for its VIPs: the router moves their flows elsewhere.
+        match bird.announce(&Default::default()) {
+            Ok(_) => info!("withdrew every VIP from BIRD"),
+            Err(e) => error!("withdrawing the VIPs from BIRD failed: {e:#}"),
+        }
+    }
     info!("stopping; the data plane keeps forwarding with the current state");
     Ok(())
 }
@@ -213,6 +251,39 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
 impl Agent {
     fn lock_dir(&self) -> Result<PinDir> {
         PinDir::open(&self.opts.pin_dir)
+    }
+
+    /// Announces (through BIRD) the VIP addresses this node can serve now, withdrawing the
+    /// others. Failures are logged once and retried on the next tick.
+    fn announce(&mut self) {
+        let Some(bird) = self.bird.as_mut() else {
+            return;
+        };
+        let attached = crate::pin::has_attachments(&self.opts.pin_dir);
+        let vips = {
+            let s = self.shared.lock().expect("agent state lock");
+            crate::announce::servable(&s.maps, attached)
+        };
+        let r = vips.and_then(|v| {
+            let changed = bird.announce(&v)?;
+            Ok((changed, v))
+        });
+        match r {
+            Ok((true, v)) => {
+                info!(vips = ?v, attached, "BGP announcements updated");
+                self.bird_error = None;
+            }
+            Ok((false, _)) => self.bird_error = None,
+            Err(e) => {
+                let m = format!("{e:#}");
+                if self.bird_error.as_deref() != Some(m.as_str()) {
+                    warn!("announcing through BIRD failed (retrying): {m}");
+                    self.bird_error = Some(m);
+                }
+            }
+        }
+        let announced = bird.announced();
+        self.shared.lock().expect("agent state lock").announced = announced;
     }
 
     /// Whether the maps the agent writes are still the pinned ones.
@@ -308,6 +379,7 @@ impl Agent {
             for (k, up) in present {
                 s.health.entry(k).or_insert_with(|| Health::new(up)).up = up;
             }
+            s.refresh_digests();
             summary
         };
         if summary.is_empty() {
@@ -332,6 +404,7 @@ impl Agent {
         for vip in vips {
             self.log_if_all_down(&vip);
         }
+        self.announce();
         Ok(())
     }
 
@@ -467,6 +540,7 @@ impl Agent {
             s.counters.table_rebuilds += 1;
             s.counters.slots_written += slots as u64;
             s.health.entry(key).or_insert_with(|| Health::new(up)).up = up;
+            s.refresh_digests();
             Ok(())
         })();
         if r.is_err() {
@@ -486,6 +560,7 @@ impl Agent {
         }
         r?;
         self.log_if_all_down(&vip);
+        self.announce();
         Ok(())
     }
 
@@ -531,6 +606,7 @@ impl Agent {
                 s.draining.remove(&key);
                 s.health.remove(&key);
                 s.counters.drained += 1;
+                s.refresh_digests();
                 Ok(())
             })();
             match r {

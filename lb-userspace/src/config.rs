@@ -7,6 +7,7 @@
 //! table_size = 65537            # optional, a prime; default 65537
 //!
 //! forward = "nat"              # optional: nat (default) | dsr-l2 | ipip
+//! reverse = "tracked"          # optional: tracked (default) | stateless (ECMP gateways)
 //! when_all_down = "fail-open"  # optional: fail-open (default) | drop
 //! drain_timeout = "5m"          # optional (agent): how long a removed backend drains
 //!
@@ -48,6 +49,8 @@ pub struct VipConfig {
     pub backends: Vec<(SocketAddr, u32)>,
     /// Every backend with a weight down: drop new flows (true) or fail open (false).
     pub drop_when_all_down: bool,
+    /// Replies without a conntrack entry here are checked against the table (ECMP gateways).
+    pub stateless_reverse: bool,
     /// Health checks of the backends (run by the agent, `lb run`).
     pub health: Option<HealthCheck>,
     /// How long the agent lets a backend removed from the file drain before removing it.
@@ -79,6 +82,7 @@ struct RawVip {
     address: Spanned<String>,
     algorithm: Option<Spanned<String>>,
     forward: Option<Spanned<String>>,
+    reverse: Option<Spanned<String>>,
     source_prefix: Option<Spanned<u8>>,
     table_size: Option<Spanned<u32>>,
     when_all_down: Option<Spanned<String>>,
@@ -258,6 +262,31 @@ impl Config {
                     ));
                 }
             }
+            let stateless_reverse = match &rv.reverse {
+                None => false,
+                Some(r) => match r.get_ref().as_str() {
+                    "tracked" => false,
+                    "stateless" => {
+                        if !matches!(
+                            algorithm,
+                            crate::model::Algorithm::Maglev
+                                | crate::model::Algorithm::SourceHash { .. }
+                        ) {
+                            return Err(err(
+                                r.span().start,
+                                LbError::StatelessReverseNeedsHash(vip).to_string(),
+                            ));
+                        }
+                        true
+                    }
+                    other => {
+                        return Err(err(
+                            r.span().start,
+                            format!("unknown reverse {other:?} (use \"tracked\" or \"stateless\")"),
+                        ))
+                    }
+                },
+            };
             let drop_when_all_down = match &rv.when_all_down {
                 None => false,
                 Some(s) => match s.get_ref().as_str() {
@@ -293,6 +322,7 @@ impl Config {
                 table_size,
                 backends,
                 drop_when_all_down,
+                stateless_reverse,
                 health,
                 drain_timeout,
             });
@@ -325,6 +355,7 @@ impl Config {
                 table_size: info.table_size,
                 backends,
                 drop_when_all_down: info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0,
+                stateless_reverse: info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0,
                 health: None,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             });
@@ -356,6 +387,9 @@ impl Config {
             let _ = writeln!(out, "table_size = {}", v.table_size);
             if v.drop_when_all_down {
                 let _ = writeln!(out, "when_all_down = \"drop\"");
+            }
+            if v.stateless_reverse {
+                let _ = writeln!(out, "reverse = \"stateless\"");
             }
             if v.drain_timeout != DEFAULT_DRAIN_TIMEOUT {
                 let _ = writeln!(
@@ -456,6 +490,11 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
         if maps.set_forward(&v.vip, v.forward)? && old_size.is_some() {
             s.forwards_changed += 1;
         }
+        // Stateless reverse NAT goes off before an algorithm change, on after (it needs a
+        // hash algorithm).
+        if !v.stateless_reverse && maps.set_stateless_reverse(&v.vip, false)? {
+            s.policies_changed += 1;
+        }
         let current_algo = maps.vip(&v.vip)?;
         let new_vip = old_size.is_none();
         let algo_changes =
@@ -476,6 +515,9 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
         if old_size.is_some_and(|old| v.table_size < old) {
             s.slots_written += maps.resize_vip(&v.vip, v.table_size)?;
             s.tables_resized += 1;
+        }
+        if v.stateless_reverse && maps.set_stateless_reverse(&v.vip, true)? {
+            s.policies_changed += 1;
         }
         let was_drop = maps.vip(&v.vip)?.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0;
         if was_drop != v.drop_when_all_down {
@@ -737,6 +779,8 @@ address = "[2001:db8::100]:53/udp"
 address = "10.100.0.100:80/tcp"
 when_all_down = "drop"
 drain_timeout = "30s"
+reverse = "stateless"
+forward = "ipip"
 
 [vip.health]
 check = "https"
@@ -758,6 +802,8 @@ expect = "hi"
         let c = Config::parse("lb.toml", text).unwrap();
         let v = &c.vips[0];
         assert!(v.drop_when_all_down);
+        assert!(v.stateless_reverse);
+        assert_eq!(v.forward, crate::model::Forward::Ipip);
         assert_eq!(v.drain_timeout, Duration::from_secs(30));
         let h = v.health.as_ref().unwrap();
         assert_eq!(h.name(), "https");
@@ -813,6 +859,10 @@ expect = "hi"
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nsource_prefix = 24\n", 3, "needs algorithm"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"source-hash\"\nsource_prefix = 40\n", 4, "longer than"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nwhen_all_down = \"panic\"\n", 3, "unknown when_all_down"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nreverse = \"maybe\"\n", 3, "unknown reverse"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"random\"\nreverse = \"stateless\"\n", 4, "maglev or source-hash"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nforward = \"gre\"\n", 3, "unknown forwarding mode"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nforward = \"dsr-l2\"\n[[vip.backend]]\naddress = \"10.0.0.2:8080\"\n", 5, "VIP's port 80"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ndrain_timeout = \"soon\"\n", 3, "invalid drain_timeout"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"icmp\"\n", 4, "unknown check"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"udp\"\n", 4, "needs a UDP VIP"),

@@ -54,6 +54,8 @@ pub enum LbError {
         "least-conn needs a TCP VIP: {0} is UDP, whose flows have no end the data plane can see"
     )]
     LeastConnNeedsTcp(Vip),
+    #[error("stateless reverse NAT needs an algorithm every gateway computes alike from the packet (maglev or source-hash); VIP {0} would have another")]
+    StatelessReverseNeedsHash(Vip),
     #[error("too many VIPs: the maximum is {0}")]
     TooManyVips(u32),
     #[error("too many backends: {need} more needed but only {free} of {capacity} are free")]

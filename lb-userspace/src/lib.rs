@@ -2,6 +2,7 @@
 //! maps. The `lb` binary (src/main.rs) is a thin command line over this library.
 
 pub mod agent;
+pub mod announce;
 pub mod config;
 pub mod dataplane;
 pub mod drain;

@@ -154,6 +154,24 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
         }
     }
 
+    let digest = f.gauge(
+        "lb_vip_table_info",
+        "A VIP's selection digest (lb table --digest): equal on gateways with the same configuration.",
+    );
+    for (vip, d) in &shared.digests {
+        digest
+            .get_or_create(&labels(&[("vip", vip.to_string()), ("digest", d.clone())]))
+            .set(1);
+    }
+    let announced = f.gauge(
+        "lb_vip_announced",
+        "1 for each VIP address this node announces through BIRD.",
+    );
+    for ip in &shared.announced {
+        announced
+            .get_or_create(&labels(&[("address", ip.to_string())]))
+            .set(1);
+    }
     let c = &shared.counters;
     f.plain_counter(
         "lb_table_rebuilds",

@@ -530,6 +530,15 @@ impl PinDir {
     }
 }
 
+/// Whether any XDP link of lb is pinned in `dir` (read without the lock: a snapshot).
+pub fn has_attachments(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("link_"))
+    })
+}
+
 pub fn mode_name(m: AttachMode) -> &'static str {
     match m {
         AttachMode::Native => "native",

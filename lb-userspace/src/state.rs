@@ -278,6 +278,12 @@ impl LbMaps {
         let info = self.vip(vip)?;
         algo.check_for(vip)?;
         let (code, prefix) = algo.codes();
+        if info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0
+            && code != lb_common::ALGO_MAGLEV
+            && code != lb_common::ALGO_SOURCE_HASH
+        {
+            return Err(LbError::StatelessReverseNeedsHash(*vip));
+        }
         let backends = self.backends(vip)?;
         if code == lb_common::ALGO_ROUND_ROBIN {
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
@@ -311,6 +317,28 @@ impl LbMaps {
                 },
                 0,
             )
+            .ctx(|| format!("updating VIP {vip}"))?;
+        Ok(true)
+    }
+
+    /// Whether replies with no conntrack entry on this gateway are checked against the VIP's
+    /// table (`VIP_F_STATELESS_REVERSE`, for several gateways behind ECMP). Needs an algorithm
+    /// that is a function of the packet: maglev or source-hash. Returns whether it changed.
+    pub fn set_stateless_reverse(&mut self, vip: &Vip, on: bool) -> Result<bool> {
+        let info = self.vip(vip)?;
+        if on && info.algo != lb_common::ALGO_MAGLEV && info.algo != lb_common::ALGO_SOURCE_HASH {
+            return Err(LbError::StatelessReverseNeedsHash(*vip));
+        }
+        let flags = if on {
+            info.flags | lb_common::VIP_F_STATELESS_REVERSE
+        } else {
+            info.flags & !lb_common::VIP_F_STATELESS_REVERSE
+        };
+        if flags == info.flags {
+            return Ok(false);
+        }
+        self.vips
+            .insert(vip.endpoint(), VipInfo { flags, ..info }, 0)
             .ctx(|| format!("updating VIP {vip}"))?;
         Ok(true)
     }
@@ -732,6 +760,33 @@ impl LbMaps {
                     .ctx(|| format!("reading table slot {i}"))
             })
             .collect()
+    }
+
+    /// SHA-256 of a VIP's selection as every gateway must have it: the VIP, its algorithm, and
+    /// for each slot the backend's endpoint (not its id, which is local to this gateway) or
+    /// nothing. Gateways with the same configuration print the same digest (`lb table
+    /// --digest`), which is how to check several gateways behind ECMP agree.
+    pub fn table_digest(&self, vip: &Vip) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let info = self.vip(vip)?;
+        let backends = self.backends(vip)?;
+        let mut h = Sha256::new();
+        h.update(bytemuck::bytes_of(&vip.endpoint()));
+        h.update([info.algo, info.src_prefix_len, info.fwd]);
+        h.update(info.table_size.to_le_bytes());
+        h.update(info.seq_len.to_le_bytes());
+        for id in self.table(vip)? {
+            match backends.iter().find(|b| b.id == id) {
+                Some(b) => {
+                    h.update([1u8]);
+                    h.update(bytemuck::bytes_of(&crate::model::endpoint(
+                        b.addr, vip.proto,
+                    )));
+                }
+                None => h.update([0u8]),
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     /// The backend the VIP's table gives a new flow (what the data plane picks on a conntrack

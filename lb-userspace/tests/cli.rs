@@ -847,6 +847,40 @@ fn forward_modes_health_and_decap() {
         "does not exist",
     );
 
+    // Stateless reverse NAT needs a hash algorithm; the digest names the selection.
+    lb.fails(
+        &[
+            "vip",
+            "set",
+            VIP,
+            "--algo",
+            "random",
+            "--reverse",
+            "stateless",
+        ],
+        2,
+        "maglev or source-hash",
+    );
+    lb.ok(&["vip", "set", VIP, "--reverse", "stateless"]);
+    assert_eq!(lb.json(&["vip", "list"])[0]["reverse"], "stateless");
+    lb.fails(
+        &["vip", "set", VIP, "--algo", "round-robin"],
+        2,
+        "maglev or source-hash",
+    );
+    let d = lb.ok(&["table", VIP, "--digest"]);
+    assert_eq!(d.trim().len(), 64, "{d}");
+    assert_eq!(lb.json(&["table", VIP, "--digest"])["digest"], d.trim());
+    lb.ok(&["backend", "set", VIP, "10.200.0.11:80", "--weight", "5"]);
+    assert_eq!(
+        lb.ok(&["table", VIP, "--digest"]),
+        d,
+        "one backend: same slots"
+    );
+    lb.ok(&["backend", "add", VIP, "10.200.0.12:80"]);
+    assert_ne!(lb.ok(&["table", VIP, "--digest"]), d);
+    assert!(lb.ok(&["show-config"]).contains("reverse = \"stateless\""));
+
     // The decapsulation program.
     lb.ok(&["decap", "attach", "lbc1", "--mode", "generic"]);
     let s = lb.json(&["decap", "status"]);

@@ -633,6 +633,70 @@ fn dsr_ipip_icmp_and_decap() {
         Counter::PassNotTcpUdp,
     );
 
+    // ---- stateless reverse NAT (gateways behind ECMP) ----
+    // A reply with no conntrack entry here is the VIP's only if the VIP's table gives the flow
+    // to that backend, and it is not addressed to the gateway itself.
+    let ecmp = vip("10.100.4.1:80/tcp");
+    let (e1, e2) = (sa("10.1.0.11:7070"), sa("10.1.0.12:7070"));
+    {
+        let m = &mut t.gw.dp.maps;
+        m.add_vip(&ecmp, 251).unwrap();
+        m.set_backends(&ecmp, &[(e1, 1), (e2, 1)]).unwrap();
+    }
+    let predict = |t: &Table, c: SocketAddr| {
+        t.gw.dp
+            .maps
+            .table_backend(&ecmp, &flow_key(c, &ecmp))
+            .unwrap()
+            .unwrap()
+            .addr
+    };
+    let c = (41000..41100)
+        .map(client)
+        .find(|c| predict(&t, *c) == e1)
+        .unwrap();
+    let reply = Spec::tcp(mac_of(e1), GW_MAC_A, e1, c, Tcp::SynAck);
+    t.unchanged(
+        "tracked VIP: a reply without conntrack is not rewritten",
+        &reply.build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.gw.dp.maps.set_stateless_reverse(&ecmp, true).unwrap();
+    let out = reply.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).build();
+    t.check(
+        "stateless: the table gives this flow to this backend → rewritten",
+        &reply.build(),
+        XDP_TX,
+        &out,
+        Counter::Tx,
+    );
+    let other = Spec::tcp(mac_of(e2), GW_MAC_A, e2, c, Tcp::SynAck);
+    t.unchanged(
+        "stateless: another backend's packet for that flow → untouched",
+        &other.build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    let gw_self = sa("10.1.0.1:41000");
+    let to_gw = (41000..41200)
+        .map(|p| SocketAddr::new(gw_self.ip(), p))
+        .find(|c| predict(&t, *c) == e1)
+        .unwrap();
+    let own = Spec::tcp(mac_of(e1), GW_MAC_A, e1, to_gw, Tcp::SynAck);
+    t.unchanged(
+        "stateless: a reply to the gateway's own address (its health check) → untouched",
+        &own.build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    let e =
+        t.gw.dp
+            .maps
+            .set_algorithm(&ecmp, lb::Algorithm::Random)
+            .unwrap_err();
+    assert!(e.to_string().contains("maglev or source-hash"), "{e}");
+
     // ---- counters ----
     let after = t.gw.dp.maps.counters().unwrap();
     let mut want: HashMap<usize, u64> = HashMap::new();
@@ -655,6 +719,7 @@ fn dsr_ipip_icmp_and_decap() {
         "8 ipip packets (3 of them too big) + 1 ICMP"
     );
     assert_eq!(ev(Counter::IcmpToBackend), 4);
+    assert_eq!(ev(Counter::RevNat), 1, "the stateless reply");
 
     // ---- the decapsulation program, on the ipip cases' output ----
     let mut decap = aya::EbpfLoader::new()

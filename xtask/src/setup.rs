@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "tcpdump",
     "procps",
+    // BGP for the scale-out test (several gateways behind an ECMP router).
+    "bird2",
 ];
 
 pub fn is_root() -> bool {

@@ -72,8 +72,16 @@ pub enum Command {
     #[command(after_help = "Example:\n  lb flows\n  lb flows 10.100.0.100:80/tcp --json")]
     Flows { vip: Option<Vip> },
     /// A VIP's selection table: each backend's share of the slots against its weight.
-    #[command(after_help = "Example:\n  lb table 10.100.0.100:80/tcp")]
-    Table { vip: Vip },
+    #[command(
+        after_help = "Example:\n  lb table 10.100.0.100:80/tcp\n  lb table 10.100.0.100:80/tcp --digest   # compare gateways behind ECMP"
+    )]
+    Table {
+        vip: Vip,
+        /// Print only the SHA-256 of the selection (slot → backend endpoint): equal on every
+        /// gateway with the same configuration.
+        #[arg(long)]
+        digest: bool,
+    },
     /// The next-hop cache: skip the route lookup per packet for backends whose neighbour is
     /// known. A snapshot — refresh it when routes or neighbours change.
     #[command(subcommand)]
@@ -123,6 +131,13 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// after each change). Without it the agent leaves the cache alone.
         #[arg(long, value_name = "DURATION", value_parser = duration)]
         nexthop_refresh: Option<std::time::Duration>,
+        /// Announce the VIPs this node can serve through BIRD: write them as static routes to
+        /// this file (which bird.conf includes) and reload BIRD.
+        #[arg(long, value_name = "FILE", requires = "bird_socket")]
+        bird_include: Option<std::path::PathBuf>,
+        /// BIRD's control socket (birdc -s).
+        #[arg(long, value_name = "PATH", requires = "bird_include")]
+        bird_socket: Option<std::path::PathBuf>,
         #[command(flatten)]
         sizes: Sizes,
     },
@@ -169,6 +184,11 @@ pub enum VipCommand {
         /// directly).
         #[arg(long, default_value = "nat", value_parser = forward)]
         forward: lb::model::Forward,
+        /// tracked: a backend's reply is rewritten only for a flow this gateway saw; stateless:
+        /// also when the VIP's table gives the flow to that backend (several gateways behind
+        /// ECMP; maglev or source-hash only).
+        #[arg(long, value_enum, default_value_t = Reverse::Tracked)]
+        reverse: Reverse,
         #[command(flatten)]
         sizes: Sizes,
     },
@@ -180,7 +200,7 @@ pub enum VipCommand {
     Set {
         vip: Vip,
         /// maglev, random, round-robin, source-hash or least-conn.
-        #[arg(long, required_unless_present = "forward")]
+        #[arg(long, required_unless_present_any = ["forward", "reverse"])]
         algo: Option<String>,
         /// source-hash only: hash the first N bits of the client address.
         #[arg(long, value_name = "BITS", requires = "algo")]
@@ -188,6 +208,9 @@ pub enum VipCommand {
         /// nat, dsr-l2 or ipip.
         #[arg(long, value_parser = forward)]
         forward: Option<lb::model::Forward>,
+        /// tracked or stateless reverse NAT (see `lb vip add --help`).
+        #[arg(long, value_enum)]
+        reverse: Option<Reverse>,
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  lb vip del 10.100.0.100:80/tcp")]
@@ -315,6 +338,12 @@ impl Sizes {
             ct_capacity: self.conntrack_size,
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Reverse {
+    Tracked,
+    Stateless,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -50,6 +50,7 @@ fn is_usage(e: &LbError) -> bool {
         LbError::DuplicateBackend(_)
             | LbError::FamilyMismatch { .. }
             | LbError::DsrPort { .. }
+            | LbError::StatelessReverseNeedsHash(_)
             | LbError::WeightOutOfRange(_)
             | LbError::TableSizeNotPrime(_)
             | LbError::TableSizeOutOfRange { .. }
@@ -109,6 +110,8 @@ fn run(cli: Cli) -> CmdResult {
         mode,
         poll,
         nexthop_refresh,
+        bird_include,
+        bird_socket,
         sizes,
     } = cli.command
     {
@@ -121,6 +124,7 @@ fn run(cli: Cli) -> CmdResult {
             load: sizes.load_options(),
             poll,
             nexthop_refresh,
+            bird: bird_include.zip(bird_socket),
         };
         return agent_cmd::run(opts);
     }
@@ -137,7 +141,8 @@ fn run(cli: Cli) -> CmdResult {
         Command::Backend(c) => services::backend(&mut dir, c, json),
         Command::Stats { watch } => observe::stats(&mut dir, watch, json),
         Command::Flows { vip } => observe::flows(&dir, vip, json),
-        Command::Table { vip } => observe::table(&dir, &vip, json),
+        Command::Table { vip, digest: true } => observe::digest(&dir, &vip, json),
+        Command::Table { vip, .. } => observe::table(&dir, &vip, json),
         Command::Nexthop(c) => services::nexthop(&dir, c, json),
         Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
         Command::ShowConfig => config_cmd::show(&dir),

@@ -268,6 +268,16 @@ struct TableReport {
     backends: Vec<ShareRow>,
 }
 
+pub fn digest(dir: &PinDir, vip: &Vip, json: bool) -> CmdResult {
+    let d = dir.maps()?.table_digest(vip)?;
+    if json {
+        print_json(&serde_json::json!({ "vip": vip.to_string(), "digest": d }));
+    } else {
+        println!("{d}");
+    }
+    Ok(())
+}
+
 pub fn table(dir: &PinDir, vip: &Vip, json: bool) -> CmdResult {
     let maps = dir.maps()?;
     let info = maps.vip(vip)?;

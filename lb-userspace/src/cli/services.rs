@@ -13,6 +13,7 @@ struct VipRow {
     vip: String,
     algorithm: String,
     forward: &'static str,
+    reverse: &'static str,
     table_size: u32,
     backends: usize,
     active_backends: usize,
@@ -36,18 +37,29 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             table_size,
             algo,
             forward,
+            reverse,
             sizes,
         } => {
             // Validate before loading anything, so bad input leaves no trace.
             lb::state::check_table_size(table_size)?;
             let algorithm = algo.algorithm()?;
             algorithm.check_for(&vip)?;
+            let stateless = reverse == super::args::Reverse::Stateless;
+            if stateless
+                && !matches!(
+                    algorithm,
+                    lb::Algorithm::Maglev | lb::Algorithm::SourceHash { .. }
+                )
+            {
+                return Err(lb::LbError::StatelessReverseNeedsHash(vip).into());
+            }
             let mut maps = dir.maps_or_load(sizes.load_options())?;
             maps.add_vip(&vip, table_size)?;
             if algorithm != lb::Algorithm::Maglev {
                 maps.set_algorithm(&vip, algorithm)?;
             }
             maps.set_forward(&vip, forward)?;
+            maps.set_stateless_reverse(&vip, stateless)?;
             println!("added VIP {vip} ({algorithm}, {forward}, table of {table_size} slots)");
         }
         VipCommand::Set {
@@ -55,6 +67,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             algo,
             source_prefix,
             forward,
+            reverse,
         } => {
             let algorithm = match &algo {
                 Some(a) => Some(
@@ -73,6 +86,24 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     f.check_backend(&vip, b.addr)?;
                 }
             }
+            let info = maps.vip(&vip)?;
+            let final_algo =
+                algorithm.unwrap_or(lb::Algorithm::from_codes(info.algo, info.src_prefix_len));
+            let final_stateless = match reverse {
+                Some(r) => r == super::args::Reverse::Stateless,
+                None => info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0,
+            };
+            if final_stateless
+                && !matches!(
+                    final_algo,
+                    lb::Algorithm::Maglev | lb::Algorithm::SourceHash { .. }
+                )
+            {
+                return Err(lb::LbError::StatelessReverseNeedsHash(vip).into());
+            }
+            if reverse == Some(super::args::Reverse::Tracked) {
+                maps.set_stateless_reverse(&vip, false)?;
+            }
             if let Some(f) = forward {
                 if maps.set_forward(&vip, f)? {
                     println!("VIP {vip}: forwarding {f} (flows established before break)");
@@ -84,6 +115,19 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                 let n = maps.set_algorithm(&vip, a)?;
                 println!(
                     "VIP {vip}: {a}; {n} table slots changed (established flows keep their backends)"
+                );
+            }
+            if reverse == Some(super::args::Reverse::Stateless) {
+                maps.set_stateless_reverse(&vip, true)?;
+            }
+            if let Some(r) = reverse {
+                println!(
+                    "VIP {vip}: {} reverse NAT",
+                    if r == super::args::Reverse::Stateless {
+                        "stateless"
+                    } else {
+                        "tracked"
+                    }
                 );
             }
         }
@@ -102,6 +146,11 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     algorithm: lb::Algorithm::from_codes(info.algo, info.src_prefix_len)
                         .to_string(),
                     forward: lb::model::Forward::from_code(info.fwd).name(),
+                    reverse: if info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0 {
+                        "stateless"
+                    } else {
+                        "tracked"
+                    },
                     table_size: info.table_size,
                     backends: b.len(),
                     active_backends: b.iter().filter(|b| b.weight > 0).count(),

@@ -12,6 +12,7 @@
 //! inside the namespaces. Client and backend veths have TX checksum offload off: veth would
 //! otherwise hand the gateway packets with partial checksums, which a real NIC never does.
 
+mod ecmp;
 mod lan;
 mod netns;
 mod servers;
@@ -27,6 +28,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub use ecmp::Ecmp;
 pub use netns::{in_ns, NetNs};
 pub use servers::Servers;
 
@@ -238,8 +240,67 @@ impl Testbed {
         self.backends.iter().find(|b| b.name == name)
     }
 
+    /// The client side of the network.
+    pub fn as_client(&self) -> Client<'_> {
+        Client {
+            ns: &self.client,
+            v4: self.client_v4,
+            v6: self.client_v6,
+        }
+    }
+
     /// One HTTP request from the client to `addr` on a new connection. Returns the name of the
     /// backend that answered and the client's source port.
+    pub fn http_get(&self, addr: SocketAddr) -> Result<(String, u16)> {
+        self.as_client().http_get_from(addr, 0)
+    }
+
+    /// Like `http_get`, from source port `port` (0: any).
+    pub fn http_get_from(&self, addr: SocketAddr, port: u16) -> Result<(String, u16)> {
+        self.as_client().http_get_from(addr, port)
+    }
+
+    /// Opens a persistent connection from the client to `addr` (a LINE_PORT service).
+    pub fn open_line(&self, addr: SocketAddr) -> Result<LineConn> {
+        self.as_client().open_line(addr)
+    }
+
+    /// Sends `count` datagrams from one client socket (one UDP flow) to `addr`; returns
+    /// (source address of the reply, backend name) for each.
+    pub fn udp_flow(&self, addr: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>> {
+        self.as_client().udp_flow(addr, count)
+    }
+
+    /// Whether `ping` from the client reaches `ip` (one packet, 2 s).
+    pub fn ping(&self, ip: IpAddr) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.client.name,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &ip.to_string(),
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+/// The client end of a test network: its namespace and addresses.
+pub struct Client<'a> {
+    pub ns: &'a NetNs,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+}
+
+impl Client<'_> {
+    /// One HTTP request to `addr` on a new connection: the backend that answered and the
+    /// client's source port.
     pub fn http_get(&self, addr: SocketAddr) -> Result<(String, u16)> {
         self.http_get_from(addr, 0)
     }
@@ -247,12 +308,8 @@ impl Testbed {
     /// Like `http_get`, from source port `port` (0: any), so that a test can choose its flows
     /// (and so their hashes) instead of leaving them to the kernel.
     pub fn http_get_from(&self, addr: SocketAddr, port: u16) -> Result<(String, u16)> {
-        let client = if addr.is_ipv4() {
-            self.client_v4
-        } else {
-            self.client_v6
-        };
-        in_ns(&self.client, move || {
+        let client = if addr.is_ipv4() { self.v4 } else { self.v6 };
+        in_ns(self.ns, move || {
             let sock = socket2::Socket::new(
                 socket2::Domain::for_address(addr),
                 socket2::Type::STREAM,
@@ -285,7 +342,7 @@ impl Testbed {
 
     /// Opens a persistent connection from the client to `addr` (a LINE_PORT service).
     pub fn open_line(&self, addr: SocketAddr) -> Result<LineConn> {
-        let stream = in_ns(&self.client, move || -> Result<TcpStream> {
+        let stream = in_ns(self.ns, move || -> Result<TcpStream> {
             let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -304,47 +361,21 @@ impl Testbed {
     /// Sends `count` datagrams from one client socket (one UDP flow) to `addr`; returns
     /// (source address of the reply, backend name) for each.
     pub fn udp_flow(&self, addr: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>> {
-        let client = if addr.is_ipv4() {
-            self.client_v4
-        } else {
-            self.client_v6
-        };
-        in_ns(
-            &self.client,
-            move || -> Result<Vec<(SocketAddr, String)>> {
-                let s = UdpSocket::bind(SocketAddr::new(client, 0))?;
-                s.set_read_timeout(Some(IO_TIMEOUT))?;
-                let mut out = Vec::new();
-                let mut buf = [0u8; 256];
-                for i in 0..count {
-                    s.send_to(format!("ping {i}").as_bytes(), addr)?;
-                    let (n, from) = s
-                        .recv_from(&mut buf)
-                        .with_context(|| format!("no UDP reply from {addr}"))?;
-                    out.push((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()));
-                }
-                Ok(out)
-            },
-        )?
-    }
-
-    /// Whether `ping` from the client reaches `ip` (one packet, 2 s).
-    pub fn ping(&self, ip: IpAddr) -> bool {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.client.name,
-                "ping",
-                "-c",
-                "1",
-                "-W",
-                "2",
-                &ip.to_string(),
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        let client = if addr.is_ipv4() { self.v4 } else { self.v6 };
+        in_ns(self.ns, move || -> Result<Vec<(SocketAddr, String)>> {
+            let s = UdpSocket::bind(SocketAddr::new(client, 0))?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 256];
+            for i in 0..count {
+                s.send_to(format!("ping {i}").as_bytes(), addr)?;
+                let (n, from) = s
+                    .recv_from(&mut buf)
+                    .with_context(|| format!("no UDP reply from {addr}"))?;
+                out.push((from, String::from_utf8_lossy(&buf[..n]).trim().to_string()));
+            }
+            Ok(out)
+        })?
     }
 }
 

@@ -1,0 +1,145 @@
+//! VIP announcement through BIRD 2: the agent writes the VIPs this node can serve as static
+//! routes into a file the operator's `bird.conf` includes, and asks BIRD to reload (`birdc
+//! configure`). BIRD exports them over BGP; the upstream router spreads flows over every
+//! gateway announcing a VIP (ECMP). A VIP is announced while the data plane is attached and the
+//! VIP has a backend in service; it is withdrawn when that stops, and when the agent stops.
+//!
+//! The file (for `include "/run/lb/bird-vips.conf";` at the top level of bird.conf):
+//!
+//! ```text
+//! protocol static lb_vips4 { ipv4; route 10.100.0.100/32 blackhole; }
+//! protocol static lb_vips6 { ipv6; route fd10::100/128 blackhole; }
+//! ```
+//!
+//! Export them to BGP only (`export where proto ~ "lb_vips*";`), not to the kernel.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::LbMaps;
+
+/// Where the announcements go.
+#[derive(Clone, Debug)]
+pub struct Bird {
+    /// The file bird.conf includes.
+    pub include: PathBuf,
+    /// BIRD's control socket (`birdc -s`).
+    pub socket: PathBuf,
+    /// What was last written and loaded (None: nothing yet).
+    announced: Option<BTreeSet<IpAddr>>,
+}
+
+impl Bird {
+    pub fn new(include: PathBuf, socket: PathBuf) -> Bird {
+        Bird {
+            include,
+            socket,
+            announced: None,
+        }
+    }
+
+    /// The VIP addresses announced now.
+    pub fn announced(&self) -> Vec<IpAddr> {
+        self.announced
+            .as_ref()
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Announces exactly `vips` (writes the file and reloads BIRD if that changes anything).
+    /// Returns whether it changed.
+    pub fn announce(&mut self, vips: &BTreeSet<IpAddr>) -> Result<bool> {
+        if self.announced.as_ref() == Some(vips) {
+            return Ok(false);
+        }
+        write_atomically(&self.include, &render(vips))?;
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .arg("configure")
+            .output()
+            .context("running birdc (is bird2 installed?)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !text.contains("Reconfigur") {
+            bail!(
+                "birdc configure: {}{}",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.announced = Some(vips.clone());
+        Ok(true)
+    }
+}
+
+/// The VIP addresses this node can serve: the data plane is attached somewhere, and some VIP
+/// on the address has a backend with a weight that is not down. (A VIP whose backends are all
+/// down is withdrawn even when it fails open: other gateways may have a better view.)
+pub fn servable(maps: &LbMaps, attached: bool) -> Result<BTreeSet<IpAddr>> {
+    let mut out = BTreeSet::new();
+    if !attached {
+        return Ok(out);
+    }
+    for (vip, _) in maps.vips()? {
+        if maps
+            .backends(&vip)?
+            .iter()
+            .any(|b| b.weight > 0 && b.healthy)
+        {
+            out.insert(vip.addr.ip());
+        }
+    }
+    Ok(out)
+}
+
+/// The include file for `vips`.
+pub fn render(vips: &BTreeSet<IpAddr>) -> String {
+    let mut out = String::from("# Written by `lb run`: the VIPs this node announces.\n");
+    for (name, v4) in [("lb_vips4", true), ("lb_vips6", false)] {
+        out.push_str(&format!(
+            "protocol static {name} {{\n  {};\n",
+            if v4 { "ipv4" } else { "ipv6" }
+        ));
+        for ip in vips.iter().filter(|ip| ip.is_ipv4() == v4) {
+            let len = if v4 { 32 } else { 128 };
+            out.push_str(&format!("  route {ip}/{len} blackhole;\n"));
+        }
+        out.push_str("}\n");
+    }
+    out
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_both_families() {
+        let vips: BTreeSet<IpAddr> = ["10.100.0.100", "fd10::100", "10.100.0.101"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let r = render(&vips);
+        assert!(r.contains("protocol static lb_vips4 {\n  ipv4;\n  route 10.100.0.100/32 blackhole;\n  route 10.100.0.101/32 blackhole;\n}"));
+        assert!(
+            r.contains("protocol static lb_vips6 {\n  ipv6;\n  route fd10::100/128 blackhole;\n}")
+        );
+        let empty = render(&BTreeSet::new());
+        assert!(empty.contains("protocol static lb_vips4 {\n  ipv4;\n}"));
+    }
+}
