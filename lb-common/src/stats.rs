@@ -135,10 +135,13 @@ pub enum DecapCounter {
     /// The frame could not be shrunk after its header was moved: dropped (not seen in
     /// practice).
     Dropped,
+    /// Encapsulated, but the outer source is not one lb uses: passed untouched (the kernel
+    /// drops it: nothing here handles protocol 4/41).
+    PassForeign,
 }
 
 /// Number of decap counters.
-pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::Dropped as u32 + 1;
+pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::PassForeign as u32 + 1;
 
 /// Names of the decap counters, as `lb decap status` shows them.
 pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
@@ -148,4 +151,5 @@ pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
     "decap_v6_in_v6",
     "decap_v4_in_v6",
     "dropped",
+    "pass_foreign",
 ];

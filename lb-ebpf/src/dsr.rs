@@ -156,6 +156,13 @@ fn encapsulate(
 ) -> bool {
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len: i32 = if outer_v4 { 20 } else { IPV6_LEN as i32 };
+    // The frame's MACs go to the new Ethernet header: a frame handed to the kernel (next hop
+    // unresolved) must still be addressed to this host. `send` replaces them otherwise.
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let (dst, src_mac) = unsafe { ((*eth).dst, (*eth).src) };
     // SAFETY: plain helper call; every pointer is derived afresh afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -outer_len) } != 0 {
         return false;
@@ -163,8 +170,15 @@ fn encapsulate(
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
-    // SAFETY: bounds-checked by ptr_at. The MACs are written by the caller's `send`.
-    unsafe { (*eth).ether_type_be = if outer_v4 { ETH_P_IP_BE } else { ETH_P_IPV6_BE } };
+    let ether_type_be = if outer_v4 { ETH_P_IP_BE } else { ETH_P_IPV6_BE };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        *eth = EthHdr {
+            dst,
+            src: src_mac,
+            ether_type_be,
+        }
+    };
     if outer_v4 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
             return false;

@@ -175,7 +175,8 @@ fn is_reply(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> bool {
         return stateless_reply(ctx, pkt, &flow, rev);
     };
     if ct.backend_id != rev.backend_id {
-        return false;
+        // Stale here (the flow was re-selected on another gateway): the table decides.
+        return stateless_reply(ctx, pkt, &flow, rev);
     }
     if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
         mark_closed(&flow, ct.backend_id);
@@ -222,8 +223,9 @@ fn stateless_reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, rev: &RevNat)
         pkt.ip_len,
         pkt.tos_or_flow,
     );
-    // Local destinations come back as "not forwarded" (Other).
-    matches!(route, fib::Route::Ok | fib::Route::NoNeigh)
+    // Local destinations come back as "not forwarded" (Other); everything else is on its way
+    // somewhere else and the forward path handles it.
+    !matches!(route, fib::Route::Other)
 }
 
 const TCP_FIN: u8 = 0x01;

@@ -216,6 +216,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 if !agent.state_present() {
                     error!(pin_dir = %agent.opts.pin_dir.display(),
                         "the pinned state is gone (lb detach --purge?): stopping");
+                    agent.withdraw_all();
                     return Err(StartError::Runtime(anyhow::anyhow!(
                         "the pinned state in {} was removed while the agent ran",
                         agent.opts.pin_dir.display()
@@ -237,13 +238,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     for (_, c) in agent.checkers.drain() {
         c.handle.abort();
     }
-    if let Some(bird) = agent.bird.as_mut() {
-        // This node stops vouching for its VIPs: the router moves their flows elsewhere.
-        match bird.announce(&Default::default()) {
-            Ok(_) => info!("withdrew every VIP from BIRD"),
-            Err(e) => error!("withdrawing the VIPs from BIRD failed: {e:#}"),
-        }
-    }
+    agent.withdraw_all();
     info!("stopping; the data plane keeps forwarding with the current state");
     Ok(())
 }
@@ -284,6 +279,17 @@ impl Agent {
         }
         let announced = bird.announced();
         self.shared.lock().expect("agent state lock").announced = announced;
+    }
+
+    /// Withdraws every VIP from BIRD: this node stops vouching for them, so the router moves
+    /// their flows elsewhere.
+    fn withdraw_all(&mut self) {
+        if let Some(bird) = self.bird.as_mut() {
+            match bird.announce(&Default::default()) {
+                Ok(_) => info!("withdrew every VIP from BIRD"),
+                Err(e) => error!("withdrawing the VIPs from BIRD failed: {e:#}"),
+            }
+        }
     }
 
     /// Whether the maps the agent writes are still the pinned ones.
@@ -638,7 +644,17 @@ fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>
             v.vip != *vip && v.vip.proto == vip.proto && v.backends.iter().any(|(a, _)| a == addr)
         })
     };
-    draining.retain(|(vip, addr), _| !in_file(vip, addr) && !taken_elsewhere(vip, addr));
+    // A backend that does not suit its VIP's (new) forwarding mode is removed at once: its
+    // flows break with the mode change anyway, and it could not stay at weight 0 under it.
+    let fits = |vip: &Vip, addr: &SocketAddr| {
+        cfg.vips
+            .iter()
+            .find(|v| v.vip == *vip)
+            .is_none_or(|v| v.forward.check_backend(vip, *addr).is_ok())
+    };
+    draining.retain(|(vip, addr), _| {
+        !in_file(vip, addr) && !taken_elsewhere(vip, addr) && fits(vip, addr)
+    });
     for (vip, _) in maps.vips()? {
         let timeout = cfg
             .vips
@@ -649,6 +665,7 @@ fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>
             let key = (vip, b.addr);
             if in_file(&vip, &b.addr)
                 || taken_elsewhere(&vip, &b.addr)
+                || !fits(&vip, &b.addr)
                 || draining.contains_key(&key)
             {
                 continue;

@@ -346,9 +346,12 @@ impl PinDir {
         })
     }
 
-    /// Switches every pinned link to the new object's lb_xdp (after its tail-called programs),
+    /// Switches every pinned link to the new object's lb_xdp, then its tail-called programs,
     /// all or nothing: links are opened before any switches, and on a failure the links
-    /// already switched go back to the pinned (old) program.
+    /// already switched go back to the pinned (old) program; the program array is written
+    /// last, so a rollback never has to restore it. (Between the two steps the new lb_xdp
+    /// calls the old tail programs: the hand-off between them must keep its layout across
+    /// versions — a change there needs a new map name, which the map check refuses.)
     fn switch_to(&self, ebpf: &mut aya::Ebpf) -> Result<Vec<String>> {
         let mut links = Vec::new();
         for a in self.attachments()? {
@@ -360,9 +363,6 @@ impl PinDir {
                 .into();
             links.push((a.iface, pin, link));
         }
-        // The tail-called programs first: the old lb_xdp calls them through the shared program
-        // array until its links switch, and the hand-off between them has the same layout.
-        crate::dataplane::install_tail_programs(ebpf)?;
         let prog: &mut Xdp = ebpf
             .program_mut(crate::object::LB_XDP_PROGRAM)
             .context("program lb_xdp missing from the new object")?
@@ -392,6 +392,15 @@ impl PinDir {
                     });
                 }
             }
+        }
+        if let Err(e) = crate::dataplane::install_tail_programs(ebpf) {
+            let back = self.switch_back(&switched);
+            return Err(match back {
+                Ok(()) => e.context("upgrade undone: every link runs the old program"),
+                Err(b) => e.context(format!(
+                    "and switching the links back failed too ({b:#}): run `lb upgrade` again"
+                )),
+            });
         }
         Ok(switched.into_iter().map(|(i, _)| i).collect())
     }

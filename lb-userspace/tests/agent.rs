@@ -632,3 +632,40 @@ fn cli_drain_then_delete() {
     assert!(child.wait().unwrap().success(), "{}", files.log_text());
     assert_eq!(weight(&tb), None, "not removed");
 }
+
+/// Changing a VIP's forwarding mode in the file: a backend that left the file and would not
+/// suit the new mode (dsr-l2 keeps the port) is removed at once instead of draining, and the
+/// change goes through.
+#[test]
+fn forward_mode_change_with_unfit_backends() {
+    let tb = testbed(2);
+    let files = Files::new(&tb);
+    let v = vip(HTTP_PORT);
+    let b1 = sa(tb.backends[0].v4, HTTP_PORT);
+    let b2_other_port = sa(tb.backends[1].v4, 8081);
+    files.write_config(&format!(
+        "[[vip]]\naddress = \"{v}/tcp\"\ntable_size = 1009\n\n[[vip.backend]]\naddress = \"{b1}\"\n\n[[vip.backend]]\naddress = \"{b2_other_port}\"\n"
+    ));
+    let _agent = Agent::start(&tb, &files);
+    wait_for(
+        Duration::from_secs(20),
+        "the agent to apply the file",
+        || log_count(&files, "configuration applied") > 0,
+    );
+    files.write_config(&format!(
+        "[[vip]]\naddress = \"{v}/tcp\"\nforward = \"dsr-l2\"\ntable_size = 1009\n\n[[vip.backend]]\naddress = \"{b1}\"\n"
+    ));
+    wait_for(Duration::from_secs(10), "the mode change", || {
+        let vips = tb.lb_json(&["vip", "list"]).unwrap();
+        vips[0]["forward"] == "dsr-l2"
+    });
+    let rows = tb.lb_json(&["backend", "list"]).unwrap();
+    let listed: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["backend"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [b1.to_string().as_str()], "{rows}");
+    assert_eq!(log_count(&files, "applying"), 0, "{}", files.log_text());
+}

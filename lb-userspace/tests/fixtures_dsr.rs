@@ -184,6 +184,8 @@ fn encap_src(hash: u32, outer_v4: bool) -> Vec<u8> {
 fn backend_mac(b: SocketAddr) -> Mac {
     match b.ip().to_string().as_str() {
         "10.1.0.14" | "fd01::14" => [2, 0, 0, 0, 1, 0x14],
+        // No neighbour entry: the MACs are the original frame's (patched by the caller).
+        "10.1.0.98" => [0; 6],
         _ => mac_of(b),
     }
 }
@@ -315,6 +317,7 @@ fn dsr_ipip_icmp_and_decap() {
     let tun46 = vip("10.100.2.2:80/tcp"); // IPv4 VIP, IPv6 backend
     let tun_small = vip("10.100.2.3:80/tcp"); // backend route MTU 1000
     let tun6_small = vip("[fd10::3]:80/tcp"); // backend route MTU 1400
+    let tun_noneigh = vip("10.100.2.4:80/tcp"); // backend without a neighbour entry
     let nat = vip("10.100.3.1:80/tcp");
     let nat6 = vip("[fd10::4]:80/tcp");
     {
@@ -330,6 +333,7 @@ fn dsr_ipip_icmp_and_decap() {
             (tun46, Forward::Ipip, "[fd01::13]:80"),
             (tun_small, Forward::Ipip, "10.1.0.14:80"),
             (tun6_small, Forward::Ipip, "[fd01::14]:80"),
+            (tun_noneigh, Forward::Ipip, "10.1.0.98:80"),
             (nat, Forward::Nat, "10.1.0.13:8080"),
             (nat6, Forward::Nat, "[fd01::11]:8080"),
         ];
@@ -414,6 +418,25 @@ fn dsr_ipip_icmp_and_decap() {
         );
         encapsulated_frames.push((s.build(), out));
     }
+    // Backend MAC unknown: encapsulated and handed to the kernel (which resolves it), still
+    // addressed to this host.
+    let c = client(40014);
+    let s = syn(c, tun_noneigh.addr);
+    let mut out = encapsulated(
+        &s.build(),
+        sa("10.1.0.98:80"),
+        flow_hash(&flow_key(c, &tun_noneigh)),
+        0,
+    );
+    out[0..6].copy_from_slice(&GW_MAC_A);
+    out[6..12].copy_from_slice(&CLIENT_MAC);
+    t.check(
+        "ipip: next hop unresolved → encapsulated, passed to the kernel",
+        &s.build(),
+        XDP_PASS,
+        &out,
+        Counter::PassNoNeigh,
+    );
     // An established flow: the same backend and outer source again.
     let c = client(40011);
     let a = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, tun.addr, Tcp::Ack);
@@ -715,8 +738,8 @@ fn dsr_ipip_icmp_and_decap() {
     assert_eq!(ev(Counter::FwdDsrL2), 6, "5 dsr-l2 packets + 1 ICMP");
     assert_eq!(
         ev(Counter::FwdIpip),
-        9,
-        "8 ipip packets (3 of them too big) + 1 ICMP"
+        10,
+        "9 ipip packets (3 of them too big) + 1 ICMP"
     );
     assert_eq!(ev(Counter::IcmpToBackend), 4);
     assert_eq!(ev(Counter::RevNat), 1, "the stateless reply");
@@ -751,6 +774,22 @@ fn dsr_ipip_icmp_and_decap() {
         (XDP_PASS, bad),
         "wrong inner version: untouched"
     );
+    // Encapsulated by someone else (outer source outside lb's prefixes): untouched.
+    let mut foreign = encapsulated_frames[0].1.clone();
+    foreign[26] = 192; // outer source 192.16.x.y
+    let c = checksum(&{
+        let mut h = foreign[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    foreign[24..26].copy_from_slice(&c.to_be_bytes());
+    let (action, out) = run(prog, 1, &foreign);
+    assert_eq!(
+        (action, out),
+        (XDP_PASS, foreign),
+        "foreign encapsulation: untouched"
+    );
     let map = decap.map("LB_DECAP_STATS_V1").unwrap();
     let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
     let n = |c: DecapCounter| -> u64 { stats.get(&(c as u32), 0).unwrap().iter().sum() };
@@ -759,6 +798,7 @@ fn dsr_ipip_icmp_and_decap() {
     assert_eq!(n(DecapCounter::DecapV4InV6), 1);
     assert_eq!(n(DecapCounter::PassNotEncap), 1);
     assert_eq!(n(DecapCounter::PassMalformed), 1);
-    assert_eq!(DECAP_COUNTER_COUNT, 6);
+    assert_eq!(n(DecapCounter::PassForeign), 1);
+    assert_eq!(DECAP_COUNTER_COUNT, 7);
     println!("{} dsr/ipip/icmp cases and 5 decap cases passed", t.rows);
 }

@@ -2,8 +2,10 @@
 //! traffic without an ipip tunnel device (which needs a kernel module this kernel and many
 //! backends lack). An IPv4-in-IPv4, IPv6-in-IPv6 or IPv4-in-IPv6 packet loses its outer header
 //! and goes up the stack as the inner packet, addressed to the VIP the backend holds on a
-//! loopback interface; the backend answers the client directly. Everything else passes
-//! untouched. Every packet increments one counter (`DecapCounter`).
+//! loopback interface; the backend answers the client directly. Only lb's encapsulation is
+//! stripped — the outer source must be in lb's prefixes (172.16.0.0/16, 100::/64) — so the
+//! interface does not become an open tunnel endpoint. Everything else passes untouched. Every
+//! packet increments one counter (`DecapCounter`).
 #![no_std]
 #![no_main]
 
@@ -15,7 +17,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{DecapCounter, DECAP_COUNTER_COUNT, PROTO_IPIP, PROTO_IPV6};
+use lb_common::{
+    DecapCounter, DECAP_COUNTER_COUNT, ENCAP_SRC_V4_BE, ENCAP_SRC_V6_BE, PROTO_IPIP, PROTO_IPV6,
+};
+
+/// The /16 of lb's IPv4 outer sources (network order, as loaded).
+const ENCAP_V4_MASK_BE: u32 = u32::from_ne_bytes([255, 255, 0, 0]);
 use lb_ebpf::{
     bounds::ptr_at,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
@@ -58,6 +65,11 @@ fn decap(ctx: &XdpContext) -> DecapCounter {
         if proto != PROTO_IPIP {
             return DecapCounter::PassNotEncap;
         }
+        // SAFETY: bounds-checked by ptr_at.
+        let saddr = unsafe { (*ip).saddr_be };
+        if saddr & ENCAP_V4_MASK_BE != ENCAP_SRC_V4_BE {
+            return DecapCounter::PassForeign;
+        }
         // Only option-less, unfragmented outer headers, as lb writes them.
         if vihl != 0x45 || u16::from_be(frag) & 0x3fff != 0 {
             return DecapCounter::PassMalformed;
@@ -68,11 +80,16 @@ fn decap(ctx: &XdpContext) -> DecapCounter {
             return DecapCounter::PassNotEncap;
         };
         // SAFETY: bounds-checked by ptr_at.
-        match unsafe { (*ip).next_header } {
+        let (next, saddr) = unsafe { ((*ip).next_header, (*ip).saddr_be) };
+        let r = match next {
             PROTO_IPIP => (IPV6_LEN, true, DecapCounter::DecapV4InV6),
             PROTO_IPV6 => (IPV6_LEN, false, DecapCounter::DecapV6InV6),
             _ => return DecapCounter::PassNotEncap,
+        };
+        if saddr[0] != ENCAP_SRC_V6_BE[0] || saddr[1] != ENCAP_SRC_V6_BE[1] {
+            return DecapCounter::PassForeign;
         }
+        r
     } else {
         return DecapCounter::PassNotEncap;
     };
