@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb::testbed::{Testbed, HTTP_PORT, LINE_PORT};
+use lb::testbed::{wait_for, Testbed, HTTP_PORT, LINE_PORT};
 
 const VIP: &str = "10.100.0.100";
 const METRICS: &str = "127.0.0.1:9100";
@@ -98,18 +98,6 @@ impl Drop for Agent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Polls `f` every 50 ms until it is true or `limit` passes; returns the time it took.
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 /// Number of log lines containing `needle`.

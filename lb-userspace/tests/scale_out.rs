@@ -8,26 +8,15 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use lb::testbed::{Ecmp, HTTP_PORT, LINE_PORT};
+use lb::testbed::{wait_for, Ecmp, HTTP_PORT, LINE_PORT};
 
 const VIP: &str = "10.100.0.100";
 
 fn vip(port: u16) -> SocketAddr {
     SocketAddr::new(VIP.parse().unwrap(), port)
-}
-
-fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return start.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
 }
 
 fn config(e: &Ecmp, forward: &str) -> String {

@@ -20,10 +20,9 @@ pub fn attach_mode(mode: Mode) -> AttachMode {
     }
 }
 
-pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
-    let mode = attach_mode(mode);
-    // Check every interface first, so that a bad name changes nothing.
-    let attached = dir.attachments().unwrap_or_default();
+/// Checks every interface before anything is attached, so that a bad name changes nothing:
+/// it exists and `what` is not attached to it yet.
+fn check_ifaces(ifaces: &[String], attached: &[lb::pin::Attachment], what: &str) -> CmdResult {
     for iface in ifaces {
         let c = std::ffi::CString::new(iface.as_str())
             .map_err(|_| anyhow::anyhow!("invalid interface name {iface:?}"))?;
@@ -32,9 +31,15 @@ pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: b
             return Err(anyhow::anyhow!("interface {iface} does not exist").into());
         }
         if attached.iter().any(|a| &a.iface == iface) {
-            return Err(anyhow::anyhow!("lb is already attached to {iface}").into());
+            return Err(anyhow::anyhow!("{what} is already attached to {iface}").into());
         }
     }
+    Ok(())
+}
+
+pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
+    let mode = attach_mode(mode);
+    check_ifaces(ifaces, &dir.attachments().unwrap_or_default(), "lb")?;
     let was_loaded = dir.is_loaded();
     let mut done = Vec::new();
     for iface in ifaces {
@@ -215,19 +220,7 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
     match cmd {
         DecapCommand::Attach { ifaces, mode } => {
             let mode = attach_mode(mode);
-            // Check every interface first, so that a bad name changes nothing.
-            let attached = dir.decap_attachments()?;
-            for iface in &ifaces {
-                let c = std::ffi::CString::new(iface.as_str())
-                    .map_err(|_| anyhow::anyhow!("invalid interface name {iface:?}"))?;
-                // SAFETY: valid C string.
-                if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
-                    return Err(anyhow::anyhow!("interface {iface} does not exist").into());
-                }
-                if attached.iter().any(|a| &a.iface == iface) {
-                    return Err(anyhow::anyhow!("lb decap is already attached to {iface}").into());
-                }
-            }
+            check_ifaces(&ifaces, &dir.decap_attachments()?, "lb decap")?;
             let mut done = Vec::new();
             for iface in &ifaces {
                 match dir.decap_attach(iface, mode) {

@@ -99,23 +99,23 @@ impl Ecmp {
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.default.rp_filter=0",
             ])?;
-            bridge_port(
+            super::bridge_port(
                 &e._switch,
                 &format!("pg{k}"),
                 gw,
                 "eth1",
-                &format!("10.1.0.{k}/24"),
+                &[&format!("10.1.0.{k}/24")],
             )?;
         }
         for i in 1..=n {
             let b = NetNs::new(&format!("{prefix}-b{i}"))?;
             let addr = format!("10.1.0.{}", 10 + i);
-            bridge_port(
+            super::bridge_port(
                 &e._switch,
                 &format!("pb{i}"),
                 &b,
                 "eth0",
-                &format!("{addr}/24"),
+                &[&format!("{addr}/24")],
             )?;
             // Replies leave through either gateway (layer-4 hash).
             b.sysctl(&[
@@ -405,17 +405,5 @@ fn pair(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str
     for (ns, i) in [(a, a_if), (b, b_if)] {
         ns.exec(&["ethtool", "-K", i, "tx", "off", "gro", "on"])?;
     }
-    Ok(())
-}
-
-/// `node`'s interface `iface` as a port of the bridge in `sw`.
-fn bridge_port(sw: &NetNs, port: &str, node: &NetNs, iface: &str, addr: &str) -> Result<()> {
-    sw.ip(&[
-        "link", "add", port, "type", "veth", "peer", "name", iface, "netns", &node.name,
-    ])?;
-    sw.ip(&["link", "set", port, "master", "br0", "up"])?;
-    node.ip(&["addr", "add", addr, "dev", iface])?;
-    node.ip(&["link", "set", iface, "up"])?;
-    node.exec(&["ethtool", "-K", iface, "tx", "off", "gro", "on"])?;
     Ok(())
 }

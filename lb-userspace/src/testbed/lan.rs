@@ -59,8 +59,14 @@ impl Testbed {
         let sw = &tb.extra[0];
         sw.ip(&["link", "add", "br0", "type", "bridge"])?;
         sw.ip(&["link", "set", "br0", "up"])?;
-        port(sw, "pc", &tb.client, "10.0.0.2/24", "fd00::2/64")?;
-        port(sw, "pg", &tb.gateway, "10.0.0.1/24", "fd00::1/64")?;
+        super::bridge_port(sw, "pc", &tb.client, "eth0", &["10.0.0.2/24", "fd00::2/64"])?;
+        super::bridge_port(
+            sw,
+            "pg",
+            &tb.gateway,
+            "eth0",
+            &["10.0.0.1/24", "fd00::1/64"],
+        )?;
         tb.gateway.ip(&["link", "set", "eth0", "address", GW_MAC])?;
         if mode == "native" {
             // Frames the gateway sends with native XDP_TX go to the bridge port's XDP queue;
@@ -105,12 +111,12 @@ impl Testbed {
             let ns = NetNs::new(&format!("{prefix}-b{i}"))?;
             let v4 = format!("10.0.0.{}", 10 + i);
             let v6 = format!("fd00::{:x}", 0x10 + i);
-            port(
+            super::bridge_port(
                 &tb.extra[0],
                 &format!("pb{i}"),
                 &ns,
-                &format!("{v4}/24"),
-                &format!("{v6}/64"),
+                "eth0",
+                &[&format!("{v4}/24"), &format!("{v6}/64")],
             )?;
             // The VIPs live on the loopback; ARP for them is left to the gateway.
             ns.sysctl(&[
@@ -209,21 +215,4 @@ fn pass_program_on(ns: &NetNs, port: &str, pin_dir: &str) -> Result<()> {
         aya::programs::links::FdLink::try_from(link)?.pin(format!("{pin_dir}/pass_{port}"))?;
         Ok(())
     })?
-}
-
-/// Connects `node` to the bridge in `sw` with a veth pair (`eth0` in the node, `port` on the
-/// bridge) and gives it its addresses.
-fn port(sw: &NetNs, port: &str, node: &NetNs, v4: &str, v6: &str) -> Result<()> {
-    sw.ip(&[
-        "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &node.name,
-    ])?;
-    sw.ip(&["link", "set", port, "master", "br0", "up"])?;
-    node.ip(&["addr", "add", v4, "dev", "eth0"])?;
-    node.ip(&["-6", "addr", "add", v6, "dev", "eth0", "nodad"])?;
-    node.ip(&["link", "set", "eth0", "up"])?;
-    // Full checksums on the wire; NAPI (GRO) on both ends so that frames sent with native
-    // XDP_TX are delivered.
-    node.exec(&["ethtool", "-K", "eth0", "tx", "off", "gro", "on"])?;
-    sw.exec(&["ethtool", "-K", port, "gro", "on"])?;
-    Ok(())
 }

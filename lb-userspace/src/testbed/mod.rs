@@ -391,6 +391,40 @@ impl Drop for Testbed {
     }
 }
 
+/// Connects `node`'s interface `iface` to the bridge `br0` in `sw` with a veth pair (`port` on
+/// the bridge) and gives it `addrs` (IPv4 and IPv6 with prefix lengths). Full checksums on
+/// the wire and NAPI (GRO) on both ends, as everywhere in the testbeds.
+fn bridge_port(sw: &NetNs, port: &str, node: &NetNs, iface: &str, addrs: &[&str]) -> Result<()> {
+    sw.ip(&[
+        "link", "add", port, "type", "veth", "peer", "name", iface, "netns", &node.name,
+    ])?;
+    sw.ip(&["link", "set", port, "master", "br0", "up"])?;
+    for a in addrs {
+        if a.contains(':') {
+            node.ip(&["-6", "addr", "add", a, "dev", iface, "nodad"])?;
+        } else {
+            node.ip(&["addr", "add", a, "dev", iface])?;
+        }
+    }
+    node.ip(&["link", "set", iface, "up"])?;
+    node.exec(&["ethtool", "-K", iface, "tx", "off", "gro", "on"])?;
+    sw.exec(&["ethtool", "-K", port, "gro", "on"])?;
+    Ok(())
+}
+
+/// Polls `f` every 50 ms until it is true or `limit` passes (then panics naming `what`);
+/// returns how long it took. Every wait in the tests is bounded this way.
+pub fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
 /// The prefix of every name this process gives its testbeds.
 pub fn run_prefix() -> String {
     format!("lbe{}x", std::process::id())
