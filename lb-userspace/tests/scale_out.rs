@@ -153,6 +153,39 @@ fn scale_out(forward: &str) {
     let log = std::fs::read_to_string(e.agent_log(0)).unwrap();
     assert!(log.contains("withdrew every VIP"), "{log}");
 
+    // gw2's uplink is cut: the router stops using it, its flows move to gw1, and every
+    // established connection survives (in NAT mode, the replies that still reach gw2 leave
+    // through gw1 after their translation).
+    e.set_uplink(1, false).unwrap();
+    let t = wait_for(
+        Duration::from_secs(15),
+        "gw2 gone after its link was cut",
+        || e.router_next_hops(vip_ip).unwrap() == [gw1],
+    );
+    println!("{forward}: the router dropped gw2 {t:?} after its uplink was cut");
+    for c in &mut long {
+        assert_eq!(
+            c.ping().unwrap(),
+            c.backend,
+            "a connection moved or broke (link cut)"
+        );
+    }
+    connections(&e, 50);
+    e.set_uplink(1, true).unwrap();
+    let t = wait_for(
+        Duration::from_secs(30),
+        "gw2 back after its link returned",
+        || e.router_next_hops(vip_ip).unwrap() == [gw1, gw2],
+    );
+    println!("{forward}: gw2 back in the router {t:?} after its uplink returned");
+    for c in &mut long {
+        assert_eq!(
+            c.ping().unwrap(),
+            c.backend,
+            "a connection moved or broke (link back)"
+        );
+    }
+
     // gw2's data plane is detached (its agent keeps running): it withdraws, and new
     // connections all go through gw1.
     e.lb(1, &["detach"]).unwrap();

@@ -80,6 +80,9 @@ impl Ecmp {
         e.router.sysctl(&[
             "net.ipv4.ip_forward=1",
             "net.ipv4.fib_multipath_hash_policy=1",
+            // A next hop behind a link that went down is skipped at once (as a router's
+            // hardware does), not only when BGP notices.
+            "net.ipv4.conf.all.ignore_routes_with_linkdown=1",
         ])?;
         e._switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         e._switch.ip(&["link", "set", "br0", "up"])?;
@@ -106,6 +109,12 @@ impl Ecmp {
                 "eth1",
                 &[&format!("10.1.0.{k}/24")],
             )?;
+        }
+        // Each gateway's way out if its uplink is cut: through the other gateway (over the
+        // backend LAN), so that what it still receives — backends' replies — gets out.
+        for (i, gw) in e.gateways.iter().enumerate() {
+            let other = format!("10.1.0.{}", 2 - i);
+            gw.ip(&["route", "add", "default", "via", &other, "metric", "100"])?;
         }
         for i in 1..=n {
             let b = NetNs::new(&format!("{prefix}-b{i}"))?;
@@ -159,6 +168,7 @@ impl Ecmp {
             protocol device { scan time 1; }\n\
             protocol kernel { merge paths yes; ipv4 { import none; export all; }; }\n\
             template bgp lbgw { local as 65000; hold time 3; keepalive time 1; connect retry time 1;\n\
+              error wait time 1, 5;\n\
               ipv4 { import all; export none; }; }\n\
             protocol bgp gw1 from lbgw { neighbor 10.2.1.2 as 65100; }\n\
             protocol bgp gw2 from lbgw { neighbor 10.2.2.2 as 65100; }\n";
@@ -172,7 +182,7 @@ impl Ecmp {
                  protocol device {{ scan time 1; }}\n\
                  include \"{}\";\n\
                  protocol bgp up {{ local 10.2.{k}.2 as 65100; neighbor 10.2.{k}.1 as 65000;\n\
-                   hold time 3; keepalive time 1; connect retry time 1;\n\
+                   hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5;\n\
                    ipv4 {{ import none; export where proto ~ \"lb_vips*\"; }}; }}\n",
                 include.display()
             );
@@ -347,6 +357,25 @@ impl Ecmp {
         }
         hops.sort();
         Ok(hops)
+    }
+
+    /// Cuts (or restores) gateway `i`'s uplink to the router.
+    pub fn set_uplink(&self, i: usize, up: bool) -> Result<()> {
+        let gw = &self.gateways[i];
+        gw.ip(&["link", "set", "eth0", if up { "up" } else { "down" }])?;
+        if up {
+            // The kernel dropped the route through the link when it went down.
+            gw.ip(&[
+                "route",
+                "replace",
+                "default",
+                "via",
+                &format!("10.2.{}.1", i + 1),
+                "metric",
+                "0",
+            ])?;
+        }
+        Ok(())
     }
 
     /// A TCP request–response service client in the client namespace: see `Testbed`.
