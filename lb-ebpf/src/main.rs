@@ -340,8 +340,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         // A SYN on a closed flow's 5-tuple is a new connection (port reuse): select afresh.
         let reopened = ct.flags & CT_F_CLOSED != 0 && is_syn(pkt.tcp_flags);
         if !reopened {
-            match usable_backend(ct.backend_id, vip.vip_id) {
-                Some(b) if b.generation == ct.generation => {
+            match tracked_backend(&ct, vip.vip_id) {
+                Some(b) => {
                     count(Counter::CtHit);
                     if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
                         mark_closed(&flow, ct.backend_id);
@@ -435,10 +435,9 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
     // SAFETY: copied out at once.
     let vip = unsafe { VIPS.get(m.vip) }.copied()?;
     // SAFETY: copied out at once.
-    let from_ct = unsafe { CONNTRACK.get(m.flow) }.copied().and_then(|ct| {
-        let b = usable_backend(ct.backend_id, vip.vip_id)?;
-        (b.generation == ct.generation).then_some((ct.backend_id, b))
-    });
+    let from_ct = unsafe { CONNTRACK.get(m.flow) }
+        .copied()
+        .and_then(|ct| Some((ct.backend_id, tracked_backend(&ct, vip.vip_id)?)));
     let (_, backend) = match from_ct {
         Some(c) => c,
         None => select(&vip, &m.flow)?,
@@ -499,6 +498,13 @@ fn select(vip: &VipInfo, flow: &FlowKey) -> Option<(u32, Backend)> {
         return None;
     }
     usable_backend(id, vip.vip_id).map(|b| (id, b))
+}
+
+/// The backend a conntrack entry names, if it is still that backend (same generation) and
+/// still one of VIP `vip_id`'s.
+#[inline(always)]
+fn tracked_backend(ct: &CtEntry, vip_id: u32) -> Option<Backend> {
+    usable_backend(ct.backend_id, vip_id).filter(|b| b.generation == ct.generation)
 }
 
 /// A copy of backend `id` if it is in use and belongs to VIP `vip_id`.

@@ -128,6 +128,19 @@ impl LbMaps {
         }
     }
 
+    /// A free run of `table_size` slots in the table array, beside the VIPs' `existing` tables.
+    fn free_table_range(&self, existing: &[(Vip, VipInfo)], table_size: u32) -> Result<u32> {
+        free_range(
+            existing.iter().map(|(_, i)| (i.table_off, i.table_size)),
+            table_size,
+            self.table_capacity(),
+        )
+        .ok_or(LbError::TableCapacity {
+            size: table_size,
+            capacity: self.table_capacity(),
+        })
+    }
+
     /// Adds a VIP with an empty table of `table_size` slots (a prime).
     pub fn add_vip(&mut self, vip: &Vip, table_size: u32) -> Result<VipInfo> {
         check_table_size(table_size)?;
@@ -138,15 +151,7 @@ impl LbMaps {
         let vip_id = (0..MAX_VIPS)
             .find(|id| !existing.iter().any(|(_, i)| i.vip_id == *id))
             .ok_or(LbError::TooManyVips(MAX_VIPS))?;
-        let table_off = free_range(
-            existing.iter().map(|(_, i)| (i.table_off, i.table_size)),
-            table_size,
-            self.table_capacity(),
-        )
-        .ok_or(LbError::TableCapacity {
-            size: table_size,
-            capacity: self.table_capacity(),
-        })?;
+        let table_off = self.free_table_range(&existing, table_size)?;
         for slot in table_off..table_off + table_size {
             self.table
                 .set(slot, NO_BACKEND, 0)
@@ -205,15 +210,7 @@ impl LbMaps {
             });
         }
         let existing = self.vips()?;
-        let table_off = free_range(
-            existing.iter().map(|(_, i)| (i.table_off, i.table_size)),
-            table_size,
-            self.table_capacity(),
-        )
-        .ok_or(LbError::TableCapacity {
-            size: table_size,
-            capacity: self.table_capacity(),
-        })?;
+        let table_off = self.free_table_range(&existing, table_size)?;
         if info.algo == lb_common::ALGO_ROUND_ROBIN {
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             check_rr_len(&weights, table_size)?;
@@ -329,11 +326,7 @@ impl LbMaps {
         if on && info.algo != lb_common::ALGO_MAGLEV && info.algo != lb_common::ALGO_SOURCE_HASH {
             return Err(LbError::StatelessReverseNeedsHash(*vip));
         }
-        let flags = if on {
-            info.flags | lb_common::VIP_F_STATELESS_REVERSE
-        } else {
-            info.flags & !lb_common::VIP_F_STATELESS_REVERSE
-        };
+        let flags = with_flag(info.flags, lb_common::VIP_F_STATELESS_REVERSE, on);
         if flags == info.flags {
             return Ok(false);
         }
@@ -347,11 +340,7 @@ impl LbMaps {
     /// table) or fail open (the default). Returns the table slots written.
     pub fn set_all_down_drop(&mut self, vip: &Vip, drop: bool) -> Result<u32> {
         let info = self.vip(vip)?;
-        let flags = if drop {
-            info.flags | lb_common::VIP_F_DROP_WHEN_ALL_DOWN
-        } else {
-            info.flags & !lb_common::VIP_F_DROP_WHEN_ALL_DOWN
-        };
+        let flags = with_flag(info.flags, lb_common::VIP_F_DROP_WHEN_ALL_DOWN, drop);
         if flags == info.flags {
             return Ok(0);
         }
@@ -379,11 +368,7 @@ impl LbMaps {
             .backends
             .get(&id, 0)
             .ctx(|| format!("reading backend {addr}"))?;
-        if healthy {
-            entry.flags &= !BACKEND_F_DOWN;
-        } else {
-            entry.flags |= BACKEND_F_DOWN;
-        }
+        entry.flags = with_flag(entry.flags, BACKEND_F_DOWN, !healthy);
         self.backends
             .set(id, entry, 0)
             .ctx(|| format!("updating backend {addr}"))?;
@@ -950,6 +935,15 @@ fn effective(info: &VipInfo, backends: &[BackendState]) -> Vec<BackendState> {
             ..*b
         })
         .collect()
+}
+
+/// `flags` with `flag` set or cleared.
+fn with_flag(flags: u8, flag: u8, on: bool) -> u8 {
+    if on {
+        flags | flag
+    } else {
+        flags & !flag
+    }
 }
 
 /// Round robin's sequence must fit in the table.

@@ -140,33 +140,20 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
                 mode: mode_name(a.mode),
             })
             .collect(),
-        maps: vec![
-            Fill {
-                map: "vips",
-                used: f.vips.0,
-                capacity: f.vips.1,
-            },
-            Fill {
-                map: "backends",
-                used: f.backends.0,
-                capacity: f.backends.1,
-            },
-            Fill {
-                map: "table slots",
-                used: f.table_slots.0,
-                capacity: f.table_slots.1,
-            },
-            Fill {
-                map: "conntrack",
-                used: f.conntrack.0,
-                capacity: f.conntrack.1,
-            },
-            Fill {
-                map: "reverse nat",
-                used: f.revnat.0,
-                capacity: f.revnat.1,
-            },
-        ],
+        maps: [
+            ("vips", f.vips),
+            ("backends", f.backends),
+            ("table slots", f.table_slots),
+            ("conntrack", f.conntrack),
+            ("reverse nat", f.revnat),
+        ]
+        .into_iter()
+        .map(|(map, (used, capacity))| Fill {
+            map,
+            used,
+            capacity,
+        })
+        .collect(),
     };
     if json {
         print_json(&s);

@@ -152,6 +152,21 @@ fn run(cli: Cli) -> CmdResult {
     }
 }
 
+/// Prints `rows` as JSON, or as a table with `headers` and the cells `cells` gives each row.
+pub fn print_rows<T: serde::Serialize>(
+    json: bool,
+    rows: &[T],
+    headers: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) {
+    if json {
+        print_json(&rows);
+    } else {
+        let cells: Vec<Vec<String>> = rows.iter().map(cells).collect();
+        table_fmt::print(headers, &cells);
+    }
+}
+
 /// Prints a serializable value as JSON.
 pub fn print_json(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));

@@ -232,22 +232,14 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
         });
     }
     rows.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
-    if json {
-        print_json(&rows);
-    } else {
-        let cells: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.client.clone(),
-                    r.vip.clone(),
-                    r.backend.clone(),
-                    r.state.to_string(),
-                ]
-            })
-            .collect();
-        table_fmt::print(&["CLIENT", "VIP", "BACKEND", "STATE"], &cells);
-    }
+    super::print_rows(json, &rows, &["CLIENT", "VIP", "BACKEND", "STATE"], |r| {
+        vec![
+            r.client.clone(),
+            r.vip.clone(),
+            r.backend.clone(),
+            r.state.to_string(),
+        ]
+    });
     Ok(())
 }
 

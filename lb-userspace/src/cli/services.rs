@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::{
     args::{BackendCommand, NexthopCommand, VipCommand},
-    print_json, table_fmt, CmdResult,
+    CmdResult,
 };
 
 #[derive(Serialize)]
@@ -156,27 +156,21 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     active_backends: b.iter().filter(|b| b.weight > 0).count(),
                 });
             }
-            if json {
-                print_json(&rows);
-            } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.vip.clone(),
-                            r.algorithm.clone(),
-                            r.forward.to_string(),
-                            r.table_size.to_string(),
-                            r.backends.to_string(),
-                            r.active_backends.to_string(),
-                        ]
-                    })
-                    .collect();
-                table_fmt::print(
-                    &["VIP", "ALGORITHM", "FORWARD", "TABLE", "BACKENDS", "ACTIVE"],
-                    &cells,
-                );
-            }
+            super::print_rows(
+                json,
+                &rows,
+                &["VIP", "ALGORITHM", "FORWARD", "TABLE", "BACKENDS", "ACTIVE"],
+                |r| {
+                    vec![
+                        r.vip.clone(),
+                        r.algorithm.clone(),
+                        r.forward.to_string(),
+                        r.table_size.to_string(),
+                        r.backends.to_string(),
+                        r.active_backends.to_string(),
+                    ]
+                },
+            );
         }
     }
     Ok(())
@@ -269,27 +263,21 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                     });
                 }
             }
-            if json {
-                print_json(&rows);
-            } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.vip.clone(),
-                            r.backend.clone(),
-                            r.weight.to_string(),
-                            r.health.to_string(),
-                            r.active_flows.to_string(),
-                            r.id.to_string(),
-                        ]
-                    })
-                    .collect();
-                table_fmt::print(
-                    &["VIP", "BACKEND", "WEIGHT", "HEALTH", "ACTIVE FLOWS", "ID"],
-                    &cells,
-                );
-            }
+            super::print_rows(
+                json,
+                &rows,
+                &["VIP", "BACKEND", "WEIGHT", "HEALTH", "ACTIVE FLOWS", "ID"],
+                |r| {
+                    vec![
+                        r.vip.clone(),
+                        r.backend.clone(),
+                        r.weight.to_string(),
+                        r.health.to_string(),
+                        r.active_flows.to_string(),
+                        r.id.to_string(),
+                    ]
+                },
+            );
         }
     }
     Ok(())
@@ -349,25 +337,17 @@ pub fn nexthop(dir: &PinDir, cmd: NexthopCommand, json: bool) -> CmdResult {
     match cmd {
         NexthopCommand::Refresh => {
             let rows = lb::nexthop::refresh(&mut maps)?;
-            if json {
-                print_json(&rows);
-            } else {
-                let cells: Vec<Vec<String>> = rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.vip.clone(),
-                            r.backend.clone(),
-                            r.dev.clone().unwrap_or_else(|| "-".into()),
-                            r.via.clone().unwrap_or_else(|| "-".into()),
-                            r.mac
-                                .clone()
-                                .unwrap_or_else(|| "unresolved: route lookup per packet".into()),
-                        ]
-                    })
-                    .collect();
-                table_fmt::print(&["VIP", "BACKEND", "DEV", "VIA", "MAC"], &cells);
-            }
+            super::print_rows(json, &rows, &["VIP", "BACKEND", "DEV", "VIA", "MAC"], |r| {
+                vec![
+                    r.vip.clone(),
+                    r.backend.clone(),
+                    r.dev.clone().unwrap_or_else(|| "-".into()),
+                    r.via.clone().unwrap_or_else(|| "-".into()),
+                    r.mac
+                        .clone()
+                        .unwrap_or_else(|| "unresolved: route lookup per packet".into()),
+                ]
+            });
         }
         NexthopCommand::Clear => {
             let n = lb::nexthop::clear(&mut maps)?;

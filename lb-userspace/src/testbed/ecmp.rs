@@ -287,21 +287,7 @@ impl Ecmp {
 
     /// `lb …` on gateway `i`; stdout.
     pub fn lb(&self, i: usize, args: &[&str]) -> Result<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.gateways[i].name))
-            .arg(&self.lb_bin)
-            .args(args)
-            .env("LB_PIN_DIR", self.pin_dir(i))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "lb {} on gw{} failed: {}",
-                args.join(" "),
-                i + 1,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        super::run_lb(&self.lb_bin, &self.gateways[i], &self.pin_dir(i), args)
     }
 
     /// `lb … --json` on gateway `i`, parsed.
@@ -314,19 +300,9 @@ impl Ecmp {
     /// `lb decap attach eth0` on every backend.
     pub fn decap_on_backends(&self) -> Result<()> {
         for b in &self.backends {
-            let out = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", b.ns.name))
-                .arg(&self.lb_bin)
-                .args(["decap", "attach", "eth0", "--mode", "generic"])
-                .env("LB_PIN_DIR", format!("/sys/fs/bpf/{}", b.ns.name))
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "lb decap on {}: {}",
-                    b.name,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            let pin_dir = format!("/sys/fs/bpf/{}", b.ns.name);
+            let args = ["decap", "attach", "eth0", "--mode", "generic"];
+            super::run_lb(&self.lb_bin, &b.ns, &pin_dir, &args)?;
         }
         Ok(())
     }

@@ -14,11 +14,11 @@
 //! has blackhole routes to the client, so a reply that went through it would be lost: a
 //! connection that works proves its replies went straight from the backend to the client.
 
-use std::{net::IpAddr, path::Path, process::Command};
+use std::{net::IpAddr, path::Path};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use super::{NetNs, Servers, Testbed, RUN};
+use super::{NetNs, Servers, Testbed};
 
 /// The gateway's MAC (static on the client, so the blackhole routes never get in the way of
 /// neighbour discovery).
@@ -36,26 +36,9 @@ impl Testbed {
         decap: bool,
     ) -> Result<Testbed> {
         assert!((1..=50).contains(&n));
-        let prefix = format!(
-            "{}{}",
-            super::run_prefix(),
-            RUN.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-        );
-        let sw = NetNs::new(&format!("{prefix}-sw"))?;
-        let client = NetNs::new(&format!("{prefix}-client"))?;
-        let gateway = NetNs::new(&format!("{prefix}-gw"))?;
-        let mut tb = Testbed {
-            pin_dir: format!("/sys/fs/bpf/{prefix}"),
-            prefix: prefix.clone(),
-            client,
-            gateway,
-            backends: Vec::new(),
-            client_v4: "10.0.0.2".parse().unwrap(),
-            client_v6: "fd00::2".parse().unwrap(),
-            lb_bin: lb_bin.to_path_buf(),
-            servers: None,
-            extra: vec![sw],
-        };
+        let mut tb = Testbed::empty(lb_bin)?;
+        let prefix = tb.prefix.clone();
+        tb.extra.push(NetNs::new(&format!("{prefix}-sw"))?);
         let sw = &tb.extra[0];
         sw.ip(&["link", "add", "br0", "type", "bridge"])?;
         sw.ip(&["link", "set", "br0", "up"])?;
@@ -178,22 +161,7 @@ impl Testbed {
 
     /// Runs the real `lb` binary in namespace `ns` with that namespace's own pin directory.
     pub fn lb_in(&self, ns: &NetNs, args: &[&str]) -> Result<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", ns.name))
-            .arg(&self.lb_bin)
-            .args(args)
-            .env("LB_PIN_DIR", format!("/sys/fs/bpf/{}", ns.name))
-            .output()
-            .context("running lb")?;
-        if !out.status.success() {
-            bail!(
-                "lb {} in {} failed: {}",
-                args.join(" "),
-                ns.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        super::run_lb(&self.lb_bin, ns, &format!("/sys/fs/bpf/{}", ns.name), args)
     }
 }
 

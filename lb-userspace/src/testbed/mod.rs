@@ -66,25 +66,29 @@ pub struct Testbed {
 }
 
 impl Testbed {
-    /// Builds the network with `n` backends (names `backend-1`…), starts their servers and
-    /// attaches lb to every gateway interface in `mode` (`native` or `generic`).
-    pub fn new(n: usize, mode: &str, lb_bin: &Path) -> Result<Testbed> {
-        assert!((1..=200).contains(&n));
+    /// A client and a gateway namespace under a new per-run prefix, nothing connected yet.
+    fn empty(lb_bin: &Path) -> Result<Testbed> {
         let prefix = format!("{}{}", run_prefix(), RUN.fetch_add(1, Ordering::SeqCst));
-        let client = NetNs::new(&format!("{prefix}-client"))?;
-        let gateway = NetNs::new(&format!("{prefix}-gw"))?;
-        let mut tb = Testbed {
+        Ok(Testbed {
             pin_dir: format!("/sys/fs/bpf/{prefix}"),
-            prefix: prefix.clone(),
-            client,
-            gateway,
+            client: NetNs::new(&format!("{prefix}-client"))?,
+            gateway: NetNs::new(&format!("{prefix}-gw"))?,
+            prefix,
             backends: Vec::new(),
             client_v4: "10.0.0.2".parse().unwrap(),
             client_v6: "fd00::2".parse().unwrap(),
             lb_bin: lb_bin.to_path_buf(),
             servers: None,
             extra: Vec::new(),
-        };
+        })
+    }
+
+    /// Builds the network with `n` backends (names `backend-1`…), starts their servers and
+    /// attaches lb to every gateway interface in `mode` (`native` or `generic`).
+    pub fn new(n: usize, mode: &str, lb_bin: &Path) -> Result<Testbed> {
+        assert!((1..=200).contains(&n));
+        let mut tb = Testbed::empty(lb_bin)?;
+        let prefix = tb.prefix.clone();
         let gw = &tb.gateway;
         gw.sysctl(&[
             "net.ipv4.ip_forward=1",
@@ -150,21 +154,7 @@ impl Testbed {
 
     /// Runs the real `lb` binary in the gateway's namespace; returns stdout.
     pub fn lb(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.gateway.name))
-            .arg(&self.lb_bin)
-            .args(args)
-            .env("LB_PIN_DIR", &self.pin_dir)
-            .output()
-            .context("running lb")?;
-        if !out.status.success() {
-            bail!(
-                "lb {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        run_lb(&self.lb_bin, &self.gateway, &self.pin_dir, args)
     }
 
     /// Starts the real `lb` binary in the gateway's namespace as a child process (the agent),
@@ -389,6 +379,27 @@ impl Drop for Testbed {
         cleanup_prefix(&format!("{}-", self.prefix));
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+/// Runs the real `lb` binary in namespace `ns` with pin directory `pin_dir`; returns stdout,
+/// or an error with its stderr.
+fn run_lb(lb_bin: &Path, ns: &NetNs, pin_dir: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(lb_bin)
+        .args(args)
+        .env("LB_PIN_DIR", pin_dir)
+        .output()
+        .context("running lb")?;
+    if !out.status.success() {
+        bail!(
+            "lb {} in {} failed: {}",
+            args.join(" "),
+            ns.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Connects `node`'s interface `iface` to the bridge `br0` in `sw` with a veth pair (`port` on
