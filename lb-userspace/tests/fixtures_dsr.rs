@@ -800,5 +800,5 @@ fn dsr_ipip_icmp_and_decap() {
     assert_eq!(n(DecapCounter::PassMalformed), 1);
     assert_eq!(n(DecapCounter::PassForeign), 1);
     assert_eq!(DECAP_COUNTER_COUNT, 7);
-    println!("{} dsr/ipip/icmp cases and 5 decap cases passed", t.rows);
+    println!("{} dsr/ipip/icmp cases and 6 decap cases passed", t.rows);
 }
