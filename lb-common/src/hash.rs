@@ -1,13 +1,15 @@
-//! The flow hash: MurmurHash3 (x86, 32-bit) with a fixed seed.
+//! The flow hash: MurmurHash3 (x86, 32-bit) seeded with the deployment's secret seed.
 //!
-//! The selection slot of a flow is `flow_hash(key) % table_size`. The hash is a fixed, documented
-//! function of the packet's 5-tuple alone — no per-boot random seed, no CPU-specific instruction —
-//! so every lb gateway (and userspace, which runs this same code) maps a flow to the same slot.
+//! The selection slot of a flow is `flow_hash(key, seed) % table_size`. The hash is a fixed,
+//! documented function of the packet's 5-tuple and the seed (`GlobalConf::hash_seed`, chosen
+//! per deployment) — no CPU-specific instruction — so every lb gateway with the same seed (and
+//! userspace, which runs this same code) maps a flow to the same slot, while nobody without the
+//! seed can precompute which source ports land on which backend.
 
 use crate::FlowKey;
 
-/// Seed of the flow hash. Changing it moves every flow: treat it as part of the wire format.
-pub const FLOW_HASH_SEED: u32 = 0x6c62_5f31; // "lb_1"
+/// A fixed seed for tests and examples ("lb_1"). Deployments use a secret one.
+pub const FLOW_HASH_SEED: u32 = 0x6c62_5f31;
 
 const C1: u32 = 0xcc9e_2d51;
 const C2: u32 = 0x1b87_3593;
@@ -53,12 +55,12 @@ pub fn murmur3_32(data: &[u8], seed: u32) -> u32 {
     fmix(h, data.len() as u32)
 }
 
-/// The flow hash: `murmur3_32(bytes of key, FLOW_HASH_SEED)` on a little-endian machine
-/// (x86-64, arm64 and the `bpfel` target lb builds for), written out word by word so that the
-/// eBPF compiler produces straight-line code.
+/// The flow hash: `murmur3_32(bytes of key, seed)` on a little-endian machine (x86-64, arm64
+/// and the `bpfel` target lb builds for), written out word by word so that the eBPF compiler
+/// produces straight-line code.
 #[inline(always)]
-pub fn flow_hash(key: &FlowKey) -> u32 {
-    let mut h = FLOW_HASH_SEED;
+pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
+    let mut h = seed;
     h = mix_h(h, key.src_be[0]);
     h = mix_h(h, key.src_be[1]);
     h = mix_h(h, key.src_be[2]);
@@ -75,20 +77,20 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     fmix(h, core::mem::size_of::<FlowKey>() as u32)
 }
 
-/// Seed of the source hash.
-pub const SOURCE_HASH_SEED: u32 = 0x6c62_5f32; // "lb_2"
+/// Mixed into the deployment's seed for the source hash, so that the two hashes differ.
+pub const SOURCE_HASH_TWEAK: u32 = 0x6c62_5f32; // "lb_2"
 
 /// The source hash: MurmurHash3 of the client address masked to `prefix_len` bits (0 = all),
 /// and its family. Every flow of a client (or of a client subnet) gets the same value.
 #[inline(always)]
-pub fn source_hash(src_be: &[u32; 4], family: u8, prefix_len: u8) -> u32 {
+pub fn source_hash(src_be: &[u32; 4], family: u8, prefix_len: u8, seed: u32) -> u32 {
     let bits_total: u32 = if family == crate::FAMILY_V4 { 32 } else { 128 };
     let prefix = if prefix_len == 0 || prefix_len as u32 > bits_total {
         bits_total
     } else {
         prefix_len as u32
     };
-    let mut h = SOURCE_HASH_SEED;
+    let mut h = seed ^ SOURCE_HASH_TWEAK;
     let mut i = 0;
     while i < 4 {
         let start = 32 * i as u32;
@@ -143,7 +145,7 @@ mod tests {
         key.proto = crate::PROTO_TCP;
         key.family = crate::FAMILY_V6;
         assert_eq!(
-            flow_hash(&key),
+            flow_hash(&key, FLOW_HASH_SEED),
             murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED)
         );
     }
@@ -159,10 +161,13 @@ mod tests {
         key.proto = crate::PROTO_TCP;
         key.family = crate::FAMILY_V4;
         assert_eq!(
-            flow_hash(&key),
+            flow_hash(&key, FLOW_HASH_SEED),
             murmur3_32(bytemuck::bytes_of(&key), FLOW_HASH_SEED)
         );
-        assert_eq!(flow_hash(&key), PINNED);
+        assert_eq!(flow_hash(&key, FLOW_HASH_SEED), PINNED);
+        // The seed changes the answer.
+        assert_ne!(flow_hash(&key, 1), PINNED);
+        assert_eq!(flow_hash(&key, 1), murmur3_32(bytemuck::bytes_of(&key), 1));
     }
     const PINNED: u32 = 3_515_136_274;
 
@@ -172,14 +177,14 @@ mod tests {
         let b = crate::addr_words([10, 1, 2, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let c = crate::addr_words([10, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let v4 = crate::FAMILY_V4;
-        assert_eq!(source_hash(&a, v4, 24), source_hash(&b, v4, 24));
-        assert_ne!(source_hash(&a, v4, 24), source_hash(&c, v4, 24));
-        assert_ne!(source_hash(&a, v4, 0), source_hash(&b, v4, 0));
-        assert_eq!(source_hash(&a, v4, 0), source_hash(&a, v4, 32));
+        assert_eq!(source_hash(&a, v4, 24, 7), source_hash(&b, v4, 24, 7));
+        assert_ne!(source_hash(&a, v4, 24, 7), source_hash(&c, v4, 24, 7));
+        assert_ne!(source_hash(&a, v4, 0, 7), source_hash(&b, v4, 0, 7));
+        assert_eq!(source_hash(&a, v4, 0, 7), source_hash(&a, v4, 32, 7));
         let x = crate::addr_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
         let y = crate::addr_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 2]);
         let v6 = crate::FAMILY_V6;
-        assert_eq!(source_hash(&x, v6, 64), source_hash(&y, v6, 64));
-        assert_ne!(source_hash(&x, v6, 72), source_hash(&y, v6, 72));
+        assert_eq!(source_hash(&x, v6, 64, 7), source_hash(&y, v6, 64, 7));
+        assert_ne!(source_hash(&x, v6, 72, 7), source_hash(&y, v6, 72, 7));
     }
 }

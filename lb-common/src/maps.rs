@@ -67,8 +67,10 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
 pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 /// Default capacity of the slot array shared by all VIPs' tables (16 tables of 65537 slots).
 pub const DEFAULT_TABLE_CAPACITY: u32 = 16 * DEFAULT_TABLE_SIZE;
-/// Default capacity of the connection-tracking LRU map.
+/// Default capacity of the connection-tracking LRU map (confirmed flows).
 pub const DEFAULT_CT_CAPACITY: u32 = 1 << 20;
+/// Default capacity of the unconfirmed-flow LRU map.
+pub const DEFAULT_CT_NEW_CAPACITY: u32 = 1 << 18;
 /// Slot value meaning "no backend": the packet is dropped and counted.
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -86,12 +88,26 @@ pub mod names {
     pub const BACKENDS: &str = "LB_BACKENDS_V1";
     /// `Array<u32>`: the selection tables of all VIPs, one contiguous run of slots each.
     pub const TABLE: &str = "LB_TABLE_V1";
-    /// `LruHashMap<FlowKey, CtEntry>`: flow → backend (connection tracking).
-    pub const CONNTRACK: &str = "LB_CT_V2";
+    /// `LruHashMap<FlowKey, CtEntry>`: confirmed flow → backend (connection tracking).
+    pub const CONNTRACK: &str = "LB_CT_V3";
+    /// `LruHashMap<FlowKey, CtEntry>`: flows not yet confirmed (a separate, bounded LRU, so
+    /// that a flood of them never evicts a confirmed flow).
+    pub const CT_NEW: &str = "LB_CTNEW_V1";
+    /// `Array<Timeouts>`: flow timeouts per VIP, by `vip_id`.
+    pub const TIMEOUTS: &str = "LB_TIMEOUTS_V1";
+    /// `Array<GlobalConf>` (one entry): hash seed, flood threshold.
+    pub const CONF: &str = "LB_CONF_V1";
+    /// `PerCpuArray<RateWindow>` (one entry): this CPU's new-flow rate.
+    pub const RATE: &str = "LB_RATE_V1";
+    /// `Array<u64>` (one entry): when some CPU last exceeded the flood threshold (coarse
+    /// monotonic ns); replies of flows without an entry are matched by the table until the
+    /// opening timeout after it.
+    pub const FLOOD: &str = "LB_FLOOD_V1";
     /// `Array<u64>`: active (open) flows per backend, by backend id.
     pub const ACTIVE: &str = "LB_ACTIVE_V1";
-    /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIP its replies are rewritten to.
-    pub const REVNAT: &str = "LB_REVNAT_V1";
+    /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIPs it serves (replies are rewritten
+    /// to the one whose flow it is).
+    pub const REVNAT: &str = "LB_REVNAT_V2";
     /// `PerCpuArray<u64>`: the decapsulation program's counters, indexed by `DecapCounter`.
     pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
@@ -102,7 +118,7 @@ pub mod names {
     pub const HANDOFF: &str = "LB_HANDOFF_V1";
     /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`
     /// (`COUNTER_CAPACITY` entries, so counters can be added without a new layout).
-    pub const STATS: &str = "LB_STATS_V3";
+    pub const STATS: &str = "LB_STATS_V4";
     /// `Array<NextHop>`: optional next-hop cache, indexed by backend id.
     pub const NEXTHOP: &str = "LB_NEXTHOP_V1";
     /// `PerCpuArray<TrafficStats>`: per-VIP traffic, indexed by `vip_id`.
@@ -242,7 +258,8 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Value of the conntrack map.
+/// Value of both conntrack maps (`names::CONNTRACK`: confirmed flows; `names::CT_NEW`: flows
+/// not yet confirmed). See ARCHITECTURE.md, "Flow state".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
@@ -250,14 +267,133 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// `Backend::generation` when the entry was made; a mismatch means the backend was replaced.
     pub generation: u32,
-    /// `CT_F_*` bits (64-bit: the data plane sets them with an atomic fetch-or, which BPF has
-    /// for 64-bit words).
+    /// When a packet last refreshed the entry: `bpf_ktime_get_coarse_ns`, i.e.
+    /// `CLOCK_MONOTONIC_COARSE` in nanoseconds. Refreshed at most about once a second.
+    pub last_seen_ns: u64,
+    /// `CT_F_*` bits (64-bit: the data plane changes them with atomic fetch-or / fetch-and,
+    /// which BPF has for 64-bit words).
     pub flags: u64,
+    /// NAT, TCP, not yet confirmed, with `CT_F_SYNACK`: the acknowledgment number (host order)
+    /// the client's handshake-completing ACK carries (the backend's initial sequence + 1).
+    pub ack_expect: u32,
+    /// `CT_S_*`.
+    pub state: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 16);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 
-/// `CtEntry::flags`: a TCP FIN or RST was seen; the flow no longer counts as active.
-pub const CT_F_CLOSED: u64 = 1;
+/// `CtEntry::state`: TCP, a SYN (or, with `CT_F_PICKUP`, a mid-stream packet) was seen; the
+/// handshake has not been shown to complete. Only in `names::CT_NEW`.
+pub const CT_S_OPENING: u8 = 1;
+/// `CtEntry::state`: TCP, confirmed (handshake completed, or picked up mid-stream and answered).
+pub const CT_S_ESTABLISHED: u8 = 2;
+/// `CtEntry::state`: TCP, a FIN from one side, or an RST: still forwarded, shorter timeout.
+pub const CT_S_CLOSING: u8 = 3;
+/// `CtEntry::state`: TCP, FINs from both sides: over; a SYN on it is a new connection.
+pub const CT_S_CLOSED: u8 = 4;
+/// `CtEntry::state`: UDP (confirmed in `names::CONNTRACK` by a reply, unconfirmed in
+/// `names::CT_NEW`).
+pub const CT_S_UDP: u8 = 5;
+/// Names of the states, by `CT_S_*` (index 0 unused).
+pub const CT_STATE_NAMES: [&str; 6] =
+    ["none", "opening", "established", "closing", "closed", "udp"];
+
+/// `CtEntry::flags`: the flow counts in its backend's active-flow count (`names::ACTIVE`).
+/// Cleared with an atomic fetch-and by whoever takes it off the count, so that happens once.
+pub const CT_F_COUNTED: u64 = 1;
+/// `CtEntry::flags`: a FIN from the client was seen.
+pub const CT_F_FIN_CLIENT: u64 = 2;
+/// `CtEntry::flags`: a FIN from the backend was seen (NAT: the gateway sees replies).
+pub const CT_F_FIN_BACKEND: u64 = 4;
+/// `CtEntry::flags`: an RST was seen and no ordinary packet since (closing).
+pub const CT_F_RST: u64 = 8;
+/// `CtEntry::flags`: NAT, unconfirmed: the backend's SYN-ACK was seen; `ack_expect` is valid.
+pub const CT_F_SYNACK: u64 = 16;
+/// `CtEntry::flags`: unconfirmed entry made for a mid-stream packet (no SYN seen).
+pub const CT_F_PICKUP: u64 = 32;
+/// `CtEntry::flags`: the client sent a packet after the one that made the entry (DSR
+/// confirmation evidence).
+pub const CT_F_CLIENT_AGAIN: u64 = 64;
+
+/// The client's ACK confirms a NAT TCP flow when its acknowledgment number is at most this far
+/// past `CtEntry::ack_expect` (a blind spoofer hits it with probability 2^-12 per try).
+pub const ACK_WINDOW: u32 = 1 << 20;
+
+/// Flow timeouts of one VIP, in seconds (`names::TIMEOUTS`, indexed by `vip_id`). An entry
+/// whose last packet is older than its state's timeout is treated as absent. 0 = never expires.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Timeouts {
+    /// TCP, handshake not completed (`CT_S_OPENING`).
+    pub opening_s: u32,
+    /// TCP, established.
+    pub established_s: u32,
+    /// TCP, one FIN or an RST seen.
+    pub closing_s: u32,
+    /// TCP, FINs both ways.
+    pub closed_s: u32,
+    /// UDP.
+    pub udp_s: u32,
+}
+const _: () = assert!(core::mem::size_of::<Timeouts>() == 20);
+
+impl Timeouts {
+    /// Defaults, in the range of IPVS (SYN_RECV 60 s, ESTABLISHED 900 s, FIN_WAIT 120 s, CLOSE
+    /// 10 s, UDP 300 s) and Cilium (SYN 60 s, TCP 6 h, close 10 s, other 60 s).
+    pub const DEFAULT: Timeouts = Timeouts {
+        opening_s: 60,
+        established_s: 3600,
+        closing_s: 120,
+        closed_s: 10,
+        udp_s: 300,
+    };
+
+    /// The timeout of state `s` (`CT_S_*`), seconds.
+    #[inline(always)]
+    pub fn of_state(&self, s: u8) -> u32 {
+        match s {
+            CT_S_OPENING => self.opening_s,
+            CT_S_ESTABLISHED => self.established_s,
+            CT_S_CLOSING => self.closing_s,
+            CT_S_CLOSED => self.closed_s,
+            _ => self.udp_s,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts::DEFAULT
+    }
+}
+
+/// Deployment-wide settings (`names::CONF`, one entry), written by userspace at load and by
+/// `lb apply`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct GlobalConf {
+    /// Seed of the flow hash and the source hash. Secret per deployment; every gateway of one
+    /// deployment must have the same.
+    pub hash_seed: u32,
+    /// New flows per second per CPU above which no unconfirmed entry is stored (the flood
+    /// threshold); 0 = no limit.
+    pub flood_rate: u32,
+}
+const _: () = assert!(core::mem::size_of::<GlobalConf>() == 8);
+
+/// Default flood threshold: new flows per second per CPU (Katran's `MAX_CONN_RATE`).
+pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
+
+/// Per-CPU new-flow rate window (`names::RATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RateWindow {
+    /// Start of the current one-second window, coarse monotonic ns.
+    pub start_ns: u64,
+    /// New flows seen in this window.
+    pub count: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateWindow>() == 16);
 
 /// `NextHop::flags`: the entry may be used.
 pub const NEXTHOP_F_VALID: u32 = 1;
@@ -281,18 +417,32 @@ pub struct NextHop {
 }
 const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
 
-/// Value of the reverse-NAT map: what a backend's reply is rewritten to.
+/// One VIP a backend endpoint serves: what its replies in that VIP's flows are rewritten to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RevNatEntry {
+    /// The VIP: replies get this address and port as their source.
+    pub vip: Endpoint,
+    /// The VIP's id (per-VIP reply counters, timeouts).
+    pub vip_id: u32,
+    /// The backend's id for that VIP (per-backend reply counters).
+    pub backend_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<RevNatEntry>() == 28);
+
+/// How many VIPs one backend address:port may serve.
+pub const MAX_VIPS_PER_BACKEND: usize = 4;
+
+/// Value of the reverse-NAT map: the VIPs a backend endpoint serves. A reply belongs to the
+/// first of them whose conntrack holds the flow for this backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RevNat {
-    /// The VIP: replies get this address and port as their source.
-    pub vip: Endpoint,
-    /// The VIP's id (for per-VIP reply counters).
-    pub vip_id: u32,
-    /// The backend's id (for per-backend reply counters).
-    pub backend_id: u32,
+    /// Entries in use (`1..=MAX_VIPS_PER_BACKEND`).
+    pub count: u32,
+    pub vips: [RevNatEntry; MAX_VIPS_PER_BACKEND],
 }
-const _: () = assert!(core::mem::size_of::<RevNat>() == 28);
+const _: () = assert!(core::mem::size_of::<RevNat>() == 116);
 
 /// Traffic counters of one VIP or one backend (per CPU in the kernel; userspace sums them).
 #[repr(C)]
@@ -347,6 +497,9 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for Timeouts {}
+    unsafe impl aya::Pod for GlobalConf {}
+    unsafe impl aya::Pod for RateWindow {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for NextHop {}
 }

@@ -51,6 +51,14 @@ pub enum Counter {
     /// ipip: the encapsulated packet would exceed the egress MTU: an ICMP fragmentation-needed
     /// / packet-too-big with the MTU left after encapsulation was sent back to the client.
     TxIcmpTooBig,
+    /// To a VIP from a source that cannot be a real client (0/8, 127/8, multicast, broadcast
+    /// and 240/4, 169.254/16, ::, ::1, ff00::/8, fe80::/10, or the VIP's own address): dropped.
+    DropMartian,
+    /// To a VIP with source port 0: dropped.
+    DropPortZero,
+    /// To a VIP or a reply, with TTL / hop limit <= 1: given to the kernel, which answers
+    /// "time exceeded" as a router does.
+    PassTtlExceeded,
 
     // ---- events ----
     /// A client → VIP packet took its backend from conntrack.
@@ -74,15 +82,32 @@ pub enum Counter {
     /// An ICMP fragmentation-needed / packet-too-big about a VIP flow was sent to the flow's
     /// backend (PMTU discovery keeps working behind lb).
     IcmpToBackend,
+    /// A flow entry older than its state's timeout was found and treated as absent.
+    CtExpired,
+    /// A flow was confirmed (moved to the confirmed table and counted active).
+    CtConfirmed,
+    /// A new flow above the flood threshold: no unconfirmed entry stored, backend chosen by
+    /// the flow hash.
+    CtFloodSkip,
+    /// A client ACK on an unconfirmed NAT flow did not acknowledge the backend's SYN-ACK: not
+    /// confirmed.
+    CtBadAck,
+    /// A SYN on a closed flow (FINs both ways): a new connection, selected afresh.
+    CtReopened,
+    /// An unconfirmed flow removed because its backend answered with an RST.
+    CtRefused,
+    /// A reply without a flow entry matched through the VIP's table (stateless reverse, or
+    /// after a flood).
+    RevStateless,
 }
 
 /// Number of counters (size of the global counter array).
-pub const COUNTER_COUNT: u32 = Counter::IcmpToBackend as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::RevStateless as u32 + 1;
 /// Entries of the counter array: room for counters added later without a new map layout.
 pub const COUNTER_CAPACITY: u32 = 64;
 const _: () = assert!(COUNTER_COUNT <= COUNTER_CAPACITY);
 /// Counters `0..VERDICT_COUNT` are verdicts; their sum is the number of packets seen.
-pub const VERDICT_COUNT: u32 = Counter::TxIcmpTooBig as u32 + 1;
+pub const VERDICT_COUNT: u32 = Counter::PassTtlExceeded as u32 + 1;
 
 /// Names of the counters, as shown by `lb stats` and exported as metric labels.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -105,6 +130,9 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_too_big",
     "drop_no_program",
     "tx_icmp_too_big",
+    "drop_martian",
+    "drop_port_zero",
+    "pass_ttl_exceeded",
     "ct_hit",
     "ct_miss",
     "ct_stale",
@@ -115,6 +143,13 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "fwd_dsr_l2",
     "fwd_ipip",
     "icmp_to_backend",
+    "ct_expired",
+    "ct_confirmed",
+    "ct_flood_skip",
+    "ct_bad_ack",
+    "ct_reopened",
+    "ct_refused",
+    "rev_stateless",
 ];
 
 /// Counters of the decapsulation program (`lb_decap`, map `LB_DECAP_STATS_V1`): one per packet.

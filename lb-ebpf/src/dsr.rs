@@ -45,7 +45,12 @@ pub(crate) fn dsr_l2(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Verdi
     match r {
         // The next hop must be the backend itself: with a gateway in between, the gateway
         // would route the packet by its destination, the VIP.
-        Route::Ok if same_addr(pkt.family, &p.dst_be, &backend.addr_be) => fib::send(ctx, &p),
+        Route::Ok if same_addr(pkt.family, &p.dst_be, &backend.addr_be) => {
+            if !crate::nat::decrement_ttl(ctx, pkt.family) {
+                return Verdict::pass(Counter::PassMalformedIp);
+            }
+            fib::send(ctx, &p)
+        }
         Route::Ok => Verdict::drop(Counter::DropNotOnLink),
         Route::NoNeigh => Verdict::drop(Counter::DropNoNeigh),
         Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
@@ -131,6 +136,10 @@ fn ipip_send(
             return too_big(ctx, pkt, mtu);
         }
         Route::FragNeeded => return Verdict::drop(Counter::DropTooBig),
+    }
+    // The inner packet is forwarded as a router would: one hop less.
+    if !crate::nat::decrement_ttl(ctx, pkt.family) {
+        return Verdict::pass(Counter::PassMalformedIp);
     }
     if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
         return Verdict::drop(Counter::DropTooBig);

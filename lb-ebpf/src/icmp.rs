@@ -74,6 +74,9 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
                 sport: 0,
                 dport: 0,
                 tcp_flags: 0,
+                ttl: h.ttl,
+                seq: 0,
+                ack_seq: 0,
                 frame_len,
                 ip_len: tot_len,
                 tos_or_flow: h.tos as u32,
@@ -129,6 +132,9 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
                 sport: 0,
                 dport: 0,
                 tcp_flags: 0,
+                ttl: h.hop_limit,
+                seq: 0,
+                ack_seq: 0,
                 frame_len,
                 ip_len: (IPV6_LEN as u64 + payload) as u16,
                 tos_or_flow: (u32::from_be(h.vtc_flow_be) & 0x000f_ffff).to_be(),
@@ -171,6 +177,10 @@ pub(crate) fn nat_rewrite(ctx: &XdpContext, m: &TooBig, addr: &[u32; 4], port: u
         let mut c = CsumUpdate::new(ip.check);
         c.word32(ip.daddr_be, addr[0]);
         ip.daddr_be = addr[0];
+        // Forwarded one hop on, as a router does (the caller checked the TTL is above 1).
+        let ttl_proto = u16::from_ne_bytes([ip.ttl, ip.protocol]);
+        ip.ttl = ip.ttl.wrapping_sub(1);
+        c.word(ttl_proto, u16::from_ne_bytes([ip.ttl, ip.protocol]));
         ip.check = c.finish();
         let Some(q) = ptr_at::<Ipv4Hdr>(ctx, m.quote_off) else {
             return false;
@@ -190,9 +200,10 @@ pub(crate) fn nat_rewrite(ctx: &XdpContext, m: &TooBig, addr: &[u32; 4], port: u
         };
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
-        // The ICMPv6 checksum covers the pseudo-header's destination.
+        // The ICMPv6 checksum covers the pseudo-header's destination (not the hop limit).
         icmp_delta.addr(&ip.daddr_be, addr);
         ip.daddr_be = *addr;
+        ip.hop_limit = ip.hop_limit.wrapping_sub(1);
         let Some(q) = ptr_at::<Ipv6Hdr>(ctx, m.quote_off) else {
             return false;
         };

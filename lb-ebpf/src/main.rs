@@ -16,6 +16,7 @@ mod dsr;
 // The shared header layouts, as `crate::headers` for the modules below.
 pub(crate) use lb_ebpf::headers;
 mod fib;
+mod flow;
 mod icmp;
 mod maps;
 mod nat;
@@ -23,19 +24,19 @@ mod parse;
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
-
 use lb_common::{
     hash::{flow_hash, source_hash},
-    Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, VipInfo, ALGO_LEAST_CONN, ALGO_RANDOM,
-    ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_CLOSED, FWD_DSR_L2, FWD_IPIP, NEXTHOP_F_VALID,
-    NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP, VIP_F_STATELESS_REVERSE,
+    Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, RevNatEntry, VipInfo, ALGO_LEAST_CONN,
+    ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, FAMILY_V4, FWD_DSR_L2, FWD_IPIP,
+    MAX_VIPS_PER_BACKEND, NEXTHOP_F_VALID, NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP,
+    PROG_IPIP, PROTO_TCP, VIP_F_STATELESS_REVERSE,
 };
 
 use crate::{
+    flow::Dir,
     maps::{
-        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, HANDOFF, NEXTHOP, PORTS, PROGS, REVNAT,
-        RR_POS, TABLE, VIPS, VIP_STATS,
+        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, NEXTHOP, PORTS, PROGS,
+        REVNAT, RR_POS, TABLE, VIPS, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -144,71 +145,143 @@ fn process(ctx: &XdpContext) -> Verdict {
         .unwrap_or(0);
     if sport_flags & PORT_F_BACKEND != 0 {
         let backend_key = pkt.src_endpoint();
-        // SAFETY: as above.
-        if let Some(rev) = unsafe { REVNAT.get(backend_key) } {
-            let rev = *rev;
-            if is_reply(ctx, &pkt, &rev) {
-                return reverse(ctx, &pkt, &rev);
+        if let Some(rev) = REVNAT.get_ptr(backend_key) {
+            // From a backend's service endpoint with no hop left: not forwarded, and it
+            // changes no flow state either.
+            if pkt.ttl <= 1 {
+                return Verdict::pass(Counter::PassTtlExceeded);
+            }
+            if let Some(r) = reply_of(ctx, &pkt, rev) {
+                return reverse(ctx, &pkt, &r);
             }
         }
     }
     Verdict::pass(Counter::PassNotVip)
 }
 
-/// Whether a packet from a backend's service endpoint answers a flow that lb forwarded to that
-/// backend: conntrack holds the client → VIP flow, pinned to this backend. Anything else from
-/// the backend — e.g. a client that talks to the backend's address directly through the
-/// gateway — is not lb's to rewrite.
+/// Which of the VIPs a backend endpoint serves (`rev`) a packet from it answers, if any: the
+/// first whose client → VIP flow is in conntrack (confirmed or not) for this backend; else,
+/// for a backend of one VIP, the VIP's table (`stateless_reply`). Anything else from the
+/// backend — e.g. a client that talks to the backend's address directly through the gateway —
+/// is not lb's to rewrite. Applies the reply to the flow's state.
 #[inline(always)]
-fn is_reply(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> bool {
-    let flow = FlowKey {
-        src_be: pkt.dst,
-        dst_be: rev.vip.addr_be,
-        sport_be: pkt.dport,
-        dport_be: rev.vip.port_be,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    };
-    // SAFETY: copied out at once.
-    let Some(ct) = (unsafe { CONNTRACK.get(flow) }).copied() else {
-        return stateless_reply(ctx, pkt, &flow, rev);
-    };
-    if ct.backend_id != rev.backend_id {
-        // Stale here (the flow was re-selected on another gateway): the table decides.
-        return stateless_reply(ctx, pkt, &flow, rev);
+fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNatEntry> {
+    let now = flow::now_ns();
+    // SAFETY: the map value is live for the program run; fields are copied out.
+    let n = unsafe { (*rev).count } as usize;
+    let mut i = 0;
+    while i < MAX_VIPS_PER_BACKEND {
+        if i >= n {
+            break;
+        }
+        // SAFETY: as above; i is below the array length.
+        let r = unsafe { (*rev).vips[i] };
+        let key = FlowKey {
+            src_be: pkt.dst,
+            dst_be: r.vip.addr_be,
+            sport_be: pkt.dport,
+            dport_be: r.vip.port_be,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: 0,
+        };
+        if tracked_reply(pkt, &key, &r, now) {
+            return Some(r);
+        }
+        i += 1;
     }
-    if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
-        mark_closed(&flow, ct.backend_id);
+    if n == 1 {
+        // SAFETY: as above.
+        let r = unsafe { (*rev).vips[0] };
+        if stateless_reply(ctx, pkt, &r, now) {
+            count(Counter::RevStateless);
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// A reply whose flow is in conntrack for this backend: applies it to the flow's state.
+#[inline(always)]
+fn tracked_reply(pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool {
+    if let Some(p) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: live map value, copied.
+        let e = unsafe { *p };
+        if e.backend_id == r.backend_id {
+            if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
+                count(Counter::CtExpired);
+                flow::drop_confirmed(key, p);
+                return false;
+            }
+            if pkt.proto == PROTO_TCP {
+                flow::tcp_update(p, pkt.tcp_flags, Dir::Backend);
+            }
+            flow::refresh(p, now);
+            return true;
+        }
+        // Another backend's flow here (re-selected on another gateway): not this reply's.
+    }
+    let Some(p) = CT_NEW.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: live map value, copied.
+    let e = unsafe { *p };
+    if e.backend_id != r.backend_id {
+        return false;
+    }
+    if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
+        count(Counter::CtExpired);
+        let _ = CT_NEW.remove(key);
+        return false;
+    }
+    match flow::backend_reply(p, pkt.proto, pkt.tcp_flags, pkt.seq) {
+        flow::ReplyEffect::Confirm => flow::confirm(key, p, pkt.proto, now),
+        flow::ReplyEffect::Refused => {
+            count(Counter::CtRefused);
+            let _ = CT_NEW.remove(key);
+        }
+        flow::ReplyEffect::Keep => flow::refresh(p, now),
     }
     true
 }
 
-/// A reply this gateway has no conntrack entry for (several gateways behind ECMP: the client's
-/// packets went through another one). For a VIP with `VIP_F_STATELESS_REVERSE` whose algorithm
-/// is a pure function of the packet (maglev, source-hash), the reply is the VIP's if the VIP's
-/// table gives this flow to this backend — what every gateway with the same configuration
-/// computes — and it is not addressed to this gateway itself (its health checks talk to the
-/// backends directly, from addresses the table may well give to that backend).
+/// A reply this gateway has no flow entry for. It is the VIP's if the VIP's table gives this
+/// flow to this backend — what every gateway with the same configuration computes — and it is
+/// not addressed to this gateway itself (its health checks talk to the backends directly, from
+/// addresses the table may well give to that backend); and either the VIP has
+/// `VIP_F_STATELESS_REVERSE` (several gateways behind ECMP) or a flood was on within the
+/// opening timeout (flows that began then have no entry: see `flow::flooding`).
 #[inline(always)]
-fn stateless_reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, rev: &RevNat) -> bool {
+fn stateless_reply(ctx: &XdpContext, pkt: &Packet, r: &RevNatEntry, now: u64) -> bool {
     // SAFETY: copied out at once.
-    let Some(vip) = (unsafe { VIPS.get(rev.vip) }).copied() else {
+    let Some(vip) = (unsafe { VIPS.get(r.vip) }).copied() else {
         return false;
     };
-    if vip.flags & VIP_F_STATELESS_REVERSE == 0 || vip.table_size == 0 {
+    let after_flood = vip.flags & VIP_F_STATELESS_REVERSE == 0;
+    if after_flood {
+        // As long as a flow that began in the flood could live without an entry.
+        let t = flow::timeouts(r.vip_id).established_s;
+        if !flow::flooded_recently(now, if t == 0 { u32::MAX } else { t }) {
+            return false;
+        }
+    } else if vip.algo != ALGO_MAGLEV && vip.algo != ALGO_SOURCE_HASH {
         return false;
     }
-    let index = match vip.algo {
-        ALGO_SOURCE_HASH => {
-            source_hash(&flow.src_be, flow.family, vip.src_prefix_len) % vip.table_size
-        }
-        lb_common::ALGO_MAGLEV => flow_hash(flow) % vip.table_size,
-        _ => return false,
+    let key = FlowKey {
+        src_be: pkt.dst,
+        dst_be: r.vip.addr_be,
+        sport_be: pkt.dport,
+        dport_be: r.vip.port_be,
+        proto: pkt.proto,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let Some(index) = hashed_index(&vip, &key, flow::seed()) else {
+        return false;
     };
     if !TABLE
         .get(vip.table_off.wrapping_add(index))
-        .is_some_and(|id| *id == rev.backend_id)
+        .is_some_and(|id| *id == r.backend_id)
     {
         return false;
     }
@@ -225,50 +298,19 @@ fn stateless_reply(ctx: &XdpContext, pkt: &Packet, flow: &FlowKey, rev: &RevNat)
     );
     // Local destinations come back as "not forwarded" (Other); everything else is on its way
     // somewhere else and the forward path handles it.
-    !matches!(route, fib::Route::Other)
-}
-
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
-#[inline(always)]
-fn is_syn(flags: u8) -> bool {
-    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-}
-
-#[inline(always)]
-fn closes(flags: u8) -> bool {
-    flags & (TCP_FIN | TCP_RST) != 0
-}
-
-/// Marks a flow closed and takes it off its backend's active count — once, even when both
-/// directions' FINs race on two CPUs (the flag is set with an atomic fetch-or).
-#[inline(always)]
-fn mark_closed(flow: &FlowKey, backend_id: u32) {
-    if let Some(p) = CONNTRACK.get_ptr_mut(*flow) {
-        // SAFETY: the LRU value is live while we hold the RCU read side (the program run);
-        // u32 fields are naturally aligned.
-        let before = unsafe {
-            atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(
-                core::ptr::addr_of_mut!((*p).flags),
-                CT_F_CLOSED,
-            )
-        };
-        if before & CT_F_CLOSED == 0 {
-            active_add(backend_id, u64::MAX); // −1
+    if matches!(route, fib::Route::Other) {
+        return false;
+    }
+    // A flow that began in a flood: the backend's ordinary TCP segment (not a SYN-ACK, which
+    // spoofed SYNs get too, nor an RST) shows the backend holds an established connection,
+    // which only a real client's handshake makes: confirm the flow.
+    if after_flood && pkt.proto == PROTO_TCP && pkt.tcp_flags & (flow::TCP_SYN | flow::TCP_RST) == 0
+    {
+        if let Some(b) = usable_backend(r.backend_id, r.vip_id) {
+            flow::confirm_reply(&key, r.backend_id, b.generation, now);
         }
     }
-}
-
-/// Adds `delta` (wrapping: u64::MAX is −1) to a backend's active-flow count.
-#[inline(always)]
-fn active_add(id: u32, delta: u64) {
-    if let Some(p) = ACTIVE.get_ptr_mut(id) {
-        // SAFETY: array values are live and 8-byte aligned.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
-    }
+    true
 }
 
 /// The less loaded of the backends in two random slots: active flows / weight, compared by
@@ -304,7 +346,7 @@ fn select_least_conn(vip: &VipInfo) -> Option<(u32, Backend)> {
 
 /// Backend → client: rewrite the source back to the VIP, forward.
 #[inline(always)]
-fn reverse(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> Verdict {
+fn reverse(ctx: &XdpContext, pkt: &Packet, rev: &RevNatEntry) -> Verdict {
     count(Counter::RevNat);
     add_traffic(&VIP_STATS, rev.vip_id, pkt.frame_len, false, true);
     add_traffic(&BACKEND_STATS, rev.backend_id, pkt.frame_len, false, true);
@@ -321,9 +363,33 @@ fn reverse(ctx: &XdpContext, pkt: &Packet, rev: &RevNat) -> Verdict {
     )
 }
 
-/// Client → VIP: find the flow's backend, rewrite the destination to it, forward.
+/// Sources no real client has (RFC 6890 and friends): this network (0/8), loopback, link-local,
+/// multicast, 240/4 with broadcast; ::, ::1, link-local and multicast IPv6.
+#[inline(always)]
+fn martian(family: u8, src: &[u32; 4]) -> bool {
+    let b = src[0].to_ne_bytes();
+    if family == FAMILY_V4 {
+        b[0] == 0 || b[0] == 127 || b[0] >= 224 || (b[0] == 169 && b[1] == 254)
+    } else {
+        let unspecified_or_loopback =
+            src[0] == 0 && src[1] == 0 && src[2] == 0 && (src[3] == 0 || src[3] == 1u32.to_be());
+        unspecified_or_loopback || b[0] == 0xff || (b[0] == 0xfe && b[1] & 0xc0 == 0x80)
+    }
+}
+
+/// Client → VIP: check the packet, find the flow's backend, rewrite the destination to it,
+/// forward.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
+    if pkt.sport == 0 {
+        return Verdict::drop(Counter::DropPortZero);
+    }
+    if martian(pkt.family, &pkt.src) || pkt.src == pkt.dst {
+        return Verdict::drop(Counter::DropMartian);
+    }
+    if pkt.ttl <= 1 {
+        return Verdict::pass(Counter::PassTtlExceeded);
+    }
     let flow = FlowKey {
         src_be: pkt.src,
         dst_be: pkt.dst,
@@ -333,48 +399,111 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         family: pkt.family,
         _pad: 0,
     };
-    let mut chosen: Option<(u32, Backend)> = None;
-    // SAFETY: copied out at once.
-    if let Some(ct) = unsafe { CONNTRACK.get(flow) } {
-        let ct = *ct;
-        // A SYN on a closed flow's 5-tuple is a new connection (port reuse): select afresh.
-        let reopened = ct.flags & CT_F_CLOSED != 0 && is_syn(pkt.tcp_flags);
-        if !reopened {
-            match tracked_backend(&ct, vip.vip_id) {
-                Some(b) => {
-                    count(Counter::CtHit);
-                    if closes(pkt.tcp_flags) && ct.flags & CT_F_CLOSED == 0 {
-                        mark_closed(&flow, ct.backend_id);
-                    }
-                    chosen = Some((ct.backend_id, b));
-                }
-                _ => count(Counter::CtStale),
+    let now = flow::now_ns();
+    let (id, backend, new_flow) = if let Some((id, b)) = confirmed_flow(pkt, vip, &flow, now) {
+        (id, b, false)
+    } else {
+        // A SYN above the flood threshold skips the unconfirmed table as well: that is the
+        // flood's own path, kept to one lookup (a retransmitted SYN then goes where the hash
+        // says). Anything else looks there first.
+        let syn = pkt.proto == PROTO_TCP && flow::is_syn(pkt.tcp_flags);
+        let mut flooding = syn && flow::flooding(now);
+        let known = if flooding {
+            None
+        } else {
+            unconfirmed_flow(pkt, vip, &flow, now)
+        };
+        if let Some((id, b)) = known {
+            (id, b, false)
+        } else {
+            if !syn {
+                flooding = flow::flooding(now);
             }
-        }
-    }
-    let (id, backend) = match chosen {
-        Some(c) => c,
-        None => {
-            let Some((id, b)) = select(vip, &flow) else {
+            let picked = if flooding {
+                let seed = flow::seed();
+                hashed_index(vip, &flow, seed).and_then(|i| slot_backend(vip, i))
+            } else {
+                select(vip, &flow)
+            };
+            let Some((id, b)) = picked else {
                 return Verdict::drop(Counter::DropNoBackend);
             };
-            let entry = CtEntry {
-                backend_id: id,
-                generation: b.generation,
-                flags: 0,
-            };
-            if CONNTRACK.insert(flow, entry, 0).is_err() {
-                count(Counter::CtInsertFailed);
-            }
-            active_add(id, 1);
             count(Counter::CtMiss);
-            (id, b)
+            if flooding {
+                count(Counter::CtFloodSkip);
+            } else if pkt.tcp_flags & flow::TCP_RST == 0 {
+                flow::insert_new(&flow, id, b.generation, pkt.tcp_flags, now);
+            }
+            (id, b, true)
         }
     };
-    let new_flow = chosen.is_none();
     add_traffic(&VIP_STATS, vip.vip_id, pkt.frame_len, new_flow, false);
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
     send_to_backend(ctx, pkt, vip, id, &backend, &flow)
+}
+
+/// The backend of a confirmed flow, after applying this client packet to its state. None: not
+/// a live confirmed flow — no entry, or one that is expired, stale (its backend was replaced)
+/// or closed and reopened by a SYN (each removed here).
+#[inline(always)]
+fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Option<(u32, Backend)> {
+    let p = CONNTRACK.get_ptr_mut(flow)?;
+    // SAFETY: live map value, copied.
+    let e = unsafe { *p };
+    if flow::expired(&e, now, &flow::timeouts(vip.vip_id)) {
+        count(Counter::CtExpired);
+        flow::drop_confirmed(flow, p);
+        return None;
+    }
+    let Some(b) = tracked_backend(&e, vip.vip_id) else {
+        count(Counter::CtStale);
+        flow::drop_confirmed(flow, p);
+        return None;
+    };
+    if flow::is_closed(p) && flow::is_syn(pkt.tcp_flags) {
+        // Port reuse after a complete close: a new connection.
+        count(Counter::CtReopened);
+        flow::drop_confirmed(flow, p);
+        return None;
+    }
+    count(Counter::CtHit);
+    if pkt.proto == PROTO_TCP {
+        flow::tcp_update(p, pkt.tcp_flags, Dir::Client);
+    }
+    flow::refresh(p, now);
+    Some((e.backend_id, b))
+}
+
+/// The backend of an unconfirmed flow, after applying this client packet to it (which may
+/// confirm it). None: no live entry (an expired or stale one is removed).
+#[inline(always)]
+fn unconfirmed_flow(
+    pkt: &Packet,
+    vip: &VipInfo,
+    flow: &FlowKey,
+    now: u64,
+) -> Option<(u32, Backend)> {
+    let p = CT_NEW.get_ptr_mut(flow)?;
+    // SAFETY: live map value, copied.
+    let e = unsafe { *p };
+    if flow::expired(&e, now, &flow::timeouts(vip.vip_id)) {
+        count(Counter::CtExpired);
+        let _ = CT_NEW.remove(flow);
+        return None;
+    }
+    let Some(b) = tracked_backend(&e, vip.vip_id) else {
+        count(Counter::CtStale);
+        let _ = CT_NEW.remove(flow);
+        return None;
+    };
+    count(Counter::CtHit);
+    let dsr = vip.fwd != lb_common::FWD_NAT;
+    if flow::client_confirms(p, pkt.proto, pkt.tcp_flags, pkt.ack_seq, dsr) {
+        flow::confirm(flow, p, pkt.proto, now);
+    } else {
+        flow::refresh(p, now);
+    }
+    Some((e.backend_id, b))
 }
 
 /// Sends a packet for a VIP to backend `id` the VIP's way: NAT, dsr-l2 or ipip.
@@ -399,7 +528,7 @@ fn send_to_backend(
                 unsafe {
                     *h = Handoff {
                         backend_id: id,
-                        hash: flow_hash(flow),
+                        hash: flow_hash(flow, flow::seed()),
                     }
                 };
             }
@@ -434,10 +563,12 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
     let m = icmp::parse(ctx)?;
     // SAFETY: copied out at once.
     let vip = unsafe { VIPS.get(m.vip) }.copied()?;
-    // SAFETY: copied out at once.
-    let from_ct = unsafe { CONNTRACK.get(m.flow) }
-        .copied()
-        .and_then(|ct| Some((ct.backend_id, tracked_backend(&ct, vip.vip_id)?)));
+    if m.outer.ttl <= 1 {
+        return Some(Verdict::pass(Counter::PassTtlExceeded));
+    }
+    // SAFETY: copied out at once (confirmed flows, then unconfirmed ones).
+    let ct = unsafe { CONNTRACK.get(m.flow).or_else(|| CT_NEW.get(m.flow)) }.copied();
+    let from_ct = ct.and_then(|ct| Some((ct.backend_id, tracked_backend(&ct, vip.vip_id)?)));
     let (_, backend) = match from_ct {
         Some(c) => c,
         None => select(&vip, &m.flow)?,
@@ -449,7 +580,12 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
     }
     if vip.fwd == FWD_IPIP {
         count(Counter::FwdIpip);
-        return Some(dsr::ipip_quiet(ctx, &m.outer, &backend, flow_hash(&m.flow)));
+        return Some(dsr::ipip_quiet(
+            ctx,
+            &m.outer,
+            &backend,
+            flow_hash(&m.flow, flow::seed()),
+        ));
     }
     count(Counter::FwdNat);
     if !icmp::nat_rewrite(ctx, &m, &backend.addr_be, backend.port_be) {
@@ -475,9 +611,6 @@ fn select(vip: &VipInfo, flow: &FlowKey) -> Option<(u32, Backend)> {
         ALGO_LEAST_CONN => return select_least_conn(vip),
         // SAFETY: plain helper call.
         ALGO_RANDOM => (unsafe { bpf_get_prandom_u32() }) % vip.table_size,
-        ALGO_SOURCE_HASH => {
-            source_hash(&flow.src_be, flow.family, vip.src_prefix_len) % vip.table_size
-        }
         ALGO_ROUND_ROBIN => {
             if vip.seq_len == 0 || vip.seq_len > vip.table_size {
                 return None;
@@ -490,10 +623,38 @@ fn select(vip: &VipInfo, flow: &FlowKey) -> Option<(u32, Backend)> {
                 p
             }
         }
-        _ => flow_hash(flow) % vip.table_size,
+        _ => hashed_index(vip, flow, flow::seed())?,
     };
-    let slot = vip.table_off.wrapping_add(index);
-    let id = *TABLE.get(slot)?;
+    slot_backend(vip, index)
+}
+
+/// The slot a flow gets from its hash alone, whatever the VIP's algorithm: maglev's choice,
+/// source-hash's, and — for a new flow above the flood threshold, which is not stored — the
+/// same weighted table (random, least-conn) or round-robin sequence hashed, so that the flow's
+/// next packets find the same backend without an entry.
+#[inline(always)]
+fn hashed_index(vip: &VipInfo, flow: &FlowKey, seed: u32) -> Option<u32> {
+    if vip.table_size == 0 {
+        return None;
+    }
+    Some(match vip.algo {
+        ALGO_SOURCE_HASH => {
+            source_hash(&flow.src_be, flow.family, vip.src_prefix_len, seed) % vip.table_size
+        }
+        ALGO_ROUND_ROBIN => {
+            if vip.seq_len == 0 || vip.seq_len > vip.table_size {
+                return None;
+            }
+            flow_hash(flow, seed) % vip.seq_len
+        }
+        _ => flow_hash(flow, seed) % vip.table_size,
+    })
+}
+
+/// The usable backend in slot `index` of the VIP's table.
+#[inline(always)]
+fn slot_backend(vip: &VipInfo, index: u32) -> Option<(u32, Backend)> {
+    let id = *TABLE.get(vip.table_off.wrapping_add(index))?;
     if id == NO_BACKEND {
         return None;
     }

@@ -6,8 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Counter, CtEntry, Endpoint, FlowKey, Handoff, NextHop, RevNat, TrafficStats, VipInfo,
-    COUNTER_CAPACITY, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    Backend, Counter, CtEntry, Endpoint, FlowKey, GlobalConf, Handoff, NextHop, RateWindow, RevNat,
+    Timeouts, TrafficStats, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
+    DEFAULT_CT_NEW_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
 #[btf_map(name = "LB_VIPS_V2")]
@@ -20,17 +21,39 @@ pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::n
 #[btf_map(name = "LB_TABLE_V1")]
 pub(crate) static TABLE: Array<u32, { DEFAULT_TABLE_CAPACITY as usize }> = Array::new();
 
-/// Set at load. A shared (not per-CPU) LRU: a flow whose packets land on several CPUs still
-/// sees one entry.
-#[btf_map(name = "LB_CT_V2")]
+/// Confirmed flows. Set at load. A shared (not per-CPU) LRU: a flow whose packets land on
+/// several CPUs still sees one entry. Only confirmed flows enter it, so a flood of new flows
+/// never evicts one.
+#[btf_map(name = "LB_CT_V3")]
 pub(crate) static CONNTRACK: LruHashMap<FlowKey, CtEntry, { DEFAULT_CT_CAPACITY as usize }> =
     LruHashMap::new();
 
-#[btf_map(name = "LB_REVNAT_V1")]
+/// Flows not yet confirmed: a bounded LRU of their own. Set at load.
+#[btf_map(name = "LB_CTNEW_V1")]
+pub(crate) static CT_NEW: LruHashMap<FlowKey, CtEntry, { DEFAULT_CT_NEW_CAPACITY as usize }> =
+    LruHashMap::new();
+
+/// Flow timeouts per VIP, by `vip_id`.
+#[btf_map(name = "LB_TIMEOUTS_V1")]
+pub(crate) static TIMEOUTS: Array<Timeouts, { MAX_VIPS as usize }> = Array::new();
+
+/// Hash seed and flood threshold.
+#[btf_map(name = "LB_CONF_V1")]
+pub(crate) static CONF: Array<GlobalConf, 1> = Array::new();
+
+/// This CPU's new-flow count in the current one-second window.
+#[btf_map(name = "LB_RATE_V1")]
+pub(crate) static RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
+
+/// When a CPU last went over the flood threshold (coarse monotonic ns).
+#[btf_map(name = "LB_FLOOD_V1")]
+pub(crate) static FLOOD: Array<u64, 1> = Array::new();
+
+#[btf_map(name = "LB_REVNAT_V2")]
 pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();
 
-/// Active (open) flows per backend: +1 when a flow gets the backend, −1 when its TCP FIN or
-/// RST is seen. Shared, updated atomically.
+/// Active flows per backend: +1 when a flow is confirmed, −1 once when it closes or is found
+/// expired (the agent's sweep settles evictions). Shared, updated atomically.
 #[btf_map(name = "LB_ACTIVE_V1")]
 pub(crate) static ACTIVE: Array<u64, { MAX_BACKENDS as usize }> = Array::new();
 
@@ -46,7 +69,7 @@ pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray:
 #[btf_map(name = "LB_NEXTHOP_V1")]
 pub(crate) static NEXTHOP: Array<NextHop, { MAX_BACKENDS as usize }> = Array::new();
 
-#[btf_map(name = "LB_STATS_V3")]
+#[btf_map(name = "LB_STATS_V4")]
 pub(crate) static STATS: PerCpuArray<u64, { COUNTER_CAPACITY as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_VIPSTATS_V1")]

@@ -16,10 +16,11 @@ pub(crate) enum Side {
     Dst,
 }
 
-/// Rewrites `side`'s address and port to `addr`/`port` (network byte order) and updates the
-/// IPv4 header checksum and the TCP/UDP checksum, whose pseudo-header covers the addresses.
-/// Returns false if a header is not within bounds (cannot happen after `parse`; checked again
-/// because the verifier needs it).
+/// Rewrites `side`'s address and port to `addr`/`port` (network byte order), decrements the
+/// TTL / hop limit (the caller has checked it is above 1), and updates the IPv4 header checksum
+/// and the TCP/UDP checksum, whose pseudo-header covers the addresses. Returns false if a
+/// header is not within bounds (cannot happen after `parse`; checked again because the verifier
+/// needs it).
 #[inline(always)]
 pub(crate) fn rewrite(
     ctx: &XdpContext,
@@ -45,6 +46,9 @@ pub(crate) fn rewrite(
         *field = addr[0];
         let mut c = CsumUpdate::new(ip.check);
         c.word32(old, addr[0]);
+        let ttl_proto = u16::from_ne_bytes([ip.ttl, ip.protocol]);
+        ip.ttl = ip.ttl.wrapping_sub(1);
+        c.word(ttl_proto, u16::from_ne_bytes([ip.ttl, ip.protocol]));
         ip.check = c.finish();
         l4.word32(old, addr[0]);
     } else {
@@ -60,6 +64,7 @@ pub(crate) fn rewrite(
         };
         let old = *field;
         *field = *addr;
+        ip.hop_limit = ip.hop_limit.wrapping_sub(1);
         l4.addr(&old, addr);
     }
 
@@ -101,6 +106,32 @@ pub(crate) fn rewrite(
             }
             udp.check = sum;
         }
+    }
+    true
+}
+
+/// Decrements the TTL (with the IPv4 header checksum) or hop limit of the packet at `ETH_LEN`,
+/// as a router does; the caller has checked it is above 1. False if the header is out of bounds.
+#[inline(always)]
+pub(crate) fn decrement_ttl(ctx: &XdpContext, family: u8) -> bool {
+    if family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &mut *ip };
+        let old = u16::from_ne_bytes([ip.ttl, ip.protocol]);
+        ip.ttl = ip.ttl.wrapping_sub(1);
+        let mut c = CsumUpdate::new(ip.check);
+        c.word(old, u16::from_ne_bytes([ip.ttl, ip.protocol]));
+        ip.check = c.finish();
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        let ip = unsafe { &mut *ip };
+        ip.hop_limit = ip.hop_limit.wrapping_sub(1);
     }
     true
 }

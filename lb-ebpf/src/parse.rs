@@ -27,6 +27,11 @@ pub(crate) struct Packet {
     pub dport: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// TCP sequence and acknowledgment numbers, host order (0 for UDP).
+    pub seq: u32,
+    pub ack_seq: u32,
     /// Length of the whole frame, for byte counters.
     pub frame_len: u64,
     /// IP total length (IPv4 total length; IPv6 payload length + 40), host order.
@@ -120,16 +125,20 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
     let dst = [h.daddr_be, 0, 0, 0];
     let tos = h.tos as u32;
     let l4_off = ETH_LEN + hdr_len;
-    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
+    let ttl = h.ttl;
+    let l4 = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
     Ok(Packet {
         family: FAMILY_V4,
         proto,
         l4_off,
         src,
         dst,
-        sport,
-        dport,
-        tcp_flags,
+        sport: l4.sport,
+        dport: l4.dport,
+        tcp_flags: l4.flags,
+        ttl,
+        seq: l4.seq,
+        ack_seq: l4.ack_seq,
         frame_len: frame_len as u64,
         ip_len: tot_len as u16,
         tos_or_flow: tos,
@@ -165,32 +174,39 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
     let dst = h.daddr_be;
     let flow = (vtc_flow & 0x000f_ffff).to_be();
     let l4_off = ETH_LEN + IPV6_LEN;
-    let (sport, dport, tcp_flags) = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
+    let ttl = h.hop_limit;
+    let l4 = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
     Ok(Packet {
         family: FAMILY_V6,
         proto,
         l4_off,
         src,
         dst,
-        sport,
-        dport,
-        tcp_flags,
+        sport: l4.sport,
+        dport: l4.dport,
+        tcp_flags: l4.flags,
+        ttl,
+        seq: l4.seq,
+        ack_seq: l4.ack_seq,
         frame_len: frame_len as u64,
         ip_len: (IPV6_LEN + payload_len) as u16,
         tos_or_flow: flow,
     })
 }
 
+/// What `parse_l4` reads: ports (network byte order), TCP flags, sequence numbers (host order).
+struct L4 {
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    seq: u32,
+    ack_seq: u32,
+}
+
 /// Checks the TCP/UDP header at `l4_off`, which must lie within the IP packet ending at
-/// `ip_end`, and returns the source and destination ports (network byte order) and the TCP
-/// flags.
+/// `ip_end`, and returns what the data plane needs of it.
 #[inline(always)]
-fn parse_l4(
-    ctx: &XdpContext,
-    proto: u8,
-    l4_off: usize,
-    ip_end: usize,
-) -> Result<(u16, u16, u8), Verdict> {
+fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4, Verdict> {
     let malformed = Err(Verdict::pass(Counter::PassMalformedL4));
     if proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
@@ -202,7 +218,13 @@ fn parse_l4(
         if doff < 5 || l4_off + doff * 4 > ip_end {
             return malformed;
         }
-        Ok((t.sport_be, t.dport_be, t.flags))
+        Ok(L4 {
+            sport: t.sport_be,
+            dport: t.dport_be,
+            flags: t.flags,
+            seq: u32::from_be(t.seq),
+            ack_seq: u32::from_be(t.ack),
+        })
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
             return malformed;
@@ -213,6 +235,12 @@ fn parse_l4(
         if len < core::mem::size_of::<UdpHdr>() || l4_off + len > ip_end {
             return malformed;
         }
-        Ok((u.sport_be, u.dport_be, 0))
+        Ok(L4 {
+            sport: u.sport_be,
+            dport: u.dport_be,
+            flags: 0,
+            seq: 0,
+            ack_seq: 0,
+        })
     }
 }
