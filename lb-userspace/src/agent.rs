@@ -73,6 +73,8 @@ pub struct Shared {
     pub digests: HashMap<Vip, String>,
     /// VIP addresses announced through BIRD now.
     pub announced: Vec<std::net::IpAddr>,
+    /// The conntrack sweep (a bounded part every poll tick) and its last complete pass.
+    pub sweeper: crate::sweep::Sweeper,
 }
 
 impl Shared {
@@ -119,6 +121,8 @@ struct Agent {
     bird: Option<crate::announce::Bird>,
     /// The last announcement error logged.
     bird_error: Option<String>,
+    /// The last conntrack-sweep error logged.
+    sweep_error: Option<String>,
 }
 
 /// Why the agent could not start.
@@ -140,13 +144,19 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let maps = {
         let dir = PinDir::open(&opts.pin_dir)?;
         let adopted = dir.is_loaded();
-        let maps = dir.maps_or_load(opts.load)?;
+        // A first load takes the file's settings, so no other hash seed is ever in use.
+        let mut load = opts.load;
+        load.hash_seed = load.hash_seed.or(config.hash_seed);
+        if let Some(f) = config.flood_threshold {
+            load.flood_rate = f;
+        }
+        let maps = dir.maps_or_load(load)?;
         let attached = dir.attachments()?;
         for iface in &opts.attach {
             if attached.iter().any(|a| &a.iface == iface) {
                 continue;
             }
-            let mode = dir.attach(iface, opts.mode, opts.load)?;
+            let mode = dir.attach(iface, opts.mode, load)?;
             info!(iface, mode = crate::pin::mode_name(mode), "attached");
         }
         if adopted {
@@ -177,6 +187,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             counters: Counters::default(),
             digests: HashMap::new(),
             announced: Vec::new(),
+            sweeper: crate::sweep::Sweeper::new(),
         })),
         config: config.clone(),
         config_text: text,
@@ -190,6 +201,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .clone()
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
+        sweep_error: None,
         opts,
     };
     // The metrics port first: a start that cannot serve it changes nothing.
@@ -223,6 +235,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                     )));
                 }
                 agent.reload_if_changed(false);
+                agent.sweep();
                 agent.progress_drains();
                 agent.announce();
             }
@@ -279,6 +292,42 @@ impl Agent {
         }
         let announced = bird.announced();
         self.shared.lock().expect("agent state lock").announced = announced;
+    }
+
+    /// Sweeps part of the conntrack tables (`sweep::AGENT_BUDGET` entries): deletes expired and
+    /// stale entries and, at the end of each complete pass, settles the active-flow counts.
+    /// Logs a line per complete pass that changed something; errors once each.
+    fn sweep(&mut self) {
+        let r = self.lock_dir().and_then(|_dir| {
+            let mut s = self.shared.lock().expect("agent state lock");
+            let s = &mut *s;
+            Ok(s.sweeper
+                .step(&mut s.maps, crate::sweep::AGENT_BUDGET, false)?)
+        });
+        match r {
+            Ok(report) => {
+                self.sweep_error = None;
+                if let Some(r) = report.filter(|r| r.changed()) {
+                    info!(
+                        expired = r.expired,
+                        stale = r.stale,
+                        evictions_settled = r.evictions_settled,
+                        expired_settled = r.expired_settled,
+                        active_counts_written = r.active_written,
+                        confirmed = r.table_entries(crate::CtTable::Confirmed),
+                        unconfirmed = r.table_entries(crate::CtTable::Unconfirmed),
+                        "conntrack sweep"
+                    );
+                }
+            }
+            Err(e) => {
+                let m = format!("{e:#}");
+                if self.sweep_error.as_deref() != Some(m.as_str()) {
+                    warn!("sweeping conntrack failed (retrying): {m}");
+                    self.sweep_error = Some(m);
+                }
+            }
+        }
     }
 
     /// Withdraws every VIP from BIRD: this node stops vouching for them, so the router moves
@@ -398,6 +447,8 @@ impl Agent {
                 backends_removed = summary.backends_removed,
                 backends_reweighted = summary.backends_reweighted,
                 slots_written = summary.slots_written,
+                timeouts_changed = summary.timeouts_changed,
+                settings_changed = summary.settings_changed,
                 "configuration applied"
             );
         }
@@ -630,19 +681,16 @@ fn count_rebuild(c: &mut Counters, s: &ApplySummary) {
     }
 }
 
-/// Starts draining the backends in the maps that `cfg` no longer has (unless another VIP of
-/// the file takes the same endpoint: that one is moved at once), and stops draining those
-/// that are back.
+/// Starts draining the backends in the maps that `cfg` no longer has, and stops draining
+/// those that are back. A backend endpoint may serve several VIPs, so one that left a VIP
+/// drains there while it serves others — unless that would break the sharing rules `lb
+/// apply` checks (at most `MAX_VIPS_PER_BACKEND` VIPs; none besides a VIP with stateless
+/// reverse NAT): then it is moved at once.
 fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>) -> Result<()> {
     let in_file = |vip: &Vip, addr: &SocketAddr| {
         cfg.vips
             .iter()
             .any(|v| v.vip == *vip && v.backends.iter().any(|(a, _)| a == addr))
-    };
-    let taken_elsewhere = |vip: &Vip, addr: &SocketAddr| {
-        cfg.vips.iter().any(|v| {
-            v.vip != *vip && v.vip.proto == vip.proto && v.backends.iter().any(|(a, _)| a == addr)
-        })
     };
     // A backend that does not suit its VIP's (new) forwarding mode is removed at once: its
     // flows break with the mode change anyway, and it could not stay at weight 0 under it.
@@ -652,9 +700,48 @@ fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>
             .find(|v| v.vip == *vip)
             .is_none_or(|v| v.forward.check_backend(vip, *addr).is_ok())
     };
-    draining.retain(|(vip, addr), _| {
-        !in_file(vip, addr) && !taken_elsewhere(vip, addr) && fits(vip, addr)
-    });
+    // Whether a VIP has stateless reverse NAT in the applied configuration (the file's, or
+    // the maps' for a VIP that left the file and stays while its backends drain).
+    let stateless = |vip: &Vip| match cfg.vips.iter().find(|v| v.vip == *vip) {
+        Some(v) => v.stateless_reverse,
+        None => maps
+            .vip(vip)
+            .is_ok_and(|i| i.flags & lb_common::VIP_F_STATELESS_REVERSE != 0),
+    };
+    // Whether `key` may drain beside the file's backends and the drains `kept` so far.
+    let may_drain = |key: &Key, kept: &HashMap<Key, Drain>| {
+        let (vip, addr) = key;
+        let mut users: Vec<(Vip, bool)> = cfg
+            .vips
+            .iter()
+            .filter(|v| {
+                v.vip != *vip
+                    && v.vip.proto == vip.proto
+                    && v.backends.iter().any(|(a, _)| a == addr)
+            })
+            .map(|v| (v.vip, v.stateless_reverse))
+            .collect();
+        users.extend(
+            kept.keys()
+                .filter(|(v, a)| a == addr && v.proto == vip.proto && v != vip)
+                .map(|(v, _)| (*v, stateless(v))),
+        );
+        crate::state::sharing_error(vip, stateless(vip), *addr, &users).is_none()
+    };
+    let mut old: Vec<(Key, Drain)> = draining
+        .drain()
+        .filter(|((vip, addr), _)| !in_file(vip, addr) && fits(vip, addr))
+        .collect();
+    old.sort_by_key(|(k, _)| *k);
+    let mut kept: HashMap<Key, Drain> = HashMap::new();
+    for (key, d) in old {
+        if may_drain(&key, &kept) {
+            kept.insert(key, d);
+        } else {
+            info!(vip = %key.0, backend = %key.1,
+                "draining backend now serves a VIP it cannot share with: removed at once");
+        }
+    }
     for (vip, _) in maps.vips()? {
         let timeout = cfg
             .vips
@@ -663,19 +750,21 @@ fn update_drains(cfg: &Config, maps: &LbMaps, draining: &mut HashMap<Key, Drain>
             .map_or(crate::config::DEFAULT_DRAIN_TIMEOUT, |v| v.drain_timeout);
         for b in maps.backends(&vip)? {
             let key = (vip, b.addr);
-            if in_file(&vip, &b.addr)
-                || taken_elsewhere(&vip, &b.addr)
-                || !fits(&vip, &b.addr)
-                || draining.contains_key(&key)
-            {
+            if in_file(&vip, &b.addr) || !fits(&vip, &b.addr) || kept.contains_key(&key) {
+                continue;
+            }
+            if !may_drain(&key, &kept) {
+                info!(%vip, backend = %b.addr,
+                    "backend left the configuration and cannot drain beside the VIPs it now serves: removed at once");
                 continue;
             }
             info!(%vip, backend = %b.addr, timeout = %humantime::format_duration(timeout),
                 "backend left the configuration: draining (no new flows)");
             let udp = vip.proto == crate::Proto::Udp;
-            draining.insert(key, Drain::start(maps, b.id, timeout, udp));
+            kept.insert(key, Drain::start(maps, b.id, timeout, udp));
         }
     }
+    *draining = kept;
     Ok(())
 }
 

@@ -2,6 +2,9 @@
 //! the kernel, apply it with the fewest changes, and print the kernel state in the same format.
 //!
 //! ```toml
+//! hash_seed = "0x1a2b3c4d"      # optional: the secret flow-hash seed (same on every gateway)
+//! flood_threshold = 125000      # optional: new flows/s per CPU stored at most (0 = no limit)
+//!
 //! [[vip]]
 //! address = "10.100.0.100:80/tcp"
 //! table_size = 65537            # optional, a prime; default 65537
@@ -15,6 +18,9 @@
 //! check = "http"                # tcp | http | https | udp
 //! path = "/healthz"             # http(s); expect_status = 200, host = "…" optional
 //! interval = "2s"               # timeout = "1s", rise = 2, fall = 3, port = backend's
+//!
+//! [vip.timeouts]                # optional: flow timeouts in seconds (0 = never)
+//! established = 7200            # opening, established, closing, closed, udp
 //!
 //! [[vip.backend]]
 //! address = "10.200.0.11:8080"
@@ -32,11 +38,15 @@ use crate::{
     model::{parse_socket_addr, Vip},
     state::{check_table_size, LbMaps},
 };
-use lb_common::{DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
+use lb_common::{Timeouts, DEFAULT_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS};
 
 /// A validated configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
+    /// The flow-hash seed (`hash_seed`); None: leave the one in the maps.
+    pub hash_seed: Option<u32>,
+    /// The flood threshold (`flood_threshold`); None: leave the one in the maps.
+    pub flood_threshold: Option<u32>,
     pub vips: Vec<VipConfig>,
 }
 
@@ -55,6 +65,8 @@ pub struct VipConfig {
     pub health: Option<HealthCheck>,
     /// How long the agent lets a backend removed from the file drain before removing it.
     pub drain_timeout: Duration,
+    /// Flow timeouts (`[vip.timeouts]`).
+    pub timeouts: Timeouts,
 }
 
 /// Default `drain_timeout`.
@@ -72,6 +84,8 @@ pub struct ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    hash_seed: Option<Spanned<String>>,
+    flood_threshold: Option<Spanned<u32>>,
     #[serde(default)]
     vip: Vec<RawVip>,
 }
@@ -88,8 +102,19 @@ struct RawVip {
     when_all_down: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     health: Option<Spanned<RawHealth>>,
+    timeouts: Option<Spanned<RawTimeouts>>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    opening: Option<Spanned<u64>>,
+    established: Option<Spanned<u64>>,
+    closing: Option<Spanned<u64>>,
+    closed: Option<Spanned<u64>>,
+    udp: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -128,9 +153,17 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             err(offset, e.message().to_string())
         })?;
+        let hash_seed = match &raw.hash_seed {
+            None => None,
+            Some(s) => Some(
+                crate::model::parse_hash_seed(s.get_ref()).map_err(|e| err(s.span().start, e.0))?,
+            ),
+        };
+        let flood_threshold = raw.flood_threshold.as_ref().map(|f| *f.get_ref());
         let mut vips: Vec<VipConfig> = Vec::new();
-        // backend endpoint (address, protocol) → the VIP that has it, across the whole file
-        let mut owner: HashMap<(SocketAddr, crate::Proto), Vip> = HashMap::new();
+        // backend endpoint (address, protocol) → the VIPs that have it (and whether each has
+        // stateless reverse NAT), across the whole file
+        let mut owners: HashMap<(SocketAddr, crate::Proto), Vec<(Vip, bool)>> = HashMap::new();
         let mut total_backends = 0usize;
         for rv in raw.vip {
             let vip: Vip = rv
@@ -158,6 +191,8 @@ impl Config {
                     .map_err(|e| err(f.span().start, e.0))?,
             };
             let mut backends: Vec<(SocketAddr, u32)> = Vec::new();
+            // where each backend is written, for the sharing checks below
+            let mut backend_at: Vec<usize> = Vec::new();
             for rb in &rv.backend {
                 let at = rb.address.span().start;
                 let addr =
@@ -171,16 +206,6 @@ impl Config {
                         format!("backend {addr} of VIP {vip} is listed twice"),
                     ));
                 }
-                if let Some(other) = owner.get(&(addr, vip.proto)) {
-                    return Err(err(
-                        at,
-                        LbError::BackendServesOtherVip {
-                            backend: addr,
-                            other: other.to_string(),
-                        }
-                        .to_string(),
-                    ));
-                }
                 let weight = match &rb.weight {
                     Some(w) if *w.get_ref() > MAX_WEIGHT => {
                         return Err(err(
@@ -191,7 +216,7 @@ impl Config {
                     Some(w) => *w.get_ref(),
                     None => 1,
                 };
-                owner.insert((addr, vip.proto), vip);
+                backend_at.push(at);
                 backends.push((addr, weight));
             }
             let active = backends.iter().filter(|(_, w)| *w > 0).count() as u32;
@@ -314,6 +339,20 @@ impl Config {
                         .map_err(|(offset, m)| err(offset.unwrap_or(h.span().start), m))?,
                 ),
             };
+            let timeouts = match &rv.timeouts {
+                None => Timeouts::DEFAULT,
+                Some(t) => parse_timeouts(t.get_ref()).map_err(|(offset, m)| err(offset, m))?,
+            };
+            // One backend endpoint may serve several VIPs, but at most MAX_VIPS_PER_BACKEND,
+            // and none besides a VIP with stateless reverse NAT.
+            for ((addr, _), at) in backends.iter().zip(&backend_at) {
+                let others = owners.entry((*addr, vip.proto)).or_default();
+                if let Some(e) = crate::state::sharing_error(&vip, stateless_reverse, *addr, others)
+                {
+                    return Err(err(*at, e.to_string()));
+                }
+                others.push((vip, stateless_reverse));
+            }
             total_backends += backends.len();
             vips.push(VipConfig {
                 vip,
@@ -325,6 +364,7 @@ impl Config {
                 stateless_reverse,
                 health,
                 drain_timeout,
+                timeouts,
             });
         }
         if vips.len() > MAX_VIPS as usize {
@@ -336,11 +376,16 @@ impl Config {
                 format!("too many backends: {total_backends} (the maximum is {MAX_BACKENDS})"),
             ));
         }
-        Ok(Config { vips })
+        Ok(Config {
+            hash_seed,
+            flood_threshold,
+            vips,
+        })
     }
 
     /// The current kernel state as a configuration.
     pub fn from_maps(maps: &LbMaps) -> Result<Config, LbError> {
+        let conf = maps.conf()?;
         let mut vips = Vec::new();
         for (vip, info) in maps.vips()? {
             let backends = maps
@@ -358,15 +403,30 @@ impl Config {
                 stateless_reverse: info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0,
                 health: None,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+                timeouts: maps.timeouts(info.vip_id)?,
             });
         }
-        Ok(Config { vips })
+        Ok(Config {
+            hash_seed: (conf.hash_seed != 0).then_some(conf.hash_seed),
+            flood_threshold: Some(conf.flood_rate),
+            vips,
+        })
     }
 
     /// The configuration as TOML, in the format `parse` reads (sorted, so the output of the
     /// same state is always the same text).
     pub fn to_toml(&self) -> String {
         let mut out = String::from("# lb configuration (lb show-config)\n");
+        if let Some(seed) = self.hash_seed {
+            let _ = writeln!(
+                out,
+                "hash_seed = \"{}\"",
+                crate::model::format_hash_seed(seed)
+            );
+        }
+        if let Some(f) = self.flood_threshold {
+            let _ = writeln!(out, "flood_threshold = {f}");
+        }
         let mut vips = self.vips.clone();
         vips.sort_by_key(|v| v.vip);
         for v in vips {
@@ -401,6 +461,12 @@ impl Config {
             if let Some(h) = &v.health {
                 out.push_str(&h.to_toml());
             }
+            if v.timeouts != Timeouts::DEFAULT {
+                out.push_str("\n[vip.timeouts]\n");
+                for (state, secs) in crate::model::timeout_values(&v.timeouts) {
+                    let _ = writeln!(out, "{state} = {secs}");
+                }
+            }
             let mut backends = v.backends.clone();
             backends.sort();
             for (addr, weight) in backends {
@@ -429,6 +495,10 @@ pub struct ApplySummary {
     pub policies_changed: u32,
     /// VIPs whose forwarding mode changed.
     pub forwards_changed: u32,
+    /// VIPs whose flow timeouts changed.
+    pub timeouts_changed: u32,
+    /// Whether the deployment-wide settings (hash seed, flood threshold) changed.
+    pub settings_changed: u32,
 }
 
 impl ApplySummary {
@@ -444,6 +514,15 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let current = maps.vips()?;
     let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);
     check_table_room(maps, &current, cfg)?;
+    // 0. Deployment-wide settings, where the file gives them.
+    let conf = maps.conf()?;
+    let want_conf = lb_common::GlobalConf {
+        hash_seed: cfg.hash_seed.unwrap_or(conf.hash_seed),
+        flood_rate: cfg.flood_threshold.unwrap_or(conf.flood_rate),
+    };
+    if maps.set_conf(want_conf)? {
+        s.settings_changed += 1;
+    }
     // 1. VIPs that go away.
     for (vip, _) in &current {
         if wanted(vip).is_none() {
@@ -465,6 +544,11 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             let c = maps.set_backends(vip, &keep)?;
             s.backends_removed += c.removed;
             s.slots_written += c.slots_written;
+            // Stateless reverse NAT goes off before any backend is added anywhere: another
+            // VIP may be about to share one of this VIP's backends.
+            if !w.stateless_reverse && maps.set_stateless_reverse(vip, false)? {
+                s.policies_changed += 1;
+            }
         }
     }
     // 3. New VIPs, new table sizes, and the full backend sets. A table that grows is resized
@@ -477,7 +561,7 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             .map(|(_, i)| i.table_size);
         match old_size {
             None => {
-                maps.add_vip(&v.vip, v.table_size)?;
+                maps.add_vip_with(&v.vip, v.table_size, &v.timeouts)?;
                 s.vips_added += 1;
             }
             Some(old) if v.table_size > old => {
@@ -490,11 +574,12 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
         if maps.set_forward(&v.vip, v.forward)? && old_size.is_some() {
             s.forwards_changed += 1;
         }
-        // Stateless reverse NAT goes off before an algorithm change, on after (it needs a
-        // hash algorithm).
-        if !v.stateless_reverse && maps.set_stateless_reverse(&v.vip, false)? {
-            s.policies_changed += 1;
+        if old_size.is_some() && maps.set_timeouts(&v.vip, v.timeouts)? {
+            s.timeouts_changed += 1;
         }
+        // Stateless reverse NAT went off in step 2 (before an algorithm change); it goes on
+        // after the backends are set (it needs a hash algorithm, and backends no other VIP
+        // has).
         let current_algo = maps.vip(&v.vip)?;
         let new_vip = old_size.is_none();
         let algo_changes =
@@ -562,6 +647,25 @@ fn check_table_room(
         }
     }
     Ok(())
+}
+
+/// `[vip.timeouts]`; an error carries the offset of the value it is about.
+fn parse_timeouts(t: &RawTimeouts) -> Result<Timeouts, (usize, String)> {
+    let mut out = Timeouts::DEFAULT;
+    for (state, v) in [
+        ("opening", &t.opening),
+        ("established", &t.established),
+        ("closing", &t.closing),
+        ("closed", &t.closed),
+        ("udp", &t.udp),
+    ] {
+        if let Some(v) = v {
+            let secs = crate::model::check_timeout(state, *v.get_ref())
+                .map_err(|e| (v.span().start, e.0))?;
+            *crate::model::timeout_field(&mut out, state).expect("known state") = secs;
+        }
+    }
+    Ok(out)
 }
 
 /// A duration such as "500ms", "2s" or "5m".
@@ -831,6 +935,78 @@ expect = "hi"
     }
 
     #[test]
+    fn timeouts_and_global_settings_parse_and_print() {
+        let text = r#"
+hash_seed = "0x1A2B3C4D"
+flood_threshold = 0
+
+[[vip]]
+address = "10.100.0.100:80/tcp"
+
+[vip.timeouts]
+established = 7200
+udp = 0
+
+[[vip]]
+address = "10.100.0.101:80/tcp"
+"#;
+        let c = Config::parse("lb.toml", text).unwrap();
+        assert_eq!(c.hash_seed, Some(0x1a2b_3c4d));
+        assert_eq!(c.flood_threshold, Some(0));
+        let t = c.vips[0].timeouts;
+        assert_eq!(
+            (t.established_s, t.udp_s, t.opening_s),
+            (7200, 0, Timeouts::DEFAULT.opening_s)
+        );
+        assert_eq!(c.vips[1].timeouts, Timeouts::DEFAULT);
+        let printed = c.to_toml();
+        assert!(
+            printed.contains("hash_seed = \"0x1a2b3c4d\"\n"),
+            "{printed}"
+        );
+        assert!(printed.contains("flood_threshold = 0\n"), "{printed}");
+        // Only the VIP whose timeouts differ from the defaults gets the table.
+        assert_eq!(printed.matches("[vip.timeouts]").count(), 1, "{printed}");
+        let again = Config::parse("x", &printed).unwrap();
+        assert_eq!(again, c);
+        assert_eq!(Config::parse("x", &again.to_toml()).unwrap(), again);
+        // Without the keys, nothing is set (the maps keep theirs).
+        let bare = Config::parse("x", "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n").unwrap();
+        assert_eq!((bare.hash_seed, bare.flood_threshold), (None, None));
+        assert!(!bare.to_toml().contains("hash_seed"));
+    }
+
+    #[test]
+    fn backends_may_serve_several_vips_within_the_rules() {
+        let vip = |i: usize, extra: &str| {
+            format!("[[vip]]\naddress = \"10.0.0.{i}:80/tcp\"\n{extra}[[vip.backend]]\naddress = \"10.9.0.1:8080\"\n")
+        };
+        // Four tracked VIPs share a backend; a UDP VIP with the same address:port is another
+        // endpoint.
+        let four: String = (1..=4).map(|i| vip(i, "")).collect();
+        let udp = "[[vip]]\naddress = \"10.0.0.9:80/udp\"\n[[vip.backend]]\naddress = \"10.9.0.1:8080\"\n";
+        let c = Config::parse("lb.toml", &format!("{four}{udp}")).unwrap();
+        assert_eq!(c.vips.len(), 5);
+        // A fifth TCP VIP is one too many.
+        let e = error_of(&format!("{four}{}", vip(5, "")));
+        assert!(e.message.contains("already serves VIPs 10.0.0.1:80/tcp, 10.0.0.2:80/tcp, 10.0.0.3:80/tcp and 10.0.0.4:80/tcp"), "{e}");
+        assert!(e.message.contains("at most 4 VIPs"), "{e}");
+        assert_eq!(e.line, 20, "the fifth VIP's backend");
+        // A stateless VIP's backend serves no other VIP, whichever comes first.
+        let stateless = "reverse = \"stateless\"\n";
+        let e = error_of(&format!("{}{}", vip(1, ""), vip(2, stateless)));
+        assert!(e.message.contains("backend 10.9.0.1:8080 cannot serve both VIP 10.0.0.2:80/tcp (reverse = stateless) and VIP 10.0.0.1:80/tcp"), "{e}");
+        let e = error_of(&format!("{}{}", vip(1, stateless), vip(2, "")));
+        assert!(
+            e.message
+                .contains("VIP 10.0.0.1:80/tcp (reverse = stateless) and VIP 10.0.0.2:80/tcp"),
+            "{e}"
+        );
+        // Alone, a stateless VIP's backends are fine.
+        Config::parse("lb.toml", &vip(1, stateless)).unwrap();
+    }
+
+    #[test]
     fn the_shipped_example_is_valid() {
         let c = Config::parse("deploy/lb.toml", include_str!("../../deploy/lb.toml")).unwrap();
         assert_eq!(c.vips.len(), 2);
@@ -852,7 +1028,17 @@ expect = "hi"
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n\n[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n", 5, "listed twice"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ncolour = 1\n", 3, "unknown field"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\ntable_size = 7\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 3, "too small"),
-            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n[[vip]]\naddress = \"10.0.0.9:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 8, "already serves"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nreverse = \"stateless\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n[[vip]]\naddress = \"10.0.0.9:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 9, "VIP 10.0.0.1:80/tcp (reverse = stateless) and VIP 10.0.0.9:80/tcp"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n[[vip]]\naddress = \"10.0.0.9:80/tcp\"\nreverse = \"stateless\"\n[[vip.backend]]\naddress = \"10.0.0.2:80\"\n", 9, "VIP 10.0.0.9:80/tcp (reverse = stateless) and VIP 10.0.0.1:80/tcp"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nestablished = 604801\n", 4, "too long"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nestablished = -1\n", 4, "invalid value"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nsyn_sent = 5\n", 4, "unknown field"),
+            ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nudp = \"5m\"\n", 4, "invalid type"),
+            ("hash_seed = \"0xnope\"\n", 1, "invalid hash seed"),
+            ("\nhash_seed = \"0\"\n", 2, "0 is not allowed"),
+            ("hash_seed = 12345\n", 1, "invalid type"),
+            ("flood_threshold = -5\n", 1, "invalid value"),
+            ("hash_seeds = \"0x1\"\n", 1, "unknown field"),
             ("[[vip]\n", 1, ""),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"fastest\"\n", 3, "unknown algorithm"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\nalgorithm = \"random\"\nsource_prefix = 24\n", 3, "applies only to source-hash"),

@@ -5,7 +5,10 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
-use lb_common::{names, DEFAULT_CT_CAPACITY, DEFAULT_TABLE_CAPACITY};
+use lb_common::{
+    names, GlobalConf, DEFAULT_CT_CAPACITY, DEFAULT_CT_NEW_CAPACITY, DEFAULT_FLOOD_RATE,
+    DEFAULT_TABLE_CAPACITY,
+};
 
 use crate::{
     object::{LB_XDP_OBJECT, LB_XDP_PROGRAM},
@@ -17,8 +20,14 @@ use crate::{
 pub struct LoadOptions {
     /// Slots of the table array shared by all VIPs.
     pub table_capacity: u32,
-    /// Entries of the conntrack LRU.
+    /// Entries of the conntrack LRU (confirmed flows).
     pub ct_capacity: u32,
+    /// Entries of the LRU of flows not yet confirmed.
+    pub ct_new_capacity: u32,
+    /// The flow-hash seed written at load; None: a random one.
+    pub hash_seed: Option<u32>,
+    /// The flood threshold written at load: new flows per second per CPU (0 = no limit).
+    pub flood_rate: u32,
 }
 
 impl Default for LoadOptions {
@@ -26,6 +35,9 @@ impl Default for LoadOptions {
         LoadOptions {
             table_capacity: DEFAULT_TABLE_CAPACITY,
             ct_capacity: DEFAULT_CT_CAPACITY,
+            ct_new_capacity: DEFAULT_CT_NEW_CAPACITY,
+            hash_seed: None,
+            flood_rate: DEFAULT_FLOOD_RATE,
         }
     }
 }
@@ -87,6 +99,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::TABLE, opts.table_capacity)
             .map_max_entries(names::CONNTRACK, opts.ct_capacity)
+            .map_max_entries(names::CT_NEW, opts.ct_new_capacity)
             .load(LB_XDP_OBJECT)
             .context("loading the lb XDP object")?;
         let prog: &mut Xdp = ebpf
@@ -97,7 +110,16 @@ impl Dataplane {
             .context("loading lb_xdp into the kernel (verifier)")?;
         install_tail_programs(&mut ebpf)?;
         before_take(&ebpf)?;
-        let maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
+        let mut maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
+        // The seed is never left 0: without one given, a random one.
+        let hash_seed = match opts.hash_seed {
+            Some(s) => s,
+            None => crate::model::random_hash_seed().context("generating a hash seed")?,
+        };
+        maps.set_conf(GlobalConf {
+            hash_seed,
+            flood_rate: opts.flood_rate,
+        })?;
         Ok(Dataplane { ebpf, maps })
     }
 

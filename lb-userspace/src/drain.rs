@@ -9,8 +9,8 @@ use crate::LbMaps;
 
 /// A UDP backend is finished once it has had no packet for this long.
 pub const DRAIN_IDLE: Duration = Duration::from_secs(10);
-/// A TCP backend is finished once it has had no active flow for this long: a flow counts as
-/// closed at its first FIN, and the other direction may still be sending.
+/// A TCP backend is finished once it has had no active flow for this long (a flow stops counting
+/// when FINs have passed both ways or its entry expires; the grace covers the last segments).
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// A backend being drained.

@@ -36,8 +36,19 @@ pub enum LbError {
         backend: SocketAddr,
         mode: crate::model::Forward,
     },
-    #[error("backend {backend} already serves VIP {other}: one backend address:port can serve only one VIP, because its replies are translated back to that VIP")]
-    BackendServesOtherVip { backend: SocketAddr, other: String },
+    #[error("backend {backend} already serves VIPs {vips}: one backend address:port can serve at most {} VIPs", lb_common::MAX_VIPS_PER_BACKEND)]
+    TooManyVipsPerBackend { backend: SocketAddr, vips: String },
+    #[error("backend {backend} cannot serve both VIP {stateless} (reverse = stateless) and VIP {others}: stateless reverse NAT finds a reply's VIP from the backend alone, so a backend of a stateless VIP may serve no other VIP")]
+    StatelessBackendShared {
+        backend: SocketAddr,
+        stateless: String,
+        others: String,
+    },
+    #[error(
+        "timeout {state}={seconds} is too long: at most {} seconds (7 days; 0 = never expires)",
+        crate::model::MAX_TIMEOUT_S
+    )]
+    TimeoutOutOfRange { state: &'static str, seconds: u64 },
     #[error("weight {0} is out of range (0..={MAX_WEIGHT}; 0 drains the backend)")]
     WeightOutOfRange(u32),
     #[error("table size {0} is not a prime number (try 65537, 32771, 16411, 4099, 1031 or 251)")]

@@ -16,9 +16,10 @@ pub mod object;
 pub mod pin;
 pub mod schedule;
 pub mod state;
+pub mod sweep;
 pub mod testbed;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};
 pub use error::LbError;
 pub use model::{Algorithm, Proto, Vip};
-pub use state::{BackendState, Change, LbMaps};
+pub use state::{BackendState, Change, CtTable, LbMaps};

@@ -11,8 +11,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::agent::Shared;
-use lb_common::{COUNTER_NAMES, VERDICT_COUNT};
+use crate::{agent::Shared, CtTable};
+use lb_common::{COUNTER_NAMES, CT_STATE_NAMES, VERDICT_COUNT};
 
 type Labels = Vec<(String, String)>;
 
@@ -109,7 +109,7 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
     );
     let be_active = f.gauge(
         "lb_backend_active_flows",
-        "Flows of a backend without a TCP FIN/RST seen (UDP flows count until removal).",
+        "Confirmed flows of a backend that have not closed, expired or been evicted.",
     );
     let be_up = f.gauge(
         "lb_backend_up",
@@ -153,6 +153,8 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
             }
         }
     }
+
+    conntrack(&mut f, shared)?;
 
     let digest = f.gauge(
         "lb_vip_table_info",
@@ -206,6 +208,58 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The conntrack tables: entries by table and state as the agent's last complete sweep pass
+/// found them, capacities, and what the sweeps removed and settled.
+fn conntrack(f: &mut Families, shared: &Shared) -> anyhow::Result<()> {
+    let capacity = f.gauge(
+        "lb_conntrack_capacity",
+        "Entries a conntrack table holds (confirmed flows; unconfirmed: handshake not completed or no reply yet).",
+    );
+    for t in CtTable::ALL {
+        capacity
+            .get_or_create(&labels(&[("table", t.name().into())]))
+            .set(shared.maps.ct_capacity(t)? as i64);
+    }
+    let entries = f.gauge(
+        "lb_conntrack_entries",
+        "Conntrack entries by table and state, at the end of the agent's last complete sweep.",
+    );
+    if let Some(r) = shared.sweeper.last() {
+        for t in CtTable::ALL {
+            for (state, name) in CT_STATE_NAMES.iter().enumerate().skip(1) {
+                entries
+                    .get_or_create(&labels(&[
+                        ("table", t.name().into()),
+                        ("state", name.to_string()),
+                    ]))
+                    .set(r.entries[t as usize][state] as i64);
+            }
+        }
+    }
+    let totals = shared.sweeper.totals();
+    f.plain_counter(
+        "lb_conntrack_expired",
+        "Conntrack entries the agent deleted because they were past their state's timeout.",
+        totals.expired,
+    );
+    f.plain_counter(
+        "lb_conntrack_stale",
+        "Conntrack entries the agent deleted because their VIP or backend was gone or replaced.",
+        totals.stale,
+    );
+    f.plain_counter(
+        "lb_conntrack_evicted",
+        "Flows taken off active-flow counts because their entries vanished (LRU evictions), settled by the agent's sweep.",
+        totals.evicted,
+    );
+    f.plain_counter(
+        "lb_conntrack_sweeps",
+        "Complete sweeps of both conntrack tables by the agent.",
+        totals.passes,
+    );
+    Ok(())
+}
+
 /// Serves `/metrics` on `addr` until the process ends.
 pub async fn serve(
     addr: SocketAddr,
@@ -246,4 +300,42 @@ pub async fn serve(
             tracing::error!("metrics server stopped: {e}");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_metrics() {
+        let Some(mut maps) = crate::sweep::standalone_maps() else {
+            return;
+        };
+        let mut sweeper = crate::sweep::Sweeper::new();
+        while sweeper.step(&mut maps, 10, false).unwrap().is_none() {}
+        let shared = Shared {
+            maps,
+            health: Default::default(),
+            draining: Default::default(),
+            counters: Default::default(),
+            digests: Default::default(),
+            announced: Vec::new(),
+            sweeper,
+        };
+        let page = render(&shared).unwrap();
+        for line in [
+            "lb_conntrack_capacity{table=\"confirmed\"} 8192",
+            "lb_conntrack_capacity{table=\"unconfirmed\"} 8192",
+            "lb_conntrack_entries{table=\"confirmed\",state=\"established\"} 0",
+            "lb_conntrack_entries{table=\"unconfirmed\",state=\"opening\"} 0",
+            "lb_conntrack_expired_total 0",
+            "lb_conntrack_stale_total 0",
+            "lb_conntrack_evicted_total 0",
+            "lb_conntrack_sweeps_total 1",
+            "lb_events_total{event=\"ct_flood_skip\"} 0",
+            "lb_events_total{event=\"rev_stateless\"} 0",
+        ] {
+            assert!(page.contains(line), "{line} missing from\n{page}");
+        }
+    }
 }

@@ -371,9 +371,192 @@ pub fn socket_addr(family: u8, addr_be: [u32; 4], port_be: u16) -> Option<Socket
     Some(SocketAddr::new(ip, u16::from_be(port_be)))
 }
 
+/// The flow states whose timeouts can be set (`--timeout STATE=SECONDS`, `[vip.timeouts]`).
+pub const TIMEOUT_STATES: [&str; 5] = ["opening", "established", "closing", "closed", "udp"];
+
+/// Longest flow timeout: 7 days (0 means never).
+pub const MAX_TIMEOUT_S: u32 = 7 * 24 * 3600;
+
+/// The timeouts by state name, in `TIMEOUT_STATES` order.
+pub fn timeout_values(t: &lb_common::Timeouts) -> [(&'static str, u32); 5] {
+    [
+        ("opening", t.opening_s),
+        ("established", t.established_s),
+        ("closing", t.closing_s),
+        ("closed", t.closed_s),
+        ("udp", t.udp_s),
+    ]
+}
+
+/// The field of `t` for a state name (None for an unknown name).
+pub fn timeout_field<'a>(t: &'a mut lb_common::Timeouts, state: &str) -> Option<&'a mut u32> {
+    Some(match state {
+        "opening" => &mut t.opening_s,
+        "established" => &mut t.established_s,
+        "closing" => &mut t.closing_s,
+        "closed" => &mut t.closed_s,
+        "udp" => &mut t.udp_s,
+        _ => return None,
+    })
+}
+
+/// Checks one timeout: a known state and at most `MAX_TIMEOUT_S` seconds.
+pub fn check_timeout(state: &str, seconds: u64) -> Result<u32, ParseError> {
+    if !TIMEOUT_STATES.contains(&state) {
+        return Err(ParseError(format!(
+            "unknown flow state {state:?} in a timeout (expected {})",
+            TIMEOUT_STATES.join(", ")
+        )));
+    }
+    if seconds > MAX_TIMEOUT_S as u64 {
+        return Err(ParseError(format!(
+            "timeout {state}={seconds} is too long: at most {MAX_TIMEOUT_S} seconds (7 days; 0 = never expires)"
+        )));
+    }
+    Ok(seconds as u32)
+}
+
+/// Applies `STATE=SECONDS` settings (`--timeout`, repeatable) to `base`.
+pub fn parse_timeouts(
+    args: &[String],
+    mut base: lb_common::Timeouts,
+) -> Result<lb_common::Timeouts, ParseError> {
+    for a in args {
+        let Some((state, secs)) = a.split_once('=') else {
+            return Err(ParseError(format!(
+                "invalid timeout {a:?}: expected STATE=SECONDS, e.g. established=3600 (states: {})",
+                TIMEOUT_STATES.join(", ")
+            )));
+        };
+        let state = state.trim().to_ascii_lowercase();
+        let secs = secs.trim();
+        let n: u64 = secs.parse().map_err(|_| {
+            ParseError(format!(
+                "invalid timeout {a:?}: {secs:?} is not a number of seconds for state {state}"
+            ))
+        })?;
+        let n = check_timeout(&state, n)?;
+        *timeout_field(&mut base, &state).expect("checked state") = n;
+    }
+    Ok(base)
+}
+
+/// Parses a hash seed: 32-bit hexadecimal, with or without `0x` (`0x1a2b3c4d`, `1a2b3c4d`).
+/// 0 is refused: it is what an unset seed looks like.
+pub fn parse_hash_seed(s: &str) -> Result<u32, ParseError> {
+    let t = s.trim();
+    let hex = t
+        .strip_prefix("0x")
+        .or_else(|| t.strip_prefix("0X"))
+        .unwrap_or(t)
+        .replace('_', "");
+    let bad = || {
+        ParseError(format!(
+            "invalid hash seed {s:?}: expected up to 8 hexadecimal digits, e.g. 0x1a2b3c4d"
+        ))
+    };
+    if hex.is_empty() || hex.len() > 8 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let v = u32::from_str_radix(&hex, 16).map_err(|_| bad())?;
+    if v == 0 {
+        return Err(ParseError(format!(
+            "invalid hash seed {s:?}: 0 is not allowed (choose a random value, or leave the seed out to have one generated)"
+        )));
+    }
+    Ok(v)
+}
+
+/// A hash seed as `parse_hash_seed` reads it.
+pub fn format_hash_seed(seed: u32) -> String {
+    format!("0x{seed:08x}")
+}
+
+/// A random, nonzero hash seed from the kernel's random source.
+pub fn random_hash_seed() -> std::io::Result<u32> {
+    use std::io::Read;
+    let mut f = std::fs::File::open("/dev/urandom")?;
+    loop {
+        let mut b = [0u8; 4];
+        f.read_exact(&mut b)?;
+        let v = u32::from_ne_bytes(b);
+        if v != 0 {
+            return Ok(v);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeouts_parse_with_clear_errors() {
+        let d = lb_common::Timeouts::DEFAULT;
+        let t = parse_timeouts(
+            &[
+                "established=7200".into(),
+                "UDP=0".into(),
+                "closed = 5".into(),
+            ],
+            d,
+        )
+        .unwrap();
+        assert_eq!(t.established_s, 7200);
+        assert_eq!(t.udp_s, 0);
+        assert_eq!(t.closed_s, 5);
+        assert_eq!(t.opening_s, d.opening_s);
+        assert_eq!(parse_timeouts(&[], d).unwrap(), d);
+        for (arg, needles) in [
+            (
+                "established=abc",
+                &["\"abc\"", "established", "not a number"][..],
+            ),
+            ("established=-1", &["not a number"][..]),
+            (
+                "synsent=10",
+                &["unknown flow state \"synsent\"", "opening"][..],
+            ),
+            ("established", &["expected STATE=SECONDS"][..]),
+            ("udp=604801", &["too long", "604800"][..]),
+            ("udp=99999999999999999999", &["not a number"][..]),
+        ] {
+            let e = parse_timeouts(&[arg.to_string()], d).unwrap_err();
+            for n in needles {
+                assert!(e.0.contains(n), "{arg}: {e}");
+            }
+        }
+        assert_eq!(
+            parse_timeouts(&["udp=604800".into()], d).unwrap().udp_s,
+            MAX_TIMEOUT_S
+        );
+    }
+
+    #[test]
+    fn hash_seeds_parse() {
+        assert_eq!(parse_hash_seed("0x1a2b3c4d").unwrap(), 0x1a2b_3c4d);
+        assert_eq!(parse_hash_seed("1A2B3C4D").unwrap(), 0x1a2b_3c4d);
+        assert_eq!(parse_hash_seed("0x1").unwrap(), 1);
+        assert_eq!(parse_hash_seed(&format_hash_seed(0xdead)).unwrap(), 0xdead);
+        assert_eq!(format_hash_seed(0xdead), "0x0000dead");
+        for bad in [
+            "",
+            "0x",
+            "0x123456789",
+            "xyz",
+            "0x1g",
+            "-1",
+            "0",
+            "0x00000000",
+        ] {
+            assert!(parse_hash_seed(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_hash_seed("0")
+            .unwrap_err()
+            .0
+            .contains("0 is not allowed"));
+        assert_ne!(random_hash_seed().unwrap(), 0);
+    }
 
     #[test]
     fn vips_parse_and_print() {

@@ -40,7 +40,7 @@ pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 14] = [
+const ALL_MAPS: [&str; 19] = [
     names::PROGS,
     names::HANDOFF,
     names::PORTS,
@@ -51,6 +51,11 @@ const ALL_MAPS: [&str; 14] = [
     names::BACKENDS,
     names::TABLE,
     names::CONNTRACK,
+    names::CT_NEW,
+    names::TIMEOUTS,
+    names::CONF,
+    names::RATE,
+    names::FLOOD,
     names::REVNAT,
     names::STATS,
     names::VIP_STATS,

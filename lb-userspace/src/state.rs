@@ -14,9 +14,9 @@ use std::net::SocketAddr;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    names, Backend, CtEntry, Endpoint, FlowKey, NextHop, RevNat, TrafficStats, VipInfo,
-    BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS,
-    NO_BACKEND,
+    names, Backend, CtEntry, Endpoint, FlowKey, GlobalConf, NextHop, RevNat, RevNatEntry, Timeouts,
+    TrafficStats, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS,
+    MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
 };
 
 use crate::{
@@ -33,6 +33,12 @@ pub struct LbMaps {
     backends: Array<MapData, Backend>,
     table: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// Unconfirmed flows (a separate LRU, so a flood never evicts a confirmed flow).
+    ct_new: HashMap<MapData, FlowKey, CtEntry>,
+    /// Flow timeouts per VIP, by vip_id.
+    timeouts: Array<MapData, Timeouts>,
+    /// Deployment-wide settings (one entry): hash seed, flood threshold.
+    conf: Array<MapData, GlobalConf>,
     revnat: HashMap<MapData, Endpoint, RevNat>,
     stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
@@ -70,6 +76,8 @@ pub struct Fill {
     pub backends: (u64, u64),
     pub table_slots: (u64, u64),
     pub conntrack: (u64, u64),
+    /// Unconfirmed flows.
+    pub conntrack_new: (u64, u64),
     pub revnat: (u64, u64),
 }
 
@@ -78,6 +86,29 @@ pub struct Fill {
 pub struct Flow {
     pub key: FlowKey,
     pub entry: CtEntry,
+    /// Which table holds it.
+    pub table: CtTable,
+}
+
+/// One of the two conntrack tables (same key and value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CtTable {
+    /// `names::CONNTRACK`: confirmed flows.
+    Confirmed = 0,
+    /// `names::CT_NEW`: flows not yet confirmed.
+    Unconfirmed = 1,
+}
+
+impl CtTable {
+    pub const ALL: [CtTable; 2] = [CtTable::Confirmed, CtTable::Unconfirmed];
+
+    /// "confirmed" or "unconfirmed" (metric labels).
+    pub fn name(self) -> &'static str {
+        match self {
+            CtTable::Confirmed => "confirmed",
+            CtTable::Unconfirmed => "unconfirmed",
+        }
+    }
 }
 
 impl LbMaps {
@@ -89,6 +120,9 @@ impl LbMaps {
             backends: get(names::BACKENDS)?.try_into()?,
             table: get(names::TABLE)?.try_into()?,
             conntrack: get(names::CONNTRACK)?.try_into()?,
+            ct_new: get(names::CT_NEW)?.try_into()?,
+            timeouts: get(names::TIMEOUTS)?.try_into()?,
+            conf: get(names::CONF)?.try_into()?,
             revnat: get(names::REVNAT)?.try_into()?,
             stats: get(names::STATS)?.try_into()?,
             vip_stats: get(names::VIP_STATS)?.try_into()?,
@@ -141,9 +175,22 @@ impl LbMaps {
         })
     }
 
-    /// Adds a VIP with an empty table of `table_size` slots (a prime).
+    /// Adds a VIP with an empty table of `table_size` slots (a prime) and the default flow
+    /// timeouts.
     pub fn add_vip(&mut self, vip: &Vip, table_size: u32) -> Result<VipInfo> {
+        self.add_vip_with(vip, table_size, &Timeouts::DEFAULT)
+    }
+
+    /// Adds a VIP with an empty table of `table_size` slots (a prime) and the given flow
+    /// timeouts (written before the VIP becomes visible).
+    pub fn add_vip_with(
+        &mut self,
+        vip: &Vip,
+        table_size: u32,
+        timeouts: &Timeouts,
+    ) -> Result<VipInfo> {
         check_table_size(table_size)?;
+        check_timeouts(timeouts)?;
         let existing = self.vips()?;
         if existing.iter().any(|(v, _)| v == vip) {
             return Err(LbError::VipExists(*vip));
@@ -158,6 +205,9 @@ impl LbMaps {
                 .ctx(|| format!("clearing table slot {slot}"))?;
         }
         self.reset_stats_vip(vip_id)?;
+        self.timeouts
+            .set(vip_id, *timeouts, 0)
+            .ctx(|| format!("writing the flow timeouts of VIP {vip}"))?;
         let info = VipInfo {
             vip_id,
             table_off,
@@ -330,10 +380,33 @@ impl LbMaps {
         if flags == info.flags {
             return Ok(false);
         }
+        if on {
+            self.check_backends_unshared(vip)?;
+        }
         self.vips
             .insert(vip.endpoint(), VipInfo { flags, ..info }, 0)
             .ctx(|| format!("updating VIP {vip}"))?;
         Ok(true)
+    }
+
+    /// Checks that no backend of `vip` serves another VIP, as stateless reverse NAT requires
+    /// (it finds a reply's VIP from the backend alone).
+    pub fn check_backends_unshared(&self, vip: &Vip) -> Result<()> {
+        for b in self.backends(vip)? {
+            let others: Vec<Vip> = self
+                .other_vips_of(vip, b.addr)?
+                .into_iter()
+                .map(|(v, _)| v)
+                .collect();
+            if !others.is_empty() {
+                return Err(LbError::StatelessBackendShared {
+                    backend: b.addr,
+                    stateless: vip.to_string(),
+                    others: join_vips(&others),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What a VIP does when every backend with a weight is down: `drop` new flows (an empty
@@ -346,6 +419,49 @@ impl LbMaps {
         }
         let backends = self.backends(vip)?;
         self.write_table(vip, &info, &VipInfo { flags, ..info }, &backends)
+    }
+
+    /// The flow timeouts of VIP `vip_id`.
+    pub fn timeouts(&self, vip_id: u32) -> Result<Timeouts> {
+        self.timeouts
+            .get(&vip_id, 0)
+            .ctx(|| format!("reading the flow timeouts of VIP id {vip_id}"))
+    }
+
+    /// Sets a VIP's flow timeouts (they apply to its existing entries at once). Returns
+    /// whether they changed.
+    pub fn set_timeouts(&mut self, vip: &Vip, timeouts: Timeouts) -> Result<bool> {
+        check_timeouts(&timeouts)?;
+        let info = self.vip(vip)?;
+        if self.timeouts(info.vip_id)? == timeouts {
+            return Ok(false);
+        }
+        self.timeouts
+            .set(info.vip_id, timeouts, 0)
+            .ctx(|| format!("writing the flow timeouts of VIP {vip}"))?;
+        Ok(true)
+    }
+
+    // ---- deployment-wide settings ----
+
+    /// The deployment-wide settings: hash seed and flood threshold.
+    pub fn conf(&self) -> Result<GlobalConf> {
+        self.conf
+            .get(&0, 0)
+            .ctx(|| "reading the global settings".into())
+    }
+
+    /// Writes the deployment-wide settings. A new hash seed re-hashes every flow without a
+    /// conntrack entry (and moves every table-selected flow of maglev and source-hash VIPs).
+    /// Returns whether they changed.
+    pub fn set_conf(&mut self, conf: GlobalConf) -> Result<bool> {
+        if self.conf()? == conf {
+            return Ok(false);
+        }
+        self.conf
+            .set(0, conf, 0)
+            .ctx(|| "writing the global settings".into())?;
+        Ok(true)
     }
 
     /// Marks a backend up or down (health checks). A backend that is down keeps its entry,
@@ -458,16 +574,7 @@ impl LbMaps {
             if *weight > MAX_WEIGHT {
                 return Err(LbError::WeightOutOfRange(*weight));
             }
-            let key = crate::model::endpoint(*addr, vip.proto);
-            if let Ok(rev) = self.revnat.get(&key, 0) {
-                if rev.vip_id != info.vip_id {
-                    let other = Vip::from_endpoint(&rev.vip).map_or("?".into(), |v| v.to_string());
-                    return Err(LbError::BackendServesOtherVip {
-                        backend: *addr,
-                        other,
-                    });
-                }
-            }
+            self.check_sharing(vip, &info, *addr)?;
         }
         if info.algo == lb_common::ALGO_ROUND_ROBIN {
             let weights: Vec<u32> = want.iter().map(|(_, w)| *w).collect();
@@ -555,13 +662,21 @@ impl LbMaps {
                 .set(*id, backend, 0)
                 .ctx(|| format!("adding backend {addr}"))?;
             self.claim_port(addr.port(), lb_common::PORT_F_BACKEND)?;
-            let rev = RevNat {
-                vip: vip.endpoint(),
-                vip_id: info.vip_id,
-                backend_id: *id,
-            };
+            // The endpoint's reverse-NAT set gains this VIP, in one map update.
+            let key = crate::model::endpoint(*addr, vip.proto);
+            let mut set = self.revnat_set(&key)?;
+            let vip_key = vip.endpoint();
+            revnat_retain(&mut set, |e| e.vip != vip_key);
+            revnat_push(
+                &mut set,
+                RevNatEntry {
+                    vip: vip_key,
+                    vip_id: info.vip_id,
+                    backend_id: *id,
+                },
+            );
             self.revnat
-                .insert(crate::model::endpoint(*addr, vip.proto), rev, 0)
+                .insert(key, set, 0)
                 .ctx(|| format!("adding reverse NAT for backend {addr}"))?;
             states.push(BackendState {
                 id: *id,
@@ -707,31 +822,81 @@ impl LbMaps {
         self.backends
             .set(b.id, entry, 0)
             .ctx(|| format!("removing backend {}", b.addr))?;
-        match self
-            .revnat
-            .remove(&crate::model::endpoint(b.addr, vip.proto))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).ctx(|| format!("removing reverse NAT of {}", b.addr)),
+        // The endpoint's reverse-NAT set loses this backend's entry (the key goes with the last).
+        let key = crate::model::endpoint(b.addr, vip.proto);
+        let mut set = self.revnat_set(&key)?;
+        revnat_retain(&mut set, |e| e.backend_id != b.id);
+        let r = if set.count == 0 {
+            match self.revnat.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                r => r,
+            }
+        } else {
+            self.revnat.insert(key, set, 0)
+        };
+        r.ctx(|| format!("removing reverse NAT of {}", b.addr))
+    }
+
+    /// The reverse-NAT set of a backend endpoint (empty if it has none).
+    fn revnat_set(&self, key: &Endpoint) -> Result<RevNat> {
+        match self.revnat.get(key, 0) {
+            Ok(r) => Ok(r),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(RevNat::default()),
+            Err(e) => Err(e).ctx(|| "reading the reverse-NAT map".into()),
         }
     }
 
-    /// Every backend in use, with its id. Found through the reverse-NAT map, which has exactly
-    /// one entry per backend in use (written and removed together with the backend entry), so
-    /// this costs one lookup per backend rather than a scan of the whole array.
+    /// The VIPs other than `vip` that the backend endpoint `addr` (with `vip`'s protocol)
+    /// serves, with their flags (0 for a VIP no longer in the VIP map).
+    fn other_vips_of(&self, vip: &Vip, addr: SocketAddr) -> Result<Vec<(Vip, u8)>> {
+        let set = self.revnat_set(&crate::model::endpoint(addr, vip.proto))?;
+        let me = vip.endpoint();
+        let mut out = Vec::new();
+        for e in revnat_entries(&set).iter().filter(|e| e.vip != me) {
+            let Some(other) = Vip::from_endpoint(&e.vip) else {
+                continue;
+            };
+            let flags = self.vips.get(&e.vip, 0).map_or(0, |i| i.flags);
+            out.push((other, flags));
+        }
+        Ok(out)
+    }
+
+    /// Whether backend `addr` may serve `vip` (entry `info`) besides the VIPs it serves now:
+    /// at most `MAX_VIPS_PER_BACKEND` VIPs, and none besides a VIP with stateless reverse NAT
+    /// (which finds the VIP of a reply from the backend alone).
+    fn check_sharing(&self, vip: &Vip, info: &VipInfo, addr: SocketAddr) -> Result<()> {
+        let stateless = |flags: u8| flags & lb_common::VIP_F_STATELESS_REVERSE != 0;
+        let others: Vec<(Vip, bool)> = self
+            .other_vips_of(vip, addr)?
+            .into_iter()
+            .map(|(v, f)| (v, stateless(f)))
+            .collect();
+        match sharing_error(vip, stateless(info.flags), addr, &others) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every backend in use, with its id. Found through the reverse-NAT map, whose sets hold
+    /// exactly one entry per backend in use (written and removed together with the backend
+    /// entry), so this costs one lookup per backend rather than a scan of the whole array.
     fn valid_backends(&self) -> Result<Vec<(u32, Backend)>> {
         let mut out = Vec::new();
         for kv in self.revnat.iter() {
             let (_, rev) = kv.ctx(|| "reading the reverse-NAT map".into())?;
-            let b = self
-                .backends
-                .get(&rev.backend_id, 0)
-                .ctx(|| format!("reading backend {}", rev.backend_id))?;
-            if b.is_valid() {
-                out.push((rev.backend_id, b));
+            for e in revnat_entries(&rev) {
+                let b = self
+                    .backends
+                    .get(&e.backend_id, 0)
+                    .ctx(|| format!("reading backend {}", e.backend_id))?;
+                if b.is_valid() {
+                    out.push((e.backend_id, b));
+                }
             }
         }
         out.sort_by_key(|(id, _)| *id);
+        out.dedup_by_key(|(id, _)| *id);
         Ok(out)
     }
 
@@ -747,15 +912,18 @@ impl LbMaps {
             .collect()
     }
 
-    /// SHA-256 of a VIP's selection as every gateway must have it: the VIP, its algorithm, and
-    /// for each slot the backend's endpoint (not its id, which is local to this gateway) or
-    /// nothing. Gateways with the same configuration print the same digest (`lb table
+    /// SHA-256 of a VIP's selection as every gateway must have it: the hash seed, the VIP, its
+    /// algorithm, and for each slot the backend's endpoint (not its id, which is local to this
+    /// gateway) or nothing. Gateways with the same configuration print the same digest (`lb table
     /// --digest`), which is how to check several gateways behind ECMP agree.
     pub fn table_digest(&self, vip: &Vip) -> Result<String> {
         use sha2::{Digest, Sha256};
         let info = self.vip(vip)?;
         let backends = self.backends(vip)?;
+        let seed = self.conf()?.hash_seed;
         let mut h = Sha256::new();
+        // The seed decides which slot a flow hashes to: gateways that must agree need the same.
+        h.update(seed.to_le_bytes());
         h.update(bytemuck::bytes_of(&vip.endpoint()));
         h.update([info.algo, info.src_prefix_len, info.fwd]);
         h.update(info.table_size.to_le_bytes());
@@ -778,7 +946,13 @@ impl LbMaps {
     /// miss), or None if the slot is empty.
     pub fn table_backend(&self, vip: &Vip, key: &FlowKey) -> Result<Option<BackendState>> {
         let info = self.vip(vip)?;
-        let slot = info.table_off + lb_common::hash::flow_hash(key) % info.table_size;
+        let seed = self.conf()?.hash_seed;
+        let hash = if info.algo == lb_common::ALGO_SOURCE_HASH {
+            lb_common::hash::source_hash(&key.src_be, key.family, info.src_prefix_len, seed)
+        } else {
+            lb_common::hash::flow_hash(key, seed)
+        };
+        let slot = info.table_off + hash % info.table_size;
         let id = self
             .table
             .get(&slot, 0)
@@ -820,6 +994,7 @@ impl LbMaps {
                 self.conntrack.keys().count() as u64,
                 cap(self.conntrack.map())?,
             ),
+            conntrack_new: (self.ct_new.keys().count() as u64, cap(self.ct_new.map())?),
             revnat: (self.revnat.keys().count() as u64, cap(self.revnat.map())?),
         })
     }
@@ -862,14 +1037,137 @@ impl LbMaps {
 
     // ---- conntrack ----
 
-    /// All conntrack entries.
+    fn ct_map(&self, table: CtTable) -> &HashMap<MapData, FlowKey, CtEntry> {
+        match table {
+            CtTable::Confirmed => &self.conntrack,
+            CtTable::Unconfirmed => &self.ct_new,
+        }
+    }
+
+    fn ct_map_mut(&mut self, table: CtTable) -> &mut HashMap<MapData, FlowKey, CtEntry> {
+        match table {
+            CtTable::Confirmed => &mut self.conntrack,
+            CtTable::Unconfirmed => &mut self.ct_new,
+        }
+    }
+
+    /// All entries of both conntrack tables (confirmed first). Read with batched lookups:
+    /// an entry deleted meanwhile does not restart the walk.
     pub fn flows(&self) -> Result<Vec<Flow>> {
         let mut out = Vec::new();
-        for kv in self.conntrack.iter() {
-            let (key, entry) = kv.ctx(|| "reading conntrack".into())?;
-            out.push(Flow { key, entry });
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for table in CtTable::ALL {
+            let mut cursor = None;
+            loop {
+                let (n, next) = self.ct_batch(table, cursor, 4096, &mut keys, &mut values)?;
+                out.extend((0..n).map(|i| Flow {
+                    key: keys[i],
+                    entry: values[i],
+                    table,
+                }));
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
         }
         Ok(out)
+    }
+
+    /// Up to `max` entries of `table` from batch cursor `cursor` (None: the start) into
+    /// `keys`/`values`: how many, and the cursor to go on from (None: the end was reached).
+    pub(crate) fn ct_batch(
+        &self,
+        table: CtTable,
+        cursor: Option<u32>,
+        max: usize,
+        keys: &mut Vec<FlowKey>,
+        values: &mut Vec<CtEntry>,
+    ) -> Result<(usize, Option<u32>)> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.ct_map(table).map().fd().as_fd();
+        crate::sweep::lookup_batch(fd, cursor, max, keys, values)
+            .map_err(|io_error| {
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                })
+            })
+            .ctx(|| format!("reading the {} conntrack table", table.name()))
+    }
+
+    /// One entry of `table`.
+    pub(crate) fn ct_get(&self, table: CtTable, key: &FlowKey) -> Result<Option<CtEntry>> {
+        match self.ct_map(table).get(key, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).ctx(|| format!("reading the {} conntrack table", table.name())),
+        }
+    }
+
+    /// Deletes an entry of `table`; false if it was not there.
+    pub(crate) fn ct_remove(&mut self, table: CtTable, key: &FlowKey) -> Result<bool> {
+        match self.ct_map_mut(table).remove(key) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e).ctx(|| format!("deleting from the {} conntrack table", table.name())),
+        }
+    }
+
+    /// Inserts an entry in either table (tests).
+    #[cfg(test)]
+    pub(crate) fn ct_insert(
+        &mut self,
+        table: CtTable,
+        key: &FlowKey,
+        entry: &CtEntry,
+    ) -> Result<()> {
+        self.ct_map_mut(table)
+            .insert(key, entry, 0)
+            .ctx(|| "inserting a conntrack entry".into())
+    }
+
+    /// Capacity of a conntrack table.
+    pub fn ct_capacity(&self, table: CtTable) -> anyhow::Result<u64> {
+        use aya::maps::IterableMap;
+        Ok(self.ct_map(table).map().info()?.max_entries() as u64)
+    }
+
+    /// The backend array's entry `id` as stored (None if `id` is out of range).
+    pub(crate) fn backend_entry(&self, id: u32) -> Result<Option<Backend>> {
+        if id >= MAX_BACKENDS {
+            return Ok(None);
+        }
+        self.backends
+            .get(&id, 0)
+            .map(Some)
+            .ctx(|| format!("reading backend {id}"))
+    }
+
+    /// (id, generation) of every backend in use.
+    pub(crate) fn backend_generations(&self) -> Result<Vec<(u32, u32)>> {
+        Ok(self
+            .valid_backends()?
+            .iter()
+            .map(|(id, b)| (*id, b.generation))
+            .collect())
+    }
+
+    /// One global counter summed over CPUs.
+    pub(crate) fn counter(&self, c: lb_common::Counter) -> Result<u64> {
+        let i = c as u32;
+        self.stats
+            .get(&i, 0)
+            .map(|v| v.iter().sum())
+            .ctx(|| format!("reading counter {i}"))
+    }
+
+    /// Overwrites backend `id`'s active-flow count (the sweep's settlement).
+    pub(crate) fn set_active_flows(&mut self, id: u32, n: u64) -> Result<()> {
+        self.active
+            .set(id, n, 0)
+            .ctx(|| format!("writing the active flows of backend {id}"))
     }
 
     /// Inserts a conntrack entry (benchmarks use it to fill the table).
@@ -885,17 +1183,27 @@ impl LbMaps {
         Ok(self.conntrack.map().info()?.id())
     }
 
-    /// Active flows of a backend: flows that got it and have not shown a TCP FIN or RST (UDP
-    /// flows count until the backend is removed: they have no visible end).
+    /// Active flows of a backend: its confirmed flows (TCP handshake completed, UDP answered)
+    /// that have not closed (FINs both ways), expired or been evicted. The data plane counts
+    /// them; the sweep (`crate::sweep`) settles what it cannot see.
     pub fn active_flows(&self, id: u32) -> Result<u64> {
         self.active
             .get(&id, 0)
             .ctx(|| format!("reading the active flows of backend {id}"))
     }
 
-    /// The backend id conntrack holds for a flow, if any.
+    /// The entry conntrack holds for a flow, if any: the confirmed table's, else the
+    /// unconfirmed table's.
     pub fn flow(&self, key: &FlowKey) -> Option<CtEntry> {
-        self.conntrack.get(key, 0).ok()
+        self.conntrack
+            .get(key, 0)
+            .or_else(|_| self.ct_new.get(key, 0))
+            .ok()
+    }
+
+    /// The entry a flow has in one of the two tables, if any.
+    pub fn flow_in(&self, table: CtTable, key: &FlowKey) -> Option<CtEntry> {
+        self.ct_map(table).get(key, 0).ok()
     }
 }
 
@@ -935,6 +1243,91 @@ fn effective(info: &VipInfo, backends: &[BackendState]) -> Vec<BackendState> {
             ..*b
         })
         .collect()
+}
+
+/// The entries in use of a reverse-NAT set.
+pub fn revnat_entries(r: &RevNat) -> &[RevNatEntry] {
+    &r.vips[..(r.count as usize).min(MAX_VIPS_PER_BACKEND)]
+}
+
+/// Keeps the entries of a reverse-NAT set for which `keep` holds, in order, packed at the
+/// front (unused entries zeroed).
+fn revnat_retain(r: &mut RevNat, keep: impl Fn(&RevNatEntry) -> bool) {
+    let kept: Vec<RevNatEntry> = revnat_entries(r).iter().copied().filter(keep).collect();
+    *r = RevNat::default();
+    for e in kept {
+        revnat_push(r, e);
+    }
+}
+
+/// Appends an entry to a reverse-NAT set (callers checked there is room).
+fn revnat_push(r: &mut RevNat, e: RevNatEntry) {
+    let n = r.count as usize;
+    debug_assert!(n < MAX_VIPS_PER_BACKEND, "reverse-NAT set full");
+    if n < MAX_VIPS_PER_BACKEND {
+        r.vips[n] = e;
+        r.count += 1;
+    }
+}
+
+/// Why backend `addr` may not serve `vip` (with stateless reverse NAT or not) besides the
+/// VIPs `others` (with theirs), if it may not: a backend endpoint serves at most
+/// `MAX_VIPS_PER_BACKEND` VIPs, and a backend of a VIP with stateless reverse NAT serves no
+/// other VIP (that VIP's replies are recognised from the backend alone). The map layer and
+/// the configuration check apply this same rule.
+pub(crate) fn sharing_error(
+    vip: &Vip,
+    stateless: bool,
+    addr: SocketAddr,
+    others: &[(Vip, bool)],
+) -> Option<LbError> {
+    let vips: Vec<Vip> = others.iter().map(|(v, _)| *v).collect();
+    if others.is_empty() {
+        None
+    } else if others.len() >= MAX_VIPS_PER_BACKEND {
+        Some(LbError::TooManyVipsPerBackend {
+            backend: addr,
+            vips: join_vips(&vips),
+        })
+    } else if stateless {
+        Some(LbError::StatelessBackendShared {
+            backend: addr,
+            stateless: vip.to_string(),
+            others: join_vips(&vips),
+        })
+    } else {
+        others
+            .iter()
+            .find(|(_, s)| *s)
+            .map(|(s, _)| LbError::StatelessBackendShared {
+                backend: addr,
+                stateless: s.to_string(),
+                others: vip.to_string(),
+            })
+    }
+}
+
+/// "A, B and C" for error messages.
+fn join_vips(vips: &[Vip]) -> String {
+    let names: Vec<String> = vips.iter().map(|v| v.to_string()).collect();
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// Checks flow timeouts: each at most `MAX_TIMEOUT_S` (0 = never expires).
+pub fn check_timeouts(t: &Timeouts) -> Result<()> {
+    for (state, secs) in crate::model::timeout_values(t) {
+        if secs > crate::model::MAX_TIMEOUT_S {
+            return Err(LbError::TimeoutOutOfRange {
+                state,
+                seconds: secs as u64,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// `flags` with `flag` set or cleared.
@@ -1036,5 +1429,95 @@ mod tests {
         assert_eq!(free_range([(10, 10), (0, 5)].into_iter(), 6, 100), Some(20));
         assert_eq!(free_range([(0, 95)].into_iter(), 6, 100), None);
         assert_eq!(free_range([(0, 94)].into_iter(), 6, 100), Some(94));
+    }
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+
+    fn vip(s: &str) -> Vip {
+        s.parse().unwrap()
+    }
+
+    fn entry(v: &str, id: u32) -> RevNatEntry {
+        RevNatEntry {
+            vip: vip(v).endpoint(),
+            vip_id: id,
+            backend_id: 100 + id,
+        }
+    }
+
+    #[test]
+    fn revnat_sets_append_and_remove_in_place() {
+        let mut set = RevNat::default();
+        for i in 0..3 {
+            revnat_push(&mut set, entry(&format!("10.0.0.{i}:80/tcp"), i));
+        }
+        assert_eq!(revnat_entries(&set).len(), 3);
+        revnat_retain(&mut set, |e| e.backend_id != 101);
+        assert_eq!(set.count, 2);
+        let ids: Vec<u32> = revnat_entries(&set).iter().map(|e| e.vip_id).collect();
+        assert_eq!(ids, vec![0, 2]);
+        // Unused entries are zeroed, so equal sets are equal values.
+        assert_eq!(set.vips[2], RevNatEntry::default());
+        revnat_retain(&mut set, |_| false);
+        assert_eq!(set, RevNat::default());
+        // A count beyond the array (a corrupt entry) is clamped.
+        let bad = RevNat {
+            count: 99,
+            ..RevNat::default()
+        };
+        assert_eq!(revnat_entries(&bad).len(), MAX_VIPS_PER_BACKEND);
+    }
+
+    #[test]
+    fn sharing_rules() {
+        let b: SocketAddr = "10.9.0.1:8080".parse().unwrap();
+        let a = vip("10.0.0.1:80/tcp");
+        let others = |n: usize, stateless: bool| -> Vec<(Vip, bool)> {
+            (0..n)
+                .map(|i| (vip(&format!("10.0.1.{i}:80/tcp")), stateless && i == 0))
+                .collect()
+        };
+        assert!(sharing_error(&a, false, b, &[]).is_none());
+        assert!(sharing_error(&a, true, b, &[]).is_none());
+        assert!(sharing_error(&a, false, b, &others(MAX_VIPS_PER_BACKEND - 1, false)).is_none());
+        let e = sharing_error(&a, false, b, &others(MAX_VIPS_PER_BACKEND, false)).unwrap();
+        assert!(matches!(e, LbError::TooManyVipsPerBackend { .. }), "{e}");
+        assert!(e.to_string().contains(
+            "backend 10.9.0.1:8080 already serves VIPs 10.0.1.0:80/tcp, 10.0.1.1:80/tcp, 10.0.1.2:80/tcp and 10.0.1.3:80/tcp"
+        ));
+        let e = sharing_error(&a, true, b, &others(1, false)).unwrap();
+        assert!(
+            e.to_string()
+                .contains("VIP 10.0.0.1:80/tcp (reverse = stateless) and VIP 10.0.1.0:80/tcp"),
+            "{e}"
+        );
+        let e = sharing_error(&a, false, b, &others(2, true)).unwrap();
+        assert!(
+            e.to_string()
+                .contains("VIP 10.0.1.0:80/tcp (reverse = stateless) and VIP 10.0.0.1:80/tcp"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn timeouts_are_checked() {
+        check_timeouts(&Timeouts::DEFAULT).unwrap();
+        let zero = Timeouts {
+            opening_s: 0,
+            established_s: 0,
+            closing_s: 0,
+            closed_s: 0,
+            udp_s: 0,
+        };
+        check_timeouts(&zero).unwrap();
+        let long = Timeouts {
+            closing_s: crate::model::MAX_TIMEOUT_S + 1,
+            ..Timeouts::DEFAULT
+        };
+        let e = check_timeouts(&long).unwrap_err();
+        assert!(e.to_string().contains("timeout closing=604801"), "{e}");
     }
 }

@@ -16,7 +16,10 @@ use lb::{
     schedule::smooth_wrr,
     Algorithm, Vip,
 };
-use lb_common::{hash::flow_hash, FlowKey};
+use lb_common::{
+    hash::{flow_hash, FLOW_HASH_SEED},
+    FlowKey,
+};
 
 const BACKENDS: [&str; 3] = ["10.1.0.11:8080", "10.1.0.12:8080", "10.1.0.13:8080"];
 const WEIGHTS: [u32; 3] = [1, 2, 3];
@@ -240,7 +243,7 @@ fn maglev_disruption_against_modulo() {
             k.dport_be = 80u16.to_be();
             k.proto = 6;
             k.family = 4;
-            flow_hash(&k)
+            flow_hash(&k, FLOW_HASH_SEED)
         })
         .collect();
     let m = 65_537u32;

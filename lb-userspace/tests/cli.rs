@@ -297,10 +297,102 @@ fn vips_backends_and_bad_input() {
         "already exists",
     );
     lb.ok(&["vip", "add", "10.100.0.101:80/tcp", "--table-size", "251"]);
+    // One backend behind several VIPs (at most four), listed under each.
+    lb.ok(&["backend", "add", "10.100.0.101:80/tcp", "10.200.0.11:8080"]);
+    let bs = lb.json(&["backend", "list"]);
+    let under: Vec<&str> = bs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["backend"] == "10.200.0.11:8080")
+        .map(|b| b["vip"].as_str().unwrap())
+        .collect();
+    assert_eq!(under, [VIP, "10.100.0.101:80/tcp"], "{bs}");
+    // Stateless reverse NAT finds the VIP from the backend alone: no sharing.
     lb.fails(
-        &["backend", "add", "10.100.0.101:80/tcp", "10.200.0.11:8080"],
-        1,
-        "already serves VIP 10.100.0.100:80/tcp",
+        &["vip", "set", VIP, "--reverse", "stateless"],
+        2,
+        "cannot serve both VIP 10.100.0.100:80/tcp (reverse = stateless) and VIP 10.100.0.101:80/tcp",
+    );
+    for i in 2..=3 {
+        lb.ok(&[
+            "vip",
+            "add",
+            &format!("10.100.0.10{i}:80/tcp"),
+            "--table-size",
+            "251",
+        ]);
+        lb.ok(&[
+            "backend",
+            "add",
+            &format!("10.100.0.10{i}:80/tcp"),
+            "10.200.0.11:8080",
+        ]);
+    }
+    lb.ok(&["vip", "add", "10.100.0.104:80/tcp", "--table-size", "251"]);
+    lb.fails(
+        &["backend", "add", "10.100.0.104:80/tcp", "10.200.0.11:8080"],
+        2,
+        "backend 10.200.0.11:8080 already serves VIPs 10.100.0.100:80/tcp, 10.100.0.101:80/tcp, 10.100.0.102:80/tcp and 10.100.0.103:80/tcp",
+    );
+    lb.ok(&[
+        "vip",
+        "set",
+        "10.100.0.104:80/tcp",
+        "--reverse",
+        "stateless",
+    ]);
+    lb.fails(
+        &["backend", "add", "10.100.0.104:80/tcp", "10.200.0.12:8080"],
+        2,
+        "(reverse = stateless)",
+    );
+    for i in 2..=4 {
+        lb.ok(&["vip", "del", &format!("10.100.0.10{i}:80/tcp")]);
+    }
+    lb.ok(&["backend", "del", "10.100.0.101:80/tcp", "10.200.0.11:8080"]);
+    // The backend still serves its first VIP.
+    let bs = lb.json(&["backend", "list", VIP]);
+    assert_eq!(bs[0]["backend"], "10.200.0.11:8080");
+    // Flow timeouts: a bad one is one usage error, with nothing changed.
+    lb.fails(
+        &[
+            "vip",
+            "add",
+            "10.100.0.105:80/tcp",
+            "--timeout",
+            "established=abc",
+        ],
+        2,
+        "\"abc\" is not a number of seconds for state established",
+    );
+    lb.fails(
+        &["vip", "set", VIP, "--timeout", "synsent=5"],
+        2,
+        "unknown flow state \"synsent\"",
+    );
+    lb.fails(
+        &["vip", "set", VIP, "--timeout", "udp=604801"],
+        2,
+        "too long",
+    );
+    lb.ok(&[
+        "vip",
+        "set",
+        VIP,
+        "--timeout",
+        "established=7200",
+        "--timeout",
+        "udp=0",
+    ]);
+    let vips = lb.json(&["vip", "list"]);
+    assert_eq!(vips[0]["timeouts"]["established"], 7200, "{vips}");
+    assert_eq!(vips[0]["timeouts"]["udp"], 0, "{vips}");
+    assert_eq!(vips[0]["timeouts"]["opening"], 60, "{vips}");
+    let cfg = lb.ok(&["show-config"]);
+    assert!(
+        cfg.contains("[vip.timeouts]\nopening = 60\nestablished = 7200\n"),
+        "{cfg}"
     );
     for i in 0..25 {
         lb.ok(&[
@@ -452,9 +544,15 @@ fn apply_show_config_round_trip() {
     std::fs::write(
         &file,
         r#"
+hash_seed = "0x1a2b3c4d"
+flood_threshold = 50000
+
 [[vip]]
 address = "10.100.0.100:80/tcp"
 table_size = 4099
+
+[vip.timeouts]
+established = 7200
 
 [[vip.backend]]
 address = "10.200.0.11:8080"
@@ -486,6 +584,9 @@ table_size = 251
 [[vip.backend]]
 address = "10.200.3.1:80"
 weight = 2
+
+[[vip.backend]]
+address = "10.200.0.11:8080"
 "#,
     )
     .unwrap();
@@ -505,6 +606,31 @@ weight = 2
     );
     // Round trip: what show-config prints, applied, changes nothing.
     let shown = lb.ok(&["show-config"]);
+    assert!(
+        shown.contains("hash_seed = \"0x1a2b3c4d\"\nflood_threshold = 50000\n"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("[vip.timeouts]\nopening = 60\nestablished = 7200\n"),
+        "{shown}"
+    );
+    // The status says a seed is set, and which flood threshold, but not the seed.
+    let st = lb.ok(&["status", "--json"]);
+    assert!(st.contains("\"flood_threshold\": 50000"), "{st}");
+    assert!(st.contains("\"hash_seed_set\": true"), "{st}");
+    assert!(
+        !st.contains("1a2b3c4d") && !st.contains("439041101"),
+        "{st}"
+    );
+    // The backend behind two VIPs is listed under both.
+    let shared = lb.json(&["backend", "list"]);
+    let n = shared
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["backend"] == "10.200.0.11:8080")
+        .count();
+    assert_eq!(n, 2, "{shared}");
     let again = dir.join("again.toml");
     std::fs::write(&again, &shown).unwrap();
     assert_eq!(
@@ -609,10 +735,35 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
     let flows = lb.json(&["flows", VIP]);
     assert_eq!(flows.as_array().unwrap().len(), 5);
     assert_eq!(flows[0]["backend"], "10.200.0.11:8080");
-    assert_eq!(flows[0]["state"], "active");
-    assert!(lb.ok(&["flows"]).contains("10.0.0.2:40000"));
+    // A SYN makes an unconfirmed entry.
+    assert_eq!(flows[0]["state"], "opening", "{flows}");
+    assert_eq!(flows[0]["confirmed"], false, "{flows}");
+    assert!(flows[0]["age_s"].as_u64().unwrap() < 60, "{flows}");
+    let text = lb.ok(&["flows"]);
+    assert!(text.contains("10.0.0.2:40000"), "{text}");
+    assert!(text.contains("opening"), "{text}");
     let st = lb.json(&["status"]);
-    assert_eq!(st["maps"][3]["used"], 5, "conntrack fill");
+    let ct_used: u64 = st["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["map"].as_str().unwrap().starts_with("conntrack"))
+        .map(|m| m["used"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ct_used, 5, "conntrack fill: {st}");
+    // The sweep keeps live entries, and deletes them once past their timeout.
+    let o = lb.run(&["flows", "--sweep", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("swept: 0 expired and 0 stale"), "{err}");
+    let flows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(flows.as_array().unwrap().len(), 5);
+    lb.ok(&["vip", "set", VIP, "--timeout", "opening=1"]);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let o = lb.run(&["flows", "--sweep", "--json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("swept: 5 expired and 0 stale"), "{err}");
+    let flows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(flows.as_array().unwrap().len(), 0, "{flows}");
 
     // The next-hop cache: unresolved without a route, resolved once there is a neighbour.
     let nh = lb.json(&["nexthop", "refresh"]);

@@ -1,21 +1,33 @@
 //! The data plane's specification: a table of input packet → verdict → exact output packet,
 //! run in order through the real program with BPF_PROG_TEST_RUN inside a namespace whose
 //! routes and neighbours make the route lookups deterministic (see common/topology.rs).
-//! Configuration changes between cases are steps of the table too. Counters are checked at the
-//! end against what the cases say.
+//! Configuration changes between cases are steps of the table too. Rows about flow state also
+//! check the conntrack tables (which table holds the flow, its state and flags) and the active
+//! counts. Counters are checked at the end against what the cases say.
+//!
+//! The tables: `fixture_table` (forwarding, reverse path, parsing, next hops, draining),
+//! `flow_state_table` (the checks before any state, TTL, the TCP/UDP flow states and their
+//! transitions, timeouts, one backend behind two VIPs), and `flood_threshold` and
+//! `flood_threshold_lowered` (the new-flow rate limit; they pin their thread to one CPU, as the
+//! rate is counted per CPU).
 
 mod common;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use common::{
     mutate::{fix_ipv4_csum, l4_v4, set_ipv4_u16, set_ipv4_u8, IP},
-    packets::{checksums_ok, Mac, Spec, Tcp},
+    packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
-    topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
+    topology::{mac_of, pin_to_current_cpu, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
-use lb::{model::flow_key, Vip};
-use lb_common::{Counter, COUNTER_NAMES, VERDICT_COUNT};
+use lb::{model::flow_key, Algorithm, CtTable, Vip};
+use lb_common::{
+    Counter, CtEntry, GlobalConf, Timeouts, ACK_WINDOW, COUNTER_NAMES, CT_F_CLIENT_AGAIN,
+    CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST, CT_F_SYNACK,
+    CT_STATE_NAMES, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP,
+    VERDICT_COUNT,
+};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -39,9 +51,30 @@ struct Table {
     gw: Gateway,
     reasons: Vec<Counter>,
     rows: usize,
+    /// Counters when the table started.
+    before: Vec<u64>,
+}
+
+/// Where a flow's entry must be, and what it must say.
+struct Want {
+    table: CtTable,
+    state: u8,
+    flags: u64,
+    backend: SocketAddr,
 }
 
 impl Table {
+    fn new(tag: &str) -> Table {
+        let gw = Gateway::new(tag);
+        let before = gw.dp.maps.counters().unwrap();
+        Table {
+            gw,
+            reasons: vec![],
+            rows: 0,
+            before,
+        }
+    }
+
     fn check(&mut self, c: Case) {
         let prog = self.gw.dp.program();
         let (action, out) = run(prog, c.ingress, &c.input);
@@ -66,7 +99,8 @@ impl Table {
         self.reasons.push(c.reason);
     }
 
-    /// The backend the table gives a new flow from `client` to `vip` now.
+    /// The backend the table gives a new flow from `client` to `vip` now (with the seed in the
+    /// maps).
     fn predict(&self, client: SocketAddr, v: &Vip) -> SocketAddr {
         self.gw
             .dp
@@ -85,19 +119,35 @@ impl Table {
             .maps
             .flow(&flow_key(client, v))
             .expect("flow in conntrack");
+        self.backend_addr(v, e.backend_id)
+    }
+
+    fn backend_addr(&self, v: &Vip, id: u32) -> SocketAddr {
         self.gw
             .dp
             .maps
             .backends(v)
             .unwrap()
             .into_iter()
-            .find(|b| b.id == e.backend_id)
-            .unwrap()
+            .find(|b| b.id == id)
+            .unwrap_or_else(|| panic!("{v} has no backend with id {id}"))
             .addr
     }
 
+    fn backend_id(&self, v: &Vip, addr: SocketAddr) -> u32 {
+        self.gw
+            .dp
+            .maps
+            .backends(v)
+            .unwrap()
+            .into_iter()
+            .find(|b| b.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} is not a backend of {v}"))
+            .id
+    }
+
     /// Case: client → VIP, forwarded to `backend` wherever it is (XDP_TX on interface A,
-    /// XDP_REDIRECT to interface B for 10.2.0.21).
+    /// XDP_REDIRECT to interface B for 10.2.0.21), one hop later.
     fn forward_to(&mut self, desc: &str, spec: &Spec, backend: SocketAddr) {
         let (smac, verdict, reason) = if backend.ip().to_string() == "10.2.0.21" {
             (GW_MAC_B, XDP_REDIRECT, Counter::Redirect)
@@ -109,8 +159,27 @@ impl Table {
             ingress: self.gw.ifindex_a,
             input: spec.build(),
             verdict,
-            output: spec.with(smac, mac_of(backend), spec.src, backend).build(),
+            output: spec
+                .with(smac, mac_of(backend), spec.src, backend)
+                .hop()
+                .build(),
             reason,
+        });
+    }
+
+    /// Case: a backend's packet to a client (on interface A), its source rewritten to `vip`,
+    /// one hop later.
+    fn reply_as(&mut self, desc: &str, spec: &Spec, v: &Vip) {
+        self.check(Case {
+            desc: desc.into(),
+            ingress: self.gw.ifindex_a,
+            input: spec.build(),
+            verdict: XDP_TX,
+            output: spec
+                .with(GW_MAC_A, CLIENT_MAC, v.addr, spec.dst)
+                .hop()
+                .build(),
+            reason: Counter::Tx,
         });
     }
 
@@ -124,6 +193,187 @@ impl Table {
             verdict,
             reason,
         });
+    }
+
+    /// Every entry the conntrack tables hold for the flow `client` → `v`.
+    fn entries(&self, client: SocketAddr, v: &Vip) -> Vec<(CtTable, CtEntry)> {
+        let key = flow_key(client, v);
+        self.gw
+            .dp
+            .maps
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.key == key)
+            .map(|f| (f.table, f.entry))
+            .collect()
+    }
+
+    /// The flow `client` → `v` has exactly one entry, as `want` says.
+    fn expect_entry(&self, desc: &str, client: SocketAddr, v: &Vip, want: Want) -> CtEntry {
+        let got = self.entries(client, v);
+        let [(table, e)] = got[..] else {
+            panic!("case {desc:?}: want one entry for {client} → {v}, got {got:?}");
+        };
+        let shown = |table: CtTable, state: u8, flags: u64| {
+            format!(
+                "{} {}, flags {}",
+                table.name(),
+                CT_STATE_NAMES.get(state as usize).unwrap_or(&"?"),
+                flag_names(flags)
+            )
+        };
+        assert_eq!(
+            shown(table, e.state, e.flags),
+            shown(want.table, want.state, want.flags),
+            "case {desc:?}: entry of {client} → {v} (table, state, flags)"
+        );
+        assert_eq!(
+            self.backend_addr(v, e.backend_id),
+            want.backend,
+            "case {desc:?}: entry's backend"
+        );
+        e
+    }
+
+    /// The flow `client` → `v` has no entry in either table.
+    fn expect_no_entry(&self, desc: &str, client: SocketAddr, v: &Vip) {
+        let got = self.entries(client, v);
+        assert!(
+            got.is_empty(),
+            "case {desc:?}: want no entry for {client} → {v}, got {got:?}"
+        );
+    }
+
+    /// Backend `b` of `v`'s active-flow count.
+    fn active(&self, v: &Vip, b: SocketAddr) -> u64 {
+        self.gw.dp.maps.active_flows(self.backend_id(v, b)).unwrap()
+    }
+
+    fn expect_active(&self, desc: &str, v: &Vip, b: SocketAddr, n: u64) {
+        assert_eq!(self.active(v, b), n, "case {desc:?}: active flows of {b}");
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        self.gw.dp.maps.counters().unwrap()
+    }
+
+    /// The event counters in `want` went up by exactly that much since `since`; every other
+    /// flow-state event counter named in `FLOW_EVENTS` not at all.
+    fn expect_events(&self, desc: &str, since: &[u64], want: &[(Counter, u64)]) {
+        let now = self.counters();
+        for c in FLOW_EVENTS {
+            let n = want.iter().find(|(w, _)| *w == c).map_or(0, |(_, n)| *n);
+            assert_eq!(
+                now[c as usize] - since[c as usize],
+                n,
+                "case {desc:?}: counter {}",
+                COUNTER_NAMES[c as usize]
+            );
+        }
+    }
+
+    /// Every backend's active count equals its counted confirmed entries (exact counts).
+    fn expect_counts_exact(&self, vips: &[Vip]) {
+        let flows = self.gw.dp.maps.flows().unwrap();
+        for v in vips {
+            for b in self.gw.dp.maps.backends(v).unwrap() {
+                let counted = flows
+                    .iter()
+                    .filter(|f| {
+                        f.table == CtTable::Confirmed
+                            && f.entry.backend_id == b.id
+                            && f.entry.flags & CT_F_COUNTED != 0
+                    })
+                    .count() as u64;
+                assert_eq!(
+                    self.gw.dp.maps.active_flows(b.id).unwrap(),
+                    counted,
+                    "active flows of {} ({v}) = its counted confirmed entries",
+                    b.addr
+                );
+            }
+        }
+        for f in &flows {
+            match f.table {
+                CtTable::Unconfirmed => assert!(
+                    (f.entry.state == CT_S_OPENING || f.entry.state == CT_S_UDP)
+                        && f.entry.flags & CT_F_COUNTED == 0,
+                    "unconfirmed entry {f:?}"
+                ),
+                CtTable::Confirmed => assert!(
+                    f.entry.state != CT_S_OPENING
+                        && (f.entry.flags & CT_F_COUNTED != 0) == (f.entry.state != CT_S_CLOSED),
+                    "confirmed entry {f:?}: counted exactly while not closed"
+                ),
+            }
+        }
+    }
+
+    /// One verdict per packet, each as the cases say.
+    fn finish(&self) -> Vec<u64> {
+        let after = self.counters();
+        let mut want: HashMap<usize, u64> = HashMap::new();
+        for r in &self.reasons {
+            *want.entry(*r as usize).or_default() += 1;
+        }
+        for i in 0..VERDICT_COUNT as usize {
+            assert_eq!(
+                after[i] - self.before[i],
+                want.get(&i).copied().unwrap_or(0),
+                "counter {}",
+                COUNTER_NAMES[i]
+            );
+        }
+        let total: u64 = (0..VERDICT_COUNT as usize)
+            .map(|i| after[i] - self.before[i])
+            .sum();
+        assert_eq!(
+            total, self.rows as u64,
+            "verdict counters sum to the packets run"
+        );
+        after
+    }
+}
+
+/// The flow-state events `expect_events` checks.
+const FLOW_EVENTS: [Counter; 10] = [
+    Counter::CtMiss,
+    Counter::CtStale,
+    Counter::CtExpired,
+    Counter::CtConfirmed,
+    Counter::CtFloodSkip,
+    Counter::CtBadAck,
+    Counter::CtReopened,
+    Counter::CtRefused,
+    Counter::RevStateless,
+    Counter::RevNat,
+];
+
+/// `CT_F_*` bits by name, for messages.
+fn flag_names(flags: u64) -> String {
+    let names = [
+        (CT_F_COUNTED, "counted"),
+        (CT_F_FIN_CLIENT, "fin_client"),
+        (CT_F_FIN_BACKEND, "fin_backend"),
+        (CT_F_RST, "rst"),
+        (CT_F_SYNACK, "synack"),
+        (CT_F_PICKUP, "pickup"),
+        (CT_F_CLIENT_AGAIN, "client_again"),
+    ];
+    let mut out: Vec<String> = names
+        .iter()
+        .filter(|(f, _)| flags & f != 0)
+        .map(|(_, n)| n.to_string())
+        .collect();
+    let rest = names.iter().fold(flags, |acc, (f, _)| acc & !f);
+    if rest != 0 {
+        out.push(format!("{rest:#x}"));
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join("|")
     }
 }
 
@@ -147,19 +397,30 @@ fn ack(src: SocketAddr, dst: SocketAddr) -> Spec {
     Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, Tcp::Ack)
 }
 
+fn tcp(src: SocketAddr, dst: SocketAddr, flags: Tcp) -> Spec {
+    Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, flags)
+}
+
 fn udp(src: SocketAddr, dst: SocketAddr) -> Spec {
     Spec::udp(CLIENT_MAC, GW_MAC_A, src, dst)
 }
 
+/// A TCP packet from backend `b` to client `c` (interface A).
+fn from_backend(b: SocketAddr, c: SocketAddr, flags: Tcp) -> Spec {
+    Spec::tcp(mac_of(b), GW_MAC_A, b, c, flags)
+}
+
+/// A UDP datagram from backend `b` to client `c`.
+fn udp_from_backend(b: SocketAddr, c: SocketAddr) -> Spec {
+    Spec::udp(mac_of(b), GW_MAC_A, b, c)
+}
+
+/// The backend's initial sequence number in the handshakes below.
+const ISN_B: u32 = 0x3000_0000;
+
 #[test]
 fn fixture_table() {
-    let gw = Gateway::new("fixtures");
-    let mut t = Table {
-        gw,
-        reasons: vec![],
-        rows: 0,
-    };
-    let before = t.gw.dp.maps.counters().unwrap();
+    let mut t = Table::new("fixtures");
 
     // ---- configuration ----
     let web = vip("10.100.0.100:80/tcp");
@@ -214,9 +475,13 @@ fn fixture_table() {
         b1,
     );
 
-    // Many flows, to check the table change below against.
+    // Many flows, to check the table change below against: at least 32, and at least one on
+    // each backend (whatever the hash seed).
     let mut flows: Vec<(SocketAddr, SocketAddr)> = Vec::new();
-    for port in 41_000..41_032 {
+    for port in 41_000..41_200 {
+        if flows.len() >= 32 && web_backends.iter().all(|w| flows.iter().any(|f| f.1 == *w)) {
+            break;
+        }
         let c = client(port);
         let b = t.predict(c, &web);
         t.forward_to(&format!("new flow from port {port}"), &syn(c, web.addr), b);
@@ -236,7 +501,8 @@ fn fixture_table() {
         .count();
     assert!(
         moved >= 4,
-        "the table change moved only {moved} of 32 slots; pick a bigger change"
+        "the table change moved only {moved} of {} slots; pick a bigger change",
+        flows.len()
     );
     for (c, b) in flows.clone() {
         t.forward_to(
@@ -267,14 +533,15 @@ fn fixture_table() {
     let mut zero = udp(client(40_005), dns.addr).build();
     let csum_at = l4_v4(&zero) + 6;
     zero[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
-    let mut zero_out = udp(client(40_005), sa("10.1.0.11:5353"))
+    let zero_out_spec = udp(client(40_005), sa("10.1.0.11:5353"))
         .with(
             GW_MAC_A,
             mac_of(sa("10.1.0.11:5353")),
             client(40_005),
             sa("10.1.0.11:5353"),
         )
-        .build();
+        .hop();
+    let mut zero_out = zero_out_spec.build();
     zero_out[csum_at..csum_at + 2].copy_from_slice(&[0, 0]);
     t.check(Case {
         desc: "IPv4 UDP without checksum (0) → forwarded, checksum stays 0".into(),
@@ -315,17 +582,19 @@ fn fixture_table() {
                 sf.src,
                 sa("10.2.0.21:80"),
             )
+            .hop()
             .build(),
         reason: Counter::Redirect,
     });
     let su = syn(client(40_009), unresolved.addr);
     t.check(Case {
-        desc: "backend's MAC unknown → rewritten packet passed to the kernel to resolve it".into(),
+        desc: "backend's MAC unknown → rewritten packet (TTL decremented) passed to the kernel to resolve it".into(),
         ingress: t.gw.ifindex_a,
         input: su.build(),
         verdict: XDP_PASS,
         output: su
             .with(su.smac, su.dmac, su.src, sa("10.1.0.99:80"))
+            .hop()
             .build(),
         reason: Counter::PassNoNeigh,
     });
@@ -335,7 +604,10 @@ fn fixture_table() {
         ingress: t.gw.ifindex_a,
         input: sb.build(),
         verdict: XDP_DROP,
-        output: sb.with(sb.smac, sb.dmac, sb.src, sa("10.9.0.1:80")).build(),
+        output: sb
+            .with(sb.smac, sb.dmac, sb.src, sa("10.9.0.1:80"))
+            .hop()
+            .build(),
         reason: Counter::DropFibUnreachable,
     });
     t.unchanged(
@@ -347,38 +619,21 @@ fn fixture_table() {
 
     // ---- reverse path ----
     let (rc, rb) = flows[0];
-    let reply = Spec::tcp(mac_of(rb), GW_MAC_A, rb, rc, Tcp::SynAck);
-    t.check(Case {
-        desc: "backend's reply → source rewritten back to the VIP".into(),
-        ingress: t.gw.ifindex_a,
-        input: reply.build(),
-        verdict: XDP_TX,
-        output: reply.with(GW_MAC_A, CLIENT_MAC, web.addr, rc).build(),
-        reason: Counter::Tx,
-    });
-    let reply6 = Spec::tcp(mac_of(b6), GW_MAC_A, b6, c6, Tcp::Ack);
-    t.check(Case {
-        desc: "IPv6 backend's reply → source rewritten back to the VIP".into(),
-        ingress: t.gw.ifindex_a,
-        input: reply6.build(),
-        verdict: XDP_TX,
-        output: reply6.with(GW_MAC_A, CLIENT_MAC, web6.addr, c6).build(),
-        reason: Counter::Tx,
-    });
-    let reply_udp = Spec::udp(
-        mac_of(sa("10.1.0.11:5353")),
-        GW_MAC_A,
-        sa("10.1.0.11:5353"),
-        cu,
+    t.reply_as(
+        "backend's reply → source rewritten back to the VIP",
+        &from_backend(rb, rc, Tcp::SynAck),
+        &web,
     );
-    t.check(Case {
-        desc: "UDP backend's reply → source rewritten back to the VIP".into(),
-        ingress: t.gw.ifindex_a,
-        input: reply_udp.build(),
-        verdict: XDP_TX,
-        output: reply_udp.with(GW_MAC_A, CLIENT_MAC, dns.addr, cu).build(),
-        reason: Counter::Tx,
-    });
+    t.reply_as(
+        "IPv6 backend's reply → source rewritten back to the VIP",
+        &from_backend(b6, c6, Tcp::Ack),
+        &web6,
+    );
+    t.reply_as(
+        "UDP backend's reply → source rewritten back to the VIP",
+        &udp_from_backend(sa("10.1.0.11:5353"), cu),
+        &dns,
+    );
     t.unchanged(
         "from the backend's service port to a client port lb never forwarded (direct traffic to the backend) → untouched",
         Spec::tcp(mac_of(rb), GW_MAC_A, rb, client(45_000), Tcp::SynAck).build(),
@@ -654,6 +909,7 @@ fn fixture_table() {
         verdict: XDP_PASS,
         output: su2
             .with(su2.smac, su2.dmac, su2.src, sa("10.1.0.99:80"))
+            .hop()
             .build(),
         reason: Counter::PassNoNeigh,
     });
@@ -681,6 +937,7 @@ fn fixture_table() {
                 sf2.src,
                 sa("10.2.0.21:80"),
             )
+            .hop()
             .build(),
         reason: Counter::Tx,
     });
@@ -724,28 +981,9 @@ fn fixture_table() {
     }
 
     // ---- counters: one verdict per packet, each as the cases say ----
-    let after = t.gw.dp.maps.counters().unwrap();
-    let mut want: HashMap<usize, u64> = HashMap::new();
-    for r in &t.reasons {
-        *want.entry(*r as usize).or_default() += 1;
-    }
-    for i in 0..VERDICT_COUNT as usize {
-        assert_eq!(
-            after[i] - before[i],
-            want.get(&i).copied().unwrap_or(0),
-            "counter {}",
-            COUNTER_NAMES[i]
-        );
-    }
-    let total: u64 = (0..VERDICT_COUNT as usize)
-        .map(|i| after[i] - before[i])
-        .sum();
+    let after = t.finish();
     assert_eq!(
-        total, t.rows as u64,
-        "verdict counters sum to the packets run"
-    );
-    assert_eq!(
-        after[Counter::RevNat as usize] - before[Counter::RevNat as usize],
+        after[Counter::RevNat as usize] - t.before[Counter::RevNat as usize],
         3
     );
     let info = t.gw.dp.maps.vip(&web).unwrap();
@@ -755,6 +993,1074 @@ fn fixture_table() {
         "{s:?}"
     );
     println!("{} fixture cases passed", t.rows);
+}
+
+/// The ways a flow's entry is made, confirmed, moved between states, closed, reopened and
+/// expired, with the checks before any state and the TTL; each row checks the output bytes,
+/// the entry (table, state, flags, backend), the active counts and the flow-state counters.
+#[test]
+fn flow_state_table() {
+    let mut t = Table::new("flowstate");
+    let web = vip("10.100.0.100:80/tcp");
+    let web6 = vip("[fd10::100]:80/tcp");
+    let dns = vip("10.100.0.100:53/udp");
+    let dns6 = vip("[fd10::100]:53/udp");
+    let rnd = vip("10.100.0.106:80/tcp"); // random
+    let short = vip("10.100.0.105:80/tcp"); // timeouts of 1 s, set before the sleep below
+    let short_udp = vip("10.100.0.105:53/udp");
+    let va = vip("10.100.0.107:80/tcp"); // one backend, two VIPs
+    let vb = vip("10.100.0.108:443/tcp");
+    let shared = sa("10.1.0.11:9000");
+    let (w1, w2) = (sa("10.1.0.11:8080"), sa("10.1.0.12:8080"));
+    let dns_b = sa("10.1.0.13:5353");
+    let dns6_b = sa("[fd01::13]:5353");
+    let short_b = sa("10.1.0.13:8080");
+    let short_udp_b = sa("10.1.0.12:5353");
+    let rnd_bs = [
+        sa("10.1.0.11:8081"),
+        sa("10.1.0.12:8081"),
+        sa("10.1.0.13:8081"),
+    ];
+    {
+        let m = &mut t.gw.dp.maps;
+        m.add_vip(&web, 251).unwrap();
+        m.set_backends(&web, &[(w1, 1), (w2, 1)]).unwrap();
+        m.add_vip(&web6, 251).unwrap();
+        m.set_backends(
+            &web6,
+            &[(sa("[fd01::11]:8080"), 1), (sa("[fd01::12]:8080"), 1)],
+        )
+        .unwrap();
+        m.add_vip(&dns, 251).unwrap();
+        m.add_backend(&dns, dns_b, 1).unwrap();
+        m.add_vip(&dns6, 251).unwrap();
+        m.add_backend(&dns6, dns6_b, 1).unwrap();
+        m.add_vip(&rnd, 251).unwrap();
+        m.set_algorithm(&rnd, Algorithm::Random).unwrap();
+        m.set_backends(&rnd, &rnd_bs.map(|b| (b, 1))).unwrap();
+        m.add_vip(&short, 251).unwrap();
+        m.add_backend(&short, short_b, 1).unwrap();
+        m.add_vip(&short_udp, 251).unwrap();
+        m.add_backend(&short_udp, short_udp_b, 1).unwrap();
+        m.add_vip(&va, 251).unwrap();
+        m.add_backend(&va, shared, 1).unwrap();
+        m.add_vip(&vb, 251).unwrap();
+        m.add_backend(&vb, shared, 1).unwrap();
+        // New VIPs get the default timeouts.
+        let id = m.vip(&web).unwrap().vip_id;
+        assert_eq!(m.timeouts(id).unwrap(), Timeouts::DEFAULT);
+    }
+    let all_vips = [web, web6, dns, dns6, rnd, short, short_udp, va, vb];
+    let confirmed = |state, flags, backend| Want {
+        table: CtTable::Confirmed,
+        state,
+        flags,
+        backend,
+    };
+    let unconfirmed = |state, flags, backend| Want {
+        table: CtTable::Unconfirmed,
+        state,
+        flags,
+        backend,
+    };
+
+    // ---- checks before any state: martian sources, port 0, TTL ----
+    let martians_v4 = [
+        "0.1.2.3",         // this network
+        "127.0.0.1",       // loopback
+        "169.254.1.1",     // link-local
+        "224.0.0.1",       // multicast
+        "239.255.255.250", // multicast
+        "240.0.0.1",       // reserved
+        "255.255.255.255", // broadcast
+        "10.100.0.100",    // the VIP itself
+    ];
+    for (i, a) in martians_v4.iter().enumerate() {
+        let src = SocketAddr::new(a.parse().unwrap(), 50_000 + i as u16);
+        let desc = format!("TCP SYN from martian source {a} → dropped, no entry");
+        let since = t.counters();
+        t.unchanged(
+            &desc,
+            syn(src, web.addr).build(),
+            XDP_DROP,
+            Counter::DropMartian,
+        );
+        t.expect_no_entry(&desc, src, &web);
+        t.expect_events(&desc, &since, &[]);
+    }
+    let src = sa("127.0.0.1:50010");
+    t.unchanged(
+        "UDP from loopback → dropped",
+        udp(src, dns.addr).build(),
+        XDP_DROP,
+        Counter::DropMartian,
+    );
+    t.expect_no_entry("UDP from loopback", src, &dns);
+    let martians_v6 = [
+        "::",        // unspecified
+        "::1",       // loopback
+        "fe80::1",   // link-local
+        "febf::1",   // link-local (fe80::/10)
+        "ff02::1",   // multicast
+        "fd10::100", // the VIP itself
+    ];
+    for (i, a) in martians_v6.iter().enumerate() {
+        let src = SocketAddr::new(a.parse().unwrap(), 50_020 + i as u16);
+        let desc = format!("IPv6 TCP SYN from martian source {a} → dropped, no entry");
+        t.unchanged(
+            &desc,
+            syn(src, web6.addr).build(),
+            XDP_DROP,
+            Counter::DropMartian,
+        );
+        t.expect_no_entry(&desc, src, &web6);
+    }
+    // Just outside the martian ranges: ordinary clients.
+    for (i, a) in [
+        "1.0.0.1",
+        "126.255.255.255",
+        "128.0.0.1",
+        "169.253.255.255",
+        "169.255.0.1",
+        "223.255.255.254",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let src = SocketAddr::new(a.parse().unwrap(), 50_030 + i as u16);
+        let b = t.predict(src, &web);
+        let desc = format!("TCP SYN from {a} (not martian) → forwarded");
+        t.forward_to(&desc, &syn(src, web.addr), b);
+        t.expect_entry(&desc, src, &web, unconfirmed(CT_S_OPENING, 0, b));
+    }
+    for (i, a) in ["fec0::1", "fe7f::1", "fd00::1:2"].iter().enumerate() {
+        let src = SocketAddr::new(a.parse().unwrap(), 50_040 + i as u16);
+        let b = t.predict(src, &web6);
+        t.forward_to(
+            &format!("IPv6 TCP SYN from {a} (not martian) → forwarded"),
+            &syn(src, web6.addr),
+            b,
+        );
+    }
+    for (desc, spec, v) in [
+        ("TCP SYN from port 0", syn(client(0), web.addr), &web),
+        ("UDP from port 0", udp(client(0), dns.addr), &dns),
+        (
+            "IPv6 TCP SYN from port 0",
+            syn(client6(0), web6.addr),
+            &web6,
+        ),
+        (
+            "martian source and port 0 → counted as port 0",
+            syn(sa("127.0.0.1:0"), web.addr),
+            &web,
+        ),
+    ] {
+        t.unchanged(desc, spec.build(), XDP_DROP, Counter::DropPortZero);
+        t.expect_no_entry(desc, spec.src, v);
+    }
+    for (desc, spec, v) in [
+        (
+            "TCP SYN with TTL 1 → to the kernel (time exceeded), no entry",
+            syn(client(50_050), web.addr).ttl(1),
+            &web,
+        ),
+        (
+            "TCP SYN with TTL 0 → to the kernel",
+            syn(client(50_051), web.addr).ttl(0),
+            &web,
+        ),
+        (
+            "UDP with TTL 1 → to the kernel",
+            udp(client(50_052), dns.addr).ttl(1),
+            &dns,
+        ),
+        (
+            "IPv6 TCP SYN with hop limit 1 → to the kernel",
+            syn(client6(50_053), web6.addr).ttl(1),
+            &web6,
+        ),
+        (
+            "IPv6 UDP with hop limit 1 → to the kernel",
+            udp(client6(50_054), dns6.addr).ttl(1),
+            &dns6,
+        ),
+    ] {
+        let since = t.counters();
+        t.unchanged(desc, spec.build(), XDP_PASS, Counter::PassTtlExceeded);
+        t.expect_no_entry(desc, spec.src, v);
+        t.expect_events(desc, &since, &[]);
+    }
+    let c = client(50_055);
+    let b = t.predict(c, &web);
+    t.forward_to(
+        "TTL 2 → forwarded with TTL 1, IPv4 checksum updated",
+        &syn(c, web.addr).ttl(2),
+        b,
+    );
+    let c = client(50_056);
+    let b = t.predict(c, &web);
+    t.forward_to(
+        "TTL 255 → forwarded with 254",
+        &syn(c, web.addr).ttl(255),
+        b,
+    );
+    let c = client6(50_057);
+    let b = t.predict(c, &web6);
+    t.forward_to(
+        "IPv6 hop limit 2 → forwarded with 1",
+        &syn(c, web6.addr).ttl(2),
+        b,
+    );
+    let c = client(50_058);
+    t.forward_to(
+        "UDP TTL 9 → forwarded with 8, UDP checksum still valid",
+        &udp(c, dns.addr).ttl(9),
+        dns_b,
+    );
+
+    // ---- NAT TCP: SYN → SYN-ACK → ACK confirms ----
+    let hc = client(50_100);
+    let hb = t.predict(hc, &web);
+    let active0 = t.active(&web, hb);
+    let since = t.counters();
+    let d = "handshake: client SYN → new unconfirmed entry (opening)";
+    t.forward_to(d, &syn(hc, web.addr), hb);
+    t.expect_entry(d, hc, &web, unconfirmed(CT_S_OPENING, 0, hb));
+    t.expect_events(d, &since, &[(Counter::CtMiss, 1)]);
+    let d = "handshake: backend SYN-ACK → rewritten to the VIP; entry records the ACK to expect";
+    let since = t.counters();
+    let synack = from_backend(hb, hc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1);
+    t.reply_as(d, &synack, &web);
+    let e = t.expect_entry(d, hc, &web, unconfirmed(CT_S_OPENING, CT_F_SYNACK, hb));
+    assert_eq!(e.ack_expect, ISN_B + 1, "case {d:?}: ack_expect");
+    t.expect_events(d, &since, &[(Counter::RevNat, 1)]);
+    t.expect_active(d, &web, hb, active0);
+    let d = "handshake: client ACK of the SYN-ACK → confirmed (established, counted)";
+    let since = t.counters();
+    t.forward_to(d, &ack(hc, web.addr).seq_ack(SEQ + 1, ISN_B + 1), hb);
+    t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
+    t.expect_events(d, &since, &[(Counter::CtConfirmed, 1)]);
+    t.expect_active(d, &web, hb, active0 + 1);
+    let d = "established: data both ways, nothing changes";
+    t.forward_to(d, &ack(hc, web.addr).seq_ack(SEQ + 1, ISN_B + 1), hb);
+    t.reply_as(
+        d,
+        &from_backend(hb, hc, Tcp::Ack).seq_ack(ISN_B + 1, SEQ + 19),
+        &web,
+    );
+    t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
+    t.expect_active(d, &web, hb, active0 + 1);
+    let d = "established: a SYN (spoofed, or a stray retransmission) → same entry, not re-selected";
+    let since = t.counters();
+    t.forward_to(d, &syn(hc, web.addr), hb);
+    t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
+    t.expect_events(d, &since, &[]);
+    t.expect_active(d, &web, hb, active0 + 1);
+
+    // IPv6, the same handshake.
+    let hc6 = client6(50_101);
+    let hb6 = t.predict(hc6, &web6);
+    t.forward_to("IPv6 handshake: SYN", &syn(hc6, web6.addr), hb6);
+    t.reply_as(
+        "IPv6 handshake: SYN-ACK → rewritten, hop limit decremented",
+        &from_backend(hb6, hc6, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web6,
+    );
+    let d = "IPv6 handshake: ACK → confirmed";
+    t.forward_to(d, &ack(hc6, web6.addr).seq_ack(SEQ + 1, ISN_B + 1), hb6);
+    t.expect_entry(
+        d,
+        hc6,
+        &web6,
+        confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb6),
+    );
+    t.expect_active(d, &web6, hb6, 1);
+
+    // ---- NAT TCP: an ACK that does not acknowledge the SYN-ACK does not confirm ----
+    let bc = client(50_102);
+    let bb = t.predict(bc, &web);
+    let active0 = t.active(&web, bb);
+    t.forward_to("bad ack: SYN", &syn(bc, web.addr), bb);
+    t.reply_as(
+        "bad ack: SYN-ACK",
+        &from_backend(bb, bc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    for (d, ackn) in [
+        (
+            "bad ack: ACK one below the SYN-ACK's sequence + 1 → not confirmed",
+            ISN_B,
+        ),
+        (
+            "bad ack: ACK just past the window → not confirmed",
+            ISN_B.wrapping_add(1 + ACK_WINDOW),
+        ),
+        ("bad ack: a blind guess → not confirmed", 0x2000_0000),
+    ] {
+        let since = t.counters();
+        t.forward_to(d, &ack(bc, web.addr).seq_ack(SEQ + 1, ackn), bb);
+        t.expect_entry(d, bc, &web, unconfirmed(CT_S_OPENING, CT_F_SYNACK, bb));
+        t.expect_events(d, &since, &[(Counter::CtBadAck, 1)]);
+        t.expect_active(d, &web, bb, active0);
+    }
+    let d = "bad ack: a SYN retransmission on the unconfirmed flow → same backend, no change";
+    let since = t.counters();
+    t.forward_to(d, &syn(bc, web.addr), bb);
+    t.expect_entry(d, bc, &web, unconfirmed(CT_S_OPENING, CT_F_SYNACK, bb));
+    t.expect_events(d, &since, &[]);
+    let d = "bad ack: ACK at the far end of the window → confirmed";
+    let since = t.counters();
+    t.forward_to(
+        d,
+        &ack(bc, web.addr).seq_ack(SEQ + 1, ISN_B.wrapping_add(ACK_WINDOW)),
+        bb,
+    );
+    t.expect_entry(d, bc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, bb));
+    t.expect_events(d, &since, &[(Counter::CtConfirmed, 1)]);
+    t.expect_active(d, &web, bb, active0 + 1);
+
+    // A client ACK before any SYN-ACK: remembered, not confirming, not a bad ack.
+    let ec = client(50_103);
+    let eb = t.predict(ec, &web);
+    t.forward_to("early ACK: SYN", &syn(ec, web.addr), eb);
+    let d = "early ACK: client ACK before the backend's SYN-ACK → not confirmed";
+    let since = t.counters();
+    t.forward_to(d, &ack(ec, web.addr).seq_ack(SEQ + 1, ISN_B + 1), eb);
+    t.expect_entry(
+        d,
+        ec,
+        &web,
+        unconfirmed(CT_S_OPENING, CT_F_CLIENT_AGAIN, eb),
+    );
+    t.expect_events(d, &since, &[]);
+
+    // ---- unconfirmed flows refused by the backend ----
+    let rc = client(50_104);
+    let rb = t.predict(rc, &web);
+    t.forward_to("refused: SYN", &syn(rc, web.addr), rb);
+    let d =
+        "refused: backend answers the SYN with RST+ACK → rewritten to the client, entry removed";
+    let since = t.counters();
+    t.reply_as(
+        d,
+        &from_backend(rb, rc, Tcp::RstAck).seq_ack(0, SEQ + 1),
+        &web,
+    );
+    t.expect_no_entry(d, rc, &web);
+    t.expect_events(d, &since, &[(Counter::CtRefused, 1), (Counter::RevNat, 1)]);
+
+    // ---- picked up mid-stream ----
+    let pc = client(50_105);
+    let pb = t.predict(pc, &web);
+    let active0 = t.active(&web, pb);
+    let d = "pickup: ACK without an entry → selected, unconfirmed entry marked pickup";
+    let since = t.counters();
+    t.forward_to(d, &ack(pc, web.addr), pb);
+    t.expect_entry(d, pc, &web, unconfirmed(CT_S_OPENING, CT_F_PICKUP, pb));
+    t.expect_events(d, &since, &[(Counter::CtMiss, 1)]);
+    let d = "pickup: the backend's answer → confirmed";
+    let since = t.counters();
+    t.reply_as(d, &from_backend(pb, pc, Tcp::Ack), &web);
+    t.expect_entry(d, pc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, pb));
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtConfirmed, 1), (Counter::RevNat, 1)],
+    );
+    t.expect_active(d, &web, pb, active0 + 1);
+
+    let qc = client(50_106);
+    let qb = t.predict(qc, &web);
+    let active0 = t.active(&web, qb);
+    t.forward_to("spoofed ACK: picked up", &ack(qc, web.addr), qb);
+    let d = "spoofed ACK: the backend answers RST → rewritten, entry removed, never counted";
+    let since = t.counters();
+    t.reply_as(
+        d,
+        &from_backend(qb, qc, Tcp::Rst).seq_ack(0x2000_0000, 0),
+        &web,
+    );
+    t.expect_no_entry(d, qc, &web);
+    t.expect_events(d, &since, &[(Counter::CtRefused, 1), (Counter::RevNat, 1)]);
+    t.expect_active(d, &web, qb, active0);
+
+    let d = "RST without an entry → forwarded by the table, no entry made";
+    let xc = client(50_107);
+    let xb = t.predict(xc, &web);
+    let since = t.counters();
+    t.forward_to(d, &tcp(xc, web.addr, Tcp::Rst), xb);
+    t.expect_no_entry(d, xc, &web);
+    t.expect_events(d, &since, &[(Counter::CtMiss, 1)]);
+    let d = "RST+ACK without an entry → no entry either";
+    t.forward_to(d, &tcp(xc, web.addr, Tcp::RstAck), xb);
+    t.expect_no_entry(d, xc, &web);
+
+    // ---- NAT UDP: the first reply confirms ----
+    let uc = client(50_108);
+    let active0 = t.active(&dns, dns_b);
+    let d = "UDP: first datagram → unconfirmed entry";
+    let since = t.counters();
+    t.forward_to(d, &udp(uc, dns.addr), dns_b);
+    t.expect_entry(d, uc, &dns, unconfirmed(CT_S_UDP, 0, dns_b));
+    t.expect_events(d, &since, &[(Counter::CtMiss, 1)]);
+    let d = "UDP: more datagrams from the client alone → still unconfirmed";
+    t.forward_to(d, &udp(uc, dns.addr), dns_b);
+    t.expect_entry(d, uc, &dns, unconfirmed(CT_S_UDP, 0, dns_b));
+    t.expect_active(d, &dns, dns_b, active0);
+    let d = "UDP: the backend's reply → rewritten, confirmed";
+    let since = t.counters();
+    t.reply_as(d, &udp_from_backend(dns_b, uc), &dns);
+    t.expect_entry(d, uc, &dns, confirmed(CT_S_UDP, CT_F_COUNTED, dns_b));
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtConfirmed, 1), (Counter::RevNat, 1)],
+    );
+    t.expect_active(d, &dns, dns_b, active0 + 1);
+    let d = "UDP: next datagram → from the confirmed entry";
+    t.forward_to(d, &udp(uc, dns.addr), dns_b);
+    t.reply_as(d, &udp_from_backend(dns_b, uc), &dns);
+    t.expect_entry(d, uc, &dns, confirmed(CT_S_UDP, CT_F_COUNTED, dns_b));
+    let uc6 = client6(50_109);
+    t.forward_to("IPv6 UDP: datagram", &udp(uc6, dns6.addr), dns6_b);
+    let d = "IPv6 UDP: reply → rewritten (hop limit decremented), confirmed";
+    t.reply_as(d, &udp_from_backend(dns6_b, uc6), &dns6);
+    t.expect_entry(d, uc6, &dns6, confirmed(CT_S_UDP, CT_F_COUNTED, dns6_b));
+
+    // ---- TTL on the reverse path ----
+    let d = "reply with TTL 1 → to the kernel, unchanged";
+    let since = t.counters();
+    t.unchanged(
+        d,
+        from_backend(hb, hc, Tcp::Ack).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    t.expect_events(d, &since, &[]);
+    t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
+    t.unchanged(
+        "IPv6 reply with hop limit 1 → to the kernel",
+        udp_from_backend(dns6_b, uc6).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    t.reply_as(
+        "reply with TTL 2 → rewritten with TTL 1",
+        &from_backend(hb, hc, Tcp::Ack).ttl(2),
+        &web,
+    );
+
+    // ---- FIN both ways: closed, off the active count once ----
+    let active1 = t.active(&web, hb);
+    let d = "close: client FIN → closing, still counted";
+    t.forward_to(d, &tcp(hc, web.addr, Tcp::Fin), hb);
+    t.expect_entry(
+        d,
+        hc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT, hb),
+    );
+    t.expect_active(d, &web, hb, active1);
+    let d = "close: backend FIN → closed, active count down by one";
+    t.reply_as(d, &from_backend(hb, hc, Tcp::Fin), &web);
+    t.expect_entry(
+        d,
+        hc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, hb),
+    );
+    t.expect_active(d, &web, hb, active1 - 1);
+    let d = "closed: last ACK and FIN retransmissions → same backend, counted down only once";
+    t.forward_to(d, &ack(hc, web.addr), hb);
+    t.forward_to(d, &tcp(hc, web.addr, Tcp::Fin), hb);
+    t.reply_as(d, &from_backend(hb, hc, Tcp::Fin), &web);
+    t.expect_entry(
+        d,
+        hc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, hb),
+    );
+    t.expect_active(d, &web, hb, active1 - 1);
+    // A SYN on a closed flow is a new connection: selected afresh. (The old backend is
+    // drained first, so the new choice is visibly another one.)
+    t.gw.dp.maps.set_weight(&web, hb, 0).unwrap();
+    let nb = t.predict(hc, &web);
+    assert_ne!(nb, hb);
+    let d = "reopen: SYN on a closed flow → selected afresh, new unconfirmed entry";
+    let since = t.counters();
+    t.forward_to(d, &syn(hc, web.addr), nb);
+    t.expect_entry(d, hc, &web, unconfirmed(CT_S_OPENING, 0, nb));
+    t.expect_events(d, &since, &[(Counter::CtReopened, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &web, hb, active1 - 1);
+    t.gw.dp.maps.set_weight(&web, hb, 1).unwrap();
+
+    // The other way round: the backend closes first.
+    let d = "close, backend first: backend FIN → closing; client FIN → closed";
+    let active1 = t.active(&web, bb);
+    t.reply_as(d, &from_backend(bb, bc, Tcp::Fin), &web);
+    t.expect_entry(
+        d,
+        bc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_BACKEND, bb),
+    );
+    t.forward_to(d, &tcp(bc, web.addr, Tcp::Fin), bb);
+    t.expect_entry(
+        d,
+        bc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, bb),
+    );
+    t.expect_active(d, &web, bb, active1 - 1);
+
+    // ---- spoofed FIN, SYN and RST never move a live flow ----
+    // Each flow's backend is drained first: any re-selection would visibly move the flow.
+    let mut spoofed = Vec::new();
+    for (v, c) in [(web, client(50_110)), (rnd, client(50_111))] {
+        let desc = |s: &str| format!("spoofed FIN+SYN on {v}: {s}");
+        let since = t.counters();
+        let b = if v == rnd {
+            // Random: the choice is the data plane's; read it back.
+            let r = run(t.gw.dp.program(), t.gw.ifindex_a, &syn(c, v.addr).build());
+            let b = t.predict_existing(c, &v);
+            let out = syn(c, v.addr).with(GW_MAC_A, mac_of(b), c, b).hop().build();
+            assert_eq!(
+                (action_name(r.0), hex(&r.1)),
+                ("XDP_TX", hex(&out)),
+                "random VIP SYN"
+            );
+            t.rows += 1;
+            t.reasons.push(Counter::Tx);
+            b
+        } else {
+            let b = t.predict(c, &v);
+            t.forward_to(&desc("SYN"), &syn(c, v.addr), b);
+            b
+        };
+        t.reply_as(
+            &desc("SYN-ACK"),
+            &from_backend(b, c, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+            &v,
+        );
+        t.forward_to(&desc("ACK"), &ack(c, v.addr).seq_ack(SEQ + 1, ISN_B + 1), b);
+        t.expect_entry(
+            &desc("confirmed"),
+            c,
+            &v,
+            confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, b),
+        );
+        t.expect_events(
+            &desc("confirmed"),
+            &since,
+            &[
+                (Counter::CtMiss, 1),
+                (Counter::CtConfirmed, 1),
+                (Counter::RevNat, 1),
+            ],
+        );
+        spoofed.push((v, c, b, t.active(&v, b)));
+        t.gw.dp.maps.set_weight(&v, b, 0).unwrap();
+    }
+    for &(v, c, b, active) in &spoofed {
+        let desc = |s: &str| format!("spoofed FIN+SYN on {v}: {s}");
+        let since = t.counters();
+        let d = desc("FIN from the client's 5-tuple → closing, same backend");
+        t.forward_to(&d, &tcp(c, v.addr, Tcp::Fin), b);
+        t.expect_entry(
+            &d,
+            c,
+            &v,
+            confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT, b),
+        );
+        let d = desc("then SYN → same backend (not re-selected), still closing");
+        t.forward_to(&d, &syn(c, v.addr), b);
+        t.expect_entry(
+            &d,
+            c,
+            &v,
+            confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT, b),
+        );
+        t.expect_events(&d, &since, &[]);
+        t.expect_active(&d, &v, b, active);
+        let d = desc("the real client's data and the backend's → same backend, still counted");
+        t.forward_to(&d, &ack(c, v.addr).seq_ack(SEQ + 1, ISN_B + 1), b);
+        t.reply_as(&d, &from_backend(b, c, Tcp::Ack), &v);
+        t.expect_active(&d, &v, b, active);
+    }
+
+    // RST: closing until any other packet shows the flow goes on.
+    let (_, sc, sb, _) = spoofed[0];
+    let kc = client(50_112);
+    let kb = t.predict(kc, &web);
+    t.forward_to("RST: SYN", &syn(kc, web.addr), kb);
+    t.reply_as(
+        "RST: SYN-ACK",
+        &from_backend(kb, kc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.forward_to(
+        "RST: ACK",
+        &ack(kc, web.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        kb,
+    );
+    t.gw.dp.maps.set_weight(&web, kb, 0).unwrap();
+    let kactive = t.active(&web, kb);
+    let d = "RST from the client → closing (rst), same backend, still counted";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst), kb);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
+    );
+    t.expect_active(d, &web, kb, kactive);
+    let d = "then SYN → not re-selected; a non-RST packet: established again";
+    let since = t.counters();
+    t.forward_to(d, &syn(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_events(d, &since, &[]);
+    let d = "RST from the backend → closing (rst)";
+    t.reply_as(d, &from_backend(kb, kc, Tcp::RstAck), &web);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
+    );
+    let d = "then the backend's data → established again";
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    let d = "RST then data from the client → established again";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::RstAck), kb);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
+    );
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_active(d, &web, kb, kactive);
+    let d = "RST on a half-closed flow, then data → closing again (the FIN stays)";
+    let active = t.active(&web, sb);
+    t.forward_to(d, &tcp(sc, web.addr, Tcp::Rst), sb);
+    t.expect_entry(
+        d,
+        sc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT | CT_F_RST, sb),
+    );
+    t.forward_to(d, &ack(sc, web.addr), sb);
+    t.expect_entry(
+        d,
+        sc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT, sb),
+    );
+    t.expect_active(d, &web, sb, active);
+    for (v, _, b, _) in &spoofed {
+        t.gw.dp.maps.set_weight(v, *b, 1).unwrap();
+    }
+    t.gw.dp.maps.set_weight(&web, kb, 1).unwrap();
+
+    // ---- one backend behind two VIPs: replies go out as the VIP of their flow ----
+    let (ca, cb) = (client(50_120), client(50_121));
+    t.forward_to("two VIPs: SYN to the first", &syn(ca, va.addr), shared);
+    t.forward_to("two VIPs: SYN to the second", &syn(cb, vb.addr), shared);
+    t.reply_as(
+        "two VIPs: SYN-ACK of the first VIP's flow → from the first VIP",
+        &from_backend(shared, ca, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &va,
+    );
+    t.reply_as(
+        "two VIPs: SYN-ACK of the second VIP's flow → from the second VIP",
+        &from_backend(shared, cb, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &vb,
+    );
+    t.forward_to(
+        "two VIPs: ACK to the first",
+        &ack(ca, va.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        shared,
+    );
+    t.forward_to(
+        "two VIPs: ACK to the second",
+        &ack(cb, vb.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        shared,
+    );
+    for (c, v) in [(ca, va), (cb, vb)] {
+        let d = format!("two VIPs: confirmed flow to {v}, data → from {v}");
+        t.expect_entry(&d, c, &v, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, shared));
+        t.expect_no_entry(&d, c, if v == va { &vb } else { &va });
+        t.reply_as(&d, &from_backend(shared, c, Tcp::Ack), &v);
+        t.expect_active(&d, &v, shared, 1);
+    }
+    t.unchanged(
+        "two VIPs: the backend's packet to a client of neither → untouched",
+        from_backend(shared, client(50_122), Tcp::Ack).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    let e =
+        t.gw.dp
+            .maps
+            .set_stateless_reverse(&va, true)
+            .expect_err("stateless reverse NAT with a shared backend");
+    assert!(e.to_string().contains("10.1.0.11:9000"), "{e}");
+
+    // ---- timeouts: an expired entry is treated as absent and removed ----
+    let (tc, tc2, tc3) = (client(50_130), client(50_131), client(50_132));
+    let (tu, tu2) = (client(50_133), client(50_134));
+    t.forward_to("expiry: SYN", &syn(tc, short.addr), short_b);
+    t.reply_as(
+        "expiry: SYN-ACK",
+        &from_backend(short_b, tc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &short,
+    );
+    t.forward_to(
+        "expiry: ACK",
+        &ack(tc, short.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        short_b,
+    );
+    t.forward_to(
+        "expiry: SYN of a flow left unconfirmed",
+        &syn(tc2, short.addr),
+        short_b,
+    );
+    t.forward_to(
+        "expiry: SYN of a flow to close",
+        &syn(tc3, short.addr),
+        short_b,
+    );
+    t.reply_as(
+        "expiry: SYN-ACK of the flow to close",
+        &from_backend(short_b, tc3, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &short,
+    );
+    t.forward_to(
+        "expiry: ACK of the flow to close",
+        &ack(tc3, short.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        short_b,
+    );
+    t.forward_to("expiry: its FIN", &tcp(tc3, short.addr, Tcp::Fin), short_b);
+    t.reply_as(
+        "expiry: the backend's FIN",
+        &from_backend(short_b, tc3, Tcp::Fin),
+        &short,
+    );
+    t.forward_to(
+        "expiry: UDP datagram",
+        &udp(tu, short_udp.addr),
+        short_udp_b,
+    );
+    t.reply_as(
+        "expiry: UDP reply",
+        &udp_from_backend(short_udp_b, tu),
+        &short_udp,
+    );
+    t.forward_to(
+        "expiry: UDP datagram left unanswered",
+        &udp(tu2, short_udp.addr),
+        short_udp_b,
+    );
+    t.expect_entry(
+        "expiry: before",
+        tc,
+        &short,
+        confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, short_b),
+    );
+    t.expect_entry(
+        "expiry: before",
+        tc2,
+        &short,
+        unconfirmed(CT_S_OPENING, 0, short_b),
+    );
+    t.expect_entry(
+        "expiry: before",
+        tc3,
+        &short,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, short_b),
+    );
+    t.expect_entry(
+        "expiry: before",
+        tu,
+        &short_udp,
+        confirmed(CT_S_UDP, CT_F_COUNTED, short_udp_b),
+    );
+    t.expect_entry(
+        "expiry: before",
+        tu2,
+        &short_udp,
+        unconfirmed(CT_S_UDP, 0, short_udp_b),
+    );
+    t.expect_active("expiry: before", &short, short_b, 1);
+    t.expect_active("expiry: before", &short_udp, short_udp_b, 1);
+    // Timeouts of 1 s for every state, set only now (they apply to existing entries), so
+    // that a slow machine cannot expire the entries above before this point.
+    let one = Timeouts {
+        opening_s: 1,
+        established_s: 1,
+        closing_s: 1,
+        closed_s: 1,
+        udp_s: 1,
+    };
+    for v in [short, short_udp] {
+        assert!(t.gw.dp.maps.set_timeouts(&v, one).unwrap());
+        let id = t.gw.dp.maps.vip(&v).unwrap().vip_id;
+        assert_eq!(t.gw.dp.maps.timeouts(id).unwrap(), one);
+    }
+    std::thread::sleep(Duration::from_millis(2200));
+    let d = "expired established flow: the client's next packet → treated as absent (picked up), off the active count";
+    let since = t.counters();
+    t.forward_to(d, &ack(tc, short.addr), short_b);
+    t.expect_entry(
+        d,
+        tc,
+        &short,
+        unconfirmed(CT_S_OPENING, CT_F_PICKUP, short_b),
+    );
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &short, short_b, 0);
+    let d = "expired unconfirmed flow: the client's next packet → a new entry";
+    let since = t.counters();
+    t.forward_to(d, &ack(tc2, short.addr), short_b);
+    t.expect_entry(
+        d,
+        tc2,
+        &short,
+        unconfirmed(CT_S_OPENING, CT_F_PICKUP, short_b),
+    );
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1), (Counter::CtMiss, 1)]);
+    let d =
+        "expired closed flow: a SYN → a new flow, not a reopening; the count is not touched again";
+    let since = t.counters();
+    t.forward_to(d, &syn(tc3, short.addr), short_b);
+    t.expect_entry(d, tc3, &short, unconfirmed(CT_S_OPENING, 0, short_b));
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &short, short_b, 0);
+    let d = "expired UDP flow: the backend's reply → not the VIP's any more (untouched), entry removed, off the count";
+    let since = t.counters();
+    t.unchanged(
+        d,
+        udp_from_backend(short_udp_b, tu).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.expect_no_entry(d, tu, &short_udp);
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1)]);
+    t.expect_active(d, &short_udp, short_udp_b, 0);
+    let d = "expired unconfirmed UDP flow: the next datagram → a new entry";
+    let since = t.counters();
+    t.forward_to(d, &udp(tu2, short_udp.addr), short_udp_b);
+    t.expect_entry(d, tu2, &short_udp, unconfirmed(CT_S_UDP, 0, short_udp_b));
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1), (Counter::CtMiss, 1)]);
+    let d = "the picked-up flow is confirmed by the backend's answer and counted again";
+    t.reply_as(d, &from_backend(short_b, tc, Tcp::Ack), &short);
+    t.expect_entry(
+        d,
+        tc,
+        &short,
+        confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, short_b),
+    );
+    t.expect_active(d, &short, short_b, 1);
+
+    t.expect_counts_exact(&all_vips);
+    t.finish();
+    println!("{} flow-state cases passed", t.rows);
+}
+
+/// Above `GlobalConf::flood_rate` new flows per second (per CPU) no unconfirmed entry is
+/// stored: the backend comes from the flow hash, and for a while replies without an entry are
+/// matched through the VIP's table.
+#[test]
+fn flood_threshold() {
+    // The rate window is per CPU: every packet of this table runs on one.
+    pin_to_current_cpu();
+    let mut t = Table::new("flood");
+    let web = vip("10.100.0.100:80/tcp");
+    let rnd = vip("10.100.0.106:80/tcp");
+    let (w1, w2) = (sa("10.1.0.11:8080"), sa("10.1.0.12:8080"));
+    {
+        let m = &mut t.gw.dp.maps;
+        m.add_vip(&web, 251).unwrap();
+        m.set_backends(&web, &[(w1, 1), (w2, 1)]).unwrap();
+        m.add_vip(&rnd, 251).unwrap();
+        m.set_algorithm(&rnd, Algorithm::Random).unwrap();
+        m.set_backends(
+            &rnd,
+            &[
+                (sa("10.1.0.11:8081"), 1),
+                (sa("10.1.0.12:8081"), 2),
+                (sa("10.1.0.13:8081"), 3),
+            ],
+        )
+        .unwrap();
+        let conf = m.conf().unwrap();
+        assert!(m
+            .set_conf(GlobalConf {
+                flood_rate: 3,
+                ..conf
+            })
+            .unwrap());
+        assert_eq!(m.conf().unwrap().flood_rate, 3);
+        assert_eq!(m.conf().unwrap().hash_seed, conf.hash_seed);
+    }
+    // A fresh one-second window.
+    std::thread::sleep(Duration::from_millis(1100));
+    let cs: Vec<SocketAddr> = (50_200..50_206).map(client).collect();
+    for (i, c) in cs[..3].iter().enumerate() {
+        let d = format!("flood: new flow {} of 3 in the second → stored", i + 1);
+        let since = t.counters();
+        let b = t.predict(*c, &web);
+        t.forward_to(&d, &syn(*c, web.addr), b);
+        t.expect_entry(
+            &d,
+            *c,
+            &web,
+            Want {
+                table: CtTable::Unconfirmed,
+                state: CT_S_OPENING,
+                flags: 0,
+                backend: b,
+            },
+        );
+        t.expect_events(&d, &since, &[(Counter::CtMiss, 1)]);
+    }
+    let fc = cs[3];
+    let fb = t.predict(fc, &web);
+    let d = "flood: 4th new flow in the second → backend by the flow hash, no entry";
+    let since = t.counters();
+    t.forward_to(d, &syn(fc, web.addr), fb);
+    t.expect_no_entry(d, fc, &web);
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtMiss, 1), (Counter::CtFloodSkip, 1)],
+    );
+    let rc = cs[4];
+    let rb = t.predict(rc, &rnd);
+    let d = "flood: a random VIP's new flow → the weighted table by the flow hash, no entry";
+    let since = t.counters();
+    t.forward_to(d, &syn(rc, rnd.addr), rb);
+    t.expect_no_entry(d, rc, &rnd);
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtMiss, 1), (Counter::CtFloodSkip, 1)],
+    );
+    let d = "flood: the unstored flow's next packet → the same backend again";
+    t.forward_to(d, &ack(fc, web.addr), fb);
+    t.expect_no_entry(d, fc, &web);
+    let d = "flood: the backend's reply to an unstored flow → matched by the table, rewritten";
+    let since = t.counters();
+    t.reply_as(
+        d,
+        &from_backend(fb, fc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
+    );
+    let other = if fb == w1 { w2 } else { w1 };
+    t.unchanged(
+        "flood: another backend's packet with that flow's tuple → untouched",
+        from_backend(other, fc, Tcp::SynAck).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    let d = "flood: a stored flow's reply → through its entry, as always";
+    let since = t.counters();
+    let b0 = t.predict(cs[0], &web);
+    t.reply_as(
+        d,
+        &from_backend(b0, cs[0], Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.expect_events(d, &since, &[(Counter::RevNat, 1)]);
+    // The next second: below the threshold again.
+    std::thread::sleep(Duration::from_millis(1100));
+    let nc = cs[5];
+    let nb = t.predict(nc, &web);
+    let d = "flood over: a new flow in the next second → stored again";
+    let since = t.counters();
+    t.forward_to(d, &syn(nc, web.addr), nb);
+    t.expect_entry(
+        d,
+        nc,
+        &web,
+        Want {
+            table: CtTable::Unconfirmed,
+            state: CT_S_OPENING,
+            flags: 0,
+            backend: nb,
+        },
+    );
+    t.expect_events(d, &since, &[(Counter::CtMiss, 1)]);
+    t.finish();
+    println!("{} flood cases passed", t.rows);
+}
+
+/// The threshold lowered in the middle of a second, below the new flows this CPU has already
+/// seen in it: the flows above it get no entry, so their replies must be matched by the table
+/// from then on.
+#[test]
+fn flood_threshold_lowered() {
+    pin_to_current_cpu();
+    let mut t = Table::new("flood-lowered");
+    let web = vip("10.100.0.100:80/tcp");
+    t.gw.dp.maps.add_vip(&web, 251).unwrap();
+    t.gw.dp
+        .maps
+        .set_backends(
+            &web,
+            &[(sa("10.1.0.11:8080"), 1), (sa("10.1.0.12:8080"), 1)],
+        )
+        .unwrap();
+    // A fresh one-second window, then five new flows under the default threshold.
+    std::thread::sleep(Duration::from_millis(1100));
+    for port in 50_300..50_305 {
+        let c = client(port);
+        let b = t.predict(c, &web);
+        t.forward_to(
+            &format!("new flow from port {port}: stored"),
+            &syn(c, web.addr),
+            b,
+        );
+    }
+    let conf = t.gw.dp.maps.conf().unwrap();
+    t.gw.dp
+        .maps
+        .set_conf(GlobalConf {
+            flood_rate: 3,
+            ..conf
+        })
+        .unwrap();
+    let c = client(50_305);
+    let b = t.predict(c, &web);
+    let d = "threshold lowered to 3 after 5 new flows: the 6th → no entry";
+    let since = t.counters();
+    t.forward_to(d, &syn(c, web.addr), b);
+    t.expect_no_entry(d, c, &web);
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtMiss, 1), (Counter::CtFloodSkip, 1)],
+    );
+    let d = "threshold lowered: the backend's reply to that flow → matched by the table, rewritten";
+    let since = t.counters();
+    t.reply_as(
+        d,
+        &from_backend(b, c, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
+    );
+    t.finish();
 }
 
 /// Keeps `Mac` in use for readers of this file: MACs are 6 bytes.

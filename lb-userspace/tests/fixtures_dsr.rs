@@ -18,17 +18,17 @@ use std::{
 
 use aya::programs::Xdp;
 use common::{
-    packets::{Mac, Spec, Tcp},
+    packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
 use lb::{
     model::{flow_key, Forward},
-    Vip,
+    CtTable, Vip,
 };
 use lb_common::{
-    csum::checksum, hash::flow_hash, Counter, DecapCounter, COUNTER_NAMES, DECAP_COUNTER_COUNT,
-    VERDICT_COUNT,
+    csum::checksum, hash::flow_hash, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED,
+    CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT, VERDICT_COUNT,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -190,8 +190,27 @@ fn backend_mac(b: SocketAddr) -> Mac {
     }
 }
 
-/// `frame`'s IP packet encapsulated to `backend`, as lb sends it (MACs to the backend on A).
+/// `frame` one hop later: the TTL / hop limit of its IP header one less (and the IPv4 header
+/// checksum updated), as a router forwards it.
+fn hop(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if f[14] >> 4 == 4 {
+        f[14 + 8] -= 1;
+        let hl = (f[14] & 0x0f) as usize * 4;
+        f[24] = 0;
+        f[25] = 0;
+        let c = checksum(&f[14..14 + hl]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    } else {
+        f[14 + 7] -= 1;
+    }
+    f
+}
+
+/// `frame`'s IP packet, one hop later (the inner packet is forwarded as a router would),
+/// encapsulated to `backend`, as lb sends it (MACs to the backend on A).
 fn encapsulated(frame: &[u8], backend: SocketAddr, hash: u32, tos: u8) -> Vec<u8> {
+    let frame = &hop(frame);
     let inner = &frame[14..];
     let inner_v4 = inner[0] >> 4 == 4;
     let mut f;
@@ -237,7 +256,72 @@ impl Table {
     fn unchanged(&mut self, desc: &str, input: &[u8], verdict: u32, reason: Counter) {
         self.check(desc, input, verdict, input, reason);
     }
+
+    /// The flow `client` → `v` has exactly one entry: in `table`, with `state`, `flags` and
+    /// backend `backend`.
+    fn expect_entry(
+        &self,
+        desc: &str,
+        client: SocketAddr,
+        v: &Vip,
+        (table, state, flags): (CtTable, u8, u64),
+        backend: SocketAddr,
+    ) {
+        let key = flow_key(client, v);
+        let got: Vec<(CtTable, CtEntry)> = self
+            .gw
+            .dp
+            .maps
+            .flows()
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.key == key)
+            .map(|f| (f.table, f.entry))
+            .collect();
+        let [(t, e)] = got[..] else {
+            panic!("case {desc:?}: want one entry for {client} → {v}, got {got:?}");
+        };
+        assert_eq!(
+            (t, e.state, e.flags),
+            (table, state, flags),
+            "case {desc:?}: entry of {client} → {v} (table, state, flags)"
+        );
+        let b = self.backend(v, backend);
+        assert_eq!(e.backend_id, b, "case {desc:?}: the entry's backend");
+    }
+
+    /// Backend `addr` of `v`: its id.
+    fn backend(&self, v: &Vip, addr: SocketAddr) -> u32 {
+        self.gw
+            .dp
+            .maps
+            .backends(v)
+            .unwrap()
+            .into_iter()
+            .find(|b| b.addr == addr)
+            .unwrap_or_else(|| panic!("{addr} is not a backend of {v}"))
+            .id
+    }
+
+    fn expect_active(&self, desc: &str, v: &Vip, backend: SocketAddr, n: u64) {
+        let id = self.backend(v, backend);
+        assert_eq!(
+            self.gw.dp.maps.active_flows(id).unwrap(),
+            n,
+            "case {desc:?}: active flows of {backend}"
+        );
+    }
+
+    /// How much counter `c` went up since `since`.
+    fn delta(&self, since: &[u64], c: Counter) -> u64 {
+        self.gw.dp.maps.counters().unwrap()[c as usize] - since[c as usize]
+    }
 }
+
+const UNCONFIRMED_OPENING: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_OPENING, 0);
+const UNCONFIRMED_UDP: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_UDP, 0);
+const ESTABLISHED: (CtTable, u8, u64) = (CtTable::Confirmed, CT_S_ESTABLISHED, CT_F_COUNTED);
+const CONFIRMED_UDP: (CtTable, u8, u64) = (CtTable::Confirmed, CT_S_UDP, CT_F_COUNTED);
 
 fn client(port: u16) -> SocketAddr {
     SocketAddr::new("10.0.0.2".parse().unwrap(), port)
@@ -255,6 +339,18 @@ fn syn(src: SocketAddr, dst: SocketAddr) -> Spec {
 fn sized(mut spec: Spec, n: usize) -> Spec {
     spec.payload = vec![0x5a; n];
     spec
+}
+
+/// What dsr-l2 sends for `spec`: the same packet to `backend`'s MAC from `smac` (the egress
+/// interface's), one hop later.
+fn l2_out(spec: &Spec, backend: SocketAddr, smac: Mac) -> Vec<u8> {
+    Spec {
+        dmac: mac_of(backend),
+        smac,
+        ..spec.clone()
+    }
+    .hop()
+    .build()
 }
 
 #[test]
@@ -306,6 +402,8 @@ fn dsr_ipip_icmp_and_decap() {
         rows: 0,
     };
     let before = t.gw.dp.maps.counters().unwrap();
+    // Expectations are computed with the seed the data plane has.
+    let seed = t.gw.dp.maps.conf().unwrap().hash_seed;
 
     let l2 = vip("10.100.1.1:80/tcp");
     let l2_6 = vip("[fd10::1]:80/tcp");
@@ -320,6 +418,8 @@ fn dsr_ipip_icmp_and_decap() {
     let tun_noneigh = vip("10.100.2.4:80/tcp"); // backend without a neighbour entry
     let nat = vip("10.100.3.1:80/tcp");
     let nat6 = vip("[fd10::4]:80/tcp");
+    let l2_udp = vip("10.100.1.5:53/udp");
+    let tun_udp = vip("10.100.2.5:53/udp");
     {
         let m = &mut t.gw.dp.maps;
         let setups: &[(Vip, Forward, &str)] = &[
@@ -336,6 +436,8 @@ fn dsr_ipip_icmp_and_decap() {
             (tun_noneigh, Forward::Ipip, "10.1.0.98:80"),
             (nat, Forward::Nat, "10.1.0.13:8080"),
             (nat6, Forward::Nat, "[fd01::11]:8080"),
+            (l2_udp, Forward::DsrL2, "10.1.0.11:53"),
+            (tun_udp, Forward::Ipip, "10.1.0.12:53"),
         ];
         for (v, f, b) in setups {
             m.add_vip(v, 251).unwrap();
@@ -354,31 +456,27 @@ fn dsr_ipip_icmp_and_decap() {
         assert!(e.to_string().contains("port"), "{e}");
     }
 
-    // ---- dsr-l2: the MACs change, nothing else ----
+    // ---- dsr-l2: the MACs change, and the TTL / hop limit as in any forwarding ----
     for (v, c) in [(l2, client(40001)), (l2_6, client6(40002))] {
         let s = syn(c, v.addr);
         let b = t.gw.dp.maps.backends(&v).unwrap()[0].addr;
-        let out = Spec {
-            dmac: mac_of(b),
-            smac: GW_MAC_A,
-            ..s.clone()
-        }
-        .build();
         t.check(
             &format!("dsr-l2 {v}"),
             &s.build(),
             XDP_TX,
-            &out,
+            &l2_out(&s, b, GW_MAC_A),
             Counter::Tx,
+        );
+        t.expect_entry(
+            &format!("dsr-l2 {v}: unconfirmed after the SYN"),
+            c,
+            &v,
+            UNCONFIRMED_OPENING,
+            b,
         );
     }
     let s = syn(client(40003), l2_far.addr);
-    let out = Spec {
-        dmac: mac_of(sa("10.2.0.21:80")),
-        smac: GW_MAC_B,
-        ..s.clone()
-    }
-    .build();
+    let out = l2_out(&s, sa("10.2.0.21:80"), GW_MAC_B);
     t.check(
         "dsr-l2 to another interface",
         &s.build(),
@@ -399,6 +497,95 @@ fn dsr_ipip_icmp_and_decap() {
         Counter::DropNoNeigh,
     );
 
+    // ---- dsr-l2 flow state: the client's second packet confirms (replies bypass lb) ----
+    let (c, b) = (client(40001), sa("10.1.0.11:80"));
+    let since = t.gw.dp.maps.counters().unwrap();
+    let s = syn(c, l2.addr);
+    t.check(
+        "dsr-l2: SYN retransmitted → same backend, not confirmed",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry("dsr-l2: SYN again", c, &l2, UNCONFIRMED_OPENING, b);
+    let s = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, l2.addr, Tcp::RstAck);
+    t.check(
+        "dsr-l2: an RST → not confirmed",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry("dsr-l2: RST", c, &l2, UNCONFIRMED_OPENING, b);
+    assert_eq!(t.delta(&since, Counter::CtConfirmed), 0);
+    t.expect_active("dsr-l2: not confirmed", &l2, b, 0);
+    let s = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, l2.addr, Tcp::Ack).seq_ack(SEQ + 1, 0x3000_0001);
+    t.check(
+        "dsr-l2: the client's ACK → confirmed",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry("dsr-l2: ACK", c, &l2, ESTABLISHED, b);
+    t.expect_active("dsr-l2: ACK", &l2, b, 1);
+    assert_eq!(t.delta(&since, Counter::CtConfirmed), 1);
+    let (c, b) = (client(40006), sa("10.1.0.11:53"));
+    let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, l2_udp.addr);
+    t.check(
+        "dsr-l2 UDP: first datagram → unconfirmed",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry("dsr-l2 UDP: first", c, &l2_udp, UNCONFIRMED_UDP, b);
+    t.check(
+        "dsr-l2 UDP: second datagram → confirmed",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry("dsr-l2 UDP: second", c, &l2_udp, CONFIRMED_UDP, b);
+    t.expect_active("dsr-l2 UDP: second", &l2_udp, b, 1);
+
+    // ---- dsr-l2 and TTL ----
+    let s = syn(client(40007), l2.addr).ttl(2);
+    t.check(
+        "dsr-l2: TTL 2 → sent with TTL 1, IPv4 checksum updated",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, sa("10.1.0.11:80"), GW_MAC_A),
+        Counter::Tx,
+    );
+    checksums_ok(&l2_out(&s, sa("10.1.0.11:80"), GW_MAC_A)).unwrap();
+    t.unchanged(
+        "dsr-l2: TTL 1 → to the kernel (time exceeded)",
+        &syn(client(40008), l2.addr).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    t.unchanged(
+        "dsr-l2: IPv6 hop limit 1 → to the kernel",
+        &syn(client6(40009), l2_6.addr).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    t.unchanged(
+        "ipip: TTL 1 → to the kernel, not encapsulated",
+        &syn(client(40010), tun.addr).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    t.unchanged(
+        "ipip: IPv6 hop limit 1 → to the kernel",
+        &syn(client6(40010), tun6.addr).ttl(1).build(),
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+
     // ---- ipip ----
     let mut encapsulated_frames = Vec::new();
     for (v, c, b) in [
@@ -407,7 +594,7 @@ fn dsr_ipip_icmp_and_decap() {
         (tun46, client(40013), sa("[fd01::13]:80")),
     ] {
         let s = syn(c, v.addr);
-        let hash = flow_hash(&flow_key(c, &v));
+        let hash = flow_hash(&flow_key(c, &v), seed);
         let out = encapsulated(&s.build(), b, hash, 0);
         t.check(
             &format!("ipip {v} -> {b}"),
@@ -416,7 +603,7 @@ fn dsr_ipip_icmp_and_decap() {
             &out,
             Counter::Tx,
         );
-        encapsulated_frames.push((s.build(), out));
+        encapsulated_frames.push((hop(&s.build()), out));
     }
     // Backend MAC unknown: encapsulated and handed to the kernel (which resolves it), still
     // addressed to this host.
@@ -425,7 +612,7 @@ fn dsr_ipip_icmp_and_decap() {
     let mut out = encapsulated(
         &s.build(),
         sa("10.1.0.98:80"),
-        flow_hash(&flow_key(c, &tun_noneigh)),
+        flow_hash(&flow_key(c, &tun_noneigh), seed),
         0,
     );
     out[0..6].copy_from_slice(&GW_MAC_A);
@@ -443,16 +630,51 @@ fn dsr_ipip_icmp_and_decap() {
     let out = encapsulated(
         &a.build(),
         sa("10.1.0.12:80"),
-        flow_hash(&flow_key(c, &tun)),
+        flow_hash(&flow_key(c, &tun), seed),
         0,
     );
     t.check("ipip established", &a.build(), XDP_TX, &out, Counter::Tx);
+    t.expect_entry(
+        "ipip: the client's second packet confirms",
+        c,
+        &tun,
+        ESTABLISHED,
+        sa("10.1.0.12:80"),
+    );
+    t.expect_active("ipip confirmed", &tun, sa("10.1.0.12:80"), 1);
+    t.expect_entry(
+        "ipip IPv6: unconfirmed after the SYN alone",
+        client6(40012),
+        &tun6,
+        UNCONFIRMED_OPENING,
+        sa("[fd01::11]:80"),
+    );
+    let (c, b) = (client(40015), sa("10.1.0.12:53"));
+    let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, tun_udp.addr);
+    let out = encapsulated(&s.build(), b, flow_hash(&flow_key(c, &tun_udp), seed), 0);
+    t.check(
+        "ipip UDP: first datagram → unconfirmed",
+        &s.build(),
+        XDP_TX,
+        &out,
+        Counter::Tx,
+    );
+    t.expect_entry("ipip UDP: first", c, &tun_udp, UNCONFIRMED_UDP, b);
+    t.check(
+        "ipip UDP: second datagram → confirmed",
+        &s.build(),
+        XDP_TX,
+        &out,
+        Counter::Tx,
+    );
+    t.expect_entry("ipip UDP: second", c, &tun_udp, CONFIRMED_UDP, b);
+    t.expect_active("ipip UDP: second", &tun_udp, b, 1);
 
     // Too big after encapsulation: 20 + 20 + 960 = 1000 fits the route's MTU of 1000 only
     // without the outer header.
     let c = client(40021);
     let fits = sized(syn(c, tun_small.addr), 940); // 980 + 20 = 1000
-    let hash = flow_hash(&flow_key(c, &tun_small));
+    let hash = flow_hash(&flow_key(c, &tun_small), seed);
     let out = encapsulated(&fits.build(), sa("10.1.0.14:80"), hash, 0);
     t.check(
         "ipip: exactly the MTU",
@@ -522,77 +744,11 @@ fn dsr_ipip_icmp_and_decap() {
 
     // ---- ICMP too-big about a VIP flow → the flow's backend ----
     let router: IpAddr = "10.0.0.7".parse().unwrap();
-    let router6: IpAddr = "fd00::7".parse().unwrap();
-    // NAT: establish the flow, then the quoted source becomes the backend's.
-    let c = client(40031);
-    let s = syn(c, nat.addr);
-    let nat_backend = sa("10.1.0.13:8080");
-    let out = s
-        .with(GW_MAC_A, mac_of(nat_backend), c, nat_backend)
-        .build();
-    t.check("nat flow", &s.build(), XDP_TX, &out, Counter::Tx);
-    let input = too_big_frame(
-        GW_MAC_A,
-        CLIENT_MAC,
-        router,
-        nat.addr.ip(),
-        1400,
-        nat.addr,
-        c,
-    );
-    let want = too_big_frame(
-        mac_of(nat_backend),
-        GW_MAC_A,
-        router,
-        nat_backend.ip(),
-        1400,
-        nat_backend,
-        c,
-    );
-    t.check(
-        "ICMP too-big for a NAT flow → its backend, rewritten",
-        &input,
-        XDP_TX,
-        &want,
-        Counter::Tx,
-    );
-    let c = client6(40032);
-    let s = syn(c, nat6.addr);
-    let nat6_backend = sa("[fd01::11]:8080");
-    let out = s
-        .with(GW_MAC_A, mac_of(nat6_backend), c, nat6_backend)
-        .build();
-    t.check("nat flow v6", &s.build(), XDP_TX, &out, Counter::Tx);
-    let input = too_big_frame(
-        GW_MAC_A,
-        CLIENT_MAC,
-        router6,
-        nat6.addr.ip(),
-        1400,
-        nat6.addr,
-        c,
-    );
-    let want = too_big_frame(
-        mac_of(nat6_backend),
-        GW_MAC_A,
-        router6,
-        nat6_backend.ip(),
-        1400,
-        nat6_backend,
-        c,
-    );
-    t.check(
-        "ICMPv6 too-big for a NAT flow → its backend, rewritten",
-        &input,
-        XDP_TX,
-        &want,
-        Counter::Tx,
-    );
     // dsr-l2: the message goes as it is, to the backend's MAC.
     let c = client(40033);
     let input = too_big_frame(GW_MAC_A, CLIENT_MAC, router, l2.addr.ip(), 1400, l2.addr, c);
     let b = sa("10.1.0.11:80");
-    let mut want = input.clone();
+    let mut want = hop(&input);
     want[0..6].copy_from_slice(&mac_of(b));
     want[6..12].copy_from_slice(&GW_MAC_A);
     t.check(
@@ -613,7 +769,12 @@ fn dsr_ipip_icmp_and_decap() {
         tun.addr,
         c,
     );
-    let want = encapsulated(&input, sa("10.1.0.12:80"), flow_hash(&flow_key(c, &tun)), 0);
+    let want = encapsulated(
+        &input,
+        sa("10.1.0.12:80"),
+        flow_hash(&flow_key(c, &tun), seed),
+        0,
+    );
     t.check(
         "ICMP too-big for an ipip flow → encapsulated to its backend",
         &input,
@@ -686,7 +847,7 @@ fn dsr_ipip_icmp_and_decap() {
         Counter::PassNotVip,
     );
     t.gw.dp.maps.set_stateless_reverse(&ecmp, true).unwrap();
-    let out = reply.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).build();
+    let out = reply.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).hop().build();
     t.check(
         "stateless: the table gives this flow to this backend → rewritten",
         &reply.build(),
@@ -735,14 +896,28 @@ fn dsr_ipip_icmp_and_decap() {
         );
     }
     let ev = |c: Counter| after[c as usize] - before[c as usize];
-    assert_eq!(ev(Counter::FwdDsrL2), 6, "5 dsr-l2 packets + 1 ICMP");
+    assert_eq!(
+        ev(Counter::FwdDsrL2),
+        12,
+        "11 dsr-l2 packets (TTL 1 is not forwarded) + 1 ICMP"
+    );
     assert_eq!(
         ev(Counter::FwdIpip),
-        10,
-        "9 ipip packets (3 of them too big) + 1 ICMP"
+        12,
+        "11 ipip packets (3 of them too big) + 1 ICMP"
     );
-    assert_eq!(ev(Counter::IcmpToBackend), 4);
+    assert_eq!(
+        ev(Counter::IcmpToBackend),
+        2,
+        "dsr-l2 and ipip (NAT: below)"
+    );
     assert_eq!(ev(Counter::RevNat), 1, "the stateless reply");
+    assert_eq!(
+        ev(Counter::CtConfirmed),
+        4,
+        "dsr-l2 and ipip, TCP and UDP, each by the client's second packet"
+    );
+    assert_eq!(ev(Counter::PassTtlExceeded), 4);
 
     // ---- the decapsulation program, on the ipip cases' output ----
     let mut decap = aya::EbpfLoader::new()
@@ -800,5 +975,143 @@ fn dsr_ipip_icmp_and_decap() {
     assert_eq!(n(DecapCounter::PassMalformed), 1);
     assert_eq!(n(DecapCounter::PassForeign), 1);
     assert_eq!(DECAP_COUNTER_COUNT, 7);
+
+    // ---- ICMP errors to NAT backends; ICMP errors are forwarded as a router forwards ----
+    // (Last: NAT rewrites these messages, and their TTL handling is checked here.)
+    let before = t.gw.dp.maps.counters().unwrap();
+    let rows_before = t.reasons.len();
+    let router: IpAddr = "10.0.0.7".parse().unwrap();
+    let router6: IpAddr = "fd00::7".parse().unwrap();
+    // NAT: establish the flow, then the quoted source becomes the backend's.
+    let c = client(40031);
+    let s = syn(c, nat.addr);
+    let nat_backend = sa("10.1.0.13:8080");
+    let out = s
+        .with(GW_MAC_A, mac_of(nat_backend), c, nat_backend)
+        .hop()
+        .build();
+    t.check("nat flow", &s.build(), XDP_TX, &out, Counter::Tx);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        nat.addr.ip(),
+        1400,
+        nat.addr,
+        c,
+    );
+    // Forwarded as a router would: one hop less.
+    let want = hop(&too_big_frame(
+        mac_of(nat_backend),
+        GW_MAC_A,
+        router,
+        nat_backend.ip(),
+        1400,
+        nat_backend,
+        c,
+    ));
+    t.check(
+        "ICMP too-big for a NAT flow → its backend, rewritten",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    let c = client6(40032);
+    let s = syn(c, nat6.addr);
+    let nat6_backend = sa("[fd01::11]:8080");
+    let out = s
+        .with(GW_MAC_A, mac_of(nat6_backend), c, nat6_backend)
+        .hop()
+        .build();
+    t.check("nat flow v6", &s.build(), XDP_TX, &out, Counter::Tx);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router6,
+        nat6.addr.ip(),
+        1400,
+        nat6.addr,
+        c,
+    );
+    // Forwarded as a router would: one hop less.
+    let want = hop(&too_big_frame(
+        mac_of(nat6_backend),
+        GW_MAC_A,
+        router6,
+        nat6_backend.ip(),
+        1400,
+        nat6_backend,
+        c,
+    ));
+    t.check(
+        "ICMPv6 too-big for a NAT flow → its backend, rewritten",
+        &input,
+        XDP_TX,
+        &want,
+        Counter::Tx,
+    );
+    let c = client(40033);
+    let input = too_big_frame(GW_MAC_A, CLIENT_MAC, router, l2.addr.ip(), 1400, l2.addr, c);
+    let mut ttl1 = input;
+    common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
+    t.unchanged(
+        "ICMP too-big with TTL 1 for a dsr-l2 flow → to the kernel",
+        &ttl1,
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    let c = client(40031);
+    let mut ttl1 = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        nat.addr.ip(),
+        1400,
+        nat.addr,
+        c,
+    );
+    common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
+    t.unchanged(
+        "ICMP too-big with TTL 1 for a NAT flow → to the kernel",
+        &ttl1,
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    let c = client(40034);
+    let mut ttl1 = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        tun.addr.ip(),
+        1400,
+        tun.addr,
+        c,
+    );
+    common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
+    t.unchanged(
+        "ICMP too-big with TTL 1 for an ipip flow → to the kernel",
+        &ttl1,
+        XDP_PASS,
+        Counter::PassTtlExceeded,
+    );
+    let after = t.gw.dp.maps.counters().unwrap();
+    let mut want: HashMap<usize, u64> = HashMap::new();
+    for r in &t.reasons[rows_before..] {
+        *want.entry(*r as usize).or_default() += 1;
+    }
+    for i in 0..VERDICT_COUNT as usize {
+        assert_eq!(
+            after[i] - before[i],
+            want.get(&i).copied().unwrap_or(0),
+            "counter {}",
+            COUNTER_NAMES[i]
+        );
+    }
+    assert_eq!(
+        after[Counter::IcmpToBackend as usize] - before[Counter::IcmpToBackend as usize],
+        2,
+        "the two NAT messages"
+    );
     println!("{} dsr/ipip/icmp cases and 6 decap cases passed", t.rows);
 }

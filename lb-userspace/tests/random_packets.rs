@@ -3,8 +3,12 @@
 //! For every packet: the verdict is one of PASS, DROP, TX, REDIRECT (never ABORTED); the frame
 //! length never changes; a packet the program changed is a NAT rewrite — destination set to a
 //! configured backend of the VIP it was sent to, or source set back to the VIP of the backend it
-//! came from — with nothing else changed but MACs and checksums; and valid checksums stay valid.
-//! At the end, the verdict counters add up to the number of packets.
+//! came from — with nothing else changed but MACs, checksums and the TTL / hop limit, which is
+//! exactly one less (so it was above 1); a forwarded packet never has a martian source or source
+//! port 0; and valid checksums stay valid. An unmutated packet to a VIP is dropped if its source
+//! is martian or its port 0, passed unchanged if its TTL is at most 1, and forwarded otherwise.
+//! At the end, the verdict counters add up to the number of packets, every backend's active
+//! count equals its counted confirmed flows, and each table holds only its kinds of entries.
 //!
 //! Reproducible: the seed is printed; set LB_RANDOM_SEED to replay one.
 
@@ -14,12 +18,14 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::{
     packets::{checksums_ok, Spec, Tcp},
-    testrun::{run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{Gateway, CLIENT_MAC, GW_MAC_A},
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use lb::Vip;
-use lb_common::VERDICT_COUNT;
+use lb::{CtTable, Vip};
+use lb_common::{
+    Counter, COUNTER_NAMES, CT_F_COUNTED, CT_S_CLOSED, CT_S_OPENING, CT_S_UDP, VERDICT_COUNT,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const PACKETS: usize = 100_000;
@@ -35,6 +41,47 @@ impl Config {
             .iter()
             .find(|(v, bs)| (v.proto == lb::Proto::Udp) == udp && bs.contains(&b))
             .map(|(v, _)| v)
+    }
+}
+
+/// Sources no real client has: what the data plane must drop (besides the VIP itself).
+const MARTIANS_V4: [&str; 8] = [
+    "0.0.0.0",
+    "0.12.34.56",
+    "127.0.0.1",
+    "169.254.7.7",
+    "224.0.0.5",
+    "239.1.2.3",
+    "240.1.2.3",
+    "255.255.255.255",
+];
+const MARTIANS_V6: [&str; 5] = ["::", "::1", "fe80::7", "febf::1", "ff02::1"];
+
+/// Whether `src` is a martian source for a packet to `dst` (written from the list, not
+/// from the data plane's code).
+fn martian(src: IpAddr, dst: IpAddr) -> bool {
+    src == dst
+        || match src {
+            IpAddr::V4(a) => {
+                let o = a.octets();
+                o[0] == 0 || o[0] == 127 || o[0] >= 224 || (o[0] == 169 && o[1] == 254)
+            }
+            IpAddr::V6(a) => {
+                a.is_unspecified()
+                    || a.is_loopback()
+                    || a.is_multicast()
+                    || a.segments()[0] & 0xffc0 == 0xfe80
+            }
+        }
+}
+
+fn random_ttl(rng: &mut StdRng) -> u8 {
+    match rng.random_range(0..20) {
+        0 => 0,
+        1..=2 => 1,
+        3 => 2,
+        4..=7 => rng.random(),
+        _ => 64,
     }
 }
 
@@ -78,28 +125,87 @@ fn random_addr(rng: &mut StdRng, v6: bool, cfg: &Config) -> SocketAddr {
 /// Forwarded flows seen so far (client, backend, is UDP), for generating their replies.
 type Seen = Vec<(SocketAddr, SocketAddr, bool)>;
 
-fn random_packet(rng: &mut StdRng, cfg: &Config, seen: &Seen) -> Vec<u8> {
+/// Handshakes whose SYN-ACK lb rewrote: (client, VIP, the acknowledgment number that completes
+/// them), for generating the client's ACK.
+type Handshakes = Vec<(SocketAddr, SocketAddr, u32)>;
+
+/// A generated frame; `pristine`: built as specified and not mutated.
+struct Generated {
+    frame: Vec<u8>,
+    pristine: bool,
+    spec: Spec,
+}
+
+fn random_packet(
+    rng: &mut StdRng,
+    cfg: &Config,
+    seen: &Seen,
+    handshakes: &Handshakes,
+) -> Generated {
     let v6 = rng.random_bool(0.4);
     let mut src = random_addr(rng, v6, cfg);
     let mut dst = random_addr(rng, v6, cfg);
     let mut force_udp = None;
-    if !seen.is_empty() && rng.random_bool(0.15) {
+    let mut flags = [
+        Tcp::Syn,
+        Tcp::Ack,
+        Tcp::SynAck,
+        Tcp::Fin,
+        Tcp::Rst,
+        Tcp::RstAck,
+    ][rng.random_range(0..6)];
+    let seq = rng.random();
+    let mut ack = rng.random();
+    let pick = rng.random_range(0..100);
+    if !handshakes.is_empty() && pick < 5 {
+        // The client's ACK completing a handshake (sometimes off by a little).
+        let (client, vip, a) = handshakes[rng.random_range(0..handshakes.len())];
+        src = client;
+        dst = vip;
+        force_udp = Some(false);
+        flags = Tcp::Ack;
+        ack = a.wrapping_add([0, 0, 0, 1, u32::MAX][rng.random_range(0..5)]);
+    } else if !seen.is_empty() && pick < 25 {
         // A reply to a flow lb forwarded.
         let (client, backend, udp) = seen[rng.random_range(0..seen.len())];
         src = backend;
         dst = client;
         force_udp = Some(udp);
+    } else if !seen.is_empty() && pick < 35 {
+        // More of a flow lb forwarded, from its client.
+        let (client, _, udp) = seen[rng.random_range(0..seen.len())];
+        let vips: Vec<SocketAddr> = cfg
+            .services
+            .iter()
+            .filter(|(v, _)| {
+                (v.proto == lb::Proto::Udp) == udp && v.addr.is_ipv6() == client.is_ipv6()
+            })
+            .map(|(v, _)| v.addr)
+            .collect();
+        src = client;
+        dst = vips[rng.random_range(0..vips.len())];
+        force_udp = Some(udp);
+    } else if pick < 40 {
+        // A martian source.
+        let a = if v6 {
+            MARTIANS_V6[rng.random_range(0..MARTIANS_V6.len())]
+        } else {
+            MARTIANS_V4[rng.random_range(0..MARTIANS_V4.len())]
+        };
+        src = SocketAddr::new(a.parse().unwrap(), src.port());
+    } else if pick < 43 {
+        src.set_port(0);
     }
     let tcp = match force_udp {
         Some(udp) => !udp,
         None => rng.random_bool(0.6),
     };
     let mut spec = if tcp {
-        let flags = [Tcp::Syn, Tcp::Ack, Tcp::SynAck, Tcp::Fin][rng.random_range(0..4)];
-        Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, flags)
+        Spec::tcp(CLIENT_MAC, GW_MAC_A, src, dst, flags).seq_ack(seq, ack)
     } else {
         Spec::udp(CLIENT_MAC, GW_MAC_A, src, dst)
     };
+    spec.ttl = random_ttl(rng);
     spec.payload = (0..rng.random_range(0..80)).map(|_| rng.random()).collect();
     if !v6 && rng.random_bool(0.2) {
         let words = rng.random_range(1..=10);
@@ -117,7 +223,12 @@ fn random_packet(rng: &mut StdRng, cfg: &Config, seen: &Seen) -> Vec<u8> {
     if f.len() < 14 {
         f.resize(14, 0);
     }
-    f
+    let pristine = mutations == 0;
+    Generated {
+        frame: f,
+        pristine,
+        spec,
+    }
 }
 
 fn mutate(rng: &mut StdRng, f: &mut Vec<u8>) {
@@ -222,17 +333,18 @@ fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
     }
 }
 
-/// Byte positions where a rewrite may legitimately differ: MACs, IP addresses, ports and
-/// checksums (IPv4 header checksum, L4 checksum).
+/// Byte positions where a rewrite may legitimately differ: MACs, IP addresses, ports,
+/// checksums (IPv4 header checksum, L4 checksum) and the TTL / hop limit.
 fn allowed_diff(f: &[u8], i: usize) -> bool {
     if i < 12 {
         return true;
     }
-    if f[12] == 0x08 && f[13] == 0x00 {
+    if is_v4(f) {
         let l4 = 14 + ((f[14] & 0x0f) as usize) * 4;
         let proto = f[23];
         let csum = if proto == 6 { l4 + 16 } else { l4 + 6 };
-        (24..26).contains(&i)
+        i == TTL_V4
+            || (24..26).contains(&i)
             || (26..34).contains(&i)
             || (l4..l4 + 4).contains(&i)
             || (csum..csum + 2).contains(&i)
@@ -240,7 +352,35 @@ fn allowed_diff(f: &[u8], i: usize) -> bool {
         let l4 = 54;
         let proto = f[20];
         let csum = if proto == 6 { l4 + 16 } else { l4 + 6 };
-        (22..54).contains(&i) || (l4..l4 + 4).contains(&i) || (csum..csum + 2).contains(&i)
+        i == HOP_LIMIT_V6
+            || (22..54).contains(&i)
+            || (l4..l4 + 4).contains(&i)
+            || (csum..csum + 2).contains(&i)
+    }
+}
+
+const TTL_V4: usize = 14 + 8;
+const HOP_LIMIT_V6: usize = 14 + 7;
+
+fn is_v4(f: &[u8]) -> bool {
+    f[12] == 0x08 && f[13] == 0x00
+}
+
+/// The TTL / hop limit of a frame that parses as IP.
+fn ttl(f: &[u8]) -> u8 {
+    if is_v4(f) {
+        f[TTL_V4]
+    } else {
+        f[HOP_LIMIT_V6]
+    }
+}
+
+/// The TCP flags, sequence and acknowledgment numbers of a TCP frame.
+fn tcp_fields(f: &[u8]) -> Option<(bool, bool, u32)> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    match p.transport? {
+        TransportSlice::Tcp(t) => Some((t.syn(), t.ack(), t.sequence_number())),
+        _ => None,
     }
 }
 
@@ -287,10 +427,24 @@ fn random_and_mutated_packets() {
     }
     let before = gw.dp.maps.counters().unwrap();
     let ifindex = gw.ifindex_a;
-    let (mut forwarded, mut reversed, mut unchanged) = (0, 0, 0);
+    let (mut forwarded, mut reversed, mut unchanged, mut pristine_to_vip) = (0, 0, 0, 0);
     let mut seen: Seen = Vec::new();
+    let mut handshakes: Handshakes = Vec::new();
     for n in 0..PACKETS {
-        let input = random_packet(&mut rng, &cfg, &seen);
+        if n == PACKETS / 2 {
+            // The second half under a flood threshold low enough to be crossed: new flows
+            // above it get no entry, and replies without one are matched by the table.
+            let conf = gw.dp.maps.conf().unwrap();
+            gw.dp
+                .maps
+                .set_conf(lb_common::GlobalConf {
+                    flood_rate: 50,
+                    ..conf
+                })
+                .unwrap();
+        }
+        let g = random_packet(&mut rng, &cfg, &seen, &handshakes);
+        let input = g.frame;
         let (action, out) = run(gw.dp.program(), ifindex, &input);
         let ctx = || format!("packet {n} (seed {seed}): {}", hex(&input));
         assert!(
@@ -299,6 +453,30 @@ fn random_and_mutated_packets() {
             ctx()
         );
         assert_eq!(out.len(), input.len(), "length changed: {}", ctx());
+        let to_vip = cfg.services.iter().any(|(v, _)| {
+            v.addr == g.spec.dst && (v.proto == lb::Proto::Udp) == g.spec.tcp.is_none()
+        });
+        if g.pristine && to_vip {
+            // The checks before any state, in their order.
+            let (want, changed) =
+                if g.spec.src.port() == 0 || martian(g.spec.src.ip(), g.spec.dst.ip()) {
+                    (XDP_DROP, false)
+                } else if g.spec.ttl <= 1 {
+                    (XDP_PASS, false)
+                } else {
+                    (XDP_TX, true)
+                };
+            assert_eq!(
+                (action_name(action), out != input),
+                (action_name(want), changed),
+                "{} → {} with TTL {} (verdict, changed): {}",
+                g.spec.src,
+                g.spec.dst,
+                g.spec.ttl,
+                ctx()
+            );
+            pristine_to_vip += 1;
+        }
         if out == input {
             assert!(
                 action != XDP_TX && action != XDP_REDIRECT,
@@ -308,7 +486,7 @@ fn random_and_mutated_packets() {
             unchanged += 1;
             continue;
         }
-        // Changed: it must be a NAT rewrite.
+        // Changed: it must be a NAT rewrite, one hop later.
         let (isrc, idst, udp) = endpoints(&input)
             .unwrap_or_else(|| panic!("changed a packet that does not parse: {}", ctx()));
         let (osrc, odst, _) =
@@ -320,6 +498,12 @@ fn random_and_mutated_packets() {
                 ctx()
             );
         }
+        let (ttl_in, ttl_out) = (ttl(&input), ttl(&out));
+        assert!(
+            ttl_in > 1 && ttl_out == ttl_in - 1,
+            "TTL {ttl_in} became {ttl_out}: {}",
+            ctx()
+        );
         if let Some((_, bs)) = cfg
             .services
             .iter()
@@ -331,14 +515,32 @@ fn random_and_mutated_packets() {
                 "destination {odst} is not a backend of {idst}: {}",
                 ctx()
             );
+            assert!(
+                !martian(isrc.ip(), idst.ip()),
+                "forwarded from a martian source: {}",
+                ctx()
+            );
+            assert_ne!(isrc.port(), 0, "forwarded from port 0: {}", ctx());
             forwarded += 1;
+            // Keep up to 4096, replacing old ones at random: replies go to recent flows too.
             if seen.len() < 4096 {
                 seen.push((isrc, odst, udp));
+            } else {
+                let i = rng.random_range(0..seen.len());
+                seen[i] = (isrc, odst, udp);
             }
         } else if let Some(v) = cfg.vip_of_backend(isrc, udp) {
             assert_eq!(osrc, v.addr, "reply not rewritten to the VIP: {}", ctx());
             assert_eq!(odst, idst, "reply destination changed: {}", ctx());
             reversed += 1;
+            if let Some((true, true, seq)) = tcp_fields(&out) {
+                if handshakes.len() < 4096 {
+                    handshakes.push((odst, osrc, seq.wrapping_add(1)));
+                } else {
+                    let i = rng.random_range(0..handshakes.len());
+                    handshakes[i] = (odst, osrc, seq.wrapping_add(1));
+                }
+            }
         } else {
             panic!(
                 "changed a packet neither for a VIP nor from a backend: {}",
@@ -357,11 +559,83 @@ fn random_and_mutated_packets() {
         total, PACKETS as u64,
         "verdict counters sum to the packets sent"
     );
-    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched");
+
+    // Exact active counts, and each table holds only its kinds of entries.
+    let flows = gw.dp.maps.flows().unwrap();
+    for (v, _) in &cfg.services {
+        for b in gw.dp.maps.backends(v).unwrap() {
+            let counted = flows
+                .iter()
+                .filter(|f| {
+                    f.table == CtTable::Confirmed
+                        && f.entry.backend_id == b.id
+                        && f.entry.flags & CT_F_COUNTED != 0
+                })
+                .count() as u64;
+            assert_eq!(
+                gw.dp.maps.active_flows(b.id).unwrap(),
+                counted,
+                "active flows of {} = its counted confirmed flows (seed {seed})",
+                b.addr
+            );
+        }
+    }
+    for f in &flows {
+        let e = &f.entry;
+        match f.table {
+            CtTable::Unconfirmed => assert!(
+                (e.state == CT_S_OPENING || e.state == CT_S_UDP) && e.flags & CT_F_COUNTED == 0,
+                "unconfirmed entry {f:?} (seed {seed})"
+            ),
+            CtTable::Confirmed => assert!(
+                e.state != CT_S_OPENING
+                    && (e.flags & CT_F_COUNTED != 0) == (e.state != CT_S_CLOSED),
+                "confirmed entry {f:?}: counted exactly while not closed (seed {seed})"
+            ),
+        }
+    }
+    let confirmed = flows
+        .iter()
+        .filter(|f| f.table == CtTable::Confirmed)
+        .count();
+
+    let ev = |c: Counter| after[c as usize] - before[c as usize];
+    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched; {pristine_to_vip} unmutated to a VIP; {} flows, {confirmed} confirmed", flows.len());
+    for c in [
+        Counter::DropMartian,
+        Counter::DropPortZero,
+        Counter::PassTtlExceeded,
+        Counter::CtConfirmed,
+        Counter::CtBadAck,
+        Counter::CtRefused,
+        Counter::CtReopened,
+        Counter::CtStale,
+        Counter::CtExpired,
+        Counter::CtFloodSkip,
+        Counter::RevStateless,
+    ] {
+        println!("  {}: {}", COUNTER_NAMES[c as usize], ev(c));
+    }
     assert!(
-        forwarded > 1000 && reversed > 1000 && unchanged > 1000,
+        forwarded > 1000 && reversed > 1000 && unchanged > 1000 && pristine_to_vip > 1000,
         "the generator must exercise every path"
     );
+    for c in [
+        Counter::DropMartian,
+        Counter::DropPortZero,
+        Counter::PassTtlExceeded,
+        Counter::CtConfirmed,
+        Counter::CtBadAck,
+        Counter::CtRefused,
+        Counter::CtFloodSkip,
+        Counter::RevStateless,
+    ] {
+        assert!(
+            ev(c) > 0,
+            "the generator must exercise {}",
+            COUNTER_NAMES[c as usize]
+        );
+    }
 }
 
 fn hex(b: &[u8]) -> String {

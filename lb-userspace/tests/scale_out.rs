@@ -20,7 +20,8 @@ fn vip(port: u16) -> SocketAddr {
 }
 
 fn config(e: &Ecmp, forward: &str) -> String {
-    let mut out = String::new();
+    // Both gateways share one secret seed, as every gateway of a deployment must.
+    let mut out = String::from("hash_seed = \"0x1a2b3c4d\"\n\n");
     for port in [HTTP_PORT, LINE_PORT] {
         out += &format!(
             "[[vip]]\naddress = \"{}/tcp\"\nforward = \"{forward}\"\nreverse = \"stateless\"\ntable_size = 1009\n\n[vip.health]\ncheck = \"tcp\"\ninterval = \"300ms\"\n\n",

@@ -43,6 +43,15 @@ pub enum Command {
         mode: Mode,
         #[command(flatten)]
         sizes: Sizes,
+        /// The secret flow-hash seed, 32-bit hex (e.g. 0x1a2b3c4d): every gateway behind one
+        /// ECMP group needs the same. Default at first load: a random one (see `lb show-config`).
+        /// Changing it re-hashes new flows.
+        #[arg(long, value_name = "HEX", value_parser = hash_seed)]
+        hash_seed: Option<u32>,
+        /// New flows per second per CPU above which unconfirmed flows are no longer stored
+        /// (flood protection); 0 = no limit. Default at first load: 125000.
+        #[arg(long, value_name = "N")]
+        flood_threshold: Option<u32>,
     },
     /// Detach from interfaces (all of them if none is named); --purge also removes the
     /// program and all state (VIPs, backends, conntrack, counters).
@@ -68,9 +77,21 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "1")]
         watch: Option<u64>,
     },
-    /// Connection-tracking entries (flow → backend), optionally of one VIP.
-    #[command(after_help = "Example:\n  lb flows\n  lb flows 10.100.0.100:80/tcp --json")]
-    Flows { vip: Option<Vip> },
+    /// Connection-tracking entries (flow → backend) of both tables, optionally of one VIP:
+    /// client, VIP, backend, state (opening, established, closing, closed, udp), age (seconds
+    /// since the last packet) and whether the flow is confirmed.
+    #[command(after_help = "Example:
+  lb flows
+  lb flows 10.100.0.100:80/tcp --json
+  lb flows --sweep        # first delete expired and stale entries and settle active counts")]
+    Flows {
+        vip: Option<Vip>,
+        /// First sweep both tables once: delete the entries past their timeout or whose VIP or
+        /// backend is gone, and set every backend's active-flow count to the flows found
+        /// (counting the ones evicted from the table). Prints a summary on stderr.
+        #[arg(long)]
+        sweep: bool,
+    },
     /// A VIP's selection table: each backend's share of the slots against its weight.
     #[command(
         after_help = "Example:\n  lb table 10.100.0.100:80/tcp\n  lb table 10.100.0.100:80/tcp --digest   # compare gateways behind ECMP"
@@ -189,6 +210,10 @@ pub enum VipCommand {
         /// ECMP; maglev or source-hash only).
         #[arg(long, value_enum, default_value_t = Reverse::Tracked)]
         reverse: Reverse,
+        /// A flow timeout, STATE=SECONDS (repeatable; states opening, established, closing,
+        /// closed, udp; 0 = never; at most 7 days). The others keep their defaults.
+        #[arg(long, value_name = "STATE=SECONDS")]
+        timeout: Vec<String>,
         #[command(flatten)]
         sizes: Sizes,
     },
@@ -200,7 +225,7 @@ pub enum VipCommand {
     Set {
         vip: Vip,
         /// maglev, random, round-robin, source-hash or least-conn.
-        #[arg(long, required_unless_present_any = ["forward", "reverse"])]
+        #[arg(long, required_unless_present_any = ["forward", "reverse", "timeout"])]
         algo: Option<String>,
         /// source-hash only: hash the first N bits of the client address.
         #[arg(long, value_name = "BITS", requires = "algo")]
@@ -211,6 +236,10 @@ pub enum VipCommand {
         /// tracked or stateless reverse NAT (see `lb vip add --help`).
         #[arg(long, value_enum)]
         reverse: Option<Reverse>,
+        /// A flow timeout, STATE=SECONDS (repeatable; see `lb vip add --help`); the states not
+        /// named keep their current timeouts. Applies to existing flows too.
+        #[arg(long, value_name = "STATE=SECONDS")]
+        timeout: Vec<String>,
     },
     /// Remove a VIP and its backends.
     #[command(after_help = "Example:\n  lb vip del 10.100.0.100:80/tcp")]
@@ -326,9 +355,15 @@ pub struct Sizes {
     /// Slots of the table array shared by all VIPs (fixed when lb is first loaded).
     #[arg(long, default_value_t = lb_common::DEFAULT_TABLE_CAPACITY)]
     pub table_capacity: u32,
-    /// Entries of the connection-tracking table (fixed when lb is first loaded).
+    /// Entries of the connection-tracking table of confirmed flows (fixed when lb is first
+    /// loaded).
     #[arg(long, default_value_t = lb_common::DEFAULT_CT_CAPACITY)]
     pub conntrack_size: u32,
+    /// Entries of the table of flows not yet confirmed (handshake not completed, no reply
+    /// yet), kept apart so that a flood cannot evict confirmed flows (fixed when lb is first
+    /// loaded).
+    #[arg(long, default_value_t = lb_common::DEFAULT_CT_NEW_CAPACITY)]
+    pub conntrack_new_size: u32,
 }
 
 impl Sizes {
@@ -336,6 +371,8 @@ impl Sizes {
         lb::LoadOptions {
             table_capacity: self.table_capacity,
             ct_capacity: self.conntrack_size,
+            ct_new_capacity: self.conntrack_new_size,
+            ..Default::default()
         }
     }
 }
@@ -361,6 +398,10 @@ pub enum Mode {
 
 fn forward(s: &str) -> Result<lb::model::Forward, String> {
     lb::model::Forward::parse(s).map_err(|e| e.0)
+}
+
+fn hash_seed(s: &str) -> Result<u32, String> {
+    lb::model::parse_hash_seed(s).map_err(|e| e.0)
 }
 
 fn backend_addr(s: &str) -> Result<SocketAddr, String> {

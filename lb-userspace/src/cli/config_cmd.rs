@@ -17,8 +17,18 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
     // The whole file is validated before the kernel is touched.
     let cfg = Config::parse(&file.display().to_string(), &text)
         .map_err(|e| Failure::Usage(e.to_string()))?;
-    let mut maps = dir.maps_or_load(sizes.load_options())?;
+    // A first load takes the file's settings, so no other seed is ever in use.
+    let mut opts = sizes.load_options();
+    opts.hash_seed = cfg.hash_seed;
+    if let Some(f) = cfg.flood_threshold {
+        opts.flood_rate = f;
+    }
+    let mut maps = dir.maps_or_load(opts)?;
+    let seed_before = maps.conf()?.hash_seed;
     let s = apply_config(&mut maps, &cfg)?;
+    if maps.conf()?.hash_seed != seed_before {
+        eprintln!("lb: hash seed changed: new flows are hashed with the new seed (flows with a conntrack entry keep their backend)");
+    }
     if s.is_empty() {
         println!("no changes");
     } else {
@@ -26,6 +36,12 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
             "applied: {} VIPs added, {} removed, {} tables resized, {} algorithms changed; {} backends added, {} removed, {} reweighted; {} table slots written",
             s.vips_added, s.vips_removed, s.tables_resized, s.algorithms_changed, s.backends_added, s.backends_removed, s.backends_reweighted, s.slots_written
         );
+        if s.timeouts_changed > 0 {
+            println!("flow timeouts changed on {} VIPs", s.timeouts_changed);
+        }
+        if s.settings_changed > 0 {
+            println!("global settings (hash_seed, flood_threshold) changed");
+        }
     }
     Ok(())
 }

@@ -37,13 +37,31 @@ fn check_ifaces(ifaces: &[String], attached: &[lb::pin::Attachment], what: &str)
     Ok(())
 }
 
-pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: bool) -> CmdResult {
+/// Deployment-wide settings given to `lb attach`.
+pub struct Global {
+    pub hash_seed: Option<u32>,
+    pub flood_threshold: Option<u32>,
+}
+
+pub fn attach(
+    dir: &PinDir,
+    ifaces: &[String],
+    mode: Mode,
+    sizes: Sizes,
+    global: Global,
+    json: bool,
+) -> CmdResult {
     let mode = attach_mode(mode);
     check_ifaces(ifaces, &dir.attachments().unwrap_or_default(), "lb")?;
     let was_loaded = dir.is_loaded();
+    let mut opts = sizes.load_options();
+    opts.hash_seed = global.hash_seed;
+    if let Some(f) = global.flood_threshold {
+        opts.flood_rate = f;
+    }
     let mut done = Vec::new();
     for iface in ifaces {
-        match dir.attach(iface, mode, sizes.load_options()) {
+        match dir.attach(iface, mode, opts) {
             Ok(used) => done.push(Attached {
                 iface: iface.clone(),
                 mode: mode_name(used),
@@ -60,12 +78,35 @@ pub fn attach(dir: &PinDir, ifaces: &[String], mode: Mode, sizes: Sizes, json: b
             }
         }
     }
+    if was_loaded {
+        // Already loaded: the settings given are written now (a first load wrote them).
+        set_global(dir, &global)?;
+    }
     if json {
         print_json(&done);
     } else {
         for a in &done {
             println!("attached to {} ({} mode)", a.iface, a.mode);
         }
+    }
+    Ok(())
+}
+
+/// Writes the deployment-wide settings given (the others stay), saying on stderr when the
+/// hash seed changes.
+fn set_global(dir: &PinDir, global: &Global) -> CmdResult {
+    if global.hash_seed.is_none() && global.flood_threshold.is_none() {
+        return Ok(());
+    }
+    let mut maps = dir.maps()?;
+    let old = maps.conf()?;
+    let new = lb_common::GlobalConf {
+        hash_seed: global.hash_seed.unwrap_or(old.hash_seed),
+        flood_rate: global.flood_threshold.unwrap_or(old.flood_rate),
+    };
+    maps.set_conf(new)?;
+    if new.hash_seed != old.hash_seed {
+        eprintln!("lb: hash seed changed: new flows are hashed with the new seed (flows with a conntrack entry keep their backend); every gateway of this deployment needs the same seed");
     }
     Ok(())
 }
@@ -115,6 +156,10 @@ struct Status {
     maps: Vec<Fill>,
     /// Backends that health checks took out of the tables.
     backends_down: Vec<String>,
+    /// New flows per second per CPU above which unconfirmed flows are not stored (0 = none).
+    flood_threshold: u32,
+    /// Whether a flow-hash seed is set (the seed itself is in `lb show-config`).
+    hash_seed_set: bool,
 }
 
 pub fn status(dir: &PinDir, json: bool) -> CmdResult {
@@ -128,8 +173,11 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
             }
         }
     }
+    let conf = maps.conf()?;
     let s = Status {
         backends_down,
+        flood_threshold: conf.flood_rate,
+        hash_seed_set: conf.hash_seed != 0,
         pin_dir: dir.path().display().to_string(),
         program_id: dir.program_id()?,
         attached: dir
@@ -145,6 +193,7 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
             ("backends", f.backends),
             ("table slots", f.table_slots),
             ("conntrack", f.conntrack),
+            ("conntrack new", f.conntrack_new),
             ("reverse nat", f.revnat),
         ]
         .into_iter()
@@ -170,6 +219,22 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
             .map(|a| format!("{} ({})", a.iface, a.mode))
             .collect();
         println!("attached:      {}", list.join(", "));
+    }
+    println!(
+        "hash seed:     {}",
+        if s.hash_seed_set {
+            "set (lb show-config prints it)"
+        } else {
+            "NOT SET (0): set one with lb attach --hash-seed or hash_seed in lb.toml"
+        }
+    );
+    if s.flood_threshold == 0 {
+        println!("flood limit:   none (every new flow is stored)");
+    } else {
+        println!(
+            "flood limit:   {} new flows/s per CPU (above it, unconfirmed flows are not stored)",
+            s.flood_threshold
+        );
     }
     println!();
     let rows: Vec<Vec<String>> = s

@@ -58,6 +58,9 @@ fn is_usage(e: &LbError) -> bool {
             | LbError::SourcePrefixTooLong { .. }
             | LbError::RoundRobinTooLong { .. }
             | LbError::LeastConnNeedsTcp(_)
+            | LbError::TooManyVipsPerBackend { .. }
+            | LbError::StatelessBackendShared { .. }
+            | LbError::TimeoutOutOfRange { .. }
     )
 }
 
@@ -134,13 +137,25 @@ fn run(cli: Cli) -> CmdResult {
             ifaces,
             mode,
             sizes,
-        } => lifecycle::attach(&dir, &ifaces, mode, sizes, json),
+            hash_seed,
+            flood_threshold,
+        } => lifecycle::attach(
+            &dir,
+            &ifaces,
+            mode,
+            sizes,
+            lifecycle::Global {
+                hash_seed,
+                flood_threshold,
+            },
+            json,
+        ),
         Command::Detach { ifaces, purge } => lifecycle::detach(dir, &ifaces, purge),
         Command::Status => lifecycle::status(&dir, json),
         Command::Vip(c) => services::vip(&dir, c, json),
         Command::Backend(c) => services::backend(&mut dir, c, json),
         Command::Stats { watch } => observe::stats(&mut dir, watch, json),
-        Command::Flows { vip } => observe::flows(&dir, vip, json),
+        Command::Flows { vip, sweep } => observe::flows(&dir, vip, sweep, json),
         Command::Table { vip, digest: true } => observe::digest(&dir, &vip, json),
         Command::Table { vip, .. } => observe::table(&dir, &vip, json),
         Command::Nexthop(c) => services::nexthop(&dir, c, json),

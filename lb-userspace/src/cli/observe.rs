@@ -189,15 +189,29 @@ pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
 struct FlowRow {
     client: String,
     vip: String,
+    /// The backend's address, or `#id` if that backend is gone or was replaced (stale).
     backend: String,
+    /// `CT_STATE_NAMES`: opening, established, closing, closed, udp.
     state: &'static str,
+    /// Seconds since the flow's last packet (refreshed about once a second).
+    age_s: u64,
+    /// In the table of confirmed flows (else: handshake not completed / no reply yet).
+    confirmed: bool,
 }
 
-pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
-    let maps = dir.maps()?;
+pub fn flows(dir: &PinDir, vip: Option<Vip>, sweep: bool, json: bool) -> CmdResult {
+    let mut maps = dir.maps()?;
     if let Some(v) = &vip {
         maps.vip(v)?;
     }
+    if sweep {
+        let r = maps.sweep_now()?;
+        eprintln!(
+            "swept: {} expired and {} stale entries deleted, {} evicted flows settled, {} active counts corrected",
+            r.expired, r.stale, r.evictions_settled, r.active_written
+        );
+    }
+    let now = lb::sweep::now_ns();
     let mut rows = Vec::new();
     let mut backends_of: std::collections::HashMap<Vip, Vec<lb::BackendState>> = Default::default();
     for f in maps.flows()? {
@@ -222,24 +236,30 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, json: bool) -> CmdResult {
             client: client.to_string(),
             vip: flow_vip.to_string(),
             backend: backend.map_or(format!("#{}", f.entry.backend_id), |b| b.addr.to_string()),
-            state: if backend.is_none() {
-                "stale"
-            } else if f.entry.flags & lb_common::CT_F_CLOSED != 0 {
-                "closed"
-            } else {
-                "active"
-            },
+            state: lb_common::CT_STATE_NAMES
+                .get(f.entry.state as usize)
+                .copied()
+                .unwrap_or("none"),
+            age_s: lb::sweep::age_s(now, f.entry.last_seen_ns),
+            confirmed: f.table == lb::CtTable::Confirmed,
         });
     }
     rows.sort_by(|a, b| (&a.vip, &a.client).cmp(&(&b.vip, &b.client)));
-    super::print_rows(json, &rows, &["CLIENT", "VIP", "BACKEND", "STATE"], |r| {
-        vec![
-            r.client.clone(),
-            r.vip.clone(),
-            r.backend.clone(),
-            r.state.to_string(),
-        ]
-    });
+    super::print_rows(
+        json,
+        &rows,
+        &["CLIENT", "VIP", "BACKEND", "STATE", "AGE", "CONFIRMED"],
+        |r| {
+            vec![
+                r.client.clone(),
+                r.vip.clone(),
+                r.backend.clone(),
+                r.state.to_string(),
+                format!("{}s", r.age_s),
+                if r.confirmed { "yes" } else { "no" }.to_string(),
+            ]
+        },
+    );
     Ok(())
 }
 

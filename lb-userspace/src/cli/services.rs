@@ -17,6 +17,8 @@ struct VipRow {
     table_size: u32,
     backends: usize,
     active_backends: usize,
+    /// Flow timeouts in seconds, by state (0 = never).
+    timeouts: std::collections::BTreeMap<&'static str, u32>,
 }
 
 #[derive(Serialize)]
@@ -38,10 +40,12 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             algo,
             forward,
             reverse,
+            timeout,
             sizes,
         } => {
             // Validate before loading anything, so bad input leaves no trace.
             lb::state::check_table_size(table_size)?;
+            let timeouts = parse_timeouts(&timeout, lb_common::Timeouts::DEFAULT)?;
             let algorithm = algo.algorithm()?;
             algorithm.check_for(&vip)?;
             let stateless = reverse == super::args::Reverse::Stateless;
@@ -54,7 +58,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                 return Err(lb::LbError::StatelessReverseNeedsHash(vip).into());
             }
             let mut maps = dir.maps_or_load(sizes.load_options())?;
-            maps.add_vip(&vip, table_size)?;
+            maps.add_vip_with(&vip, table_size, &timeouts)?;
             if algorithm != lb::Algorithm::Maglev {
                 maps.set_algorithm(&vip, algorithm)?;
             }
@@ -68,7 +72,10 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             source_prefix,
             forward,
             reverse,
+            timeout,
         } => {
+            // The syntax of every timeout is checked before the maps are opened.
+            parse_timeouts(&timeout, lb_common::Timeouts::DEFAULT)?;
             let algorithm = match &algo {
                 Some(a) => Some(
                     lb::Algorithm::parse(a, source_prefix)
@@ -101,6 +108,12 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             {
                 return Err(lb::LbError::StatelessReverseNeedsHash(vip).into());
             }
+            if reverse == Some(super::args::Reverse::Stateless)
+                && info.flags & lb_common::VIP_F_STATELESS_REVERSE == 0
+            {
+                maps.check_backends_unshared(&vip)?;
+            }
+            let timeouts = parse_timeouts(&timeout, maps.timeouts(info.vip_id)?)?;
             if reverse == Some(super::args::Reverse::Tracked) {
                 maps.set_stateless_reverse(&vip, false)?;
             }
@@ -130,6 +143,14 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     }
                 );
             }
+            if !timeout.is_empty() {
+                let changed = maps.set_timeouts(&vip, timeouts)?;
+                println!(
+                    "VIP {vip}: flow timeouts {}{}",
+                    timeouts_cell(&timeouts),
+                    if changed { "" } else { " (unchanged)" }
+                );
+            }
         }
         VipCommand::Del { vip } => {
             let mut maps = dir.maps()?;
@@ -154,12 +175,23 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                     table_size: info.table_size,
                     backends: b.len(),
                     active_backends: b.iter().filter(|b| b.weight > 0).count(),
+                    timeouts: lb::model::timeout_values(&maps.timeouts(info.vip_id)?)
+                        .into_iter()
+                        .collect(),
                 });
             }
             super::print_rows(
                 json,
                 &rows,
-                &["VIP", "ALGORITHM", "FORWARD", "TABLE", "BACKENDS", "ACTIVE"],
+                &[
+                    "VIP",
+                    "ALGORITHM",
+                    "FORWARD",
+                    "TABLE",
+                    "BACKENDS",
+                    "ACTIVE",
+                    "TIMEOUTS s (OPENING/ESTABLISHED/CLOSING/CLOSED/UDP)",
+                ],
                 |r| {
                     vec![
                         r.vip.clone(),
@@ -168,12 +200,34 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                         r.table_size.to_string(),
                         r.backends.to_string(),
                         r.active_backends.to_string(),
+                        lb::model::TIMEOUT_STATES
+                            .iter()
+                            .map(|s| r.timeouts[s].to_string())
+                            .collect::<Vec<_>>()
+                            .join("/"),
                     ]
                 },
             );
         }
     }
     Ok(())
+}
+
+/// `--timeout STATE=SECONDS` arguments applied to `base` (a usage error if one is invalid).
+fn parse_timeouts(
+    args: &[String],
+    base: lb_common::Timeouts,
+) -> Result<lb_common::Timeouts, super::Failure> {
+    lb::model::parse_timeouts(args, base).map_err(|e| super::Failure::Usage(e.0))
+}
+
+/// "opening=60 established=3600 …".
+fn timeouts_cell(t: &lb_common::Timeouts) -> String {
+    lb::model::timeout_values(t)
+        .iter()
+        .map(|(s, v)| format!("{s}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {

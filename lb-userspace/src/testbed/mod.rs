@@ -13,9 +13,11 @@
 //! otherwise hand the gateway packets with partial checksums, which a real NIC never does.
 
 mod ecmp;
+pub mod hold;
 mod lan;
 mod netns;
 mod servers;
+pub mod spoof;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -86,6 +88,13 @@ impl Testbed {
     /// Builds the network with `n` backends (names `backend-1`…), starts their servers and
     /// attaches lb to every gateway interface in `mode` (`native` or `generic`).
     pub fn new(n: usize, mode: &str, lb_bin: &Path) -> Result<Testbed> {
+        let sizes = ["--table-capacity", "262144", "--conntrack-size", "65536"];
+        Testbed::with_attach(n, mode, lb_bin, &sizes)
+    }
+
+    /// Like `new`, with `attach` as the options of `lb attach` (sizes, flood threshold…)
+    /// instead of `new`'s sizes.
+    pub fn with_attach(n: usize, mode: &str, lb_bin: &Path, attach: &[&str]) -> Result<Testbed> {
         assert!((1..=200).contains(&n));
         let mut tb = Testbed::empty(lb_bin)?;
         let prefix = tb.prefix.clone();
@@ -139,14 +148,8 @@ impl Testbed {
         tb.servers = Some(Servers::start(&tb.backends)?);
         let mut args = vec!["attach".to_string()];
         args.extend((0..=n).map(|i| format!("g{i}")));
-        args.extend([
-            "--mode".into(),
-            mode.into(),
-            "--table-capacity".into(),
-            "262144".into(),
-            "--conntrack-size".into(),
-            "65536".into(),
-        ]);
+        args.extend(["--mode".into(), mode.into()]);
+        args.extend(attach.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tb.lb(&args)?;
         Ok(tb)

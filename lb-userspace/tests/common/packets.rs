@@ -12,7 +12,12 @@ pub enum Tcp {
     Syn,
     Ack,
     SynAck,
+    /// FIN with ACK.
     Fin,
+    /// RST alone (no ACK), as a stack answers a segment without a connection.
+    Rst,
+    /// RST with ACK.
+    RstAck,
 }
 
 /// What a test packet is.
@@ -27,8 +32,17 @@ pub struct Spec {
     pub payload: Vec<u8>,
     /// IPv4 options (multiple of 4 bytes, at most 40).
     pub ipv4_options: Vec<u8>,
+    /// IPv4 TTL / IPv6 hop limit.
     pub ttl: u8,
+    /// TCP sequence number.
+    pub seq: u32,
+    /// TCP acknowledgment number (sent with the flags that carry ACK).
+    pub ack: u32,
 }
+
+/// The sequence and acknowledgment numbers `Spec::tcp` gives a packet.
+pub const SEQ: u32 = 0x1000_0000;
+pub const ACK: u32 = 0x2000_0000;
 
 impl Spec {
     pub fn tcp(smac: Mac, dmac: Mac, src: SocketAddr, dst: SocketAddr, flags: Tcp) -> Spec {
@@ -41,6 +55,8 @@ impl Spec {
             payload: b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             ipv4_options: vec![],
             ttl: 64,
+            seq: SEQ,
+            ack: ACK,
         }
     }
 
@@ -63,6 +79,28 @@ impl Spec {
         }
     }
 
+    /// The same packet with this TTL / hop limit.
+    pub fn ttl(&self, ttl: u8) -> Spec {
+        Spec {
+            ttl,
+            ..self.clone()
+        }
+    }
+
+    /// The same packet one hop later (TTL / hop limit one less), as a router forwards it.
+    pub fn hop(&self) -> Spec {
+        self.ttl(self.ttl - 1)
+    }
+
+    /// The same packet with these TCP sequence and acknowledgment numbers.
+    pub fn seq_ack(&self, seq: u32, ack: u32) -> Spec {
+        Spec {
+            seq,
+            ack,
+            ..self.clone()
+        }
+    }
+
     /// Wire bytes, with every checksum computed.
     pub fn build(&self) -> Vec<u8> {
         let eth = PacketBuilder::ethernet2(self.smac, self.dmac);
@@ -81,12 +119,14 @@ impl Spec {
         let mut out = Vec::new();
         match self.tcp {
             Some(flags) => {
-                let b = ip.tcp(self.src.port(), self.dst.port(), 0x1000_0000, 64240);
+                let b = ip.tcp(self.src.port(), self.dst.port(), self.seq, 64240);
                 let b = match flags {
                     Tcp::Syn => b.syn(),
-                    Tcp::Ack => b.ack(0x2000_0000),
-                    Tcp::SynAck => b.syn().ack(0x2000_0000),
-                    Tcp::Fin => b.fin().ack(0x2000_0000),
+                    Tcp::Ack => b.ack(self.ack),
+                    Tcp::SynAck => b.syn().ack(self.ack),
+                    Tcp::Fin => b.fin().ack(self.ack),
+                    Tcp::Rst => b.rst(),
+                    Tcp::RstAck => b.rst().ack(self.ack),
                 };
                 b.write(&mut out, &self.payload).unwrap();
             }

@@ -101,9 +101,19 @@ impl Gateway {
         ns.ip(&["route", "add", "blackhole", "10.9.0.0/24"]);
         ns.enable_forwarding();
         ns.enter();
+        // A fixed seed unless LB_HASH_SEED gives another: the fixture tests compute their
+        // expectations with the seed in the maps (`LbMaps::conf`, `table_backend`), so they
+        // hold for any seed.
+        let hash_seed = std::env::var("LB_HASH_SEED")
+            .ok()
+            .map(|s| lb::model::parse_hash_seed(&s).expect("LB_HASH_SEED"))
+            .unwrap_or(lb_common::hash::FLOW_HASH_SEED);
         let dp = Dataplane::load(LoadOptions {
             table_capacity: 8 * 65_537,
             ct_capacity: 65_536,
+            ct_new_capacity: 65_536,
+            hash_seed: Some(hash_seed),
+            ..Default::default()
         })
         .expect("loading the program (is this root?)");
         Gateway {
@@ -112,5 +122,28 @@ impl Gateway {
             ifindex_b: ns.ifindex("fxb"),
             ns,
         }
+    }
+}
+
+/// Pins the calling thread to the CPU it runs on, so that per-CPU data-plane state (the
+/// new-flow rate window) is the same for every packet the thread runs.
+pub fn pin_to_current_cpu() {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls only read and write it.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }

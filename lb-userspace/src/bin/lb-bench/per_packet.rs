@@ -41,6 +41,40 @@ pub fn tcp_frame(src: SocketAddr, dst: SocketAddr, syn: bool) -> Vec<u8> {
     out
 }
 
+/// The backend's SYN-ACK (sequence 0, so the client's ACK of `tcp_frame` acknowledges it).
+fn synack_frame(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC);
+    let ip = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!(),
+    };
+    let t = ip.tcp(src.port(), dst.port(), 0, 64240).syn().ack(1);
+    let mut out = Vec::new();
+    t.write(&mut out, &[]).unwrap();
+    out
+}
+
+/// `frame` as a router forwards it: TTL / hop limit one less (IPv4 header checksum updated).
+fn one_hop_less(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if f[12] == 0x86 {
+        f[14 + 7] -= 1;
+    } else {
+        f[14 + 8] -= 1;
+        f[24..26].copy_from_slice(&[0, 0]);
+        let mut sum = 0u32;
+        for w in f[14..34].chunks(2) {
+            sum += u16::from_be_bytes([w[0], w[1]]) as u32;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
+    f
+}
+
 /// Offset of the last 4 bytes of the source address (varied per run for new flows).
 fn vary_at(frame: &[u8]) -> u32 {
     if frame[12] == 0x86 {
@@ -122,20 +156,38 @@ fn measure_new_flow(
     rig.measure_lb(&syn, vary_at(&syn), s.repeat, s.rounds, &check)
 }
 
-/// One established flow from `client` to `vip`: every run must give the same bytes as the
-/// first packet of the flow did.
+/// Makes `client` → `vip` a confirmed NAT flow the way a real one becomes one: the client's
+/// SYN, the backend's SYN-ACK through the reverse path, the client's ACK. Returns the ACK and
+/// what the gateway made of it.
+fn establish(rig: &mut Rig, client: SocketAddr, vip: SocketAddr) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (a, out) = rig.run_once(&tcp_frame(client, vip, true))?;
+    ensure!(a == XDP_TX, "SYN {client} → {vip}: got {a}");
+    let backend = dst_of(&out).ok_or_else(|| anyhow::anyhow!("SYN output does not parse"))?;
+    let (a, _) = rig.run_once(&synack_frame(backend, client))?;
+    ensure!(a == XDP_TX, "SYN-ACK {backend} → {client}: got {a}");
+    let ack = tcp_frame(client, vip, false);
+    let (a, first) = rig.run_once(&ack)?;
+    ensure!(a == XDP_TX, "ACK {client} → {vip}: got {a}");
+    let v = Vip::new(vip, lb::Proto::Tcp);
+    ensure!(
+        rig.dp
+            .maps
+            .flow_in(lb::state::CtTable::Confirmed, &flow_key(client, &v))
+            .is_some(),
+        "{client} → {vip} was not confirmed by its handshake"
+    );
+    Ok((ack, first))
+}
+
+/// One established (confirmed) flow from `client` to `vip`: every run must give the same bytes
+/// as the first packet of the flow did.
 fn measure_established(
     rig: &mut Rig,
     s: &Settings,
     client: SocketAddr,
     vip: SocketAddr,
 ) -> Result<Sample> {
-    let ack = tcp_frame(client, vip, false);
-    let (a, first) = rig.run_once(&ack)?;
-    ensure!(
-        a == XDP_TX,
-        "establishing the flow {client} → {vip}: got {a}"
-    );
+    let (ack, first) = establish(rig, client, vip)?;
     let check = move |a: u32, o: &[u8]| -> Result<()> {
         ensure!(
             a == XDP_TX && o == first,
@@ -190,6 +242,27 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         );
     }
     rig.dp.maps.set_algorithm(&vip4, lb::Algorithm::Maglev)?;
+    // New flows under a sustained flood: every packet is a new flow above the threshold (1 new
+    // flow per second per CPU), so none is stored; the unconfirmed table is full from the rows
+    // above.
+    let conf = rig.dp.maps.conf()?;
+    rig.dp.maps.set_conf(lb_common::GlobalConf {
+        flood_rate: 1,
+        ..conf
+    })?;
+    let skipped_before = rig.dp.maps.counters()?[lb_common::Counter::CtFloodSkip as usize];
+    let flood = measure_new_flow(rig, s, client4, sa(VIP4))?;
+    let skipped =
+        rig.dp.maps.counters()?[lb_common::Counter::CtFloodSkip as usize] - skipped_before;
+    rig.dp.maps.set_conf(conf)?;
+    ensure!(
+        skipped >= s.repeat as u64,
+        "flood row: only {skipped} new flows went over the threshold"
+    );
+    push(
+        "new flow IPv4 under a flood (over the threshold: not stored)".into(),
+        flood,
+    );
     for (label, client, vip) in families {
         push(
             format!("established {label} (conntrack hit)"),
@@ -258,8 +331,10 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
         rig.dp.maps.set_forward(&v, fwd)?;
         rig.dp.maps.add_backend(&v, sa(backend), 1)?;
     }
-    // dsr-l2: only the MACs may change (and the source address the wrapper varies, at `vary`).
+    // dsr-l2: only the MACs and the TTL may change (and the source address the wrapper varies,
+    // at `vary`).
     let same_packet = |input: Vec<u8>, vary: usize| {
+        let input = one_hop_less(&input);
         move |a: u32, o: &[u8]| -> Result<()> {
             ensure!(a == XDP_TX, "dsr-l2: expected XDP_TX, got {a}");
             let same = |r: std::ops::Range<usize>| o.get(r.clone()) == input.get(r);
@@ -270,7 +345,7 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
             };
             ensure!(
                 ok && o.len() == input.len(),
-                "dsr-l2 changed more than the MACs"
+                "dsr-l2 changed more than the MACs and the TTL"
             );
             Ok(())
         }
@@ -347,6 +422,8 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
             frame.push(0);
         }
         let (a, first) = rig.run_decap(&frame)?;
+        // The gateway forwarded the inner packet one hop on.
+        let inner = one_hop_less(&inner);
         ensure!(
             a == XDP_PASS && first[14..14 + inner.len() - 14] == inner[14..],
             "decap {label}: the inner packet did not come out"
@@ -371,6 +448,14 @@ pub fn est_and_new(rig: &mut Rig, s: &Settings) -> Result<(Sample, Sample)> {
     Ok((est, new))
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in ns: the data plane's clock (`bpf_ktime_get_coarse_ns`).
+fn coarse_now_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Fills conntrack with `n` entries for unrelated flows (to VIP4, backend 0).
 pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
     let vip = Vip::new(sa(VIP4), lb::Proto::Tcp);
@@ -379,7 +464,9 @@ pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
     let entry = CtEntry {
         backend_id: b.id,
         generation: 1,
-        flags: 0,
+        state: lb_common::CT_S_ESTABLISHED,
+        last_seen_ns: coarse_now_ns(),
+        ..Default::default()
     };
     for i in 0..n as u32 {
         // Clients 172.16.0.0/12-ish, varied in the low bytes.

@@ -169,14 +169,18 @@ impl Report {
                 c / floor.median
             );
         }
-        if let (Some(n), Some(e)) = (
-            get("new flow IPv4, next-hop cache"),
-            get("established IPv4, next-hop cache"),
+        if let (Some(n), Some(f), Some(e)) = (
+            get("new flow IPv4 (TCP SYN"),
+            get("new flow IPv4 under a flood"),
+            get("established IPv4 (conntrack hit)"),
         ) {
             let _ = writeln!(
                 md,
-                "- A new flow costs {:.0} ns more than an established one: the selection itself is a hash, an array lookup and an atomic increment of the backend's active-flow count; most of the rest is inserting the conntrack entry into the shared LRU map (a per-CPU LRU, as Katran uses, would trade cross-CPU consistency for a cheaper insert).",
-                n - e
+                "- A new flow that is stored (an unconfirmed entry in a full LRU) costs {n:.0} ns, {:.1}× an established one; above the flood threshold (default {} new flows per second per CPU; that row sets 1, so every packet is over it) a new flow is not stored and costs {f:.0} ns, {:.2}× the established row. The difference between the two new-flow rows, {:.0} ns, is what storing the entry costs.",
+                n / e,
+                lb_common::DEFAULT_FLOOD_RATE,
+                f / e,
+                n - f
             );
         }
         if let Some(p) = get("not for a VIP") {

@@ -80,6 +80,11 @@ impl Rig {
         let dp = Dataplane::load(LoadOptions {
             table_capacity,
             ct_capacity,
+            hash_seed: Some(lb_common::hash::FLOW_HASH_SEED),
+            // No flood threshold: the new-flow rows measure a stored flow; the flood row sets
+            // one itself.
+            flood_rate: 0,
+            ..Default::default()
         })?;
         let mut bench = EbpfLoader::new()
             .load(LB_BENCH_OBJECT)

@@ -1,0 +1,1021 @@
+//! The conntrack sweep: removes flow entries the data plane no longer uses and keeps the
+//! active-flow counts (`names::ACTIVE`) exact.
+//!
+//! The data plane treats an expired entry as absent when it meets one, and takes a counted flow
+//! off its backend's count when it sees the flow end, but it cannot see two things: entries
+//! that simply expire (no packet ever comes again) and LRU evictions. The sweep walks both
+//! tables (`names::CONNTRACK`, `names::CT_NEW`) with batched lookups, a bounded number of
+//! entries per call, and
+//! * deletes entries that are expired (`now - last_seen_ns > timeout of their state`, the
+//!   timeouts of their VIP), whose VIP is gone, or whose backend is gone or replaced (another
+//!   generation): stale;
+//! * over a complete pass, counts per backend the entries that still carry `CT_F_COUNTED`, and
+//!   then settles each backend's active count to that number (`settle`): the difference is
+//!   the flows it deleted for expiry plus the flows that vanished (evicted), except for what
+//!   flows confirmed or closed while the pass ran may explain, which is corrected only when
+//!   two consecutive passes see it (or at once, for `lb flows --sweep`).
+//!
+//! The walk uses `BPF_MAP_LOOKUP_BATCH`, whose cursor is a bucket index: unlike
+//! `get_next_key`, which restarts from the first key when the key it is given was deleted
+//! (by this sweep, an LRU eviction, or the data plane moving a flow from `CT_NEW` to
+//! `CONNTRACK`), it resumes where it stopped whatever was deleted in between, and each bucket
+//! is read once per pass.
+
+use std::{
+    collections::HashMap,
+    io,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+use lb_common::{
+    Backend, Counter, CtEntry, Endpoint, FlowKey, Timeouts, VipInfo, CT_F_COUNTED, CT_STATE_NAMES,
+};
+
+use crate::state::{CtTable, LbMaps};
+
+type Result<T, E = crate::LbError> = std::result::Result<T, E>;
+
+/// Entries the agent examines per poll tick.
+pub const AGENT_BUDGET: usize = 65_536;
+/// Entries asked of the kernel per batched lookup.
+const BATCH: usize = 4096;
+
+/// Now on the data plane's clock (`bpf_ktime_get_coarse_ns`): `CLOCK_MONOTONIC_COARSE`, ns.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Whole seconds since `last_seen_ns` (0 if it is ahead of `now_ns`: coarse clocks of
+/// different CPUs).
+pub fn age_s(now_ns: u64, last_seen_ns: u64) -> u64 {
+    now_ns.saturating_sub(last_seen_ns) / 1_000_000_000
+}
+
+/// Whether an entry is past its state's timeout (0 = never expires), as the data plane
+/// decides it.
+pub fn is_expired(entry: &CtEntry, timeouts: &Timeouts, now_ns: u64) -> bool {
+    let t = timeouts.of_state(entry.state) as u64;
+    t != 0 && now_ns.saturating_sub(entry.last_seen_ns) > t * 1_000_000_000
+}
+
+/// What the sweep does with an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Keep,
+    /// Past its timeout.
+    Expired,
+    /// Its VIP is gone, or its backend is gone, serves another VIP or was replaced.
+    Stale,
+}
+
+/// The verdict on an entry, given its VIP (entry and timeouts; None if the VIP is gone) and
+/// the current entry of its backend id (None if out of range).
+pub fn judge(
+    entry: &CtEntry,
+    vip: Option<(&VipInfo, &Timeouts)>,
+    backend: Option<&Backend>,
+    now_ns: u64,
+) -> Verdict {
+    let Some((info, timeouts)) = vip else {
+        return Verdict::Stale;
+    };
+    match backend {
+        Some(b) if b.is_valid() && b.generation == entry.generation && b.vip_id == info.vip_id => {}
+        _ => return Verdict::Stale,
+    }
+    if is_expired(entry, timeouts, now_ns) {
+        Verdict::Expired
+    } else {
+        Verdict::Keep
+    }
+}
+
+/// One backend's entries over a complete pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Entries kept that carry `CT_F_COUNTED` (the flows its active count should hold).
+    pub counted: u64,
+    /// Entries with `CT_F_COUNTED` the sweep deleted for expiry: still in the active count,
+    /// and nobody else will take them off it.
+    pub expired_counted: u64,
+}
+
+/// What to do with one backend's active count after a complete pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// How much to take off the count (negative: add); 0: leave it.
+    pub correction: i64,
+    /// Flows taken off the count because the sweep deleted their expired entries.
+    pub expired: u64,
+    /// Flows taken off the count because their entries vanished (LRU evictions).
+    pub evicted: u64,
+    /// The unexplained difference (count − entries) left for the next pass to confirm.
+    pub pending: Option<i64>,
+}
+
+/// Settles a backend's active count `active` (read after the pass) against the pass's
+/// `tally`. `confirmed` is how many flows the data plane confirmed (anywhere) from the start
+/// of the pass to the reading of `active`; `pending` is the unexplained difference the
+/// previous pass left.
+///
+/// The true count at the reading is at most `counted + confirmed` (an entry the pass missed
+/// or saw uncounted can only be in it by a confirmation since the pass started), so the
+/// difference `active - counted` less `confirmed` is certainly a leak: flows whose entries
+/// vanished (LRU evictions) or that the sweep deleted for expiry (`expired_counted`, also
+/// certain). That much is taken off at once; the count never goes below the truth for it.
+/// The rest may be churn (flows confirmed or closed while the pass ran, in buckets already
+/// read) as well as a leak, so it is corrected only when the previous pass saw a difference
+/// of the same sign, by the smaller of the two, or at once with `settle_now`. A count that went
+/// below zero (a u64 that wrapped) reads as negative and is raised the same way.
+pub fn settle(
+    active: u64,
+    tally: Tally,
+    confirmed: u64,
+    pending: Option<i64>,
+    settle_now: bool,
+) -> Settlement {
+    let diff = (active as i64).saturating_sub(tally.counted as i64);
+    let expired = (tally.expired_counted as i64).min(diff.max(0));
+    if settle_now {
+        return Settlement {
+            correction: diff,
+            expired: expired as u64,
+            evicted: (diff - expired).max(0) as u64,
+            pending: None,
+        };
+    }
+    let certain = expired.max(diff.saturating_sub(confirmed as i64)).max(0);
+    let rest = diff - certain;
+    let fix = match pending {
+        Some(p) if rest != 0 && p.signum() == rest.signum() => {
+            if rest > 0 {
+                p.min(rest)
+            } else {
+                p.max(rest)
+            }
+        }
+        _ => 0,
+    };
+    Settlement {
+        correction: certain + fix,
+        expired: expired as u64,
+        evicted: (certain - expired + fix.max(0)) as u64,
+        pending: (rest != 0 && fix == 0).then_some(rest),
+    }
+}
+
+/// A count after taking `correction` off (never below zero; a wrapped count reads as
+/// negative).
+pub fn corrected(active: u64, correction: i64) -> u64 {
+    (active as i64).saturating_sub(correction).max(0) as u64
+}
+
+/// Entries by table and state, and what a sweep did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Entries kept, `[table as usize][state]` (`CtTable::Confirmed` = 0, `CT_S_*`; unknown
+    /// states under 0).
+    pub entries: [[u64; CT_STATE_NAMES.len()]; 2],
+    /// Entries deleted because they were past their timeout.
+    pub expired: u64,
+    /// Entries deleted because their VIP or backend is gone or replaced.
+    pub stale: u64,
+    /// Flows taken off active counts because their entries had vanished (evictions).
+    pub evictions_settled: u64,
+    /// Flows taken off active counts because the sweep deleted their expired entries.
+    pub expired_settled: u64,
+    /// Active counts written.
+    pub active_written: u64,
+}
+
+impl SweepReport {
+    /// Entries kept in one table.
+    pub fn table_entries(&self, t: CtTable) -> u64 {
+        self.entries[t as usize].iter().sum()
+    }
+
+    /// Whether the pass changed anything.
+    pub fn changed(&self) -> bool {
+        self.expired + self.stale + self.active_written > 0
+    }
+
+    fn count_kept(&mut self, t: CtTable, state: u8) {
+        let s = if (state as usize) < CT_STATE_NAMES.len() {
+            state as usize
+        } else {
+            0
+        };
+        self.entries[t as usize][s] += 1;
+    }
+}
+
+/// Totals since the sweeper started (for counters).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepTotals {
+    pub passes: u64,
+    pub expired: u64,
+    pub stale: u64,
+    pub evicted: u64,
+}
+
+/// A pass under way.
+#[derive(Default)]
+struct Pass {
+    /// The data plane's `ct_confirmed` counter when the pass started.
+    confirmed_at_start: u64,
+    /// Backends valid when the pass started: id → generation. Only these are settled (one
+    /// added during the pass may have entries in buckets already read).
+    backends: HashMap<u32, u32>,
+    /// By (backend id, generation).
+    tally: HashMap<(u32, u32), Tally>,
+    report: SweepReport,
+}
+
+/// The unconfirmed table is walked first: a flow confirmed meanwhile moves to the confirmed
+/// table, where the walk still finds it unless its bucket was already read.
+const FIRST: CtTable = CtTable::Unconfirmed;
+const LAST: CtTable = CtTable::Confirmed;
+
+/// Walks the conntrack tables a bounded number of entries at a time (`step`), keeping its
+/// place between calls, and settles the active counts at the end of every complete pass.
+pub struct Sweeper {
+    table: CtTable,
+    /// Batch cursor in `table` (None: from its start).
+    cursor: Option<u32>,
+    pass: Option<Pass>,
+    /// Unexplained differences of the last complete pass, by (backend id, generation).
+    pending: HashMap<(u32, u32), i64>,
+    last: Option<SweepReport>,
+    totals: SweepTotals,
+    keys: Vec<FlowKey>,
+    values: Vec<CtEntry>,
+}
+
+impl Default for Sweeper {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sweeper {
+    pub fn new() -> Sweeper {
+        Sweeper {
+            table: FIRST,
+            cursor: None,
+            pass: None,
+            pending: HashMap::new(),
+            last: None,
+            totals: SweepTotals::default(),
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+
+    /// The report of the last complete pass.
+    pub fn last(&self) -> Option<&SweepReport> {
+        self.last.as_ref()
+    }
+
+    /// Totals over every pass since this sweeper started.
+    pub fn totals(&self) -> SweepTotals {
+        self.totals
+    }
+
+    /// Examines about `budget` entries (whole hash buckets; at least one), going on from
+    /// where the last call stopped. Returns the report when this call completed a pass.
+    /// `settle_now`: correct every active count at the end of the pass without waiting for
+    /// a second pass to confirm the difference.
+    ///
+    /// The caller holds the pin-directory lock, so no VIP or backend changes during a call
+    /// (the data plane does change entries and counts meanwhile). After an error the pass is
+    /// abandoned (its tallies would count a batch twice) and the next call starts a new one.
+    pub fn step(
+        &mut self,
+        maps: &mut LbMaps,
+        budget: usize,
+        settle_now: bool,
+    ) -> Result<Option<SweepReport>> {
+        let r = self.walk(maps, budget, settle_now);
+        if r.is_err() {
+            self.pass = None;
+            self.table = FIRST;
+            self.cursor = None;
+        }
+        r
+    }
+
+    fn walk(
+        &mut self,
+        maps: &mut LbMaps,
+        budget: usize,
+        settle_now: bool,
+    ) -> Result<Option<SweepReport>> {
+        if self.pass.is_none() {
+            self.pass = Some(Pass {
+                confirmed_at_start: maps.counter(Counter::CtConfirmed)?,
+                backends: maps.backend_generations()?.into_iter().collect(),
+                ..Pass::default()
+            });
+        }
+        let now = now_ns();
+        let mut view = View::read(maps)?;
+        let mut left = budget.max(1);
+        loop {
+            let want = left.min(BATCH);
+            let (n, next) = maps.ct_batch(
+                self.table,
+                self.cursor,
+                want,
+                &mut self.keys,
+                &mut self.values,
+            )?;
+            left = left.saturating_sub(n.max(1));
+            for i in 0..n {
+                let (key, entry) = (self.keys[i], self.values[i]);
+                self.examine(maps, &mut view, now, key, entry)?;
+            }
+            match next {
+                Some(c) => self.cursor = Some(c),
+                None => {
+                    self.cursor = None;
+                    if self.table == FIRST {
+                        self.table = LAST;
+                    } else {
+                        self.table = FIRST;
+                        return self.finish(maps, settle_now).map(Some);
+                    }
+                }
+            }
+            if left == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// One entry: keep (and count) it, or delete it.
+    fn examine(
+        &mut self,
+        maps: &mut LbMaps,
+        view: &mut View,
+        now: u64,
+        key: FlowKey,
+        entry: CtEntry,
+    ) -> Result<()> {
+        let table = self.table;
+        let pass = self.pass.as_mut().expect("a pass is under way");
+        let mut entry = entry;
+        let mut verdict = view.judge(maps, &key, &entry, now)?;
+        if verdict != Verdict::Keep {
+            // Read it again just before deleting: a packet may have refreshed it since the
+            // batch was read. (A packet between this read and the delete still loses its
+            // entry; its flow is then treated as new, as it would be had it come a moment
+            // later after expiry.)
+            match maps.ct_get(table, &key)? {
+                None => return Ok(()),
+                Some(e) => {
+                    entry = e;
+                    verdict = view.judge(maps, &key, &entry, now)?;
+                }
+            }
+        }
+        let counted = entry.flags & CT_F_COUNTED != 0;
+        let tally_key = (entry.backend_id, entry.generation);
+        match verdict {
+            Verdict::Keep => {
+                pass.report.count_kept(table, entry.state);
+                if counted {
+                    pass.tally.entry(tally_key).or_default().counted += 1;
+                }
+            }
+            Verdict::Expired => {
+                if maps.ct_remove(table, &key)? {
+                    pass.report.expired += 1;
+                    if counted {
+                        pass.tally.entry(tally_key).or_default().expired_counted += 1;
+                    }
+                }
+            }
+            Verdict::Stale => {
+                // A stale entry's backend id now belongs to another generation (or to
+                // nobody), whose count never included it.
+                if maps.ct_remove(table, &key)? {
+                    pass.report.stale += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Settles the active count of every backend valid (with the same generation) at both
+    /// ends of the pass.
+    fn finish(&mut self, maps: &mut LbMaps, settle_now: bool) -> Result<SweepReport> {
+        let mut pass = self.pass.take().expect("a pass is under way");
+        let mut counts = Vec::new();
+        for (id, generation) in maps.backend_generations()? {
+            if pass.backends.get(&id) == Some(&generation) {
+                counts.push(((id, generation), maps.active_flows(id)?));
+            }
+        }
+        // Read after the counts: it bounds the confirmations they may include.
+        let confirmed = maps
+            .counter(Counter::CtConfirmed)?
+            .saturating_sub(pass.confirmed_at_start);
+        let mut pending = HashMap::new();
+        for (key, active) in counts {
+            let tally = pass.tally.get(&key).copied().unwrap_or_default();
+            let s = settle(
+                active,
+                tally,
+                confirmed,
+                self.pending.get(&key).copied(),
+                settle_now,
+            );
+            if s.correction != 0 {
+                // Applied to the count as it is now: what the data plane changed since it was
+                // read stays. Race: a change between this read and the write is lost (the
+                // kernel has no compare-and-swap for map values from userspace); the next
+                // passes see the difference and correct it.
+                let now = maps.active_flows(key.0)?;
+                maps.set_active_flows(key.0, corrected(now, s.correction))?;
+                pass.report.active_written += 1;
+            }
+            pass.report.expired_settled += s.expired;
+            pass.report.evictions_settled += s.evicted;
+            if let Some(p) = s.pending {
+                pending.insert(key, p);
+            }
+        }
+        self.pending = pending;
+        let r = pass.report;
+        self.totals.passes += 1;
+        self.totals.expired += r.expired;
+        self.totals.stale += r.stale;
+        self.totals.evicted += r.evictions_settled;
+        self.last = Some(r);
+        Ok(r)
+    }
+}
+
+impl LbMaps {
+    /// One complete sweep pass at once, settling every active count (`lb flows --sweep`).
+    pub fn sweep_now(&mut self) -> Result<SweepReport> {
+        let mut s = Sweeper::new();
+        loop {
+            if let Some(r) = s.step(self, usize::MAX, true)? {
+                return Ok(r);
+            }
+        }
+    }
+}
+
+/// The VIPs (with their timeouts) and backends, read once per call.
+struct View {
+    vips: HashMap<Endpoint, (VipInfo, Timeouts)>,
+    backends: HashMap<u32, Option<Backend>>,
+}
+
+impl View {
+    fn read(maps: &LbMaps) -> Result<View> {
+        let mut vips = HashMap::new();
+        for (vip, info) in maps.vips()? {
+            vips.insert(vip.endpoint(), (info, maps.timeouts(info.vip_id)?));
+        }
+        Ok(View {
+            vips,
+            backends: HashMap::new(),
+        })
+    }
+
+    fn judge(
+        &mut self,
+        maps: &LbMaps,
+        key: &FlowKey,
+        entry: &CtEntry,
+        now: u64,
+    ) -> Result<Verdict> {
+        let vip = Endpoint {
+            addr_be: key.dst_be,
+            port_be: key.dport_be,
+            proto: key.proto,
+            family: key.family,
+        };
+        let id = entry.backend_id;
+        let backend = match self.backends.get(&id) {
+            Some(b) => *b,
+            None => {
+                let b = maps.backend_entry(id)?;
+                self.backends.insert(id, b);
+                b
+            }
+        };
+        Ok(judge(
+            entry,
+            self.vips.get(&vip).map(|(i, t)| (i, t)),
+            backend.as_ref(),
+            now,
+        ))
+    }
+}
+
+/// `BPF_MAP_LOOKUP_BATCH` on a hash map: up to `max` entries from bucket `cursor` on (None:
+/// the start) into `keys` and `values` (resized). Returns how many were read and the cursor
+/// to go on from (None: the end of the map was reached). Whole buckets only: if the first
+/// bucket holds more than `max` entries, more are asked for.
+pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    cursor: Option<u32>,
+    max: usize,
+    keys: &mut Vec<K>,
+    values: &mut Vec<V>,
+) -> io::Result<(usize, Option<u32>)> {
+    use aya_obj::generated::{bpf_attr, bpf_cmd};
+    let mut max = max.max(1);
+    loop {
+        keys.resize(max, K::default());
+        values.resize(max, V::default());
+        let in_batch = cursor.unwrap_or(0);
+        let mut out_batch = 0u32;
+        // SAFETY: an all-zero bpf_attr is valid (it is plain integers).
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing plain integers to the union's batch member.
+        let b = unsafe { &mut attr.batch };
+        b.in_batch = if cursor.is_some() {
+            &in_batch as *const u32 as u64
+        } else {
+            0
+        };
+        b.out_batch = &mut out_batch as *mut u32 as u64;
+        b.keys = keys.as_mut_ptr() as u64;
+        b.values = values.as_mut_ptr() as u64;
+        b.count = max as u32;
+        b.map_fd = fd.as_raw_fd() as u32;
+        // SAFETY: the attribute points at buffers of `max` keys and values of the map's sizes
+        // (the callers' types are the map's key and value types) and at two u32 cursors.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
+                &mut attr as *mut bpf_attr,
+                std::mem::size_of::<bpf_attr>(),
+            )
+        };
+        // SAFETY: reading back the count the kernel wrote.
+        let n = unsafe { attr.batch.count } as usize;
+        if r == 0 {
+            return Ok((n, Some(out_batch)));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => return Ok((n, None)),
+            // The first bucket holds more entries than asked for.
+            Some(libc::ENOSPC) if max < 1 << 20 => max *= 4,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The data plane's maps, created standalone (no program), for tests: None without the
+/// privilege to create BPF maps.
+#[cfg(test)]
+pub(crate) fn standalone_maps() -> Option<LbMaps> {
+    use aya::maps::{Map, MapData};
+    use aya_obj::generated::bpf_map_type::*;
+    use lb_common::*;
+    use std::mem::size_of;
+    let r = LbMaps::from_maps(|name| {
+        let (ty, k, v, n) = match name {
+            names::VIPS => (BPF_MAP_TYPE_HASH, 20, size_of::<VipInfo>(), MAX_VIPS),
+            names::BACKENDS => (BPF_MAP_TYPE_ARRAY, 4, size_of::<Backend>(), MAX_BACKENDS),
+            names::TABLE => (BPF_MAP_TYPE_ARRAY, 4, 4, 4 * 1031),
+            names::CONNTRACK | names::CT_NEW => (BPF_MAP_TYPE_LRU_HASH, 40, 32, 8192),
+            names::TIMEOUTS => (BPF_MAP_TYPE_ARRAY, 4, size_of::<Timeouts>(), MAX_VIPS),
+            names::CONF => (BPF_MAP_TYPE_ARRAY, 4, size_of::<GlobalConf>(), 1),
+            names::REVNAT => (BPF_MAP_TYPE_HASH, 20, size_of::<RevNat>(), MAX_BACKENDS),
+            names::STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, COUNTER_CAPACITY),
+            names::VIP_STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 40, MAX_VIPS),
+            names::BACKEND_STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 40, MAX_BACKENDS),
+            names::NEXTHOP => (BPF_MAP_TYPE_ARRAY, 4, size_of::<NextHop>(), MAX_BACKENDS),
+            names::ACTIVE => (BPF_MAP_TYPE_ARRAY, 4, 8, MAX_BACKENDS),
+            names::PORTS => (BPF_MAP_TYPE_ARRAY, 4, 1, 65_536),
+            _ => return None,
+        };
+        let obj = aya_obj::Map::new_from_params(ty as u32, k, v as u32, n, 0);
+        Map::from_map_data(MapData::create(obj, name, None).ok()?).ok()
+    });
+    match r {
+        Ok(m) => Some(m),
+        Err(e) => {
+            eprintln!("skipped: cannot create BPF maps here ({e:#})");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::{BACKEND_F_VALID, CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP};
+
+    const S: u64 = 1_000_000_000;
+
+    fn entry(state: u8, last_seen_s: u64) -> CtEntry {
+        CtEntry {
+            backend_id: 3,
+            generation: 7,
+            last_seen_ns: last_seen_s * S,
+            state,
+            ..CtEntry::default()
+        }
+    }
+
+    fn backend(vip_id: u32, generation: u32, valid: bool) -> Backend {
+        Backend {
+            vip_id,
+            generation,
+            flags: if valid { BACKEND_F_VALID } else { 0 },
+            ..Backend::default()
+        }
+    }
+
+    #[test]
+    fn expiry_follows_the_state_timeout() {
+        let t = Timeouts::DEFAULT; // opening 60, established 3600, closed 10, udp 300
+        let now = 10_000 * S;
+        assert!(!is_expired(&entry(CT_S_OPENING, 10_000 - 60), &t, now));
+        assert!(is_expired(&entry(CT_S_OPENING, 10_000 - 61), &t, now));
+        assert!(!is_expired(&entry(CT_S_ESTABLISHED, 10_000 - 61), &t, now));
+        assert!(is_expired(&entry(CT_S_ESTABLISHED, 10_000 - 3601), &t, now));
+        assert!(is_expired(&entry(CT_S_CLOSED, 10_000 - 11), &t, now));
+        assert!(!is_expired(&entry(CT_S_UDP, 10_000 - 299), &t, now));
+        // Exactly the timeout is not past it; one nanosecond more is.
+        let mut e = entry(CT_S_UDP, 10_000 - 300);
+        assert!(!is_expired(&e, &t, now));
+        e.last_seen_ns -= 1;
+        assert!(is_expired(&e, &t, now));
+        // 0 = never.
+        let never = Timeouts {
+            udp_s: 0,
+            ..Timeouts::DEFAULT
+        };
+        assert!(!is_expired(&entry(CT_S_UDP, 0), &never, now));
+        // A last-seen time ahead of now (another CPU's coarse clock) is not expired.
+        assert!(!is_expired(&entry(CT_S_CLOSED, 10_001), &t, now));
+        assert_eq!(age_s(now, 10_001 * S), 0);
+        assert_eq!(age_s(now, 9_997 * S - 1), 3);
+    }
+
+    #[test]
+    fn judge_finds_stale_entries_before_expired_ones() {
+        let t = Timeouts::DEFAULT;
+        let info = VipInfo {
+            vip_id: 5,
+            ..VipInfo::default()
+        };
+        let now = 10_000 * S;
+        let fresh = entry(CT_S_ESTABLISHED, 9_999);
+        let old = entry(CT_S_ESTABLISHED, 1);
+        let good = backend(5, 7, true);
+        let vip = Some((&info, &t));
+        assert_eq!(judge(&fresh, vip, Some(&good), now), Verdict::Keep);
+        assert_eq!(judge(&old, vip, Some(&good), now), Verdict::Expired);
+        assert_eq!(judge(&fresh, None, Some(&good), now), Verdict::Stale);
+        assert_eq!(judge(&fresh, vip, None, now), Verdict::Stale);
+        for b in [
+            backend(5, 7, false), // removed
+            backend(5, 8, true),  // id reused
+            backend(6, 7, true),  // another VIP's
+        ] {
+            assert_eq!(judge(&fresh, vip, Some(&b), now), Verdict::Stale);
+            assert_eq!(judge(&old, vip, Some(&b), now), Verdict::Stale);
+        }
+    }
+
+    fn tally(counted: u64, expired_counted: u64) -> Tally {
+        Tally {
+            counted,
+            expired_counted,
+        }
+    }
+
+    /// (correction, expired, evicted, pending)
+    fn sets(s: Settlement) -> (i64, u64, u64, Option<i64>) {
+        (s.correction, s.expired, s.evicted, s.pending)
+    }
+
+    #[test]
+    fn nothing_to_settle() {
+        assert_eq!(
+            settle(5, tally(5, 0), 0, None, false),
+            Settlement::default()
+        );
+        assert_eq!(
+            settle(5, tally(5, 0), 9, Some(3), false),
+            Settlement::default()
+        );
+        assert_eq!(
+            settle(5, tally(5, 0), 0, Some(3), true),
+            Settlement::default()
+        );
+        assert_eq!(settle(0, tally(0, 0), 0, None, true), Settlement::default());
+    }
+
+    #[test]
+    fn expired_entries_are_taken_off_at_once() {
+        // Even while flows are being confirmed: the sweep deleted them itself.
+        assert_eq!(
+            sets(settle(5, tally(3, 2), 100, None, false)),
+            (2, 2, 0, None)
+        );
+        // The data plane took one of them off itself meanwhile: only the other is.
+        assert_eq!(
+            sets(settle(4, tally(3, 2), 100, None, false)),
+            (1, 1, 0, None)
+        );
+    }
+
+    #[test]
+    fn a_difference_beyond_the_confirmations_is_a_leak() {
+        // No flow confirmed during the pass: the 2 missing flows vanished.
+        assert_eq!(
+            sets(settle(5, tally(3, 0), 0, None, false)),
+            (2, 0, 2, None)
+        );
+        // One confirmed: maybe the pass missed it; one is certain, the other waits.
+        assert_eq!(
+            sets(settle(5, tally(3, 0), 1, None, false)),
+            (1, 0, 1, Some(1))
+        );
+        // Expired and vanished together.
+        assert_eq!(
+            sets(settle(10, tally(3, 4), 0, None, false)),
+            (7, 4, 3, None)
+        );
+        assert_eq!(
+            sets(settle(10, tally(3, 4), 2, None, false)),
+            (5, 4, 1, Some(2))
+        );
+    }
+
+    #[test]
+    fn an_uncertain_difference_waits_for_a_second_pass() {
+        let first = settle(5, tally(3, 0), 50, None, false);
+        assert_eq!(sets(first), (0, 0, 0, Some(2)));
+        let second = settle(5, tally(3, 0), 50, first.pending, false);
+        assert_eq!(sets(second), (2, 0, 2, None));
+        // Differences of different sizes: the smaller is corrected.
+        assert_eq!(
+            sets(settle(9, tally(3, 0), 50, Some(2), false)),
+            (2, 0, 2, None)
+        );
+        assert_eq!(
+            sets(settle(5, tally(3, 0), 50, Some(6), false)),
+            (2, 0, 2, None)
+        );
+        // Opposite signs (churn): nothing written, the new difference remembered.
+        assert_eq!(
+            sets(settle(5, tally(3, 0), 50, Some(-1), false)),
+            (0, 0, 0, Some(2))
+        );
+        // Too low (flows closed after the pass counted them): raised only when seen twice.
+        assert_eq!(
+            sets(settle(3, tally(5, 0), 0, None, false)),
+            (0, 0, 0, Some(-2))
+        );
+        assert_eq!(
+            sets(settle(3, tally(5, 0), 0, Some(-1), false)),
+            (-1, 0, 0, None)
+        );
+    }
+
+    #[test]
+    fn settle_now_corrects_everything() {
+        assert_eq!(
+            sets(settle(10, tally(3, 4), 50, None, true)),
+            (7, 4, 3, None)
+        );
+        // Too low: raised.
+        assert_eq!(
+            sets(settle(2, tally(3, 0), 50, None, true)),
+            (-1, 0, 0, None)
+        );
+        assert_eq!(corrected(2, -1), 3);
+    }
+
+    #[test]
+    fn a_wrapped_count_is_raised() {
+        // -1 as u64: decremented once too often.
+        let s = settle(u64::MAX, tally(0, 0), 0, None, false);
+        assert_eq!(sets(s), (0, 0, 0, Some(-1)));
+        let s = settle(u64::MAX, tally(0, 0), 0, Some(-1), false);
+        assert_eq!(sets(s), (-1, 0, 0, None));
+        assert_eq!(corrected(u64::MAX, s.correction), 0);
+        let s = settle(u64::MAX - 1, tally(2, 1), 0, None, true);
+        assert_eq!(sets(s), (-4, 0, 0, None));
+        assert_eq!(corrected(u64::MAX - 1, s.correction), 2);
+        // Never below zero.
+        assert_eq!(corrected(1, 3), 0);
+    }
+
+    fn client(i: u32) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([192, 0, 2, (i % 200) as u8 + 1], 10_000 + i as u16))
+    }
+
+    #[test]
+    fn batch_walk_survives_deletions() {
+        let Some(mut maps) = standalone_maps() else {
+            return;
+        };
+        let vip: crate::Vip = "10.0.0.1:80/tcp".parse().unwrap();
+        let n = 3000;
+        for i in 0..n {
+            let key = crate::model::flow_key(client(i), &vip);
+            maps.ct_insert(CtTable::Confirmed, &key, &entry(CT_S_ESTABLISHED, i as u64))
+                .unwrap();
+        }
+        // Walk 7 entries at a time, deleting every other entry seen and some not seen yet:
+        // every entry present from start to end is seen exactly once.
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut seen = std::collections::HashMap::new();
+        let mut cursor = None;
+        let mut deleted_unseen = std::collections::HashSet::new();
+        let mut calls = 0;
+        let mut deleted_seen = 0;
+        loop {
+            let (got, next) = maps
+                .ct_batch(CtTable::Confirmed, cursor, 7, &mut keys, &mut values)
+                .unwrap();
+            calls += 1;
+            for i in 0..got {
+                assert_eq!(values[i].state, CT_S_ESTABLISHED);
+                *seen.entry(keys[i]).or_insert(0) += 1;
+                if i % 2 == 0 {
+                    assert!(maps.ct_remove(CtTable::Confirmed, &keys[i]).unwrap());
+                    deleted_seen += 1;
+                }
+            }
+            if calls % 10 == 0 {
+                let key = crate::model::flow_key(client(n - calls), &vip);
+                if !seen.contains_key(&key) && maps.ct_remove(CtTable::Confirmed, &key).unwrap() {
+                    deleted_unseen.insert(key);
+                }
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert!(seen.values().all(|c| *c == 1), "an entry was read twice");
+        assert_eq!(seen.len() + deleted_unseen.len(), n as usize);
+        // `flows` lists both tables.
+        let key = crate::model::flow_key(client(n + 1), &vip);
+        maps.ct_insert(CtTable::Unconfirmed, &key, &entry(CT_S_OPENING, 1))
+            .unwrap();
+        let flows = maps.flows().unwrap();
+        let unconfirmed: Vec<_> = flows
+            .iter()
+            .filter(|f| f.table == CtTable::Unconfirmed)
+            .collect();
+        assert_eq!(unconfirmed.len(), 1);
+        assert_eq!(unconfirmed[0].key, key);
+        assert_eq!(flows.len(), seen.len() - deleted_seen + 1);
+        // One entry at a time: a bucket holding more is read whole (ENOSPC, then more room).
+        let (mut cursor, mut total) = (None, 0);
+        loop {
+            let (got, next) = maps
+                .ct_batch(CtTable::Confirmed, cursor, 1, &mut keys, &mut values)
+                .unwrap();
+            total += got;
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        assert_eq!(total, flows.len() - 1);
+        assert_eq!(maps.flow(&key).map(|e| e.state), Some(CT_S_OPENING));
+    }
+
+    #[test]
+    fn sweep_deletes_and_settles() {
+        let Some(mut maps) = standalone_maps() else {
+            return;
+        };
+        let vip: crate::Vip = "10.0.0.1:80/tcp".parse().unwrap();
+        let other: crate::Vip = "10.0.0.2:80/tcp".parse().unwrap();
+        maps.add_vip(&vip, 1031).unwrap();
+        maps.set_timeouts(
+            &vip,
+            Timeouts {
+                opening_s: 5,
+                established_s: 5,
+                ..Timeouts::DEFAULT
+            },
+        )
+        .unwrap();
+        let (a1, a2) = (
+            "10.1.0.1:80".parse().unwrap(),
+            "10.1.0.2:80".parse().unwrap(),
+        );
+        maps.set_backends(&vip, &[(a1, 1), (a2, 1)]).unwrap();
+        let bs = maps.backends(&vip).unwrap();
+        let id = |a| bs.iter().find(|b| b.addr == a).unwrap().id;
+        let (b1, b2) = (id(a1), id(a2));
+        let generation = |id| maps.backend_entry(id).unwrap().unwrap().generation;
+        let (g1, g2) = (generation(b1), generation(b2));
+        let now_s = now_ns() / S;
+        let mut i = 0;
+        let mut put = |maps: &mut LbMaps, t, vip: &crate::Vip, b, g, state, age_s: u64, counted| {
+            i += 1;
+            let e = CtEntry {
+                backend_id: b,
+                generation: g,
+                last_seen_ns: (now_s - age_s) * S,
+                state,
+                flags: if counted { CT_F_COUNTED } else { 0 },
+                ..CtEntry::default()
+            };
+            maps.ct_insert(t, &crate::model::flow_key(client(i), vip), &e)
+                .unwrap();
+        };
+        use CtTable::{Confirmed as C, Unconfirmed as U};
+        for _ in 0..3 {
+            put(&mut maps, C, &vip, b1, g1, CT_S_ESTABLISHED, 0, true);
+        }
+        put(&mut maps, C, &vip, b1, g1, CT_S_ESTABLISHED, 10, true); // expired
+        put(&mut maps, C, &vip, b1, g1, CT_S_CLOSED, 0, false);
+        put(&mut maps, C, &vip, b2, g2, CT_S_ESTABLISHED, 0, true);
+        put(&mut maps, C, &vip, b2, g2 + 1, CT_S_ESTABLISHED, 0, true); // stale
+        put(&mut maps, C, &other, b2, g2, CT_S_ESTABLISHED, 0, true); // VIP gone
+        put(&mut maps, U, &vip, b2, g2, CT_S_OPENING, 0, false);
+        put(&mut maps, U, &vip, b2, g2, CT_S_OPENING, 10, false); // expired
+                                                                  // b1: 3 flows, 1 expired, 2 vanished; b2: right.
+        maps.set_active_flows(b1, 6).unwrap();
+        maps.set_active_flows(b2, 1).unwrap();
+
+        let mut s = Sweeper::new();
+        let pass = |s: &mut Sweeper, maps: &mut LbMaps| loop {
+            if let Some(r) = s.step(maps, 2, false).unwrap() {
+                return r;
+            }
+        };
+        let r = pass(&mut s, &mut maps);
+        assert_eq!((r.expired, r.stale), (2, 2));
+        assert_eq!(r.entries[C as usize][CT_S_ESTABLISHED as usize], 4);
+        assert_eq!(r.entries[C as usize][CT_S_CLOSED as usize], 1);
+        assert_eq!(r.entries[U as usize][CT_S_OPENING as usize], 1);
+        // No flow was confirmed meanwhile: the vanished flows are certain, settled at once.
+        assert_eq!((r.expired_settled, r.evictions_settled), (1, 2));
+        assert_eq!(r.active_written, 1);
+        assert_eq!(maps.active_flows(b1).unwrap(), 3);
+        assert_eq!(maps.active_flows(b2).unwrap(), 1);
+        assert_eq!(maps.flows().unwrap().len(), 6);
+        let r = pass(&mut s, &mut maps);
+        assert!(!r.changed());
+        // A count too low (wrapped) is raised once two passes have seen it.
+        maps.set_active_flows(b2, u64::MAX).unwrap();
+        let r = pass(&mut s, &mut maps);
+        assert_eq!(r.active_written, 0);
+        let r = pass(&mut s, &mut maps);
+        assert_eq!(r.active_written, 1);
+        assert_eq!(maps.active_flows(b2).unwrap(), 1);
+        assert_eq!(
+            s.totals(),
+            SweepTotals {
+                passes: 4,
+                expired: 2,
+                stale: 2,
+                evicted: 2
+            }
+        );
+        // Settle now: a wrapped count at once.
+        maps.set_active_flows(b2, u64::MAX).unwrap();
+        let r = maps.sweep_now().unwrap();
+        assert_eq!(r.active_written, 1);
+        assert_eq!(maps.active_flows(b2).unwrap(), 1);
+        // A removed backend's entries are stale.
+        maps.set_backends(&vip, &[(a2, 1)]).unwrap();
+        let r = maps.sweep_now().unwrap();
+        assert_eq!(r.stale, 4);
+        assert_eq!(r.table_entries(C) + r.table_entries(U), 2);
+    }
+
+    #[test]
+    fn report_counts_by_table_and_state() {
+        let mut r = SweepReport::default();
+        r.count_kept(CtTable::Confirmed, CT_S_ESTABLISHED);
+        r.count_kept(CtTable::Confirmed, CT_S_ESTABLISHED);
+        r.count_kept(CtTable::Unconfirmed, CT_S_OPENING);
+        r.count_kept(CtTable::Unconfirmed, 200);
+        assert_eq!(r.entries[0][CT_S_ESTABLISHED as usize], 2);
+        assert_eq!(r.entries[1][CT_S_OPENING as usize], 1);
+        assert_eq!(r.entries[1][0], 1);
+        assert_eq!(r.table_entries(CtTable::Confirmed), 2);
+        assert_eq!(r.table_entries(CtTable::Unconfirmed), 2);
+        assert!(!r.changed());
+    }
+}

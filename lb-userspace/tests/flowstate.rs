@@ -1,0 +1,1052 @@
+//! Flow state that survives the internet (issue 13), end to end: real kernel TCP/UDP in the
+//! testbed's namespaces, the real `lb` binary, and spoofed traffic sent from the client's
+//! namespace through an AF_PACKET socket (`lb::testbed::spoof`) — floods from random sources,
+//! blind FIN/SYN/RST with real clients' 5-tuples, martian sources. Replies to the spoofed
+//! sources (198.18.0.0/15, 2001:db8::/32) are blackholed at the gateway, so nothing leaves
+//! the namespaces.
+//!
+//! Spoofed floods use random sources; the seed is printed, `LB_FLOW_SEED=…` replays one.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb::testbed::{
+    hold::{HoldServers, TtlServers},
+    in_ns,
+    spoof::{self, tcp_flags, RawSender, TcpSeg, L2},
+    wait_for, Testbed, IO_TIMEOUT, UDP_PORT,
+};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The hold servers' port (keep every connection, push on demand).
+const PUSH_PORT: u16 = 9100;
+/// The TTL-recording UDP servers' port.
+const TTL_PORT: u16 = 5400;
+
+const VIP4: &str = "10.100.0.100";
+const VIP4_B: &str = "10.100.0.101";
+const VIP6: &str = "fd10::100";
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+fn vip4(port: u16) -> SocketAddr {
+    sa(VIP4.parse().unwrap(), port)
+}
+
+fn vip6(port: u16) -> SocketAddr {
+    sa(VIP6.parse().unwrap(), port)
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("LB_FLOW_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("LB_FLOW_SEED={seed}");
+    seed
+}
+
+/// The testbed with `n` backends; when `attach` is not empty, lb is attached with these
+/// options instead of the testbed's default sizes. Replies to the spoofed source ranges are
+/// blackholed at the gateway.
+fn testbed(n: usize, mode: &str, attach: &[&str]) -> Testbed {
+    let lb = Path::new(env!("CARGO_BIN_EXE_lb"));
+    let tb = if attach.is_empty() {
+        Testbed::new(n, mode, lb)
+    } else {
+        let mut args = vec!["--table-capacity", "262144"];
+        args.extend(attach);
+        Testbed::with_attach(n, mode, lb, &args)
+    }
+    .unwrap_or_else(|e| {
+        panic!(
+            "building the testbed (lb attach … {}): {e:#}",
+            attach.join(" ")
+        )
+    });
+    tb.gateway
+        .ip(&["route", "add", "blackhole", "198.18.0.0/15"])
+        .unwrap();
+    tb.gateway
+        .ip(&["-6", "route", "add", "blackhole", "2001:db8::/32"])
+        .unwrap();
+    tb
+}
+
+/// `vip` with backends `addrs` (lb's syntax), after `vip add` with `vip_args`.
+fn add_vip(tb: &Testbed, vip: &str, vip_args: &[&str], addrs: &[SocketAddr]) {
+    let mut args = vec!["vip", "add", vip, "--table-size", "251"];
+    args.extend(vip_args);
+    tb.lb(&args)
+        .unwrap_or_else(|e| panic!("lb {}: {e:#}", args.join(" ")));
+    for a in addrs {
+        let a = a.to_string();
+        tb.lb(&["backend", "add", vip, &a])
+            .unwrap_or_else(|e| panic!("lb backend add {vip} {a}: {e:#}"));
+    }
+}
+
+/// The backends' addresses on `port` (IPv4, or IPv6 with `v6`).
+fn backend_addrs(tb: &Testbed, port: u16, v6: bool) -> Vec<SocketAddr> {
+    tb.backends
+        .iter()
+        .map(|b| sa(if v6 { b.v6 } else { b.v4 }, port))
+        .collect()
+}
+
+/// Backend address as lb prints it → backend name.
+fn names(tb: &Testbed, port: u16) -> HashMap<String, String> {
+    tb.backends
+        .iter()
+        .flat_map(|b| {
+            [
+                (sa(b.v4, port).to_string(), b.name.clone()),
+                (sa(b.v6, port).to_string(), b.name.clone()),
+            ]
+        })
+        .collect()
+}
+
+/// The Ethernet addresses of frames the client sends to the gateway.
+fn client_l2(tb: &Testbed) -> L2 {
+    L2 {
+        src: spoof::mac_of(&tb.client, "eth0").expect("client MAC"),
+        dst: spoof::mac_of(&tb.gateway, "g0").expect("gateway MAC"),
+    }
+}
+
+// ---- counters ----
+
+/// `lb stats --json`: the global counters by name.
+fn counters(tb: &Testbed) -> BTreeMap<String, u64> {
+    let s = tb.lb_json(&["stats"]).expect("lb stats --json");
+    s["counters"]
+        .as_object()
+        .expect("lb stats --json has counters")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// How much counter `name` grew (0 if this lb does not have it).
+fn grew(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
+    let b = before.get(name).copied().unwrap_or(0);
+    after.get(name).copied().unwrap_or(0).saturating_sub(b)
+}
+
+fn print_deltas(what: &str, before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) {
+    let d: Vec<String> = after
+        .keys()
+        .filter(|k| grew(before, after, k) > 0)
+        .map(|k| format!("{k} +{}", grew(before, after, k)))
+        .collect();
+    println!("counters during {what}: {}", d.join(", "));
+}
+
+/// Packets forwarded to each backend of each VIP, from `lb stats --json`:
+/// "VIP -> backend" → packets.
+fn backend_packets(tb: &Testbed) -> BTreeMap<String, u64> {
+    let s = tb.lb_json(&["stats"]).expect("lb stats --json");
+    let mut out = BTreeMap::new();
+    for v in s["vips"].as_array().expect("vips") {
+        for b in v["backends"].as_array().expect("backends") {
+            out.insert(
+                format!("{} -> {}", v["vip"], b["backend"]),
+                b["packets"].as_u64().expect("packets"),
+            );
+        }
+    }
+    out
+}
+
+/// Active flows per backend address, from `lb backend list --json`.
+fn active_flows(tb: &Testbed) -> BTreeMap<String, u64> {
+    let rows = tb
+        .lb_json(&["backend", "list"])
+        .expect("lb backend list --json");
+    rows.as_array()
+        .expect("lb backend list --json prints a list")
+        .iter()
+        .map(|r| {
+            let n = r["active_flows"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no active_flows in a backend row: {r}"));
+            (r["backend"].as_str().unwrap().to_string(), n)
+        })
+        .collect()
+}
+
+/// `lb flows --json`: the client addresses that have an entry (any state).
+fn flow_clients(tb: &Testbed) -> Vec<String> {
+    let rows = tb.lb_json(&["flows"]).expect("lb flows --json");
+    rows.as_array()
+        .expect("lb flows --json prints a list")
+        .iter()
+        .map(|r| r["client"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+// ---- client connections (to the hold servers) ----
+
+/// A connection from the client to a hold server through a VIP.
+struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The client's address and port.
+    local: SocketAddr,
+    /// The VIP it connected to.
+    vip: SocketAddr,
+    /// The backend that answered the first line.
+    backend: String,
+}
+
+impl Conn {
+    /// Connects from the client's address (port `port`, 0: any) to `vip` and learns its
+    /// backend.
+    fn open(tb: &Testbed, vip: SocketAddr, port: u16) -> Result<Conn> {
+        let client = if vip.is_ipv4() {
+            tb.client_v4
+        } else {
+            tb.client_v6
+        };
+        let stream = in_ns(&tb.client, move || -> Result<TcpStream> {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(vip),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&sa(client, port).into())?;
+            sock.connect_timeout(&vip.into(), IO_TIMEOUT)
+                .with_context(|| format!("connecting to {vip}"))?;
+            let s: TcpStream = sock.into();
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.set_write_timeout(Some(IO_TIMEOUT))?;
+            Ok(s)
+        })??;
+        let mut c = Conn {
+            local: stream.local_addr()?,
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            vip,
+            backend: String::new(),
+        };
+        if c.stream.peer_addr()? != vip {
+            bail!("connected to {} instead of {vip}", c.stream.peer_addr()?);
+        }
+        c.backend = c.ask(Instant::now() + IO_TIMEOUT)?;
+        Ok(c)
+    }
+
+    /// Sends a line; returns the answer (the backend's name), waiting until `deadline`.
+    fn ask(&mut self, deadline: Instant) -> Result<String> {
+        self.stream.write_all(b"hello\n")?;
+        self.read_line(deadline)
+    }
+
+    /// The next line from the server, waiting until `deadline` (at least 50 ms).
+    fn read_line(&mut self, deadline: Instant) -> Result<String> {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(50));
+        self.stream.set_read_timeout(Some(wait))?;
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .context("no answer in time (or reset)")?;
+        if n == 0 {
+            bail!("connection closed by the peer");
+        }
+        Ok(line.trim().to_string())
+    }
+
+    /// Reads until the server closes (bounded).
+    fn expect_eof(&mut self) -> Result<()> {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            match self.read_line(deadline) {
+                Err(e) if e.to_string().contains("closed by the peer") => return Ok(()),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{} → {} ({})", self.local, self.vip, self.backend)
+    }
+}
+
+/// Opens `n` connections to `vip` (ports from the kernel).
+fn open_conns(tb: &Testbed, vip: SocketAddr, n: usize, what: &str) -> Vec<Conn> {
+    (0..n)
+        .map(|i| {
+            Conn::open(tb, vip, 0)
+                .unwrap_or_else(|e| panic!("{what}: connection {i} to {vip} failed: {e:#}"))
+        })
+        .collect()
+}
+
+fn spread(conns: &[Conn]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in conns {
+        *m.entry(c.backend.clone()).or_default() += 1;
+    }
+    m
+}
+
+/// Every connection answers a line, from the backend it had; returns the failures.
+fn check_answers(conns: &mut [Conn], what: &str) -> Vec<String> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut bad = Vec::new();
+    // Write on all first, then read: a dead connection costs one timeout, not one each.
+    let written: Vec<bool> = conns
+        .iter_mut()
+        .map(|c| match c.stream.write_all(b"hello\n") {
+            Ok(()) => true,
+            Err(e) => {
+                bad.push(format!("{what}: {}: write failed: {e}", c.name()));
+                false
+            }
+        })
+        .collect();
+    for (c, _) in conns.iter_mut().zip(written).filter(|(_, w)| *w) {
+        match c.read_line(deadline) {
+            Ok(a) if a == c.backend => {}
+            Ok(a) => bad.push(format!("{what}: {}: answered by {a}", c.name())),
+            Err(e) => bad.push(format!("{what}: {}: {e:#}", c.name())),
+        }
+    }
+    bad
+}
+
+/// The servers push a line on every connection they hold; each client connection must get
+/// `push <its backend>`. Returns the failures.
+fn check_push(hold: &HoldServers, conns: &mut [Conn], what: &str) -> Vec<String> {
+    let (pushed, errors) = hold.push_all();
+    let mut bad: Vec<String> = errors
+        .into_iter()
+        .map(|e| format!("{what}: server push failed: {e}"))
+        .collect();
+    if pushed != conns.len() {
+        bad.push(format!(
+            "{what}: the servers hold {pushed} connections, the client {} ({:?})",
+            conns.len(),
+            hold.open()
+        ));
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    for c in conns.iter_mut() {
+        let want = format!("push {}", c.backend);
+        match c.read_line(deadline) {
+            Ok(l) if l == want => {}
+            Ok(l) => bad.push(format!("{what}: {}: got {l:?}, not {want:?}", c.name())),
+            Err(e) => bad.push(format!("{what}: {}: push not received: {e:#}", c.name())),
+        }
+    }
+    bad
+}
+
+fn assert_none(failures: &[String], what: &str) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failures:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
+
+/// A random source in 198.18.0.0/15 (blackholed at the gateway) with a random port ≥ 1024.
+fn random_source(rng: &mut StdRng) -> SocketAddr {
+    let a = 0xc612_0000u32 | (rng.random::<u32>() & 0x1_ffff);
+    sa(Ipv4Addr::from(a).into(), rng.random_range(1024..=65535))
+}
+
+// ---- 1. floods ----
+
+/// Sizes of the flood tests: 16,384 confirmed flows; 4,096 unconfirmed ones, so that the
+/// flood overflows that table too.
+const FLOOD_SIZES: [&str; 4] = ["--conntrack-size", "16384", "--conntrack-new-size", "4096"];
+
+#[test]
+fn syn_and_ack_flood_spare_established_flows() {
+    flood_spares_established("native", &FLOOD_SIZES, false);
+}
+
+#[test]
+fn syn_and_ack_flood_spare_established_flows_generic() {
+    flood_spares_established("generic", &FLOOD_SIZES, false);
+}
+
+/// The same flood above the flood threshold: most new flows get no entry at all (their
+/// backend comes from the hash), established flows and new connections are unaffected.
+#[test]
+fn syn_and_ack_flood_above_threshold_spare_established_flows() {
+    let mut args = FLOOD_SIZES.to_vec();
+    args.extend(["--flood-threshold", "10000"]);
+    flood_spares_established("native", &args, true);
+}
+
+/// Conntrack sized 16,384; 30 idle connections; a spoofed SYN flood of 10× the table and an
+/// ACK flood of 2× from random sources. Then server push on 30/30, client data on 30/30 (same
+/// backends) and 30 new connections. With `above_threshold`, the flood must also have been
+/// recognized as one (ct_flood_skip).
+fn flood_spares_established(mode: &str, attach: &[&str], above_threshold: bool) {
+    const TABLE: usize = 16_384;
+    const IDLE: usize = 30;
+    let started = Instant::now();
+    let tb = testbed(3, mode, attach);
+    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    let vip = format!("{VIP4}:80/tcp");
+    add_vip(&tb, &vip, &[], &backend_addrs(&tb, PUSH_PORT, false));
+
+    let mut conns = open_conns(&tb, vip4(80), IDLE, "before the flood");
+    println!(
+        "{mode}: {IDLE} idle connections, spread {:?}",
+        spread(&conns)
+    );
+    wait_for(IO_TIMEOUT, "the servers to hold 30 connections", || {
+        hold.accepted() == IDLE as u64
+    });
+
+    let l2 = client_l2(&tb);
+    let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
+    let mut rng = StdRng::seed_from_u64(seed());
+    let dst = vip4(80);
+    let before = counters(&tb);
+    let link0 = spoof::link_counters(&tb.client, "eth0").unwrap();
+    let syns = {
+        let rng = &mut rng;
+        std::iter::repeat_with(move || {
+            l2.tcp(&TcpSeg {
+                seq: rng.random(),
+                ..TcpSeg::new(random_source(rng), dst, tcp_flags::SYN)
+            })
+        })
+    };
+    let r1 = tx
+        .send_all(syns, 10 * TABLE, Duration::from_secs(180))
+        .expect("sending the SYN flood");
+    let acks = {
+        let rng = &mut rng;
+        std::iter::repeat_with(move || {
+            l2.tcp(&TcpSeg {
+                seq: rng.random(),
+                ack: rng.random(),
+                ..TcpSeg::new(random_source(rng), dst, tcp_flags::ACK)
+            })
+        })
+    };
+    let r2 = tx
+        .send_all(acks, 2 * TABLE, Duration::from_secs(60))
+        .expect("sending the ACK flood");
+    let link1 = spoof::link_counters(&tb.client, "eth0").unwrap();
+    let after = counters(&tb);
+    println!(
+        "{mode}: sent {} SYNs in {:.2?} ({:.0}/s), {} ACKs in {:.2?} ({:.0}/s), {} retries; \
+         client eth0 tx +{} dropped +{}",
+        r1.sent,
+        r1.elapsed,
+        r1.per_sec(),
+        r2.sent,
+        r2.elapsed,
+        r2.per_sec(),
+        r1.retries + r2.retries,
+        link1.tx_packets - link0.tx_packets,
+        link1.tx_dropped - link0.tx_dropped,
+    );
+    print_deltas("the flood", &before, &after);
+    let flood = (r1.sent + r2.sent) as u64;
+    let margin = flood / 100;
+    let seen = grew(&before, &after, "fwd_nat");
+    let new = grew(&before, &after, "ct_miss") + grew(&before, &after, "ct_flood_skip");
+    assert!(
+        seen + margin >= flood || new + margin >= flood,
+        "the flood did not reach lb: {flood} frames sent, fwd_nat +{seen}, ct_miss + \
+         ct_flood_skip +{new}"
+    );
+    if above_threshold {
+        let skipped = grew(&before, &after, "ct_flood_skip");
+        assert!(
+            skipped >= flood / 2,
+            "{flood} new flows at {:.0}/s against a threshold of 10000/s per CPU, but only \
+             {skipped} were not stored (ct_flood_skip)",
+            r1.per_sec()
+        );
+    }
+
+    // The backends answered the flood (SYN-ACKs, RSTs): let those drain first.
+    std::thread::sleep(Duration::from_millis(300));
+    let push = check_push(&hold, &mut conns, "server push after the flood");
+    let data = check_answers(&mut conns, "client data after the flood");
+    let mut fresh = Vec::new();
+    let mut new_fail = Vec::new();
+    for i in 0..IDLE {
+        match Conn::open(&tb, vip4(80), 0) {
+            Ok(c) => fresh.push(c),
+            Err(e) => new_fail.push(format!("new connection {i}: {e:#}")),
+        }
+    }
+    let final_counters = counters(&tb);
+    print_deltas("the checks after the flood", &after, &final_counters);
+    println!(
+        "{mode}: push {}/{IDLE}, client data {}/{IDLE}, new connections {}/{IDLE} ({:.1?})",
+        IDLE - push.len().min(IDLE),
+        IDLE - data.len().min(IDLE),
+        fresh.len(),
+        started.elapsed()
+    );
+    assert_none(
+        &push,
+        "server push on the 30 idle connections after the flood",
+    );
+    assert_none(
+        &data,
+        "client data on the 30 idle connections after the flood",
+    );
+    assert_none(&new_fail, "30 new connections after the flood");
+}
+
+/// Connections made while new flows are above the flood threshold get no entry (their
+/// backend comes from the hash, their replies are matched by the table while the flood is
+/// recent). They must keep working after that, also when the server speaks first: here,
+/// idle past the opening timeout (2 s) and then server push, then client data.
+#[test]
+fn connections_made_above_the_flood_threshold_keep_working() {
+    let tb = testbed(
+        3,
+        "native",
+        &["--conntrack-size", "65536", "--flood-threshold", "1"],
+    );
+    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    let vip = format!("{VIP4}:80/tcp");
+    add_vip(
+        &tb,
+        &vip,
+        &["--timeout", "opening=2"],
+        &backend_addrs(&tb, PUSH_PORT, false),
+    );
+    let before = counters(&tb);
+    let mut conns = open_conns(&tb, vip4(80), 10, "above the flood threshold");
+    let after = counters(&tb);
+    print_deltas("10 connections above the threshold", &before, &after);
+    let skipped = grew(&before, &after, "ct_flood_skip");
+    assert!(
+        skipped > 0,
+        "10 new connections with a threshold of 1 new flow/s: none was over it"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let push = check_push(&hold, &mut conns, "server push 4 s later");
+    let data = check_answers(&mut conns, "client data 4 s later");
+    print_deltas("the checks", &after, &counters(&tb));
+    assert_none(
+        &push,
+        "server push on connections made above the flood threshold",
+    );
+    assert_none(
+        &data,
+        "client data on connections made above the flood threshold",
+    );
+}
+
+// ---- 2. blind FIN + SYN ----
+
+/// Five live connections on a `random` VIP (and five each on `round-robin` and `least-conn`
+/// VIPs, whose choice is not a function of the packet either); a spoofed FIN then SYN with
+/// each one's 5-tuple moves none of them; new connections still work. Each VIP has its own
+/// backend port, so this does not depend on one backend serving several VIPs.
+#[test]
+fn spoofed_fin_syn_do_not_move_flows() {
+    let tb = testbed(3, "native", &[]);
+    let mut groups = Vec::new();
+    for (i, algo) in ["random", "round-robin", "least-conn"]
+        .into_iter()
+        .enumerate()
+    {
+        let (port, backend_port) = (80 + i as u16, PUSH_PORT + i as u16);
+        let hold = HoldServers::start(&tb.backends, backend_port).expect("hold servers");
+        add_vip(
+            &tb,
+            &format!("{VIP4}:{port}/tcp"),
+            &["--algo", algo],
+            &backend_addrs(&tb, backend_port, false),
+        );
+        let conns = open_conns(&tb, vip4(port), 5, algo);
+        println!("{algo}: live connections {:?}", spread(&conns));
+        groups.push((algo, port, hold, conns));
+    }
+
+    let l2 = client_l2(&tb);
+    let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
+    let mut rng = StdRng::seed_from_u64(seed());
+    let before = counters(&tb);
+    for c in groups.iter().flat_map(|g| &g.3) {
+        let fin = TcpSeg {
+            seq: rng.random(),
+            ack: rng.random(),
+            ..TcpSeg::new(c.local, c.vip, tcp_flags::FIN | tcp_flags::ACK)
+        };
+        let syn = TcpSeg {
+            seq: rng.random(),
+            ..TcpSeg::new(c.local, c.vip, tcp_flags::SYN)
+        };
+        tx.send(&l2.tcp(&fin)).unwrap();
+        tx.send(&l2.tcp(&syn)).unwrap();
+    }
+    // The backends' answers (ACKs to out-of-window segments) reach the clients.
+    std::thread::sleep(Duration::from_millis(300));
+    print_deltas("the spoofed FIN+SYN pairs", &before, &counters(&tb));
+    let (mut moved, mut push, mut new_fail) = (Vec::new(), Vec::new(), Vec::new());
+    for (algo, port, hold, conns) in &mut groups {
+        moved.extend(check_answers(
+            conns,
+            &format!("{algo}: after a spoofed FIN+SYN"),
+        ));
+        push.extend(check_push(hold, conns, &format!("{algo}: server push")));
+        for i in 0..5 {
+            if let Err(e) = Conn::open(&tb, vip4(*port), 0) {
+                new_fail.push(format!("{algo}: new connection {i}: {e:#}"));
+            }
+        }
+    }
+    assert_none(&moved, "live flows after spoofed FIN+SYN");
+    assert_none(&push, "server push after spoofed FIN+SYN");
+    assert_none(&new_fail, "new connections after spoofed FIN+SYN");
+}
+
+// ---- 3. exact active counts ----
+
+/// 12 connections stay open through opens and closes (client first, server first,
+/// half-closes), an RST flood (random sources, and the 12 real 5-tuples) and evictions from a
+/// 64-entry table; after `lb flows --sweep` the active counts are exactly 12, per backend
+/// exactly the connections it serves.
+#[test]
+fn active_counts_are_exact() {
+    const KEEP: usize = 12;
+    let tb = testbed(3, "native", &["--conntrack-size", "64"]);
+    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    let vip = format!("{VIP4}:80/tcp");
+    add_vip(&tb, &vip, &[], &backend_addrs(&tb, PUSH_PORT, false));
+    let names = names(&tb, PUSH_PORT);
+    let addr = vip4(80);
+
+    let mut keep = open_conns(&tb, addr, KEEP, "the 12 kept connections");
+    println!("kept: {:?}", spread(&keep));
+    // Opened and closed by the client (FIN from the client first).
+    for c in open_conns(&tb, addr, 20, "opened and closed") {
+        drop(c);
+    }
+    // Half-closed by the client, then closed by the server.
+    for (i, mut c) in open_conns(&tb, addr, 4, "half-closed")
+        .into_iter()
+        .enumerate()
+    {
+        c.stream.shutdown(Shutdown::Write).unwrap();
+        c.expect_eof()
+            .unwrap_or_else(|e| panic!("half-closed connection {i}: {e:#}"));
+    }
+    // Closed by the server first.
+    for (i, mut c) in open_conns(&tb, addr, 4, "closed by the server")
+        .into_iter()
+        .enumerate()
+    {
+        c.stream.write_all(b"close\n").unwrap();
+        let bye = c.read_line(Instant::now() + IO_TIMEOUT).unwrap();
+        assert_eq!(bye, format!("bye {}", c.backend));
+        c.expect_eof()
+            .unwrap_or_else(|e| panic!("server-closed connection {i}: {e:#}"));
+    }
+    wait_for(IO_TIMEOUT, "the servers to hold only the 12", || {
+        hold.open().iter().map(|(_, n)| n).sum::<usize>() == KEEP
+    });
+
+    // RST flood: random sources, then RSTs (and RST+ACKs) with the 12 real 5-tuples and
+    // random sequence numbers.
+    let l2 = client_l2(&tb);
+    let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
+    let mut rng = StdRng::seed_from_u64(seed());
+    let before = counters(&tb);
+    let rsts: Vec<Vec<u8>> = (0..2000)
+        .map(|_| {
+            l2.tcp(&TcpSeg {
+                seq: rng.random(),
+                ..TcpSeg::new(random_source(&mut rng), addr, tcp_flags::RST)
+            })
+        })
+        .collect();
+    tx.send_all(rsts, 2000, Duration::from_secs(30))
+        .expect("sending the RST flood");
+    for c in &keep {
+        for flags in [tcp_flags::RST, tcp_flags::RST | tcp_flags::ACK] {
+            tx.send(&l2.tcp(&TcpSeg {
+                seq: rng.random(),
+                ack: rng.random(),
+                ..TcpSeg::new(c.local, addr, flags)
+            }))
+            .unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    print_deltas("the RST flood", &before, &counters(&tb));
+    assert_none(
+        &check_answers(&mut keep, "after the RST flood"),
+        "the 12 kept connections after the RST flood",
+    );
+
+    // Evictions: more closed connections than the table holds.
+    let churn = 160;
+    for i in 0..churn {
+        let c = Conn::open(&tb, addr, 0).unwrap_or_else(|e| panic!("churn connection {i}: {e:#}"));
+        drop(c);
+    }
+    wait_for(IO_TIMEOUT, "the servers to hold only the 12 again", || {
+        hold.open().iter().map(|(_, n)| n).sum::<usize>() == KEEP
+    });
+    let present = flow_clients(&tb);
+    let evicted = keep
+        .iter()
+        .filter(|c| !present.contains(&c.local.to_string()))
+        .count();
+    println!("after {churn} more connections, {evicted} of the 12 kept flows were evicted");
+    assert!(
+        evicted > 0,
+        "no kept flow was evicted from a 64-entry table by {churn} connections: the test \
+         does not exercise evictions"
+    );
+    // A byte on each of the 12 brings its entry back (maglev: the same backend).
+    assert_none(
+        &check_answers(&mut keep, "after evictions"),
+        "the 12 kept connections after evictions",
+    );
+    assert_none(
+        &check_push(&hold, &mut keep, "server push after evictions"),
+        "server push on the 12 kept connections",
+    );
+    // The last FINs and ACKs of the closed connections are through.
+    std::thread::sleep(Duration::from_millis(200));
+
+    tb.lb(&["flows", "--sweep"]).expect("lb flows --sweep");
+    let active = active_flows(&tb);
+    let total: u64 = active.values().sum();
+    let want = spread(&keep);
+    println!("active flows after the sweep: {active:?}; kept connections: {want:?}");
+    assert_eq!(
+        total, KEEP as u64,
+        "active flows sum to {total}, not {KEEP}: {active:?} (kept: {want:?})"
+    );
+    for (backend, n) in &active {
+        let name = &names[backend];
+        let w = want.get(name).copied().unwrap_or(0) as u64;
+        assert_eq!(
+            *n, w,
+            "{name} ({backend}) counts {n} active flows but serves {w} of the kept connections"
+        );
+    }
+}
+
+// ---- 4. TTL ----
+
+/// A UDP datagram to a VIP with TTL 1 does not reach the backend (it is passed to the
+/// kernel and counted); one with TTL 5 arrives with 4. The same for IPv6's hop limit.
+#[test]
+fn ttl_is_decremented_and_ttl_1_is_not_forwarded() {
+    let tb = testbed(2, "native", &[]);
+    let ttl_servers = TtlServers::start(&tb.backends, TTL_PORT).expect("TTL servers");
+    add_vip(
+        &tb,
+        &format!("{VIP4}:{TTL_PORT}/udp"),
+        &[],
+        &backend_addrs(&tb, TTL_PORT, false),
+    );
+    add_vip(
+        &tb,
+        &format!("[{VIP6}]:{TTL_PORT}/udp"),
+        &[],
+        &backend_addrs(&tb, TTL_PORT, true),
+    );
+    // The gateway must know the backends' MACs: otherwise lb hands the first packets to the
+    // kernel to resolve them, and the kernel, not lb, forwards them (decrementing the TTL).
+    for b in &tb.backends {
+        for ip in [b.v4, b.v6] {
+            wait_for(Duration::from_secs(10), &format!("ping {ip}"), || {
+                tb.ping(ip)
+            });
+        }
+    }
+    let before = counters(&tb);
+    for (vip, fam) in [(vip4(TTL_PORT), "v4"), (vip6(TTL_PORT), "v6")] {
+        let client = if vip.is_ipv4() {
+            tb.client_v4
+        } else {
+            tb.client_v6
+        };
+        in_ns(&tb.client, move || -> Result<()> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(vip),
+                socket2::Type::DGRAM,
+                None,
+            )?;
+            s.bind(&sa(client, 0).into())?;
+            for ttl in [1u32, 5] {
+                if vip.is_ipv4() {
+                    s.set_ttl_v4(ttl)?;
+                } else {
+                    s.set_unicast_hops_v6(ttl)?;
+                }
+                s.send_to(format!("{fam} ttl {ttl}").as_bytes(), &vip.into())?;
+            }
+            Ok(())
+        })
+        .unwrap()
+        .unwrap();
+        let want = format!("{fam} ttl 5");
+        wait_for(
+            IO_TIMEOUT,
+            &format!("the {fam} datagram sent with TTL 5"),
+            || ttl_servers.received().iter().any(|d| d.payload == want),
+        );
+    }
+    // The TTL-1 datagrams were sent first; give them time to show up if they were forwarded.
+    std::thread::sleep(Duration::from_millis(500));
+    let got = ttl_servers.received();
+    let after = counters(&tb);
+    print_deltas("the TTL datagrams", &before, &after);
+    println!("received: {got:?}");
+    assert_eq!(
+        grew(&before, &after, "pass_no_neigh") + grew(&before, &after, "pass_fib_other"),
+        0,
+        "the gateway's kernel forwarded some of the datagrams, not lb"
+    );
+    for fam in ["v4", "v6"] {
+        let one = format!("{fam} ttl 1");
+        assert!(
+            !got.iter().any(|d| d.payload == one),
+            "{fam}: the datagram sent with TTL 1 reached a backend: {got:?}"
+        );
+        let five = format!("{fam} ttl 5");
+        let d = got.iter().find(|d| d.payload == five).unwrap();
+        assert_eq!(
+            d.ttl,
+            Some(4),
+            "{fam}: the datagram sent with TTL 5 arrived with {:?}, not 4",
+            d.ttl
+        );
+    }
+    assert_eq!(
+        grew(&before, &after, "pass_ttl_exceeded"),
+        2,
+        "pass_ttl_exceeded should count the two TTL-1 datagrams"
+    );
+}
+
+// ---- 5. one backend, two VIPs ----
+
+/// The same backends (address:port) behind two VIP addresses, NAT, tracked reverse: TCP
+/// connections through both work at the same time (kernel TCP accepts only answers from the
+/// address it connected to), server push included, and UDP replies come from the VIP each
+/// flow was sent to.
+#[test]
+fn one_backend_behind_two_vips() {
+    let tb = testbed(2, "native", &[]);
+    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    let a: SocketAddr = sa(VIP4.parse().unwrap(), 80);
+    let b: SocketAddr = sa(VIP4_B.parse().unwrap(), 80);
+    for v in [a, b] {
+        add_vip(
+            &tb,
+            &format!("{v}/tcp"),
+            &[],
+            &backend_addrs(&tb, PUSH_PORT, false),
+        );
+    }
+    // Distinct client ports: one client port to both VIPs on one backend would be one
+    // connection to the backend (the same 4-tuple), which no NAT can tell apart.
+    let mut conns = Vec::new();
+    for i in 0..8u16 {
+        for (v, base) in [(a, 30_000u16), (b, 31_000)] {
+            conns.push(
+                Conn::open(&tb, v, base + i)
+                    .unwrap_or_else(|e| panic!("connection {i} through {v}: {e:#}")),
+            );
+        }
+    }
+    let mut both = BTreeMap::<String, (usize, usize)>::new();
+    for c in &conns {
+        let e = both.entry(c.backend.clone()).or_default();
+        if c.vip == a {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    println!("connections per backend (through {a}, through {b}): {both:?}");
+    assert!(
+        both.values().any(|&(x, y)| x > 0 && y > 0),
+        "no backend serves both VIPs at once: {both:?}"
+    );
+    assert_none(
+        &check_answers(&mut conns, "two VIPs"),
+        "connections through two VIPs",
+    );
+    assert_none(
+        &check_push(&hold, &mut conns, "two VIPs"),
+        "server push through two VIPs",
+    );
+    for c in &conns {
+        assert_eq!(c.stream.peer_addr().unwrap(), c.vip);
+    }
+
+    // UDP: 8 flows per VIP, all open at once, interleaved.
+    for v in [a, b] {
+        let vip = format!("{}:53/udp", v.ip());
+        add_vip(&tb, &vip, &[], &backend_addrs(&tb, UDP_PORT, false));
+    }
+    let client = tb.client_v4;
+    let replies = in_ns(
+        &tb.client,
+        move || -> Result<Vec<(SocketAddr, SocketAddr, String)>> {
+            let mut socks = Vec::new();
+            for i in 0..16 {
+                let s = UdpSocket::bind(sa(client, 0))?;
+                s.set_read_timeout(Some(IO_TIMEOUT))?;
+                let to = sa(if i % 2 == 0 { a.ip() } else { b.ip() }, 53);
+                socks.push((s, to));
+            }
+            for round in 0..3 {
+                for (s, to) in &socks {
+                    s.send_to(format!("ping {round}").as_bytes(), to)?;
+                }
+            }
+            let mut out = Vec::new();
+            let mut buf = [0u8; 256];
+            for (s, to) in &socks {
+                for _ in 0..3 {
+                    let (n, from) = s
+                        .recv_from(&mut buf)
+                        .with_context(|| format!("no UDP reply from {to}"))?;
+                    out.push((*to, from, String::from_utf8_lossy(&buf[..n]).to_string()));
+                }
+            }
+            Ok(out)
+        },
+    )
+    .unwrap()
+    .expect("UDP through two VIPs");
+    let wrong: Vec<_> = replies.iter().filter(|(to, from, _)| to != from).collect();
+    assert!(
+        wrong.is_empty(),
+        "UDP replies from the wrong address (sent to, reply from, backend): {wrong:?}"
+    );
+    let mut udp_both = BTreeMap::<String, (usize, usize)>::new();
+    for (to, _, name) in &replies {
+        let e = udp_both.entry(name.trim().to_string()).or_default();
+        if to.ip() == a.ip() {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    println!("UDP replies per backend (through {a}, through {b}): {udp_both:?}");
+}
+
+// ---- 6. martian sources ----
+
+/// Spoofed SYNs to a VIP from sources that cannot be real clients, and with source port 0,
+/// are dropped and counted; no backend sees them.
+#[test]
+fn martian_sources_are_dropped() {
+    let tb = testbed(2, "native", &[]);
+    let _hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    add_vip(
+        &tb,
+        &format!("{VIP4}:80/tcp"),
+        &[],
+        &backend_addrs(&tb, PUSH_PORT, false),
+    );
+    add_vip(
+        &tb,
+        &format!("[{VIP6}]:80/tcp"),
+        &[],
+        &backend_addrs(&tb, PUSH_PORT, true),
+    );
+    let martians4: Vec<IpAddr> = [
+        "127.0.0.5",
+        "0.1.2.3",
+        "224.0.0.9",
+        "239.1.2.3",
+        "169.254.1.1",
+        "240.0.0.1",
+        "255.255.255.255",
+        VIP4,
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect();
+    let martians6: Vec<IpAddr> = ["::1", "::", "ff02::1", "ff0e::5", "fe80::1", VIP6]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let l2 = client_l2(&tb);
+    let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
+    let before = counters(&tb);
+    let pkts_before = backend_packets(&tb);
+    let mut martian = 0;
+    for src in martians4.iter().chain(&martians6) {
+        let dst = if src.is_ipv4() { vip4(80) } else { vip6(80) };
+        for port in [40_000, 50_001] {
+            tx.send(&l2.tcp(&TcpSeg::new(sa(*src, port), dst, tcp_flags::SYN)))
+                .unwrap();
+            martian += 1;
+        }
+    }
+    let mut port_zero = 0;
+    for (src, dst) in [
+        (sa(Ipv4Addr::new(198, 18, 0, 7).into(), 0), vip4(80)),
+        (
+            sa("2001:db8::7".parse::<Ipv6Addr>().unwrap().into(), 0),
+            vip6(80),
+        ),
+    ] {
+        for flags in [tcp_flags::SYN, tcp_flags::ACK] {
+            tx.send(&l2.tcp(&TcpSeg::new(src, dst, flags))).unwrap();
+            port_zero += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = counters(&tb);
+    let pkts_after = backend_packets(&tb);
+    print_deltas("the martian packets", &before, &after);
+    assert_eq!(
+        grew(&before, &after, "drop_martian"),
+        martian,
+        "drop_martian should count the {martian} packets from martian sources"
+    );
+    assert_eq!(
+        grew(&before, &after, "drop_port_zero"),
+        port_zero,
+        "drop_port_zero should count the {port_zero} packets from port 0"
+    );
+    assert_eq!(
+        pkts_before, pkts_after,
+        "backends got packets from martian sources or port 0"
+    );
+    // The VIPs themselves work.
+    for v in [vip4(80), vip6(80)] {
+        Conn::open(&tb, v, 0).unwrap_or_else(|e| panic!("a real connection to {v}: {e:#}"));
+    }
+}
