@@ -101,8 +101,10 @@ pub mod names {
     pub const RATE: &str = "LB_RATE_V1";
     /// `Array<u64>` (one entry): when some CPU last exceeded the flood threshold (coarse
     /// monotonic ns); replies of flows without an entry are matched by the table until the
-    /// opening timeout after it.
+    /// VIP's established timeout after it.
     pub const FLOOD: &str = "LB_FLOOD_V1";
+    /// `PerCpuArray<CountEvents>`: per backend id, flows put on and taken off its active count.
+    pub const CT_COUNTS: &str = "LB_CTCOUNT_V1";
     /// `Array<u64>`: active (open) flows per backend, by backend id.
     pub const ACTIVE: &str = "LB_ACTIVE_V1";
     /// `HashMap<Endpoint, RevNat>`: backend endpoint → the VIPs it serves (replies are rewritten
@@ -287,9 +289,11 @@ const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
 pub const CT_S_OPENING: u8 = 1;
 /// `CtEntry::state`: TCP, confirmed (handshake completed, or picked up mid-stream and answered).
 pub const CT_S_ESTABLISHED: u8 = 2;
-/// `CtEntry::state`: TCP, a FIN from one side, or an RST: still forwarded, shorter timeout.
+/// `CtEntry::state`: TCP, a FIN from one side: still forwarded, shorter timeout.
 pub const CT_S_CLOSING: u8 = 3;
-/// `CtEntry::state`: TCP, FINs from both sides: over; a SYN on it is a new connection.
+/// `CtEntry::state`: TCP, FINs from both sides (over: a SYN on it is a new connection), or an
+/// RST (off the active count, short timeout, backend kept: a non-RST packet from the side that
+/// sent the RST shows the flow goes on and undoes it).
 pub const CT_S_CLOSED: u8 = 4;
 /// `CtEntry::state`: UDP (confirmed in `names::CONNTRACK` by a reply, unconfirmed in
 /// `names::CT_NEW`).
@@ -305,8 +309,10 @@ pub const CT_F_COUNTED: u64 = 1;
 pub const CT_F_FIN_CLIENT: u64 = 2;
 /// `CtEntry::flags`: a FIN from the backend was seen (NAT: the gateway sees replies).
 pub const CT_F_FIN_BACKEND: u64 = 4;
-/// `CtEntry::flags`: an RST was seen and no ordinary packet since (closing).
+/// `CtEntry::flags`: an RST from the client, and no ordinary packet from the client since.
 pub const CT_F_RST: u64 = 8;
+/// `CtEntry::flags`: an RST from the backend, and no ordinary packet from the backend since.
+pub const CT_F_RST_BACKEND: u64 = 128;
 /// `CtEntry::flags`: NAT, unconfirmed: the backend's SYN-ACK was seen; `ack_expect` is valid.
 pub const CT_F_SYNACK: u64 = 16;
 /// `CtEntry::flags`: unconfirmed entry made for a mid-stream packet (no SYN seen).
@@ -316,8 +322,22 @@ pub const CT_F_PICKUP: u64 = 32;
 pub const CT_F_CLIENT_AGAIN: u64 = 64;
 
 /// The client's ACK confirms a NAT TCP flow when its acknowledgment number is at most this far
-/// past `CtEntry::ack_expect` (a blind spoofer hits it with probability 2^-12 per try).
-pub const ACK_WINDOW: u32 = 1 << 20;
+/// past `CtEntry::ack_expect`: the handshake's ACK carries exactly `ack_expect`; the window
+/// allows for response data a TCP Fast Open server sends before it. A blind spoofer hits it
+/// with probability 2^-16 per try.
+pub const ACK_WINDOW: u32 = 1 << 16;
+
+/// Per backend (per CPU), how often a flow was put on its active count and taken off
+/// (`names::CT_COUNTS`): monotonic, so the sweep can tell a race from a leak.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CountEvents {
+    /// Flows put on the backend's active count.
+    pub counted: u64,
+    /// Flows taken off it.
+    pub uncounted: u64,
+}
+const _: () = assert!(core::mem::size_of::<CountEvents>() == 16);
 
 /// Flow timeouts of one VIP, in seconds (`names::TIMEOUTS`, indexed by `vip_id`). An entry
 /// whose last packet is older than its state's timeout is treated as absent. 0 = never expires.
@@ -500,6 +520,7 @@ mod user {
     unsafe impl aya::Pod for Timeouts {}
     unsafe impl aya::Pod for GlobalConf {}
     unsafe impl aya::Pod for RateWindow {}
+    unsafe impl aya::Pod for CountEvents {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for NextHop {}
 }

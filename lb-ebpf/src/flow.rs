@@ -18,11 +18,11 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering};
 use lb_common::{
     Counter, CtEntry, FlowKey, Timeouts, ACK_WINDOW, CT_F_CLIENT_AGAIN, CT_F_COUNTED,
-    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST, CT_F_SYNACK, CT_S_CLOSED,
-    CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, PROTO_TCP,
+    CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST, CT_F_RST_BACKEND, CT_F_SYNACK,
+    CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, PROTO_TCP,
 };
 
-use crate::maps::{count, ACTIVE, CONF, CONNTRACK, CT_NEW, FLOOD, RATE, TIMEOUTS};
+use crate::maps::{count, ACTIVE, CONF, CONNTRACK, CT_COUNTS, CT_NEW, FLOOD, RATE, TIMEOUTS};
 
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
@@ -86,10 +86,23 @@ pub(crate) fn refresh(p: *mut CtEntry, now: u64) {
     }
 }
 
-/// Adds `delta` (wrapping: u64::MAX is −1) to a backend's active-flow count.
+/// Adds one flow to (`up`) or takes one off a backend's active count, and records it in the
+/// backend's monotonic count events — first, so that the sweep, which reads the count and then
+/// the events, never sees a change of the count without its event.
 #[inline(always)]
-pub(crate) fn active_add(id: u32, delta: u64) {
+pub(crate) fn active_add(id: u32, up: bool) {
+    if let Some(e) = CT_COUNTS.get_ptr_mut(id) {
+        // SAFETY: per-CPU slot; nothing else on this CPU runs concurrently with us.
+        unsafe {
+            if up {
+                (*e).counted += 1;
+            } else {
+                (*e).uncounted += 1;
+            }
+        }
+    }
     if let Some(p) = ACTIVE.get_ptr_mut(id) {
+        let delta = if up { 1 } else { u64::MAX };
         // SAFETY: array values are live and 8-byte aligned.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
     }
@@ -125,16 +138,34 @@ fn clear_bits(p: *mut CtEntry, bits: u64) -> u64 {
 pub(crate) fn uncount(p: *mut CtEntry) {
     if clear_bits(p, CT_F_COUNTED) & CT_F_COUNTED != 0 {
         // SAFETY: live map value.
-        active_add(unsafe { (*p).backend_id }, u64::MAX);
+        active_add(unsafe { (*p).backend_id }, false);
     }
 }
+
+/// Puts a flow back on its backend's active count, if it is not on it (once, as `uncount`).
+#[inline(always)]
+fn recount(p: *mut CtEntry) {
+    if set_bits(p, CT_F_COUNTED) & CT_F_COUNTED == 0 {
+        // SAFETY: live map value.
+        active_add(unsafe { (*p).backend_id }, true);
+    }
+}
+
+/// Takes an entry off the count without touching any count: for an entry whose backend id
+/// now belongs to another backend (stale), whose count was reset when the id was reused.
+#[inline(always)]
+pub(crate) fn forget(p: *mut CtEntry) {
+    clear_bits(p, CT_F_COUNTED);
+}
+
+const FIN_BOTH: u64 = CT_F_FIN_CLIENT | CT_F_FIN_BACKEND;
 
 /// The TCP state that a confirmed entry's flags mean.
 #[inline(always)]
 fn tcp_state(flags: u64) -> u8 {
-    if flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND) == CT_F_FIN_CLIENT | CT_F_FIN_BACKEND {
+    if flags & FIN_BOTH == FIN_BOTH || flags & (CT_F_RST | CT_F_RST_BACKEND) != 0 {
         CT_S_CLOSED
-    } else if flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST) != 0 {
+    } else if flags & FIN_BOTH != 0 {
         CT_S_CLOSING
     } else {
         CT_S_ESTABLISHED
@@ -142,36 +173,41 @@ fn tcp_state(flags: u64) -> u8 {
 }
 
 /// Applies a TCP packet's flags to a confirmed entry. FIN from one side: closing; from both:
-/// closed (off the active count). RST: closing until any other packet shows the flow goes on
-/// (a spoofed RST then costs nothing; a real one leaves the flow to the closing timeout).
+/// closed (off the active count for good). RST: closed — off the count, the closed timeout —
+/// until a non-RST packet from the side that sent it shows the flow goes on (then it is
+/// counted again: a spoofed RST is undone by the real peer's next packet). Packets the other
+/// side still had in flight do not undo a real RST.
 #[inline(always)]
 pub(crate) fn tcp_update(p: *mut CtEntry, tcp_flags: u8, from: Dir) {
     // SAFETY: live map value.
     let flags = unsafe { (*p).flags };
+    let (fin, rst) = if from == Dir::Client {
+        (CT_F_FIN_CLIENT, CT_F_RST)
+    } else {
+        (CT_F_FIN_BACKEND, CT_F_RST_BACKEND)
+    };
     let mut new = flags;
     if tcp_flags & TCP_RST != 0 {
-        if flags & CT_F_RST == 0 {
-            new = set_bits(p, CT_F_RST) | CT_F_RST;
+        if flags & rst == 0 {
+            new = set_bits(p, rst) | rst;
         }
     } else {
-        if flags & CT_F_RST != 0 {
-            new = clear_bits(p, CT_F_RST) & !CT_F_RST;
+        if flags & rst != 0 {
+            new = clear_bits(p, rst) & !rst;
         }
-        let fin = if from == Dir::Client {
-            CT_F_FIN_CLIENT
-        } else {
-            CT_F_FIN_BACKEND
-        };
         if tcp_flags & TCP_FIN != 0 && flags & fin == 0 {
             new = set_bits(p, fin) | fin;
         }
     }
     if new != flags {
         let state = tcp_state(new);
-        // SAFETY: live map value; a racing writer computes the same state from the same bits.
+        // SAFETY: live map value; a racing writer computes the state from the bits it saw,
+        // and every decision below is taken from the bits, not from this byte.
         unsafe { (*p).state = state };
         if state == CT_S_CLOSED {
             uncount(p);
+        } else if flags & (CT_F_RST | CT_F_RST_BACKEND) != 0 {
+            recount(p);
         }
     }
 }
@@ -197,11 +233,11 @@ pub(crate) fn confirm(flow: &FlowKey, p: *const CtEntry, proto: u8, now: u64) {
     };
     match CONNTRACK.insert(flow, entry, NOEXIST) {
         Ok(()) => {
-            active_add(old.backend_id, 1);
+            active_add(old.backend_id, true);
             count(Counter::CtConfirmed);
         }
         // -EEXIST: another CPU confirmed it first.
-        Err(e) if e == -17 => {}
+        Err(-17) => {}
         Err(_) => count(Counter::CtInsertFailed),
     }
     let _ = CT_NEW.remove(flow);
@@ -220,7 +256,7 @@ pub(crate) fn confirm_reply(flow: &FlowKey, backend_id: u32, generation: u32, no
         _pad: [0; 3],
     };
     if CONNTRACK.insert(flow, entry, NOEXIST).is_ok() {
-        active_add(backend_id, 1);
+        active_add(backend_id, true);
         count(Counter::CtConfirmed);
     }
 }
@@ -370,9 +406,10 @@ pub(crate) fn drop_confirmed(flow: &FlowKey, p: *mut CtEntry) {
     let _ = CONNTRACK.remove(flow);
 }
 
-/// Closed entries are the only ones a SYN reopens.
+/// Flows closed by FINs both ways are the only ones a SYN reopens (an RST-closed flow keeps
+/// its backend until it expires).
 #[inline(always)]
 pub(crate) fn is_closed(p: *const CtEntry) -> bool {
     // SAFETY: live map value.
-    unsafe { (*p).state == CT_S_CLOSED }
+    unsafe { (*p).flags & FIN_BOTH == FIN_BOTH }
 }

@@ -204,10 +204,21 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
 /// A reply whose flow is in conntrack for this backend: applies it to the flow's state.
 #[inline(always)]
 fn tracked_reply(pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool {
+    // The backend's generation: an entry made for an earlier holder of the id is stale.
+    let generation = match BACKENDS.get(r.backend_id) {
+        Some(b) if b.is_valid() => b.generation,
+        _ => return false,
+    };
     if let Some(p) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: live map value, copied.
         let e = unsafe { *p };
         if e.backend_id == r.backend_id {
+            if e.generation != generation {
+                count(Counter::CtStale);
+                flow::forget(p);
+                let _ = CONNTRACK.remove(key);
+                return false;
+            }
             if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
                 count(Counter::CtExpired);
                 flow::drop_confirmed(key, p);
@@ -229,8 +240,12 @@ fn tracked_reply(pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool
     if e.backend_id != r.backend_id {
         return false;
     }
-    if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
-        count(Counter::CtExpired);
+    if e.generation != generation || flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
+        count(if e.generation != generation {
+            Counter::CtStale
+        } else {
+            Counter::CtExpired
+        });
         let _ = CT_NEW.remove(key);
         return false;
     }
@@ -419,7 +434,11 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
             if !syn {
                 flooding = flow::flooding(now);
             }
-            let picked = if flooding {
+            // A TCP segment that is not a SYN never starts a connection: its flow began
+            // earlier and lost its entry (a flood skipped it, the LRU evicted it), so it gets
+            // the choice that needs no entry — for maglev and source-hash the same as ever.
+            let midstream = pkt.proto == PROTO_TCP && !syn;
+            let picked = if flooding || midstream {
                 let seed = flow::seed();
                 hashed_index(vip, &flow, seed).and_then(|i| slot_backend(vip, i))
             } else {
@@ -450,16 +469,18 @@ fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Opti
     let p = CONNTRACK.get_ptr_mut(flow)?;
     // SAFETY: live map value, copied.
     let e = unsafe { *p };
+    // Stale first: the id may belong to another backend now, whose count this flow is not on.
+    let Some(b) = tracked_backend(&e, vip.vip_id) else {
+        count(Counter::CtStale);
+        flow::forget(p);
+        let _ = CONNTRACK.remove(flow);
+        return None;
+    };
     if flow::expired(&e, now, &flow::timeouts(vip.vip_id)) {
         count(Counter::CtExpired);
         flow::drop_confirmed(flow, p);
         return None;
     }
-    let Some(b) = tracked_backend(&e, vip.vip_id) else {
-        count(Counter::CtStale);
-        flow::drop_confirmed(flow, p);
-        return None;
-    };
     if flow::is_closed(p) && flow::is_syn(pkt.tcp_flags) {
         // Port reuse after a complete close: a new connection.
         count(Counter::CtReopened);

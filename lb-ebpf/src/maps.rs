@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Counter, CtEntry, Endpoint, FlowKey, GlobalConf, Handoff, NextHop, RateWindow, RevNat,
-    Timeouts, TrafficStats, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
+    Backend, CountEvents, Counter, CtEntry, Endpoint, FlowKey, GlobalConf, Handoff, NextHop,
+    RateWindow, RevNat, Timeouts, TrafficStats, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
     DEFAULT_CT_NEW_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
@@ -48,6 +48,11 @@ pub(crate) static RATE: PerCpuArray<RateWindow, 1> = PerCpuArray::new();
 /// When a CPU last went over the flood threshold (coarse monotonic ns).
 #[btf_map(name = "LB_FLOOD_V1")]
 pub(crate) static FLOOD: Array<u64, 1> = Array::new();
+
+/// Per backend, flows put on and taken off the active count (for the sweep's settlement).
+#[btf_map(name = "LB_CTCOUNT_V1")]
+pub(crate) static CT_COUNTS: PerCpuArray<CountEvents, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
 
 #[btf_map(name = "LB_REVNAT_V2")]
 pub(crate) static REVNAT: HashMap<Endpoint, RevNat, { MAX_BACKENDS as usize }> = HashMap::new();

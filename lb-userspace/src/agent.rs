@@ -141,6 +141,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let text = std::fs::read_to_string(&opts.config)
         .map_err(|e| StartError::Unreadable(format!("reading {}: {e}", opts.config.display())))?;
     let config = Config::parse(&opts.config.display().to_string(), &text)?;
+    if let Some(w) = config.seed_warning() {
+        warn!("{w}");
+    }
     let maps = {
         let dir = PinDir::open(&opts.pin_dir)?;
         let adopted = dir.is_loaded();
@@ -301,8 +304,7 @@ impl Agent {
         let r = self.lock_dir().and_then(|_dir| {
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
-            Ok(s.sweeper
-                .step(&mut s.maps, crate::sweep::AGENT_BUDGET, false)?)
+            Ok(s.sweeper.step(&mut s.maps, crate::sweep::AGENT_BUDGET)?)
         });
         match r {
             Ok(report) => {
@@ -370,12 +372,16 @@ impl Agent {
         }
         self.pending_text = None;
         match Config::parse(&path, &text) {
-            Ok(cfg) => match self.apply_config(cfg) {
-                Ok(()) => {
+            Ok(cfg) => match (cfg.seed_warning(), self.apply_config(cfg)) {
+                (warning, Ok(())) => {
+                    // Once per text applied.
+                    if let Some(w) = warning {
+                        warn!("{w}");
+                    }
                     self.config_text = text;
                     self.last_error = None;
                 }
-                Err(e) => self.report(format!(
+                (_, Err(e)) => self.report(format!(
                     "applying {path} failed: {e:#}; keeping the running state (retrying)"
                 )),
             },

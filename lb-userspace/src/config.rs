@@ -383,6 +383,21 @@ impl Config {
         })
     }
 
+    /// A warning (not an error) when a VIP has stateless reverse NAT but the file sets no
+    /// `hash_seed`: the gateways of an ECMP group must all pick the same backend for a flow,
+    /// and a gateway that loaded without a seed from the file or `lb attach --hash-seed`
+    /// generated a random one of its own.
+    pub fn seed_warning(&self) -> Option<String> {
+        if self.hash_seed.is_some() {
+            return None;
+        }
+        let v = self.vips.iter().find(|v| v.stateless_reverse)?;
+        Some(format!(
+            "VIP {} has reverse = \"stateless\" but the file sets no hash_seed: every gateway must share a hash_seed (set `hash_seed` in lb.toml; `lb show-config` prints this gateway's)",
+            v.vip
+        ))
+    }
+
     /// The current kernel state as a configuration.
     pub fn from_maps(maps: &LbMaps) -> Result<Config, LbError> {
         let conf = maps.conf()?;
@@ -509,20 +524,20 @@ impl ApplySummary {
 
 /// Makes the kernel state equal to `cfg` with the fewest map changes. The configuration was
 /// validated as a whole by `Config::parse`, so the steps below do not fail on bad input.
+/// The deployment-wide settings are written last, once every other step has succeeded: an
+/// apply that fails (table room, a map write) leaves the hash seed and the flood threshold
+/// as they were (a new seed re-hashes every flow without an entry).
 pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let mut s = ApplySummary::default();
     let current = maps.vips()?;
     let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);
     check_table_room(maps, &current, cfg)?;
-    // 0. Deployment-wide settings, where the file gives them.
+    // The settings wanted, where the file gives them (written in step 4).
     let conf = maps.conf()?;
     let want_conf = lb_common::GlobalConf {
         hash_seed: cfg.hash_seed.unwrap_or(conf.hash_seed),
         flood_rate: cfg.flood_threshold.unwrap_or(conf.flood_rate),
     };
-    if maps.set_conf(want_conf)? {
-        s.settings_changed += 1;
-    }
     // 1. VIPs that go away.
     for (vip, _) in &current {
         if wanted(vip).is_none() {
@@ -609,6 +624,10 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
             s.slots_written += maps.set_all_down_drop(&v.vip, v.drop_when_all_down)?;
             s.policies_changed += 1;
         }
+    }
+    // 4. Deployment-wide settings, now that nothing else can fail.
+    if maps.set_conf(want_conf)? {
+        s.settings_changed += 1;
     }
     Ok(s)
 }
@@ -974,6 +993,23 @@ address = "10.100.0.101:80/tcp"
         let bare = Config::parse("x", "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n").unwrap();
         assert_eq!((bare.hash_seed, bare.flood_threshold), (None, None));
         assert!(!bare.to_toml().contains("hash_seed"));
+    }
+
+    #[test]
+    fn stateless_reverse_without_a_seed_is_warned_about() {
+        let vip = |i: usize, extra: &str| {
+            format!("[[vip]]\naddress = \"10.0.0.{i}:80/tcp\"\n{extra}[[vip.backend]]\naddress = \"10.9.0.{i}:8080\"\n")
+        };
+        let stateless = "reverse = \"stateless\"\n";
+        let two = format!("{}{}{}", vip(1, ""), vip(2, stateless), vip(3, stateless));
+        let w = Config::parse("x", &two).unwrap().seed_warning().unwrap();
+        assert!(w.contains("VIP 10.0.0.2:80/tcp"), "{w}");
+        assert!(w.contains("every gateway must share a hash_seed"), "{w}");
+        // With a seed, or without a stateless VIP: nothing to say.
+        let seeded = format!("hash_seed = \"0x1\"\n{two}");
+        assert_eq!(Config::parse("x", &seeded).unwrap().seed_warning(), None);
+        let tracked = Config::parse("x", &vip(1, "")).unwrap();
+        assert_eq!(tracked.seed_warning(), None);
     }
 
     #[test]

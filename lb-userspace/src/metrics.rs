@@ -312,7 +312,7 @@ mod tests {
             return;
         };
         let mut sweeper = crate::sweep::Sweeper::new();
-        while sweeper.step(&mut maps, 10, false).unwrap().is_none() {}
+        while sweeper.step(&mut maps, 10).unwrap().is_none() {}
         let shared = Shared {
             maps,
             health: Default::default(),

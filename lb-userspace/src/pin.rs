@@ -40,11 +40,12 @@ pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 19] = [
+const ALL_MAPS: [&str; 20] = [
     names::PROGS,
     names::HANDOFF,
     names::PORTS,
     names::ACTIVE,
+    names::CT_COUNTS,
     names::RR_POS,
     names::NEXTHOP,
     names::VIPS,
@@ -309,6 +310,9 @@ impl PinDir {
             let Some(new) = obj.maps.get(name) else {
                 bail!("the new program has no map {name}: its map layout differs from the running one (upgrading needs `lb detach --purge` and a fresh start)");
             };
+            if !self.path.join(name).exists() {
+                bail!("map {name} is not pinned: the running program predates it (upgrading needs `lb detach --purge` and a fresh start)");
+            }
             let pinned = MapData::from_pin(self.path.join(name))
                 .with_context(|| format!("opening pinned map {name}"))?;
             let info = pinned.info().with_context(|| format!("map {name} info"))?;

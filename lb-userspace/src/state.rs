@@ -7,6 +7,8 @@
 //! Update order is chosen so that a packet never meets an invalid reference:
 //! * a new backend's entry is written before any table slot points at it;
 //! * a removed backend's slots are rewritten before its entry is invalidated;
+//! * a new backend's entry is written before its reverse-NAT entry, and a removed backend
+//!   leaves its reverse-NAT set before its entry is invalidated;
 //! * a new VIP's table is filled before the VIP becomes visible, and a VIP is hidden before
 //!   its backends go.
 
@@ -14,9 +16,9 @@ use std::net::SocketAddr;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
-    names, Backend, CtEntry, Endpoint, FlowKey, GlobalConf, NextHop, RevNat, RevNatEntry, Timeouts,
-    TrafficStats, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT, MAX_BACKENDS,
-    MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
+    names, Backend, CountEvents, CtEntry, Endpoint, FlowKey, GlobalConf, NextHop, RevNat,
+    RevNatEntry, Timeouts, TrafficStats, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT,
+    MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
 };
 
 use crate::{
@@ -45,6 +47,8 @@ pub struct LbMaps {
     backend_stats: PerCpuArray<MapData, TrafficStats>,
     nexthop: Array<MapData, NextHop>,
     active: Array<MapData, u64>,
+    /// Per backend id and CPU, flows put on and taken off the active count (monotonic).
+    ct_counts: PerCpuArray<MapData, CountEvents>,
     ports: Array<MapData, u8>,
 }
 
@@ -129,6 +133,7 @@ impl LbMaps {
             backend_stats: get(names::BACKEND_STATS)?.try_into()?,
             nexthop: get(names::NEXTHOP)?.try_into()?,
             active: get(names::ACTIVE)?.try_into()?,
+            ct_counts: get(names::CT_COUNTS)?.try_into()?,
             ports: get(names::PORTS)?.try_into()?,
         })
     }
@@ -810,18 +815,15 @@ impl LbMaps {
         .then_some(nh))
     }
 
-    /// Invalidates a backend entry (keeping its generation, so the next holder of the id gets a
-    /// new one) and removes its reverse-NAT entry and cached next hop.
+    /// Removes a backend's reverse-NAT entry and cached next hop, then invalidates its entry
+    /// (keeping its generation, so the next holder of the id gets a new one).
+    ///
+    /// The reverse-NAT entry goes first, so no packet finds a set entry pointing at an
+    /// invalid backend (the mirror of adding one, whose backend entry is written before its
+    /// reverse-NAT entry). If invalidating then fails, the id is no longer in use (ids in use
+    /// are found through the reverse-NAT map) and its next holder gets a new generation.
     fn retire_backend(&mut self, vip: &Vip, b: &BackendState) -> Result<()> {
         self.clear_nexthop(b.id)?;
-        let mut entry = self
-            .backends
-            .get(&b.id, 0)
-            .ctx(|| format!("reading backend {}", b.addr))?;
-        entry.flags &= !BACKEND_F_VALID;
-        self.backends
-            .set(b.id, entry, 0)
-            .ctx(|| format!("removing backend {}", b.addr))?;
         // The endpoint's reverse-NAT set loses this backend's entry (the key goes with the last).
         let key = crate::model::endpoint(b.addr, vip.proto);
         let mut set = self.revnat_set(&key)?;
@@ -834,7 +836,15 @@ impl LbMaps {
         } else {
             self.revnat.insert(key, set, 0)
         };
-        r.ctx(|| format!("removing reverse NAT of {}", b.addr))
+        r.ctx(|| format!("removing reverse NAT of {}", b.addr))?;
+        let mut entry = self
+            .backends
+            .get(&b.id, 0)
+            .ctx(|| format!("reading backend {}", b.addr))?;
+        entry.flags &= !BACKEND_F_VALID;
+        self.backends
+            .set(b.id, entry, 0)
+            .ctx(|| format!("removing backend {}", b.addr))
     }
 
     /// The reverse-NAT set of a backend endpoint (empty if it has none).
@@ -1154,20 +1164,44 @@ impl LbMaps {
             .collect())
     }
 
-    /// One global counter summed over CPUs.
-    pub(crate) fn counter(&self, c: lb_common::Counter) -> Result<u64> {
-        let i = c as u32;
-        self.stats
-            .get(&i, 0)
-            .map(|v| v.iter().sum())
-            .ctx(|| format!("reading counter {i}"))
-    }
-
     /// Overwrites backend `id`'s active-flow count (the sweep's settlement).
     pub(crate) fn set_active_flows(&mut self, id: u32, n: u64) -> Result<()> {
         self.active
             .set(id, n, 0)
             .ctx(|| format!("writing the active flows of backend {id}"))
+    }
+
+    /// Backend `id`'s count events summed over CPUs: how many flows the data plane ever put
+    /// on its active count and took off it (monotonic, wrapping; never reset, also not when
+    /// the id is reused: only differences over a time the id kept its generation mean
+    /// anything).
+    pub(crate) fn count_events(&self, id: u32) -> Result<CountEvents> {
+        let v = self
+            .ct_counts
+            .get(&id, 0)
+            .ctx(|| format!("reading the count events of backend {id}"))?;
+        Ok(v.iter().fold(CountEvents::default(), |a, e| CountEvents {
+            counted: a.counted.wrapping_add(e.counted),
+            uncounted: a.uncounted.wrapping_add(e.uncounted),
+        }))
+    }
+
+    /// Adds to backend `id`'s count events, on the first CPU, as the data plane would (tests).
+    #[cfg(test)]
+    pub(crate) fn add_count_events(&mut self, id: u32, add: CountEvents) -> Result<()> {
+        let mut v: Vec<CountEvents> = self
+            .ct_counts
+            .get(&id, 0)
+            .ctx(|| format!("reading the count events of backend {id}"))?
+            .iter()
+            .copied()
+            .collect();
+        v[0].counted = v[0].counted.wrapping_add(add.counted);
+        v[0].uncounted = v[0].uncounted.wrapping_add(add.uncounted);
+        let v = PerCpuValues::try_from(v).expect("one value per CPU");
+        self.ct_counts
+            .set(id, v, 0)
+            .ctx(|| format!("writing the count events of backend {id}"))
     }
 
     /// Inserts a conntrack entry (benchmarks use it to fill the table).

@@ -7,9 +7,11 @@
 //!
 //! The tables: `fixture_table` (forwarding, reverse path, parsing, next hops, draining),
 //! `flow_state_table` (the checks before any state, TTL, the TCP/UDP flow states and their
-//! transitions, timeouts, one backend behind two VIPs), and `flood_threshold` and
-//! `flood_threshold_lowered` (the new-flow rate limit; they pin their thread to one CPU, as the
-//! rate is counted per CPU).
+//! transitions, RST semantics, a backend id reused by another backend, timeouts, one backend
+//! behind two VIPs), and `flood_threshold`, `flood_threshold_lowered` and
+//! `flows_begun_in_a_flood_keep_their_backend` (the new-flow rate limit, and the hashed choice
+//! for segments without an entry; they pin their thread to one CPU, as the rate is counted per
+//! CPU).
 
 mod common;
 
@@ -23,10 +25,10 @@ use common::{
 };
 use lb::{model::flow_key, Algorithm, CtTable, Vip};
 use lb_common::{
-    Counter, CtEntry, GlobalConf, Timeouts, ACK_WINDOW, COUNTER_NAMES, CT_F_CLIENT_AGAIN,
-    CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST, CT_F_SYNACK,
-    CT_STATE_NAMES, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP,
-    VERDICT_COUNT,
+    hash::flow_hash, Counter, CtEntry, GlobalConf, Timeouts, ACK_WINDOW, ALGO_ROUND_ROBIN,
+    COUNTER_NAMES, CT_F_CLIENT_AGAIN, CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP,
+    CT_F_RST, CT_F_RST_BACKEND, CT_F_SYNACK, CT_STATE_NAMES, CT_S_CLOSED, CT_S_CLOSING,
+    CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, VERDICT_COUNT,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -109,6 +111,25 @@ impl Table {
             .unwrap()
             .expect("table slot has a backend")
             .addr
+    }
+
+    /// The backend a flow from `client` to `v` gets from its hash alone (what the data plane
+    /// gives a flow without an entry when its first packet is not a SYN, or above the flood
+    /// threshold): the flow hash into the VIP's table, or for round robin into its sequence
+    /// (the table's first `seq_len` slots). Computed here from the maps, not with
+    /// `table_backend`, which hashes into the whole table.
+    fn hashed(&self, client: SocketAddr, v: &Vip) -> SocketAddr {
+        let m = &self.gw.dp.maps;
+        let info = m.vip(v).unwrap();
+        let h = flow_hash(&flow_key(client, v), m.conf().unwrap().hash_seed);
+        let n = if info.algo == ALGO_ROUND_ROBIN {
+            info.seq_len
+        } else {
+            info.table_size
+        };
+        assert!(n > 0, "{v}: empty table");
+        let id = m.table(v).unwrap()[(h % n) as usize];
+        self.backend_addr(v, id)
     }
 
     /// The backend conntrack holds for an established flow.
@@ -357,6 +378,7 @@ fn flag_names(flags: u64) -> String {
         (CT_F_FIN_CLIENT, "fin_client"),
         (CT_F_FIN_BACKEND, "fin_backend"),
         (CT_F_RST, "rst"),
+        (CT_F_RST_BACKEND, "rst_backend"),
         (CT_F_SYNACK, "synack"),
         (CT_F_PICKUP, "pickup"),
         (CT_F_CLIENT_AGAIN, "client_again"),
@@ -1010,6 +1032,7 @@ fn flow_state_table() {
     let short_udp = vip("10.100.0.105:53/udp");
     let va = vip("10.100.0.107:80/tcp"); // one backend, two VIPs
     let vb = vip("10.100.0.108:443/tcp");
+    let reused = vip("10.100.0.109:80/tcp"); // a backend replaced by one with its id
     let shared = sa("10.1.0.11:9000");
     let (w1, w2) = (sa("10.1.0.11:8080"), sa("10.1.0.12:8080"));
     let dns_b = sa("10.1.0.13:5353");
@@ -1046,11 +1069,13 @@ fn flow_state_table() {
         m.add_backend(&va, shared, 1).unwrap();
         m.add_vip(&vb, 251).unwrap();
         m.add_backend(&vb, shared, 1).unwrap();
+        m.add_vip(&reused, 251).unwrap();
+        m.add_backend(&reused, sa("10.1.0.11:8090"), 1).unwrap();
         // New VIPs get the default timeouts.
         let id = m.vip(&web).unwrap().vip_id;
         assert_eq!(m.timeouts(id).unwrap(), Timeouts::DEFAULT);
     }
-    let all_vips = [web, web6, dns, dns6, rnd, short, short_udp, va, vb];
+    let all_vips = [web, web6, dns, dns6, rnd, short, short_udp, va, vb, reused];
     let confirmed = |state, flags, backend| Want {
         table: CtTable::Confirmed,
         state,
@@ -1278,6 +1303,9 @@ fn flow_state_table() {
     t.expect_active(d, &web6, hb6, 1);
 
     // ---- NAT TCP: an ACK that does not acknowledge the SYN-ACK does not confirm ----
+    // The window the rows below are written for (literal, so that a change to the shared
+    // constant shows here).
+    assert_eq!(ACK_WINDOW, 1 << 16, "ACK_WINDOW");
     let bc = client(50_102);
     let bb = t.predict(bc, &web);
     let active0 = t.active(&web, bb);
@@ -1293,8 +1321,12 @@ fn flow_state_table() {
             ISN_B,
         ),
         (
-            "bad ack: ACK just past the window → not confirmed",
-            ISN_B.wrapping_add(1 + ACK_WINDOW),
+            "bad ack: ACK just past the window (2^16) → not confirmed",
+            ISN_B.wrapping_add(1 + (1 << 16)),
+        ),
+        (
+            "bad ack: ACK 2^19 past (inside the old 1 MiB window) → not confirmed",
+            ISN_B.wrapping_add(1 + (1 << 19)),
         ),
         ("bad ack: a blind guess → not confirmed", 0x2000_0000),
     ] {
@@ -1309,11 +1341,11 @@ fn flow_state_table() {
     t.forward_to(d, &syn(bc, web.addr), bb);
     t.expect_entry(d, bc, &web, unconfirmed(CT_S_OPENING, CT_F_SYNACK, bb));
     t.expect_events(d, &since, &[]);
-    let d = "bad ack: ACK at the far end of the window → confirmed";
+    let d = "bad ack: ACK at the far end of the window (2^16 - 1 past) → confirmed";
     let since = t.counters();
     t.forward_to(
         d,
-        &ack(bc, web.addr).seq_ack(SEQ + 1, ISN_B.wrapping_add(ACK_WINDOW)),
+        &ack(bc, web.addr).seq_ack(SEQ + 1, ISN_B.wrapping_add(1 << 16)),
         bb,
     );
     t.expect_entry(d, bc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, bb));
@@ -1589,7 +1621,11 @@ fn flow_state_table() {
         t.expect_active(&d, &v, b, active);
     }
 
-    // RST: closing until any other packet shows the flow goes on.
+    // RST: closed at once — off the active count, the closed timeout, the backend kept —
+    // until a non-RST packet from the side that sent it shows the flow goes on (then counted
+    // again, once). The other side's packets do not undo it; a SYN does not reopen it (only
+    // FINs both ways make a flow reopenable). The flow's backend is drained, so that any
+    // re-selection would visibly move it.
     let (_, sc, sb, _) = spoofed[0];
     let kc = client(50_112);
     let kb = t.predict(kc, &web);
@@ -1606,51 +1642,189 @@ fn flow_state_table() {
     );
     t.gw.dp.maps.set_weight(&web, kb, 0).unwrap();
     let kactive = t.active(&web, kb);
-    let d = "RST from the client → closing (rst), same backend, still counted";
+    assert!(kactive >= 1, "the RST flow is counted on {kb}");
+
+    let d = "RST from the client → closed (rst), same backend, off the active count at once";
+    let since = t.counters();
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST, kb));
+    t.expect_events(d, &since, &[]);
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "the client's RST again (RST+ACK) → still closed, counted down only once";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::RstAck), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST, kb));
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the backend's data (in flight) → rewritten; still closed and off the count";
+    let since = t.counters();
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Fin), &web);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_RST | CT_F_FIN_BACKEND, kb),
+    );
+    t.expect_events(d, &since, &[(Counter::RevNat, 2)]);
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the client's data → the RST was not the end: closing (the backend's FIN), \
+             counted again";
+    let since = t.counters();
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_BACKEND, kb),
+    );
+    t.expect_events(d, &since, &[]);
+    t.expect_active(d, &web, kb, kactive);
+    let d = "more of the client's data and the backend's → counted again only once";
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_active(d, &web, kb, kactive);
+
+    // A fresh flow for the rows that need an established one (the FIN above stays). The
+    // drained backends take new flows again; the new flow's own backend is drained below.
+    t.gw.dp.maps.set_weight(&web, kb, 1).unwrap();
+    for (v, _, b, _) in &spoofed {
+        t.gw.dp.maps.set_weight(v, *b, 1).unwrap();
+    }
+    let kc = client(50_113);
+    let kb = t.predict(kc, &web);
+    t.forward_to("RST 2: SYN", &syn(kc, web.addr), kb);
+    t.reply_as(
+        "RST 2: SYN-ACK",
+        &from_backend(kb, kc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.forward_to(
+        "RST 2: ACK",
+        &ack(kc, web.addr).seq_ack(SEQ + 1, ISN_B + 1),
+        kb,
+    );
+    t.gw.dp.maps.set_weight(&web, kb, 0).unwrap();
+    let kactive = t.active(&web, kb);
+    t.expect_entry(
+        "RST 2: confirmed",
+        kc,
+        &web,
+        confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb),
+    );
+
+    let d = "RST from the backend → closed (rst_backend), off the count";
+    let since = t.counters();
+    t.reply_as(d, &from_backend(kb, kc, Tcp::RstAck), &web);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST_BACKEND, kb));
+    t.expect_events(d, &since, &[(Counter::RevNat, 1)]);
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the client's data → still closed (the other side does not undo an RST)";
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST_BACKEND, kb));
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the backend's data → established, counted again";
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_active(d, &web, kb, kactive);
+
+    let d = "RSTs from both sides → closed, off the count once";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst), kb);
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Rst), &web);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_RST | CT_F_RST_BACKEND, kb),
+    );
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the client's data → still closed: the backend's RST stands";
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST_BACKEND, kb));
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the backend's data → established, counted again once";
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_active(d, &web, kb, kactive);
+
+    let d = "a spoofed client RST → closed, off the count";
+    let since = t.counters();
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst).seq_ack(0x5eed_0000, 0), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST, kb));
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then a SYN → same backend (not reopened, not re-selected); a packet from the \
+             client: established, counted again";
+    t.forward_to(d, &syn(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_events(d, &since, &[]);
+    t.expect_active(d, &web, kb, kactive);
+
+    let d = "the backend resets, the client reconnects from the same port: its SYN → same \
+             backend, still closed (not reopened)";
+    let since = t.counters();
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Rst), &web);
+    t.forward_to(d, &syn(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST_BACKEND, kb));
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the backend's SYN-ACK → established, counted again";
+    t.reply_as(
+        d,
+        &from_backend(kb, kc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_events(d, &since, &[(Counter::RevNat, 2)]);
+    t.expect_active(d, &web, kb, kactive);
+
+    let d = "FINs both ways → closed, off the count";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Fin), kb);
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Fin), &web);
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, kb),
+    );
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "closed by FINs: an RST, then the client's data → still closed, never counted again";
     t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst), kb);
     t.expect_entry(
         d,
         kc,
         &web,
-        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
-    );
-    t.expect_active(d, &web, kb, kactive);
-    let d = "then SYN → not re-selected; a non-RST packet: established again";
-    let since = t.counters();
-    t.forward_to(d, &syn(kc, web.addr), kb);
-    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
-    t.expect_events(d, &since, &[]);
-    let d = "RST from the backend → closing (rst)";
-    t.reply_as(d, &from_backend(kb, kc, Tcp::RstAck), &web);
-    t.expect_entry(
-        d,
-        kc,
-        &web,
-        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
-    );
-    let d = "then the backend's data → established again";
-    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
-    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
-    let d = "RST then data from the client → established again";
-    t.forward_to(d, &tcp(kc, web.addr, Tcp::RstAck), kb);
-    t.expect_entry(
-        d,
-        kc,
-        &web,
-        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_RST, kb),
+        confirmed(
+            CT_S_CLOSED,
+            CT_F_FIN_CLIENT | CT_F_FIN_BACKEND | CT_F_RST,
+            kb,
+        ),
     );
     t.forward_to(d, &ack(kc, web.addr), kb);
-    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
-    t.expect_active(d, &web, kb, kactive);
-    let d = "RST on a half-closed flow, then data → closing again (the FIN stays)";
+    t.expect_entry(
+        d,
+        kc,
+        &web,
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_FIN_BACKEND, kb),
+    );
+    t.expect_active(d, &web, kb, kactive - 1);
+    let nb = t.predict(kc, &web);
+    assert_ne!(nb, kb, "the drained backend still has the slot");
+    let d = "then a SYN → reopened: selected afresh (ct_reopened), the count not touched";
+    let since = t.counters();
+    t.forward_to(d, &syn(kc, web.addr), nb);
+    t.expect_entry(d, kc, &web, unconfirmed(CT_S_OPENING, 0, nb));
+    t.expect_events(d, &since, &[(Counter::CtReopened, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &web, kb, kactive - 1);
+
+    let d = "RST on a half-closed flow → closed, off the count";
     let active = t.active(&web, sb);
     t.forward_to(d, &tcp(sc, web.addr, Tcp::Rst), sb);
     t.expect_entry(
         d,
         sc,
         &web,
-        confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT | CT_F_RST, sb),
+        confirmed(CT_S_CLOSED, CT_F_FIN_CLIENT | CT_F_RST, sb),
     );
+    t.expect_active(d, &web, sb, active - 1);
+    let d = "then the client's data → closing again (the FIN stays), counted again";
     t.forward_to(d, &ack(sc, web.addr), sb);
     t.expect_entry(
         d,
@@ -1659,10 +1833,107 @@ fn flow_state_table() {
         confirmed(CT_S_CLOSING, CT_F_COUNTED | CT_F_FIN_CLIENT, sb),
     );
     t.expect_active(d, &web, sb, active);
-    for (v, _, b, _) in &spoofed {
-        t.gw.dp.maps.set_weight(v, *b, 1).unwrap();
-    }
     t.gw.dp.maps.set_weight(&web, kb, 1).unwrap();
+
+    // ---- a backend id reused by another backend: its old flows are stale ----
+    // B's flows: two confirmed, one unconfirmed. B is removed and C added: C gets B's id (the
+    // lowest free one) with the next generation, and an active count of 0. Whoever finds one
+    // of B's entries removes it without touching any count: it is on B's count, which C's
+    // replaced.
+    let (gb, gc) = (sa("10.1.0.11:8090"), sa("10.1.0.12:8090"));
+    let (g1, g2, g3) = (client(50_140), client(50_141), client(50_142));
+    for g in [g1, g2] {
+        t.forward_to("reused id: B's flow, SYN", &syn(g, reused.addr), gb);
+        t.reply_as(
+            "reused id: B's flow, SYN-ACK",
+            &from_backend(gb, g, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+            &reused,
+        );
+        t.forward_to(
+            "reused id: B's flow, ACK → confirmed",
+            &ack(g, reused.addr).seq_ack(SEQ + 1, ISN_B + 1),
+            gb,
+        );
+        t.expect_entry(
+            "reused id: B's flow",
+            g,
+            &reused,
+            confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, gb),
+        );
+    }
+    t.forward_to(
+        "reused id: B's unconfirmed flow, SYN",
+        &syn(g3, reused.addr),
+        gb,
+    );
+    t.reply_as(
+        "reused id: B's unconfirmed flow, SYN-ACK",
+        &from_backend(gb, g3, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &reused,
+    );
+    t.expect_entry(
+        "reused id: B's unconfirmed flow",
+        g3,
+        &reused,
+        unconfirmed(CT_S_OPENING, CT_F_SYNACK, gb),
+    );
+    t.expect_active("reused id: B's flows", &reused, gb, 2);
+    let b_id = t.backend_id(&reused, gb);
+    t.gw.dp.maps.del_backend(&reused, gb).unwrap();
+    t.gw.dp.maps.add_backend(&reused, gc, 1).unwrap();
+    assert_eq!(
+        t.backend_id(&reused, gc),
+        b_id,
+        "C does not have B's id: the rows below test nothing"
+    );
+    t.expect_active("reused id: C added", &reused, gc, 0);
+    let d = "reused id: B's confirmed flow, the client's next packet → stale: removed without \
+             touching C's count; picked up by the table (C)";
+    let since = t.counters();
+    t.forward_to(d, &ack(g1, reused.addr), gc);
+    t.expect_entry(d, g1, &reused, unconfirmed(CT_S_OPENING, CT_F_PICKUP, gc));
+    t.expect_events(d, &since, &[(Counter::CtStale, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &reused, gc, 0);
+    let d = "reused id: C's packet with B's confirmed flow's tuple → not that flow's: \
+             untouched, the stale entry removed, C's count untouched";
+    let since = t.counters();
+    t.unchanged(
+        d,
+        from_backend(gc, g2, Tcp::Ack).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.expect_no_entry(d, g2, &reused);
+    t.expect_events(d, &since, &[(Counter::CtStale, 1)]);
+    t.expect_active(d, &reused, gc, 0);
+    let d = "reused id: C's SYN-ACK with B's unconfirmed flow's tuple → untouched, the stale \
+             entry removed";
+    let since = t.counters();
+    t.unchanged(
+        d,
+        from_backend(gc, g3, Tcp::SynAck)
+            .seq_ack(ISN_B, SEQ + 1)
+            .build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.expect_no_entry(d, g3, &reused);
+    t.expect_events(d, &since, &[(Counter::CtStale, 1)]);
+    let d = "reused id: C answers the flow picked up for it → confirmed, counted on C once";
+    let since = t.counters();
+    t.reply_as(d, &from_backend(gc, g1, Tcp::Ack), &reused);
+    t.expect_entry(
+        d,
+        g1,
+        &reused,
+        confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, gc),
+    );
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::CtConfirmed, 1), (Counter::RevNat, 1)],
+    );
+    t.expect_active(d, &reused, gc, 1);
 
     // ---- one backend behind two VIPs: replies go out as the VIP of their flow ----
     let (ca, cb) = (client(50_120), client(50_121));
@@ -2061,6 +2332,202 @@ fn flood_threshold_lowered() {
         &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
     );
     t.finish();
+}
+
+/// Flows that began above the flood threshold on VIPs whose choice is not a function of the
+/// packet (random, round robin, least-conn) have no entry: their backend came from the flow
+/// hash. After the flood — the next second, or the threshold removed — the client's next
+/// segment (not a SYN) still has no entry, and must get the same backend from the hash, not a
+/// fresh random / round-robin / least-conn choice; it is picked up there, and the backend's
+/// answer confirms it.
+#[test]
+fn flows_begun_in_a_flood_keep_their_backend() {
+    pin_to_current_cpu();
+    let mut t = Table::new("flood-keep");
+    let web = vip("10.100.0.100:80/tcp");
+    let rnd = vip("10.100.0.106:80/tcp");
+    let rr = vip("10.100.0.107:80/tcp");
+    let lc = vip("10.100.0.108:80/tcp");
+    let weighted = |port: u16| {
+        [
+            (SocketAddr::new("10.1.0.11".parse().unwrap(), port), 1),
+            (SocketAddr::new("10.1.0.12".parse().unwrap(), port), 2),
+            (SocketAddr::new("10.1.0.13".parse().unwrap(), port), 3),
+        ]
+    };
+    {
+        let m = &mut t.gw.dp.maps;
+        m.add_vip(&web, 251).unwrap();
+        m.set_backends(
+            &web,
+            &[(sa("10.1.0.11:8080"), 1), (sa("10.1.0.12:8080"), 1)],
+        )
+        .unwrap();
+        for (v, algo, port) in [
+            (rnd, Algorithm::Random, 8081),
+            (rr, Algorithm::RoundRobin, 8082),
+            (lc, Algorithm::LeastConn, 8083),
+        ] {
+            m.add_vip(&v, 251).unwrap();
+            m.set_algorithm(&v, algo).unwrap();
+            m.set_backends(&v, &weighted(port)).unwrap();
+        }
+        let conf = m.conf().unwrap();
+        assert!(m
+            .set_conf(GlobalConf {
+                flood_rate: 3,
+                ..conf
+            })
+            .unwrap());
+        assert_eq!(m.conf().unwrap().flood_rate, 3);
+    }
+    let vips = [rnd, rr, lc];
+    // Four clients per VIP: the old choice (random, the round-robin position, two random
+    // candidates with no active flows) would have matched the hash for all of them with
+    // probability below 3% per VIP.
+    let flows: Vec<(Vip, SocketAddr)> = vips
+        .iter()
+        .enumerate()
+        .flat_map(|(i, v)| (0..4).map(move |j| (*v, client(50_400 + 10 * i as u16 + j))))
+        .collect();
+    let mut hashed = HashMap::new();
+    for (v, c) in &flows {
+        hashed.insert((*v, *c), t.hashed(*c, v));
+    }
+    for v in vips {
+        let distinct: std::collections::HashSet<_> = flows
+            .iter()
+            .filter(|(w, _)| *w == v)
+            .map(|f| hashed[f])
+            .collect();
+        println!("{v}: the four flows hash to {distinct:?}");
+    }
+
+    // A fresh one-second window: three new flows stored, then the flood.
+    std::thread::sleep(Duration::from_millis(1100));
+    for port in 50_390..50_393 {
+        let c = client(port);
+        let b = t.predict(c, &web);
+        t.forward_to(
+            &format!("flood-keep: new flow from {port}, under the threshold"),
+            &syn(c, web.addr),
+            b,
+        );
+    }
+    for (v, c) in &flows {
+        let b = hashed[&(*v, *c)];
+        let d =
+            format!("flood-keep: {v}: SYN from {c} over the threshold → {b} by the hash, no entry");
+        let since = t.counters();
+        t.forward_to(&d, &syn(*c, v.addr), b);
+        t.expect_no_entry(&d, *c, v);
+        t.expect_events(
+            &d,
+            &since,
+            &[(Counter::CtMiss, 1), (Counter::CtFloodSkip, 1)],
+        );
+        let d = format!("flood-keep: {v}: {b}'s SYN-ACK to {c} → matched by the table");
+        let since = t.counters();
+        t.reply_as(
+            &d,
+            &from_backend(b, *c, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+            v,
+        );
+        t.expect_no_entry(&d, *c, v);
+        t.expect_events(
+            &d,
+            &since,
+            &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
+        );
+    }
+
+    // The next second: under the threshold again. The first client's ACK, with no entry, is
+    // the first new flow of the window.
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut rest = flows.iter();
+    let (v0, c0) = rest.next().unwrap();
+    let b0 = hashed[&(*v0, *c0)];
+    let d = format!(
+        "flood-keep: the next second, {v0}: {c0}'s ACK without an entry → {b0} by the hash, \
+         picked up"
+    );
+    let since = t.counters();
+    t.forward_to(&d, &ack(*c0, v0.addr).seq_ack(SEQ + 1, ISN_B + 1), b0);
+    t.expect_entry(
+        &d,
+        *c0,
+        v0,
+        Want {
+            table: CtTable::Unconfirmed,
+            state: CT_S_OPENING,
+            flags: CT_F_PICKUP,
+            backend: b0,
+        },
+    );
+    t.expect_events(&d, &since, &[(Counter::CtMiss, 1)]);
+    // The flood threshold removed, through the map layer.
+    {
+        let m = &mut t.gw.dp.maps;
+        let conf = m.conf().unwrap();
+        assert!(m
+            .set_conf(GlobalConf {
+                flood_rate: 0,
+                ..conf
+            })
+            .unwrap());
+        assert_eq!(m.conf().unwrap().flood_rate, 0);
+    }
+    for (v, c) in rest {
+        let b = hashed[&(*v, *c)];
+        let d = format!(
+            "flood-keep: no threshold, {v}: {c}'s ACK without an entry → {b} by the hash, \
+             picked up"
+        );
+        let since = t.counters();
+        t.forward_to(&d, &ack(*c, v.addr).seq_ack(SEQ + 1, ISN_B + 1), b);
+        t.expect_entry(
+            &d,
+            *c,
+            v,
+            Want {
+                table: CtTable::Unconfirmed,
+                state: CT_S_OPENING,
+                flags: CT_F_PICKUP,
+                backend: b,
+            },
+        );
+        t.expect_events(&d, &since, &[(Counter::CtMiss, 1)]);
+    }
+    let mut want_active: HashMap<(Vip, SocketAddr), u64> = HashMap::new();
+    for (v, c) in &flows {
+        let b = hashed[&(*v, *c)];
+        let d = format!("flood-keep: {v}: {b} answers {c} → confirmed, counted");
+        let since = t.counters();
+        t.reply_as(&d, &from_backend(b, *c, Tcp::Ack), v);
+        t.expect_entry(
+            &d,
+            *c,
+            v,
+            Want {
+                table: CtTable::Confirmed,
+                state: CT_S_ESTABLISHED,
+                flags: CT_F_COUNTED,
+                backend: b,
+            },
+        );
+        t.expect_events(
+            &d,
+            &since,
+            &[(Counter::CtConfirmed, 1), (Counter::RevNat, 1)],
+        );
+        *want_active.entry((*v, b)).or_default() += 1;
+        t.expect_active(&d, v, b, want_active[&(*v, b)]);
+        let d = format!("flood-keep: {v}: {c}'s data → {b}, from the entry");
+        t.forward_to(&d, &ack(*c, v.addr).seq_ack(SEQ + 19, ISN_B + 1), b);
+    }
+    t.expect_counts_exact(&[web, rnd, rr, lc]);
+    t.finish();
+    println!("{} flood-keep cases passed", t.rows);
 }
 
 /// Keeps `Mac` in use for readers of this file: MACs are 6 bytes.

@@ -28,7 +28,8 @@ use lb::{
 };
 use lb_common::{
     csum::checksum, hash::flow_hash, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED,
-    CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT, VERDICT_COUNT,
+    CT_F_RST, CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT,
+    VERDICT_COUNT,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -531,6 +532,43 @@ fn dsr_ipip_icmp_and_decap() {
     t.expect_entry("dsr-l2: ACK", c, &l2, ESTABLISHED, b);
     t.expect_active("dsr-l2: ACK", &l2, b, 1);
     assert_eq!(t.delta(&since, Counter::CtConfirmed), 1);
+    // The client's RST (the only side lb sees): closed and off the count at once; the client's
+    // next packet shows the flow goes on (a spoofed RST): counted again, once.
+    let s = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, l2.addr, Tcp::Rst).seq_ack(0x5eed_0000, 0);
+    t.check(
+        "dsr-l2: the client's RST on a confirmed flow → same backend, closed, off the count",
+        &s.build(),
+        XDP_TX,
+        &l2_out(&s, b, GW_MAC_A),
+        Counter::Tx,
+    );
+    t.expect_entry(
+        "dsr-l2: RST",
+        c,
+        &l2,
+        (CtTable::Confirmed, CT_S_CLOSED, CT_F_RST),
+        b,
+    );
+    t.expect_active("dsr-l2: RST", &l2, b, 0);
+    let s = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, l2.addr, Tcp::Ack).seq_ack(SEQ + 1, 0x3000_0001);
+    for i in 0..2 {
+        t.check(
+            "dsr-l2: then the client's data → established, counted again once",
+            &s.build(),
+            XDP_TX,
+            &l2_out(&s, b, GW_MAC_A),
+            Counter::Tx,
+        );
+        t.expect_entry(
+            &format!("dsr-l2: data {i} after the RST"),
+            c,
+            &l2,
+            ESTABLISHED,
+            b,
+        );
+        t.expect_active(&format!("dsr-l2: data {i} after the RST"), &l2, b, 1);
+    }
+    assert_eq!(t.delta(&since, Counter::CtConfirmed), 1);
     let (c, b) = (client(40006), sa("10.1.0.11:53"));
     let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, l2_udp.addr);
     t.check(
@@ -898,8 +936,8 @@ fn dsr_ipip_icmp_and_decap() {
     let ev = |c: Counter| after[c as usize] - before[c as usize];
     assert_eq!(
         ev(Counter::FwdDsrL2),
-        12,
-        "11 dsr-l2 packets (TTL 1 is not forwarded) + 1 ICMP"
+        15,
+        "14 dsr-l2 packets (TTL 1 is not forwarded) + 1 ICMP"
     );
     assert_eq!(
         ev(Counter::FwdIpip),

@@ -199,6 +199,96 @@ fn flow_clients(tb: &Testbed) -> Vec<String> {
         .collect()
 }
 
+/// `lb flows --json`: (client address, confirmed, state) of every entry.
+fn flow_states(tb: &Testbed) -> Vec<(String, bool, String)> {
+    let rows = tb.lb_json(&["flows"]).expect("lb flows --json");
+    rows.as_array()
+        .expect("lb flows --json prints a list")
+        .iter()
+        .map(|r| {
+            (
+                r["client"].as_str().unwrap_or("").to_string(),
+                r["confirmed"].as_bool().unwrap_or(false),
+                r["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The active counts by backend name (every backend of the testbed's VIPs on `names`' port).
+fn active_by_name(tb: &Testbed, names: &HashMap<String, String>) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for (addr, n) in active_flows(tb) {
+        let name = names
+            .get(&addr)
+            .unwrap_or_else(|| panic!("backend {addr} is not one of the testbed's"));
+        *out.entry(name.clone()).or_default() += n;
+    }
+    out
+}
+
+/// The active counts become exactly `want` (connections per backend name; 0 for the backends
+/// it does not name) within the I/O timeout — what the data plane counts by itself: no sweep
+/// runs in these tests unless one asks for it.
+fn expect_active_exact(
+    tb: &Testbed,
+    names: &HashMap<String, String>,
+    want: &BTreeMap<String, usize>,
+    what: &str,
+) {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let got = active_by_name(tb, names);
+        let total: u64 = got.values().sum();
+        let want_total: u64 = want.values().map(|n| *n as u64).sum();
+        let same = total == want_total
+            && got
+                .iter()
+                .all(|(name, n)| *n == want.get(name).copied().unwrap_or(0) as u64);
+        if same {
+            println!("{what}: active flows exactly {got:?}");
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{what}: active flows {got:?} (total {total}), want exactly {want:?} (total \
+                 {want_total})"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sets the flood threshold of the running lb the way an operator would: `lb show-config`,
+/// the `flood_threshold` line changed, `lb apply -f`.
+fn set_flood_threshold(tb: &Testbed, n: u32) {
+    let cfg = tb.lb(&["show-config"]).expect("lb show-config");
+    assert!(
+        cfg.lines().any(|l| l.starts_with("flood_threshold")),
+        "lb show-config prints no flood_threshold:\n{cfg}"
+    );
+    let cfg: String = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("flood_threshold") {
+                format!("flood_threshold = {n}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("lb-flowstate-{}.toml", std::process::id()));
+    std::fs::write(&path, cfg).expect("writing the configuration");
+    let out = tb.lb(&["apply", "-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    out.unwrap_or_else(|e| panic!("lb apply (flood_threshold = {n}): {e:#}"));
+    let now = tb.lb(&["show-config"]).expect("lb show-config");
+    assert!(
+        now.lines().any(|l| l == format!("flood_threshold = {n}")),
+        "the flood threshold is not {n} after lb apply:\n{now}"
+    );
+}
+
 // ---- client connections (to the hold servers) ----
 
 /// A connection from the client to a hold server through a VIP.
@@ -217,6 +307,14 @@ impl Conn {
     /// Connects from the client's address (port `port`, 0: any) to `vip` and learns its
     /// backend.
     fn open(tb: &Testbed, vip: SocketAddr, port: u16) -> Result<Conn> {
+        let mut c = Conn::connect(tb, vip, port)?;
+        c.backend = c.ask(Instant::now() + IO_TIMEOUT)?;
+        Ok(c)
+    }
+
+    /// Connects (the handshake only: no data, so the backend has sent nothing but its
+    /// SYN-ACK); the backend is not known yet.
+    fn connect(tb: &Testbed, vip: SocketAddr, port: u16) -> Result<Conn> {
         let client = if vip.is_ipv4() {
             tb.client_v4
         } else {
@@ -238,7 +336,7 @@ impl Conn {
             s.set_write_timeout(Some(IO_TIMEOUT))?;
             Ok(s)
         })??;
-        let mut c = Conn {
+        let c = Conn {
             local: stream.local_addr()?,
             reader: BufReader::new(stream.try_clone()?),
             stream,
@@ -248,7 +346,6 @@ impl Conn {
         if c.stream.peer_addr()? != vip {
             bail!("connected to {} instead of {vip}", c.stream.peer_addr()?);
         }
-        c.backend = c.ask(Instant::now() + IO_TIMEOUT)?;
         Ok(c)
     }
 
@@ -564,6 +661,129 @@ fn connections_made_above_the_flood_threshold_keep_working() {
     );
 }
 
+/// As above on a `random` VIP, but the flood ends before anyone speaks and the client speaks
+/// first (see `flood_ends_then_the_client_speaks`).
+#[test]
+fn connections_made_above_the_flood_threshold_keep_working_random() {
+    flood_ends_then_the_client_speaks("random");
+}
+
+#[test]
+fn connections_made_above_the_flood_threshold_keep_working_least_conn() {
+    flood_ends_then_the_client_speaks("least-conn");
+}
+
+#[test]
+fn connections_made_above_the_flood_threshold_keep_working_round_robin() {
+    flood_ends_then_the_client_speaks("round-robin");
+}
+
+/// Ten connections (handshakes only) to an `algo` VIP while new flows are above the flood
+/// threshold (1/s per CPU): most get no entry, their backend from the flow hash. The flood
+/// then ends — no new flow for 4 s (past the opening timeout of 2 s, so the unconfirmed
+/// entries some handshake ACKs left are expired), the threshold raised to 100,000 — and the
+/// client speaks first: its segment has no entry and is under the threshold, so it must get
+/// the same backend from the hash, not a fresh random / least-conn / round-robin choice
+/// (another backend would answer with an RST). Then client data on all ten, and server push.
+fn flood_ends_then_the_client_speaks(algo: &str) {
+    let tb = testbed(
+        3,
+        "native",
+        &["--conntrack-size", "65536", "--flood-threshold", "1"],
+    );
+    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
+    let vip = format!("{VIP4}:80/tcp");
+    add_vip(
+        &tb,
+        &vip,
+        &["--algo", algo, "--timeout", "opening=2"],
+        &backend_addrs(&tb, PUSH_PORT, false),
+    );
+    let before = counters(&tb);
+    let mut conns: Vec<Conn> = (0..10)
+        .map(|i| {
+            Conn::connect(&tb, vip4(80), 0)
+                .unwrap_or_else(|e| panic!("{algo}: connection {i} above the threshold: {e:#}"))
+        })
+        .collect();
+    wait_for(IO_TIMEOUT, "the servers to accept the 10", || {
+        hold.accepted() == 10
+    });
+    let after = counters(&tb);
+    print_deltas(
+        &format!("{algo}: 10 handshakes above the threshold"),
+        &before,
+        &after,
+    );
+    let skipped = grew(&before, &after, "ct_flood_skip");
+    assert!(
+        skipped > 0,
+        "{algo}: 10 new connections with a threshold of 1 new flow/s: none was over it"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    set_flood_threshold(&tb, 100_000);
+    let confirmed: Vec<String> = flow_states(&tb)
+        .into_iter()
+        .filter(|(_, confirmed, _)| *confirmed)
+        .map(|(c, _, _)| c)
+        .collect();
+    let without: Vec<String> = conns
+        .iter()
+        .map(|c| c.local.to_string())
+        .filter(|c| !confirmed.contains(c))
+        .collect();
+    println!(
+        "{algo}: {} of 10 connections without a confirmed entry when the flood is over",
+        without.len()
+    );
+    assert!(
+        without.len() >= 3,
+        "{algo}: only {} of the 10 connections made above the threshold have no confirmed \
+         entry: the test does not exercise flows without one",
+        without.len()
+    );
+
+    // The client speaks first, one connection after the other.
+    let before = counters(&tb);
+    let mut failed = Vec::new();
+    for c in &mut conns {
+        match c.ask(Instant::now() + IO_TIMEOUT) {
+            Ok(b) => c.backend = b,
+            Err(e) => failed.push(format!("{algo}: {}: first data: {e:#}", c.name())),
+        }
+    }
+    let after = counters(&tb);
+    print_deltas(
+        &format!("{algo}: the clients' first data after the flood"),
+        &before,
+        &after,
+    );
+    println!("{algo}: spread {:?}", spread(&conns));
+    assert_none(
+        &failed,
+        "the clients' first data on connections made above the flood threshold",
+    );
+    assert_eq!(
+        grew(&before, &after, "ct_flood_skip"),
+        0,
+        "{algo}: the flood is over, yet segments were over the threshold"
+    );
+    assert!(
+        grew(&before, &after, "ct_miss") >= without.len() as u64,
+        "{algo}: {} connections had no entry, but their first data made only {} new ones",
+        without.len(),
+        grew(&before, &after, "ct_miss")
+    );
+    assert_none(
+        &check_answers(&mut conns, "client data again"),
+        "client data on connections made above the flood threshold",
+    );
+    assert_none(
+        &check_push(&hold, &mut conns, "server push after the client's data"),
+        "server push on connections made above the flood threshold",
+    );
+}
+
 // ---- 2. blind FIN + SYN ----
 
 /// Five live connections on a `random` VIP (and five each on `round-robin` and `least-conn`
@@ -632,21 +852,31 @@ fn spoofed_fin_syn_do_not_move_flows() {
 // ---- 3. exact active counts ----
 
 /// 12 connections stay open through opens and closes (client first, server first,
-/// half-closes), an RST flood (random sources, and the 12 real 5-tuples) and evictions from a
-/// 64-entry table; after `lb flows --sweep` the active counts are exactly 12, per backend
-/// exactly the connections it serves.
+/// half-closes, a reset by the client), an RST flood (random sources, and the 12 real
+/// 5-tuples, each followed by the real client's data) and evictions from a 64-entry table.
+/// Before any sweep — the data plane's own counting — the active counts are exactly 12, per
+/// backend exactly the connections it serves: after the closes (the reset one off the count
+/// at once), and after the RST flood (the spoofed RSTs take the 12 off the count, the real
+/// clients' next data puts them back, once). After the evictions, `lb flows --sweep` settles
+/// what the data plane cannot see, and the counts are exact again.
 #[test]
 fn active_counts_are_exact() {
     const KEEP: usize = 12;
-    let tb = testbed(3, "native", &["--conntrack-size", "64"]);
+    // 256 entries: the kernel's LRU hands free entries to each CPU in batches of 128, so with
+    // 2 CPUs nothing is evicted before 128 flows on one CPU (the first part below makes 41);
+    // the churn further down makes far more than 256.
+    let tb = testbed(3, "native", &["--conntrack-size", "256"]);
     let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
     let vip = format!("{VIP4}:80/tcp");
     add_vip(&tb, &vip, &[], &backend_addrs(&tb, PUSH_PORT, false));
     let names = names(&tb, PUSH_PORT);
     let addr = vip4(80);
+    let held = || hold.open().iter().map(|(_, n)| n).sum::<usize>();
 
     let mut keep = open_conns(&tb, addr, KEEP, "the 12 kept connections");
-    println!("kept: {:?}", spread(&keep));
+    let want = spread(&keep);
+    println!("kept: {want:?}");
+    expect_active_exact(&tb, &names, &want, "the 12 kept connections open");
     // Opened and closed by the client (FIN from the client first).
     for c in open_conns(&tb, addr, 20, "opened and closed") {
         drop(c);
@@ -672,11 +902,50 @@ fn active_counts_are_exact() {
             .unwrap_or_else(|e| panic!("server-closed connection {i}: {e:#}"));
     }
     wait_for(IO_TIMEOUT, "the servers to hold only the 12", || {
-        hold.open().iter().map(|(_, n)| n).sum::<usize>() == KEEP
+        held() == KEEP
     });
+    expect_active_exact(
+        &tb,
+        &names,
+        &want,
+        "after 28 connections closed (client first, server first, half-closed), no sweep",
+    );
+
+    // Reset by the client (SO_LINGER 0: an RST, no FIN): off the count at once.
+    let reset = Conn::open(&tb, addr, 0).expect("the connection to reset");
+    let mut with_reset = want.clone();
+    *with_reset.entry(reset.backend.clone()).or_default() += 1;
+    expect_active_exact(&tb, &names, &with_reset, "the 12 and the one to reset");
+    socket2::SockRef::from(&reset.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    let reset_local = reset.local.to_string();
+    drop(reset);
+    expect_active_exact(
+        &tb,
+        &names,
+        &want,
+        "after a connection reset by the client (SO_LINGER 0), no sweep",
+    );
+    let states = flow_states(&tb);
+    assert!(
+        states
+            .iter()
+            .any(|(c, confirmed, state)| *c == reset_local && *confirmed && state == "closed"),
+        "the reset connection {reset_local}: want a confirmed, closed entry; lb flows: {:?}",
+        states
+            .iter()
+            .filter(|(c, _, _)| *c == reset_local)
+            .collect::<Vec<_>>()
+    );
+    wait_for(
+        IO_TIMEOUT,
+        "the servers to drop the reset connection",
+        || held() == KEEP,
+    );
 
     // RST flood: random sources, then RSTs (and RST+ACKs) with the 12 real 5-tuples and
-    // random sequence numbers.
+    // random sequence numbers (out of the backends' windows: they ignore them).
     let l2 = client_l2(&tb);
     let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
     let mut rng = StdRng::seed_from_u64(seed());
@@ -703,19 +972,50 @@ fn active_counts_are_exact() {
     }
     std::thread::sleep(Duration::from_millis(200));
     print_deltas("the RST flood", &before, &counters(&tb));
+    // An RST takes a flow off the count at once (its closed timeout runs) until the side
+    // that sent it shows the flow goes on.
+    expect_active_exact(
+        &tb,
+        &names,
+        &BTreeMap::new(),
+        "after RSTs with the 12 kept connections' 5-tuples",
+    );
+    // The real clients' next data undoes the spoofed RSTs: counted again, once each.
     assert_none(
         &check_answers(&mut keep, "after the RST flood"),
         "the 12 kept connections after the RST flood",
     );
+    expect_active_exact(
+        &tb,
+        &names,
+        &want,
+        "after the RST flood and the real clients' data, no sweep",
+    );
+    let states = flow_states(&tb);
+    for c in &keep {
+        let local = c.local.to_string();
+        assert!(
+            states
+                .iter()
+                .any(|(cl, confirmed, state)| *cl == local && *confirmed && state == "established"),
+            "kept connection {}: want a confirmed, established entry after the RST flood; lb \
+             flows: {:?}",
+            c.name(),
+            states
+                .iter()
+                .filter(|(cl, _, _)| *cl == local)
+                .collect::<Vec<_>>()
+        );
+    }
 
     // Evictions: more closed connections than the table holds.
-    let churn = 160;
+    let churn = 400;
     for i in 0..churn {
         let c = Conn::open(&tb, addr, 0).unwrap_or_else(|e| panic!("churn connection {i}: {e:#}"));
         drop(c);
     }
     wait_for(IO_TIMEOUT, "the servers to hold only the 12 again", || {
-        hold.open().iter().map(|(_, n)| n).sum::<usize>() == KEEP
+        held() == KEEP
     });
     let present = flow_clients(&tb);
     let evicted = keep
@@ -725,7 +1025,7 @@ fn active_counts_are_exact() {
     println!("after {churn} more connections, {evicted} of the 12 kept flows were evicted");
     assert!(
         evicted > 0,
-        "no kept flow was evicted from a 64-entry table by {churn} connections: the test \
+        "no kept flow was evicted from a 256-entry table by {churn} connections: the test \
          does not exercise evictions"
     );
     // A byte on each of the 12 brings its entry back (maglev: the same backend).
@@ -743,7 +1043,6 @@ fn active_counts_are_exact() {
     tb.lb(&["flows", "--sweep"]).expect("lb flows --sweep");
     let active = active_flows(&tb);
     let total: u64 = active.values().sum();
-    let want = spread(&keep);
     println!("active flows after the sweep: {active:?}; kept connections: {want:?}");
     assert_eq!(
         total, KEEP as u64,

@@ -24,7 +24,9 @@ use common::{
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb::{CtTable, Vip};
 use lb_common::{
-    Counter, COUNTER_NAMES, CT_F_COUNTED, CT_S_CLOSED, CT_S_OPENING, CT_S_UDP, VERDICT_COUNT,
+    Counter, COUNTER_NAMES, CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST,
+    CT_F_RST_BACKEND, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP,
+    VERDICT_COUNT,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -593,14 +595,39 @@ fn random_and_mutated_packets() {
                 "confirmed entry {f:?}: counted exactly while not closed (seed {seed})"
             ),
         }
+        // A confirmed TCP entry's state is what its flags say: closed by FINs both ways or
+        // an RST from either side (not undone by a later packet from that side), closing by
+        // one FIN, else established.
+        if f.table == CtTable::Confirmed && e.state != CT_S_UDP {
+            let fins = e.flags & (CT_F_FIN_CLIENT | CT_F_FIN_BACKEND);
+            let want = if fins == CT_F_FIN_CLIENT | CT_F_FIN_BACKEND
+                || e.flags & (CT_F_RST | CT_F_RST_BACKEND) != 0
+            {
+                CT_S_CLOSED
+            } else if fins != 0 {
+                CT_S_CLOSING
+            } else {
+                CT_S_ESTABLISHED
+            };
+            assert_eq!(
+                e.state, want,
+                "confirmed entry {f:?}: state not the one its flags give (seed {seed})"
+            );
+        }
     }
+    let rst_closed = flows
+        .iter()
+        .filter(|f| {
+            f.table == CtTable::Confirmed && f.entry.flags & (CT_F_RST | CT_F_RST_BACKEND) != 0
+        })
+        .count();
     let confirmed = flows
         .iter()
         .filter(|f| f.table == CtTable::Confirmed)
         .count();
 
     let ev = |c: Counter| after[c as usize] - before[c as usize];
-    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched; {pristine_to_vip} unmutated to a VIP; {} flows, {confirmed} confirmed", flows.len());
+    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched; {pristine_to_vip} unmutated to a VIP; {} flows, {confirmed} confirmed ({rst_closed} closed by an RST)", flows.len());
     for c in [
         Counter::DropMartian,
         Counter::DropPortZero,

@@ -87,8 +87,9 @@ pub enum Command {
     Flows {
         vip: Option<Vip>,
         /// First sweep both tables once: delete the entries past their timeout or whose VIP or
-        /// backend is gone, and set every backend's active-flow count to the flows found
-        /// (counting the ones evicted from the table). Prints a summary on stderr.
+        /// backend is gone, and settle every backend's active-flow count (to the flows found
+        /// when none opens or closes meanwhile; taking off the ones evicted from the table).
+        /// Prints a summary on stderr.
         #[arg(long)]
         sweep: bool,
     },

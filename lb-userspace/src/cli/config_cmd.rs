@@ -17,6 +17,9 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
     // The whole file is validated before the kernel is touched.
     let cfg = Config::parse(&file.display().to_string(), &text)
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Some(w) = cfg.seed_warning() {
+        eprintln!("lb: warning: {w}");
+    }
     // A first load takes the file's settings, so no other seed is ever in use.
     let mut opts = sizes.load_options();
     opts.hash_seed = cfg.hash_seed;

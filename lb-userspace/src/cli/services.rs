@@ -32,6 +32,17 @@ struct BackendRow {
     id: u32,
 }
 
+/// The note `--reverse stateless` prints on stderr: every gateway of the ECMP group must hash
+/// with the same seed, and where to see and set this one's.
+fn stateless_seed_note(seed: u32) {
+    let set = "set it with `lb attach --hash-seed HEX` or `hash_seed` in lb.toml";
+    if seed == 0 {
+        eprintln!("lb: stateless reverse NAT needs the same hash seed on every gateway: this one has none (0); {set}");
+    } else {
+        eprintln!("lb: stateless reverse NAT needs the same hash seed on every gateway: see lb show-config ({set})");
+    }
+}
+
 pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
     match cmd {
         VipCommand::Add {
@@ -65,6 +76,9 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             maps.set_forward(&vip, forward)?;
             maps.set_stateless_reverse(&vip, stateless)?;
             println!("added VIP {vip} ({algorithm}, {forward}, table of {table_size} slots)");
+            if stateless {
+                stateless_seed_note(maps.conf()?.hash_seed);
+            }
         }
         VipCommand::Set {
             vip,
@@ -142,6 +156,9 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                         "tracked"
                     }
                 );
+                if r == super::args::Reverse::Stateless {
+                    stateless_seed_note(maps.conf()?.hash_seed);
+                }
             }
             if !timeout.is_empty() {
                 let changed = maps.set_timeouts(&vip, timeouts)?;
