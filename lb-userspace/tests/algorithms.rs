@@ -7,9 +7,9 @@ mod common;
 use std::{collections::HashMap, net::SocketAddr};
 
 use common::{
-    packets::{Spec, Tcp},
+    packets::{Spec, Tcp, ACK, SEQ},
     testrun::{run, XDP_TX},
-    topology::{Gateway, CLIENT_MAC, GW_MAC_A},
+    topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A},
 };
 use lb::{
     maglev::{self, TableEntry},
@@ -67,6 +67,35 @@ impl Rig {
             self.ack.clone()
         };
         self.send_frame(f, client, port)
+    }
+
+    /// Opens flow (client address index, source port) as a real connection does — the
+    /// client's SYN, the backend's SYN-ACK, the client's ACK — so that it is confirmed and
+    /// counted active; returns the backend.
+    fn open(&mut self, client: u32, port: u16) -> SocketAddr {
+        let b = self.send(client, port, true);
+        self.reply(client, port, b, Tcp::SynAck);
+        assert_eq!(self.send(client, port, false), b, "flow {client}:{port}");
+        b
+    }
+
+    /// A segment from `backend` to the flow's client (sequence number such that the client's
+    /// ACK acknowledges its SYN-ACK), which must be rewritten to come from the VIP (the
+    /// fixture namespace has no route to the 172.16/12 clients, so it is then passed).
+    fn reply(&mut self, client: u32, port: u16, backend: SocketAddr, flags: Tcp) {
+        let c = SocketAddr::new(
+            std::net::Ipv4Addr::from(0xac10_0000u32 | (client & 0x000f_ffff)).into(),
+            port,
+        );
+        let f = Spec::tcp(mac_of(backend), GW_MAC_A, backend, c, flags)
+            .seq_ack(ACK - 1, SEQ + 1)
+            .build();
+        let (_, out) = run(self.gw.dp.program(), self.gw.ifindex_a, &f);
+        assert_eq!(
+            (&out[26..30], &out[34..36]),
+            (&[10u8, 100, 0, 100][..], &80u16.to_be_bytes()[..]),
+            "reply {backend} → {c} not rewritten to the VIP"
+        );
     }
 
     /// Sends a FIN of the flow; returns the backend.
@@ -289,11 +318,11 @@ fn maglev_disruption_against_modulo() {
 fn least_conn_sends_new_flows_away_from_the_loaded_backend() {
     let vip: Vip = "10.100.0.100:80/tcp".parse().unwrap();
     let mut rig = Rig::new("alg-lc2", &vip);
-    // 300 long flows on backend A alone, then B and C join with the same weight.
+    // 300 long (confirmed) flows on backend A alone, then B and C join with the same weight.
     let a = sa(BACKENDS[0]);
     rig.gw.dp.maps.set_backends(&vip, &[(a, 1)]).unwrap();
     for i in 0..300 {
-        assert_eq!(rig.send(i, 43_000, true), a);
+        assert_eq!(rig.open(i, 43_000), a);
     }
     let want: Vec<(SocketAddr, u32)> = BACKENDS.iter().map(|b| (sa(b), 1)).collect();
     rig.gw.dp.maps.set_backends(&vip, &want).unwrap();
@@ -316,21 +345,22 @@ fn least_conn_sends_new_flows_away_from_the_loaded_backend() {
     assert_eq!(rig.gw.dp.maps.active_flows(id_of(&rig, a)).unwrap(), 300);
     let mut to_a = 0u64;
     for i in 1000..1300 {
-        if rig.send(i, 43_000, true) == a {
+        if rig.open(i, 43_000) == a {
             to_a += 1;
         }
     }
     println!("least-conn: backend A holds 300 flows, B and C none; of 300 new flows A got {to_a}");
     assert!(to_a < 15, "A got {to_a} of 300 new flows");
-    // A's flows end (FIN): its count drops, and it takes new flows again.
+    // A's flows end (FINs both ways): its count drops, and it takes new flows again.
     for i in 0..300 {
         rig.fin(i, 43_000);
         rig.fin(i, 43_000); // a second FIN does not count twice
+        rig.reply(i, 43_000, a, Tcp::Fin);
     }
     assert_eq!(rig.gw.dp.maps.active_flows(id_of(&rig, a)).unwrap(), to_a);
     let mut to_a = 0;
     for i in 2000..2300 {
-        if rig.send(i, 43_000, true) == a {
+        if rig.open(i, 43_000) == a {
             to_a += 1;
         }
     }
