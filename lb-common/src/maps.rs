@@ -99,8 +99,8 @@ pub mod names {
     pub const CONF: &str = "LB_CONF_V1";
     /// `PerCpuArray<RateWindow>` (one entry): this CPU's new-flow rate.
     pub const RATE: &str = "LB_RATE_V1";
-    /// `Array<u64>` (one entry): when some CPU last exceeded the flood threshold (coarse
-    /// monotonic ns); replies of flows without an entry are matched by the table until the
+    /// `Array<u64>` (one entry): when some CPU last exceeded the flood threshold (the data
+    /// plane's clock, ns); replies of flows without an entry are matched by the table until the
     /// VIP's established timeout after it.
     pub const FLOOD: &str = "LB_FLOOD_V1";
     /// `PerCpuArray<CountEvents>`: per backend id, flows put on and taken off its active count.
@@ -269,8 +269,10 @@ pub struct CtEntry {
     pub backend_id: u32,
     /// `Backend::generation` when the entry was made; a mismatch means the backend was replaced.
     pub generation: u32,
-    /// When a packet last refreshed the entry: `bpf_ktime_get_coarse_ns`, i.e.
-    /// `CLOCK_MONOTONIC_COARSE` in nanoseconds. Refreshed at most about once a second.
+    /// When a packet last refreshed the entry, on the data plane's clock: `jiffies ×
+    /// GlobalConf::ns_per_tick` nanoseconds (the kernel's tick counter, which the verifier
+    /// reads inline, where a clock helper would cost every packet a call). Refreshed at most
+    /// about once a second.
     pub last_seen_ns: u64,
     /// `CT_F_*` bits (64-bit: the data plane changes them with atomic fetch-or / fetch-and,
     /// which BPF has for 64-bit words).
@@ -398,8 +400,13 @@ pub struct GlobalConf {
     /// New flows per second per CPU above which no unconfirmed entry is stored (the flood
     /// threshold); 0 = no limit.
     pub flood_rate: u32,
+    /// Nanoseconds per kernel tick (10^9 / CONFIG_HZ), measured at first load: the data
+    /// plane's clock is `jiffies × ns_per_tick`. 0: not measured; the data plane then uses
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`) instead.
+    pub ns_per_tick: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GlobalConf>() == 8);
+const _: () = assert!(core::mem::size_of::<GlobalConf>() == 16);
 
 /// Default flood threshold: new flows per second per CPU (Katran's `MAX_CONN_RATE`).
 pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
@@ -408,7 +415,7 @@ pub const DEFAULT_FLOOD_RATE: u32 = 125_000;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RateWindow {
-    /// Start of the current one-second window, coarse monotonic ns.
+    /// Start of the current one-second window, on the data plane's clock (ns).
     pub start_ns: u64,
     /// New flows seen in this window.
     pub count: u64,

@@ -14,7 +14,7 @@
 //!   cleared, once, by an atomic fetch-and: FINs both ways, or found expired here. Entries the
 //!   LRU evicts or that expire unseen are settled by the agent's sweep.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering};
 use lb_common::{
     Counter, CtEntry, FlowKey, Timeouts, ACK_WINDOW, CT_F_CLIENT_AGAIN, CT_F_COUNTED,
@@ -43,11 +43,21 @@ pub(crate) enum Dir {
     Backend,
 }
 
-/// Coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`), nanoseconds.
+/// The data plane's clock, nanoseconds: the kernel's tick counter times the tick length
+/// userspace measured at load (`bpf_jiffies64` is turned into one load by the verifier; a
+/// clock helper costs every packet a call, about 20 ns here). Userspace reads the same clock
+/// (`lb::clock`).
 #[inline(always)]
 pub(crate) fn now_ns() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    let ns_per_tick = CONF.get(0).map_or(0, |c| c.ns_per_tick) as u64;
+    // SAFETY: plain helper calls.
+    unsafe {
+        if ns_per_tick != 0 {
+            bpf_jiffies64() * ns_per_tick
+        } else {
+            bpf_ktime_get_coarse_ns()
+        }
+    }
 }
 
 /// The deployment's hash seed.

@@ -66,7 +66,10 @@ impl Verdict {
     }
 }
 
+// Inlined into the entry point the macro generates: as a function of its own it would cost
+// every packet a BPF-to-BPF call (with the tail-call bookkeeping that goes with it).
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = process(&ctx);
     count(v.reason);
@@ -185,7 +188,7 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
             family: pkt.family,
             _pad: 0,
         };
-        if tracked_reply(pkt, &key, &r, now) {
+        if tracked_reply(ctx, pkt, &key, &r, now) {
             return Some(r);
         }
         i += 1;
@@ -203,7 +206,7 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
 
 /// A reply whose flow is in conntrack for this backend: applies it to the flow's state.
 #[inline(always)]
-fn tracked_reply(pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool {
+fn tracked_reply(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool {
     // The backend's generation: an entry made for an earlier holder of the id is stale.
     let generation = match BACKENDS.get(r.backend_id) {
         Some(b) if b.is_valid() => b.generation,
@@ -249,7 +252,12 @@ fn tracked_reply(pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool
         let _ = CT_NEW.remove(key);
         return false;
     }
-    match flow::backend_reply(p, pkt.proto, pkt.tcp_flags, pkt.seq) {
+    let seq = if pkt.proto == PROTO_TCP {
+        parse::tcp_seq_ack(ctx, pkt).0
+    } else {
+        0
+    };
+    match flow::backend_reply(p, pkt.proto, pkt.tcp_flags, seq) {
         flow::ReplyEffect::Confirm => flow::confirm(key, p, pkt.proto, now),
         flow::ReplyEffect::Refused => {
             count(Counter::CtRefused);
@@ -396,12 +404,6 @@ fn martian(family: u8, src: &[u32; 4]) -> bool {
 /// forward.
 #[inline(always)]
 fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
-    if pkt.sport == 0 {
-        return Verdict::drop(Counter::DropPortZero);
-    }
-    if martian(pkt.family, &pkt.src) || pkt.src == pkt.dst {
-        return Verdict::drop(Counter::DropMartian);
-    }
     if pkt.ttl <= 1 {
         return Verdict::pass(Counter::PassTtlExceeded);
     }
@@ -418,6 +420,14 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     let (id, backend, new_flow) = if let Some((id, b)) = confirmed_flow(pkt, vip, &flow, now) {
         (id, b, false)
     } else {
+        // No confirmed flow has a martian source or port 0 (none is ever made), so these
+        // checks are needed only here.
+        if pkt.sport == 0 {
+            return Verdict::drop(Counter::DropPortZero);
+        }
+        if martian(pkt.family, &pkt.src) || pkt.src == pkt.dst {
+            return Verdict::drop(Counter::DropMartian);
+        }
         // A SYN above the flood threshold skips the unconfirmed table as well: that is the
         // flood's own path, kept to one lookup (a retransmitted SYN then goes where the hash
         // says). Anything else looks there first.
@@ -426,7 +436,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         let known = if flooding {
             None
         } else {
-            unconfirmed_flow(pkt, vip, &flow, now)
+            unconfirmed_flow(ctx, pkt, vip, &flow, now)
         };
         if let Some((id, b)) = known {
             (id, b, false)
@@ -499,6 +509,7 @@ fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Opti
 /// confirm it). None: no live entry (an expired or stale one is removed).
 #[inline(always)]
 fn unconfirmed_flow(
+    ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipInfo,
     flow: &FlowKey,
@@ -519,7 +530,12 @@ fn unconfirmed_flow(
     };
     count(Counter::CtHit);
     let dsr = vip.fwd != lb_common::FWD_NAT;
-    if flow::client_confirms(p, pkt.proto, pkt.tcp_flags, pkt.ack_seq, dsr) {
+    let ack = if pkt.proto == PROTO_TCP {
+        parse::tcp_seq_ack(ctx, pkt).1
+    } else {
+        0
+    };
+    if flow::client_confirms(p, pkt.proto, pkt.tcp_flags, ack, dsr) {
         flow::confirm(flow, p, pkt.proto, now);
     } else {
         flow::refresh(p, now);

@@ -29,9 +29,6 @@ pub(crate) struct Packet {
     pub tcp_flags: u8,
     /// IPv4 TTL or IPv6 hop limit.
     pub ttl: u8,
-    /// TCP sequence and acknowledgment numbers, host order (0 for UDP).
-    pub seq: u32,
-    pub ack_seq: u32,
     /// Length of the whole frame, for byte counters.
     pub frame_len: u64,
     /// IP total length (IPv4 total length; IPv6 payload length + 40), host order.
@@ -137,8 +134,6 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
         dport: l4.dport,
         tcp_flags: l4.flags,
         ttl,
-        seq: l4.seq,
-        ack_seq: l4.ack_seq,
         frame_len: frame_len as u64,
         ip_len: tot_len as u16,
         tos_or_flow: tos,
@@ -186,21 +181,17 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
         dport: l4.dport,
         tcp_flags: l4.flags,
         ttl,
-        seq: l4.seq,
-        ack_seq: l4.ack_seq,
         frame_len: frame_len as u64,
         ip_len: (IPV6_LEN + payload_len) as u16,
         tos_or_flow: flow,
     })
 }
 
-/// What `parse_l4` reads: ports (network byte order), TCP flags, sequence numbers (host order).
+/// What `parse_l4` reads: ports (network byte order) and TCP flags.
 struct L4 {
     sport: u16,
     dport: u16,
     flags: u8,
-    seq: u32,
-    ack_seq: u32,
 }
 
 /// Checks the TCP/UDP header at `l4_off`, which must lie within the IP packet ending at
@@ -222,8 +213,6 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result
             sport: t.sport_be,
             dport: t.dport_be,
             flags: t.flags,
-            seq: u32::from_be(t.seq),
-            ack_seq: u32::from_be(t.ack),
         })
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
@@ -239,8 +228,17 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result
             sport: u.sport_be,
             dport: u.dport_be,
             flags: 0,
-            seq: 0,
-            ack_seq: 0,
         })
+    }
+}
+
+/// The TCP sequence and acknowledgment numbers (host order) of a parsed TCP packet: read only
+/// on the paths that need them (unconfirmed flows), not by every packet's parse.
+#[inline(always)]
+pub(crate) fn tcp_seq_ack(ctx: &XdpContext, pkt: &Packet) -> (u32, u32) {
+    match ptr_at::<TcpHdr>(ctx, pkt.l4_off) {
+        // SAFETY: bounds-checked by ptr_at.
+        Some(t) => unsafe { (u32::from_be((*t).seq), u32::from_be((*t).ack)) },
+        None => (0, 0),
     }
 }

@@ -537,6 +537,7 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let want_conf = lb_common::GlobalConf {
         hash_seed: cfg.hash_seed.unwrap_or(conf.hash_seed),
         flood_rate: cfg.flood_threshold.unwrap_or(conf.flood_rate),
+        ..conf
     };
     // 1. VIPs that go away.
     for (vip, _) in &current {

@@ -119,6 +119,9 @@ impl Dataplane {
         maps.set_conf(GlobalConf {
             hash_seed,
             flood_rate: opts.flood_rate,
+            ns_per_tick: crate::clock::measure_ns_per_tick()
+                .context("measuring the kernel's tick length")?,
+            _pad: 0,
         })?;
         Ok(Dataplane { ebpf, maps })
     }

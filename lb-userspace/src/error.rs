@@ -73,6 +73,8 @@ pub enum LbError {
     TooManyBackends { need: u32, free: u32, capacity: u32 },
     #[error("no room for a table of {size} slots: the table array has {capacity} slots and no free run that long; use smaller tables or load lb with a larger table capacity")]
     TableCapacity { size: u32, capacity: u32 },
+    #[error("reading the data plane's clock: {0}")]
+    Clock(String),
     #[error("{context}: {source}")]
     Map {
         context: String,

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod announce;
+pub mod clock;
 pub mod config;
 pub mod dataplane;
 pub mod drain;

@@ -16,3 +16,7 @@ pub static LB_DECAP_OBJECT: &[u8] =
 
 /// Name of the decapsulation program inside its object.
 pub const LB_DECAP_PROGRAM: &str = "lb_decap";
+
+/// ELF object of `lb_clock`, which reads the data plane's clock for userspace (`crate::clock`).
+pub static LB_CLOCK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-clock"));

@@ -952,17 +952,27 @@ impl LbMaps {
         Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
-    /// The backend the VIP's table gives a new flow (what the data plane picks on a conntrack
-    /// miss), or None if the slot is empty.
+    /// The backend a flow gets from its hash alone (the data plane's `hashed_index`), or None
+    /// if the slot is empty: for maglev and source-hash what every new flow gets; for the other
+    /// algorithms what a flow gets without an entry (above the flood threshold, or a TCP
+    /// segment that is not a SYN) — round robin hashes into its sequence.
     pub fn table_backend(&self, vip: &Vip, key: &FlowKey) -> Result<Option<BackendState>> {
         let info = self.vip(vip)?;
         let seed = self.conf()?.hash_seed;
-        let hash = if info.algo == lb_common::ALGO_SOURCE_HASH {
-            lb_common::hash::source_hash(&key.src_be, key.family, info.src_prefix_len, seed)
-        } else {
-            lb_common::hash::flow_hash(key, seed)
+        let index = match info.algo {
+            lb_common::ALGO_SOURCE_HASH => {
+                lb_common::hash::source_hash(&key.src_be, key.family, info.src_prefix_len, seed)
+                    % info.table_size
+            }
+            lb_common::ALGO_ROUND_ROBIN => {
+                if info.seq_len == 0 || info.seq_len > info.table_size {
+                    return Ok(None);
+                }
+                lb_common::hash::flow_hash(key, seed) % info.seq_len
+            }
+            _ => lb_common::hash::flow_hash(key, seed) % info.table_size,
         };
-        let slot = info.table_off + hash % info.table_size;
+        let slot = info.table_off + index;
         let id = self
             .table
             .get(&slot, 0)

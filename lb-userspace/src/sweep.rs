@@ -43,15 +43,11 @@ pub const AGENT_BUDGET: usize = 65_536;
 /// Entries asked of the kernel per batched lookup.
 const BATCH: usize = 4096;
 
-/// Now on the data plane's clock (`bpf_ktime_get_coarse_ns`): `CLOCK_MONOTONIC_COARSE`, ns.
-pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec for the call to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// Now on the data plane's clock (ns; see `crate::clock`), for the data plane whose maps
+/// these are.
+pub fn now_ns(maps: &LbMaps) -> Result<u64> {
+    let ns_per_tick = maps.conf()?.ns_per_tick;
+    crate::clock::now_ns(ns_per_tick).map_err(|e| crate::LbError::Clock(format!("{e:#}")))
 }
 
 /// Whole seconds since `last_seen_ns` (0 if it is ahead of `now_ns`: coarse clocks of
@@ -312,7 +308,7 @@ impl Sweeper {
                 ..Pass::default()
             });
         }
-        let now = now_ns();
+        let now = now_ns(maps)?;
         let mut view = View::read(maps)?;
         let mut left = budget.max(1);
         loop {
@@ -897,7 +893,7 @@ mod tests {
         let (b1, b2) = (id(a1), id(a2));
         let generation = |id| maps.backend_entry(id).unwrap().unwrap().generation;
         let (g1, g2) = (generation(b1), generation(b2));
-        let now_s = now_ns() / S;
+        let now_s = now_ns(&maps).unwrap() / S;
         let mut i = 0;
         let mut put = |maps: &mut LbMaps, t, vip: &crate::Vip, b, g, state, age_s: u64, counted| {
             i += 1;

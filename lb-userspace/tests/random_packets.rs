@@ -459,15 +459,15 @@ fn random_and_mutated_packets() {
             v.addr == g.spec.dst && (v.proto == lb::Proto::Udp) == g.spec.tcp.is_none()
         });
         if g.pristine && to_vip {
-            // The checks before any state, in their order.
-            let (want, changed) =
-                if g.spec.src.port() == 0 || martian(g.spec.src.ip(), g.spec.dst.ip()) {
-                    (XDP_DROP, false)
-                } else if g.spec.ttl <= 1 {
-                    (XDP_PASS, false)
-                } else {
-                    (XDP_TX, true)
-                };
+            // The checks before any state, in their order: the TTL first (every packet), then
+            // the source (no confirmed flow has a martian source or port 0).
+            let (want, changed) = if g.spec.ttl <= 1 {
+                (XDP_PASS, false)
+            } else if g.spec.src.port() == 0 || martian(g.spec.src.ip(), g.spec.dst.ip()) {
+                (XDP_DROP, false)
+            } else {
+                (XDP_TX, true)
+            };
             assert_eq!(
                 (action_name(action), out != input),
                 (action_name(want), changed),

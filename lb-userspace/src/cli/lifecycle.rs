@@ -103,6 +103,7 @@ fn set_global(dir: &PinDir, global: &Global) -> CmdResult {
     let new = lb_common::GlobalConf {
         hash_seed: global.hash_seed.unwrap_or(old.hash_seed),
         flood_rate: global.flood_threshold.unwrap_or(old.flood_rate),
+        ..old
     };
     maps.set_conf(new)?;
     if new.hash_seed != old.hash_seed {

@@ -211,7 +211,7 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, sweep: bool, json: bool) -> CmdResu
             r.expired, r.stale, r.evictions_settled, r.active_written
         );
     }
-    let now = lb::sweep::now_ns();
+    let now = lb::sweep::now_ns(&maps)?;
     let mut rows = Vec::new();
     let mut backends_of: std::collections::HashMap<Vip, Vec<lb::BackendState>> = Default::default();
     for f in maps.flows()? {

@@ -448,14 +448,6 @@ pub fn est_and_new(rig: &mut Rig, s: &Settings) -> Result<(Sample, Sample)> {
     Ok((est, new))
 }
 
-/// `CLOCK_MONOTONIC_COARSE` in ns: the data plane's clock (`bpf_ktime_get_coarse_ns`).
-fn coarse_now_ns() -> u64 {
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Fills conntrack with `n` entries for unrelated flows (to VIP4, backend 0).
 pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
     let vip = Vip::new(sa(VIP4), lb::Proto::Tcp);
@@ -465,7 +457,7 @@ pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
         backend_id: b.id,
         generation: 1,
         state: lb_common::CT_S_ESTABLISHED,
-        last_seen_ns: coarse_now_ns(),
+        last_seen_ns: lb::sweep::now_ns(&rig.dp.maps)?,
         ..Default::default()
     };
     for i in 0..n as u32 {
