@@ -417,8 +417,8 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
         _pad: 0,
     };
     let now = flow::now_ns();
-    let (id, backend, new_flow) = if let Some((id, b)) = confirmed_flow(pkt, vip, &flow, now) {
-        (id, b, false)
+    let (id, backend, new_flow) = if let Some(known) = confirmed_flow(pkt, vip, &flow, now) {
+        known
     } else {
         // No confirmed flow has a martian source or port 0 (none is ever made), so these
         // checks are needed only here.
@@ -471,11 +471,17 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     send_to_backend(ctx, pkt, vip, id, &backend, &flow)
 }
 
-/// The backend of a confirmed flow, after applying this client packet to its state. None: not
-/// a live confirmed flow — no entry, or one that is expired, stale (its backend was replaced)
-/// or closed and reopened by a SYN (each removed here).
+/// The backend of a confirmed flow, after applying this client packet to its state, and
+/// whether the flow starts anew here (an expired TCP flow picked up again with its backend).
+/// None: not a live confirmed flow — no entry, or one that is stale (its backend was
+/// replaced), expired (UDP, or a SYN), or closed and reopened by a SYN (each removed here).
 #[inline(always)]
-fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Option<(u32, Backend)> {
+fn confirmed_flow(
+    pkt: &Packet,
+    vip: &VipInfo,
+    flow: &FlowKey,
+    now: u64,
+) -> Option<(u32, Backend, bool)> {
     let p = CONNTRACK.get_ptr_mut(flow)?;
     // SAFETY: live map value, copied.
     let e = unsafe { *p };
@@ -489,6 +495,17 @@ fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Opti
     if flow::expired(&e, now, &flow::timeouts(vip.vip_id)) {
         count(Counter::CtExpired);
         flow::drop_confirmed(flow, p);
+        // A TCP flow past its timeout (idle that long, or closed by an RST nobody undid) still
+        // names a usable backend: a segment that is not a SYN is that connection going on,
+        // so it keeps the backend (picked up again) rather than being chosen afresh — which,
+        // for random, round-robin and least-conn, would move it.
+        if pkt.proto == PROTO_TCP && !flow::is_syn(pkt.tcp_flags) {
+            count(Counter::CtMiss);
+            if pkt.tcp_flags & flow::TCP_RST == 0 {
+                flow::insert_new(flow, e.backend_id, e.generation, pkt.tcp_flags, now);
+            }
+            return Some((e.backend_id, b, true));
+        }
         return None;
     }
     if flow::is_closed(p) && flow::is_syn(pkt.tcp_flags) {
@@ -502,7 +519,7 @@ fn confirmed_flow(pkt: &Packet, vip: &VipInfo, flow: &FlowKey, now: u64) -> Opti
         flow::tcp_update(p, pkt.tcp_flags, Dir::Client);
     }
     flow::refresh(p, now);
-    Some((e.backend_id, b))
+    Some((e.backend_id, b, false))
 }
 
 /// The backend of an unconfirmed flow, after applying this client packet to it (which may

@@ -22,6 +22,11 @@ static PROBE: Mutex<Option<Ebpf>> = Mutex::new(None);
 
 /// The kernel's tick counter (jiffies), now.
 pub fn jiffies() -> Result<u64> {
+    Ok(sample()?.0)
+}
+
+/// The kernel's tick counter and monotonic clock (ns), read in one run of `lb_clock`.
+fn sample() -> Result<(u64, u64)> {
     let mut guard = PROBE.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         let mut ebpf = Ebpf::load(LB_CLOCK_OBJECT).context("loading the lb_clock object")?;
@@ -46,7 +51,8 @@ pub fn jiffies() -> Result<u64> {
         ..TestRunOptions::default()
     })
     .context("running lb_clock (BPF_PROG_TEST_RUN)")?;
-    Ok(u64::from_le_bytes(out[..8].try_into().expect("8 bytes")))
+    let word = |i: usize| u64::from_le_bytes(out[i..i + 8].try_into().expect("8 bytes"));
+    Ok((word(0), word(8)))
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the data plane's clock when `ns_per_tick` is 0.
@@ -69,11 +75,9 @@ pub fn now_ns(ns_per_tick: u32) -> Result<u64> {
     Ok(jiffies()? * ns_per_tick as u64)
 }
 
-/// The kernel's tick rates (CONFIG_HZ choices).
-const HZ_CHOICES: [u64; 4] = [100, 250, 300, 1000];
-
-/// Measures the tick length: ticks counted over at least 200 ms of the monotonic clock, rounded
-/// to the nearest CONFIG_HZ choice. Measured once per process.
+/// Measures the tick length: the kernel's monotonic clock at two tick edges at least 200 ms
+/// apart (each read in the same program run as the tick counter, so scheduling delays do not
+/// enter), rounded to a whole tick rate. Measured once per process.
 pub fn measure_ns_per_tick() -> Result<u32> {
     static MEASURED: Mutex<Option<u32>> = Mutex::new(None);
     let mut m = MEASURED.lock().unwrap_or_else(|e| e.into_inner());
@@ -85,29 +89,39 @@ pub fn measure_ns_per_tick() -> Result<u32> {
     Ok(v)
 }
 
-fn measure() -> Result<u32> {
-    let (j0, t0) = (jiffies()?, Instant::now());
-    std::thread::sleep(Duration::from_millis(200));
-    let (j1, t1) = (jiffies()?, Instant::now());
-    let hz = (j1 - j0) as f64 / (t1 - t0).as_secs_f64();
-    nearest_hz(hz).map(|hz| (1_000_000_000 / hz) as u32)
+/// The first sample after the tick counter moves on: the monotonic clock at a tick edge (to
+/// within one program run). Bounded: a tick is at most 100 ms (10 Hz) long.
+fn at_tick_edge() -> Result<(u64, u64)> {
+    let (j0, _) = sample()?;
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let s = sample()?;
+        if s.0 != j0 {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("the kernel's tick counter did not move in 500 ms");
+        }
+    }
 }
 
-/// The CONFIG_HZ choice a measured tick rate is, if it is within 10 % of one.
-fn nearest_hz(measured: f64) -> Result<u64> {
-    let best = HZ_CHOICES
-        .iter()
-        .copied()
-        .min_by(|a, b| {
-            (*a as f64 - measured)
-                .abs()
-                .total_cmp(&(*b as f64 - measured).abs())
-        })
-        .expect("non-empty");
-    if (best as f64 - measured).abs() > best as f64 * 0.1 {
-        bail!("the kernel's tick rate measured {measured:.0} Hz, which is no CONFIG_HZ choice");
+fn measure() -> Result<u32> {
+    let (j0, t0) = at_tick_edge()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let (j1, t1) = at_tick_edge()?;
+    tick_length(j1 - j0, t1 - t0)
+}
+
+/// ns per tick from `ticks` ticks in `ns` nanoseconds, as 10^9 / HZ for the nearest whole HZ.
+fn tick_length(ticks: u64, ns: u64) -> Result<u32> {
+    if ticks == 0 {
+        bail!("the kernel's tick counter did not move");
     }
-    Ok(best)
+    let hz = (ticks as f64 * 1e9 / ns as f64).round() as u64;
+    if !(10..=10_000).contains(&hz) {
+        bail!("the kernel's tick rate measured {hz} Hz, which is not plausible");
+    }
+    Ok((1_000_000_000 / hz) as u32)
 }
 
 #[cfg(test)]
@@ -115,11 +129,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tick_rates_round_to_config_hz() {
-        assert_eq!(nearest_hz(248.0).unwrap(), 250);
-        assert_eq!(nearest_hz(296.0).unwrap(), 300);
-        assert_eq!(nearest_hz(1004.0).unwrap(), 1000);
-        assert_eq!(nearest_hz(99.0).unwrap(), 100);
-        assert!(nearest_hz(500.0).is_err());
+    fn tick_length_is_a_whole_tick_rate() {
+        // 50 ticks in 200 ms (+ a few µs of edge jitter) at 250 Hz.
+        assert_eq!(tick_length(50, 200_003_000).unwrap(), 4_000_000);
+        assert_eq!(tick_length(60, 199_990_000).unwrap(), 3_333_333);
+        assert_eq!(tick_length(200, 200_001_000).unwrap(), 1_000_000);
+        assert_eq!(tick_length(51, 200_000_000).unwrap(), 3_921_568); // 255 Hz, as measured
+        assert!(tick_length(0, 200_000_000).is_err());
+        assert!(tick_length(1, 2_000_000_000).is_err());
+    }
+
+    #[test]
+    fn the_measured_tick_length_matches_the_clock() {
+        // Needs BPF (root): the real measurement, twice, agrees with itself and with the
+        // kernel's tick counter over a second of the monotonic clock.
+        let Ok(t) = measure() else {
+            eprintln!("skipped: cannot run lb_clock here");
+            return;
+        };
+        assert_eq!(measure().unwrap(), t);
+        let (j0, n0) = sample().unwrap();
+        std::thread::sleep(Duration::from_millis(1000));
+        let (j1, n1) = sample().unwrap();
+        let predicted = (n1 - n0) / t as u64;
+        assert!(
+            predicted.abs_diff(j1 - j0) <= 1,
+            "{predicted} vs {}",
+            j1 - j0
+        );
     }
 }

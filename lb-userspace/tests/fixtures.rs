@@ -1758,6 +1758,23 @@ fn flow_state_table() {
     t.expect_events(d, &since, &[]);
     t.expect_active(d, &web, kb, kactive);
 
+    let d = "a spoofed client RST, then the entry outlives its timeout (last seen an hour \
+             back): the client's data → same backend (drained: the table would give another), \
+             picked up again";
+    t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst).seq_ack(0x5eed_0000, 0), kb);
+    let mut e = t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST, kb));
+    e.last_seen_ns = e.last_seen_ns.saturating_sub(3600 * 1_000_000_000);
+    t.gw.dp.maps.insert_flow(&flow_key(kc, &web), &e).unwrap();
+    let since = t.counters();
+    t.forward_to(d, &ack(kc, web.addr), kb);
+    t.expect_entry(d, kc, &web, unconfirmed(CT_S_OPENING, CT_F_PICKUP, kb));
+    t.expect_events(d, &since, &[(Counter::CtExpired, 1), (Counter::CtMiss, 1)]);
+    t.expect_active(d, &web, kb, kactive - 1);
+    let d = "then the backend's answer → confirmed again, counted";
+    t.reply_as(d, &from_backend(kb, kc, Tcp::Ack), &web);
+    t.expect_entry(d, kc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, kb));
+    t.expect_active(d, &web, kb, kactive);
+
     let d = "the backend resets, the client reconnects from the same port: its SYN → same \
              backend, still closed (not reopened)";
     let since = t.counters();
