@@ -167,7 +167,14 @@ fn test(extra: &[String]) -> Result<()> {
     if !setup::is_root() {
         bail!("the tests load BPF programs and create network namespaces: run them as root");
     }
-    let mut args = vec!["test", "--workspace", "--exclude", "lb-ebpf"];
+    // Every test binary runs even when one fails, so one run reports every failure.
+    let mut args = vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--no-fail-fast",
+    ];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
@@ -178,12 +185,21 @@ fn test(extra: &[String]) -> Result<()> {
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
-    // Echo the output and add up cargo's per-binary "test result:" lines into one total.
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    // Echo the output, add up cargo's per-binary "test result:" lines into one total, and note
+    // which tests failed and how many a filter left out (cargo names the failed binaries on
+    // stderr).
+    let (mut passed, mut failed, mut ignored, mut filtered) = (0u64, 0u64, 0u64, 0u64);
+    let mut failures = Vec::new();
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo test output")?;
         println!("{line}");
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            failures.push(name.to_string());
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| -> u64 {
                 rest.split(';')
@@ -201,9 +217,16 @@ fn test(extra: &[String]) -> Result<()> {
             passed += count("passed");
             failed += count("failed");
             ignored += count("ignored");
+            filtered += count("filtered out");
         }
     }
     let status = child.wait().context("waiting for cargo test")?;
+    for f in &failures {
+        println!("failed: {f}");
+    }
+    if filtered > 0 {
+        println!("filtered out: {filtered} tests were not run (the arguments given select others)");
+    }
     println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
     if !status.success() {
         bail!("cargo test failed ({status})");
