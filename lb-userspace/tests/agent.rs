@@ -656,5 +656,51 @@ fn forward_mode_change_with_unfit_backends() {
         .map(|r| r["backend"].as_str().unwrap())
         .collect();
     assert_eq!(listed, [b1.to_string().as_str()], "{rows}");
-    assert_eq!(log_count(&files, "applying"), 0, "{}", files.log_text());
+    // No apply failed: neither logged nor counted (the sample must exist).
+    let apply_failed = format!("applying {} failed", files.config().display());
+    assert_eq!(log_count(&files, &apply_failed), 0, "{}", files.log_text());
+    assert_eq!(
+        metric(&tb, "lb_config_reloads_total", &[("result", "error")]),
+        0.0
+    );
+
+    // Positive control, same needle and counter: a file that parses but cannot be applied (a
+    // table larger than the table array's 262144 slots) is logged once and counted.
+    files.write_config(&format!(
+        "[[vip]]\naddress = \"{v}/tcp\"\nforward = \"dsr-l2\"\ntable_size = 1048573\n\n[[vip.backend]]\naddress = \"{b1}\"\n"
+    ));
+    wait_for(
+        Duration::from_secs(10),
+        "the apply failure in the log",
+        || log_count(&files, &apply_failed) > 0,
+    );
+    assert_eq!(log_count(&files, &apply_failed), 1, "{}", files.log_text());
+    assert!(
+        files
+            .log_text()
+            .contains("no room for a table of 1048573 slots"),
+        "{}",
+        files.log_text()
+    );
+    assert!(metric(&tb, "lb_config_reloads_total", &[("result", "error")]) >= 1.0);
+}
+
+/// One sample of the agent's metrics page; panics if it is missing.
+fn metric(tb: &Testbed, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let page = tb
+        .gateway_http_get(METRICS.parse().unwrap(), "/metrics")
+        .unwrap();
+    let lines = page.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    let s = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?}:\n{page}"));
+    match s.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("unexpected type of {name}"),
+    }
 }

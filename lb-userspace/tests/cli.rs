@@ -90,16 +90,47 @@ impl Lb {
         assert_eq!(self.state(), before, "lb {args:?} changed the state");
     }
 
-    /// Everything observable: configuration, attachments, map fill levels.
+    /// Everything observable: configuration, attachments, map fill levels. Both commands must
+    /// succeed with output while lb is loaded (program and VIP map pinned), and fail with "not
+    /// loaded" when it is not, so two failed reads never compare equal as "unchanged".
     fn state(&self) -> String {
+        let pin = std::path::Path::new(&self.pin);
+        let loaded = pin.join("prog_lb_xdp").exists() && pin.join(lb_common::names::VIPS).exists();
         let cfg = self.run(&["show-config"]);
         let st = self.run(&["status", "--json"]);
+        for (what, o) in [("show-config", &cfg), ("status --json", &st)] {
+            check_state_read(what, loaded, o);
+        }
         format!(
-            "{}{}{}",
+            "{}{}{loaded}{}",
             String::from_utf8_lossy(&cfg.stdout),
             String::from_utf8_lossy(&st.stdout),
-            std::path::Path::new(&self.pin).exists()
+            pin.exists()
         )
+    }
+}
+
+/// `state()`'s check of one read: loaded, exit 0 and a non-empty stdout (status JSON with
+/// the `attached` list); not loaded, exit 1, no output and "lb is not loaded" on stderr.
+fn check_state_read(what: &str, loaded: bool, o: &Output) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    if loaded {
+        assert!(
+            o.status.success() && !out.trim().is_empty(),
+            "state: lb {what} failed or printed nothing ({:?}): {out}{err}",
+            o.status
+        );
+        if what.starts_with("status") {
+            let v: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+            assert!(v["attached"].is_array(), "state: lb {what}: {out}");
+        }
+    } else {
+        assert!(
+            o.status.code() == Some(1) && err.contains("lb is not loaded") && out.is_empty(),
+            "state: lb {what} without a pin directory: {:?}: {out}{err}",
+            o.status
+        );
     }
 }
 
@@ -111,6 +142,29 @@ impl Drop for Lb {
 }
 
 const VIP: &str = "10.100.0.100:80/tcp";
+
+/// Control for `state()`: two failed reads (what the old, unchecked `state()` compared as
+/// "unchanged") are rejected when lb should be loaded, and accepted only as "not loaded".
+#[test]
+fn state_check_rejects_failed_reads() {
+    let read = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lb"))
+            .args(args)
+            .env("LB_PIN_DIR", "/sys/fs/bpf/lbt-never-created")
+            .output()
+            .unwrap()
+    };
+    let (a, b) = (read(&["show-config"]), read(&["status", "--json"]));
+    // What the old state() compared: both empty, so "unchanged" held trivially.
+    assert!(a.stdout.is_empty() && b.stdout.is_empty());
+    for (what, o) in [("show-config", &a), ("status --json", &b)] {
+        check_state_read(what, false, o);
+        let o = o.clone();
+        let what = what.to_string();
+        let r = std::panic::catch_unwind(move || check_state_read(&what, true, &o));
+        assert!(r.is_err(), "a failed read passed as a loaded state");
+    }
+}
 
 #[test]
 fn attach_status_detach() {
@@ -264,7 +318,12 @@ fn vips_backends_and_bad_input() {
     lb.fails(
         &["backend", "add", VIP, "10.200.0.13:80", "--weight", "-1"],
         2,
-        "",
+        "unexpected argument '-1' found",
+    );
+    lb.fails(
+        &["backend", "add", VIP, "10.200.0.13:80", "--weight=-1"],
+        2,
+        "invalid value '-1' for '--weight <WEIGHT>'",
     );
     lb.fails(
         &["backend", "add", VIP, "[2001:db8::13]:80"],

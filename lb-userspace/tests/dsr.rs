@@ -62,45 +62,113 @@ fn configure(tb: &Testbed, forward: &str, v6: bool) {
     }
 }
 
-/// `n` HTTP connections from fixed source ports (so the flows, their hashes and the shares
-/// are the same every run): backend name → connections.
-fn shares(tb: &Testbed, vip: SocketAddr, n: usize) -> HashMap<String, usize> {
+/// `n` HTTP connections from fixed source ports 20000.. (so the flows, their hashes and the
+/// backends are the same every run): the backend name of each, in port order.
+fn shares(tb: &Testbed, vip: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            tb.http_get_from(vip, 20_000 + i as u16)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "connection {i} to {vip}: {e:#}\n{}",
+                        tb.lb(&["stats"]).unwrap_or_default()
+                    )
+                })
+                .0
+        })
+        .collect()
+}
+
+/// The backend the VIP's table (read through the map layer from the gateway's pin directory,
+/// with the seed there) gives each of `shares`' flows from the client.
+fn table_choices(tb: &Testbed, vip: SocketAddr, n: usize) -> Vec<String> {
+    let client = if vip.is_ipv4() {
+        tb.client_v4
+    } else {
+        tb.client_v6
+    };
+    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
+        .expect("the gateway's pin directory");
+    let maps = pin.maps().unwrap();
+    let v: lb::model::Vip = format!("{vip}/tcp").parse().unwrap();
+    (0..n)
+        .map(|i| {
+            let key = lb::model::flow_key(sa(client, 20_000 + i as u16), &v);
+            let b = maps
+                .table_backend(&v, &key)
+                .unwrap()
+                .expect("table slot has a backend")
+                .addr
+                .ip();
+            tb.backends
+                .iter()
+                .find(|x| x.v4 == b || x.v6 == b)
+                .unwrap_or_else(|| panic!("table backend {b} is not a testbed backend"))
+                .name
+                .clone()
+        })
+        .collect()
+}
+
+/// Sets the flow-hash seed (the testbed loads lb with a random one), so that `shares`' fixed
+/// flows hash the same every run.
+fn fix_seed(tb: &Testbed) {
+    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
+        .expect("the gateway's pin directory");
+    let mut maps = pin.maps().unwrap();
+    let old = maps.conf().unwrap();
+    maps.set_conf(lb_common::GlobalConf {
+        hash_seed: 0x1a2b_3c4d,
+        ..old
+    })
+    .unwrap();
+}
+
+fn count(names: &[String]) -> HashMap<String, usize> {
     let mut by = HashMap::new();
-    for i in 0..n {
-        let (name, _) = tb
-            .http_get_from(vip, 20_000 + i as u16)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "connection {i} to {vip}: {e:#}\n{}",
-                    tb.lb(&["stats"]).unwrap_or_default()
-                )
-            });
-        *by.entry(name).or_insert(0) += 1;
+    for n in names {
+        *by.entry(n.clone()).or_insert(0) += 1;
     }
     by
 }
 
-fn check_weights(by: &HashMap<String, usize>, n: usize) {
-    for (name, w) in [("backend-1", 1.0), ("backend-2", 2.0), ("backend-3", 3.0)] {
-        let got = *by.get(name).unwrap_or(&0) as f64 / n as f64;
-        let want = w / 6.0;
-        assert!(
-            (got - want).abs() < 0.08,
-            "{name}: {:.1}% of connections, want {:.1}% ({by:?})",
-            100.0 * got,
-            100.0 * want
+/// Every connection was served by the backend the table gives its flow, and the table gives
+/// these flows exactly `exact` connections per backend (backend-1, -2, -3).
+fn check_shares(got: &[String], want: &[String], exact: [usize; 3]) {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g, w, "connection {i} (port {})", 20_000 + i);
+    }
+    assert_eq!(got.len(), want.len());
+    let by = count(got);
+    for (name, w, n) in [
+        ("backend-1", 1.0, exact[0]),
+        ("backend-2", 2.0, exact[1]),
+        ("backend-3", 3.0, exact[2]),
+    ] {
+        let share = *by.get(name).unwrap_or(&0) as f64 / got.len() as f64;
+        println!(
+            "{name}: {:.1}% (weight {:.1}%)",
+            100.0 * share,
+            100.0 * w / 6.0
         );
+        assert_eq!(by.get(name).copied().unwrap_or(0), n, "{name}: {by:?}");
     }
 }
 
 fn dsr_end_to_end(forward: &str, mode: &str) {
     let tb = lan(mode, forward == "ipip");
+    fix_seed(&tb);
     configure(&tb, forward, false);
-    // Fixed flows (see `shares`): the shares are deterministic; 600 of them keep each within
-    // 8 points of its weight.
+    // Fixed flows (see `shares`) and a fixed seed: each goes to the backend the table gives
+    // it, and the shares are the same every run: 94 / 183 / 323 of 600 (15.7 / 30.5 / 53.8 %
+    // against weights of 16.7 / 33.3 / 50 %).
     const N: usize = 600;
-    let by = shares(&tb, vip4(HTTP_PORT), N);
-    check_weights(&by, N);
+    let got = shares(&tb, vip4(HTTP_PORT), N);
+    check_shares(
+        &got,
+        &table_choices(&tb, vip4(HTTP_PORT), N),
+        [94, 183, 323],
+    );
 
     // Long-lived connections survive backend changes: drain backend-1, add nothing new.
     let mut long: Vec<_> = (0..12)
@@ -176,9 +244,13 @@ fn dsr_ipv6(forward: &str, mode: &str) {
     let tb = lan(mode, forward == "ipip");
     configure(&tb, forward, true);
     const N: usize = 120;
-    let by = shares(&tb, vip6(HTTP_PORT), N);
-    assert_eq!(by.values().sum::<usize>(), N);
-    assert_eq!(by.len(), 3, "{by:?}");
+    let got = shares(&tb, vip6(HTTP_PORT), N);
+    let want = table_choices(&tb, vip6(HTTP_PORT), N);
+    assert_eq!(
+        got, want,
+        "IPv6 connections served by other backends than the table's"
+    );
+    assert_eq!(count(&got).len(), 3, "{:?}", count(&got));
     let replies = tb.udp_flow(vip6(UDP_PORT), 3).unwrap();
     assert!(
         replies.iter().all(|(from, _)| *from == vip6(UDP_PORT)),

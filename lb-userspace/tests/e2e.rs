@@ -280,26 +280,155 @@ fn ipv6_end_to_end(mode: &str) {
     assert_eq!(name, "backend-2", "direct IPv6 traffic to a backend");
 }
 
-/// The demo itself (fewer connections), so that `cargo xtask demo` keeps working.
+/// The demo itself (fewer connections), so that `cargo xtask demo` keeps working: its numbers
+/// (no failed connection; after the change, every established connection of the drained and
+/// the untouched backends still answers, none of the removed one's), and its network: the
+/// namespaces it creates (prefix `lbe<pid>x`) are seen while it runs and are all gone, with
+/// its pin directories, once it exits.
 #[test]
 fn demo_runs_and_cleans_up() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb-demo"))
+    use std::{io::Read, process::Stdio, time::Duration};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lb-demo"))
         .args(["--lb", env!("CARGO_BIN_EXE_lb"), "--connections", "80"])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // lb::testbed::run_prefix() of the demo's process.
+    let prefix = format!("lbe{}x", child.id());
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut o = String::new();
+        let _ = stdout.read_to_string(&mut o);
+        o
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = stderr.read_to_string(&mut e);
+        e
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    let status = loop {
+        seen.extend(leftovers(&prefix, &netns_list()));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (text, err) = (out_reader.join().unwrap(), err_reader.join().unwrap());
+    assert!(status.success(), "{text}{err}");
     assert!(
         text.contains("80 connections in") && text.contains(", 0 failed"),
         "{text}"
     );
+    check_demo_after_change(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+    // Positive control: the prefix is the demo's (its client, gateway and 4 backends).
+    for tag in ["client", "gw", "b1", "b4"] {
+        assert!(
+            seen.iter().any(|n| n.ends_with(&format!("-{tag}"))),
+            "never saw the demo's {tag} namespace under {prefix}: {seen:?}"
+        );
+    }
+    let left = leftovers(&prefix, &netns_list());
+    assert!(left.is_empty(), "namespaces left after the demo: {left:?}");
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     assert!(
-        text.contains("(drained: established connections continue)"),
-        "{text}"
+        pins.is_empty(),
+        "pin directories left after the demo: {pins:?}"
     );
     assert!(text.contains("network torn down"), "{text}");
+}
+
+fn netns_list() -> String {
+    let o = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ip netns list: {o:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Names in `ip netns list` output that start with `prefix`.
+fn leftovers(prefix: &str, list: &str) -> Vec<String> {
+    list.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The demo's "still answering" lines after draining backend-2 and removing backend-3:
+/// 40 connections in all; every one of backend-1's, backend-2's (at least one) and
+/// backend-4's answers from its backend; none of backend-3's.
+fn check_demo_after_change(text: &str) -> Result<(), String> {
+    let mut got: HashMap<String, (usize, usize)> = HashMap::new();
+    for l in text.lines().filter(|l| l.contains(" still answering ")) {
+        let mut w = l.split_whitespace();
+        let (name, frac) = (w.next().unwrap_or(""), w.next().unwrap_or(""));
+        let (ok, total) = frac
+            .split_once('/')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .ok_or_else(|| format!("unreadable line {l:?}"))?;
+        got.insert(name.to_string(), (ok, total));
+    }
+    let at = |n: &str| got.get(n).copied().ok_or(format!("no line for {n}"));
+    let total: usize = got.values().map(|v| v.1).sum();
+    if got.len() != 4 || total != 40 {
+        return Err(format!("want 4 backends and 40 connections: {got:?}"));
+    }
+    for n in ["backend-1", "backend-2", "backend-4"] {
+        let (ok, t) = at(n)?;
+        if ok != t {
+            return Err(format!("{n}: {ok}/{t} connections answered"));
+        }
+    }
+    if at("backend-2")?.1 == 0 {
+        return Err("no connection on the drained backend to check".into());
+    }
+    if at("backend-3")?.0 != 0 {
+        return Err(format!("backend-3 was removed: {:?}", at("backend-3")?));
+    }
+    let n = at("backend-2")?.1;
+    let line = format!("(drained: all {n} established connections continue)");
+    if !text.contains(&line) {
+        return Err(format!("missing {line:?}"));
+    }
+    Ok(())
+}
+
+/// Control for the demo checks: output the old needles accepted (the drained line printed
+/// whatever the counts; "network torn down" with a namespace left) is rejected.
+#[test]
+fn demo_checks_reject_broken_runs() {
+    let good =
+        "  backend-1  6/6 still answering   (unchanged: all 6 established connections continue)
+  backend-2  9/9 still answering   (drained: all 9 established connections continue)
+  backend-3  0/15 still answering   (removed: none of its 15 connections answer, …)
+  backend-4  10/10 still answering   (unchanged: all 10 established connections continue)
+";
+    check_demo_after_change(good).unwrap();
+    // The old demo line for a drained backend whose connections all broke.
+    let broken = good.replace(
+        "backend-2  9/9 still answering   (drained: all 9 established connections continue)",
+        "backend-2  0/9 still answering   (drained: established connections continue)",
+    );
+    assert!(broken.contains("(drained: established connections continue)"));
+    assert!(check_demo_after_change(&broken).is_err());
+    let none_drained = good.replace("backend-2  9/9", "backend-2  0/0");
+    assert!(check_demo_after_change(&none_drained).is_err());
+    let moved = good.replace("backend-3  0/15", "backend-3  2/15");
+    assert!(check_demo_after_change(&moved).is_err());
+    let list = "lbe4242x0-b1 (id: 7)\nlbe4242x0-gw (id: 2)\nlbe42x0-gw\nother\n";
+    assert_eq!(
+        leftovers("lbe4242x", list),
+        ["lbe4242x0-b1", "lbe4242x0-gw"]
+    );
+    assert!(leftovers("lbe4243x", list).is_empty());
 }

@@ -34,15 +34,20 @@ fn config(e: &Ecmp, forward: &str) -> String {
     out
 }
 
-/// Packets each gateway has forwarded for the HTTP VIP.
+/// Packets each gateway has forwarded for the HTTP VIP; panics if the gateway does not list
+/// the VIP or its count (so a vanished VIP never compares as 0 == 0).
 fn vip_packets(e: &Ecmp, gw: usize) -> u64 {
     let s = e.lb_json(gw, &["stats"]).unwrap();
-    s["vips"]
+    let name = format!("{}/tcp", vip(HTTP_PORT));
+    let v = s["vips"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("gw{}: stats without vips: {s}", gw + 1))
         .iter()
-        .find(|v| v["vip"] == format!("{}/tcp", vip(HTTP_PORT)))
-        .map_or(0, |v| v["packets"].as_u64().unwrap())
+        .find(|v| v["vip"] == name)
+        .unwrap_or_else(|| panic!("gw{}: no VIP {name} in stats: {s}", gw + 1));
+    v["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("gw{}: {name} has no packet count: {v}", gw + 1))
 }
 
 fn connections(e: &Ecmp, n: usize) {

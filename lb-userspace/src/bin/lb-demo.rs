@@ -208,12 +208,26 @@ fn run(args: &Args) -> Result<()> {
             e.0 += 1;
         }
     }
+    // Each line says what was measured: all, some or none of the backend's connections
+    // still answered from it.
     for b in &tb.backends {
         let (ok, total) = alive.get(&b.name).copied().unwrap_or((0, 0));
-        let what = match b.name.as_str() {
-            "backend-2" => "drained: established connections continue",
-            "backend-3" => "removed: its flows are re-balanced, so the new backend resets them",
-            _ => "unchanged",
+        let what = match (b.name.as_str(), ok == total) {
+            ("backend-3", _) if ok == 0 => format!(
+                "removed: none of its {total} connections answer, its flows were re-balanced and the new backend resets them"
+            ),
+            ("backend-3", _) => {
+                format!("removed: {ok} of its {total} connections still answer from it")
+            }
+            (name, true) => format!(
+                "{}: all {total} established connections continue",
+                if name == "backend-2" { "drained" } else { "unchanged" }
+            ),
+            (name, false) => format!(
+                "{}: {} of {total} established connections broke",
+                if name == "backend-2" { "drained" } else { "unchanged" },
+                total - ok
+            ),
         };
         println!("  {:<10} {ok}/{total} still answering   ({what})", b.name);
     }

@@ -142,6 +142,8 @@ impl Testbed {
             "65536",
             "--conntrack-size",
             "65536",
+            "--hash-seed",
+            super::TEST_HASH_SEED,
         ])?;
         if decap {
             for b in &tb.backends {

@@ -53,6 +53,9 @@ pub struct Backend {
     pub v6: IpAddr,
 }
 
+/// The hash seed test beds load lb with (a deployment has a secret one of its own).
+pub const TEST_HASH_SEED: &str = "0x1a2b3c4d";
+
 pub struct Testbed {
     pub prefix: String,
     pub client: NetNs,
@@ -149,6 +152,11 @@ impl Testbed {
         let mut args = vec!["attach".to_string()];
         args.extend((0..=n).map(|i| format!("g{i}")));
         args.extend(["--mode".into(), mode.into()]);
+        // A fixed hash seed unless the caller gives one: every run of a test or the demo
+        // hashes alike, so fixed-port flows land on the same backends each time.
+        if !attach.contains(&"--hash-seed") {
+            args.extend(["--hash-seed".into(), TEST_HASH_SEED.into()]);
+        }
         args.extend(attach.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tb.lb(&args)?;
