@@ -41,6 +41,34 @@ fn names(tb: &Testbed, port: u16) -> HashMap<String, String> {
         .collect()
 }
 
+/// The backend (name) the table of `vip` (read through the map layer from the gateway's pin
+/// directory, with the seed there) gives the flow from the client's IPv4 address and each of
+/// `ports` to the VIP.
+fn table_choices(tb: &Testbed, vip: &str, ports: &[u16]) -> Vec<String> {
+    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
+        .expect("the gateway's pin directory");
+    let maps = pin.maps().unwrap();
+    let v: lb::model::Vip = vip.parse().unwrap();
+    ports
+        .iter()
+        .map(|&p| {
+            let key = lb::model::flow_key(sa(tb.client_v4, p), &v);
+            let b = maps
+                .table_backend(&v, &key)
+                .unwrap()
+                .expect("table slot has a backend")
+                .addr
+                .ip();
+            tb.backends
+                .iter()
+                .find(|x| x.v4 == b || x.v6 == b)
+                .unwrap_or_else(|| panic!("table backend {b} is not a testbed backend"))
+                .name
+                .clone()
+        })
+        .collect()
+}
+
 macro_rules! both_modes {
     ($name:ident) => {
         mod $name {
@@ -60,8 +88,9 @@ both_modes!(distribution_and_bystanders);
 both_modes!(established_connections_survive_changes);
 both_modes!(ipv6_end_to_end);
 
-/// Weighted shares of real HTTP connections; every answer from the VIP and from the backend lb
-/// chose; UDP flows stick; traffic not for a VIP is unaffected.
+/// Weighted shares of real HTTP connections: every answer from the VIP and from the backend the
+/// VIP's table gives its flow (and conntrack recorded), exact per-backend counts; UDP flows
+/// stick; traffic not for a VIP is unaffected.
 fn distribution_and_bystanders(mode: &str) {
     let tb = testbed(3, mode);
     let vip = format!("{VIP4}:80/tcp");
@@ -92,23 +121,53 @@ fn distribution_and_bystanders(mode: &str) {
     }
     assert_eq!(failures, 0, "failed connections");
     assert_eq!(by_port.len(), N, "client ports are distinct");
+    // Fixed flows and the test beds' fixed hash seed: each connection is answered by the
+    // backend the VIP's table gives its 5-tuple, and so the counts are the same every run.
+    let ports: Vec<u16> = (0..N).map(|i| 20_000 + i as u16).collect();
+    let want = table_choices(&tb, &vip, &ports);
+    let mismatches: Vec<String> = ports
+        .iter()
+        .zip(&want)
+        .filter_map(|(p, w)| {
+            let got = by_port.get(p).map_or("<no answer>", String::as_str);
+            (got != w).then(|| format!("port {p}: answered by {got}, table gives {w}"))
+        })
+        .collect();
+    assert!(
+        mismatches.is_empty(),
+        "{} of {N} connections not answered by the table's backend, first: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
     let mut count: HashMap<&str, usize> = HashMap::new();
     for name in by_port.values() {
         *count.entry(name.as_str()).or_default() += 1;
     }
-    for (b, w) in tb.backends.iter().zip([1.0, 2.0, 3.0]) {
-        let share = *count.get(b.name.as_str()).unwrap_or(&0) as f64 / N as f64;
-        let want = w / 6.0;
+    let mut predicted: HashMap<&str, usize> = HashMap::new();
+    for name in &want {
+        *predicted.entry(name.as_str()).or_default() += 1;
+    }
+    // What the table gives these 600 flows (default table size, weights 1:2:3, seed
+    // TEST_HASH_SEED), in both modes: 102 / 195 / 303 (17.0 / 32.5 / 50.5 % against weight
+    // shares of 16.7 / 33.3 / 50 %).
+    const EXACT: [usize; 3] = [102, 195, 303];
+    for ((b, w), exact) in tb.backends.iter().zip([1.0, 2.0, 3.0]).zip(EXACT) {
+        let got = count.get(b.name.as_str()).copied().unwrap_or(0);
+        let table = predicted.get(b.name.as_str()).copied().unwrap_or(0);
         println!(
-            "{mode}: {} served {:.1}% (weight share {:.1}%)",
+            "{mode}: {} served {got} of {N} ({:.1}%), table predicts {table} (weight share {:.1}%)",
             b.name,
-            share * 100.0,
-            want * 100.0
+            100.0 * got as f64 / N as f64,
+            100.0 * w / 6.0
         );
-        // The flows are fixed, so this is deterministic; 5 points is the bound we promise.
-        assert!(
-            (share - want).abs() < 0.05,
-            "{}: share {share:.3}, expected {want:.3}",
+        assert_eq!(
+            got, table,
+            "{}: served {count:?}, table {predicted:?}",
+            b.name
+        );
+        assert_eq!(
+            table, exact,
+            "{}: the table's counts changed: {predicted:?}",
             b.name
         );
     }
