@@ -37,6 +37,12 @@ fn bench_quick_runs_and_checks_its_paths() {
     ] {
         assert!(md.contains(row), "{row} missing:\n{md}");
     }
+    // Every per-packet row is accounted for by lb's counters (the bench fails otherwise).
+    assert!(
+        md.contains("| verified runs | new flows stored |"),
+        "verified runs column missing:\n{md}"
+    );
+    assert!(!md.contains("not verified"), "a row is not verified:\n{md}");
     assert!(dir.join("docs/bench-per-packet.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

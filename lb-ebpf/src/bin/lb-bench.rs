@@ -1,7 +1,7 @@
 //! Benchmark helpers (never attached to an interface):
 //! - `bench_wrap` restores the frame from `BENCH_FRAME` (and, if asked, gives it a new source
-//!   port), then tail-calls the program under test in `BENCH_PROGS[0]`. Its own cost is
-//!   measured by tail-calling `bench_pass` and subtracted.
+//!   address from a per-CPU sequence), then tail-calls the program under test in
+//!   `BENCH_PROGS[0]`. Its own cost is measured by tail-calling `bench_pass` and subtracted.
 //! - `bench_pass`: the floor, a program that only returns XDP_PASS.
 #![no_std]
 #![no_main]
@@ -60,8 +60,10 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
             };
             if data + at + 4 <= data_end(&ctx) {
                 // SAFETY: 4 bytes within the packet, checked above.
-                // In 10.0.0.0/8 (IPv4: the whole address), never a martian source.
-                let v = (s & 0x00ff_ffff) | 0x0a00_0000;
+                // In 10.128.0.0/9 (IPv4: the whole address), never a martian source, and
+                // never a client the bench uses for fixed flows (10.0.0.x). 2^23 addresses
+                // per CPU: the bench pins its thread, and checks every run was a new flow.
+                let v = (s & 0x007f_ffff) | 0x0a80_0000;
                 unsafe { *((data + at) as *mut [u8; 4]) = v.to_be_bytes() };
             }
         }

@@ -56,7 +56,9 @@ fn main() -> Result<()> {
     };
     let mut rep = report::Report::new(&args, &s);
 
-    eprintln!("per-packet cost by path…");
+    // One CPU for every measurement: the wrapper's source-address sequence is per CPU.
+    let pinned = rig::Pinned::first_cpu()?;
+    eprintln!("per-packet cost by path (pinned to CPU {})…", pinned.cpu);
     // Enough conntrack for every new flow the runs create, so "empty" stays unfull.
     let new_flows = 2 * s.repeat as usize * s.rounds * 2;
     let ct = (new_flows.next_power_of_two() as u32).max(1 << 20);
@@ -124,6 +126,8 @@ fn main() -> Result<()> {
         scaling.push((format!("conntrack holding {fill} flows"), e, nf));
     }
     rep.scaling(&scaling);
+    // The rest runs other processes (lb, wrk, servers), which would inherit the pinning.
+    drop(pinned);
 
     eprintln!("time from `lb backend set` to the first packet on the new table…");
     rep.set_latency(control::set_to_first_packet(&lb_bin)?);

@@ -83,7 +83,7 @@ impl Report {
         let _ = writeln!(md, "- Machine: {}", machine());
         let _ = writeln!(
             md,
-            "- Per-packet method: BPF_PROG_TEST_RUN of the real program, `repeat` = {} per round, {} rounds; median and 10th–90th percentile over rounds. A wrapper program restores the frame before every run (so each run takes the intended path) and tail-calls lb; the wrapper's own cost (wrapper → a program that only returns XDP_PASS, minus that program alone) is subtracted. New-flow runs get a new source address every run. Every round's verdict and output frame are checked.",
+            "- Per-packet method: BPF_PROG_TEST_RUN of the real program, `repeat` = {} per round, {} rounds; median and 10th–90th percentile over rounds. A wrapper program restores the frame before every run (so each run takes the intended path) and tail-calls lb; the wrapper's own cost (wrapper → a program that only returns XDP_PASS, minus that program alone) is subtracted. New-flow runs get a new source address every run. Every round's verdict and output frame are checked, and lb's counters account for every run (see the per-packet table).",
             s.repeat, s.rounds
         );
         let _ = writeln!(
@@ -107,11 +107,15 @@ impl Report {
             "Targets and Katran's figures were measured on a run whose floor was {REFERENCE_FLOOR} ns; this run's floor is {:.1} ns, so they are shown scaled by {scale:.1} (the ratio of the floors) and \"met\" compares with the scaled target. The × floor column compares across machines directly.\n",
             floor.median
         );
-        let _ = writeln!(md, "| path | ns/packet (median) | p10–p90 | × floor | Katran × floor | target (scaled) | met |");
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
         let _ = writeln!(
             md,
-            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | 1.0 | | |",
+            "Verified runs: runs of the program under test in the row, each counted by exactly one verdict counter (read before and after the row; the bench fails otherwise). New-flow rows also show a conntrack miss on every run and no hit; new flows stored is `ct_miss` less the flows over the flood threshold; the fill of the unconfirmed and confirmed conntrack tables (entries / capacity) is read after the row.\n"
+        );
+        let _ = writeln!(md, "| path | ns/packet (median) | p10–p90 | × floor | Katran × floor | target (scaled) | met | verified runs | new flows stored | unconfirmed / confirmed after |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | 1.0 | | | | | |",
             fmt_sample(&floor)
         );
         self.chart.push(("floor (XDP_PASS)".into(), floor.median));
@@ -122,9 +126,19 @@ impl Report {
                 let f = |x: &str| x.parse::<f64>().unwrap() / REFERENCE_FLOOR;
                 format!("{:.1}–{:.1}", f(lo), f(hi))
             });
+            let v = r.sample.verified;
+            let runs = v.map_or("**not verified**".to_string(), |v| v.runs.to_string());
+            let new_flows = v
+                .and_then(|v| v.new_flows)
+                .map_or(String::new(), |n| n.to_string());
+            let fill = v
+                .and_then(|v| v.fill)
+                .map_or(String::new(), |((u, uc), (c, cc))| {
+                    format!("{u} / {uc}; {c} / {cc}")
+                });
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {katran} | {} | {} |",
+                "| {} | {} | {:.1} | {katran} | {} | {} | {runs} | {new_flows} | {fill} |",
                 r.name,
                 fmt_sample(&r.sample),
                 r.sample.median / floor.median.max(0.1),
@@ -151,6 +165,14 @@ impl Report {
                 .find(|r| r.name.starts_with(name))
                 .map(|r| r.sample.median)
         };
+        let stored = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.name.starts_with(name))
+                .and_then(|r| r.sample.verified)
+                .and_then(|v| v.new_flows)
+                .map_or("an unknown number".to_string(), |n| n.to_string())
+        };
         let _ = writeln!(md, "What limits them (from the rows above):\n");
         let _ = writeln!(
             md,
@@ -176,9 +198,10 @@ impl Report {
         ) {
             let _ = writeln!(
                 md,
-                "- A new flow that is stored (an unconfirmed entry in a full LRU) costs {n:.0} ns, {:.1}× an established one; above the flood threshold (default {} new flows per second per CPU; that row sets 1, so every packet is over it) a new flow is not stored and costs {f:.0} ns, {:.2}× the established row. The difference between the two new-flow rows, {:.0} ns, is what storing the entry costs.",
+                "- A new flow that is stored (an unconfirmed entry in a full LRU) costs {n:.0} ns, {:.1}× an established one; above the flood threshold (default {} new flows per second per CPU; that row sets 1, so all of its packets but {} are over it) a new flow is not stored and costs {f:.0} ns, {:.2}× the established row. The difference between the two new-flow rows, {:.0} ns, is what storing the entry costs.",
                 n / e,
                 lb_common::DEFAULT_FLOOD_RATE,
+                stored("new flow IPv4 under a flood"),
                 f / e,
                 n - f
             );

@@ -4,14 +4,17 @@
 
 use std::{net::SocketAddr, process::Command};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::{
     maps::{Array, ProgramArray},
     programs::{TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb::{object::LB_BENCH_OBJECT, testbed::NetNs, Dataplane, LoadOptions};
-use lb_common::bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP};
+use lb_common::{
+    bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP},
+    Counter, VERDICT_COUNT,
+};
 
 pub const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xa0];
 pub const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
@@ -32,6 +35,78 @@ pub struct Sample {
     pub median: f64,
     pub p10: f64,
     pub p90: f64,
+    /// What lb's counters showed for the measurement (None: not a measurement of a program
+    /// under test, e.g. the floor).
+    pub verified: Option<Verified>,
+}
+
+/// What lb's counters must show after a measurement, besides exactly one verdict per run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// One verdict per run; nothing more is known about the path.
+    Verdicts,
+    /// Every run a new flow that is stored: `ct_miss` = runs, no `ct_hit`, no failed insert.
+    NewFlowStored,
+    /// Every run a new flow at a flood threshold of `rate` new flows per second (per CPU; the
+    /// thread is pinned): `ct_miss` = runs, no `ct_hit`, and all are over it (`ct_flood_skip`)
+    /// except the first `rate` of each one-second window — at most `rate` × (whole seconds
+    /// the row took + 2).
+    NewFlowFlood { rate: u64 },
+}
+
+/// What the counters proved about a measurement.
+#[derive(Clone, Copy, Debug)]
+pub struct Verified {
+    /// Runs of the program under test, each counted by exactly one verdict.
+    pub runs: u64,
+    /// New-flow rows: the new flows stored (`ct_miss` − `ct_flood_skip` − `ct_insert_failed`).
+    pub new_flows: Option<u64>,
+    /// New-flow rows: (entries, capacity) of the unconfirmed and the confirmed conntrack
+    /// tables after the measurement.
+    pub fill: Option<((u64, u64), (u64, u64))>,
+}
+
+/// Pins the calling thread to one CPU (the first it may run on) until dropped, then restores
+/// its CPU set. The wrapper's source-address sequence is per CPU: a thread that moves would
+/// replay 5-tuples already in conntrack.
+pub struct Pinned {
+    old: libc::cpu_set_t,
+    pub cpu: usize,
+}
+
+impl Pinned {
+    pub fn first_cpu() -> Result<Pinned> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: cpu_set_t is plain data; the kernel fills at most `size` bytes of it.
+        let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        if unsafe { libc::sched_getaffinity(0, size, &mut old) } != 0 {
+            bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+        }
+        let cpu = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: i < CPU_SETSIZE.
+            .find(|&i| unsafe { libc::CPU_ISSET(i, &old) })
+            .ok_or_else(|| anyhow!("no CPU in this thread's affinity mask"))?;
+        // SAFETY: as above.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::CPU_SET(cpu, &mut one) };
+        if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: sched_getcpu has no preconditions.
+        let now = unsafe { libc::sched_getcpu() };
+        ensure!(
+            now == cpu as i32,
+            "pinned to CPU {cpu} but running on {now}"
+        );
+        Ok(Pinned { old, cpu })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask read in `first_cpu`.
+        unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.old) };
+    }
 }
 
 /// What a program under test must do with the frame, checked on every round.
@@ -136,17 +211,69 @@ impl Rig {
 
     /// Cost of the lb program on `frame`, per packet, restored before every run: the wrapped
     /// run's time, minus the wrapper's own (wrapper → bench_pass), plus the floor (bench_pass
-    /// alone). `vary_at`: see `BenchFrame`. `check` is applied to every round's result.
+    /// alone). `vary_at`: see `BenchFrame`. `check` is applied to every round's result; lb's
+    /// counters, read before and after, must show one verdict per run of lb and what `expect`
+    /// says.
     pub fn measure_lb(
         &mut self,
         frame: &[u8],
         vary_at: u32,
         repeat: u32,
         rounds: usize,
+        expect: Expect,
         check: Check,
     ) -> Result<Sample> {
         let lb_fd = self.dp.program().fd()?.try_clone()?;
-        self.measure_fd(&lb_fd, frame, vary_at, repeat, rounds, check)
+        let before = self.dp.maps.counters()?;
+        let started = std::time::Instant::now();
+        let (mut sample, runs) = self.measure_fd(&lb_fd, frame, vary_at, repeat, rounds, check)?;
+        let after = self.dp.maps.counters()?;
+        let d = |c: Counter| after[c as usize] - before[c as usize];
+        let verdicts: u64 = (0..VERDICT_COUNT as usize)
+            .map(|i| after[i] - before[i])
+            .sum();
+        ensure!(
+            verdicts == runs,
+            "lb ran {runs} times but counted {verdicts} verdicts"
+        );
+        let (miss, hit, skip, failed) = (
+            d(Counter::CtMiss),
+            d(Counter::CtHit),
+            d(Counter::CtFloodSkip),
+            d(Counter::CtInsertFailed),
+        );
+        let new_flows = match expect {
+            Expect::Verdicts => None,
+            Expect::NewFlowStored => {
+                ensure!(
+                    miss == runs && hit == 0 && skip == 0 && failed == 0,
+                    "{runs} new flows: ct_miss {miss}, ct_hit {hit}, ct_flood_skip {skip}, ct_insert_failed {failed}"
+                );
+                Some(miss)
+            }
+            Expect::NewFlowFlood { rate } => {
+                let windows = started.elapsed().as_secs() + 2;
+                ensure!(
+                    miss == runs && hit == 0 && failed == 0 && runs - skip <= rate * windows,
+                    "{runs} new flows at a flood threshold of {rate}/s: ct_miss {miss}, ct_flood_skip {skip}, ct_hit {hit}, ct_insert_failed {failed} (at most {} may be under the threshold)",
+                    rate * windows
+                );
+                Some(miss - skip)
+            }
+        };
+        let fill = match new_flows {
+            Some(_) => {
+                let f = self.dp.maps.fill()?;
+                Some((f.conntrack_new, f.conntrack))
+            }
+            None => None,
+        };
+        sample.verified = Some(Verified {
+            runs,
+            new_flows,
+            fill,
+        });
+        Ok(sample)
     }
 
     /// Like `measure_lb`, for the decapsulation program.
@@ -160,7 +287,34 @@ impl Rig {
         let fd = Self::prog(&mut self.decap, lb::object::LB_DECAP_PROGRAM)
             .fd()?
             .try_clone()?;
-        self.measure_fd(&fd, frame, 0, repeat, rounds, check)
+        let verdicts = |rig: &Rig| -> Result<(u64, u64)> {
+            let c = rig.dp.maps.counters()?;
+            let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(
+                rig.decap
+                    .map(lb_common::names::DECAP_STATS)
+                    .ok_or_else(|| anyhow!("decap stats map missing"))?,
+            )?;
+            let mut decap = 0;
+            for i in 0..lb_common::DECAP_COUNTER_COUNT {
+                decap += stats.get(&i, 0)?.iter().sum::<u64>();
+            }
+            Ok((c[..VERDICT_COUNT as usize].iter().sum(), decap))
+        };
+        let (lb0, decap0) = verdicts(self)?;
+        let (mut sample, runs) = self.measure_fd(&fd, frame, 0, repeat, rounds, check)?;
+        let (lb1, decap1) = verdicts(self)?;
+        ensure!(
+            decap1 - decap0 == runs && lb1 == lb0,
+            "lb_decap ran {runs} times: {} decap verdicts, {} lb verdicts",
+            decap1 - decap0,
+            lb1 - lb0
+        );
+        sample.verified = Some(Verified {
+            runs,
+            new_flows: None,
+            fill: None,
+        });
+        Ok(sample)
     }
 
     /// One run of the decapsulation program.
@@ -176,7 +330,9 @@ impl Rig {
 
     /// Cost of the program `target` on `frame` (see `measure_lb`). Programs that move the
     /// start of the frame (encapsulation, decapsulation) must be measured with `repeat` 1:
-    /// the kernel does not reset the frame between repetitions of one run.
+    /// the kernel does not reset the frame between repetitions of one run. Also returns how
+    /// many times `target` ran: `repeat` × `rounds` (the wrapper's overhead is measured with
+    /// another target; there is no warm-up).
     pub fn measure_fd(
         &mut self,
         target: &aya::programs::ProgramFd,
@@ -185,7 +341,7 @@ impl Rig {
         repeat: u32,
         rounds: usize,
         check: Check,
-    ) -> Result<Sample> {
+    ) -> Result<(Sample, u64)> {
         self.set_target(target)?;
         self.set_frame(frame, vary_at)?;
         let mut v = Vec::new();
@@ -200,7 +356,9 @@ impl Rig {
             v.push(ns);
         }
         let overhead = self.wrapper_overhead(frame, repeat, rounds)?;
-        Ok(stats(&v, -overhead))
+        // BPF_PROG_TEST_RUN runs a program max(repeat, 1) times.
+        let runs = repeat.max(1) as u64 * rounds as u64;
+        Ok((stats(&v, -overhead), runs))
     }
 
     /// The floor: bench_pass alone.
@@ -309,6 +467,7 @@ fn stats(v: &[f64], offset: f64) -> Sample {
         median: at(0.5),
         p10: at(0.1),
         p90: at(0.9),
+        verified: None,
     }
 }
 
