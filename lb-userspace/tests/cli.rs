@@ -147,14 +147,17 @@ const VIP: &str = "10.100.0.100:80/tcp";
 /// "unchanged") are rejected when lb should be loaded, and accepted only as "not loaded".
 #[test]
 fn state_check_rejects_failed_reads() {
+    // A pin directory nothing was ever loaded into (lb creates it: removed at the end).
+    let pin = format!("/sys/fs/bpf/lbt-{}-never-loaded", std::process::id());
     let read = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_lb"))
             .args(args)
-            .env("LB_PIN_DIR", "/sys/fs/bpf/lbt-never-created")
+            .env("LB_PIN_DIR", &pin)
             .output()
             .unwrap()
     };
     let (a, b) = (read(&["show-config"]), read(&["status", "--json"]));
+    let _ = std::fs::remove_dir_all(&pin);
     // What the old state() compared: both empty, so "unchanged" held trivially.
     assert!(a.stdout.is_empty() && b.stdout.is_empty());
     for (what, o) in [("show-config", &a), ("status --json", &b)] {
