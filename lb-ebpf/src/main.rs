@@ -179,15 +179,7 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
         }
         // SAFETY: as above; i is below the array length.
         let r = unsafe { (*rev).vips[i] };
-        let key = FlowKey {
-            src_be: pkt.dst,
-            dst_be: r.vip.addr_be,
-            sport_be: pkt.dport,
-            dport_be: r.vip.port_be,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: 0,
-        };
+        let key = pkt.reply_flow_key(&r.vip);
         if tracked_reply(ctx, pkt, &key, &r, now) {
             return Some(r);
         }
@@ -290,15 +282,7 @@ fn stateless_reply(ctx: &XdpContext, pkt: &Packet, r: &RevNatEntry, now: u64) ->
     } else if vip.algo != ALGO_MAGLEV && vip.algo != ALGO_SOURCE_HASH {
         return false;
     }
-    let key = FlowKey {
-        src_be: pkt.dst,
-        dst_be: r.vip.addr_be,
-        sport_be: pkt.dport,
-        dport_be: r.vip.port_be,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    };
+    let key = pkt.reply_flow_key(&r.vip);
     let Some(index) = hashed_index(&vip, &key, flow::seed()) else {
         return false;
     };
@@ -407,15 +391,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     if pkt.ttl <= 1 {
         return Verdict::pass(Counter::PassTtlExceeded);
     }
-    let flow = FlowKey {
-        src_be: pkt.src,
-        dst_be: pkt.dst,
-        sport_be: pkt.sport,
-        dport_be: pkt.dport,
-        proto: pkt.proto,
-        family: pkt.family,
-        _pad: 0,
-    };
+    let flow = pkt.flow_key();
     let now = flow::now_ns();
     let (id, backend, new_flow) = if let Some(known) = confirmed_flow(pkt, vip, &flow, now) {
         known

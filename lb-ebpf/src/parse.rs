@@ -3,7 +3,7 @@
 //! that names the reason (the kernel applies its own validation and drops what is invalid).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Counter, Endpoint, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{Counter, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_LEN, IPV6_LEN},
@@ -45,6 +45,34 @@ impl Packet {
             port_be: self.dport,
             proto: self.proto,
             family: self.family,
+        }
+    }
+
+    /// The flow this client → VIP packet belongs to (conntrack key, hash input).
+    #[inline(always)]
+    pub(crate) fn flow_key(&self) -> FlowKey {
+        FlowKey {
+            src_be: self.src,
+            dst_be: self.dst,
+            sport_be: self.sport,
+            dport_be: self.dport,
+            proto: self.proto,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+
+    /// The client → `vip` flow this backend → client packet would answer.
+    #[inline(always)]
+    pub(crate) fn reply_flow_key(&self, vip: &Endpoint) -> FlowKey {
+        FlowKey {
+            src_be: self.dst,
+            dst_be: vip.addr_be,
+            sport_be: self.dport,
+            dport_be: vip.port_be,
+            proto: self.proto,
+            family: self.family,
+            _pad: 0,
         }
     }
 
