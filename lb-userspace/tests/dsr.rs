@@ -79,49 +79,15 @@ fn shares(tb: &Testbed, vip: SocketAddr, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The backend the VIP's table (read through the map layer from the gateway's pin directory,
-/// with the seed there) gives each of `shares`' flows from the client.
 fn table_choices(tb: &Testbed, vip: SocketAddr, n: usize) -> Vec<String> {
     let client = if vip.is_ipv4() {
         tb.client_v4
     } else {
         tb.client_v6
     };
-    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
-        .expect("the gateway's pin directory");
-    let maps = pin.maps().unwrap();
-    let v: lb::model::Vip = format!("{vip}/tcp").parse().unwrap();
-    (0..n)
-        .map(|i| {
-            let key = lb::model::flow_key(sa(client, 20_000 + i as u16), &v);
-            let b = maps
-                .table_backend(&v, &key)
-                .unwrap()
-                .expect("table slot has a backend")
-                .addr
-                .ip();
-            tb.backends
-                .iter()
-                .find(|x| x.v4 == b || x.v6 == b)
-                .unwrap_or_else(|| panic!("table backend {b} is not a testbed backend"))
-                .name
-                .clone()
-        })
-        .collect()
-}
-
-/// Sets the flow-hash seed (the testbed loads lb with a random one), so that `shares`' fixed
-/// flows hash the same every run.
-fn fix_seed(tb: &Testbed) {
-    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
-        .expect("the gateway's pin directory");
-    let mut maps = pin.maps().unwrap();
-    let old = maps.conf().unwrap();
-    maps.set_conf(lb_common::GlobalConf {
-        hash_seed: 0x1a2b_3c4d,
-        ..old
-    })
-    .unwrap();
+    let clients: Vec<SocketAddr> = (0..n).map(|i| sa(client, 20_000 + i as u16)).collect();
+    tb.table_choices(&format!("{vip}/tcp").parse().unwrap(), &clients)
+        .unwrap()
 }
 
 fn count(names: &[String]) -> HashMap<String, usize> {
@@ -157,7 +123,6 @@ fn check_shares(got: &[String], want: &[String], exact: [usize; 3]) {
 
 fn dsr_end_to_end(forward: &str, mode: &str) {
     let tb = lan(mode, forward == "ipip");
-    fix_seed(&tb);
     configure(&tb, forward, false);
     // Fixed flows (see `shares`) and a fixed seed: each goes to the backend the table gives
     // it, and the shares are the same every run: 94 / 183 / 323 of 600 (15.7 / 30.5 / 53.8 %

@@ -41,32 +41,9 @@ fn names(tb: &Testbed, port: u16) -> HashMap<String, String> {
         .collect()
 }
 
-/// The backend (name) the table of `vip` (read through the map layer from the gateway's pin
-/// directory, with the seed there) gives the flow from the client's IPv4 address and each of
-/// `ports` to the VIP.
 fn table_choices(tb: &Testbed, vip: &str, ports: &[u16]) -> Vec<String> {
-    let pin = lb::pin::PinDir::open(Path::new(&format!("/sys/fs/bpf/{}", tb.prefix)))
-        .expect("the gateway's pin directory");
-    let maps = pin.maps().unwrap();
-    let v: lb::model::Vip = vip.parse().unwrap();
-    ports
-        .iter()
-        .map(|&p| {
-            let key = lb::model::flow_key(sa(tb.client_v4, p), &v);
-            let b = maps
-                .table_backend(&v, &key)
-                .unwrap()
-                .expect("table slot has a backend")
-                .addr
-                .ip();
-            tb.backends
-                .iter()
-                .find(|x| x.v4 == b || x.v6 == b)
-                .unwrap_or_else(|| panic!("table backend {b} is not a testbed backend"))
-                .name
-                .clone()
-        })
-        .collect()
+    let clients: Vec<SocketAddr> = ports.iter().map(|&p| sa(tb.client_v4, p)).collect();
+    tb.table_choices(&vip.parse().unwrap(), &clients).unwrap()
 }
 
 macro_rules! both_modes {

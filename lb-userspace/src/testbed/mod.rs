@@ -18,6 +18,7 @@ mod lan;
 mod netns;
 mod servers;
 pub mod spoof;
+pub mod transfer;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -161,6 +162,27 @@ impl Testbed {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tb.lb(&args)?;
         Ok(tb)
+    }
+
+    /// The names of the backends the VIP's table gives flows from `clients` (read from the
+    /// gateway's pinned maps), in order: what a test expects when flows are chosen by hash.
+    pub fn table_choices(&self, vip: &crate::Vip, clients: &[SocketAddr]) -> Result<Vec<String>> {
+        let maps = crate::pin::PinDir::open(std::path::Path::new(&self.pin_dir))?.maps()?;
+        clients
+            .iter()
+            .map(|c| {
+                let b = maps
+                    .table_backend(vip, &crate::model::flow_key(*c, vip))?
+                    .with_context(|| format!("{vip}: the table slot of {c} has no backend"))?
+                    .addr
+                    .ip();
+                self.backends
+                    .iter()
+                    .find(|x| x.v4 == b || x.v6 == b)
+                    .map(|x| x.name.clone())
+                    .with_context(|| format!("table backend {b} is not a testbed backend"))
+            })
+            .collect()
     }
 
     /// Runs the real `lb` binary in the gateway's namespace; returns stdout.
