@@ -27,7 +27,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Runs `body` on a new thread inside the namespace named `ns_name`; returns once `setup`
 /// (run first, inside the namespace) has succeeded or failed.
-fn spawn_in<S: Send + 'static>(
+pub(super) fn spawn_in<S: Send + 'static>(
     ns_name: &str,
     setup: impl FnOnce() -> Result<S> + Send + 'static,
     body: impl FnOnce(S) + Send + 'static,
