@@ -1214,6 +1214,26 @@ impl LbMaps {
             .ctx(|| format!("writing the count events of backend {id}"))
     }
 
+    /// Deletes every entry of `table` (benchmarks empty the unconfirmed table before each
+    /// new-flow row); returns how many were deleted.
+    pub fn flush_flows(&mut self, table: CtTable) -> Result<u64> {
+        let (mut keys, mut values, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        let mut cursor = None;
+        loop {
+            let (n, next) = self.ct_batch(table, cursor, 4096, &mut keys, &mut values)?;
+            all.extend_from_slice(&keys[..n]);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        let mut deleted = 0;
+        for key in &all {
+            deleted += self.ct_remove(table, key)? as u64;
+        }
+        Ok(deleted)
+    }
+
     /// Inserts a conntrack entry (benchmarks use it to fill the table).
     pub fn insert_flow(&mut self, key: &FlowKey, entry: &CtEntry) -> Result<()> {
         self.conntrack

@@ -39,10 +39,16 @@ fn bench_quick_runs_and_checks_its_paths() {
     }
     // Every per-packet row is accounted for by lb's counters (the bench fails otherwise).
     assert!(
-        md.contains("| verified runs | new flows stored |"),
+        md.contains("| verified runs | counters = runs | new flows stored |"),
         "verified runs column missing:\n{md}"
     );
     assert!(!md.contains("not verified"), "a row is not verified:\n{md}");
+    // New-flow rows start from an emptied unconfirmed table with room for all of them.
+    let new_rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| new flow")).collect();
+    assert!(new_rows.len() >= 10, "new-flow rows missing:\n{md}");
+    for row in new_rows {
+        assert!(row.contains("| 0 → "), "not from an empty table: {row}");
+    }
     assert!(dir.join("docs/bench-per-packet.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

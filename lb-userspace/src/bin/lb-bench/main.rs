@@ -59,12 +59,13 @@ fn main() -> Result<()> {
     // One CPU for every measurement: the wrapper's source-address sequence is per CPU.
     let pinned = rig::Pinned::first_cpu()?;
     eprintln!("per-packet cost by path (pinned to CPU {})…", pinned.cpu);
-    // Enough conntrack for every new flow the runs create, so "empty" stays unfull.
-    let new_flows = 2 * s.repeat as usize * s.rounds * 2;
-    let ct = (new_flows.next_power_of_two() as u32).max(1 << 20);
+    // The unconfirmed table is emptied before every new-flow row and holds all of the row's
+    // new flows; the confirmed table holds the established flows and the 1M-flow fill.
+    let ct_new = ((s.repeat as usize * s.rounds).next_power_of_two() as u32).max(1 << 16);
+    let ct = 4 << 20;
     let max_backends = (DEFAULT_TABLE_SIZE / lb::error::MIN_SLOTS_PER_BACKEND) as usize;
     {
-        let mut rig = Rig::new(ct, 8 * DEFAULT_TABLE_SIZE)?;
+        let mut rig = Rig::new(ct, ct_new, 8 * DEFAULT_TABLE_SIZE)?;
         configure(&mut rig, 2, DEFAULT_TABLE_SIZE)?;
         let (floor, results) = paths(&mut rig, &s)?;
         rep.paths(floor, &results);
@@ -83,7 +84,7 @@ fn main() -> Result<()> {
     let mut scaling = Vec::new();
     let vip_counts: &[usize] = if args.quick { &[1, 512] } else { &[1, 64, 512] };
     for &n in vip_counts {
-        let mut rig = Rig::new(ct, 600 * 251 + 2 * DEFAULT_TABLE_SIZE)?;
+        let mut rig = Rig::new(ct, ct_new, 600 * 251 + 2 * DEFAULT_TABLE_SIZE)?;
         configure(&mut rig, 2, DEFAULT_TABLE_SIZE)?;
         for i in 1..n {
             let v = lb::Vip::new(
@@ -105,7 +106,7 @@ fn main() -> Result<()> {
         vec![2, 100, 1000, max_backends]
     };
     for &n in &backend_counts {
-        let mut rig = Rig::new(ct, 8 * DEFAULT_TABLE_SIZE)?;
+        let mut rig = Rig::new(ct, ct_new, 8 * DEFAULT_TABLE_SIZE)?;
         configure(&mut rig, n, DEFAULT_TABLE_SIZE)?;
         let (e, nf) = est_and_new(&mut rig, &s)?;
         let label = if n == max_backends {
@@ -119,7 +120,7 @@ fn main() -> Result<()> {
         if args.quick && fill > 0 {
             continue;
         }
-        let mut rig = Rig::new(ct.max(2 << 20), 8 * DEFAULT_TABLE_SIZE)?;
+        let mut rig = Rig::new(ct, ct_new, 8 * DEFAULT_TABLE_SIZE)?;
         configure(&mut rig, 2, DEFAULT_TABLE_SIZE)?;
         fill_conntrack(&mut rig, fill)?;
         let (e, nf) = est_and_new(&mut rig, &s)?;

@@ -18,24 +18,6 @@ pub struct Report {
     floor: f64,
 }
 
-/// The floor (trivial XDP_PASS) of the reference run the targets and Katran's figures come
-/// from (shared/SETUP-NOTES.md: 5–6 ns).
-const REFERENCE_FLOOR: f64 = 5.5;
-
-/// Targets from the issue (ns per packet at the reference floor): established, new flow,
-/// non-VIP; and Katran's figures in that run.
-fn target(path: &str) -> Option<(f64, &'static str)> {
-    if path.starts_with("established") {
-        Some((45.0, "63–68"))
-    } else if path.starts_with("new flow") {
-        Some((100.0, "150–155"))
-    } else if path.starts_with("not for a VIP") {
-        Some((15.0, "19–21"))
-    } else {
-        None
-    }
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -45,9 +27,7 @@ fn machine() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = cpus();
     let kernel = Command::new("uname")
         .arg("-r")
         .output()
@@ -64,6 +44,13 @@ fn machine() -> String {
         .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
         .unwrap_or_default();
     format!("{cpu}, {cores} vCPUs, {mem}, Linux {kernel}")
+}
+
+/// CPUs this process may run on.
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
 }
 
 fn fmt_sample(s: &Sample) -> String {
@@ -99,58 +86,38 @@ impl Report {
 
     pub fn paths(&mut self, floor: Sample, results: &[PathResult]) {
         self.floor = floor.median;
-        let scale = floor.median / REFERENCE_FLOOR;
         let md = &mut self.md;
         let _ = writeln!(md, "## Per-packet cost by path\n");
         let _ = writeln!(
             md,
-            "Targets and Katran's figures were measured on a run whose floor was {REFERENCE_FLOOR} ns; this run's floor is {:.1} ns, so they are shown scaled by {scale:.1} (the ratio of the floors) and \"met\" compares with the scaled target. The × floor column compares across machines directly.\n",
-            floor.median
+            "× floor: the row's median over the floor's, both from this run. Verified runs: runs of the program under test in the row, each counted by exactly one verdict counter; the counters named next to it each counted every one of those runs (all read before and after the row; the bench fails otherwise). New-flow rows also show no conntrack hit; new flows stored is `ct_miss` less the flows over the flood threshold. Before each new-flow row the unconfirmed conntrack table is emptied; its entries before → after the row, and its capacity, are in the last column.\n"
         );
+        let _ = writeln!(md, "| path | ns/packet (median) | p10–p90 | × floor | verified runs | counters = runs | new flows stored | unconfirmed table: before → after / capacity |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         let _ = writeln!(
             md,
-            "Verified runs: runs of the program under test in the row, each counted by exactly one verdict counter (read before and after the row; the bench fails otherwise). New-flow rows also show a conntrack miss on every run and no hit; new flows stored is `ct_miss` less the flows over the flood threshold; the fill of the unconfirmed and confirmed conntrack tables (entries / capacity) is read after the row.\n"
-        );
-        let _ = writeln!(md, "| path | ns/packet (median) | p10–p90 | × floor | Katran × floor | target (scaled) | met | verified runs | new flows stored | unconfirmed / confirmed after |");
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
-        let _ = writeln!(
-            md,
-            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | 1.0 | | | | | |",
+            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | | | | |",
             fmt_sample(&floor)
         );
         self.chart.push(("floor (XDP_PASS)".into(), floor.median));
         for r in results {
-            let t = target(&r.name);
-            let katran = t.map_or(String::new(), |(_, k)| {
-                let (lo, hi) = k.split_once('–').unwrap();
-                let f = |x: &str| x.parse::<f64>().unwrap() / REFERENCE_FLOOR;
-                format!("{:.1}–{:.1}", f(lo), f(hi))
-            });
-            let v = r.sample.verified;
+            let v = r.sample.verified.as_ref();
             let runs = v.map_or("**not verified**".to_string(), |v| v.runs.to_string());
+            let counters = v.map_or(String::new(), |v| v.counters.clone());
             let new_flows = v
                 .and_then(|v| v.new_flows)
                 .map_or(String::new(), |n| n.to_string());
             let fill = v
                 .and_then(|v| v.fill)
-                .map_or(String::new(), |((u, uc), (c, cc))| {
-                    format!("{u} / {uc}; {c} / {cc}")
+                .map_or(String::new(), |(before, after, cap)| {
+                    format!("{before} → {after} / {cap}")
                 });
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {katran} | {} | {} | {runs} | {new_flows} | {fill} |",
+                "| {} | {} | {:.1} | {runs} | {counters} | {new_flows} | {fill} |",
                 r.name,
                 fmt_sample(&r.sample),
                 r.sample.median / floor.median.max(0.1),
-                t.map_or(String::new(), |(t, _)| format!(
-                    "≤ {t:.0} ns (≤ {:.0})",
-                    t * scale
-                )),
-                t.map_or("", |(t, _)| if r.sample.median <= t * scale {
-                    "yes"
-                } else {
-                    "**no**"
-                })
             );
             self.chart.push((r.name.clone(), r.sample.median));
         }
@@ -169,26 +136,22 @@ impl Report {
             results
                 .iter()
                 .find(|r| r.name.starts_with(name))
-                .and_then(|r| r.sample.verified)
+                .and_then(|r| r.sample.verified.as_ref())
                 .and_then(|v| v.new_flows)
                 .map_or("an unknown number".to_string(), |n| n.to_string())
         };
-        let _ = writeln!(md, "What limits them (from the rows above):\n");
-        let _ = writeln!(
-            md,
-            "- This machine's floor is {:.1}× the reference run's, so no absolute target can be met here (the non-VIP target is below this run's floor); the × floor column is the fair comparison.",
-            scale
-        );
+        let _ = writeln!(md, "What limits them (computed from the rows above):\n");
         if let (Some(e), Some(c)) = (
             get("established IPv4 (conntrack hit)"),
             get("established IPv4, next-hop cache"),
         ) {
             let _ = writeln!(
                 md,
-                "- The route lookup (`bpf_fib_lookup`) is {:.0} ns of the {e:.0} ns of an established IPv4 packet ({:.0}%): with the next-hop cache the established path costs {:.1}× the floor, under Katran's 11.5–12.4× and within the scaled target. Katran does no route lookup either (it sends everything to one gateway MAC).",
+                "- The two established IPv4 rows differ only in the route lookup (`bpf_fib_lookup`), which the next-hop cache replaces: it is {:.0} ns of the {e:.0} ns of an established IPv4 packet ({:.0}%). With the cache the established path costs {:.1}× the floor, without it {:.1}×.",
                 e - c,
                 100.0 * (e - c) / e,
-                c / floor.median
+                c / floor.median,
+                e / floor.median
             );
         }
         if let (Some(n), Some(f), Some(e)) = (
@@ -198,7 +161,7 @@ impl Report {
         ) {
             let _ = writeln!(
                 md,
-                "- A new flow that is stored (an unconfirmed entry in a full LRU) costs {n:.0} ns, {:.1}× an established one; above the flood threshold (default {} new flows per second per CPU; that row sets 1, so all of its packets but {} are over it) a new flow is not stored and costs {f:.0} ns, {:.2}× the established row. The difference between the two new-flow rows, {:.0} ns, is what storing the entry costs.",
+                "- A new flow that is stored costs {n:.0} ns, {:.1}× an established one. Above the flood threshold (default {} new flows per second per CPU; that row sets 1, so {} of its packets were stored) a new flow is not stored and costs {f:.0} ns, {:.2}× the established row. The two new-flow rows differ only in storing the unconfirmed entry: {:.0} ns.",
                 n / e,
                 lb_common::DEFAULT_FLOOD_RATE,
                 stored("new flow IPv4 under a flood"),
@@ -209,7 +172,7 @@ impl Report {
         if let Some(p) = get("not for a VIP") {
             let _ = writeln!(
                 md,
-                "- Traffic not for a VIP ({:.1}× the floor, Katran 3.5–3.8×) costs parsing plus two reads of the port filter (array lookups, inlined by the verifier): only packets to a VIP's port or from a backend's port go on to the hash maps. The measured packet is to a backend's address and port from a client port, so it takes the filter's fast way; traffic on VIP or backend ports pays a hash lookup more.",
+                "- Traffic not for a VIP costs {:.1}× the floor. The measured packet goes to a backend's address and port from a client port, so after parsing it is decided by two reads of the port filter (array lookups); traffic on a VIP's or a backend's port pays a hash lookup more.",
                 p / floor.median
             );
         }
@@ -221,11 +184,27 @@ impl Report {
         let _ = writeln!(md, "## Scaling (IPv4)\n");
         let _ = writeln!(
             md,
-            "| configuration | established ns | p10–p90 | new flow ns | p10–p90 |"
+            "Verified as above: every run of each measurement counted (established: `tx`, `ct_hit`; new flow: `tx`, `ct_miss`, each stored in an emptied unconfirmed table).\n"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(
+            md,
+            "| configuration | established ns | p10–p90 | verified runs | new flow ns | p10–p90 | verified runs = new flows stored |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+        let runs = |s: &Sample| {
+            s.verified
+                .as_ref()
+                .map_or("**not verified**".to_string(), |v| v.runs.to_string())
+        };
         for (name, e, n) in rows {
-            let _ = writeln!(md, "| {name} | {} | {} |", fmt_sample(e), fmt_sample(n));
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} | {} | {} |",
+                fmt_sample(e),
+                runs(e),
+                fmt_sample(n),
+                runs(n)
+            );
         }
         let _ = writeln!(md);
     }
@@ -276,7 +255,8 @@ impl Report {
         let _ = writeln!(md, "## End to end (the demo topology)\n");
         let _ = writeln!(
             md,
-            "wrk (1 thread, 32 connections) in the client namespace → gateway namespace → 3 backends running the testbed's HTTP server; {rounds} rounds of {secs} s per setup, setups alternating; median (min–max). Connections/s: every request on a new connection (`Connection: close`); requests/s: keep-alive. CPU: busy CPU time of the whole machine per connection — client, gateway and backends share the same 2 vCPUs, so this is an upper bound of the gateway's share. The gateway is not the bottleneck in this topology: wrk and the three servers share those 2 vCPUs with it, so treat differences smaller than the min–max spread as noise.\n"
+            "wrk (1 thread, 32 connections) in the client namespace → gateway namespace → 3 backends running the testbed's HTTP server; {rounds} rounds of {secs} s per setup, setups alternating; median (min–max). Connections/s: every request on a new connection (`Connection: close`); requests/s: keep-alive. CPU: busy CPU time of the whole machine per connection — client, gateway and backends share the same {} CPUs, so this is an upper bound of the gateway's share. wrk and the three servers share those CPUs with the gateway: treat differences smaller than the min–max spread as noise.\n",
+            cpus()
         );
         let _ = writeln!(
             md,

@@ -30,7 +30,7 @@ pub struct Rig {
 }
 
 /// A measurement: median and spread (10th–90th percentile) of ns per packet over rounds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Sample {
     pub median: f64,
     pub p10: f64,
@@ -42,28 +42,58 @@ pub struct Sample {
 
 /// What lb's counters must show after a measurement, besides exactly one verdict per run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expect {
-    /// One verdict per run; nothing more is known about the path.
-    Verdicts,
+pub struct Expect {
+    /// Counters that must each count every run; the first is the verdict (with exactly one
+    /// verdict per run, no other verdict counted any).
+    pub each: &'static [Counter],
+    pub flows: NewFlows,
+}
+
+/// What a row's runs must do to conntrack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewFlows {
+    /// Nothing is checked here (`each` may name `ct_hit`).
+    Unchecked,
     /// Every run a new flow that is stored: `ct_miss` = runs, no `ct_hit`, no failed insert.
-    NewFlowStored,
+    /// The unconfirmed table is emptied first and has room for every run.
+    Stored,
     /// Every run a new flow at a flood threshold of `rate` new flows per second (per CPU; the
-    /// thread is pinned): `ct_miss` = runs, no `ct_hit`, and all are over it (`ct_flood_skip`)
-    /// except the first `rate` of each one-second window — at most `rate` × (whole seconds
-    /// the row took + 2).
-    NewFlowFlood { rate: u64 },
+    /// thread is pinned): `ct_miss` = runs, no `ct_hit`, and all are over it
+    /// (`ct_flood_skip`) except the first `rate` of each one-second window — at most `rate` ×
+    /// (whole seconds the row took + 2).
+    Flood { rate: u64 },
+}
+
+impl Expect {
+    /// Each of `each` counted every run.
+    pub const fn each(each: &'static [Counter]) -> Expect {
+        Expect {
+            each,
+            flows: NewFlows::Unchecked,
+        }
+    }
+
+    /// New flows stored, each counted by `each`.
+    pub const fn new_flows(each: &'static [Counter]) -> Expect {
+        Expect {
+            each,
+            flows: NewFlows::Stored,
+        }
+    }
 }
 
 /// What the counters proved about a measurement.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Verified {
     /// Runs of the program under test, each counted by exactly one verdict.
     pub runs: u64,
+    /// The counters that counted every run, by their `lb stats` names.
+    pub counters: String,
     /// New-flow rows: the new flows stored (`ct_miss` − `ct_flood_skip` − `ct_insert_failed`).
     pub new_flows: Option<u64>,
-    /// New-flow rows: (entries, capacity) of the unconfirmed and the confirmed conntrack
-    /// tables after the measurement.
-    pub fill: Option<((u64, u64), (u64, u64))>,
+    /// New-flow rows: entries of the unconfirmed conntrack table before and after the row,
+    /// and its capacity.
+    pub fill: Option<(u64, u64, u64)>,
 }
 
 /// Pins the calling thread to one CPU (the first it may run on) until dropped, then restores
@@ -116,7 +146,7 @@ impl Rig {
     /// Builds the namespace and loads lb. The client (10.0.0.2, fd00::2) is on-link; all
     /// backends (10.1.0.0/16, 10.2.0.0/16, fd01::/64) sit behind a router (10.0.0.254,
     /// fd00::fe), so every route lookup succeeds with two static neighbour entries.
-    pub fn new(ct_capacity: u32, table_capacity: u32) -> Result<Rig> {
+    pub fn new(ct_capacity: u32, ct_new_capacity: u32, table_capacity: u32) -> Result<Rig> {
         let ns = NetNs::new(&format!("lbb{}", std::process::id()))?;
         ns.ip(&[
             "link", "add", "ba", "type", "veth", "peer", "name", "ba-peer",
@@ -155,11 +185,11 @@ impl Rig {
         let dp = Dataplane::load(LoadOptions {
             table_capacity,
             ct_capacity,
+            ct_new_capacity,
             hash_seed: Some(lb_common::hash::FLOW_HASH_SEED),
             // No flood threshold: the new-flow rows measure a stored flow; the flood row sets
             // one itself.
             flood_rate: 0,
-            ..Default::default()
         })?;
         let mut bench = EbpfLoader::new()
             .load(LB_BENCH_OBJECT)
@@ -224,6 +254,20 @@ impl Rig {
         check: Check,
     ) -> Result<Sample> {
         let lb_fd = self.dp.program().fd()?.try_clone()?;
+        let unconfirmed = lb::state::CtTable::Unconfirmed;
+        let fill_before = match expect.flows {
+            NewFlows::Unchecked => None,
+            _ => {
+                self.dp.maps.flush_flows(unconfirmed)?;
+                let capacity = self.dp.maps.ct_capacity(unconfirmed)?;
+                let runs = repeat.max(1) as u64 * rounds as u64;
+                ensure!(
+                    capacity >= runs,
+                    "the unconfirmed table ({capacity}) has no room for {runs} new flows"
+                );
+                Some((self.dp.maps.fill()?.conntrack_new.0, capacity))
+            }
+        };
         let before = self.dp.maps.counters()?;
         let started = std::time::Instant::now();
         let (mut sample, runs) = self.measure_fd(&lb_fd, frame, vary_at, repeat, rounds, check)?;
@@ -242,16 +286,16 @@ impl Rig {
             d(Counter::CtFloodSkip),
             d(Counter::CtInsertFailed),
         );
-        let new_flows = match expect {
-            Expect::Verdicts => None,
-            Expect::NewFlowStored => {
+        let new_flows = match expect.flows {
+            NewFlows::Unchecked => None,
+            NewFlows::Stored => {
                 ensure!(
                     miss == runs && hit == 0 && skip == 0 && failed == 0,
                     "{runs} new flows: ct_miss {miss}, ct_hit {hit}, ct_flood_skip {skip}, ct_insert_failed {failed}"
                 );
                 Some(miss)
             }
-            Expect::NewFlowFlood { rate } => {
+            NewFlows::Flood { rate } => {
                 let windows = started.elapsed().as_secs() + 2;
                 ensure!(
                     miss == runs && hit == 0 && failed == 0 && runs - skip <= rate * windows,
@@ -261,33 +305,49 @@ impl Rig {
                 Some(miss - skip)
             }
         };
-        let fill = match new_flows {
-            Some(_) => {
-                let f = self.dp.maps.fill()?;
-                Some((f.conntrack_new, f.conntrack))
+        let each = expect.each;
+        ensure!(!each.is_empty(), "a row must name its verdict counter");
+        for c in each {
+            ensure!(
+                d(*c) == runs,
+                "lb ran {runs} times but counted {} {}",
+                d(*c),
+                lb_common::COUNTER_NAMES[*c as usize]
+            );
+        }
+        let fill = match fill_before {
+            Some((before, capacity)) => {
+                Some((before, self.dp.maps.fill()?.conntrack_new.0, capacity))
             }
             None => None,
         };
         sample.verified = Some(Verified {
             runs,
+            counters: each
+                .iter()
+                .map(|c| lb_common::COUNTER_NAMES[*c as usize])
+                .collect::<Vec<_>>()
+                .join(", "),
             new_flows,
             fill,
         });
         Ok(sample)
     }
 
-    /// Like `measure_lb`, for the decapsulation program.
+    /// Like `measure_lb`, for the decapsulation program: `counter` must count every run (and
+    /// lb none).
     pub fn measure_decap(
         &mut self,
         frame: &[u8],
         repeat: u32,
         rounds: usize,
+        counter: lb_common::DecapCounter,
         check: Check,
     ) -> Result<Sample> {
         let fd = Self::prog(&mut self.decap, lb::object::LB_DECAP_PROGRAM)
             .fd()?
             .try_clone()?;
-        let verdicts = |rig: &Rig| -> Result<(u64, u64)> {
+        let counts = |rig: &Rig| -> Result<(u64, u64, u64)> {
             let c = rig.dp.maps.counters()?;
             let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(
                 rig.decap
@@ -298,19 +358,23 @@ impl Rig {
             for i in 0..lb_common::DECAP_COUNTER_COUNT {
                 decap += stats.get(&i, 0)?.iter().sum::<u64>();
             }
-            Ok((c[..VERDICT_COUNT as usize].iter().sum(), decap))
+            let this = stats.get(&(counter as u32), 0)?.iter().sum::<u64>();
+            Ok((c[..VERDICT_COUNT as usize].iter().sum(), decap, this))
         };
-        let (lb0, decap0) = verdicts(self)?;
+        let (lb0, decap0, this0) = counts(self)?;
         let (mut sample, runs) = self.measure_fd(&fd, frame, 0, repeat, rounds, check)?;
-        let (lb1, decap1) = verdicts(self)?;
+        let (lb1, decap1, this1) = counts(self)?;
         ensure!(
-            decap1 - decap0 == runs && lb1 == lb0,
-            "lb_decap ran {runs} times: {} decap verdicts, {} lb verdicts",
+            decap1 - decap0 == runs && this1 - this0 == runs && lb1 == lb0,
+            "lb_decap ran {runs} times: {} decap verdicts, {} of them {:?}, {} lb verdicts",
             decap1 - decap0,
+            this1 - this0,
+            counter,
             lb1 - lb0
         );
         sample.verified = Some(Verified {
             runs,
+            counters: lb_common::DECAP_COUNTER_NAMES[counter as usize].to_string(),
             new_flows: None,
             fill: None,
         });
