@@ -19,16 +19,17 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use common::{
     mutate::{fix_ipv4_csum, l4_v4, set_ipv4_u16, set_ipv4_u8, IP},
+    oracle,
     packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{mac_of, pin_to_current_cpu, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
 use lb::{model::flow_key, Algorithm, CtTable, Vip};
 use lb_common::{
-    hash::flow_hash, Counter, CtEntry, GlobalConf, Timeouts, ACK_WINDOW, ALGO_ROUND_ROBIN,
-    COUNTER_NAMES, CT_F_CLIENT_AGAIN, CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP,
-    CT_F_RST, CT_F_RST_BACKEND, CT_F_SYNACK, CT_STATE_NAMES, CT_S_CLOSED, CT_S_CLOSING,
-    CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, VERDICT_COUNT,
+    Counter, CtEntry, GlobalConf, Timeouts, ACK_WINDOW, ALGO_ROUND_ROBIN, COUNTER_NAMES,
+    CT_F_CLIENT_AGAIN, CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST,
+    CT_F_RST_BACKEND, CT_F_SYNACK, CT_STATE_NAMES, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED,
+    CT_S_OPENING, CT_S_UDP, VERDICT_COUNT,
 };
 
 fn sa(s: &str) -> SocketAddr {
@@ -101,34 +102,31 @@ impl Table {
         self.reasons.push(c.reason);
     }
 
-    /// The backend the table gives a new flow from `client` to `vip` now (with the seed in the
-    /// maps).
+    /// The backend a new flow from `client` to `vip` gets now: the reference Maglev build of
+    /// the VIP's configured backends, indexed by the reference hash (`common::oracle`, not
+    /// lb's builder, hash or table).
     fn predict(&self, client: SocketAddr, v: &Vip) -> SocketAddr {
-        self.gw
-            .dp
-            .maps
-            .table_backend(v, &flow_key(client, v))
-            .unwrap()
-            .expect("table slot has a backend")
-            .addr
+        oracle::hashed_backend(&self.gw.dp.maps, v, client).expect("table slot has a backend")
     }
 
     /// The backend a flow from `client` to `v` gets from its hash alone (what the data plane
     /// gives a flow without an entry when its first packet is not a SYN, or above the flood
-    /// threshold): the flow hash into the VIP's table, or for round robin into its sequence
-    /// (the table's first `seq_len` slots). Computed here from the maps, not with
-    /// `table_backend`, which hashes into the whole table.
+    /// threshold): for round robin the flow hash (the reference's) into its sequence (the
+    /// table's first `seq_len` slots, read from the maps); else as `predict`.
     fn hashed(&self, client: SocketAddr, v: &Vip) -> SocketAddr {
         let m = &self.gw.dp.maps;
         let info = m.vip(v).unwrap();
-        let h = flow_hash(&flow_key(client, v), m.conf().unwrap().hash_seed);
-        let n = if info.algo == ALGO_ROUND_ROBIN {
-            info.seq_len
-        } else {
-            info.table_size
-        };
-        assert!(n > 0, "{v}: empty table");
-        let id = m.table(v).unwrap()[(h % n) as usize];
+        if info.algo != ALGO_ROUND_ROBIN {
+            return self.predict(client, v);
+        }
+        let h = oracle::flow_hash(
+            client,
+            v.addr,
+            v.proto == lb::Proto::Udp,
+            m.conf().unwrap().hash_seed,
+        );
+        assert!(info.seq_len > 0, "{v}: empty sequence");
+        let id = m.table(v).unwrap()[(h % info.seq_len) as usize];
         self.backend_addr(v, id)
     }
 

@@ -27,10 +27,14 @@ use lb::{
     CtTable, Vip,
 };
 use lb_common::{
-    csum::checksum, hash::flow_hash, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED,
-    CT_F_RST, CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT,
-    VERDICT_COUNT,
+    csum::checksum, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED, CT_F_RST,
+    CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT, VERDICT_COUNT,
 };
+
+/// The flow hash of `client` → `v` by the reference implementation (`common::oracle`).
+fn ref_hash(client: SocketAddr, v: &Vip, seed: u32) -> u32 {
+    common::oracle::flow_hash(client, v.addr, v.proto == lb::Proto::Udp, seed)
+}
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -632,7 +636,7 @@ fn dsr_ipip_icmp_and_decap() {
         (tun46, client(40013), sa("[fd01::13]:80")),
     ] {
         let s = syn(c, v.addr);
-        let hash = flow_hash(&flow_key(c, &v), seed);
+        let hash = ref_hash(c, &v, seed);
         let out = encapsulated(&s.build(), b, hash, 0);
         t.check(
             &format!("ipip {v} -> {b}"),
@@ -650,7 +654,7 @@ fn dsr_ipip_icmp_and_decap() {
     let mut out = encapsulated(
         &s.build(),
         sa("10.1.0.98:80"),
-        flow_hash(&flow_key(c, &tun_noneigh), seed),
+        ref_hash(c, &tun_noneigh, seed),
         0,
     );
     out[0..6].copy_from_slice(&GW_MAC_A);
@@ -665,12 +669,7 @@ fn dsr_ipip_icmp_and_decap() {
     // An established flow: the same backend and outer source again.
     let c = client(40011);
     let a = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, tun.addr, Tcp::Ack);
-    let out = encapsulated(
-        &a.build(),
-        sa("10.1.0.12:80"),
-        flow_hash(&flow_key(c, &tun), seed),
-        0,
-    );
+    let out = encapsulated(&a.build(), sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
     t.check("ipip established", &a.build(), XDP_TX, &out, Counter::Tx);
     t.expect_entry(
         "ipip: the client's second packet confirms",
@@ -689,7 +688,7 @@ fn dsr_ipip_icmp_and_decap() {
     );
     let (c, b) = (client(40015), sa("10.1.0.12:53"));
     let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, tun_udp.addr);
-    let out = encapsulated(&s.build(), b, flow_hash(&flow_key(c, &tun_udp), seed), 0);
+    let out = encapsulated(&s.build(), b, ref_hash(c, &tun_udp, seed), 0);
     t.check(
         "ipip UDP: first datagram → unconfirmed",
         &s.build(),
@@ -712,7 +711,7 @@ fn dsr_ipip_icmp_and_decap() {
     // without the outer header.
     let c = client(40021);
     let fits = sized(syn(c, tun_small.addr), 940); // 980 + 20 = 1000
-    let hash = flow_hash(&flow_key(c, &tun_small), seed);
+    let hash = ref_hash(c, &tun_small, seed);
     let out = encapsulated(&fits.build(), sa("10.1.0.14:80"), hash, 0);
     t.check(
         "ipip: exactly the MTU",
@@ -807,12 +806,7 @@ fn dsr_ipip_icmp_and_decap() {
         tun.addr,
         c,
     );
-    let want = encapsulated(
-        &input,
-        sa("10.1.0.12:80"),
-        flow_hash(&flow_key(c, &tun), seed),
-        0,
-    );
+    let want = encapsulated(&input, sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
     t.check(
         "ICMP too-big for an ipip flow → encapsulated to its backend",
         &input,
@@ -865,14 +859,8 @@ fn dsr_ipip_icmp_and_decap() {
         m.add_vip(&ecmp, 251).unwrap();
         m.set_backends(&ecmp, &[(e1, 1), (e2, 1)]).unwrap();
     }
-    let predict = |t: &Table, c: SocketAddr| {
-        t.gw.dp
-            .maps
-            .table_backend(&ecmp, &flow_key(c, &ecmp))
-            .unwrap()
-            .unwrap()
-            .addr
-    };
+    let predict =
+        |t: &Table, c: SocketAddr| common::oracle::hashed_backend(&t.gw.dp.maps, &ecmp, c).unwrap();
     let c = (41000..41100)
         .map(client)
         .find(|c| predict(&t, *c) == e1)

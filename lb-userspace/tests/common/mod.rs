@@ -3,6 +3,7 @@
 
 pub mod mutate;
 pub mod netns;
+pub mod oracle;
 pub mod packets;
 pub mod testrun;
 pub mod topology;
