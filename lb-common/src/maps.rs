@@ -322,6 +322,9 @@ pub const CT_F_PICKUP: u64 = 32;
 /// `CtEntry::flags`: the client sent a packet after the one that made the entry (DSR
 /// confirmation evidence).
 pub const CT_F_CLIENT_AGAIN: u64 = 64;
+/// `CtEntry::flags`: the flow's VIP forwards without NAT (dsr-l2, ipip). Its backend answers
+/// the client directly, from the VIP; nothing from the backend's own address is a reply of it.
+pub const CT_F_DIRECT: u64 = 256;
 
 /// The client's ACK confirms a NAT TCP flow when its acknowledgment number is at most this far
 /// past `CtEntry::ack_expect`: the handshake's ACK carries exactly `ack_expect`; the window

@@ -17,7 +17,7 @@
 use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use core::intrinsics::{atomic_and, atomic_or, atomic_xadd, AtomicOrdering};
 use lb_common::{
-    Counter, CtEntry, FlowKey, Timeouts, ACK_WINDOW, CT_F_CLIENT_AGAIN, CT_F_COUNTED,
+    Counter, CtEntry, FlowKey, Timeouts, ACK_WINDOW, CT_F_CLIENT_AGAIN, CT_F_COUNTED, CT_F_DIRECT,
     CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_PICKUP, CT_F_RST, CT_F_RST_BACKEND, CT_F_SYNACK,
     CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, PROTO_TCP,
 };
@@ -232,7 +232,7 @@ pub(crate) fn confirm(flow: &FlowKey, p: *const CtEntry, proto: u8, now: u64) {
         backend_id: old.backend_id,
         generation: old.generation,
         last_seen_ns: now,
-        flags: CT_F_COUNTED,
+        flags: CT_F_COUNTED | (old.flags & CT_F_DIRECT),
         ack_expect: 0,
         state: if proto == PROTO_TCP {
             CT_S_ESTABLISHED
@@ -279,6 +279,7 @@ pub(crate) fn insert_new(
     generation: u32,
     tcp_flags: u8,
     now: u64,
+    direct: bool,
 ) {
     let tcp = flow.proto == PROTO_TCP;
     let entry = CtEntry {
@@ -289,7 +290,7 @@ pub(crate) fn insert_new(
             CT_F_PICKUP
         } else {
             0
-        },
+        } | if direct { CT_F_DIRECT } else { 0 },
         ack_expect: 0,
         state: if tcp { CT_S_OPENING } else { CT_S_UDP },
         _pad: [0; 3],

@@ -27,9 +27,9 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     hash::{flow_hash, source_hash},
     Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, RevNatEntry, VipInfo, ALGO_LEAST_CONN,
-    ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, FAMILY_V4, FWD_DSR_L2, FWD_IPIP,
-    MAX_VIPS_PER_BACKEND, NEXTHOP_F_VALID, NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP,
-    PROG_IPIP, PROTO_TCP, VIP_F_STATELESS_REVERSE,
+    ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_DIRECT, FAMILY_V4,
+    FWD_DSR_L2, FWD_IPIP, FWD_NAT, MAX_VIPS_PER_BACKEND, NEXTHOP_F_VALID, NO_BACKEND,
+    PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP, PROTO_TCP, VIP_F_STATELESS_REVERSE,
 };
 
 use crate::{
@@ -172,6 +172,7 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
     let now = flow::now_ns();
     // SAFETY: the map value is live for the program run; fields are copied out.
     let n = unsafe { (*rev).count } as usize;
+    let mut elsewhere = false;
     let mut i = 0;
     while i < MAX_VIPS_PER_BACKEND {
         if i >= n {
@@ -180,12 +181,15 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
         // SAFETY: as above; i is below the array length.
         let r = unsafe { (*rev).vips[i] };
         let key = pkt.reply_flow_key(&r.vip);
-        if tracked_reply(ctx, pkt, &key, &r, now) {
-            return Some(r);
+        match tracked_reply(ctx, pkt, &key, &r, now) {
+            Tracked::Reply => return Some(r),
+            Tracked::Elsewhere => elsewhere = true,
+            Tracked::Untracked => {}
         }
         i += 1;
     }
-    if n == 1 {
+    // The table decides only for a flow without an entry.
+    if n == 1 && !elsewhere {
         // SAFETY: as above.
         let r = unsafe { (*rev).vips[0] };
         if stateless_reply(ctx, pkt, &r, now) {
@@ -196,44 +200,74 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
     None
 }
 
-/// A reply whose flow is in conntrack for this backend: applies it to the flow's state.
+/// What conntrack says of a packet from a backend about a flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// A reply: the flow's live entry names this backend (its state was updated).
+    Reply,
+    /// The flow has a live entry, for another backend or a VIP without NAT: not a reply.
+    Elsewhere,
+    /// No live entry.
+    Untracked,
+}
+
+/// Whether a packet from a backend is a reply of a flow in conntrack for this backend;
+/// applies a reply to the flow's state.
 #[inline(always)]
-fn tracked_reply(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, r: &RevNatEntry, now: u64) -> bool {
+fn tracked_reply(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    key: &FlowKey,
+    r: &RevNatEntry,
+    now: u64,
+) -> Tracked {
     // The backend's generation: an entry made for an earlier holder of the id is stale.
     let generation = match BACKENDS.get(r.backend_id) {
         Some(b) if b.is_valid() => b.generation,
-        _ => return false,
+        _ => return Tracked::Untracked,
     };
+    let mut elsewhere = false;
     if let Some(p) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: live map value, copied.
         let e = unsafe { *p };
         if e.backend_id == r.backend_id {
+            // A dsr-l2 / ipip flow: its backend answers from the VIP, not through here.
+            if e.flags & CT_F_DIRECT != 0 {
+                return Tracked::Elsewhere;
+            }
             if e.generation != generation {
                 count(Counter::CtStale);
                 flow::forget(p);
                 let _ = CONNTRACK.remove(key);
-                return false;
+                return Tracked::Untracked;
             }
             if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
                 count(Counter::CtExpired);
                 flow::drop_confirmed(key, p);
-                return false;
+                return Tracked::Untracked;
             }
             if pkt.proto == PROTO_TCP {
                 flow::tcp_update(p, pkt.tcp_flags, Dir::Backend);
             }
             flow::refresh(p, now);
-            return true;
+            return Tracked::Reply;
         }
-        // Another backend's flow here (re-selected on another gateway): not this reply's.
+        // Another backend's flow here (re-selected on another gateway): not this reply's,
+        // unless the unconfirmed table holds it for this backend.
+        elsewhere = true;
     }
+    let none = if elsewhere {
+        Tracked::Elsewhere
+    } else {
+        Tracked::Untracked
+    };
     let Some(p) = CT_NEW.get_ptr_mut(key) else {
-        return false;
+        return none;
     };
     // SAFETY: live map value, copied.
     let e = unsafe { *p };
-    if e.backend_id != r.backend_id {
-        return false;
+    if e.backend_id != r.backend_id || e.flags & CT_F_DIRECT != 0 {
+        return Tracked::Elsewhere;
     }
     if e.generation != generation || flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
         count(if e.generation != generation {
@@ -242,7 +276,7 @@ fn tracked_reply(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, r: &RevNatEntry,
             Counter::CtExpired
         });
         let _ = CT_NEW.remove(key);
-        return false;
+        return none;
     }
     let seq = if pkt.proto == PROTO_TCP {
         parse::tcp_seq_ack(ctx, pkt).0
@@ -257,7 +291,7 @@ fn tracked_reply(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, r: &RevNatEntry,
         }
         flow::ReplyEffect::Keep => flow::refresh(p, now),
     }
-    true
+    Tracked::Reply
 }
 
 /// A reply this gateway has no flow entry for. It is the VIP's if the VIP's table gives this
@@ -272,6 +306,10 @@ fn stateless_reply(ctx: &XdpContext, pkt: &Packet, r: &RevNatEntry, now: u64) ->
     let Some(vip) = (unsafe { VIPS.get(r.vip) }).copied() else {
         return false;
     };
+    // dsr-l2 / ipip backends answer from the VIP, not through here.
+    if vip.fwd != FWD_NAT {
+        return false;
+    }
     let after_flood = vip.flags & VIP_F_STATELESS_REVERSE == 0;
     if after_flood {
         // As long as a flow that began in the flood could live without an entry.
@@ -437,7 +475,14 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
             if flooding {
                 count(Counter::CtFloodSkip);
             } else if pkt.tcp_flags & flow::TCP_RST == 0 {
-                flow::insert_new(&flow, id, b.generation, pkt.tcp_flags, now);
+                flow::insert_new(
+                    &flow,
+                    id,
+                    b.generation,
+                    pkt.tcp_flags,
+                    now,
+                    vip.fwd != FWD_NAT,
+                );
             }
             (id, b, true)
         }
@@ -478,7 +523,14 @@ fn confirmed_flow(
         if pkt.proto == PROTO_TCP && !flow::is_syn(pkt.tcp_flags) {
             count(Counter::CtMiss);
             if pkt.tcp_flags & flow::TCP_RST == 0 {
-                flow::insert_new(flow, e.backend_id, e.generation, pkt.tcp_flags, now);
+                flow::insert_new(
+                    flow,
+                    e.backend_id,
+                    e.generation,
+                    pkt.tcp_flags,
+                    now,
+                    vip.fwd != FWD_NAT,
+                );
             }
             return Some((e.backend_id, b, true));
         }

@@ -2541,6 +2541,44 @@ fn flows_begun_in_a_flood_keep_their_backend() {
         t.forward_to(&d, &ack(*c, v.addr).seq_ack(SEQ + 19, ISN_B + 1), b);
     }
     t.expect_counts_exact(&[web, rnd, rr, lc]);
+
+    // In the flood's aftermath (replies without an entry are matched by the table), a flow
+    // that has an entry is still never matched by the table: a random-VIP flow selected before
+    // the flood, its entry naming a backend the hash does not give it (planted: a copy of a
+    // live entry, uncounted, for a client the hash gives to another backend).
+    let (_, c0) = flows.iter().find(|(v, _)| *v == rnd).unwrap();
+    let b0 = hashed[&(rnd, *c0)];
+    let mut e = t.expect_entry(
+        "flood-keep: an entry to copy",
+        *c0,
+        &rnd,
+        Want {
+            table: CtTable::Confirmed,
+            state: CT_S_ESTABLISHED,
+            flags: CT_F_COUNTED,
+            backend: b0,
+        },
+    );
+    e.flags = 0;
+    let c2 = (50_700..50_800)
+        .map(client)
+        .find(|c| t.hashed(*c, &rnd) != b0)
+        .expect("a client the hash gives to another backend");
+    let b2 = t.hashed(c2, &rnd);
+    t.gw.dp.maps.insert_flow(&flow_key(c2, &rnd), &e).unwrap();
+    let since = t.counters();
+    t.unchanged(
+        &format!("flood-keep: {b2} (the hash's) → {c2}, whose entry names {b0}: not a reply"),
+        from_backend(b2, c2, Tcp::Ack).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.expect_events("flood-keep: not matched by the table", &since, &[]);
+    t.reply_as(
+        &format!("flood-keep: {b0} (the entry's) → {c2}: its reply"),
+        &from_backend(b0, c2, Tcp::Ack),
+        &rnd,
+    );
     t.finish();
     println!("{} flood-keep cases passed", t.rows);
 }

@@ -27,8 +27,9 @@ use lb::{
     CtTable, Vip,
 };
 use lb_common::{
-    csum::checksum, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED, CT_F_RST,
-    CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT, VERDICT_COUNT,
+    csum::checksum, Counter, CtEntry, DecapCounter, COUNTER_NAMES, CT_F_COUNTED, CT_F_DIRECT,
+    CT_F_RST, CT_S_CLOSED, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP, DECAP_COUNTER_COUNT,
+    VERDICT_COUNT,
 };
 
 /// The flow hash of `client` → `v` by the reference implementation (`common::oracle`).
@@ -323,10 +324,17 @@ impl Table {
     }
 }
 
-const UNCONFIRMED_OPENING: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_OPENING, 0);
-const UNCONFIRMED_UDP: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_UDP, 0);
-const ESTABLISHED: (CtTable, u8, u64) = (CtTable::Confirmed, CT_S_ESTABLISHED, CT_F_COUNTED);
-const CONFIRMED_UDP: (CtTable, u8, u64) = (CtTable::Confirmed, CT_S_UDP, CT_F_COUNTED);
+/// Entries of dsr-l2 / ipip flows: marked direct (their backends answer from the VIP, so
+/// nothing from a backend's own address is a reply of them).
+const UNCONFIRMED_OPENING: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_OPENING, CT_F_DIRECT);
+const UNCONFIRMED_UDP: (CtTable, u8, u64) = (CtTable::Unconfirmed, CT_S_UDP, CT_F_DIRECT);
+const ESTABLISHED: (CtTable, u8, u64) = (
+    CtTable::Confirmed,
+    CT_S_ESTABLISHED,
+    CT_F_COUNTED | CT_F_DIRECT,
+);
+const CONFIRMED_UDP: (CtTable, u8, u64) =
+    (CtTable::Confirmed, CT_S_UDP, CT_F_COUNTED | CT_F_DIRECT);
 
 fn client(port: u16) -> SocketAddr {
     SocketAddr::new("10.0.0.2".parse().unwrap(), port)
@@ -550,7 +558,7 @@ fn dsr_ipip_icmp_and_decap() {
         "dsr-l2: RST",
         c,
         &l2,
-        (CtTable::Confirmed, CT_S_CLOSED, CT_F_RST),
+        (CtTable::Confirmed, CT_S_CLOSED, CT_F_RST | CT_F_DIRECT),
         b,
     );
     t.expect_active("dsr-l2: RST", &l2, b, 0);
@@ -573,6 +581,26 @@ fn dsr_ipip_icmp_and_decap() {
         t.expect_active(&format!("dsr-l2: data {i} after the RST"), &l2, b, 1);
     }
     assert_eq!(t.delta(&since, Counter::CtConfirmed), 1);
+    // A dsr-l2 backend answers from the VIP, never through the gateway: a packet from its own
+    // address:port to the client of its flow (a spoofed or misrouted one) is not a reply —
+    // not rewritten to the VIP, and it changes nothing (an RST would close the flow).
+    for flags in [Tcp::Ack, Tcp::Rst] {
+        let own = Spec::tcp(mac_of(b), GW_MAC_A, b, c, flags);
+        t.unchanged(
+            &format!("dsr-l2: {flags:?} from the backend's own address → not a reply"),
+            &own.build(),
+            XDP_PASS,
+            Counter::PassNotVip,
+        );
+    }
+    t.expect_entry(
+        "dsr-l2: after its backend's own packets",
+        c,
+        &l2,
+        ESTABLISHED,
+        b,
+    );
+    t.expect_active("dsr-l2: after its backend's own packets", &l2, b, 1);
     let (c, b) = (client(40006), sa("10.1.0.11:53"));
     let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, l2_udp.addr);
     t.check(
