@@ -276,7 +276,10 @@ fn maglev_disruption_against_modulo() {
         })
         .collect();
     let m = 65_537u32;
-    for n in [10usize, 100, 1000] {
+    // The tables and the flows are fixed, so the result is too: measured 10.17%, 1.53% and
+    // 0.61% of flows (ideal 10%, 1%, 0.1%; with ~65 slots per backend at N = 1000, Maglev's
+    // cascade along the permutations moves several times the ideal). Bounds just above them.
+    for (n, bound) in [(10usize, 10.2), (100, 1.55), (1000, 0.62)] {
         let entries = |skip: Option<usize>| -> Vec<TableEntry<u32>> {
             (0..n)
                 .filter(|i| Some(*i) != skip)
@@ -309,7 +312,11 @@ fn maglev_disruption_against_modulo() {
             f(moved_mod),
             100.0 / n as f64
         );
-        assert!(f(moved_maglev) < 100.0 / n as f64 + 1.0);
+        assert!(
+            f(moved_maglev) >= 100.0 / n as f64 && f(moved_maglev) <= bound,
+            "remove 1 of {n}: maglev moved {:.2}% of flows",
+            f(moved_maglev)
+        );
         assert!(f(moved_mod) > 50.0);
     }
 }
