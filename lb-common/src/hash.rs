@@ -172,6 +172,105 @@ mod tests {
     const PINNED: u32 = 3_515_136_274;
 
     #[test]
+    fn flow_hash_is_murmur3_of_every_key_byte() {
+        // Every field counts, the padding too: the hash is of the key's 40 bytes as stored.
+        let key = FlowKey {
+            src_be: [0x0101_0101, 0x0202_0202, 0x0303_0303, 0x0404_0404],
+            dst_be: [0x0505_0505, 0x0606_0606, 0x0707_0707, 0x0808_0808],
+            sport_be: 0x1234,
+            dport_be: 0xabcd,
+            proto: 0x5a,
+            family: 0xa5,
+            _pad: 0xbeef,
+        };
+        for seed in [0, 1, FLOW_HASH_SEED, u32::MAX] {
+            assert_eq!(
+                flow_hash(&key, seed),
+                murmur3_32(bytemuck::bytes_of(&key), seed)
+            );
+        }
+    }
+
+    /// The source hash spelled out: MurmurHash3, seeded with `seed ^ SOURCE_HASH_TWEAK`, of the
+    /// 16 address bytes with every bit after the first `bits` cleared, then the family as a
+    /// little-endian u32.
+    fn source_hash_reference(addr: [u8; 16], family: u8, bits: u32, seed: u32) -> u32 {
+        let mut data = [0u8; 20];
+        for (i, b) in addr.iter().enumerate() {
+            let keep = bits.saturating_sub(8 * i as u32).min(8);
+            data[i] = if keep == 0 {
+                0
+            } else {
+                b & (0xffu8 << (8 - keep))
+            };
+        }
+        data[16..].copy_from_slice(&(family as u32).to_le_bytes());
+        murmur3_32(&data, seed ^ SOURCE_HASH_TWEAK)
+    }
+
+    #[test]
+    fn source_hash_is_murmur3_of_the_masked_address() {
+        let v4 = [192, 168, 37, 201, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let v6 = [
+            0x20, 0x01, 0x0d, 0xb8, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x0f, 0xed,
+            0xcb, 0xa9,
+        ];
+        let (f4, f6) = (crate::FAMILY_V4, crate::FAMILY_V6);
+        for seed in [7, FLOW_HASH_SEED, u32::MAX] {
+            for prefix in [1u8, 8, 13, 24, 31, 32] {
+                assert_eq!(
+                    source_hash(&crate::addr_words(v4), f4, prefix, seed),
+                    source_hash_reference(v4, f4, prefix as u32, seed),
+                    "IPv4 /{prefix}, seed {seed:#x}"
+                );
+            }
+            for prefix in [1u8, 31, 32, 33, 63, 64, 65, 100, 127, 128] {
+                assert_eq!(
+                    source_hash(&crate::addr_words(v6), f6, prefix, seed),
+                    source_hash_reference(v6, f6, prefix as u32, seed),
+                    "IPv6 /{prefix}, seed {seed:#x}"
+                );
+            }
+            // 0 = the whole address.
+            assert_eq!(
+                source_hash(&crate::addr_words(v4), f4, 0, seed),
+                source_hash_reference(v4, f4, 32, seed)
+            );
+            assert_eq!(
+                source_hash(&crate::addr_words(v6), f6, 0, seed),
+                source_hash_reference(v6, f6, 128, seed)
+            );
+        }
+    }
+
+    #[test]
+    fn source_hash_of_ipv4_reads_only_its_address() {
+        // A prefix longer than the family's addresses means the whole address, and the words
+        // an IPv4 address does not use are ignored whatever they hold.
+        let clean = [10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut dirty = clean;
+        dirty[4..].fill(0xff);
+        let v4 = crate::FAMILY_V4;
+        for prefix in [0u8, 24, 32, 33, 40, 64, 128, 255] {
+            let bits = if prefix == 0 || prefix > 32 {
+                32
+            } else {
+                prefix
+            };
+            let want = source_hash(&crate::addr_words(clean), v4, bits, 7);
+            assert_eq!(
+                source_hash(&crate::addr_words(dirty), v4, prefix, 7),
+                want,
+                "/{prefix}"
+            );
+            assert_eq!(source_hash(&crate::addr_words(clean), v4, prefix, 7), want);
+        }
+        let v6 = crate::addr_words([0x20, 1, 0xd, 0xb8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let f6 = crate::FAMILY_V6;
+        assert_eq!(source_hash(&v6, f6, 200, 7), source_hash(&v6, f6, 128, 7));
+    }
+
+    #[test]
     fn source_hash_ignores_host_bits_beyond_the_prefix() {
         let a = crate::addr_words([10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let b = crate::addr_words([10, 1, 2, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);

@@ -534,3 +534,94 @@ mod user {
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for NextHop {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_capacities_are_the_documented_ones() {
+        // README: the slot array holds 16 tables of the default size; conntrack 1,048,576
+        // confirmed and 262,144 unconfirmed flows. The ACK window makes a blind guess succeed
+        // with probability 2^-16.
+        assert_eq!(DEFAULT_TABLE_CAPACITY, 16 * 65_537);
+        assert_eq!(DEFAULT_TABLE_CAPACITY / DEFAULT_TABLE_SIZE, 16);
+        assert_eq!(DEFAULT_CT_CAPACITY, 1_048_576);
+        assert_eq!(DEFAULT_CT_NEW_CAPACITY, 262_144);
+        assert_eq!(ACK_WINDOW, 65_536);
+    }
+
+    #[test]
+    fn backend_validity_is_the_valid_bit_only() {
+        let with = |flags| Backend {
+            flags,
+            ..Backend::default()
+        };
+        assert!(!with(0).is_valid());
+        assert!(with(BACKEND_F_VALID).is_valid());
+        assert!(!with(BACKEND_F_DOWN).is_valid(), "down without valid");
+        assert!(with(BACKEND_F_VALID | BACKEND_F_DOWN).is_valid());
+    }
+
+    #[test]
+    fn each_state_has_its_own_timeout() {
+        let t = Timeouts {
+            opening_s: 11,
+            established_s: 22,
+            closing_s: 33,
+            closed_s: 44,
+            udp_s: 55,
+        };
+        assert_eq!(t.of_state(CT_S_OPENING), 11);
+        assert_eq!(t.of_state(CT_S_ESTABLISHED), 22);
+        assert_eq!(t.of_state(CT_S_CLOSING), 33);
+        assert_eq!(t.of_state(CT_S_CLOSED), 44);
+        assert_eq!(t.of_state(CT_S_UDP), 55);
+        // Anything else (0 = none, unknown values) gets the UDP timeout.
+        assert_eq!(t.of_state(0), 55);
+        assert_eq!(t.of_state(200), 55);
+        assert_eq!(Timeouts::default(), Timeouts::DEFAULT);
+    }
+
+    #[test]
+    fn traffic_stats_add_every_counter() {
+        let mut a = TrafficStats {
+            packets: 10,
+            bytes: 1000,
+            new_flows: 3,
+            rev_packets: 7,
+            rev_bytes: 700,
+        };
+        a.add(&TrafficStats {
+            packets: 2,
+            bytes: 300,
+            new_flows: 4,
+            rev_packets: 5,
+            rev_bytes: 60,
+        });
+        assert_eq!(
+            a,
+            TrafficStats {
+                packets: 12,
+                bytes: 1300,
+                new_flows: 7,
+                rev_packets: 12,
+                rev_bytes: 760,
+            }
+        );
+    }
+
+    #[test]
+    fn address_words_hold_the_wire_bytes_in_order() {
+        let octets: [u8; 16] = core::array::from_fn(|i| 0x10 + i as u8);
+        let words = addr_words(octets);
+        assert_eq!(words[0].to_ne_bytes(), [0x10, 0x11, 0x12, 0x13]);
+        assert_eq!(words[1].to_ne_bytes(), [0x14, 0x15, 0x16, 0x17]);
+        assert_eq!(words[2].to_ne_bytes(), [0x18, 0x19, 0x1a, 0x1b]);
+        assert_eq!(words[3].to_ne_bytes(), [0x1c, 0x1d, 0x1e, 0x1f]);
+        assert_eq!(addr_octets(words), octets);
+        // IPv4 10.1.2.3 in word 0, as the data plane loads it from the header.
+        let v4 = addr_words([10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(v4, [u32::from_ne_bytes([10, 1, 2, 3]), 0, 0, 0]);
+    }
+}

@@ -188,3 +188,25 @@ pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
     "dropped",
     "pass_foreign",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_come_first_then_events() {
+        // The verdicts are exactly the counters before the first event.
+        assert_eq!(VERDICT_COUNT, 22);
+        assert_eq!(
+            COUNTER_NAMES[VERDICT_COUNT as usize - 1],
+            "pass_ttl_exceeded"
+        );
+        assert_eq!(COUNTER_NAMES[VERDICT_COUNT as usize], "ct_hit");
+        assert_eq!(VERDICT_COUNT, Counter::CtHit as u32);
+        assert_eq!(COUNTER_NAMES[COUNTER_COUNT as usize - 1], "rev_stateless");
+        assert_eq!(
+            DECAP_COUNTER_NAMES[DecapCounter::PassForeign as usize],
+            "pass_foreign"
+        );
+    }
+}

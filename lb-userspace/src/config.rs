@@ -533,12 +533,7 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);
     check_table_room(maps, &current, cfg)?;
     // The settings wanted, where the file gives them (written in step 4).
-    let conf = maps.conf()?;
-    let want_conf = lb_common::GlobalConf {
-        hash_seed: cfg.hash_seed.unwrap_or(conf.hash_seed),
-        flood_rate: cfg.flood_threshold.unwrap_or(conf.flood_rate),
-        ..conf
-    };
+    let want_conf = wanted_conf(cfg, maps.conf()?);
     // 1. VIPs that go away.
     for (vip, _) in &current {
         if wanted(vip).is_none() {
@@ -631,6 +626,16 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
         s.settings_changed += 1;
     }
     Ok(s)
+}
+
+/// The deployment-wide settings once `cfg` is applied over `current`: the file's hash seed and
+/// flood threshold where it gives them, the current ones where it does not.
+fn wanted_conf(cfg: &Config, current: lb_common::GlobalConf) -> lb_common::GlobalConf {
+    lb_common::GlobalConf {
+        hash_seed: cfg.hash_seed.unwrap_or(current.hash_seed),
+        flood_rate: cfg.flood_threshold.unwrap_or(current.flood_rate),
+        ..current
+    }
 }
 
 /// Checks, before anything is written, that the table array has room for every new table and
@@ -1105,5 +1110,306 @@ address = "10.100.0.101:80/tcp"
             assert_eq!(e.line, *line, "{text:?}: {e}");
             assert!(e.message.contains(needle), "{text:?}: {e}");
         }
+    }
+
+    /// One TCP VIP with `extra` settings and these (address, weight) backends.
+    fn vip_file(extra: &str, backends: &[(&str, u32)]) -> String {
+        let mut t = format!("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n{extra}");
+        for (a, w) in backends {
+            let _ = write!(t, "[[vip.backend]]\naddress = \"{a}\"\nweight = {w}\n");
+        }
+        t
+    }
+
+    #[test]
+    fn the_largest_weight_is_accepted() {
+        let c = Config::parse("lb.toml", &vip_file("", &[("10.0.0.2:80", MAX_WEIGHT)])).unwrap();
+        assert_eq!(c.vips[0].backends[0].1, 65_535);
+        let e = error_of(&vip_file("", &[("10.0.0.2:80", MAX_WEIGHT + 1)]));
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("weight 65536 is out of range"), "{e}");
+    }
+
+    #[test]
+    fn tables_need_ten_slots_per_backend_with_a_weight() {
+        // 23 slots hold two backends (20 slots), not three; a backend of weight 0 takes none.
+        let two = [("10.0.0.2:80", 1), ("10.0.0.3:80", 5), ("10.0.0.4:80", 0)];
+        let c = Config::parse("lb.toml", &vip_file("table_size = 23\n", &two)).unwrap();
+        assert_eq!(c.vips[0].backends.len(), 3);
+        let three = [("10.0.0.2:80", 1), ("10.0.0.3:80", 5), ("10.0.0.4:80", 1)];
+        let e = error_of(&vip_file("table_size = 23\n", &three));
+        assert_eq!(e.line, 3, "{e}");
+        assert_eq!(
+            e.message,
+            "table size 23 is too small for 3 backends with a weight above zero: it must be at \
+             least 10 slots per backend (30)"
+        );
+    }
+
+    #[test]
+    fn source_prefixes_may_be_the_whole_address() {
+        let v4 = "algorithm = \"source-hash\"\nsource_prefix = 32\n";
+        let c = Config::parse("lb.toml", &vip_file(v4, &[])).unwrap();
+        assert_eq!(
+            c.vips[0].algorithm,
+            crate::model::Algorithm::SourceHash { prefix_len: 32 }
+        );
+        let v6 = "[[vip]]\naddress = \"[2001:db8::1]:80/tcp\"\nalgorithm = \"source-hash\"\nsource_prefix = 128\n";
+        let c = Config::parse("lb.toml", v6).unwrap();
+        assert_eq!(
+            c.vips[0].algorithm,
+            crate::model::Algorithm::SourceHash { prefix_len: 128 }
+        );
+        let e = error_of(&vip_file("algorithm = \"sh\"\nsource_prefix = 33\n", &[]));
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (4, "source prefix /33 is longer than the VIP's addresses")
+        );
+    }
+
+    #[test]
+    fn least_conn_needs_tcp() {
+        let c = Config::parse("lb.toml", &vip_file("algorithm = \"least-conn\"\n", &[])).unwrap();
+        assert_eq!(c.vips[0].algorithm, crate::model::Algorithm::LeastConn);
+        let e = error_of("[[vip]]\naddress = \"10.0.0.1:53/udp\"\nalgorithm = \"least-conn\"\n");
+        assert_eq!(e.line, 3, "{e}");
+        assert!(
+            e.message
+                .starts_with("least-conn needs a TCP VIP: 10.0.0.1:53/udp is UDP"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn round_robin_sequences_must_fit_the_table() {
+        // Weights 1 and 22 make a sequence of 23 turns: it fits a table of 23 slots exactly;
+        // 1 and 30 make 31 turns, which do not. Other algorithms have no sequence.
+        let rr = "table_size = 23\nalgorithm = \"round-robin\"\n";
+        let fits = [("10.0.0.2:80", 1), ("10.0.0.3:80", 22)];
+        let c = Config::parse("lb.toml", &vip_file(rr, &fits)).unwrap();
+        assert_eq!(c.vips[0].algorithm, crate::model::Algorithm::RoundRobin);
+        let long = [("10.0.0.2:80", 1), ("10.0.0.3:80", 30)];
+        let e = error_of(&vip_file(rr, &long));
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message
+                .starts_with("round robin needs a sequence of 31 slots for these weights"),
+            "{e}"
+        );
+        assert!(e.message.contains("but the table has 23"), "{e}");
+        Config::parse("lb.toml", &vip_file("table_size = 23\n", &long)).unwrap();
+    }
+
+    /// `vips` TCP VIPs with `per_vip` backends each (distinct addresses), one more backend on
+    /// the last VIP if `extra`.
+    fn many(vips: usize, per_vip: usize, extra: bool) -> String {
+        let mut t = String::new();
+        let mut n = 0usize;
+        for v in 0..vips {
+            let _ = write!(
+                t,
+                "[[vip]]\naddress = \"10.0.{}.{}:80/tcp\"\nbackend = [",
+                v / 256,
+                v % 256
+            );
+            let count = per_vip + usize::from(extra && v == vips - 1);
+            for _ in 0..count {
+                let _ = write!(
+                    t,
+                    "{{address = \"10.{}.{}.{}:8080\"}},",
+                    100 + n / 65_536,
+                    (n / 256) % 256,
+                    n % 256
+                );
+                n += 1;
+            }
+            t.push_str("]\n");
+        }
+        t
+    }
+
+    #[test]
+    fn the_vip_and_backend_limits_are_inclusive() {
+        // 1024 VIPs with 64 backends each: exactly the maximum of both.
+        let per_vip = (MAX_BACKENDS / MAX_VIPS) as usize;
+        let full = many(MAX_VIPS as usize, per_vip, false);
+        let c = Config::parse("lb.toml", &full).unwrap();
+        assert_eq!(c.vips.len(), 1024);
+        let backends: usize = c.vips.iter().map(|v| v.backends.len()).sum();
+        assert_eq!(backends, 65_536);
+        // One backend more, or one VIP more: refused, at the end of the file.
+        let e = error_of(&many(MAX_VIPS as usize, per_vip, true));
+        assert_eq!(e.message, "too many backends: 65537 (the maximum is 65536)");
+        assert_eq!(e.line, 3 * 1024 + 1, "three lines per VIP");
+        let e = error_of(&many(MAX_VIPS as usize + 1, 0, false));
+        assert_eq!(e.message, "too many VIPs: the maximum is 1024");
+    }
+
+    #[test]
+    fn health_check_bounds() {
+        let tcp = |extra: &str| {
+            format!(
+                "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"tcp\"\n{extra}"
+            )
+        };
+        // The shortest interval is allowed; a shorter one is not.
+        let c = Config::parse("lb.toml", &tcp("interval = \"100ms\"\n")).unwrap();
+        let h = c.vips[0].health.as_ref().unwrap();
+        assert_eq!(
+            (h.interval, h.timeout),
+            (Duration::from_millis(100), Duration::from_millis(100))
+        );
+        let e = error_of(&tcp("interval = \"99ms\"\n"));
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (5, "interval must be at least 100ms")
+        );
+        let http = |extra: &str| {
+            format!(
+                "[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.health]\ncheck = \"http\"\n{extra}"
+            )
+        };
+        // Paths start with / and have no spaces or control characters; hosts are not empty and
+        // have neither.
+        for path in [r#""/a b""#, r#""/a\u0001b""#, r#""/a\tb""#] {
+            let e = error_of(&http(&format!("path = {path}\n")));
+            assert_eq!(e.line, 5, "{path}: {e}");
+            assert!(e.message.starts_with("invalid path"), "{path}: {e}");
+        }
+        for host in [r#""""#, r#""a b""#, r#""a\u0001b""#] {
+            let e = error_of(&http(&format!("host = {host}\n")));
+            assert_eq!(e.line, 5, "{host}: {e}");
+            assert!(e.message.starts_with("invalid host"), "{host}: {e}");
+        }
+        let c = Config::parse(
+            "lb.toml",
+            &http("path = \"/a/b?c=d\"\nhost = \"svc.example\"\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.vips[0].health.as_ref().unwrap().kind,
+            CheckKind::Http {
+                tls: false,
+                path: "/a/b?c=d".into(),
+                host: Some("svc.example".into()),
+                expect_status: 200
+            }
+        );
+    }
+
+    #[test]
+    fn to_toml_prints_what_differs_from_the_defaults() {
+        let text = r#"
+hash_seed = "0xc0ffee"
+flood_threshold = 5000
+
+[[vip]]
+address = "10.0.0.2:80/tcp"
+algorithm = "source-hash"
+source_prefix = 24
+table_size = 251
+when_all_down = "drop"
+reverse = "stateless"
+drain_timeout = "90s"
+
+[vip.timeouts]
+closed = 5
+
+[[vip.backend]]
+address = "10.9.0.2:8080"
+weight = 2
+
+[[vip.backend]]
+address = "10.9.0.1:8080"
+
+[[vip]]
+address = "10.0.0.1:53/udp"
+algorithm = "sh"
+forward = "dsr"
+
+[[vip.backend]]
+address = "10.9.0.3:53"
+weight = 0
+"#;
+        let c = Config::parse("lb.toml", text).unwrap();
+        let want = r#"# lb configuration (lb show-config)
+hash_seed = "0x00c0ffee"
+flood_threshold = 5000
+
+[[vip]]
+address = "10.0.0.1:53/udp"
+algorithm = "source-hash"
+forward = "dsr-l2"
+table_size = 65537
+
+[[vip.backend]]
+address = "10.9.0.3:53"
+weight = 0
+
+[[vip]]
+address = "10.0.0.2:80/tcp"
+algorithm = "source-hash"
+source_prefix = 24
+table_size = 251
+when_all_down = "drop"
+reverse = "stateless"
+drain_timeout = "1m 30s"
+
+[vip.timeouts]
+opening = 60
+established = 3600
+closing = 120
+closed = 5
+udp = 300
+
+[[vip.backend]]
+address = "10.9.0.1:8080"
+weight = 1
+
+[[vip.backend]]
+address = "10.9.0.2:8080"
+weight = 2
+"#;
+        assert_eq!(c.to_toml(), want);
+        assert_eq!(Config::parse("x", want).unwrap().to_toml(), want);
+    }
+
+    #[test]
+    fn apply_summaries_are_empty_only_without_changes() {
+        assert!(ApplySummary::default().is_empty());
+        let one = ApplySummary {
+            timeouts_changed: 1,
+            ..ApplySummary::default()
+        };
+        assert!(!one.is_empty());
+    }
+
+    #[test]
+    fn the_file_sets_the_settings_it_gives() {
+        let current = lb_common::GlobalConf {
+            hash_seed: 0x1111,
+            flood_rate: 2222,
+            ns_per_tick: 4_000_000,
+            _pad: 0,
+        };
+        let mut cfg = Config::parse("x", "hash_seed = \"0x5\"\n").unwrap();
+        assert_eq!(
+            wanted_conf(&cfg, current),
+            lb_common::GlobalConf {
+                hash_seed: 5,
+                ..current
+            }
+        );
+        cfg.hash_seed = None;
+        cfg.flood_threshold = Some(7);
+        assert_eq!(
+            wanted_conf(&cfg, current),
+            lb_common::GlobalConf {
+                flood_rate: 7,
+                ..current
+            }
+        );
+        cfg.flood_threshold = None;
+        assert_eq!(wanted_conf(&cfg, current), current);
     }
 }

@@ -236,10 +236,16 @@ mod tests {
                 collateral * 100.0
             );
             // Maglev is near-minimal, not minimal: besides the removed backend's own slots,
-            // a cascade along the permutations moves a few more. Measured at M = 65537:
-            // N=10 0.21%, N=100 0.56%, N=1000 0.62% of all slots. Bound it at 1%.
+            // a cascade along the permutations moves a few more. The build is deterministic:
+            // measured at M = 65537, N=10 0.208%, N=100 0.557%, N=1000 0.615% of all slots;
+            // bounded just above.
+            let bound = match n {
+                10 => 0.0021,
+                100 => 0.0056,
+                _ => 0.0062,
+            };
             assert!(moved >= ideal * 0.99, "N={n}: moved {moved}");
-            assert!(collateral <= 0.01, "N={n}: collateral {collateral}");
+            assert!(collateral <= bound, "N={n}: collateral {collateral}");
         }
     }
 
@@ -290,5 +296,30 @@ mod tests {
     fn primes() {
         assert!(is_prime(2) && is_prime(3) && is_prime(65_537) && is_prime(1_048_573));
         assert!(!is_prime(0) && !is_prime(1) && !is_prime(65_536) && !is_prime(65_535));
+        let below_100: Vec<u32> = (0..100).filter(|&n| is_prime(n)).collect();
+        assert_eq!(
+            below_100,
+            [
+                2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79,
+                83, 89, 97
+            ]
+        );
+        // Products of odd primes above 3, up to 1009 × 1013; the largest 32-bit prime.
+        for n in [25, 35, 121, 143, 1009 * 1013] {
+            assert!(!is_prime(n), "{n}");
+        }
+        assert!(is_prime(4_294_967_291));
+    }
+
+    #[test]
+    fn quotas_are_the_largest_remainders() {
+        // 11 slots by weights 1:5 → exact shares 1.83 and 9.17: the one spare slot goes to the
+        // larger remainder (the first backend), not to the larger share.
+        assert_eq!(counts(&build(&entries(&[1, 5]), 11), 2), [2, 9]);
+        // 7 slots by weights 1:1:1 → 2.33 each: equal remainders, the spare slot goes to the
+        // first backend in identity order.
+        assert_eq!(counts(&build(&entries(&[1, 1, 1]), 7), 3), [3, 2, 2]);
+        // 11 slots by weights 2:3:5 → 2.2, 3.3 and 5.5: the spare slot goes to the third.
+        assert_eq!(counts(&build(&entries(&[2, 3, 5]), 11), 3), [2, 3, 6]);
     }
 }

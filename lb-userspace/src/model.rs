@@ -587,4 +587,214 @@ mod tests {
             assert!(e.0.contains(needle), "{s}: {e}");
         }
     }
+
+    #[test]
+    fn forwarding_modes_round_trip_through_codes_and_names() {
+        for (f, code, name) in [
+            (Forward::Nat, 0, "nat"),
+            (Forward::DsrL2, 1, "dsr-l2"),
+            (Forward::Ipip, 2, "ipip"),
+        ] {
+            assert_eq!(f.code(), code);
+            assert_eq!(Forward::from_code(code), f);
+            assert_eq!(f.name(), name);
+            assert_eq!(f.to_string(), name);
+            assert_eq!(Forward::parse(name), Ok(f));
+            assert_eq!(Forward::parse(&name.to_uppercase()), Ok(f));
+        }
+        // ipvsadm's names too.
+        for (alias, f) in [
+            ("masq", Forward::Nat),
+            ("dr", Forward::DsrL2),
+            ("dsr", Forward::DsrL2),
+            ("tun", Forward::Ipip),
+        ] {
+            assert_eq!(Forward::parse(alias), Ok(f), "{alias}");
+        }
+        // A code this version does not know reads as NAT.
+        assert_eq!(Forward::from_code(9), Forward::Nat);
+        assert_eq!(
+            Forward::parse("gre").unwrap_err().0,
+            "unknown forwarding mode \"gre\" (expected nat, dsr-l2 or ipip)"
+        );
+    }
+
+    #[test]
+    fn backends_must_suit_the_forwarding_mode() {
+        use crate::LbError::{DsrPort, FamilyMismatch};
+        let v4: Vip = "10.0.0.1:80/tcp".parse().unwrap();
+        let v6: Vip = "[2001:db8::1]:80/tcp".parse().unwrap();
+        let check = |f: Forward, vip: &Vip, b: &str| f.check_backend(vip, b.parse().unwrap());
+        // NAT: the VIP's family, any port.
+        assert!(check(Forward::Nat, &v4, "10.0.0.2:8080").is_ok());
+        assert!(check(Forward::Nat, &v6, "[2001:db8::2]:8080").is_ok());
+        assert!(matches!(
+            check(Forward::Nat, &v4, "[2001:db8::2]:80"),
+            Err(FamilyMismatch { .. })
+        ));
+        assert!(matches!(
+            check(Forward::Nat, &v6, "10.0.0.2:80"),
+            Err(FamilyMismatch { .. })
+        ));
+        // dsr-l2: the VIP's family and port.
+        assert!(check(Forward::DsrL2, &v4, "10.0.0.2:80").is_ok());
+        assert!(matches!(
+            check(Forward::DsrL2, &v4, "10.0.0.2:8080"),
+            Err(DsrPort { .. })
+        ));
+        assert!(matches!(
+            check(Forward::DsrL2, &v4, "[2001:db8::2]:80"),
+            Err(FamilyMismatch { .. })
+        ));
+        // ipip: an IPv4 VIP to IPv4 or IPv6 backends, an IPv6 VIP to IPv6 ones; the VIP's port.
+        assert!(check(Forward::Ipip, &v4, "10.0.0.2:80").is_ok());
+        assert!(check(Forward::Ipip, &v4, "[2001:db8::2]:80").is_ok());
+        assert!(check(Forward::Ipip, &v6, "[2001:db8::2]:80").is_ok());
+        assert!(matches!(
+            check(Forward::Ipip, &v6, "10.0.0.2:80"),
+            Err(FamilyMismatch { .. })
+        ));
+        assert!(matches!(
+            check(Forward::Ipip, &v6, "[2001:db8::2]:81"),
+            Err(DsrPort { .. })
+        ));
+    }
+
+    #[test]
+    fn algorithms_round_trip_through_codes_and_names() {
+        use lb_common::{
+            ALGO_LEAST_CONN, ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH,
+        };
+        for (a, codes, name, shown) in [
+            (Algorithm::Maglev, (ALGO_MAGLEV, 0), "maglev", "maglev"),
+            (Algorithm::Random, (ALGO_RANDOM, 0), "random", "random"),
+            (
+                Algorithm::RoundRobin,
+                (ALGO_ROUND_ROBIN, 0),
+                "round-robin",
+                "round-robin",
+            ),
+            (
+                Algorithm::SourceHash { prefix_len: 0 },
+                (ALGO_SOURCE_HASH, 0),
+                "source-hash",
+                "source-hash",
+            ),
+            (
+                Algorithm::SourceHash { prefix_len: 24 },
+                (ALGO_SOURCE_HASH, 24),
+                "source-hash",
+                "source-hash/24",
+            ),
+            (
+                Algorithm::LeastConn,
+                (ALGO_LEAST_CONN, 0),
+                "least-conn",
+                "least-conn",
+            ),
+        ] {
+            assert_eq!(a.codes(), codes, "{name}");
+            assert_eq!(Algorithm::from_codes(codes.0, codes.1), a, "{name}");
+            assert_eq!(a.name(), name);
+            assert_eq!(a.to_string(), shown);
+        }
+        assert_eq!(
+            [
+                ALGO_MAGLEV,
+                ALGO_RANDOM,
+                ALGO_ROUND_ROBIN,
+                ALGO_SOURCE_HASH,
+                ALGO_LEAST_CONN
+            ],
+            [0, 1, 2, 3, 4]
+        );
+        // A code this version does not know reads as maglev.
+        assert_eq!(Algorithm::from_codes(9, 0), Algorithm::Maglev);
+    }
+
+    #[test]
+    fn algorithms_parse_with_ipvsadm_names() {
+        for (names, a) in [
+            (&["maglev", "mh", "Maglev"][..], Algorithm::Maglev),
+            (&["random", "RANDOM"][..], Algorithm::Random),
+            (&["round-robin", "rr", "wrr"][..], Algorithm::RoundRobin),
+            (
+                &["source-hash", "sh"][..],
+                Algorithm::SourceHash { prefix_len: 0 },
+            ),
+            (&["least-conn", "lc", "wlc"][..], Algorithm::LeastConn),
+        ] {
+            for n in names {
+                assert_eq!(Algorithm::parse(n, None), Ok(a), "{n}");
+            }
+        }
+        assert_eq!(
+            Algorithm::parse("sh", Some(16)),
+            Ok(Algorithm::SourceHash { prefix_len: 16 })
+        );
+        assert_eq!(
+            Algorithm::parse("rr", Some(16)).unwrap_err().0,
+            "a source prefix applies only to source-hash, not to round-robin"
+        );
+        assert!(Algorithm::parse("fastest", None)
+            .unwrap_err()
+            .0
+            .starts_with("unknown algorithm \"fastest\""));
+    }
+
+    #[test]
+    fn algorithms_check_the_vip() {
+        use crate::LbError::{LeastConnNeedsTcp, SourcePrefixTooLong};
+        let tcp4: Vip = "10.0.0.1:80/tcp".parse().unwrap();
+        let udp4: Vip = "10.0.0.1:53/udp".parse().unwrap();
+        let tcp6: Vip = "[2001:db8::1]:80/tcp".parse().unwrap();
+        let sh = |prefix_len| Algorithm::SourceHash { prefix_len };
+        assert!(Algorithm::LeastConn.check_for(&tcp4).is_ok());
+        assert!(matches!(
+            Algorithm::LeastConn.check_for(&udp4),
+            Err(LeastConnNeedsTcp(v)) if v == udp4
+        ));
+        assert!(Algorithm::Maglev.check_for(&udp4).is_ok());
+        assert!(Algorithm::RoundRobin.check_for(&udp4).is_ok());
+        // A source prefix up to the address length.
+        assert!(sh(32).check_for(&tcp4).is_ok());
+        assert!(matches!(
+            sh(33).check_for(&tcp4),
+            Err(SourcePrefixTooLong {
+                prefix: 33,
+                family: 4
+            })
+        ));
+        assert!(sh(128).check_for(&tcp6).is_ok());
+        assert!(matches!(
+            sh(129).check_for(&tcp6),
+            Err(SourcePrefixTooLong {
+                prefix: 129,
+                family: 6
+            })
+        ));
+    }
+
+    #[test]
+    fn hash_seeds_are_plain_hexadecimal() {
+        // At most 8 digits, even when leading zeros would make the value fit; no sign.
+        for bad in ["+1", "0x+1", "00000000f", "0x00000000f", " "] {
+            assert_eq!(
+                parse_hash_seed(bad).unwrap_err().0,
+                format!(
+                    "invalid hash seed {bad:?}: expected up to 8 hexadecimal digits, e.g. 0x1a2b3c4d"
+                )
+            );
+        }
+        assert_eq!(parse_hash_seed("0000000f"), Ok(15));
+        assert_eq!(parse_hash_seed(" 0X_dead_BEEF "), Ok(0xdead_beef));
+    }
+
+    #[test]
+    fn random_hash_seeds_differ() {
+        // Eight draws from /dev/urandom are all equal with probability 2^-224.
+        let seeds: Vec<u32> = (0..8).map(|_| random_hash_seed().unwrap()).collect();
+        assert!(seeds.iter().all(|&s| s != 0));
+        assert!(seeds.iter().any(|&s| s != seeds[0]), "{seeds:?}");
+    }
 }

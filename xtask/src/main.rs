@@ -1,5 +1,6 @@
 //! `cargo xtask …`: set-up, tests, demo and benchmarks for lb.
 
+mod dataplane_mutants;
 mod setup;
 
 use std::{
@@ -48,6 +49,26 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Set up, then apply each deliberate data-plane bug (wrong slot, IPv6 VIP traffic dropped,
+    /// TCP checksum not updated, TTL untouched, reverse path skipped, conntrack ignored) to a
+    /// copy of HEAD and require a data-plane test to fail for it (needs root). Writes
+    /// target/dataplane-mutants.md.
+    DataplaneMutants {
+        /// Only this bug (by name).
+        #[arg(long)]
+        only: Option<String>,
+    },
+    /// Set up (plus cargo-mutants), then mutation-test the pure code — lb-common and
+    /// lb-userspace's maglev.rs, schedule.rs, model.rs and config.rs — against its unit tests
+    /// (.cargo/mutants.toml; docs/testing.md). Writes target/mutants.out; fails if fewer than 90%
+    /// of the mutants are caught. Extra arguments go to cargo mutants (try `-- --list`).
+    Mutants {
+        /// Mutants built and tested at once (each build already uses every core).
+        #[arg(long, default_value_t = 1)]
+        jobs: u32,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,7 +110,94 @@ fn run(cli: Cli) -> Result<()> {
             let demo_args: Vec<&str> = args.iter().map(String::as_str).collect();
             run_release("lb-demo", "the demo", &demo_args)
         }
+        Task::DataplaneMutants { only } => {
+            setup::run()?;
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .context("the workspace root")?;
+            dataplane_mutants::run(root, only.as_deref())
+        }
+        Task::Mutants { jobs, args } => {
+            setup::run()?;
+            setup::cargo_mutants()?;
+            mutants(jobs, &args)
+        }
     }
+}
+
+/// The share of mutants `cargo xtask mutants` requires the unit tests to catch (issue 14).
+const MUTANTS_CAUGHT_MIN: f64 = 0.90;
+
+/// Runs cargo mutants from the workspace root with .cargo/mutants.toml, then counts its
+/// outcomes: caught / (caught + missed) must reach `MUTANTS_CAUGHT_MIN`. Unviable mutants (they
+/// do not compile) and timeouts (the tests hang) are reported but count on neither side.
+fn mutants(jobs: u32, extra: &[String]) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace root")?;
+    let out_parent = root.join("target");
+    let jobs = jobs.to_string();
+    let mut args = vec![
+        "mutants",
+        "--jobs",
+        jobs.as_str(),
+        "--output",
+        out_parent.to_str().context("target path is not UTF-8")?,
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new("cargo")
+        .args(&args)
+        .current_dir(root)
+        .status()
+        .context("running cargo mutants")?;
+    if extra.iter().any(|a| a.starts_with("--list")) {
+        if !status.success() {
+            bail!("cargo mutants failed ({status})");
+        }
+        return Ok(());
+    }
+    // 0: every mutant caught; 2: some missed; 3: some timed out. Anything else (the baseline
+    // failed, bad arguments) is an error.
+    if !matches!(status.code(), Some(0 | 2 | 3)) {
+        bail!("cargo mutants failed ({status})");
+    }
+    let out = out_parent.join("mutants.out");
+    let lines = |name: &str| -> Result<Vec<String>> {
+        let path = out.join(name);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(text.lines().map(str::to_string).collect())
+    };
+    let caught = lines("caught.txt")?.len();
+    let missed = lines("missed.txt")?;
+    let timeouts = lines("timeout.txt")?.len();
+    let unviable = lines("unviable.txt")?.len();
+    let total = caught + missed.len() + timeouts + unviable;
+    for m in &missed {
+        println!("missed: {m}");
+    }
+    let scored = caught + missed.len();
+    if scored == 0 {
+        bail!("no mutant was tested");
+    }
+    let share = caught as f64 / scored as f64;
+    println!(
+        "mutants: {total} — {caught} caught, {} missed, {unviable} unviable, {timeouts} timeouts; \
+         caught / (caught + missed) = {:.1}% (docs/testing.md lists the survivors and why)",
+        missed.len(),
+        share * 100.0
+    );
+    if share < MUTANTS_CAUGHT_MIN {
+        bail!(
+            "only {:.1}% of mutants caught (at least {:.0}% required): add unit tests that \
+             catch the missed ones, listed above and in {}",
+            share * 100.0,
+            MUTANTS_CAUGHT_MIN * 100.0,
+            out.join("missed.txt").display()
+        );
+    }
+    Ok(())
 }
 
 /// Builds lb's binaries in release mode and runs `bin --lb target/release/lb ARGS` (as root:

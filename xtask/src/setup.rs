@@ -11,6 +11,8 @@ use crate::cmd;
 /// lb-userspace/build.rs.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-20";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-mutants, for `cargo xtask mutants` (the figures in docs/testing.md are from this one).
+const CARGO_MUTANTS_VERSION: &str = "27.1.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools tests and operators use.
@@ -152,4 +154,16 @@ fn bpf_linker() -> Result<()> {
             "--locked",
         ],
     )
+}
+
+/// What only `cargo xtask mutants` needs: cargo-mutants (a minute to build, once).
+pub fn cargo_mutants() -> Result<()> {
+    let version = quiet("cargo", &["mutants", "--version"]).unwrap_or_default();
+    if version.contains(CARGO_MUTANTS_VERSION) {
+        eprintln!("setup: cargo-mutants {CARGO_MUTANTS_VERSION} present");
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-mutants {CARGO_MUTANTS_VERSION} (about a minute)");
+    let spec = format!("cargo-mutants@{CARGO_MUTANTS_VERSION}");
+    cmd("cargo", &["install", &spec, "--locked"])
 }

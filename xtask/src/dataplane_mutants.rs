@@ -1,0 +1,222 @@
+//! `cargo xtask dataplane-mutants`: deliberate bugs in the data plane, each of which the tests
+//! must catch. Each bug is applied to a scratch copy of the committed tree (`git archive HEAD`,
+//! never the working tree), which is then built and tested; a bug that no test notices fails
+//! the task. Results go to target/dataplane-mutants.md.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+/// One deliberate bug: text replacements in the eBPF sources (each must match exactly once).
+struct Bug {
+    name: &'static str,
+    what: &'static str,
+    edits: &'static [(&'static str, &'static str, &'static str)],
+}
+
+const BUGS: &[Bug] = &[
+    Bug {
+        name: "wrong-slot",
+        what: "a new flow's hash indexes the slot after the right one",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "_ => flow_hash(flow, seed) % vip.table_size,",
+            "_ => flow_hash(flow, seed).wrapping_add(1) % vip.table_size,",
+        )],
+    },
+    Bug {
+        name: "ipv6-vip-dropped",
+        what: "every IPv6 packet to a VIP is dropped",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {",
+            "fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {\n    if pkt.family == lb_common::FAMILY_V6 {\n        return Verdict::drop(Counter::DropNoBackend);\n    }",
+        )],
+    },
+    Bug {
+        name: "tcp-checksum-not-updated",
+        what: "NAT rewrites TCP ports and addresses without updating the TCP checksum",
+        edits: &[(
+            "lb-ebpf/src/nat.rs",
+            "tcp.check = c.finish();",
+            "let _ = c.finish();",
+        )],
+    },
+    Bug {
+        name: "ttl-untouched",
+        what: "NAT leaves the TTL / hop limit as it was",
+        edits: &[
+            (
+                "lb-ebpf/src/nat.rs",
+                "        ip.ttl = ip.ttl.wrapping_sub(1);\n        c.word(ttl_proto, u16::from_ne_bytes([ip.ttl, ip.protocol]));\n        ip.check = c.finish();\n        l4.word32(old, addr[0]);",
+                "        let _ = ttl_proto;\n        ip.check = c.finish();\n        l4.word32(old, addr[0]);",
+            ),
+            (
+                "lb-ebpf/src/nat.rs",
+                "        ip.hop_limit = ip.hop_limit.wrapping_sub(1);\n        l4.addr(&old, addr);",
+                "        l4.addr(&old, addr);",
+            ),
+        ],
+    },
+    Bug {
+        name: "reverse-path-skipped",
+        what: "replies from backends are passed instead of rewritten to the VIP",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "return reverse(ctx, &pkt, &r);",
+            "let _ = r;\n                return Verdict::pass(Counter::PassNotVip);",
+        )],
+    },
+    Bug {
+        name: "conntrack-ignored",
+        what: "the forward path never finds a confirmed flow's entry",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "let p = CONNTRACK.get_ptr_mut(flow)?;",
+            "let p = CONNTRACK.get_ptr_mut(flow).filter(|_| false)?;",
+        )],
+    },
+];
+
+/// The test binaries that specify the data plane through the real program (seconds each).
+const TESTS: &[&str] = &["fixtures", "fixtures_dsr", "random_packets", "oracle"];
+
+pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
+    let scratch = std::env::temp_dir().join(format!("lb-dataplane-mutants-{}", std::process::id()));
+    let result = run_in(root, &scratch, only);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn run_in(root: &Path, scratch: &Path, only: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(scratch)?;
+    // The committed tree, not the working tree: main's files are never touched.
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "git -C '{}' archive HEAD | tar -x -C '{}'",
+            root.display(),
+            scratch.display()
+        ))
+        .status()?;
+    ensure!(status.success(), "copying HEAD to {}", scratch.display());
+    // Shares main's build cache for the dependencies; the workspace crates build apart (their
+    // path differs).
+    let target = root.join("target");
+    let bugs: Vec<&Bug> = BUGS
+        .iter()
+        .filter(|b| only.is_none_or(|o| o == b.name))
+        .collect();
+    ensure!(!bugs.is_empty(), "no bug named {only:?}");
+    eprintln!("baseline: the tests pass on the unchanged copy…");
+    let (ok, failed) = test(scratch, &target);
+    ensure!(
+        ok?,
+        "the tests fail on the unchanged tree ({}): fix that first",
+        failed.join(", ")
+    );
+    let mut report = String::from(
+        "# Data-plane mutants\n\nWritten by `cargo xtask dataplane-mutants`: each deliberate bug applied to a copy of HEAD, then `cargo test --release -p lb-userspace --test fixtures --test fixtures_dsr --test random_packets --test oracle`.\n\n| bug | what it does | caught | failing tests | seconds |\n|---|---|---|---|---|\n",
+    );
+    let mut survivors = Vec::new();
+    for bug in bugs {
+        let started = Instant::now();
+        let originals = apply(scratch, bug)?;
+        eprintln!("bug {}: {}…", bug.name, bug.what);
+        let (ok, failed) = test(scratch, &target);
+        for (path, text) in originals {
+            std::fs::write(&path, text)?;
+        }
+        let (ok, failed) = (ok?, failed);
+        let caught = !ok;
+        eprintln!(
+            "bug {}: {} ({})",
+            bug.name,
+            if caught { "caught" } else { "NOT CAUGHT" },
+            failed.join(", ")
+        );
+        if !caught {
+            survivors.push(bug.name);
+        }
+        report.push_str(&format!(
+            "| {} | {} | {} | {} | {:.0} |\n",
+            bug.name,
+            bug.what,
+            if caught { "yes" } else { "**no**" },
+            failed.join(", "),
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    let out = root.join("target/dataplane-mutants.md");
+    std::fs::write(&out, &report)?;
+    print!("{report}");
+    eprintln!("wrote {}", out.display());
+    if !survivors.is_empty() {
+        bail!("bugs no test caught: {}", survivors.join(", "));
+    }
+    Ok(())
+}
+
+/// Applies a bug's edits; returns the original texts to restore.
+fn apply(scratch: &Path, bug: &Bug) -> Result<Vec<(PathBuf, String)>> {
+    let mut originals: Vec<(PathBuf, String)> = Vec::new();
+    for (file, from, to) in bug.edits {
+        let path = scratch.join(file);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {file}"))?;
+        let n = text.matches(from).count();
+        ensure!(
+            n == 1,
+            "bug {}: {from:?} occurs {n} times in {file} (the data plane changed: update the bug)",
+            bug.name
+        );
+        if !originals.iter().any(|(p, _)| *p == path) {
+            originals.push((path.clone(), text.clone()));
+        }
+        std::fs::write(&path, text.replacen(from, to, 1))?;
+    }
+    Ok(originals)
+}
+
+/// Runs the data-plane tests in `dir`: (all passed, the names of the tests that failed). A
+/// build failure is an error, not a catch: a bug must compile to count.
+fn test(dir: &Path, target: &Path) -> (Result<bool>, Vec<String>) {
+    let mut args = vec!["test", "--release", "-p", "lb-userspace", "--no-fail-fast"];
+    for t in TESTS {
+        args.extend(["--test", t]);
+    }
+    // Build first, so that a bug that does not compile is told apart from a failing test.
+    let built = Command::new("cargo")
+        .args(&args)
+        .arg("--no-run")
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target.join("dataplane-mutants"))
+        .status();
+    match built {
+        Ok(s) if s.success() => {}
+        Ok(s) => return (Err(anyhow::anyhow!("the build failed ({s})")), vec![]),
+        Err(e) => return (Err(e.into()), vec![]),
+    }
+    let out = Command::new("cargo")
+        .args(&args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target.join("dataplane-mutants"))
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return (Err(e.into()), vec![]),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("test ")
+                .and_then(|l| l.strip_suffix(" ... FAILED"))
+        })
+        .map(str::to_string)
+        .collect();
+    (Ok(out.status.success()), failed)
+}
