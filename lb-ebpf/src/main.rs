@@ -205,7 +205,8 @@ fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNat
 enum Tracked {
     /// A reply: the flow's live entry names this backend (its state was updated).
     Reply,
-    /// The flow has a live entry, for another backend or a VIP without NAT: not a reply.
+    /// The flow has an unexpired entry, for another backend or a VIP without NAT: not a
+    /// reply (an entry of a removed backend counts until the sweep removes it).
     Elsewhere,
     /// No live entry.
     Untracked,
@@ -230,10 +231,15 @@ fn tracked_reply(
     if let Some(p) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: live map value, copied.
         let e = unsafe { *p };
+        let live = !flow::expired(&e, now, &flow::timeouts(r.vip_id));
         if e.backend_id == r.backend_id {
             // A dsr-l2 / ipip flow: its backend answers from the VIP, not through here.
             if e.flags & CT_F_DIRECT != 0 {
-                return Tracked::Elsewhere;
+                return if live {
+                    Tracked::Elsewhere
+                } else {
+                    Tracked::Untracked
+                };
             }
             if e.generation != generation {
                 count(Counter::CtStale);
@@ -241,7 +247,7 @@ fn tracked_reply(
                 let _ = CONNTRACK.remove(key);
                 return Tracked::Untracked;
             }
-            if flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
+            if !live {
                 count(Counter::CtExpired);
                 flow::drop_confirmed(key, p);
                 return Tracked::Untracked;
@@ -252,9 +258,9 @@ fn tracked_reply(
             flow::refresh(p, now);
             return Tracked::Reply;
         }
-        // Another backend's flow here (re-selected on another gateway): not this reply's,
-        // unless the unconfirmed table holds it for this backend.
-        elsewhere = true;
+        // Another backend's live flow here (re-selected on another gateway): not this
+        // reply's, unless the unconfirmed table holds it for this backend.
+        elsewhere = live;
     }
     let none = if elsewhere {
         Tracked::Elsewhere
@@ -266,10 +272,11 @@ fn tracked_reply(
     };
     // SAFETY: live map value, copied.
     let e = unsafe { *p };
+    let expired = flow::expired(&e, now, &flow::timeouts(r.vip_id));
     if e.backend_id != r.backend_id || e.flags & CT_F_DIRECT != 0 {
-        return Tracked::Elsewhere;
+        return if expired { none } else { Tracked::Elsewhere };
     }
-    if e.generation != generation || flow::expired(&e, now, &flow::timeouts(r.vip_id)) {
+    if e.generation != generation || expired {
         count(if e.generation != generation {
             Counter::CtStale
         } else {

@@ -83,10 +83,16 @@ const BUGS: &[Bug] = &[
 ];
 
 /// The test binaries that specify the data plane through the real program (seconds each).
-const TESTS: &[&str] = &["fixtures", "fixtures_dsr", "random_packets", "oracle"];
+const TESTS: &[&str] = &["fixtures", "fixtures_dsr", "random_packets"];
 
 pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
-    let scratch = std::env::temp_dir().join(format!("lb-dataplane-mutants-{}", std::process::id()));
+    // A fixed place under target/ (ignored by git): a run interrupted before its clean-up
+    // leaves nothing behind that the next run does not replace, and the build cache in
+    // target/dataplane-mutants/target is reused from run to run.
+    let scratch = root.join("target/dataplane-mutants/tree");
+    if scratch.exists() {
+        std::fs::remove_dir_all(&scratch)?;
+    }
     let result = run_in(root, &scratch, only);
     let _ = std::fs::remove_dir_all(&scratch);
     result
@@ -95,18 +101,19 @@ pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
 fn run_in(root: &Path, scratch: &Path, only: Option<&str>) -> Result<()> {
     std::fs::create_dir_all(scratch)?;
     // The committed tree, not the working tree: main's files are never touched.
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "git -C '{}' archive HEAD | tar -x -C '{}'",
-            root.display(),
-            scratch.display()
-        ))
+    let status = Command::new("bash")
+        .args([
+            "-o",
+            "pipefail",
+            "-c",
+            r#"git -C "$0" archive HEAD | tar -x -C "$1""#,
+        ])
+        .arg(root)
+        .arg(scratch)
         .status()?;
     ensure!(status.success(), "copying HEAD to {}", scratch.display());
-    // Shares main's build cache for the dependencies; the workspace crates build apart (their
-    // path differs).
-    let target = root.join("target");
+    // A build cache of its own (the copy's crates have another path than main's anyway).
+    let target = root.join("target/dataplane-mutants/target");
     let bugs: Vec<&Bug> = BUGS
         .iter()
         .filter(|b| only.is_none_or(|o| o == b.name))
@@ -120,7 +127,7 @@ fn run_in(root: &Path, scratch: &Path, only: Option<&str>) -> Result<()> {
         failed.join(", ")
     );
     let mut report = String::from(
-        "# Data-plane mutants\n\nWritten by `cargo xtask dataplane-mutants`: each deliberate bug applied to a copy of HEAD, then `cargo test --release -p lb-userspace --test fixtures --test fixtures_dsr --test random_packets --test oracle`.\n\n| bug | what it does | caught | failing tests | seconds |\n|---|---|---|---|---|\n",
+        "# Data-plane mutants\n\nWritten by `cargo xtask dataplane-mutants`: each deliberate bug applied to a copy of HEAD, then `cargo test --release -p lb-userspace --no-fail-fast --test fixtures --test fixtures_dsr --test random_packets`.\n\n| bug | what it does | caught | failing tests | seconds |\n|---|---|---|---|---|\n",
     );
     let mut survivors = Vec::new();
     for bug in bugs {
@@ -193,7 +200,7 @@ fn test(dir: &Path, target: &Path) -> (Result<bool>, Vec<String>) {
         .args(&args)
         .arg("--no-run")
         .current_dir(dir)
-        .env("CARGO_TARGET_DIR", target.join("dataplane-mutants"))
+        .env("CARGO_TARGET_DIR", target)
         .status();
     match built {
         Ok(s) if s.success() => {}
@@ -203,7 +210,7 @@ fn test(dir: &Path, target: &Path) -> (Result<bool>, Vec<String>) {
     let out = Command::new("cargo")
         .args(&args)
         .current_dir(dir)
-        .env("CARGO_TARGET_DIR", target.join("dataplane-mutants"))
+        .env("CARGO_TARGET_DIR", target)
         .output();
     let out = match out {
         Ok(o) => o,

@@ -168,6 +168,8 @@ pub fn route(dst: IpAddr) -> Route {
 pub enum Out {
     /// Not changed at all.
     Untouched,
+    /// Dropped after the rewrite (by the route): what the frame holds no longer matters.
+    Dropped,
     /// Client → VIP rewritten to the backend (NAT): destination address and port.
     Nat { backend: Pick },
     /// Backend → client rewritten to come from the VIP.
@@ -177,7 +179,7 @@ pub enum Out {
     /// ipip: encapsulated to the backend.
     Ipip { backend: Pick },
     /// An ICMP too-big about a VIP flow sent to the flow's backend (NAT).
-    IcmpToBackend { backend: SocketAddr },
+    IcmpToBackend { backend: Pick },
 }
 
 /// The backend a forwarded packet must go to.
@@ -241,7 +243,7 @@ fn sent(dst: IpAddr, out: Out, events: Vec<Counter>) -> Outcome {
                 action: XDP_DROP,
                 verdict: Counter::DropFibUnreachable,
                 events,
-                out: Out::Untouched,
+                out: Out::Dropped,
                 macs: None,
             }
         }
@@ -270,6 +272,7 @@ pub struct Parsed {
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// A parsed ICMP too-big: (outer TTL, the quoted packet's source and destination, is UDP).
 #[derive(Clone, Copy, Debug)]
@@ -488,18 +491,10 @@ impl Model {
             if martian(p.src.ip(), p.dst.ip()) {
                 return vec![drop_(DropMartian)];
             }
-            let pick = match s.hashed(p.src, self.seed) {
-                Some(b) => Pick::Exact(b),
-                None => Pick::OneOf(
-                    s.backends
-                        .iter()
-                        .filter(|(_, w)| *w > 0)
-                        .map(|(b, _)| *b)
-                        .collect(),
-                ),
-            };
+            let syn = !p.udp && p.flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            let pick = self.pick(s, p.src, !p.udp && !syn, syn);
             // Where the packet goes depends on the backend; all of a pick's backends are on
-            // the same interface in the model's configuration (checked by `configuration_ok`).
+            // the same interface in the model's configuration (checked by the property test).
             let any = match &pick {
                 Pick::Exact(b) => *b,
                 Pick::OneOf(v) => v[0],
@@ -554,6 +549,44 @@ impl Model {
         }
     }
 
+    /// The backend a packet from `client` to `s` goes to: its entry's, if the model knows the
+    /// flow has one; the VIP's hash for maglev and source-hash; for a TCP segment that is not
+    /// a SYN and whose flow never had an entry (`continuing`), the hashed choice, which is the
+    /// flow hash into the table for random and least-conn; else any weighted backend.
+    ///
+    /// A SYN over the flood threshold is not looked up in the unconfirmed table (it costs no
+    /// more than it must): it gets the hashed choice even if its flow has an entry there.
+    fn pick(&self, s: &Service, client: SocketAddr, continuing: bool, syn: bool) -> Pick {
+        let weighted = || {
+            Pick::OneOf(
+                s.backends
+                    .iter()
+                    .filter(|(_, w)| *w > 0)
+                    .map(|(b, _)| *b)
+                    .collect(),
+            )
+        };
+        match self.flows.get(&(client, s.vip, s.udp)) {
+            Some(Known::Entry(b)) if syn && self.flood_possible => {
+                return match s.table_choice(client, self.seed) {
+                    Some(h) => Pick::OneOf(vec![*b, h]),
+                    None => weighted(),
+                };
+            }
+            Some(Known::Entry(b)) => return Pick::Exact(*b),
+            None if continuing => {
+                if let Some(b) = s.table_choice(client, self.seed) {
+                    return Pick::Exact(b);
+                }
+            }
+            _ => {}
+        }
+        match s.hashed(client, self.seed) {
+            Some(b) => Pick::Exact(b),
+            None => weighted(),
+        }
+    }
+
     fn icmp(&self, m: Option<TooBig>) -> Outcome {
         use Counter::*;
         let Some(m) = m else {
@@ -565,20 +598,51 @@ impl Model {
         if m.ttl <= 1 {
             return pass(PassTtlExceeded);
         }
-        let client = m.quoted_dst;
-        // The model's configuration sends ICMP only about maglev NAT VIPs (`icmp_ok`).
-        let b = s.hashed(client, self.seed).expect("a hashed VIP");
-        sent(
-            b.ip(),
-            Out::IcmpToBackend { backend: b },
-            vec![IcmpToBackend, FwdNat],
-        )
+        // The flow's backend (its entry, else the VIP's selection), in the VIP's mode.
+        let pick = self.pick(s, m.quoted_dst, false, false);
+        let any = match &pick {
+            Pick::Exact(b) => *b,
+            Pick::OneOf(v) => v[0],
+        };
+        match s.mode {
+            Mode::Nat => sent(
+                any.ip(),
+                Out::IcmpToBackend { backend: pick },
+                vec![IcmpToBackend, FwdNat],
+            ),
+            Mode::DsrL2 => sent(
+                any.ip(),
+                Out::DsrL2 { backend: pick },
+                vec![IcmpToBackend, FwdDsrL2],
+            ),
+            Mode::Ipip => sent(
+                any.ip(),
+                Out::Ipip { backend: pick },
+                vec![IcmpToBackend, FwdIpip],
+            ),
+        }
     }
 
-    /// Whether ICMP about flows of `vip` is modelled (maglev NAT VIPs).
+    /// Whether the generator makes ICMP about flows of `vip` (NAT VIPs: the others' backends
+    /// are not behind the gateway for ICMP; mutated frames still reach any VIP).
     pub fn icmp_ok(&self, vip: SocketAddr, udp: bool) -> bool {
-        self.vip(vip, udp)
-            .is_some_and(|s| s.mode == Mode::Nat && s.algo == Algo::Maglev)
+        self.vip(vip, udp).is_some_and(|s| s.mode == Mode::Nat)
+    }
+
+    /// What the model knows of the flow a frame belongs to (for failure messages).
+    pub fn knowledge(&self, frame: &[u8]) -> String {
+        let Parse::L4(p) = parse(frame) else {
+            return "not a TCP/UDP packet".into();
+        };
+        let flow = match (
+            self.vip(p.dst, p.udp),
+            self.service_of_backend(p.src, p.udp),
+        ) {
+            (Some(s), _) => (p.src, s.vip, s.udp),
+            (None, Some(s)) => (p.dst, s.vip, s.udp),
+            _ => return "no VIP's flow".into(),
+        };
+        format!("flow {flow:?}: {:?}", self.flows.get(&flow))
     }
 
     /// Learns from a packet the data plane handled: `pristine` — built as specified, not
@@ -599,6 +663,8 @@ impl Model {
             let flow = (p.src, s.vip, s.udp);
             let sure = !risky && !self.flood_possible;
             match (self.flows.get(&flow), backend) {
+                // Not given a backend (the checks before any state): no entry made or changed.
+                (_, None) => {}
                 (Some(Known::Entry(_)), _) if !risky => {}
                 (None, Some(b)) if sure => {
                     self.flows.insert(flow, Known::Entry(b));
@@ -611,7 +677,8 @@ impl Model {
             let flow = (p.dst, s.vip, s.udp);
             let known = self.flows.get(&flow).copied();
             // A reply matched by the table after a flood may confirm its flow (a new entry).
-            if (risky && known.is_some()) || (translated && known.is_none()) {
+            if (risky && known.is_some()) || (translated && known.is_none() && self.flood_possible)
+            {
                 self.flows.insert(flow, Known::Unsure);
             }
         }

@@ -317,7 +317,14 @@ impl Rig {
         }
         let fill = match fill_before {
             Some((before, capacity)) => {
-                Some((before, self.dp.maps.fill()?.conntrack_new.0, capacity))
+                let after = self.dp.maps.fill()?.conntrack_new.0;
+                // Every stored flow is still there: none was evicted while the row ran.
+                let stored = new_flows.unwrap_or(0);
+                ensure!(
+                    after - before == stored,
+                    "{stored} new flows stored, but the unconfirmed table went from {before} to {after} entries"
+                );
+                Some((before, after, capacity))
             }
             None => None,
         };
