@@ -914,7 +914,7 @@ fn property(seed: u64) {
     check_tables(&gw, &model, seed);
 
     let ev = |c: Counter| after[c as usize] - start[c as usize];
-    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched; {several} with more than one answer allowed (timing)");
+    println!("{PACKETS} packets: {forwarded} forwarded to backends, {reversed} replies rewritten to VIPs, {unchanged} untouched; {several} with more than one answer allowed (timing, or flow state a blind observer cannot know)");
     println!("  verdicts: {per_kind:?}");
     for c in [
         Counter::DropMartian,
