@@ -49,6 +49,21 @@ fn bench_quick_runs_and_checks_its_paths() {
     for row in new_rows {
         assert!(row.contains("| 0 → "), "not from an empty table: {row}");
     }
+    // The programs' sizes as the kernel reports them, for every program.
+    for program in ["lb_xdp", "lb_ipip", "lb_icmp", "lb_decap"] {
+        let row = md
+            .lines()
+            .skip_while(|l| !l.starts_with("## Program sizes"))
+            .find(|l| l.starts_with(&format!("| {program} | ")))
+            .unwrap_or_else(|| panic!("no size row for {program}:\n{md}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        for at in [2, 4] {
+            let n: u32 = cells[at]
+                .parse()
+                .unwrap_or_else(|_| panic!("{program}: {:?} is not a count", cells[at]));
+            assert!(n > 0, "{row}");
+        }
+    }
     assert!(dir.join("docs/bench-per-packet.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

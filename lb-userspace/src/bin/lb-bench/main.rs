@@ -69,6 +69,8 @@ fn main() -> Result<()> {
         configure(&mut rig, 2, DEFAULT_TABLE_SIZE)?;
         let (floor, results) = paths(&mut rig, &s)?;
         rep.paths(floor, &results);
+        let previous = std::fs::read_to_string(&args.out).unwrap_or_default();
+        rep.program_sizes(&rig.program_sizes()?, &previous);
         eprintln!("control plane…");
         let sizes: &[usize] = &[10, 100, 1000];
         rep.control(&control::table_times(

@@ -8,9 +8,27 @@ use crate::{
     control::BuildTime,
     e2e::{E2eResult, SETUPS},
     per_packet::{PathResult, Settings},
-    rig::Sample,
+    rig::{ProgramSize, Sample},
     Args,
 };
+
+/// A program's (processed, translated) figures in an earlier report, as text ("" if absent).
+fn previous_size(report: &str, name: &str) -> (String, String) {
+    let start = format!("| {name} | ");
+    report
+        .lines()
+        .skip_while(|l| !l.starts_with("## Program sizes"))
+        .find(|l| l.starts_with(&start))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            // "", name, processed, previous, translated, previous, ""
+            (
+                cells.get(2).unwrap_or(&"").to_string(),
+                cells.get(4).unwrap_or(&"").to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
 
 pub struct Report {
     md: String,
@@ -174,6 +192,36 @@ impl Report {
                 md,
                 "- Traffic not for a VIP costs {:.1}× the floor. The measured packet goes to a backend's address and port from a client port, so after parsing it is decided by two reads of the port filter (array lookups); traffic on a VIP's or a backend's port pays a hash lookup more.",
                 p / floor.median
+            );
+        }
+        let _ = writeln!(md);
+    }
+
+    /// The programs' sizes, next to the previous report's (read from the file this run
+    /// replaces, if it has them).
+    pub fn program_sizes(&mut self, sizes: &[ProgramSize], previous: &str) {
+        let md = &mut self.md;
+        let _ = writeln!(md, "## Program sizes\n");
+        let _ = writeln!(
+            md,
+            "As the kernel reports them for the programs loaded by this run (`bpf_prog_info`): the instructions the verifier processed, over every path it explored, and the translated program's length in BPF instructions (what `bpftool prog dump xlated` lists). Exact, and independent of the machine's noise: a change to the data plane shows here even where the nanoseconds cannot tell. \"Previous\" is the report this run replaced.\n"
+        );
+        let _ = writeln!(
+            md,
+            "| program | verifier: processed instructions | previous | translated length (instructions) | previous |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        let show = |v: Option<u32>| v.map_or("not reported".to_string(), |v| v.to_string());
+        for p in sizes {
+            let (pv, px) = previous_size(previous, &p.name);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                p.name,
+                show(p.verified),
+                pv,
+                show(p.xlated),
+                px
             );
         }
         let _ = writeln!(md);

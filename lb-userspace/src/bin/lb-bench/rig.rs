@@ -569,3 +569,44 @@ pub fn endpoints(frame: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
     };
     Some((SocketAddr::new(s, sp), SocketAddr::new(d, dp)))
 }
+
+/// What the kernel reports of one loaded program: the instructions the verifier processed (all
+/// paths it explored; kernel ≥ 5.16) and the length of the translated program, in BPF
+/// instructions. Both are exact and do not depend on the machine's noise.
+pub struct ProgramSize {
+    pub name: String,
+    pub verified: Option<u32>,
+    pub xlated: Option<u32>,
+}
+
+impl Rig {
+    /// The sizes of lb's programs as loaded here: `lb_xdp`, the programs it tail-calls, and
+    /// the backends' `lb_decap`.
+    pub fn program_sizes(&self) -> Result<Vec<ProgramSize>> {
+        let mut out = Vec::new();
+        let mut one = |name: &str, p: &Xdp| -> Result<()> {
+            let info = p.info().with_context(|| format!("reading {name}'s info"))?;
+            out.push(ProgramSize {
+                name: name.to_string(),
+                verified: info.verified_instruction_count(),
+                xlated: info.size_translated().map(|b| b / 8),
+            });
+            Ok(())
+        };
+        let ebpf = &self.dp.ebpf;
+        for name in std::iter::once(lb::object::LB_XDP_PROGRAM).chain(lb_common::TAIL_PROGRAMS) {
+            let p: &Xdp = ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("{name} missing"))?
+                .try_into()?;
+            one(name, p)?;
+        }
+        let p: &Xdp = self
+            .decap
+            .program(lb::object::LB_DECAP_PROGRAM)
+            .ok_or_else(|| anyhow!("lb_decap missing"))?
+            .try_into()?;
+        one(lb::object::LB_DECAP_PROGRAM, p)?;
+        Ok(out)
+    }
+}
