@@ -1214,9 +1214,11 @@ impl LbMaps {
             .ctx(|| format!("writing the count events of backend {id}"))
     }
 
-    /// Deletes every entry of `table` (benchmarks empty the unconfirmed table before each
-    /// new-flow row); returns how many were deleted.
-    pub fn flush_flows(&mut self, table: CtTable) -> Result<u64> {
+    /// Deletes every entry of the unconfirmed table (benchmarks empty it before each new-flow
+    /// row); returns how many were deleted. Not for the confirmed table: its entries are on the
+    /// backends' active counts, which only the sweep may settle.
+    pub fn flush_unconfirmed(&mut self) -> Result<u64> {
+        let table = CtTable::Unconfirmed;
         let (mut keys, mut values, mut all) = (Vec::new(), Vec::new(), Vec::new());
         let mut cursor = None;
         loop {

@@ -31,9 +31,9 @@ use common::{
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb::{CtTable, Vip};
 use lb_common::{
-    Counter, Timeouts, COUNTER_NAMES, CT_F_COUNTED, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT, CT_F_RST,
-    CT_F_RST_BACKEND, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING, CT_S_UDP,
-    VERDICT_COUNT,
+    Counter, Timeouts, COUNTER_NAMES, CT_F_COUNTED, CT_F_DIRECT, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
+    CT_F_RST, CT_F_RST_BACKEND, CT_S_CLOSED, CT_S_CLOSING, CT_S_ESTABLISHED, CT_S_OPENING,
+    CT_S_UDP, VERDICT_COUNT,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -1047,6 +1047,22 @@ fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
     }
     for f in &flows {
         let e = &f.entry;
+        // Marked direct exactly when the flow's VIP forwards without NAT.
+        let vip_addr = SocketAddr::new(
+            ip_of(f.key.dst_be, f.key.family),
+            u16::from_be(f.key.dport_be),
+        );
+        let s = model
+            .services
+            .iter()
+            .find(|s| s.vip == vip_addr && s.udp == (f.key.proto == 17))
+            .unwrap_or_else(|| panic!("entry {f:?} of no VIP (seed {seed})"));
+        assert_eq!(
+            e.flags & CT_F_DIRECT != 0,
+            s.mode != Mode::Nat,
+            "entry {f:?} of a {:?} VIP: the direct mark (seed {seed})",
+            s.mode
+        );
         match f.table {
             CtTable::Unconfirmed => assert!(
                 (e.state == CT_S_OPENING || e.state == CT_S_UDP) && e.flags & CT_F_COUNTED == 0,
@@ -1077,6 +1093,19 @@ fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
                 "confirmed entry {f:?}: state not the one its flags give (seed {seed})"
             );
         }
+    }
+}
+
+/// An address as a flow key stores it (IPv4 in the first word).
+fn ip_of(words: [u32; 4], family: u8) -> IpAddr {
+    let mut b = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    if family == lb_common::FAMILY_V4 {
+        IpAddr::V4([b[0], b[1], b[2], b[3]].into())
+    } else {
+        IpAddr::V6(b.into())
     }
 }
 

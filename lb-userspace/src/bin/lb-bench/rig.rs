@@ -258,7 +258,7 @@ impl Rig {
         let fill_before = match expect.flows {
             NewFlows::Unchecked => None,
             _ => {
-                self.dp.maps.flush_flows(unconfirmed)?;
+                self.dp.maps.flush_unconfirmed()?;
                 let capacity = self.dp.maps.ct_capacity(unconfirmed)?;
                 let runs = repeat.max(1) as u64 * rounds as u64;
                 ensure!(
