@@ -145,7 +145,9 @@ pub fn route(dst: IpAddr) -> Route {
             let o = a.octets();
             if o[0] == 10 && o[1] == 9 && o[2] == 0 {
                 Route::Unreachable
-            } else if o[0] == 10 && o[1] <= 2 && o[2] == 0 && o[3] != 0 && o[3] != 255 {
+            } else if o[0] == 10 && o[1] <= 2 && o[2] == 0 && o[3] != 255 {
+                // On a connected /24 (its .255 is the broadcast address: local; its .0 is an
+                // ordinary neighbour to Linux).
                 Route::NoNeigh
             } else {
                 Route::Other
@@ -154,8 +156,13 @@ pub fn route(dst: IpAddr) -> Route {
         IpAddr::V6(a) => {
             let s = a.segments();
             if (0xfd00..=0xfd02).contains(&s[0]) && s[1..4] == [0, 0, 0] {
-                // fd00::/64, fd01::/64, fd02::/64.
-                Route::NoNeigh
+                // fd00::/64, fd01::/64, fd02::/64; their all-zero interface id is the
+                // subnet-router anycast address, which is local.
+                if s[4..8] == [0, 0, 0, 0] {
+                    Route::Other
+                } else {
+                    Route::NoNeigh
+                }
             } else {
                 Route::Other
             }
