@@ -1074,24 +1074,28 @@ impl LbMaps {
     /// All entries of both conntrack tables (confirmed first). Read with batched lookups:
     /// an entry deleted meanwhile does not restart the walk.
     pub fn flows(&self) -> Result<Vec<Flow>> {
+        let mut out = self.flows_in(CtTable::Confirmed)?;
+        out.extend(self.flows_in(CtTable::Unconfirmed)?);
+        Ok(out)
+    }
+
+    /// All entries of one conntrack table, read as `flows` reads them.
+    fn flows_in(&self, table: CtTable) -> Result<Vec<Flow>> {
         let mut out = Vec::new();
         let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for table in CtTable::ALL {
-            let mut cursor = None;
-            loop {
-                let (n, next) = self.ct_batch(table, cursor, 4096, &mut keys, &mut values)?;
-                out.extend((0..n).map(|i| Flow {
-                    key: keys[i],
-                    entry: values[i],
-                    table,
-                }));
-                match next {
-                    Some(c) => cursor = Some(c),
-                    None => break,
-                }
+        let mut cursor = None;
+        loop {
+            let (n, next) = self.ct_batch(table, cursor, 4096, &mut keys, &mut values)?;
+            out.extend((0..n).map(|i| Flow {
+                key: keys[i],
+                entry: values[i],
+                table,
+            }));
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
             }
         }
-        Ok(out)
     }
 
     /// Up to `max` entries of `table` from batch cursor `cursor` (None: the start) into
@@ -1219,19 +1223,9 @@ impl LbMaps {
     /// backends' active counts, which only the sweep may settle.
     pub fn flush_unconfirmed(&mut self) -> Result<u64> {
         let table = CtTable::Unconfirmed;
-        let (mut keys, mut values, mut all) = (Vec::new(), Vec::new(), Vec::new());
-        let mut cursor = None;
-        loop {
-            let (n, next) = self.ct_batch(table, cursor, 4096, &mut keys, &mut values)?;
-            all.extend_from_slice(&keys[..n]);
-            match next {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
         let mut deleted = 0;
-        for key in &all {
-            deleted += self.ct_remove(table, key)? as u64;
+        for f in self.flows_in(table)? {
+            deleted += self.ct_remove(table, &f.key)? as u64;
         }
         Ok(deleted)
     }

@@ -20,7 +20,7 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use common::{
     mutate::{fix_ipv4_csum, l4_v4, set_ipv4_u16, set_ipv4_u8, IP},
     oracle,
-    packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
+    packets::{checksums_ok, endpoints, Mac, Spec, Tcp, SEQ},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{mac_of, pin_to_current_cpu, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
@@ -100,9 +100,9 @@ impl Table {
         let prog = self.gw.dp.program();
         let (action, out) = run(prog, c.ingress, &c.input);
         self.rows += 1;
-        if let Some(dst) = destination(&c.input) {
+        if let Some((_, dst, udp)) = endpoints(&c.input) {
             let new_misses = self.counters()[Counter::CtMiss as usize] - misses;
-            let e = self.to_vip.entry(dst).or_default();
+            let e = self.to_vip.entry((dst, udp)).or_default();
             if AFTER_SELECTION.contains(&c.reason) {
                 e.0 += 1;
             }
@@ -425,22 +425,6 @@ fn flag_names(flags: u64) -> String {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The destination endpoint of a TCP/UDP frame (and whether it is UDP).
-fn destination(f: &[u8]) -> Option<(SocketAddr, bool)> {
-    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-    let p = SlicedPacket::from_ethernet(f).ok()?;
-    let ip: std::net::IpAddr = match p.net? {
-        NetSlice::Ipv4(ip) => ip.header().destination_addr().into(),
-        NetSlice::Ipv6(ip) => ip.header().destination_addr().into(),
-        _ => return None,
-    };
-    match p.transport? {
-        TransportSlice::Tcp(t) => Some((SocketAddr::new(ip, t.destination_port()), false)),
-        TransportSlice::Udp(u) => Some((SocketAddr::new(ip, u.destination_port()), true)),
-        _ => None,
-    }
 }
 
 fn client(port: u16) -> SocketAddr {

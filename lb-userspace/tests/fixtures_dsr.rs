@@ -19,6 +19,7 @@ use std::{
 use aya::programs::Xdp;
 use common::{
     packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
+    raw::{eth, icmp4, icmp6, ipv4, ipv6, too_big_frame, v4, v6},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
@@ -47,132 +48,6 @@ fn vip(s: &str) -> Vip {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn v4(a: SocketAddr) -> [u8; 4] {
-    match a.ip() {
-        IpAddr::V4(x) => x.octets(),
-        _ => panic!("not IPv4: {a}"),
-    }
-}
-
-fn v6(a: SocketAddr) -> [u8; 16] {
-    match a.ip() {
-        IpAddr::V6(x) => x.octets(),
-        _ => panic!("not IPv6: {a}"),
-    }
-}
-
-fn eth(dst: Mac, src: Mac, ether_type: u16) -> Vec<u8> {
-    let mut e = Vec::with_capacity(14);
-    e.extend_from_slice(&dst);
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&ether_type.to_be_bytes());
-    e
-}
-
-/// An option-less IPv4 header with its checksum.
-#[allow(clippy::too_many_arguments)]
-fn ipv4(
-    tos: u8,
-    total: usize,
-    id: u16,
-    df: bool,
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-) -> Vec<u8> {
-    let mut h = vec![0x45, tos];
-    h.extend_from_slice(&(total as u16).to_be_bytes());
-    h.extend_from_slice(&id.to_be_bytes());
-    h.extend_from_slice(&(if df { 0x4000u16 } else { 0 }).to_be_bytes());
-    h.extend_from_slice(&[64, proto, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn ipv6(flow: u32, payload: usize, next: u8, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
-    let mut h = ((6u32 << 28) | (flow & 0xf_ffff)).to_be_bytes().to_vec();
-    h.extend_from_slice(&(payload as u16).to_be_bytes());
-    h.extend_from_slice(&[next, 64]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h
-}
-
-/// An ICMPv4 message (type, code, 4 bytes of rest) with its checksum.
-fn icmp4(ty: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
-    let mut m = vec![ty, code, 0, 0];
-    m.extend_from_slice(&rest);
-    m.extend_from_slice(body);
-    let c = checksum(&m);
-    m[2..4].copy_from_slice(&c.to_be_bytes());
-    m
-}
-
-/// An ICMPv6 message with its checksum (pseudo-header included).
-fn icmp6(ty: u8, rest: [u8; 4], body: &[u8], src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
-    let mut m = vec![ty, 0, 0, 0];
-    m.extend_from_slice(&rest);
-    m.extend_from_slice(body);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&src);
-    pseudo.extend_from_slice(&dst);
-    pseudo.extend_from_slice(&(m.len() as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 58]);
-    pseudo.extend_from_slice(&m);
-    let c = checksum(&pseudo);
-    m[2..4].copy_from_slice(&c.to_be_bytes());
-    m
-}
-
-/// The first 28 (IPv4) / 48 (IPv6) bytes of an IP packet a VIP sent to a client: what a router
-/// quotes in a too-big message. TCP, seq 0x11223344.
-fn quote(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let mut l4 = src.port().to_be_bytes().to_vec();
-    l4.extend_from_slice(&dst.port().to_be_bytes());
-    l4.extend_from_slice(&0x1122_3344u32.to_be_bytes());
-    let mut q = if src.is_ipv4() {
-        ipv4(0, 1500, 7, true, 6, v4(src), v4(dst))
-    } else {
-        ipv6(0, 1460, 6, v6(src), v6(dst))
-    };
-    q.extend_from_slice(&l4);
-    q
-}
-
-/// A too-big message from `router` to `to` about the quoted packet, as a frame.
-#[allow(clippy::too_many_arguments)]
-fn too_big_frame(
-    dmac: Mac,
-    smac: Mac,
-    router: IpAddr,
-    to: IpAddr,
-    mtu: u32,
-    quoted_src: SocketAddr,
-    quoted_dst: SocketAddr,
-) -> Vec<u8> {
-    let q = quote(quoted_src, quoted_dst);
-    match (router, to) {
-        (IpAddr::V4(r), IpAddr::V4(t)) => {
-            let m = icmp4(3, 4, [0, 0, (mtu >> 8) as u8, mtu as u8], &q);
-            let mut f = eth(dmac, smac, 0x0800);
-            f.extend(ipv4(0, 20 + m.len(), 9, false, 1, r.octets(), t.octets()));
-            f.extend(m);
-            f
-        }
-        (IpAddr::V6(r), IpAddr::V6(t)) => {
-            let m = icmp6(2, mtu.to_be_bytes(), &q, r.octets(), t.octets());
-            let mut f = eth(dmac, smac, 0x86dd);
-            f.extend(ipv6(0, m.len(), 58, r.octets(), t.octets()));
-            f.extend(m);
-            f
-        }
-        _ => panic!("mixed families"),
-    }
 }
 
 /// Outer source address of an ipip packet for a flow with this hash.
@@ -811,7 +686,16 @@ fn dsr_ipip_icmp_and_decap() {
     let router: IpAddr = "10.0.0.7".parse().unwrap();
     // dsr-l2: the message goes as it is, to the backend's MAC.
     let c = client(40033);
-    let input = too_big_frame(GW_MAC_A, CLIENT_MAC, router, l2.addr.ip(), 1400, l2.addr, c);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        l2.addr.ip(),
+        1400,
+        l2.addr,
+        c,
+        false,
+    );
     let b = sa("10.1.0.11:80");
     let mut want = hop(&input);
     want[0..6].copy_from_slice(&mac_of(b));
@@ -833,6 +717,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         tun.addr,
         c,
+        false,
     );
     let want = encapsulated(&input, sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
     t.check(
@@ -851,6 +736,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         sa("10.0.0.1:80"),
         c,
+        false,
     );
     t.unchanged(
         "ICMP too-big not about a VIP",
@@ -1053,6 +939,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         nat.addr,
         c,
+        false,
     );
     // Forwarded as a router would: one hop less.
     let want = hop(&too_big_frame(
@@ -1063,6 +950,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         nat_backend,
         c,
+        false,
     ));
     t.check(
         "ICMP too-big for a NAT flow → its backend, rewritten",
@@ -1087,6 +975,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         nat6.addr,
         c,
+        false,
     );
     // Forwarded as a router would: one hop less.
     let want = hop(&too_big_frame(
@@ -1097,6 +986,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         nat6_backend,
         c,
+        false,
     ));
     t.check(
         "ICMPv6 too-big for a NAT flow → its backend, rewritten",
@@ -1106,7 +996,16 @@ fn dsr_ipip_icmp_and_decap() {
         Counter::Tx,
     );
     let c = client(40033);
-    let input = too_big_frame(GW_MAC_A, CLIENT_MAC, router, l2.addr.ip(), 1400, l2.addr, c);
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        l2.addr.ip(),
+        1400,
+        l2.addr,
+        c,
+        false,
+    );
     let mut ttl1 = input;
     common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
     t.unchanged(
@@ -1124,6 +1023,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         nat.addr,
         c,
+        false,
     );
     common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
     t.unchanged(
@@ -1141,6 +1041,7 @@ fn dsr_ipip_icmp_and_decap() {
         1400,
         tun.addr,
         c,
+        false,
     );
     common::mutate::set_ipv4_u8(&mut ttl1, 8, 1);
     t.unchanged(

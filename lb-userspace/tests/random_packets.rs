@@ -24,11 +24,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::{
     model::{route, Algo, Mode, Model, Out, Outcome, Route, Service},
-    packets::{checksums_ok, Spec, Tcp},
+    packets::{checksums_ok, endpoints, Spec, Tcp},
+    raw::too_big_frame,
     testrun::{action_name, run},
     topology::{pin_to_current_cpu, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use etherparse::{SlicedPacket, TransportSlice};
 use lb::{CtTable, Vip};
 use lb_common::{
     Counter, Timeouts, COUNTER_NAMES, CT_F_COUNTED, CT_F_DIRECT, CT_F_FIN_BACKEND, CT_F_FIN_CLIENT,
@@ -207,90 +208,30 @@ fn configure(gw: &mut Gateway, model: &Model) {
     }
 }
 
-/// An ICMP too-big from a router on the client's side about a packet the VIP sent the client
-/// (fragmentation needed, IPv4; packet too big, IPv6), every checksum computed.
+/// An ICMP too-big from a router on the client's side (fragmentation needed, IPv4; packet too
+/// big, IPv6) about a packet the VIP sent the client, with this TTL / hop limit.
 fn too_big(client: SocketAddr, vip: SocketAddr, udp: bool, ttl: u8) -> Vec<u8> {
-    let proto = if udp { 17 } else { 6 };
-    let mut quoted_l4 = Vec::new();
-    quoted_l4.extend_from_slice(&vip.port().to_be_bytes());
-    quoted_l4.extend_from_slice(&client.port().to_be_bytes());
-    quoted_l4.extend_from_slice(&[0x12, 0x34, 0x56, 0x78]);
-    let mut f = Vec::new();
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&GW_MAC_A);
-    match (client.ip(), vip.ip()) {
-        (IpAddr::V4(c), IpAddr::V4(v)) => {
-            let router = [10, 0, 0, 2];
-            let mut q = ipv4_header(1500, 63, proto, v.octets(), c.octets());
-            q.extend_from_slice(&quoted_l4);
-            let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78]; // MTU 1400
-            icmp.extend_from_slice(&q);
-            let c = ones_complement(&icmp, 0);
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            f.extend_from_slice(&[0x08, 0x00]);
-            f.extend_from_slice(&ipv4_header(20 + icmp.len(), ttl, 1, router, v.octets()));
-            f.extend_from_slice(&icmp);
-        }
-        (IpAddr::V6(c), IpAddr::V6(v)) => {
-            let router: std::net::Ipv6Addr = "fd00::2".parse().unwrap();
-            let mut q = ipv6_header(quoted_l4.len(), proto, 63, v.octets(), c.octets());
-            q.extend_from_slice(&quoted_l4);
-            let mut icmp = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00]; // MTU 1280
-            icmp.extend_from_slice(&q);
-            let mut pseudo = Vec::new();
-            pseudo.extend_from_slice(&router.octets());
-            pseudo.extend_from_slice(&v.octets());
-            pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 58]);
-            let c = ones_complement(&icmp, sum16(&pseudo));
-            icmp[2..4].copy_from_slice(&c.to_be_bytes());
-            f.extend_from_slice(&[0x86, 0xdd]);
-            f.extend_from_slice(&ipv6_header(
-                icmp.len(),
-                58,
-                ttl,
-                router.octets(),
-                v.octets(),
-            ));
-            f.extend_from_slice(&icmp);
-        }
-        _ => unreachable!("one family"),
+    let router: IpAddr = if client.is_ipv4() {
+        "10.0.0.2".parse().unwrap()
+    } else {
+        "fd00::2".parse().unwrap()
+    };
+    let mut f = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        vip.ip(),
+        1400,
+        vip,
+        client,
+        udp,
+    );
+    if client.is_ipv4() {
+        common::mutate::set_ipv4_u8(&mut f, 8, ttl);
+    } else {
+        f[HOP_LIMIT_V6] = ttl;
     }
     f
-}
-
-fn sum16(b: &[u8]) -> u32 {
-    b.chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum()
-}
-
-/// The Internet checksum of `b` with `initial` (a partial sum) added.
-fn ones_complement(b: &[u8], initial: u32) -> u16 {
-    let mut s = sum16(b) + initial;
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-fn ipv4_header(total: usize, ttl: u8, proto: u8, src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-    let mut h = vec![0x45, 0, 0, 0, 0x4c, 0x42, 0x40, 0, ttl, proto, 0, 0];
-    h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = ones_complement(&h, 0);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h
-}
-
-fn ipv6_header(payload: usize, next: u8, hops: u8, src: [u8; 16], dst: [u8; 16]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(payload as u16).to_be_bytes());
-    h.extend_from_slice(&[next, hops]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h
 }
 
 fn random_ttl(rng: &mut StdRng) -> u8 {
@@ -521,35 +462,6 @@ fn mutate(rng: &mut StdRng, f: &mut Vec<u8>) {
             f.truncate(14);
             f.extend((0..n).map(|_| rng.random::<u8>()));
         }
-    }
-}
-
-/// (src, dst, proto is UDP) of a frame that parses as IP + TCP/UDP.
-fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
-    let p = SlicedPacket::from_ethernet(f).ok()?;
-    let (s, d): (IpAddr, IpAddr) = match p.net? {
-        NetSlice::Ipv4(ip) => (
-            ip.header().source_addr().into(),
-            ip.header().destination_addr().into(),
-        ),
-        NetSlice::Ipv6(ip) => (
-            ip.header().source_addr().into(),
-            ip.header().destination_addr().into(),
-        ),
-        _ => return None,
-    };
-    match p.transport? {
-        TransportSlice::Tcp(t) => Some((
-            SocketAddr::new(s, t.source_port()),
-            SocketAddr::new(d, t.destination_port()),
-            false,
-        )),
-        TransportSlice::Udp(u) => Some((
-            SocketAddr::new(s, u.source_port()),
-            SocketAddr::new(d, u.destination_port()),
-            true,
-        )),
-        _ => None,
     }
 }
 
@@ -1048,10 +960,8 @@ fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
     for f in &flows {
         let e = &f.entry;
         // Marked direct exactly when the flow's VIP forwards without NAT.
-        let vip_addr = SocketAddr::new(
-            ip_of(f.key.dst_be, f.key.family),
-            u16::from_be(f.key.dport_be),
-        );
+        let vip_addr = lb::model::socket_addr(f.key.family, f.key.dst_be, f.key.dport_be)
+            .expect("a flow key's family");
         let s = model
             .services
             .iter()
@@ -1093,19 +1003,6 @@ fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
                 "confirmed entry {f:?}: state not the one its flags give (seed {seed})"
             );
         }
-    }
-}
-
-/// An address as a flow key stores it (IPv4 in the first word).
-fn ip_of(words: [u32; 4], family: u8) -> IpAddr {
-    let mut b = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        b[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    if family == lb_common::FAMILY_V4 {
-        IpAddr::V4([b[0], b[1], b[2], b[3]].into())
-    } else {
-        IpAddr::V6(b.into())
     }
 }
 

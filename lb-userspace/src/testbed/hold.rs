@@ -93,7 +93,7 @@ impl HoldServers {
             );
             let t = spawn_in(
                 &b.ns.name,
-                move || listen(port),
+                move || super::servers::bind_tcp(port, 4096),
                 move |l| accept_loop(&l, &name, &stop, &conns2, &accepted2),
             )
             .with_context(|| format!("starting the hold server of {}", b.name))?;
@@ -153,16 +153,6 @@ impl Drop for HoldServers {
             let _ = t.join();
         }
     }
-}
-
-fn listen(port: u16) -> Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_only_v6(false)?;
-    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-    s.listen(4096)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
 }
 
 fn accept_loop(

@@ -71,8 +71,8 @@ impl Servers {
             let ns = super::NetNs { name: ns_name };
             let setup = (|| -> Result<(TcpListener, TcpListener, Vec<UdpSocket>)> {
                 ns.enter()?;
-                let http = bind_tcp(HTTP_PORT)?;
-                let line = bind_tcp(LINE_PORT)?;
+                let http = bind_tcp(HTTP_PORT, 1024)?;
+                let line = bind_tcp(LINE_PORT, 1024)?;
                 let mut udp = vec![bind_udp(std::net::Ipv6Addr::UNSPECIFIED.into())?];
                 for a in &udp_addrs {
                     udp.push(bind_udp(*a)?);
@@ -129,14 +129,14 @@ impl Running {
     }
 }
 
-/// A non-blocking listener with SO_REUSEADDR, so a restarted server can bind again while
-/// connections of the previous one are in TIME_WAIT.
-fn bind_tcp(port: u16) -> Result<TcpListener> {
+/// A non-blocking listener on every address (IPv4 and IPv6) with SO_REUSEADDR, so a restarted
+/// server can bind again while connections of the previous one are in TIME_WAIT.
+pub(crate) fn bind_tcp(port: u16, backlog: i32) -> Result<TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     s.set_only_v6(false)?;
     s.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-    s.listen(1024)?;
+    s.listen(backlog)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
 }

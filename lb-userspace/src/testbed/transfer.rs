@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, TcpStream},
     process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -73,7 +73,7 @@ impl DigestServer {
         let out = Arc::new(pattern(seed, n_out));
         let thread = spawn_in(
             &ns.name,
-            move || listen(port),
+            move || super::servers::bind_tcp(port, 16),
             move |l| {
                 while !stop2.load(Ordering::SeqCst) {
                     match l.accept() {
@@ -114,16 +114,6 @@ impl Drop for DigestServer {
             let _ = t.join();
         }
     }
-}
-
-fn listen(port: u16) -> Result<TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    s.set_only_v6(false)?;
-    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
-    s.listen(16)?;
-    s.set_nonblocking(true)?;
-    Ok(s.into())
 }
 
 fn serve(mut s: TcpStream, n_in: usize, out: &[u8]) -> Result<()> {

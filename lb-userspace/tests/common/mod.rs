@@ -6,5 +6,6 @@ pub mod mutate;
 pub mod netns;
 pub mod oracle;
 pub mod packets;
+pub mod raw;
 pub mod testrun;
 pub mod topology;

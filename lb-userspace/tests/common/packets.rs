@@ -203,3 +203,32 @@ pub fn checksums_ok(frame: &[u8]) -> Result<(), String> {
         _ => Err("not IP".into()),
     }
 }
+
+/// (src, dst, proto is UDP) of a frame that parses as IP + TCP/UDP.
+pub fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
+    let p = etherparse::SlicedPacket::from_ethernet(f).ok()?;
+    let (s, d): (IpAddr, IpAddr) = match p.net? {
+        etherparse::NetSlice::Ipv4(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        etherparse::NetSlice::Ipv6(ip) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        _ => return None,
+    };
+    match p.transport? {
+        etherparse::TransportSlice::Tcp(t) => Some((
+            SocketAddr::new(s, t.source_port()),
+            SocketAddr::new(d, t.destination_port()),
+            false,
+        )),
+        etherparse::TransportSlice::Udp(u) => Some((
+            SocketAddr::new(s, u.source_port()),
+            SocketAddr::new(d, u.destination_port()),
+            true,
+        )),
+        _ => None,
+    }
+}
