@@ -623,25 +623,33 @@ fn flood_spares_established(mode: &str, attach: &[&str], above_threshold: bool) 
     assert_none(&new_fail, "30 new connections after the flood");
 }
 
-/// Connections made while new flows are above the flood threshold get no entry (their
-/// backend comes from the hash, their replies are matched by the table while the flood is
-/// recent). They must keep working after that, also when the server speaks first: here,
-/// idle past the opening timeout (2 s) and then server push, then client data.
-#[test]
-fn connections_made_above_the_flood_threshold_keep_working() {
+/// A gateway whose flood threshold is 1 new flow per second per CPU, hold servers on the
+/// backends, and `VIP4`:80 to them with an opening timeout of 2 s and these more options.
+fn flood_testbed(options: &[&str]) -> (Testbed, HoldServers) {
     let tb = testbed(
         3,
         "native",
         &["--conntrack-size", "65536", "--flood-threshold", "1"],
     );
     let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
-    let vip = format!("{VIP4}:80/tcp");
+    let mut args = options.to_vec();
+    args.extend(["--timeout", "opening=2"]);
     add_vip(
         &tb,
-        &vip,
-        &["--timeout", "opening=2"],
+        &format!("{VIP4}:80/tcp"),
+        &args,
         &backend_addrs(&tb, PUSH_PORT, false),
     );
+    (tb, hold)
+}
+
+/// Connections made while new flows are above the flood threshold get no entry (their
+/// backend comes from the hash, their replies are matched by the table while the flood is
+/// recent). They must keep working after that, also when the server speaks first: here,
+/// idle past the opening timeout (2 s) and then server push, then client data.
+#[test]
+fn connections_made_above_the_flood_threshold_keep_working() {
+    let (tb, hold) = flood_testbed(&[]);
     let before = counters(&tb);
     let mut conns = open_conns(&tb, vip4(80), 10, "above the flood threshold");
     let after = counters(&tb);
@@ -690,19 +698,7 @@ fn connections_made_above_the_flood_threshold_keep_working_round_robin() {
 /// the same backend from the hash, not a fresh random / least-conn / round-robin choice
 /// (another backend would answer with an RST). Then client data on all ten, and server push.
 fn flood_ends_then_the_client_speaks(algo: &str) {
-    let tb = testbed(
-        3,
-        "native",
-        &["--conntrack-size", "65536", "--flood-threshold", "1"],
-    );
-    let hold = HoldServers::start(&tb.backends, PUSH_PORT).expect("hold servers");
-    let vip = format!("{VIP4}:80/tcp");
-    add_vip(
-        &tb,
-        &vip,
-        &["--algo", algo, "--timeout", "opening=2"],
-        &backend_addrs(&tb, PUSH_PORT, false),
-    );
+    let (tb, hold) = flood_testbed(&["--algo", algo]);
     let before = counters(&tb);
     let mut conns: Vec<Conn> = (0..10)
         .map(|i| {
