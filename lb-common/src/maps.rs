@@ -78,6 +78,11 @@ pub const NO_BACKEND: u32 = u32::MAX;
 pub mod names {
     /// `HashMap<Endpoint, VipInfo>`: the configured VIPs.
     pub const VIPS: &str = "LB_VIPS_V2";
+    /// `Array<VipById>`: each VIP again, by `vip_id`, so that a packet whose conntrack entry
+    /// names a backend (and so a `vip_id`) needs no `VIPS` lookup. A mirror of `VIPS` that
+    /// userspace writes with it (cleared before a VIP goes); an empty or different slot only
+    /// sends the packet the `VIPS` way.
+    pub const VIP_BY_ID: &str = "LB_VIPBYID_V1";
     /// `Array<u8>`: per port (host order), whether some VIP listens on it (`PORT_F_VIP`) and
     /// whether some backend serves from it (`PORT_F_BACKEND`): a cheap filter before the hash
     /// lookups, so traffic not for lb pays two array reads instead of two hash lookups.
@@ -121,8 +126,9 @@ pub mod names {
     /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`
     /// (`COUNTER_CAPACITY` entries, so counters can be added without a new layout).
     pub const STATS: &str = "LB_STATS_V4";
-    /// `Array<NextHop>`: optional next-hop cache, indexed by backend id.
-    pub const NEXTHOP: &str = "LB_NEXTHOP_V1";
+    /// `PerCpuArray<NextHop>`: the next-hop cache the data plane fills from its own route
+    /// lookups, indexed by backend id.
+    pub const NEXTHOP: &str = "LB_NEXTHOP_V2";
     /// `PerCpuArray<TrafficStats>`: per-VIP traffic, indexed by `vip_id`.
     pub const VIP_STATS: &str = "LB_VIPSTATS_V1";
     /// `PerCpuArray<TrafficStats>`: per-backend traffic, indexed by backend id.
@@ -174,6 +180,16 @@ pub struct VipInfo {
     pub fwd: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
+
+/// Value of `names::VIP_BY_ID`: a VIP's endpoint and entry. Empty (all zero, family 0) when no
+/// VIP has the id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipById {
+    pub vip: Endpoint,
+    pub info: VipInfo,
+}
+const _: () = assert!(core::mem::size_of::<VipById>() == 40);
 
 /// Weighted consistent hash of the 5-tuple through the Maglev table (default).
 pub const ALGO_MAGLEV: u8 = 0;
@@ -407,7 +423,10 @@ pub struct GlobalConf {
     /// plane's clock is `jiffies × ns_per_tick`. 0: not measured; the data plane then uses
     /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`) instead.
     pub ns_per_tick: u32,
-    pub _pad: u32,
+    /// How long (ms) a next hop the data plane looked up is used before it looks it up again;
+    /// 0: the default (`DEFAULT_NEXTHOP_MAX_AGE_MS`; also what a deployment from before this
+    /// field has), `NEXTHOP_CACHE_OFF`: a route lookup for every packet.
+    pub nexthop_max_age_ms: u32,
 }
 const _: () = assert!(core::mem::size_of::<GlobalConf>() == 16);
 
@@ -426,26 +445,63 @@ pub struct RateWindow {
 const _: () = assert!(core::mem::size_of::<RateWindow>() == 16);
 
 /// `NextHop::flags`: the entry may be used.
-pub const NEXTHOP_F_VALID: u32 = 1;
+pub const NEXTHOP_F_VALID: u16 = 1;
+/// `NextHop::flags`: the next hop is the backend itself (directly connected), as dsr-l2 needs.
+pub const NEXTHOP_F_ONLINK: u16 = 2;
 
-/// Value of the next-hop cache: how to reach a backend without a route lookup. Written by
-/// userspace (`lb nexthop refresh`) from the kernel's routes and neighbours; used by the data
-/// plane only while `generation` equals the backend's (the id was not reused since).
+/// Value of the next-hop cache (per CPU, by backend id): how the last route lookup for a
+/// backend said to reach it. The data plane writes it after each successful `bpf_fib_lookup`
+/// towards a backend and uses it instead of a lookup while it is younger than the
+/// deployment's `nexthop_max_age_ms` (so a changed route or neighbour is followed within that
+/// bound), `generation` equals the backend's (the id was not reused) and the packet is no
+/// longer than `max_len` (the lookup's MTU check passed for that length).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHop {
+    /// When the route lookup that filled it ran (the data plane's clock, ns).
+    pub checked_ns: u64,
     /// Egress interface.
     pub ifindex: u32,
-    /// `NEXTHOP_F_*` bits.
-    pub flags: u32,
+    /// `Backend::generation` this entry was resolved for.
+    pub generation: u32,
     /// Destination MAC: the backend's, or its router's.
     pub dmac: [u8; 6],
     /// Source MAC: the egress interface's.
     pub smac: [u8; 6],
-    /// `Backend::generation` this entry was resolved for.
-    pub generation: u32,
+    /// The longest IP packet (total length, an outer header included) a lookup for this
+    /// entry has passed the egress MTU check with; longer packets are looked up.
+    pub max_len: u16,
+    /// `NEXTHOP_F_*` bits.
+    pub flags: u16,
+    pub _pad: [u8; 8],
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 24);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 40);
+
+/// How long a cached next hop is used before the route is looked up again, by default (ms):
+/// the longest a changed neighbour or route goes unnoticed.
+pub const DEFAULT_NEXTHOP_MAX_AGE_MS: u32 = 100;
+/// `GlobalConf::nexthop_max_age_ms`: no cache, a route lookup for every packet.
+pub const NEXTHOP_CACHE_OFF: u32 = u32::MAX;
+/// The largest maximum age the setting takes (ms): an hour.
+pub const MAX_NEXTHOP_MAX_AGE_MS: u32 = 3_600_000;
+
+/// `GlobalConf::nexthop_max_age_ms` for the setting `nexthop_max_age_ms` (0: no cache).
+pub const fn nexthop_age_to_conf(ms: u32) -> u32 {
+    if ms == 0 {
+        NEXTHOP_CACHE_OFF
+    } else {
+        ms
+    }
+}
+
+/// The setting `nexthop_max_age_ms` (0: no cache) that a `GlobalConf::nexthop_max_age_ms` means.
+pub const fn nexthop_age_from_conf(v: u32) -> u32 {
+    match v {
+        0 => DEFAULT_NEXTHOP_MAX_AGE_MS,
+        NEXTHOP_CACHE_OFF => 0,
+        v => v,
+    }
+}
 
 /// One VIP a backend endpoint serves: what its replies in that VIP's flows are rewritten to.
 #[repr(C)]
@@ -523,6 +579,7 @@ mod user {
     // SAFETY: all of these are `bytemuck::Pod`: plain old data without padding.
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for VipById {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for CtEntry {}

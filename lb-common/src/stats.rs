@@ -37,7 +37,7 @@ pub enum Counter {
     DropFibUnreachable,
     /// dsr-l2: the backend's MAC is not known yet (no neighbour entry). Dropped: a packet still
     /// addressed to the VIP cannot be handed to the kernel (the client retransmits; the
-    /// gateway resolves backends it talks to — health checks, `lb nexthop refresh`).
+    /// gateway resolves backends it talks to, e.g. for health checks).
     DropNoNeigh,
     /// dsr-l2: the backend is not on a directly connected network (the route has a gateway):
     /// dropped, since only the MAC is rewritten.
@@ -71,7 +71,7 @@ pub enum Counter {
     CtInsertFailed,
     /// A backend → client reply was rewritten back to the VIP.
     RevNat,
-    /// A client → VIP packet was sent with the next-hop cache (no route lookup).
+    /// A packet to a backend was sent with the next-hop cache (no route lookup).
     NextHopCached,
     /// A client → VIP packet was forwarded with NAT.
     FwdNat,
@@ -99,10 +99,13 @@ pub enum Counter {
     /// A reply without a flow entry matched through the VIP's table (stateless reverse, or
     /// after a flood).
     RevStateless,
+    /// A route lookup towards a backend (none cached, or the cached one too old or too short
+    /// for the packet) filled its next-hop cache entry.
+    NextHopLookedUp,
 }
 
 /// Number of counters (size of the global counter array).
-pub const COUNTER_COUNT: u32 = Counter::RevStateless as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::NextHopLookedUp as u32 + 1;
 /// Entries of the counter array: room for counters added later without a new map layout.
 pub const COUNTER_CAPACITY: u32 = 64;
 const _: () = assert!(COUNTER_COUNT <= COUNTER_CAPACITY);
@@ -150,6 +153,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "ct_reopened",
     "ct_refused",
     "rev_stateless",
+    "nexthop_looked_up",
 ];
 
 /// Counters of the decapsulation program (`lb_decap`, map `LB_DECAP_STATS_V1`): one per packet.
@@ -203,7 +207,10 @@ mod tests {
         );
         assert_eq!(COUNTER_NAMES[VERDICT_COUNT as usize], "ct_hit");
         assert_eq!(VERDICT_COUNT, Counter::CtHit as u32);
-        assert_eq!(COUNTER_NAMES[COUNTER_COUNT as usize - 1], "rev_stateless");
+        assert_eq!(
+            COUNTER_NAMES[COUNTER_COUNT as usize - 1],
+            "nexthop_looked_up"
+        );
         assert_eq!(
             DECAP_COUNTER_NAMES[DecapCounter::PassForeign as usize],
             "pass_foreign"

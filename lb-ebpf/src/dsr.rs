@@ -12,13 +12,15 @@ use aya_ebpf::{
     EbpfContext,
 };
 use lb_common::{
-    Backend, Counter, ENCAP_SRC_V4_BE, ENCAP_SRC_V6_BE, FAMILY_V4, LB_TTL, PROTO_ICMP,
-    PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6,
+    Backend, Counter, ENCAP_SRC_V4_BE, ENCAP_SRC_V6_BE, FAMILY_V4, LB_TTL, NEXTHOP_F_ONLINK,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6,
 };
 
 use crate::{
     fib::{self, Route},
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
+    maps::count,
+    nexthop,
     parse::{data_end, ptr_at, Packet},
     Verdict,
 };
@@ -28,9 +30,25 @@ const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
 const IPV4_DF: u16 = 0x4000;
 const IPV6_MIN_MTU: u32 = 1280;
 
-/// dsr-l2: send the packet unchanged to the backend's MAC.
+/// dsr-l2: send the packet unchanged to the MAC of backend `id` (cached, or from a route
+/// lookup).
 #[inline(always)]
-pub(crate) fn dsr_l2(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Verdict {
+pub(crate) fn dsr_l2(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    now: u64,
+) -> Verdict {
+    if let Some(nh) = nexthop::cached(id, backend, now, pkt.ip_len) {
+        if nh.flags & NEXTHOP_F_ONLINK != 0 {
+            if !crate::nat::decrement_ttl(ctx, pkt.family) {
+                return Verdict::pass(Counter::PassMalformedIp);
+            }
+            count(Counter::NextHopCached);
+            return fib::send_cached(ctx, nh);
+        }
+    }
     let (r, p) = fib::lookup(
         ctx,
         pkt.family,
@@ -49,13 +67,26 @@ pub(crate) fn dsr_l2(ctx: &XdpContext, pkt: &Packet, backend: &Backend) -> Verdi
             if !crate::nat::decrement_ttl(ctx, pkt.family) {
                 return Verdict::pass(Counter::PassMalformedIp);
             }
+            nexthop::fill(id, backend, now, pkt.ip_len, &p);
             fib::send(ctx, &p)
         }
-        Route::Ok => Verdict::drop(Counter::DropNotOnLink),
-        Route::NoNeigh => Verdict::drop(Counter::DropNoNeigh),
-        Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
+        Route::Ok => {
+            nexthop::forget(id);
+            Verdict::drop(Counter::DropNotOnLink)
+        }
+        Route::NoNeigh => {
+            nexthop::forget(id);
+            Verdict::drop(Counter::DropNoNeigh)
+        }
+        Route::Unreachable => {
+            nexthop::forget(id);
+            Verdict::drop(Counter::DropFibUnreachable)
+        }
         Route::FragNeeded => Verdict::drop(Counter::DropTooBig),
-        Route::Other => Verdict::pass(Counter::PassFibOther),
+        Route::Other => {
+            nexthop::forget(id);
+            Verdict::pass(Counter::PassFibOther)
+        }
     }
 }
 
@@ -68,25 +99,38 @@ fn same_addr(family: u8, a: &[u32; 4], b: &[u32; 4]) -> bool {
     }
 }
 
-/// ipip: encapsulate the packet (the whole IP packet `pkt` describes) to the backend, with an
+/// ipip: encapsulate the packet (the whole IP packet `pkt` describes) to backend `id`, with an
 /// outer source address derived from `hash` (the flow's), and send it; a packet that would be
 /// too big is answered with an ICMP error.
 #[inline(always)]
-pub(crate) fn ipip(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Verdict {
-    ipip_send(ctx, pkt, backend, hash, true)
+pub(crate) fn ipip(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    hash: u32,
+) -> Verdict {
+    ipip_send(ctx, pkt, id, backend, hash, true)
 }
 
 /// Like `ipip`, for a packet that is itself an ICMP error: one that would be too big is dropped
 /// (an ICMP error is never answered with another).
 #[inline(always)]
-pub(crate) fn ipip_quiet(ctx: &XdpContext, pkt: &Packet, backend: &Backend, hash: u32) -> Verdict {
-    ipip_send(ctx, pkt, backend, hash, false)
+pub(crate) fn ipip_quiet(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    hash: u32,
+) -> Verdict {
+    ipip_send(ctx, pkt, id, backend, hash, false)
 }
 
 #[inline(always)]
 fn ipip_send(
     ctx: &XdpContext,
     pkt: &Packet,
+    id: u32,
     backend: &Backend,
     hash: u32,
     answer_too_big: bool,
@@ -117,6 +161,17 @@ fn ipip_send(
     if total > 0xffff {
         return Verdict::drop(Counter::DropTooBig);
     }
+    let now = crate::flow::now_ns();
+    if let Some(nh) = nexthop::cached(id, backend, now, total as u16) {
+        if !crate::nat::decrement_ttl(ctx, pkt.family) {
+            return Verdict::pass(Counter::PassMalformedIp);
+        }
+        if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
+            return Verdict::drop(Counter::DropTooBig);
+        }
+        count(Counter::NextHopCached);
+        return fib::send_cached(ctx, nh);
+    }
     let (r, p) = fib::lookup(
         ctx,
         backend.family,
@@ -129,8 +184,12 @@ fn ipip_send(
         0,
     );
     match r {
-        Route::Ok | Route::NoNeigh | Route::Other => {}
-        Route::Unreachable => return Verdict::drop(Counter::DropFibUnreachable),
+        Route::Ok => nexthop::fill(id, backend, now, total as u16, &p),
+        Route::NoNeigh | Route::Other => nexthop::forget(id),
+        Route::Unreachable => {
+            nexthop::forget(id);
+            return Verdict::drop(Counter::DropFibUnreachable);
+        }
         Route::FragNeeded if answer_too_big => {
             let mtu = (p.tot_len as u32).saturating_sub(outer_len as u32);
             return too_big(ctx, pkt, mtu);

@@ -1,5 +1,6 @@
-//! Next hop: `bpf_fib_lookup` on the rewritten packet, then XDP_TX (same interface),
-//! XDP_REDIRECT (another interface), or the kernel stack when it must help.
+//! Next hop: `bpf_fib_lookup` on the rewritten packet (or, towards a backend, the next-hop
+//! cache that such lookups fill), then XDP_TX (same interface), XDP_REDIRECT (another
+//! interface), or the kernel stack when it must help.
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -7,10 +8,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use lb_common::{Counter, NextHop, FAMILY_V4};
+use lb_common::{Backend, Counter, NextHop, FAMILY_V4};
 
 use crate::{
     headers::EthHdr,
+    maps::count,
+    nexthop,
     parse::{ptr_at, Packet},
     Verdict,
 };
@@ -156,6 +159,53 @@ pub(crate) fn egress(ingress: u32, ifindex: u32) -> Verdict {
         Verdict {
             action,
             reason: Counter::Redirect,
+        }
+    }
+}
+
+/// Sends the packet, rewritten to backend `id` (NAT), with its cached next hop, or looks the
+/// route up (and caches what it says).
+#[inline(always)]
+pub(crate) fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    now: u64,
+) -> Verdict {
+    if let Some(nh) = nexthop::cached(id, backend, now, pkt.ip_len) {
+        count(Counter::NextHopCached);
+        return send_cached(ctx, nh);
+    }
+    let (r, p) = lookup(
+        ctx,
+        pkt.family,
+        pkt.proto,
+        &pkt.src,
+        &backend.addr_be,
+        pkt.sport,
+        backend.port_be,
+        pkt.ip_len,
+        pkt.tos_or_flow,
+    );
+    match r {
+        Route::Ok => {
+            nexthop::fill(id, backend, now, pkt.ip_len, &p);
+            send(ctx, &p)
+        }
+        // Too big for the egress MTU: the entry still serves shorter packets.
+        Route::FragNeeded => Verdict::pass(Counter::PassFibOther),
+        Route::NoNeigh => {
+            nexthop::forget(id);
+            Verdict::pass(Counter::PassNoNeigh)
+        }
+        Route::Unreachable => {
+            nexthop::forget(id);
+            Verdict::drop(Counter::DropFibUnreachable)
+        }
+        Route::Other => {
+            nexthop::forget(id);
+            Verdict::pass(Counter::PassFibOther)
         }
     }
 }

@@ -20,6 +20,7 @@ mod flow;
 mod icmp;
 mod maps;
 mod nat;
+mod nexthop;
 mod parse;
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
@@ -28,15 +29,15 @@ use lb_common::{
     hash::{flow_hash, source_hash},
     Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, RevNatEntry, VipInfo, ALGO_LEAST_CONN,
     ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_DIRECT, FAMILY_V4,
-    FWD_DSR_L2, FWD_IPIP, FWD_NAT, MAX_VIPS_PER_BACKEND, NEXTHOP_F_VALID, NO_BACKEND,
+    FWD_DSR_L2, FWD_IPIP, FWD_NAT, MAX_VIPS_PER_BACKEND, NO_BACKEND,
     PORT_F_BACKEND, PORT_F_VIP, PROG_ICMP, PROG_IPIP, PROTO_TCP, VIP_F_STATELESS_REVERSE,
 };
 
 use crate::{
     flow::Dir,
     maps::{
-        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, NEXTHOP, PORTS, PROGS,
-        REVNAT, RR_POS, TABLE, VIPS, VIP_STATS,
+        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, PROGS,
+        REVNAT, RR_POS, TABLE, VIPS, VIP_BY_ID, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -106,7 +107,7 @@ fn ipip_handoff(ctx: &XdpContext) -> Verdict {
     let Some(backend) = BACKENDS.get(h.backend_id).copied() else {
         return Verdict::drop(Counter::DropNoBackend);
     };
-    dsr::ipip(ctx, &pkt, &backend, h.hash)
+    dsr::ipip(ctx, &pkt, h.backend_id, &backend, h.hash)
 }
 
 /// Tail-calls program `slot`; returns only if that fails.
@@ -135,11 +136,21 @@ fn process(ctx: &XdpContext) -> Verdict {
         .copied()
         .unwrap_or(0);
     if dport_flags & PORT_F_VIP != 0 {
-        let vip_key = pkt.dst_endpoint();
-        // SAFETY: the value is copied out at once; a concurrent update replaces it whole.
-        if let Some(vip) = unsafe { VIPS.get(vip_key) } {
-            let vip = *vip;
-            return forward(ctx, &pkt, &vip);
+        // Conntrack first: a confirmed flow's entry names its backend, and so its VIP, which
+        // the mirror by id gives without the hash lookup in `VIPS`.
+        let flow = pkt.flow_key();
+        let ct = CONNTRACK.get_ptr_mut(&flow);
+        let found = match ct.and_then(|p| vip_of_flow(&pkt, p)) {
+            Some(vip) => Some((vip, true)),
+            None => {
+                let vip_key = pkt.dst_endpoint();
+                // SAFETY: copied out at once; a concurrent update replaces it whole.
+                unsafe { VIPS.get(&vip_key) }.map(|v| (*v, false))
+            }
+        };
+        // One call site: `forward` is inlined once.
+        if let Some((vip, mirrored)) = found {
+            return forward(ctx, &pkt, &vip, &flow, ct, mirrored);
         }
     }
     let sport_flags = PORTS
@@ -429,16 +440,68 @@ fn martian(family: u8, src: &[u32; 4]) -> bool {
     }
 }
 
-/// Client → VIP: check the packet, find the flow's backend, rewrite the destination to it,
-/// forward.
+/// The VIP of the confirmed flow whose entry `p` is, from the mirror by id: the entry's
+/// backend (if in use) names it, and it must still be the packet's destination. None: find
+/// the VIP in `VIPS`.
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
+fn vip_of_flow(pkt: &Packet, p: *mut CtEntry) -> Option<VipInfo> {
+    // SAFETY: live map value; one field read.
+    let b = BACKENDS.get(unsafe { (*p).backend_id })?;
+    if !b.is_valid() {
+        return None;
+    }
+    let m = VIP_BY_ID.get(b.vip_id)?;
+    let v = &m.vip;
+    if v.addr_be == pkt.dst
+        && v.port_be == pkt.dport
+        && v.proto == pkt.proto
+        && v.family == pkt.family
+        && m.info.vip_id == b.vip_id
+    {
+        Some(m.info)
+    } else {
+        None
+    }
+}
+
+/// Client → VIP: check the packet, find the flow's backend, rewrite the destination to it,
+/// forward. `ct`: the flow's entry in the confirmed table, as looked up already. `mirrored`:
+/// `vip` was read from the mirror by id (used only for a live confirmed flow; anything that
+/// selects a backend reads the VIP from `VIPS`).
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip: &VipInfo,
+    flow: &FlowKey,
+    ct: Option<*mut CtEntry>,
+    mirrored: bool,
+) -> Verdict {
     if pkt.ttl <= 1 {
         return Verdict::pass(Counter::PassTtlExceeded);
     }
-    let flow = pkt.flow_key();
     let now = flow::now_ns();
-    let (id, backend, new_flow) = if let Some(known) = confirmed_flow(pkt, vip, &flow, now) {
+    let confirmed = match ct {
+        Some(p) => confirmed_flow(pkt, vip, flow, p, now),
+        None => None,
+    };
+    // The mirror is written after `VIPS`: for a flow it does not answer, the VIP as `VIPS`
+    // has it.
+    let fresh_vip;
+    let vip = if confirmed.is_none() && mirrored {
+        let key = pkt.dst_endpoint();
+        // SAFETY: copied out at once.
+        match unsafe { VIPS.get(&key) } {
+            Some(v) => {
+                fresh_vip = *v;
+                &fresh_vip
+            }
+            None => return Verdict::pass(Counter::PassNotVip),
+        }
+    } else {
+        vip
+    };
+    let (id, backend, new_flow) = if let Some(known) = confirmed {
         known
     } else {
         // No confirmed flow has a martian source or port 0 (none is ever made), so these
@@ -496,7 +559,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {
     };
     add_traffic(&VIP_STATS, vip.vip_id, pkt.frame_len, new_flow, false);
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
-    send_to_backend(ctx, pkt, vip, id, &backend, &flow)
+    send_to_backend(ctx, pkt, vip, id, &backend, &flow, now)
 }
 
 /// The backend of a confirmed flow, after applying this client packet to its state, and
@@ -508,9 +571,9 @@ fn confirmed_flow(
     pkt: &Packet,
     vip: &VipInfo,
     flow: &FlowKey,
+    p: *mut CtEntry,
     now: u64,
 ) -> Option<(u32, Backend, bool)> {
-    let p = CONNTRACK.get_ptr_mut(flow)?;
     // SAFETY: live map value, copied.
     let e = unsafe { *p };
     // Stale first: the id may belong to another backend now, whose count this flow is not on.
@@ -604,11 +667,12 @@ fn send_to_backend(
     id: u32,
     backend: &Backend,
     flow: &FlowKey,
+    now: u64,
 ) -> Verdict {
     match vip.fwd {
         FWD_DSR_L2 => {
             count(Counter::FwdDsrL2);
-            return dsr::dsr_l2(ctx, pkt, backend);
+            return dsr::dsr_l2(ctx, pkt, id, backend, now);
         }
         FWD_IPIP => {
             count(Counter::FwdIpip);
@@ -629,20 +693,7 @@ fn send_to_backend(
     if !nat::rewrite(ctx, pkt, Side::Dst, &backend.addr_be, backend.port_be) {
         return Verdict::pass(Counter::PassMalformedL4);
     }
-    if let Some(nh) = NEXTHOP.get(id) {
-        if nh.flags & NEXTHOP_F_VALID != 0 && nh.generation == backend.generation {
-            count(Counter::NextHopCached);
-            return fib::send_cached(ctx, nh);
-        }
-    }
-    fib::forward(
-        ctx,
-        pkt,
-        &pkt.src,
-        &backend.addr_be,
-        pkt.sport,
-        backend.port_be,
-    )
+    fib::to_backend(ctx, pkt, id, backend, now)
 }
 
 /// An ICMP too-big about a VIP flow: to the flow's backend (conntrack, else the VIP's
@@ -658,20 +709,21 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
     // SAFETY: copied out at once (confirmed flows, then unconfirmed ones).
     let ct = unsafe { CONNTRACK.get(m.flow).or_else(|| CT_NEW.get(m.flow)) }.copied();
     let from_ct = ct.and_then(|ct| Some((ct.backend_id, tracked_backend(&ct, vip.vip_id)?)));
-    let (_, backend) = match from_ct {
+    let (id, backend) = match from_ct {
         Some(c) => c,
         None => select(&vip, &m.flow)?,
     };
     count(Counter::IcmpToBackend);
     if vip.fwd == FWD_DSR_L2 {
         count(Counter::FwdDsrL2);
-        return Some(dsr::dsr_l2(ctx, &m.outer, &backend));
+        return Some(dsr::dsr_l2(ctx, &m.outer, id, &backend, flow::now_ns()));
     }
     if vip.fwd == FWD_IPIP {
         count(Counter::FwdIpip);
         return Some(dsr::ipip_quiet(
             ctx,
             &m.outer,
+            id,
             &backend,
             flow_hash(&m.flow, flow::seed()),
         ));

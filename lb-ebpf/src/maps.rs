@@ -7,12 +7,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CountEvents, Counter, CtEntry, Endpoint, FlowKey, GlobalConf, Handoff, NextHop,
-    RateWindow, RevNat, Timeouts, TrafficStats, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
+    RateWindow, RevNat, Timeouts, TrafficStats, VipById, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
     DEFAULT_CT_NEW_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
 #[btf_map(name = "LB_VIPS_V2")]
 pub(crate) static VIPS: HashMap<Endpoint, VipInfo, { MAX_VIPS as usize }> = HashMap::new();
+
+/// Each VIP again by `vip_id`: a packet whose conntrack entry names its backend finds its VIP
+/// here, without a hash lookup.
+#[btf_map(name = "LB_VIPBYID_V1")]
+pub(crate) static VIP_BY_ID: Array<VipById, { MAX_VIPS as usize }> = Array::new();
 
 #[btf_map(name = "LB_BACKENDS_V1")]
 pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
@@ -70,9 +75,9 @@ pub(crate) static PORTS: Array<u8, 65536> = Array::new();
 #[btf_map(name = "LB_RRPOS_V1")]
 pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray::new();
 
-/// Optional next-hop cache, written by `lb nexthop refresh`.
-#[btf_map(name = "LB_NEXTHOP_V1")]
-pub(crate) static NEXTHOP: Array<NextHop, { MAX_BACKENDS as usize }> = Array::new();
+/// The next-hop cache, per CPU, by backend id (`nexthop.rs`).
+#[btf_map(name = "LB_NEXTHOP_V2")]
+pub(crate) static NEXTHOP: PerCpuArray<NextHop, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_STATS_V4")]
 pub(crate) static STATS: PerCpuArray<u64, { COUNTER_CAPACITY as usize }> = PerCpuArray::new();

@@ -42,9 +42,6 @@ pub struct AgentOptions {
     pub load: LoadOptions,
     /// How often the file is read for changes and drains are checked.
     pub poll: Duration,
-    /// Keep the next-hop cache (`lb nexthop refresh`) fresh: re-resolve every backend's
-    /// neighbour this often and after every change. None: the agent leaves the cache alone.
-    pub nexthop_refresh: Option<Duration>,
     /// Announce servable VIPs through BIRD: (the file bird.conf includes, BIRD's socket).
     pub bird: Option<(PathBuf, PathBuf)>,
 }
@@ -153,6 +150,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         if let Some(f) = config.flood_threshold {
             load.flood_rate = f;
         }
+        if let Some(a) = config.nexthop_max_age_ms {
+            load.nexthop_max_age_ms = lb_common::nexthop_age_to_conf(a);
+        }
         let maps = dir.maps_or_load(load)?;
         let attached = dir.attachments()?;
         for iface in &opts.attach {
@@ -220,10 +220,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut tick = tokio::time::interval(agent.opts.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let nexthop_every = agent.opts.nexthop_refresh;
-    let mut nexthop_tick =
-        tokio::time::interval(nexthop_every.unwrap_or(Duration::from_secs(3600)));
-    nexthop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             Some(r) = rx.recv() => agent.on_probe(r),
@@ -242,7 +238,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 agent.progress_drains();
                 agent.announce();
             }
-            _ = nexthop_tick.tick(), if nexthop_every.is_some() => agent.refresh_nexthops(),
             _ = hup.recv() => {
                 info!("SIGHUP: reading the configuration");
                 agent.reload_if_changed(true);
@@ -460,9 +455,6 @@ impl Agent {
         }
         self.config = cfg;
         self.reconcile_checkers()?;
-        if !summary.is_empty() {
-            self.refresh_nexthops();
-        }
         let vips: Vec<Vip> = self.config.vips.iter().map(|v| v.vip).collect();
         for vip in vips {
             self.log_if_all_down(&vip);
@@ -485,28 +477,6 @@ impl Agent {
             error!(%vip, "every backend is down: new flows are dropped (when_all_down = \"drop\")");
         } else {
             error!(%vip, "every backend is down: failing open, new flows go to all backends (when_all_down = \"fail-open\")");
-        }
-    }
-
-    /// Re-resolves the next hop of every backend (if the agent keeps the cache).
-    fn refresh_nexthops(&mut self) {
-        if self.opts.nexthop_refresh.is_none() {
-            return;
-        }
-        let r = self.lock_dir().and_then(|_dir| {
-            let mut s = self.shared.lock().expect("agent state lock");
-            crate::nexthop::refresh(&mut s.maps)
-        });
-        match r {
-            Ok(rows) => {
-                let unresolved = rows.iter().filter(|r| r.mac.is_none()).count();
-                tracing::debug!(
-                    backends = rows.len(),
-                    unresolved,
-                    "next-hop cache refreshed"
-                );
-            }
-            Err(e) => warn!("refreshing the next-hop cache failed: {e:#}"),
         }
     }
 

@@ -4,6 +4,7 @@
 //! ```toml
 //! hash_seed = "0x1a2b3c4d"      # optional: the secret flow-hash seed (same on every gateway)
 //! flood_threshold = 125000      # optional: new flows/s per CPU stored at most (0 = no limit)
+//! nexthop_max_age_ms = 100      # optional: how long a looked-up next hop is used (0 = no cache)
 //!
 //! [[vip]]
 //! address = "10.100.0.100:80/tcp"
@@ -47,6 +48,9 @@ pub struct Config {
     pub hash_seed: Option<u32>,
     /// The flood threshold (`flood_threshold`); None: leave the one in the maps.
     pub flood_threshold: Option<u32>,
+    /// How long the data plane uses a next hop it looked up, ms (`nexthop_max_age_ms`; 0: no
+    /// cache); None: leave the one in the maps.
+    pub nexthop_max_age_ms: Option<u32>,
     pub vips: Vec<VipConfig>,
 }
 
@@ -86,6 +90,7 @@ pub struct ConfigError {
 struct RawFile {
     hash_seed: Option<Spanned<String>>,
     flood_threshold: Option<Spanned<u32>>,
+    nexthop_max_age_ms: Option<Spanned<u32>>,
     #[serde(default)]
     vip: Vec<RawVip>,
 }
@@ -160,6 +165,19 @@ impl Config {
             ),
         };
         let flood_threshold = raw.flood_threshold.as_ref().map(|f| *f.get_ref());
+        let nexthop_max_age_ms = match &raw.nexthop_max_age_ms {
+            Some(a) if *a.get_ref() > lb_common::MAX_NEXTHOP_MAX_AGE_MS => {
+                return Err(err(
+                    a.span().start,
+                    format!(
+                        "nexthop_max_age_ms = {} is too long (at most {} ms; 0 turns the cache off)",
+                        a.get_ref(),
+                        lb_common::MAX_NEXTHOP_MAX_AGE_MS
+                    ),
+                ))
+            }
+            a => a.as_ref().map(|a| *a.get_ref()),
+        };
         let mut vips: Vec<VipConfig> = Vec::new();
         // backend endpoint (address, protocol) → the VIPs that have it (and whether each has
         // stateless reverse NAT), across the whole file
@@ -379,6 +397,7 @@ impl Config {
         Ok(Config {
             hash_seed,
             flood_threshold,
+            nexthop_max_age_ms,
             vips,
         })
     }
@@ -424,6 +443,7 @@ impl Config {
         Ok(Config {
             hash_seed: (conf.hash_seed != 0).then_some(conf.hash_seed),
             flood_threshold: Some(conf.flood_rate),
+            nexthop_max_age_ms: Some(lb_common::nexthop_age_from_conf(conf.nexthop_max_age_ms)),
             vips,
         })
     }
@@ -441,6 +461,9 @@ impl Config {
         }
         if let Some(f) = self.flood_threshold {
             let _ = writeln!(out, "flood_threshold = {f}");
+        }
+        if let Some(a) = self.nexthop_max_age_ms {
+            let _ = writeln!(out, "nexthop_max_age_ms = {a}");
         }
         let mut vips = self.vips.clone();
         vips.sort_by_key(|v| v.vip);
@@ -634,6 +657,9 @@ fn wanted_conf(cfg: &Config, current: lb_common::GlobalConf) -> lb_common::Globa
     lb_common::GlobalConf {
         hash_seed: cfg.hash_seed.unwrap_or(current.hash_seed),
         flood_rate: cfg.flood_threshold.unwrap_or(current.flood_rate),
+        nexthop_max_age_ms: cfg
+            .nexthop_max_age_ms
+            .map_or(current.nexthop_max_age_ms, lb_common::nexthop_age_to_conf),
         ..current
     }
 }
@@ -1077,6 +1103,7 @@ address = "10.100.0.101:80/tcp"
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nsyn_sent = 5\n", 4, "unknown field"),
             ("[[vip]]\naddress = \"10.0.0.1:80/tcp\"\n[vip.timeouts]\nudp = \"5m\"\n", 4, "invalid type"),
             ("hash_seed = \"0xnope\"\n", 1, "invalid hash seed"),
+            ("\nnexthop_max_age_ms = 3600001\n", 2, "nexthop_max_age_ms = 3600001 is too long"),
             ("\nhash_seed = \"0\"\n", 2, "0 is not allowed"),
             ("hash_seed = 12345\n", 1, "invalid type"),
             ("flood_threshold = -5\n", 1, "invalid value"),
@@ -1390,7 +1417,7 @@ weight = 2
             hash_seed: 0x1111,
             flood_rate: 2222,
             ns_per_tick: 4_000_000,
-            _pad: 0,
+            nexthop_max_age_ms: 0,
         };
         let mut cfg = Config::parse("x", "hash_seed = \"0x5\"\n").unwrap();
         assert_eq!(
@@ -1411,5 +1438,18 @@ weight = 2
         );
         cfg.flood_threshold = None;
         assert_eq!(wanted_conf(&cfg, current), current);
+        // The next-hop cache's maximum age: 0 in the file turns it off.
+        let cfg = Config::parse("x", "nexthop_max_age_ms = 250\n").unwrap();
+        assert_eq!(wanted_conf(&cfg, current).nexthop_max_age_ms, 250);
+        let cfg = Config::parse("x", "nexthop_max_age_ms = 0\n").unwrap();
+        assert_eq!(
+            wanted_conf(&cfg, current).nexthop_max_age_ms,
+            lb_common::NEXTHOP_CACHE_OFF
+        );
+        // What the maps hold reads back as the file's value (0 there: the default).
+        let from = |v| lb_common::nexthop_age_from_conf(v);
+        assert_eq!(from(0), lb_common::DEFAULT_NEXTHOP_MAX_AGE_MS);
+        assert_eq!(from(lb_common::NEXTHOP_CACHE_OFF), 0);
+        assert_eq!(from(250), 250);
     }
 }

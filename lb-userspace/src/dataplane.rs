@@ -28,6 +28,8 @@ pub struct LoadOptions {
     pub hash_seed: Option<u32>,
     /// The flood threshold written at load: new flows per second per CPU (0 = no limit).
     pub flood_rate: u32,
+    /// `GlobalConf::nexthop_max_age_ms` written at load (0: the default).
+    pub nexthop_max_age_ms: u32,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +40,7 @@ impl Default for LoadOptions {
             ct_new_capacity: DEFAULT_CT_NEW_CAPACITY,
             hash_seed: None,
             flood_rate: DEFAULT_FLOOD_RATE,
+            nexthop_max_age_ms: 0,
         }
     }
 }
@@ -127,7 +130,7 @@ impl Dataplane {
                 );
                 0
             }),
-            _pad: 0,
+            nexthop_max_age_ms: opts.nexthop_max_age_ms,
         })?;
         Ok(Dataplane { ebpf, maps })
     }

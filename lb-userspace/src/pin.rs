@@ -40,7 +40,7 @@ pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 20] = [
+const ALL_MAPS: [&str; 21] = [
     names::PROGS,
     names::HANDOFF,
     names::PORTS,
@@ -49,6 +49,7 @@ const ALL_MAPS: [&str; 20] = [
     names::RR_POS,
     names::NEXTHOP,
     names::VIPS,
+    names::VIP_BY_ID,
     names::BACKENDS,
     names::TABLE,
     names::CONNTRACK,
@@ -62,6 +63,11 @@ const ALL_MAPS: [&str; 20] = [
     names::VIP_STATS,
     names::BACKEND_STATS,
 ];
+
+/// Maps that hold only what can be made again from the others — a cache the data plane
+/// refills by itself, a mirror of the VIPs — which `lb upgrade` creates (and fills) when the
+/// running program does not have them (an older layout keeps its own until the purge).
+const CACHE_MAPS: [&str; 2] = [names::NEXTHOP, names::VIP_BY_ID];
 
 /// An attachment of the program to an interface, as recorded by its link pin.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -310,6 +316,9 @@ impl PinDir {
             let Some(new) = obj.maps.get(name) else {
                 bail!("the new program has no map {name}: its map layout differs from the running one (upgrading needs `lb detach --purge` and a fresh start)");
             };
+            if !self.path.join(name).exists() && CACHE_MAPS.contains(&name) {
+                continue;
+            }
             if !self.path.join(name).exists() {
                 bail!("map {name} is not pinned: the running program predates it (upgrading needs `lb detach --purge` and a fresh start)");
             }
@@ -326,10 +335,29 @@ impl PinDir {
                 );
             }
         }
+        let fresh: Vec<&str> = ALL_MAPS
+            .into_iter()
+            .filter(|name| !self.path.join(name).exists())
+            .collect();
         for name in ALL_MAPS {
-            loader.map_pin_path(name, self.path.join(name));
+            if !fresh.contains(&name) {
+                loader.map_pin_path(name, self.path.join(name));
+            }
         }
         let mut ebpf = loader.load(object).context("loading the new object")?;
+        // A new cache map is pinned before the program that uses it runs anywhere (so `lb`
+        // commands find it); if the upgrade fails later, it stays, empty and unused.
+        for name in &fresh {
+            ebpf.map(name)
+                .with_context(|| format!("map {name} missing from the new object"))?
+                .pin(self.path.join(name))
+                .with_context(|| format!("pinning the new map {name}"))?;
+        }
+        if fresh.contains(&names::VIP_BY_ID) {
+            self.maps()?
+                .mirror_vips()
+                .context("filling the new VIP mirror")?;
+        }
         let prog: &mut Xdp = ebpf
             .program_mut(crate::object::LB_XDP_PROGRAM)
             .context("program lb_xdp missing from the new object")?

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     names, Backend, CountEvents, CtEntry, Endpoint, FlowKey, GlobalConf, NextHop, RevNat,
-    RevNatEntry, Timeouts, TrafficStats, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT,
+    RevNatEntry, Timeouts, TrafficStats, VipById, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT,
     MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
 };
 
@@ -32,6 +32,8 @@ type Result<T, E = LbError> = std::result::Result<T, E>;
 /// Typed handles on all of the data plane's maps.
 pub struct LbMaps {
     vips: HashMap<MapData, Endpoint, VipInfo>,
+    /// Each VIP again by id (written after and cleared before its `vips` entry).
+    vip_by_id: Array<MapData, VipById>,
     backends: Array<MapData, Backend>,
     table: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
@@ -45,7 +47,8 @@ pub struct LbMaps {
     stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     backend_stats: PerCpuArray<MapData, TrafficStats>,
-    nexthop: Array<MapData, NextHop>,
+    /// Per CPU: each CPU's own cache.
+    nexthop: PerCpuArray<MapData, NextHop>,
     active: Array<MapData, u64>,
     /// Per backend id and CPU, flows put on and taken off the active count (monotonic).
     ct_counts: PerCpuArray<MapData, CountEvents>,
@@ -123,6 +126,7 @@ impl LbMaps {
             vips: get(names::VIPS)?.try_into()?,
             backends: get(names::BACKENDS)?.try_into()?,
             table: get(names::TABLE)?.try_into()?,
+            vip_by_id: get(names::VIP_BY_ID)?.try_into()?,
             conntrack: get(names::CONNTRACK)?.try_into()?,
             ct_new: get(names::CT_NEW)?.try_into()?,
             timeouts: get(names::TIMEOUTS)?.try_into()?,
@@ -165,6 +169,33 @@ impl LbMaps {
             Err(aya::maps::MapError::KeyNotFound) => Err(LbError::VipNotFound(*vip)),
             Err(e) => Err(e).ctx(|| format!("looking up VIP {vip}")),
         }
+    }
+
+    /// Writes a VIP's entry, then its mirror by id (a packet that reads the mirror before it
+    /// changes gets the entry as it was a moment before, as through `vips`).
+    fn put_vip(&mut self, vip: &Vip, info: VipInfo, what: impl Fn() -> String) -> Result<()> {
+        self.vips.insert(vip.endpoint(), info, 0).ctx(&what)?;
+        self.vip_by_id
+            .set(
+                info.vip_id,
+                VipById {
+                    vip: vip.endpoint(),
+                    info,
+                },
+                0,
+            )
+            .ctx(|| format!("{} (by id)", what()))
+    }
+
+    /// Writes every VIP's mirror by id from `vips` (for a program whose mirror map is new:
+    /// `lb upgrade`). Returns how many.
+    pub fn mirror_vips(&mut self) -> Result<usize> {
+        let vips = self.vips()?;
+        for (vip, info) in &vips {
+            let info = *info;
+            self.put_vip(vip, info, || format!("mirroring VIP {vip}"))?;
+        }
+        Ok(vips.len())
     }
 
     /// A free run of `table_size` slots in the table array, beside the VIPs' `existing` tables.
@@ -225,9 +256,7 @@ impl LbMaps {
         };
         // The port filter must let the VIP's packets through before the VIP exists.
         self.claim_port(vip.addr.port(), lb_common::PORT_F_VIP)?;
-        self.vips
-            .insert(vip.endpoint(), info, 0)
-            .ctx(|| format!("adding VIP {vip}"))?;
+        self.put_vip(vip, info, || format!("adding VIP {vip}"))?;
         Ok(info)
     }
 
@@ -235,6 +264,10 @@ impl LbMaps {
     pub fn del_vip(&mut self, vip: &Vip) -> Result<()> {
         let info = self.vip(vip)?;
         let backends = self.backends(vip)?;
+        // The mirror first: from then on every packet of the VIP goes through `vips`.
+        self.vip_by_id
+            .set(info.vip_id, VipById::default(), 0)
+            .ctx(|| format!("removing VIP {vip} (by id)"))?;
         self.vips
             .remove(&vip.endpoint())
             .ctx(|| format!("removing VIP {vip}"))?;
@@ -283,9 +316,7 @@ impl LbMaps {
                 .ctx(|| format!("writing table slot {index}"))?;
         }
         let new = VipInfo { seq_len, ..resized };
-        self.vips
-            .insert(vip.endpoint(), new, 0)
-            .ctx(|| format!("switching VIP {vip} to its new table"))?;
+        self.put_vip(vip, new, || format!("switching VIP {vip} to its new table"))?;
         Ok(table_size)
     }
 
@@ -317,9 +348,7 @@ impl LbMaps {
         }
         let new = VipInfo { seq_len, ..*want };
         if new != *stored {
-            self.vips
-                .insert(vip.endpoint(), new, 0)
-                .ctx(|| format!("updating VIP {vip}"))?;
+            self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
         }
         Ok(written)
     }
@@ -360,16 +389,11 @@ impl LbMaps {
         for b in self.backends(vip)? {
             fwd.check_backend(vip, b.addr)?;
         }
-        self.vips
-            .insert(
-                vip.endpoint(),
-                VipInfo {
-                    fwd: fwd.code(),
-                    ..info
-                },
-                0,
-            )
-            .ctx(|| format!("updating VIP {vip}"))?;
+        let new = VipInfo {
+            fwd: fwd.code(),
+            ..info
+        };
+        self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
         Ok(true)
     }
 
@@ -388,9 +412,7 @@ impl LbMaps {
         if on {
             self.check_backends_unshared(vip)?;
         }
-        self.vips
-            .insert(vip.endpoint(), VipInfo { flags, ..info }, 0)
-            .ctx(|| format!("updating VIP {vip}"))?;
+        self.put_vip(vip, VipInfo { flags, ..info }, || format!("updating VIP {vip}"))?;
         Ok(true)
     }
 
@@ -768,40 +790,26 @@ impl LbMaps {
 
     // ---- next-hop cache ----
 
-    /// Caches how to reach backend `id` (its current generation is recorded in the entry).
-    pub fn set_nexthop(
-        &mut self,
-        id: u32,
-        ifindex: u32,
-        smac: [u8; 6],
-        dmac: [u8; 6],
-    ) -> Result<()> {
-        let b = self
-            .backends
-            .get(&id, 0)
-            .ctx(|| format!("reading backend {id}"))?;
-        let nh = NextHop {
-            ifindex,
-            flags: lb_common::NEXTHOP_F_VALID,
-            dmac,
-            smac,
-            generation: b.generation,
-        };
+    /// Writes `nh` as every CPU's cached next hop of backend `id` (what the data plane
+    /// writes after a route lookup; for tests and benchmarks that need a given entry).
+    pub fn set_nexthop(&mut self, id: u32, nh: NextHop) -> Result<()> {
+        let cpus = aya::util::nr_cpus().expect("reading the number of possible CPUs");
+        let v = PerCpuValues::try_from(vec![nh; cpus]).expect("one value per CPU");
         self.nexthop
-            .set(id, nh, 0)
+            .set(id, v, 0)
             .ctx(|| format!("writing the next hop of backend {id}"))
     }
 
-    /// Removes backend `id`'s cached next hop (it goes back to a route lookup per packet).
+    /// Removes backend `id`'s cached next hop on every CPU: its next packet is routed by a
+    /// lookup, which caches the answer again.
     pub fn clear_nexthop(&mut self, id: u32) -> Result<()> {
-        self.nexthop
-            .set(id, NextHop::default(), 0)
-            .ctx(|| format!("clearing the next hop of backend {id}"))
+        self.set_nexthop(id, NextHop::default())
     }
 
-    /// Backend `id`'s cached next hop, if valid for its current holder.
-    pub fn nexthop(&self, id: u32) -> Result<Option<NextHop>> {
-        let nh = self
+    /// Every CPU's cached next hop of backend `id` that was made for its current holder
+    /// (valid, same generation); not checked for age.
+    pub fn nexthops(&self, id: u32) -> Result<Vec<NextHop>> {
+        let per_cpu = self
             .nexthop
             .get(&id, 0)
             .ctx(|| format!("reading the next hop of backend {id}"))?;
@@ -809,10 +817,15 @@ impl LbMaps {
             .backends
             .get(&id, 0)
             .ctx(|| format!("reading backend {id}"))?;
-        Ok((nh.flags & lb_common::NEXTHOP_F_VALID != 0
-            && nh.generation == b.generation
-            && b.is_valid())
-        .then_some(nh))
+        Ok(per_cpu
+            .iter()
+            .filter(|nh| {
+                nh.flags & lb_common::NEXTHOP_F_VALID != 0
+                    && nh.generation == b.generation
+                    && b.is_valid()
+            })
+            .copied()
+            .collect())
     }
 
     /// Removes a backend's reverse-NAT entry and cached next hop, then invalidates its entry

@@ -578,6 +578,7 @@ pub(crate) fn standalone_maps() -> Option<LbMaps> {
     let r = LbMaps::from_maps(|name| {
         let (ty, k, v, n) = match name {
             names::VIPS => (BPF_MAP_TYPE_HASH, 20, size_of::<VipInfo>(), MAX_VIPS),
+            names::VIP_BY_ID => (BPF_MAP_TYPE_ARRAY, 4, size_of::<VipById>(), MAX_VIPS),
             names::BACKENDS => (BPF_MAP_TYPE_ARRAY, 4, size_of::<Backend>(), MAX_BACKENDS),
             names::TABLE => (BPF_MAP_TYPE_ARRAY, 4, 4, 4 * 1031),
             names::CONNTRACK | names::CT_NEW => (BPF_MAP_TYPE_LRU_HASH, 40, 32, 8192),
@@ -587,7 +588,12 @@ pub(crate) fn standalone_maps() -> Option<LbMaps> {
             names::STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, COUNTER_CAPACITY),
             names::VIP_STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 40, MAX_VIPS),
             names::BACKEND_STATS => (BPF_MAP_TYPE_PERCPU_ARRAY, 4, 40, MAX_BACKENDS),
-            names::NEXTHOP => (BPF_MAP_TYPE_ARRAY, 4, size_of::<NextHop>(), MAX_BACKENDS),
+            names::NEXTHOP => (
+                BPF_MAP_TYPE_PERCPU_ARRAY,
+                4,
+                size_of::<NextHop>(),
+                MAX_BACKENDS,
+            ),
             names::ACTIVE => (BPF_MAP_TYPE_ARRAY, 4, 8, MAX_BACKENDS),
             names::CT_COUNTS => (
                 BPF_MAP_TYPE_PERCPU_ARRAY,

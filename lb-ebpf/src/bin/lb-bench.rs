@@ -1,7 +1,9 @@
 //! Benchmark helpers (never attached to an interface):
-//! - `bench_wrap` restores the frame from `BENCH_FRAME` (and, if asked, gives it a new source
-//!   address from a per-CPU sequence), then tail-calls the program under test in
-//!   `BENCH_PROGS[0]`. Its own cost is measured by tail-calling `bench_pass` and subtracted.
+//! - `bench_wrap` restores the frame from `BENCH_FRAME` — its start too, which encapsulation
+//!   and decapsulation move and the kernel does not reset between repetitions — (and, if
+//!   asked, gives it a new source address from a per-CPU sequence), then tail-calls the
+//!   program under test in `BENCH_PROGS[0]`. Its own cost is measured by tail-calling
+//!   `bench_pass` and subtracted.
 //! - `bench_pass`: the floor, a program that only returns XDP_PASS.
 #![no_std]
 #![no_main]
@@ -9,8 +11,10 @@
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::{Array, PerCpuArray, ProgramArray},
+    helpers::generated::bpf_xdp_adjust_head,
     macros::{btf_map, xdp},
     programs::XdpContext,
+    EbpfContext,
 };
 use lb_common::bench::{BenchFrame, BENCH_MAX_FRAME};
 
@@ -35,6 +39,13 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
     let len = f.len as usize;
+    // The previous run may have moved the start (its end stays): move it back. Called every
+    // run, also with 0, so that the wrapper's cost (subtracted) is the same for every path.
+    let now = data_end(&ctx) as i64 - ctx.data() as i64;
+    // SAFETY: plain helper call; packet pointers are derived afresh below.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), (now - len as i64) as i32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
     let data = ctx.data();
     let mut i = 0;
     while i < BENCH_MAX_FRAME / 8 {

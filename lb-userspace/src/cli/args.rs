@@ -52,6 +52,11 @@ pub enum Command {
         /// (flood protection); 0 = no limit. Default at first load: 125000.
         #[arg(long, value_name = "N")]
         flood_threshold: Option<u32>,
+        /// How long (ms) the data plane uses a next hop it looked up before looking it up
+        /// again: the longest a changed neighbour or route goes unnoticed. 0 = no cache (a
+        /// route lookup for every packet). Default at first load: 100.
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u32).range(0..=lb_common::MAX_NEXTHOP_MAX_AGE_MS as i64))]
+        nexthop_max_age_ms: Option<u32>,
     },
     /// Detach from interfaces (all of them if none is named); --purge also removes the
     /// program and all state (VIPs, backends, conntrack, counters).
@@ -104,8 +109,8 @@ pub enum Command {
         #[arg(long)]
         digest: bool,
     },
-    /// The next-hop cache: skip the route lookup per packet for backends whose neighbour is
-    /// known. A snapshot — refresh it when routes or neighbours change.
+    /// The next-hop cache the data plane keeps from its own route lookups (each used for at
+    /// most the maximum age, `nexthop_max_age_ms`): show or empty it.
     #[command(subcommand)]
     Nexthop(NexthopCommand),
     /// Make the kernel state equal to a configuration file, with the fewest changes.
@@ -149,10 +154,6 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// How often the file is checked for changes (and drains for progress).
         #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
         poll: std::time::Duration,
-        /// Keep the next-hop cache fresh: re-resolve backends' neighbours this often (and
-        /// after each change). Without it the agent leaves the cache alone.
-        #[arg(long, value_name = "DURATION", value_parser = duration)]
-        nexthop_refresh: Option<std::time::Duration>,
         /// Announce the VIPs this node can serve through BIRD: write them as static routes to
         /// this file (which bird.conf includes) and reload BIRD.
         #[arg(long, value_name = "FILE", requires = "bird_socket")]
@@ -323,10 +324,11 @@ pub enum DecapCommand {
 
 #[derive(Subcommand)]
 pub enum NexthopCommand {
-    /// Resolve every backend's egress interface and MACs now and cache them.
-    #[command(after_help = "Example:\n  lb nexthop refresh")]
-    Refresh,
-    /// Drop the cache: a route lookup for every packet again.
+    /// Each backend's cached next hop: egress interface, MAC, age (the freshest CPU's entry).
+    #[command(after_help = "Example:\n  lb nexthop show --json")]
+    Show,
+    /// Empty the cache: each backend's next packet is routed by a lookup again (which caches
+    /// its answer anew).
     #[command(after_help = "Example:\n  lb nexthop clear")]
     Clear,
 }

@@ -26,6 +26,9 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
     if let Some(f) = cfg.flood_threshold {
         opts.flood_rate = f;
     }
+    if let Some(a) = cfg.nexthop_max_age_ms {
+        opts.nexthop_max_age_ms = lb_common::nexthop_age_to_conf(a);
+    }
     let mut maps = dir.maps_or_load(opts)?;
     let seed_before = maps.conf()?.hash_seed;
     let s = apply_config(&mut maps, &cfg)?;
@@ -43,7 +46,7 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
             println!("flow timeouts changed on {} VIPs", s.timeouts_changed);
         }
         if s.settings_changed > 0 {
-            println!("global settings (hash_seed, flood_threshold) changed");
+            println!("global settings (hash_seed, flood_threshold, nexthop_max_age_ms) changed");
         }
     }
     Ok(())

@@ -41,6 +41,7 @@ fn check_ifaces(ifaces: &[String], attached: &[lb::pin::Attachment], what: &str)
 pub struct Global {
     pub hash_seed: Option<u32>,
     pub flood_threshold: Option<u32>,
+    pub nexthop_max_age_ms: Option<u32>,
 }
 
 pub fn attach(
@@ -58,6 +59,9 @@ pub fn attach(
     opts.hash_seed = global.hash_seed;
     if let Some(f) = global.flood_threshold {
         opts.flood_rate = f;
+    }
+    if let Some(a) = global.nexthop_max_age_ms {
+        opts.nexthop_max_age_ms = lb_common::nexthop_age_to_conf(a);
     }
     let mut done = Vec::new();
     for iface in ifaces {
@@ -95,7 +99,10 @@ pub fn attach(
 /// Writes the deployment-wide settings given (the others stay), saying on stderr when the
 /// hash seed changes.
 fn set_global(dir: &PinDir, global: &Global) -> CmdResult {
-    if global.hash_seed.is_none() && global.flood_threshold.is_none() {
+    if global.hash_seed.is_none()
+        && global.flood_threshold.is_none()
+        && global.nexthop_max_age_ms.is_none()
+    {
         return Ok(());
     }
     let mut maps = dir.maps()?;
@@ -103,6 +110,9 @@ fn set_global(dir: &PinDir, global: &Global) -> CmdResult {
     let new = lb_common::GlobalConf {
         hash_seed: global.hash_seed.unwrap_or(old.hash_seed),
         flood_rate: global.flood_threshold.unwrap_or(old.flood_rate),
+        nexthop_max_age_ms: global
+            .nexthop_max_age_ms
+            .map_or(old.nexthop_max_age_ms, lb_common::nexthop_age_to_conf),
         ..old
     };
     maps.set_conf(new)?;
@@ -159,6 +169,8 @@ struct Status {
     backends_down: Vec<String>,
     /// New flows per second per CPU above which unconfirmed flows are not stored (0 = none).
     flood_threshold: u32,
+    /// How long (ms) a looked-up next hop is used (0: no cache).
+    nexthop_max_age_ms: u32,
     /// Whether a flow-hash seed is set (the seed itself is in `lb show-config`).
     hash_seed_set: bool,
 }
@@ -178,6 +190,7 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
     let s = Status {
         backends_down,
         flood_threshold: conf.flood_rate,
+        nexthop_max_age_ms: lb_common::nexthop_age_from_conf(conf.nexthop_max_age_ms),
         hash_seed_set: conf.hash_seed != 0,
         pin_dir: dir.path().display().to_string(),
         program_id: dir.program_id()?,
@@ -235,6 +248,14 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         println!(
             "flood limit:   {} new flows/s per CPU (above it, unconfirmed flows are not stored)",
             s.flood_threshold
+        );
+    }
+    if s.nexthop_max_age_ms == 0 {
+        println!("next hops:     no cache (a route lookup for every packet)");
+    } else {
+        println!(
+            "next hops:     cached from route lookups, each used for at most {} ms",
+            s.nexthop_max_age_ms
         );
     }
     println!();

@@ -112,7 +112,6 @@ fn run(cli: Cli) -> CmdResult {
         attach,
         mode,
         poll,
-        nexthop_refresh,
         bird_include,
         bird_socket,
         sizes,
@@ -126,7 +125,6 @@ fn run(cli: Cli) -> CmdResult {
             mode: lifecycle::attach_mode(mode),
             load: sizes.load_options(),
             poll,
-            nexthop_refresh,
             bird: bird_include.zip(bird_socket),
         };
         return agent_cmd::run(opts);
@@ -139,6 +137,7 @@ fn run(cli: Cli) -> CmdResult {
             sizes,
             hash_seed,
             flood_threshold,
+            nexthop_max_age_ms,
         } => lifecycle::attach(
             &dir,
             &ifaces,
@@ -147,6 +146,7 @@ fn run(cli: Cli) -> CmdResult {
             lifecycle::Global {
                 hash_seed,
                 flood_threshold,
+                nexthop_max_age_ms,
             },
             json,
         ),

@@ -406,17 +406,24 @@ fn drain_and_delete(
 pub fn nexthop(dir: &PinDir, cmd: NexthopCommand, json: bool) -> CmdResult {
     let mut maps = dir.maps()?;
     match cmd {
-        NexthopCommand::Refresh => {
-            let rows = lb::nexthop::refresh(&mut maps)?;
-            super::print_rows(json, &rows, &["VIP", "BACKEND", "DEV", "VIA", "MAC"], |r| {
+        NexthopCommand::Show => {
+            let rows = lb::nexthop::show(&maps)?;
+            let headers = [
+                "VIP", "BACKEND", "DEV", "MAC", "ON-LINK", "AGE-MS", "MAX-LEN", "CPUS",
+            ];
+            let opt = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+            super::print_rows(json, &rows, &headers, |r| {
                 vec![
                     r.vip.clone(),
                     r.backend.clone(),
-                    r.dev.clone().unwrap_or_else(|| "-".into()),
-                    r.via.clone().unwrap_or_else(|| "-".into()),
+                    opt(r.dev.clone()),
                     r.mac
                         .clone()
-                        .unwrap_or_else(|| "unresolved: route lookup per packet".into()),
+                        .unwrap_or_else(|| "none: the next packet is looked up".into()),
+                    if r.on_link { "yes" } else { "no" }.into(),
+                    opt(r.age_ms.map(|a| a.to_string())),
+                    opt(r.max_len.map(|l| l.to_string())),
+                    r.cpus.to_string(),
                 ]
             });
         }

@@ -8,9 +8,8 @@ use lb::{model::flow_key, Vip};
 use lb_common::{CtEntry, FlowKey};
 
 /// What the counters must show for each kind of row (verdict first).
-const NAT_NEW: Expect = Expect::new_flows(&[Tx, CtMiss, FwdNat]);
-const NAT_ESTABLISHED: Expect = Expect::each(&[Tx, CtHit, FwdNat]);
-const NAT_ESTABLISHED_CACHED: Expect = Expect::each(&[Tx, CtHit, FwdNat, NextHopCached]);
+const NAT_NEW: Expect = Expect::new_flows(&[Tx, CtMiss, FwdNat]).routed();
+const NAT_ESTABLISHED: Expect = Expect::each(&[Tx, CtHit, FwdNat]).routed();
 
 use lb_common::Counter::{self, *};
 
@@ -310,41 +309,39 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         )?,
     );
 
-    // The same forward paths with the next-hop cache (no route lookup per packet).
-    let rows = lb::nexthop::refresh(&mut rig.dp.maps)?;
-    ensure!(
-        rows.iter().all(|r| r.mac.is_some()),
-        "next hops not resolved: {rows:?}"
-    );
+    // The same forward paths with the next-hop cache off (`nexthop_max_age_ms = 0`): a
+    // route lookup for every packet.
+    let conf = rig.dp.maps.conf()?;
+    rig.dp.maps.set_conf(lb_common::GlobalConf {
+        nexthop_max_age_ms: lb_common::NEXTHOP_CACHE_OFF,
+        ..conf
+    })?;
     for (label, client, vip) in [
         ("IPv4", sa("10.0.0.2:42000"), sa(VIP4)),
         ("IPv6", sa("[fd00::2]:42000"), sa(VIP6)),
     ] {
         push(
-            format!("new flow {label}, next-hop cache"),
+            format!("new flow {label}, no next-hop cache (route lookup)"),
             measure_new_flow(
                 rig,
                 s,
                 client,
                 vip,
-                Expect::new_flows(&[Tx, CtMiss, FwdNat, NextHopCached]),
+                Expect::new_flows(&[Tx, CtMiss, FwdNat]),
             )?,
         );
         push(
-            format!("established {label}, next-hop cache"),
-            measure_established(rig, s, client, vip, NAT_ESTABLISHED_CACHED)?,
+            format!("established {label}, no next-hop cache (route lookup)"),
+            measure_established(rig, s, client, vip, Expect::each(&[Tx, CtHit, FwdNat]))?,
         );
     }
-    lb::nexthop::clear(&mut rig.dp.maps)?;
+    rig.dp.maps.set_conf(conf)?;
 
     dsr_paths(rig, s, &mut push)?;
 
     let floor = rig.floor(&tcp_frame(client4, sa(VIP4), true), s.repeat, s.rounds)?;
     Ok((floor, out))
 }
-
-/// Runs per measurement of paths that move the frame's start (one packet per run).
-const SINGLE_RUNS: u32 = 1;
 
 /// dsr-l2 (MAC rewrite to an on-link backend), ipip (encapsulation to a routed backend) and
 /// the decapsulation program on the backend side.
@@ -390,7 +387,7 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
             vary_at(&syn),
             s.repeat,
             s.rounds,
-            Expect::new_flows(&[Tx, CtMiss, FwdDsrL2]),
+            Expect::new_flows(&[Tx, CtMiss, FwdDsrL2]).routed(),
             &same_packet(syn.clone(), vary_at(&syn) as usize),
         )?,
     );
@@ -410,14 +407,12 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
                 0,
                 s.repeat,
                 s.rounds,
-                Expect::each(&[Tx, CtHit, FwdDsrL2]),
+                Expect::each(&[Tx, CtHit, FwdDsrL2]).routed(),
                 &same_packet(ack.clone(), 0),
             )?,
         );
     }
-    // ipip: one packet per run; every output is the first run's (same backend, same outer
-    // source).
-    let single_rounds = s.rounds * 200;
+    // ipip: every output is the first run's (same backend, same outer source).
     let mut encapsulated = Vec::new();
     for (label, client, vip, outer) in [
         ("IPv4 in IPv4", c4, sa("10.100.0.120:80"), 20),
@@ -444,9 +439,9 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
             rig.measure_lb(
                 &ack,
                 0,
-                SINGLE_RUNS,
-                single_rounds,
-                Expect::each(&[Tx, CtHit, FwdIpip]),
+                s.repeat,
+                s.rounds,
+                Expect::each(&[Tx, CtHit, FwdIpip]).routed(),
                 &check,
             )?,
         );
@@ -466,9 +461,9 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
         rig.measure_lb(
             &syn,
             vary_at(&syn),
-            SINGLE_RUNS,
-            single_rounds,
-            Expect::new_flows(&[Tx, CtMiss, FwdIpip]),
+            s.repeat,
+            s.rounds,
+            Expect::new_flows(&[Tx, CtMiss, FwdIpip]).routed(),
             &check,
         )?,
     );
@@ -495,7 +490,7 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
         };
         push(
             format!("decap {label} (backend, lb decap)"),
-            rig.measure_decap(&frame, SINGLE_RUNS, single_rounds, counter, &check)?,
+            rig.measure_decap(&frame, s.repeat, s.rounds, counter, &check)?,
         );
     }
     Ok(())

@@ -46,6 +46,9 @@ pub struct Expect {
     /// Counters that must each count every run; the first is the verdict (with exactly one
     /// verdict per run, no other verdict counted any).
     pub each: &'static [Counter],
+    /// Counters that together count every run, each run by exactly one of them (none: not
+    /// checked).
+    pub one_of: &'static [Counter],
     pub flows: NewFlows,
 }
 
@@ -69,6 +72,7 @@ impl Expect {
     pub const fn each(each: &'static [Counter]) -> Expect {
         Expect {
             each,
+            one_of: &[],
             flows: NewFlows::Unchecked,
         }
     }
@@ -77,7 +81,17 @@ impl Expect {
     pub const fn new_flows(each: &'static [Counter]) -> Expect {
         Expect {
             each,
+            one_of: &[],
             flows: NewFlows::Stored,
+        }
+    }
+
+    /// And every run sent to a backend with the next-hop cache or a route lookup (which
+    /// fills it).
+    pub const fn routed(self) -> Expect {
+        Expect {
+            one_of: &[Counter::NextHopCached, Counter::NextHopLookedUp],
+            ..self
         }
     }
 }
@@ -190,6 +204,8 @@ impl Rig {
             // No flood threshold: the new-flow rows measure a stored flow; the flood row sets
             // one itself.
             flood_rate: 0,
+            // The default next-hop cache.
+            nexthop_max_age_ms: 0,
         })?;
         let mut bench = EbpfLoader::new()
             .load(LB_BENCH_OBJECT)
@@ -315,6 +331,24 @@ impl Rig {
                 lb_common::COUNTER_NAMES[*c as usize]
             );
         }
+        let mut counters: Vec<String> = each
+            .iter()
+            .map(|c| lb_common::COUNTER_NAMES[*c as usize].to_string())
+            .collect();
+        if !expect.one_of.is_empty() {
+            let sum: u64 = expect.one_of.iter().map(|c| d(*c)).sum();
+            let parts: Vec<String> = expect
+                .one_of
+                .iter()
+                .map(|c| format!("{} ({})", lb_common::COUNTER_NAMES[*c as usize], d(*c)))
+                .collect();
+            ensure!(
+                sum == runs,
+                "lb ran {runs} times but counted {}",
+                parts.join(" + ")
+            );
+            counters.push(parts.join(" + "));
+        }
         let fill = match fill_before {
             Some((before, capacity)) => {
                 let after = self.dp.maps.fill()?.conntrack_new.0;
@@ -330,11 +364,7 @@ impl Rig {
         };
         sample.verified = Some(Verified {
             runs,
-            counters: each
-                .iter()
-                .map(|c| lb_common::COUNTER_NAMES[*c as usize])
-                .collect::<Vec<_>>()
-                .join(", "),
+            counters: counters.join(", "),
             new_flows,
             fill,
         });
@@ -399,10 +429,8 @@ impl Rig {
         Ok((a, out))
     }
 
-    /// Cost of the program `target` on `frame` (see `measure_lb`). Programs that move the
-    /// start of the frame (encapsulation, decapsulation) must be measured with `repeat` 1:
-    /// the kernel does not reset the frame between repetitions of one run. Also returns how
-    /// many times `target` ran: `repeat` × `rounds` (the wrapper's overhead is measured with
+    /// Cost of the program `target` on `frame` (see `measure_lb`). Also returns how many
+    /// times `target` ran: `repeat` × `rounds` (the wrapper's overhead is measured with
     /// another target; there is no warm-up).
     pub fn measure_fd(
         &mut self,
