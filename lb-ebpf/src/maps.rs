@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, CountEvents, Counter, CtEntry, Endpoint, FlowKey, GlobalConf, Handoff, NextHop,
-    RateWindow, RevNat, Timeouts, TrafficStats, VipById, VipInfo, COUNTER_CAPACITY, DEFAULT_CT_CAPACITY,
-    DEFAULT_CT_NEW_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
+    RateWindow, RevNat, Timeouts, TrafficStats, VipById, VipInfo, COUNTER_CAPACITY,
+    DEFAULT_CT_CAPACITY, DEFAULT_CT_NEW_CAPACITY, DEFAULT_TABLE_CAPACITY, MAX_BACKENDS, MAX_VIPS,
 };
 
 #[btf_map(name = "LB_VIPS_V2")]

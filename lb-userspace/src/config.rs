@@ -166,16 +166,14 @@ impl Config {
         };
         let flood_threshold = raw.flood_threshold.as_ref().map(|f| *f.get_ref());
         let nexthop_max_age_ms = match &raw.nexthop_max_age_ms {
-            Some(a) if *a.get_ref() > lb_common::MAX_NEXTHOP_MAX_AGE_MS => {
-                return Err(err(
-                    a.span().start,
-                    format!(
-                        "nexthop_max_age_ms = {} is too long (at most {} ms; 0 turns the cache off)",
-                        a.get_ref(),
-                        lb_common::MAX_NEXTHOP_MAX_AGE_MS
-                    ),
-                ))
-            }
+            Some(a) if *a.get_ref() > lb_common::MAX_NEXTHOP_MAX_AGE_MS => return Err(err(
+                a.span().start,
+                format!(
+                    "nexthop_max_age_ms = {} is too long (at most {} ms; 0 turns the cache off)",
+                    a.get_ref(),
+                    lb_common::MAX_NEXTHOP_MAX_AGE_MS
+                ),
+            )),
             a => a.as_ref().map(|a| *a.get_ref()),
         };
         let mut vips: Vec<VipConfig> = Vec::new();
@@ -657,9 +655,13 @@ fn wanted_conf(cfg: &Config, current: lb_common::GlobalConf) -> lb_common::Globa
     lb_common::GlobalConf {
         hash_seed: cfg.hash_seed.unwrap_or(current.hash_seed),
         flood_rate: cfg.flood_threshold.unwrap_or(current.flood_rate),
-        nexthop_max_age_ms: cfg
-            .nexthop_max_age_ms
-            .map_or(current.nexthop_max_age_ms, lb_common::nexthop_age_to_conf),
+        // The same age as now (0 in the maps is the default's) changes nothing.
+        nexthop_max_age_ms: match cfg.nexthop_max_age_ms {
+            Some(a) if a != lb_common::nexthop_age_from_conf(current.nexthop_max_age_ms) => {
+                lb_common::nexthop_age_to_conf(a)
+            }
+            _ => current.nexthop_max_age_ms,
+        },
         ..current
     }
 }
@@ -1441,6 +1443,8 @@ weight = 2
         // The next-hop cache's maximum age: 0 in the file turns it off.
         let cfg = Config::parse("x", "nexthop_max_age_ms = 250\n").unwrap();
         assert_eq!(wanted_conf(&cfg, current).nexthop_max_age_ms, 250);
+        let default = Config::parse("x", "nexthop_max_age_ms = 100\n").unwrap();
+        assert_eq!(wanted_conf(&default, current), current, "0 is the default");
         let cfg = Config::parse("x", "nexthop_max_age_ms = 0\n").unwrap();
         assert_eq!(
             wanted_conf(&cfg, current).nexthop_max_age_ms,

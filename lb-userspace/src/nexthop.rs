@@ -57,8 +57,7 @@ pub fn show(maps: &LbMaps) -> Result<Vec<Row>> {
                 backend: b.addr.to_string(),
                 dev: freshest.map(|nh| ifname(nh.ifindex)),
                 mac: freshest.map(|nh| mac(&nh.dmac)),
-                on_link: freshest
-                    .is_some_and(|nh| nh.flags & lb_common::NEXTHOP_F_ONLINK != 0),
+                on_link: freshest.is_some_and(|nh| nh.flags & lb_common::NEXTHOP_F_ONLINK != 0),
                 age_ms: freshest.map(|nh| now.saturating_sub(nh.checked_ns) / 1_000_000),
                 max_len: freshest.map(|nh| nh.max_len),
                 cpus: entries.len(),

@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use lb_common::{
     names, Backend, CountEvents, CtEntry, Endpoint, FlowKey, GlobalConf, NextHop, RevNat,
-    RevNatEntry, Timeouts, TrafficStats, VipById, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID, COUNTER_COUNT,
-    MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
+    RevNatEntry, Timeouts, TrafficStats, VipById, VipInfo, BACKEND_F_DOWN, BACKEND_F_VALID,
+    COUNTER_COUNT, MAX_BACKENDS, MAX_TABLE_SIZE, MAX_VIPS, MAX_VIPS_PER_BACKEND, NO_BACKEND,
 };
 
 use crate::{
@@ -412,7 +412,9 @@ impl LbMaps {
         if on {
             self.check_backends_unshared(vip)?;
         }
-        self.put_vip(vip, VipInfo { flags, ..info }, || format!("updating VIP {vip}"))?;
+        self.put_vip(vip, VipInfo { flags, ..info }, || {
+            format!("updating VIP {vip}")
+        })?;
         Ok(true)
     }
 
@@ -1172,7 +1174,7 @@ impl LbMaps {
     }
 
     /// The backend array's entry `id` as stored (None if `id` is out of range).
-    pub(crate) fn backend_entry(&self, id: u32) -> Result<Option<Backend>> {
+    pub fn backend_entry(&self, id: u32) -> Result<Option<Backend>> {
         if id >= MAX_BACKENDS {
             return Ok(None);
         }

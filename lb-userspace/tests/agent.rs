@@ -71,17 +71,7 @@ struct Agent(Child);
 impl Agent {
     fn start(tb: &Testbed, files: &Files) -> Agent {
         let cfg = files.config().display().to_string();
-        let args = [
-            "run",
-            "-f",
-            &cfg,
-            "--metrics",
-            METRICS,
-            "--poll",
-            "200ms",
-            "--nexthop-refresh",
-            "1s",
-        ];
+        let args = ["run", "-f", &cfg, "--metrics", METRICS, "--poll", "200ms"];
         Agent(
             tb.spawn_lb(&args, &files.log())
                 .expect("starting the agent"),
@@ -382,7 +372,8 @@ fn agent_restart_and_program_upgrade_are_hitless() {
     let stats = tb.lb_json(&["stats"]).unwrap();
     let after = stats["packets_seen"].as_u64().unwrap();
     assert!(after > before, "counters restarted: {before} -> {after}");
-    // The agent keeps the next-hop cache filled: forwarded packets skipped the route lookup.
+    // The data plane keeps the next-hop cache filled: forwarded packets skipped the route
+    // lookup.
     assert!(
         stats["counters"]["nexthop_cached"].as_u64().unwrap() > 0,
         "{stats}"

@@ -827,30 +827,23 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
     let flows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(flows.as_array().unwrap().len(), 0, "{flows}");
 
-    // The next-hop cache: unresolved without a route, resolved once there is a neighbour.
-    let nh = lb.json(&["nexthop", "refresh"]);
+    // The next-hop cache is the data plane's: nothing cached before a packet went to the
+    // backend; the maximum age is a setting like the others.
+    let nh = lb.json(&["nexthop", "show"]);
     assert_eq!(nh[0]["mac"], serde_json::Value::Null, "{nh}");
+    assert_eq!(nh[0]["cpus"], 0, "{nh}");
     assert!(lb
-        .ok(&["nexthop", "refresh"])
-        .contains("unresolved: route lookup per packet"));
-    lb.ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "lbc0"]);
-    lb.ns.ip(&[
-        "neigh",
-        "replace",
-        "10.200.0.11",
-        "lladdr",
-        "02:00:00:00:02:11",
-        "dev",
-        "lbc0",
-        "nud",
-        "permanent",
-    ]);
-    let nh = lb.json(&["nexthop", "refresh"]);
-    assert_eq!(nh[0]["dev"], "lbc0");
-    assert_eq!(nh[0]["mac"], "02:00:00:00:02:11");
+        .ok(&["nexthop", "show"])
+        .contains("none: the next packet is looked up"));
     assert!(lb
         .ok(&["nexthop", "clear"])
         .contains("cleared the next hop of 1 backends"));
+    assert!(lb.ok(&["status"]).contains("each used for at most 100 ms"));
+    lb.fails(
+        &["attach", "lbc0", "--nexthop-max-age-ms", "3600001"],
+        2,
+        "3600001",
+    );
 
     // bpftool prints the maps with their field names.
     let dump = Command::new("bpftool")

@@ -917,88 +917,179 @@ fn fixture_table() {
         Counter::PassNotVip,
     );
 
-    // ---- next-hop cache: same output as the route lookup, without the lookup ----
-    let nh_before = t.gw.dp.maps.counters().unwrap()[Counter::NextHopCached as usize];
-    let rows = lb::nexthop::refresh(&mut t.gw.dp.maps).unwrap();
-    let row = |b: &str| rows.iter().find(|r| r.backend == b).unwrap();
-    assert_eq!(row("10.1.0.11:8080").dev.as_deref(), Some("fxa"));
+    // ---- next-hop cache: filled by the route lookups of the rows above; a fresh entry is
+    // used as written, anything else is looked up again (and the lookup rewrites it) ----
+    let shown = lb::nexthop::show(&t.gw.dp.maps).unwrap();
+    let row = |b: &str| shown.iter().find(|r| r.backend == b).unwrap().clone();
+    let near = row("10.1.0.11:8080");
     assert_eq!(
-        row("10.1.0.11:8080").mac.as_deref(),
-        Some("02:00:00:00:01:11")
+        (near.dev.as_deref(), near.mac.as_deref(), near.on_link),
+        (Some("fxa"), Some("02:00:00:00:01:11"), true),
+        "the data plane cached its lookup: {near:?}"
     );
-    assert_eq!(row("10.2.0.21:80").dev.as_deref(), Some("fxb"));
+    let far_row = row("10.2.0.21:80");
+    assert_eq!(
+        (far_row.dev.as_deref(), far_row.on_link),
+        (Some("fxb"), true)
+    );
     assert_eq!(
         row("10.1.0.99:80").mac,
         None,
-        "no neighbour entry: not cached"
+        "no neighbour entry: nothing cached"
     );
-    assert_eq!(row("10.9.0.1:80").mac, None, "blackhole route: not cached");
-    let mut cached = 0;
-    for port in 43_000..43_016 {
-        let c = client(port);
-        let b = t.predict(c, &web);
-        t.forward_to(
-            &format!(
-                "cached next hop: new flow from port {port} → exactly as with the route lookup"
-            ),
-            &syn(c, web.addr),
-            b,
-        );
-        cached += 1;
-    }
-    let su2 = syn(client(43_100), unresolved.addr);
-    t.check(Case {
-        desc: "backend not in the cache → route lookup as before (MAC unknown: to the kernel)"
-            .into(),
-        ingress: t.gw.ifindex_a,
-        input: su2.build(),
-        verdict: XDP_PASS,
-        output: su2
-            .with(su2.smac, su2.dmac, su2.src, sa("10.1.0.99:80"))
-            .hop()
-            .build(),
-        reason: Counter::PassNoNeigh,
-    });
-    // The cache is used as written (egress interface and MACs).
-    let far_id = t.gw.dp.maps.backends(&far).unwrap()[0].id;
+    assert_eq!(
+        row("10.9.0.1:80").mac,
+        None,
+        "blackhole route: nothing cached"
+    );
+    // A long maximum age, so that "fresh" cannot turn stale while the rows run.
+    let conf = t.gw.dp.maps.conf().unwrap();
     t.gw.dp
         .maps
-        .set_nexthop(
-            far_id,
-            t.gw.ifindex_a,
-            [2, 0, 0, 0, 0, 0xee],
-            [2, 0, 0, 0, 0, 0xdd],
-        )
+        .set_conf(lb_common::GlobalConf {
+            nexthop_max_age_ms: 60_000,
+            ..conf
+        })
         .unwrap();
-    let sf2 = syn(client(43_101), far.addr);
-    t.check(Case {
-        desc: "cached next hop on the ingress interface → XDP_TX with the cached MACs".into(),
-        ingress: t.gw.ifindex_a,
-        input: sf2.build(),
-        verdict: XDP_TX,
-        output: sf2
-            .with(
-                [2, 0, 0, 0, 0, 0xee],
-                [2, 0, 0, 0, 0, 0xdd],
-                sf2.src,
-                sa("10.2.0.21:80"),
-            )
-            .hop()
-            .build(),
-        reason: Counter::Tx,
-    });
-    cached += 1;
-    let nh_after = t.gw.dp.maps.counters().unwrap()[Counter::NextHopCached as usize];
-    assert_eq!(
-        nh_after - nh_before,
-        cached,
-        "nexthop_cached counts the cached sends"
+    let far_id = t.gw.dp.maps.backends(&far).unwrap()[0].id;
+    let far_generation =
+        t.gw.dp
+            .maps
+            .backend_entry(far_id)
+            .unwrap()
+            .unwrap()
+            .generation;
+    let ifindex_a = t.gw.ifindex_a;
+    let bogus = |checked_ns: u64, generation: u32, max_len: u16| lb_common::NextHop {
+        checked_ns,
+        ifindex: ifindex_a,
+        generation,
+        dmac: [2, 0, 0, 0, 0, 0xdd],
+        smac: [2, 0, 0, 0, 0, 0xee],
+        max_len,
+        flags: lb_common::NEXTHOP_F_VALID | lb_common::NEXTHOP_F_ONLINK,
+        _pad: [0; 8],
+    };
+    let counter = |t: &Table, c: Counter| t.gw.dp.maps.counters().unwrap()[c as usize];
+    // Each row: a cache entry as given, then a new flow to `far` from its own port.
+    let mut port = 43_100;
+    let mut row_with =
+        |t: &mut Table, desc: &str, nh: lb_common::NextHop, used: bool, fills: u64| {
+            t.gw.dp.maps.set_nexthop(far_id, nh).unwrap();
+            let (cached0, looked0) = (
+                counter(t, Counter::NextHopCached),
+                counter(t, Counter::NextHopLookedUp),
+            );
+            let s = syn(client(port), far.addr);
+            port += 1;
+            if used {
+                t.check(Case {
+                    desc: desc.into(),
+                    ingress: t.gw.ifindex_a,
+                    input: s.build(),
+                    verdict: XDP_TX,
+                    output: s
+                        .with(
+                            [2, 0, 0, 0, 0, 0xee],
+                            [2, 0, 0, 0, 0, 0xdd],
+                            s.src,
+                            sa("10.2.0.21:80"),
+                        )
+                        .hop()
+                        .build(),
+                    reason: Counter::Tx,
+                });
+            } else {
+                t.forward_to(desc, &s, sa("10.2.0.21:80"));
+            }
+            let cached = counter(t, Counter::NextHopCached) - cached0;
+            let looked = counter(t, Counter::NextHopLookedUp) - looked0;
+            assert_eq!(
+                (cached, looked),
+                if used { (1, 0) } else { (0, fills) },
+                "{desc}: nexthop_cached, nexthop_looked_up"
+            );
+        };
+    let now = lb::sweep::now_ns(&t.gw.dp.maps).unwrap();
+    row_with(
+        &mut t,
+        "fresh cached next hop → used as written (XDP_TX with its MACs), no route lookup",
+        bogus(now, far_generation, 1500),
+        true,
+        0,
     );
-    lb::nexthop::clear(&mut t.gw.dp.maps).unwrap();
-    let b = t.predict_existing(client(43_000), &web);
+    row_with(
+        &mut t,
+        "cached next hop older than the maximum age (stale) → route lookup: REDIRECT to fxb",
+        bogus(now - 61_000_000_000, far_generation, 1500),
+        false,
+        1,
+    );
+    let after = lb::nexthop::show(&t.gw.dp.maps).unwrap();
+    let refreshed = after.iter().find(|r| r.backend == "10.2.0.21:80").unwrap();
+    assert_eq!(
+        (refreshed.dev.as_deref(), refreshed.mac.as_deref()),
+        (far_row.dev.as_deref(), far_row.mac.as_deref()),
+        "the lookup replaced the stale entry: {refreshed:?}"
+    );
+    assert!(refreshed.age_ms.unwrap() < 10_000, "{refreshed:?}");
+    row_with(
+        &mut t,
+        "cached next hop of the id's previous holder (other generation) → route lookup",
+        bogus(now, far_generation.wrapping_add(1), 1500),
+        false,
+        1,
+    );
+    row_with(
+        &mut t,
+        "cached next hop checked only for shorter packets (max_len) → route lookup",
+        bogus(now, far_generation, 40),
+        false,
+        1,
+    );
+    row_with(
+        &mut t,
+        "cached next hop not marked valid → route lookup",
+        lb_common::NextHop {
+            flags: 0,
+            ..bogus(now, far_generation, 1500)
+        },
+        false,
+        1,
+    );
+    t.gw.dp
+        .maps
+        .set_conf(lb_common::GlobalConf {
+            nexthop_max_age_ms: lb_common::NEXTHOP_CACHE_OFF,
+            ..conf
+        })
+        .unwrap();
+    row_with(
+        &mut t,
+        "cache off (nexthop_max_age_ms = 0): a fresh entry is ignored → route lookup, nothing cached",
+        bogus(now, far_generation, 1500),
+        false,
+        0,
+    );
+    t.gw.dp.maps.set_conf(conf).unwrap();
+    let backends: usize = (t.gw.dp.maps.vips().unwrap().iter())
+        .map(|(v, _)| t.gw.dp.maps.backends(v).unwrap().len())
+        .sum();
+    assert_eq!(
+        lb::nexthop::clear(&mut t.gw.dp.maps).unwrap() as usize,
+        backends
+    );
+    assert!(
+        lb::nexthop::show(&t.gw.dp.maps)
+            .unwrap()
+            .iter()
+            .all(|r| r.mac.is_none() && r.cpus == 0),
+        "cleared"
+    );
+    let b = t.predict_existing(client(43_100), &far);
     t.forward_to(
         "after clearing the cache → route lookup again",
-        &ack(client(43_000), web.addr),
+        &ack(client(43_100), far.addr),
         b,
     );
 
