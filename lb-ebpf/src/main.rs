@@ -138,19 +138,19 @@ fn process(ctx: &XdpContext) -> Verdict {
     if dport_flags & PORT_F_VIP != 0 {
         // Conntrack first: a confirmed flow's entry names its backend, and so its VIP, which
         // the mirror by id gives without the hash lookup in `VIPS`.
-        let flow = pkt.flow_key();
-        let ct = CONNTRACK.get_ptr_mut(&flow);
+        let flow = &pkt.flow_key();
+        let ct = CONNTRACK.get_ptr_mut(flow);
         let found = match ct.and_then(|p| vip_of_flow(&pkt, p)) {
             Some(vip) => Some((vip, true)),
             None => {
                 let vip_key = pkt.dst_endpoint();
                 // SAFETY: copied out at once; a concurrent update replaces it whole.
-                unsafe { VIPS.get(&vip_key) }.map(|v| (*v, false))
+                unsafe { VIPS.get(vip_key) }.map(|v| (*v, false))
             }
         };
         // One call site: `forward` is inlined once.
         if let Some((vip, mirrored)) = found {
-            return forward(ctx, &pkt, &vip, &flow, ct, mirrored);
+            return forward(ctx, &pkt, &vip, flow, ct, mirrored);
         }
     }
     let sport_flags = PORTS
@@ -491,7 +491,7 @@ fn forward(
     let vip = if confirmed.is_none() && mirrored {
         let key = pkt.dst_endpoint();
         // SAFETY: copied out at once.
-        match unsafe { VIPS.get(&key) } {
+        match unsafe { VIPS.get(key) } {
             Some(v) => {
                 fresh_vip = *v;
                 &fresh_vip
@@ -520,7 +520,7 @@ fn forward(
         let known = if flooding {
             None
         } else {
-            unconfirmed_flow(ctx, pkt, vip, &flow, now)
+            unconfirmed_flow(ctx, pkt, vip, flow, now)
         };
         if let Some((id, b)) = known {
             (id, b, false)
@@ -534,9 +534,9 @@ fn forward(
             let midstream = pkt.proto == PROTO_TCP && !syn;
             let picked = if flooding || midstream {
                 let seed = flow::seed();
-                hashed_index(vip, &flow, seed).and_then(|i| slot_backend(vip, i))
+                hashed_index(vip, flow, seed).and_then(|i| slot_backend(vip, i))
             } else {
-                select(vip, &flow)
+                select(vip, flow)
             };
             let Some((id, b)) = picked else {
                 return Verdict::drop(Counter::DropNoBackend);
@@ -546,7 +546,7 @@ fn forward(
                 count(Counter::CtFloodSkip);
             } else if pkt.tcp_flags & flow::TCP_RST == 0 {
                 flow::insert_new(
-                    &flow,
+                    flow,
                     id,
                     b.generation,
                     pkt.tcp_flags,
@@ -559,7 +559,7 @@ fn forward(
     };
     add_traffic(&VIP_STATS, vip.vip_id, pkt.frame_len, new_flow, false);
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
-    send_to_backend(ctx, pkt, vip, id, &backend, &flow, now)
+    send_to_backend(ctx, pkt, vip, id, &backend, flow, now)
 }
 
 /// The backend of a confirmed flow, after applying this client packet to its state, and

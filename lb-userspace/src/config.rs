@@ -166,14 +166,16 @@ impl Config {
         };
         let flood_threshold = raw.flood_threshold.as_ref().map(|f| *f.get_ref());
         let nexthop_max_age_ms = match &raw.nexthop_max_age_ms {
-            Some(a) if *a.get_ref() > lb_common::MAX_NEXTHOP_MAX_AGE_MS => return Err(err(
-                a.span().start,
-                format!(
+            Some(a) if *a.get_ref() > lb_common::MAX_NEXTHOP_MAX_AGE_MS => {
+                return Err(err(
+                    a.span().start,
+                    format!(
                     "nexthop_max_age_ms = {} is too long (at most {} ms; 0 turns the cache off)",
                     a.get_ref(),
                     lb_common::MAX_NEXTHOP_MAX_AGE_MS
                 ),
-            )),
+                ))
+            }
             a => a.as_ref().map(|a| *a.get_ref()),
         };
         let mut vips: Vec<VipConfig> = Vec::new();

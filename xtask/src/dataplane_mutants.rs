@@ -33,8 +33,8 @@ const BUGS: &[Bug] = &[
         what: "every IPv6 packet to a VIP is dropped",
         edits: &[(
             "lb-ebpf/src/main.rs",
-            "fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {",
-            "fn forward(ctx: &XdpContext, pkt: &Packet, vip: &VipInfo) -> Verdict {\n    if pkt.family == lb_common::FAMILY_V6 {\n        return Verdict::drop(Counter::DropNoBackend);\n    }",
+            "    mirrored: bool,\n) -> Verdict {\n",
+            "    mirrored: bool,\n) -> Verdict {\n    if pkt.family == lb_common::FAMILY_V6 {\n        return Verdict::drop(Counter::DropNoBackend);\n    }\n",
         )],
     },
     Bug {
@@ -76,8 +76,26 @@ const BUGS: &[Bug] = &[
         what: "the forward path never finds a confirmed flow's entry",
         edits: &[(
             "lb-ebpf/src/main.rs",
-            "let p = CONNTRACK.get_ptr_mut(flow)?;",
-            "let p = CONNTRACK.get_ptr_mut(flow).filter(|_| false)?;",
+            "Some(p) => confirmed_flow(pkt, vip, flow, p, now),",
+            "Some(p) => confirmed_flow(pkt, vip, flow, p, now).filter(|_| false),",
+        )],
+    },
+    Bug {
+        name: "nexthop-never-stale",
+        what: "a cached next hop is used whatever its age",
+        edits: &[(
+            "lb-ebpf/src/nexthop.rs",
+            "        && now.wrapping_sub(e.checked_ns) < max_age\n}",
+            "        && (now.wrapping_sub(e.checked_ns) < max_age || max_age > 0)\n}",
+        )],
+    },
+    Bug {
+        name: "nexthop-any-generation",
+        what: "a cached next hop made for the id's previous holder is used",
+        edits: &[(
+            "lb-ebpf/src/nexthop.rs",
+            "        && e.generation == backend.generation\n        && len <= e.max_len",
+            "        && len <= e.max_len",
         )],
     },
 ];

@@ -110,11 +110,11 @@ impl Report {
             md,
             "× floor: the row's median over the floor's, both from this run. Verified runs: runs of the program under test in the row, each counted by exactly one verdict counter; the counters named next to it each counted every one of those runs (all read before and after the row; the bench fails otherwise). New-flow rows also show no conntrack hit; new flows stored is `ct_miss` less the flows over the flood threshold. Before each new-flow row the unconfirmed conntrack table is emptied; its entries before → after the row, and its capacity, are in the last column.\n"
         );
-        let _ = writeln!(md, "| path | ns/packet (median) | p10–p90 | × floor | verified runs | counters = runs | new flows stored | unconfirmed table: before → after / capacity |");
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "| path | programs run (instructions: \"Program sizes\") | ns/packet (median) | p10–p90 | × floor | verified runs | counters = runs | new flows stored | unconfirmed table: before → after / capacity |");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
         let _ = writeln!(
             md,
-            "| floor: XDP program that only returns XDP_PASS | {} | 1.0 | | | | |",
+            "| floor: XDP program that only returns XDP_PASS | bench_pass | {} | 1.0 | | | | |",
             fmt_sample(&floor)
         );
         self.chart.push(("floor (XDP_PASS)".into(), floor.median));
@@ -130,9 +130,16 @@ impl Report {
                 .map_or(String::new(), |(before, after, cap)| {
                     format!("{before} → {after} / {cap}")
                 });
+            let programs = if r.name.starts_with("decap") {
+                "lb_decap"
+            } else if r.name.contains("ipip") {
+                "lb_xdp → lb_ipip"
+            } else {
+                "lb_xdp"
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.1} | {runs} | {counters} | {new_flows} | {fill} |",
+                "| {} | {programs} | {} | {:.1} | {runs} | {counters} | {new_flows} | {fill} |",
                 r.name,
                 fmt_sample(&r.sample),
                 r.sample.median / floor.median.max(0.1),
@@ -159,19 +166,72 @@ impl Report {
                 .map_or("an unknown number".to_string(), |n| n.to_string())
         };
         let _ = writeln!(md, "What limits them (computed from the rows above):\n");
-        if let (Some(e), Some(c)) = (
+        if let (Some(c), Some(e)) = (
             get("established IPv4 (conntrack hit)"),
-            get("established IPv4, next-hop cache"),
+            get("established IPv4, no next-hop cache"),
         ) {
             let _ = writeln!(
                 md,
-                "- The two established IPv4 rows differ only in the route lookup (`bpf_fib_lookup`), which the next-hop cache replaces: it is {:.0} ns of the {e:.0} ns of an established IPv4 packet ({:.0}%). With the cache the established path costs {:.1}× the floor, without it {:.1}×.",
+                "- The established IPv4 rows with the default configuration and with the next-hop cache off (`nexthop_max_age_ms = 0`) differ only in the route lookup (`bpf_fib_lookup`) the cache replaces: it would be {:.0} ns of the {e:.0} ns of an established IPv4 packet ({:.0}%). By default the established path costs {:.1}× the floor, without the cache {:.1}×.",
                 e - c,
                 100.0 * (e - c) / e,
                 c / floor.median,
                 e / floor.median
             );
         }
+        // The per-packet targets (issue 15), as ratios of rows of this run.
+        let ratio = |a: &str, b: &str| Some(get(a)? / get(b)?);
+        let targets = [
+            (
+                "established IPv4 / floor",
+                get("established IPv4 (conntrack hit)").map(|e| e / floor.median),
+                4.5,
+            ),
+            (
+                "established IPv6 / established IPv4",
+                ratio(
+                    "established IPv6 (conntrack hit)",
+                    "established IPv4 (conntrack hit)",
+                ),
+                1.15,
+            ),
+            (
+                "ipip 4in4 established / NAT established IPv4",
+                ratio(
+                    "established IPv4 in IPv4, ipip",
+                    "established IPv4 (conntrack hit)",
+                ),
+                1.3,
+            ),
+            (
+                "dsr-l2 established IPv4 / NAT established IPv4",
+                ratio(
+                    "established IPv4, dsr-l2",
+                    "established IPv4 (conntrack hit)",
+                ),
+                1.0,
+            ),
+            (
+                "not for a VIP / floor",
+                get("not for a VIP").map(|p| p / floor.median),
+                1.5,
+            ),
+        ];
+        let _ = writeln!(
+            md,
+            "- Ratios of this run against the per-packet targets: {}.",
+            targets
+                .iter()
+                .map(|(what, v, target)| match v {
+                    Some(v) => format!(
+                        "{what} {v:.2} (target ≤ {target}: {})",
+                        if *v <= *target { "met" } else { "**not met**" }
+                    ),
+                    None => format!("{what}: row missing"),
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
         if let (Some(n), Some(f), Some(e)) = (
             get("new flow IPv4 (TCP SYN"),
             get("new flow IPv4 under a flood"),
