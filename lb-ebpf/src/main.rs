@@ -148,9 +148,12 @@ fn process(ctx: &XdpContext) -> Verdict {
                 unsafe { VIPS.get(vip_key) }.map(|v| (*v, false))
             }
         };
-        // One call site: `forward` is inlined once.
+        // One call site: `forward` is inlined once. None: the mirror named a VIP that is gone
+        // (the packet is then looked at as one not for a VIP, below).
         if let Some((vip, mirrored)) = found {
-            return forward(ctx, &pkt, &vip, flow, ct, mirrored);
+            if let Some(v) = forward(ctx, &pkt, &vip, flow, ct, mirrored) {
+                return v;
+            }
         }
     }
     let sport_flags = PORTS
@@ -467,7 +470,7 @@ fn vip_of_flow(pkt: &Packet, p: *mut CtEntry) -> Option<VipInfo> {
 /// Client → VIP: check the packet, find the flow's backend, rewrite the destination to it,
 /// forward. `ct`: the flow's entry in the confirmed table, as looked up already. `mirrored`:
 /// `vip` was read from the mirror by id (used only for a live confirmed flow; anything that
-/// selects a backend reads the VIP from `VIPS`).
+/// selects a backend reads the VIP from `VIPS`). None: the VIP is not in `VIPS` (any more).
 #[inline(always)]
 fn forward(
     ctx: &XdpContext,
@@ -476,9 +479,9 @@ fn forward(
     flow: &FlowKey,
     ct: Option<*mut CtEntry>,
     mirrored: bool,
-) -> Verdict {
+) -> Option<Verdict> {
     if pkt.ttl <= 1 {
-        return Verdict::pass(Counter::PassTtlExceeded);
+        return Some(Verdict::pass(Counter::PassTtlExceeded));
     }
     let now = flow::now_ns();
     let confirmed = match ct {
@@ -496,7 +499,7 @@ fn forward(
                 fresh_vip = *v;
                 &fresh_vip
             }
-            None => return Verdict::pass(Counter::PassNotVip),
+            None => return None,
         }
     } else {
         vip
@@ -507,10 +510,10 @@ fn forward(
         // No confirmed flow has a martian source or port 0 (none is ever made), so these
         // checks are needed only here.
         if pkt.sport == 0 {
-            return Verdict::drop(Counter::DropPortZero);
+            return Some(Verdict::drop(Counter::DropPortZero));
         }
         if martian(pkt.family, &pkt.src) || pkt.src == pkt.dst {
-            return Verdict::drop(Counter::DropMartian);
+            return Some(Verdict::drop(Counter::DropMartian));
         }
         // A SYN above the flood threshold skips the unconfirmed table as well: that is the
         // flood's own path, kept to one lookup (a retransmitted SYN then goes where the hash
@@ -539,7 +542,7 @@ fn forward(
                 select(vip, flow)
             };
             let Some((id, b)) = picked else {
-                return Verdict::drop(Counter::DropNoBackend);
+                return Some(Verdict::drop(Counter::DropNoBackend));
             };
             count(Counter::CtMiss);
             if flooding {
@@ -559,7 +562,7 @@ fn forward(
     };
     add_traffic(&VIP_STATS, vip.vip_id, pkt.frame_len, new_flow, false);
     add_traffic(&BACKEND_STATS, id, pkt.frame_len, new_flow, false);
-    send_to_backend(ctx, pkt, vip, id, &backend, flow, now)
+    Some(send_to_backend(ctx, pkt, vip, id, &backend, flow, now))
 }
 
 /// The backend of a confirmed flow, after applying this client packet to its state, and

@@ -69,6 +69,10 @@ const ALL_MAPS: [&str; 21] = [
 /// running program does not have them (an older layout keeps its own until the purge).
 const CACHE_MAPS: [&str; 2] = [names::NEXTHOP, names::VIP_BY_ID];
 
+/// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
+/// has switched every link (and by unload and purge).
+const LEGACY_MAPS: [&str; 1] = ["LB_NEXTHOP_V1"];
+
 /// An attachment of the program to an interface, as recorded by its link pin.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attachment {
@@ -153,6 +157,15 @@ impl PinDir {
                 self.path.display()
             );
         }
+        // A program pinned by an earlier lb lacks the maps this one added: name the remedy.
+        for name in CACHE_MAPS {
+            if !self.path.join(name).exists() {
+                bail!(
+                    "the program pinned in {} predates this lb (it has no map {name}): run `lb upgrade` first",
+                    self.path.display()
+                );
+            }
+        }
         LbMaps::from_maps(|name| {
             let data = MapData::from_pin(self.path.join(name)).ok()?;
             Map::from_map_data(data).ok()
@@ -180,7 +193,7 @@ impl PinDir {
 
     /// Removes the program and map pins (not the links).
     pub fn unload(&self) {
-        for name in ALL_MAPS.iter().copied().chain([PROG_PIN]) {
+        for name in ALL_MAPS.iter().chain(&LEGACY_MAPS).copied().chain([PROG_PIN]) {
             let _ = fs::remove_file(self.path.join(name));
         }
     }
@@ -353,11 +366,11 @@ impl PinDir {
                 .pin(self.path.join(name))
                 .with_context(|| format!("pinning the new map {name}"))?;
         }
-        if fresh.contains(&names::VIP_BY_ID) {
-            self.maps()?
-                .mirror_vips()
-                .context("filling the new VIP mirror")?;
-        }
+        // Every upgrade makes the mirror exact before the new program runs: it may be new, or
+        // left by a retried upgrade, or written meanwhile by an older lb that does not know it.
+        self.maps()?
+            .mirror_vips()
+            .context("filling the VIP mirror")?;
         let prog: &mut Xdp = ebpf
             .program_mut(crate::object::LB_XDP_PROGRAM)
             .context("program lb_xdp missing from the new object")?
@@ -376,6 +389,10 @@ impl PinDir {
         }
         let switched = r?;
         fs::rename(&tmp, self.path.join(PROG_PIN)).context("replacing the program pin")?;
+        // No program uses them any more.
+        for name in LEGACY_MAPS {
+            let _ = fs::remove_file(self.path.join(name));
+        }
         Ok(Upgrade {
             old_program_id: old_id,
             new_program_id: new_id,
@@ -566,7 +583,7 @@ impl PinDir {
         for a in self.decap_attachments()? {
             self.decap_detach(&a.iface)?;
         }
-        for name in ALL_MAPS.iter().copied().chain([PROG_PIN]) {
+        for name in ALL_MAPS.iter().chain(&LEGACY_MAPS).copied().chain([PROG_PIN]) {
             let p = self.path.join(name);
             if p.exists() {
                 fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

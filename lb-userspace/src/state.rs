@@ -187,15 +187,44 @@ impl LbMaps {
             .ctx(|| format!("{} (by id)", what()))
     }
 
-    /// Writes every VIP's mirror by id from `vips` (for a program whose mirror map is new:
-    /// `lb upgrade`). Returns how many.
+    /// Makes the mirror by id exactly `vips`: every VIP's slot written, every other slot
+    /// emptied (`lb upgrade`: the mirror may be new, or written by an older lb that did not
+    /// know it). Returns how many VIPs.
     pub fn mirror_vips(&mut self) -> Result<usize> {
         let vips = self.vips()?;
-        for (vip, info) in &vips {
-            let info = *info;
-            self.put_vip(vip, info, || format!("mirroring VIP {vip}"))?;
+        for id in 0..MAX_VIPS {
+            let slot = match vips.iter().find(|(_, i)| i.vip_id == id) {
+                Some((vip, info)) => VipById {
+                    vip: vip.endpoint(),
+                    info: *info,
+                },
+                None => VipById::default(),
+            };
+            if self.vip_by_id.get(&id, 0).ctx(|| format!("reading VIP {id} (by id)"))? != slot {
+                self.vip_by_id
+                    .set(id, slot, 0)
+                    .ctx(|| format!("mirroring VIP {id}"))?;
+            }
         }
         Ok(vips.len())
+    }
+
+    /// Whether the mirror by id is exactly `vips` (tests).
+    pub fn mirror_matches(&self) -> Result<bool> {
+        let vips = self.vips()?;
+        for id in 0..MAX_VIPS {
+            let want = match vips.iter().find(|(_, i)| i.vip_id == id) {
+                Some((vip, info)) => VipById {
+                    vip: vip.endpoint(),
+                    info: *info,
+                },
+                None => VipById::default(),
+            };
+            if self.vip_by_id.get(&id, 0).ctx(|| format!("reading VIP {id} (by id)"))? != want {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// A free run of `table_size` slots in the table array, beside the VIPs' `existing` tables.
@@ -274,7 +303,6 @@ impl LbMaps {
         for b in &backends {
             self.retire_backend(vip, b)?;
         }
-        let _ = info;
         self.release_port(vip.addr.port(), lb_common::PORT_F_VIP)?;
         for b in &backends {
             self.release_port(b.addr.port(), lb_common::PORT_F_BACKEND)?;

@@ -1021,7 +1021,7 @@ fn fixture_table() {
     row_with(
         &mut t,
         "cached next hop older than the maximum age (stale) → route lookup: REDIRECT to fxb",
-        bogus(now - 61_000_000_000, far_generation, 1500),
+        bogus(now.wrapping_sub(61_000_000_000), far_generation, 1500),
         false,
         1,
     );
