@@ -126,17 +126,12 @@ pub(crate) fn ipip_quiet(
     ipip_send(ctx, pkt, id, backend, hash, false)
 }
 
+/// The outer header's source address (from the flow's `hash`), the inner protocol, and the
+/// encapsulated packet's IP total length (None: over 64 KiB).
 #[inline(always)]
-fn ipip_send(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    id: u32,
-    backend: &Backend,
-    hash: u32,
-    answer_too_big: bool,
-) -> Verdict {
+fn outer_of(pkt: &Packet, backend: &Backend, hash: u32) -> Option<([u32; 4], u8, u16)> {
     let outer_v4 = backend.family == FAMILY_V4;
-    let outer_len: u16 = if outer_v4 { 20 } else { IPV6_LEN as u16 };
+    let outer_len: u32 = if outer_v4 { 20 } else { IPV6_LEN as u32 };
     let src = if outer_v4 {
         [
             ENCAP_SRC_V4_BE | u32::from_ne_bytes([0, 0, (hash >> 8) as u8, hash as u8]),
@@ -157,20 +152,56 @@ fn ipip_send(
     } else {
         PROTO_IPV6
     };
-    let total = pkt.ip_len as u32 + outer_len as u32;
+    let total = pkt.ip_len as u32 + outer_len;
     if total > 0xffff {
-        return Verdict::drop(Counter::DropTooBig);
+        return None;
     }
+    Some((src, inner_proto, total as u16))
+}
+
+/// ipip with a fresh cached next hop for backend `id`: encapsulate and send, in `lb_xdp`
+/// itself (no tail call). None: no fresh entry — `lb_ipip` looks the route up.
+#[inline(always)]
+pub(crate) fn ipip_cached(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    hash: u32,
+    now: u64,
+) -> Option<Verdict> {
+    let (src, inner_proto, total) = outer_of(pkt, backend, hash)?;
+    let nh = nexthop::cached(id, backend, now, total)?;
+    if !crate::nat::decrement_ttl(ctx, pkt.family) {
+        return Some(Verdict::pass(Counter::PassMalformedIp));
+    }
+    if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
+        return Some(Verdict::drop(Counter::DropTooBig));
+    }
+    count(Counter::NextHopCached);
+    Some(fib::send_cached(ctx, nh))
+}
+
+#[inline(always)]
+fn ipip_send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    id: u32,
+    backend: &Backend,
+    hash: u32,
+    answer_too_big: bool,
+) -> Verdict {
+    let outer_len: u16 = if backend.family == FAMILY_V4 {
+        20
+    } else {
+        IPV6_LEN as u16
+    };
+    let Some((src, inner_proto, total)) = outer_of(pkt, backend, hash) else {
+        return Verdict::drop(Counter::DropTooBig);
+    };
     let now = crate::flow::now_ns();
-    if let Some(nh) = nexthop::cached(id, backend, now, total as u16) {
-        if !crate::nat::decrement_ttl(ctx, pkt.family) {
-            return Verdict::pass(Counter::PassMalformedIp);
-        }
-        if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
-            return Verdict::drop(Counter::DropTooBig);
-        }
-        count(Counter::NextHopCached);
-        return fib::send_cached(ctx, nh);
+    if let Some(v) = ipip_cached(ctx, pkt, id, backend, hash, now) {
+        return v;
     }
     let (r, p) = fib::lookup(
         ctx,
@@ -180,11 +211,11 @@ fn ipip_send(
         &backend.addr_be,
         0,
         0,
-        total as u16,
+        total,
         0,
     );
     match r {
-        Route::Ok => nexthop::fill(id, backend, now, total as u16, &p),
+        Route::Ok => nexthop::fill(id, backend, now, total, &p),
         Route::NoNeigh | Route::Other => nexthop::forget(id),
         Route::Unreachable => {
             nexthop::forget(id);

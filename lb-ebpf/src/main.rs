@@ -679,12 +679,18 @@ fn send_to_backend(
         }
         FWD_IPIP => {
             count(Counter::FwdIpip);
+            let hash = flow_hash(flow, flow::seed());
+            // With a fresh next hop, here; otherwise `lb_ipip` (route lookup, too-big answers:
+            // its own stack).
+            if let Some(v) = dsr::ipip_cached(ctx, pkt, id, backend, hash, now) {
+                return v;
+            }
             if let Some(h) = HANDOFF.get_ptr_mut(0) {
                 // SAFETY: per-CPU slot, read by the program tail-called next on this CPU.
                 unsafe {
                     *h = Handoff {
                         backend_id: id,
-                        hash: flow_hash(flow, flow::seed()),
+                        hash,
                     }
                 };
             }

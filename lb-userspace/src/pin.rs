@@ -193,7 +193,12 @@ impl PinDir {
 
     /// Removes the program and map pins (not the links).
     pub fn unload(&self) {
-        for name in ALL_MAPS.iter().chain(&LEGACY_MAPS).copied().chain([PROG_PIN]) {
+        for name in ALL_MAPS
+            .iter()
+            .chain(&LEGACY_MAPS)
+            .copied()
+            .chain([PROG_PIN])
+        {
             let _ = fs::remove_file(self.path.join(name));
         }
     }
@@ -583,7 +588,12 @@ impl PinDir {
         for a in self.decap_attachments()? {
             self.decap_detach(&a.iface)?;
         }
-        for name in ALL_MAPS.iter().chain(&LEGACY_MAPS).copied().chain([PROG_PIN]) {
+        for name in ALL_MAPS
+            .iter()
+            .chain(&LEGACY_MAPS)
+            .copied()
+            .chain([PROG_PIN])
+        {
             let p = self.path.join(name);
             if p.exists() {
                 fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;

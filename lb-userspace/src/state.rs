@@ -200,7 +200,12 @@ impl LbMaps {
                 },
                 None => VipById::default(),
             };
-            if self.vip_by_id.get(&id, 0).ctx(|| format!("reading VIP {id} (by id)"))? != slot {
+            if self
+                .vip_by_id
+                .get(&id, 0)
+                .ctx(|| format!("reading VIP {id} (by id)"))?
+                != slot
+            {
                 self.vip_by_id
                     .set(id, slot, 0)
                     .ctx(|| format!("mirroring VIP {id}"))?;
@@ -220,7 +225,12 @@ impl LbMaps {
                 },
                 None => VipById::default(),
             };
-            if self.vip_by_id.get(&id, 0).ctx(|| format!("reading VIP {id} (by id)"))? != want {
+            if self
+                .vip_by_id
+                .get(&id, 0)
+                .ctx(|| format!("reading VIP {id} (by id)"))?
+                != want
+            {
                 return Ok(false);
             }
         }
@@ -1622,5 +1632,84 @@ mod sharing_tests {
         };
         let e = check_timeouts(&long).unwrap_err();
         assert!(e.to_string().contains("timeout closing=604801"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod mirror_tests {
+    use super::*;
+
+    /// Every way a VIP entry changes keeps the mirror by id exactly the VIP map: written after
+    /// each change, emptied when a VIP goes (its id then free for the next VIP).
+    #[test]
+    fn the_vip_mirror_follows_every_change() {
+        let Some(mut m) = crate::sweep::standalone_maps() else {
+            eprintln!("skipped: no privilege to create BPF maps");
+            return;
+        };
+        let a: Vip = "10.100.0.1:80/tcp".parse().unwrap();
+        let b: Vip = "[fd10::1]:53/udp".parse().unwrap();
+        let be = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mut steps: Vec<(&str, Box<dyn Fn(&mut LbMaps)>)> = vec![
+            ("add a", Box::new(|m| drop(m.add_vip(&a, 251).unwrap()))),
+            ("add b", Box::new(|m| drop(m.add_vip(&b, 251).unwrap()))),
+            (
+                "backends of a",
+                Box::new(|m| {
+                    m.set_backends(&a, &[(be("10.1.0.1:80"), 1), (be("10.1.0.2:80"), 2)])
+                        .unwrap();
+                }),
+            ),
+            (
+                "round robin",
+                Box::new(|m| {
+                    m.set_algorithm(&a, crate::model::Algorithm::RoundRobin)
+                        .unwrap();
+                }),
+            ),
+            ("resize", Box::new(|m| drop(m.resize_vip(&a, 509).unwrap()))),
+            (
+                "forward",
+                Box::new(|m| {
+                    m.set_forward(&b, crate::model::Forward::DsrL2).unwrap();
+                }),
+            ),
+            (
+                "drop when all down",
+                Box::new(|m| drop(m.set_all_down_drop(&a, true).unwrap())),
+            ),
+            ("delete a", Box::new(|m| m.del_vip(&a).unwrap())),
+            (
+                "add a again",
+                Box::new(|m| drop(m.add_vip(&a, 251).unwrap())),
+            ),
+            (
+                "delete both",
+                Box::new(|m| {
+                    m.del_vip(&a).unwrap();
+                    m.del_vip(&b).unwrap();
+                }),
+            ),
+        ];
+        for (what, step) in steps.drain(..) {
+            step(&mut m);
+            assert!(m.mirror_matches().unwrap(), "after {what}");
+        }
+        // A stale slot (an older lb wrote the VIP map alone) is put right by a resync.
+        m.add_vip(&a, 251).unwrap();
+        m.vip_by_id.set(7, VipById::default(), 0).unwrap();
+        m.vip_by_id
+            .set(
+                0,
+                VipById {
+                    vip: b.endpoint(),
+                    info: VipInfo::default(),
+                },
+                0,
+            )
+            .unwrap();
+        assert!(!m.mirror_matches().unwrap());
+        assert_eq!(m.mirror_vips().unwrap(), 1);
+        assert!(m.mirror_matches().unwrap());
     }
 }

@@ -981,6 +981,51 @@ fn run_and_upgrade_bad_input() {
     assert_eq!(u["interfaces"], serde_json::json!(["lbc0"]));
     assert_eq!(lb.json(&["status"])["program_id"], u["new_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
+
+    // From a program that predates the next-hop cache and the VIP mirror: its pins are what
+    // an older lb left (the old cache's map, none of the new ones).
+    let pin = std::path::Path::new(&lb.pin);
+    for name in ["LB_VIPBYID_V1", "LB_NEXTHOP_V2"] {
+        std::fs::remove_file(pin.join(name)).unwrap();
+    }
+    let old_cache = pin.join("LB_NEXTHOP_V1");
+    let created = Command::new("bpftool")
+        .args(["map", "create", old_cache.to_str().unwrap()])
+        .args([
+            "type", "array", "key", "4", "value", "24", "entries", "65536",
+        ])
+        .args(["name", "LB_NEXTHOP_V1"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let o = lb.run(&["status"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("run `lb upgrade` first"), "{err}");
+    let u = lb.json(&["upgrade"]);
+    assert_ne!(u["new_program_id"], u["old_program_id"]);
+    assert_eq!(lb.ok(&["show-config"]), cfg);
+    assert!(pin.join("LB_VIPBYID_V1").exists() && pin.join("LB_NEXTHOP_V2").exists());
+    assert!(!old_cache.exists(), "the old cache's pin is left behind");
+    // The mirror was filled: the one VIP (port 80) under its id.
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin.join("LB_VIPBYID_V1"))
+        .output()
+        .unwrap();
+    let slots: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let vips: Vec<&serde_json::Value> = slots
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["formatted"]["value"]["vip"]["family"] == 4)
+        .collect();
+    assert_eq!(vips.len(), 1, "{slots}");
+    assert_eq!(
+        vips[0]["formatted"]["value"]["vip"]["port_be"],
+        80u16.to_be(),
+        "{slots}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -133,7 +133,7 @@ impl Report {
             let programs = if r.name.starts_with("decap") {
                 "lb_decap"
             } else if r.name.contains("ipip") {
-                "lb_xdp → lb_ipip"
+                "lb_xdp (→ lb_ipip for a route lookup)"
             } else {
                 "lb_xdp"
             };
