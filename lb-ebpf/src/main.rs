@@ -494,13 +494,8 @@ fn forward(
     let vip = if confirmed.is_none() && mirrored {
         let key = pkt.dst_endpoint();
         // SAFETY: copied out at once.
-        match unsafe { VIPS.get(key) } {
-            Some(v) => {
-                fresh_vip = *v;
-                &fresh_vip
-            }
-            None => return None,
-        }
+        fresh_vip = *unsafe { VIPS.get(key) }?;
+        &fresh_vip
     } else {
         vip
     };

@@ -1650,51 +1650,30 @@ mod mirror_tests {
         let a: Vip = "10.100.0.1:80/tcp".parse().unwrap();
         let b: Vip = "[fd10::1]:53/udp".parse().unwrap();
         let be = |s: &str| -> SocketAddr { s.parse().unwrap() };
-        let mut steps: Vec<(&str, Box<dyn Fn(&mut LbMaps)>)> = vec![
-            ("add a", Box::new(|m| drop(m.add_vip(&a, 251).unwrap()))),
-            ("add b", Box::new(|m| drop(m.add_vip(&b, 251).unwrap()))),
-            (
-                "backends of a",
-                Box::new(|m| {
-                    m.set_backends(&a, &[(be("10.1.0.1:80"), 1), (be("10.1.0.2:80"), 2)])
-                        .unwrap();
-                }),
-            ),
-            (
-                "round robin",
-                Box::new(|m| {
-                    m.set_algorithm(&a, crate::model::Algorithm::RoundRobin)
-                        .unwrap();
-                }),
-            ),
-            ("resize", Box::new(|m| drop(m.resize_vip(&a, 509).unwrap()))),
-            (
-                "forward",
-                Box::new(|m| {
-                    m.set_forward(&b, crate::model::Forward::DsrL2).unwrap();
-                }),
-            ),
-            (
-                "drop when all down",
-                Box::new(|m| drop(m.set_all_down_drop(&a, true).unwrap())),
-            ),
-            ("delete a", Box::new(|m| m.del_vip(&a).unwrap())),
-            (
-                "add a again",
-                Box::new(|m| drop(m.add_vip(&a, 251).unwrap())),
-            ),
-            (
-                "delete both",
-                Box::new(|m| {
-                    m.del_vip(&a).unwrap();
-                    m.del_vip(&b).unwrap();
-                }),
-            ),
-        ];
-        for (what, step) in steps.drain(..) {
-            step(&mut m);
-            assert!(m.mirror_matches().unwrap(), "after {what}");
-        }
+        let check = |m: &LbMaps, what: &str| assert!(m.mirror_matches().unwrap(), "after {what}");
+        m.add_vip(&a, 251).unwrap();
+        check(&m, "add a");
+        m.add_vip(&b, 251).unwrap();
+        check(&m, "add b");
+        m.set_backends(&a, &[(be("10.1.0.1:80"), 1), (be("10.1.0.2:80"), 2)])
+            .unwrap();
+        check(&m, "backends of a");
+        m.set_algorithm(&a, crate::model::Algorithm::RoundRobin)
+            .unwrap();
+        check(&m, "round robin");
+        m.resize_vip(&a, 509).unwrap();
+        check(&m, "resize");
+        m.set_forward(&b, crate::model::Forward::DsrL2).unwrap();
+        check(&m, "forward");
+        m.set_all_down_drop(&a, true).unwrap();
+        check(&m, "drop when all down");
+        m.del_vip(&a).unwrap();
+        check(&m, "delete a");
+        m.add_vip(&a, 251).unwrap();
+        check(&m, "add a again");
+        m.del_vip(&a).unwrap();
+        m.del_vip(&b).unwrap();
+        check(&m, "delete both");
         // A stale slot (an older lb wrote the VIP map alone) is put right by a resync.
         m.add_vip(&a, 251).unwrap();
         m.vip_by_id.set(7, VipById::default(), 0).unwrap();
