@@ -30,7 +30,8 @@ pub const PROG_ICMP: u32 = 1;
 /// Names of the tail-called programs, by slot.
 pub const TAIL_PROGRAMS: [&str; 2] = ["lb_ipip", "lb_icmp"];
 
-/// What `lb_xdp` hands `lb_ipip` in `names::HANDOFF`: the chosen backend and the flow hash.
+/// What `lb_xdp` hands `lb_ipip` in `names::HANDOFF`: the chosen backend and the flow's
+/// encapsulation hash (`hash::encap_hash`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Handoff {

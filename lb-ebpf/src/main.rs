@@ -26,7 +26,7 @@ mod parse;
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    hash::{flow_hash, source_hash},
+    hash::{encap_hash, flow_hash, source_hash},
     Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, RevNatEntry, VipInfo, ALGO_LEAST_CONN,
     ALGO_MAGLEV, ALGO_RANDOM, ALGO_ROUND_ROBIN, ALGO_SOURCE_HASH, CT_F_DIRECT, FAMILY_V4,
     FWD_DSR_L2, FWD_IPIP, FWD_NAT, MAX_VIPS_PER_BACKEND, NO_BACKEND, PORT_F_BACKEND, PORT_F_VIP,
@@ -674,7 +674,7 @@ fn send_to_backend(
         }
         FWD_IPIP => {
             count(Counter::FwdIpip);
-            let hash = flow_hash(flow, flow::seed());
+            let hash = encap_hash(flow, flow::seed());
             // With a fresh next hop, here; otherwise `lb_ipip` (route lookup, too-big answers:
             // its own stack).
             if let Some(v) = dsr::ipip_cached(ctx, pkt, id, backend, hash, now) {
@@ -729,7 +729,7 @@ fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
             &m.outer,
             id,
             &backend,
-            flow_hash(&m.flow, flow::seed()),
+            encap_hash(&m.flow, flow::seed()),
         ));
     }
     count(Counter::FwdNat);

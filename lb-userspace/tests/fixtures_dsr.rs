@@ -33,9 +33,10 @@ use lb_common::{
     VERDICT_COUNT,
 };
 
-/// The flow hash of `client` → `v` by the reference implementation (`common::oracle`).
+/// The encapsulation hash of `client` → `v` (ipip's outer source and flow label) by the
+/// reference implementation (`common::oracle`).
 fn ref_hash(client: SocketAddr, v: &Vip, seed: u32) -> u32 {
-    common::oracle::flow_hash(client, v.addr, v.proto == lb::Proto::Udp, seed)
+    common::oracle::encap_hash(client, v.addr, seed)
 }
 
 fn sa(s: &str) -> SocketAddr {

@@ -68,6 +68,28 @@ pub fn flow_hash(client: SocketAddr, vip: SocketAddr, udp: bool, seed: u32) -> u
     murmur3(&key, seed)
 }
 
+/// The encapsulation hash (ipip's outer source and flow label): from the seed, each of the
+/// first nine little-endian u32 words of the flow key (client address, VIP address, client
+/// port and VIP port in network byte order) xored in, multiplied by 0x9e3779b1 and rotated
+/// left by 13, then MurmurHash3's finalizer.
+pub fn encap_hash(client: SocketAddr, vip: SocketAddr, seed: u32) -> u32 {
+    let mut key = Vec::with_capacity(36);
+    key.extend_from_slice(&addr16(client.ip()));
+    key.extend_from_slice(&addr16(vip.ip()));
+    key.extend_from_slice(&client.port().to_be_bytes());
+    key.extend_from_slice(&vip.port().to_be_bytes());
+    let mut h = seed;
+    for w in key.chunks(4) {
+        let w = u32::from_le_bytes(w.try_into().unwrap());
+        h = (h ^ w).wrapping_mul(0x9e37_79b1).rotate_left(13);
+    }
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
 /// The source hash: MurmurHash3, with the seed xor "lb_2", of the client address masked to
 /// `prefix_len` bits (0: all) followed by its family as a little-endian u32.
 pub fn source_hash(client: IpAddr, prefix_len: u8, seed: u32) -> u32 {
