@@ -84,6 +84,10 @@ pub mod names {
     /// userspace writes with it (cleared before a VIP goes); an empty or different slot only
     /// sends the packet the `VIPS` way.
     pub const VIP_BY_ID: &str = "LB_VIPBYID_V1";
+    /// `Array<u8>` (65,536): 1 where some VIP's address has these low 16 bits
+    /// (`vip_addr_slot`). Only a hint of which lookup to make first — conntrack (likely a VIP)
+    /// or `VIPS` (likely not) — never a filter: a wrong hint costs a lookup, not a verdict.
+    pub const VIP_ADDRS: &str = "LB_VIPADDRS_V1";
     /// `Array<u8>`: per port (host order), whether some VIP listens on it (`PORT_F_VIP`) and
     /// whether some backend serves from it (`PORT_F_BACKEND`): a cheap filter before the hash
     /// lookups, so traffic not for lb pays two array reads instead of two hash lookups.
@@ -181,6 +185,18 @@ pub struct VipInfo {
     pub fwd: u8,
 }
 const _: () = assert!(core::mem::size_of::<VipInfo>() == 20);
+
+/// The slot of `names::VIP_ADDRS` for a destination address: its low 16 bits (the last two
+/// bytes of the IPv4 or IPv6 address).
+#[inline(always)]
+pub fn vip_addr_slot(family: u8, addr_be: &[u32; 4]) -> u32 {
+    let w = if family == FAMILY_V4 {
+        addr_be[0]
+    } else {
+        addr_be[3]
+    };
+    u32::from_be(w) & 0xffff
+}
 
 /// Value of `names::VIP_BY_ID`: a VIP's endpoint and entry. Empty (all zero, family 0) when no
 /// VIP has the id.

@@ -37,7 +37,7 @@ use crate::{
     flow::Dir,
     maps::{
         count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, PROGS, REVNAT,
-        RR_POS, TABLE, VIPS, VIP_BY_ID, VIP_STATS,
+        RR_POS, TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -136,18 +136,28 @@ fn process(ctx: &XdpContext) -> Verdict {
         .copied()
         .unwrap_or(0);
     if dport_flags & PORT_F_VIP != 0 {
-        // Conntrack first: a confirmed flow's entry names its backend, and so its VIP, which
-        // the mirror by id gives without the hash lookup in `VIPS`.
+        // To an address that likely is a VIP's: conntrack first — a confirmed flow's entry
+        // names its backend, and so its VIP, which the mirror by id gives without the hash
+        // lookup in `VIPS`. Otherwise `VIPS` first, so that traffic to a VIP's port on another
+        // address is not looked up in conntrack at all. (The hint only orders the lookups.)
         let flow = &pkt.flow_key();
-        let ct = CONNTRACK.get_ptr_mut(flow);
-        let found = match ct.and_then(|p| vip_of_flow(&pkt, p)) {
-            Some(vip) => Some((vip, true)),
-            None => {
-                let vip_key = pkt.dst_endpoint();
-                // SAFETY: copied out at once; a concurrent update replaces it whole.
-                unsafe { VIPS.get(vip_key) }.map(|v| (*v, false))
+        let likely_vip = VIP_ADDRS
+            .get(lb_common::vip_addr_slot(pkt.family, &pkt.dst))
+            .is_some_and(|h| *h != 0);
+        let mut ct = None;
+        let mut found = None;
+        if likely_vip {
+            ct = CONNTRACK.get_ptr_mut(flow);
+            found = ct.and_then(|p| vip_of_flow(&pkt, p)).map(|v| (v, true));
+        }
+        if found.is_none() {
+            let vip_key = pkt.dst_endpoint();
+            // SAFETY: copied out at once; a concurrent update replaces it whole.
+            found = unsafe { VIPS.get(vip_key) }.map(|v| (*v, false));
+            if found.is_some() && !likely_vip {
+                ct = CONNTRACK.get_ptr_mut(flow);
             }
-        };
+        }
         // One call site: `forward` is inlined once. None: the mirror named a VIP that is gone
         // (the packet is then looked at as one not for a VIP, below).
         if let Some((vip, mirrored)) = found {

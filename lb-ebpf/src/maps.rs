@@ -19,6 +19,10 @@ pub(crate) static VIPS: HashMap<Endpoint, VipInfo, { MAX_VIPS as usize }> = Hash
 #[btf_map(name = "LB_VIPBYID_V1")]
 pub(crate) static VIP_BY_ID: Array<VipById, { MAX_VIPS as usize }> = Array::new();
 
+/// Where some VIP's address has these low 16 bits: a hint to look in conntrack first.
+#[btf_map(name = "LB_VIPADDRS_V1")]
+pub(crate) static VIP_ADDRS: Array<u8, 65536> = Array::new();
+
 #[btf_map(name = "LB_BACKENDS_V1")]
 pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 

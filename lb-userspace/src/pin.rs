@@ -40,7 +40,7 @@ pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 21] = [
+const ALL_MAPS: [&str; 22] = [
     names::PROGS,
     names::HANDOFF,
     names::PORTS,
@@ -50,6 +50,7 @@ const ALL_MAPS: [&str; 21] = [
     names::NEXTHOP,
     names::VIPS,
     names::VIP_BY_ID,
+    names::VIP_ADDRS,
     names::BACKENDS,
     names::TABLE,
     names::CONNTRACK,
@@ -67,7 +68,7 @@ const ALL_MAPS: [&str; 21] = [
 /// Maps that hold only what can be made again from the others — a cache the data plane
 /// refills by itself, a mirror of the VIPs — which `lb upgrade` creates (and fills) when the
 /// running program does not have them (an older layout keeps its own until the purge).
-const CACHE_MAPS: [&str; 2] = [names::NEXTHOP, names::VIP_BY_ID];
+const CACHE_MAPS: [&str; 3] = [names::NEXTHOP, names::VIP_BY_ID, names::VIP_ADDRS];
 
 /// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
 /// has switched every link (and by unload and purge).

@@ -34,6 +34,8 @@ pub struct LbMaps {
     vips: HashMap<MapData, Endpoint, VipInfo>,
     /// Each VIP again by id (written after and cleared before its `vips` entry).
     vip_by_id: Array<MapData, VipById>,
+    /// Which low 16 bits of a destination some VIP's address has (a lookup-order hint).
+    vip_addrs: Array<MapData, u8>,
     backends: Array<MapData, Backend>,
     table: Array<MapData, u32>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
@@ -127,6 +129,7 @@ impl LbMaps {
             backends: get(names::BACKENDS)?.try_into()?,
             table: get(names::TABLE)?.try_into()?,
             vip_by_id: get(names::VIP_BY_ID)?.try_into()?,
+            vip_addrs: get(names::VIP_ADDRS)?.try_into()?,
             conntrack: get(names::CONNTRACK)?.try_into()?,
             ct_new: get(names::CT_NEW)?.try_into()?,
             timeouts: get(names::TIMEOUTS)?.try_into()?,
@@ -174,6 +177,10 @@ impl LbMaps {
     /// Writes a VIP's entry, then its mirror by id (a packet that reads the mirror before it
     /// changes gets the entry as it was a moment before, as through `vips`).
     fn put_vip(&mut self, vip: &Vip, info: VipInfo, what: impl Fn() -> String) -> Result<()> {
+        let slot = vip_slot(vip);
+        if self.vip_addrs.get(&slot, 0).ctx(&what)? == 0 {
+            self.vip_addrs.set(slot, 1, 0).ctx(&what)?;
+        }
         self.vips.insert(vip.endpoint(), info, 0).ctx(&what)?;
         self.vip_by_id
             .set(
@@ -187,49 +194,69 @@ impl LbMaps {
             .ctx(|| format!("{} (by id)", what()))
     }
 
-    /// Makes the mirror by id exactly `vips`: every VIP's slot written, every other slot
-    /// emptied (`lb upgrade`: the mirror may be new, or written by an older lb that did not
-    /// know it). Returns how many VIPs.
+    /// Makes the mirror by id and the address hints exactly what `vips` says: every VIP's
+    /// slot written, every other slot emptied (`lb upgrade`: they may be new, or written by an
+    /// older lb that did not know them). Returns how many VIPs.
     pub fn mirror_vips(&mut self) -> Result<usize> {
         let vips = self.vips()?;
         for id in 0..MAX_VIPS {
-            let slot = match vips.iter().find(|(_, i)| i.vip_id == id) {
-                Some((vip, info)) => VipById {
-                    vip: vip.endpoint(),
-                    info: *info,
-                },
-                None => VipById::default(),
-            };
-            if self
-                .vip_by_id
-                .get(&id, 0)
-                .ctx(|| format!("reading VIP {id} (by id)"))?
-                != slot
-            {
-                self.vip_by_id
-                    .set(id, slot, 0)
-                    .ctx(|| format!("mirroring VIP {id}"))?;
-            }
-        }
-        Ok(vips.len())
-    }
-
-    /// Whether the mirror by id is exactly `vips` (tests).
-    pub fn mirror_matches(&self) -> Result<bool> {
-        let vips = self.vips()?;
-        for id in 0..MAX_VIPS {
-            let want = match vips.iter().find(|(_, i)| i.vip_id == id) {
-                Some((vip, info)) => VipById {
-                    vip: vip.endpoint(),
-                    info: *info,
-                },
-                None => VipById::default(),
-            };
+            let want = mirror_slot(&vips, id);
             if self
                 .vip_by_id
                 .get(&id, 0)
                 .ctx(|| format!("reading VIP {id} (by id)"))?
                 != want
+            {
+                self.vip_by_id
+                    .set(id, want, 0)
+                    .ctx(|| format!("mirroring VIP {id}"))?;
+            }
+        }
+        let hints = vip_hints(&vips);
+        for slot in 0..65_536u32 {
+            let want = hints.contains(&slot) as u8;
+            if self
+                .vip_addrs
+                .get(&slot, 0)
+                .ctx(|| format!("reading hint {slot}"))?
+                != want
+            {
+                self.vip_addrs
+                    .set(slot, want, 0)
+                    .ctx(|| format!("writing hint {slot}"))?;
+            }
+        }
+        Ok(vips.len())
+    }
+
+    /// Sets one address hint as given (tests: a hint that is wrong must cost a lookup, never a
+    /// verdict; `mirror_vips` puts them right).
+    pub fn set_address_hint(&mut self, slot: u32, on: bool) -> Result<()> {
+        self.vip_addrs
+            .set(slot, on as u8, 0)
+            .ctx(|| format!("writing hint {slot}"))
+    }
+
+    /// Whether the mirror by id and the address hints are exactly what `vips` says (tests).
+    pub fn mirror_matches(&self) -> Result<bool> {
+        let vips = self.vips()?;
+        for id in 0..MAX_VIPS {
+            if self
+                .vip_by_id
+                .get(&id, 0)
+                .ctx(|| format!("reading VIP {id} (by id)"))?
+                != mirror_slot(&vips, id)
+            {
+                return Ok(false);
+            }
+        }
+        let hints = vip_hints(&vips);
+        for slot in 0..65_536u32 {
+            if self
+                .vip_addrs
+                .get(&slot, 0)
+                .ctx(|| format!("reading hint {slot}"))?
+                != hints.contains(&slot) as u8
             {
                 return Ok(false);
             }
@@ -310,6 +337,12 @@ impl LbMaps {
         self.vips
             .remove(&vip.endpoint())
             .ctx(|| format!("removing VIP {vip}"))?;
+        let slot = vip_slot(vip);
+        if !self.vips()?.iter().any(|(v, _)| vip_slot(v) == slot) {
+            self.vip_addrs
+                .set(slot, 0, 0)
+                .ctx(|| format!("removing VIP {vip} (address hint)"))?;
+        }
         for b in &backends {
             self.retire_backend(vip, b)?;
         }
@@ -1635,6 +1668,28 @@ mod sharing_tests {
     }
 }
 
+/// The mirror's slot `id` for `vips`: the VIP with that id, or empty.
+fn mirror_slot(vips: &[(Vip, VipInfo)], id: u32) -> VipById {
+    match vips.iter().find(|(_, i)| i.vip_id == id) {
+        Some((vip, info)) => VipById {
+            vip: vip.endpoint(),
+            info: *info,
+        },
+        None => VipById::default(),
+    }
+}
+
+/// The address-hint slot of a VIP (`lb_common::vip_addr_slot`).
+fn vip_slot(vip: &Vip) -> u32 {
+    let e = vip.endpoint();
+    lb_common::vip_addr_slot(e.family, &e.addr_be)
+}
+
+/// The address-hint slots of `vips`.
+fn vip_hints(vips: &[(Vip, VipInfo)]) -> std::collections::HashSet<u32> {
+    vips.iter().map(|(v, _)| vip_slot(v)).collect()
+}
+
 #[cfg(test)]
 mod mirror_tests {
     use super::*;
@@ -1689,6 +1744,22 @@ mod mirror_tests {
             .unwrap();
         assert!(!m.mirror_matches().unwrap());
         assert_eq!(m.mirror_vips().unwrap(), 1);
+        assert!(m.mirror_matches().unwrap());
+        // So is a wrong address hint, set or missing.
+        m.vip_addrs.set(7, 1, 0).unwrap();
+        assert!(!m.mirror_matches().unwrap());
+        m.mirror_vips().unwrap();
+        m.vip_addrs.set(vip_slot(&a), 0, 0).unwrap();
+        assert!(!m.mirror_matches().unwrap());
+        m.mirror_vips().unwrap();
+        assert!(m.mirror_matches().unwrap());
+        // Two VIPs whose addresses share the low 16 bits: the hint stays while either is there.
+        let c: Vip = "10.200.0.1:80/tcp".parse().unwrap();
+        assert_eq!(vip_slot(&a), vip_slot(&c));
+        m.add_vip(&c, 251).unwrap();
+        m.del_vip(&a).unwrap();
+        assert!(m.mirror_matches().unwrap(), "the hint of c went with a");
+        m.del_vip(&c).unwrap();
         assert!(m.mirror_matches().unwrap());
     }
 }

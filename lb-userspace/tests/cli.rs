@@ -985,7 +985,7 @@ fn run_and_upgrade_bad_input() {
     // From a program that predates the next-hop cache and the VIP mirror: its pins are what
     // an older lb left (the old cache's map, none of the new ones).
     let pin = std::path::Path::new(&lb.pin);
-    for name in ["LB_VIPBYID_V1", "LB_NEXTHOP_V2"] {
+    for name in ["LB_VIPBYID_V1", "LB_VIPADDRS_V1", "LB_NEXTHOP_V2"] {
         std::fs::remove_file(pin.join(name)).unwrap();
     }
     let old_cache = pin.join("LB_NEXTHOP_V1");
@@ -1026,6 +1026,21 @@ fn run_and_upgrade_bad_input() {
         80u16.to_be(),
         "{slots}"
     );
+    // And the address hint: the VIP's low 16 bits (10.100.0.100: 100), nothing else.
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin.join("LB_VIPADDRS_V1"))
+        .output()
+        .unwrap();
+    let hints: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let set: Vec<&serde_json::Value> = hints
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["formatted"]["value"] != 0)
+        .map(|s| &s["formatted"]["key"])
+        .collect();
+    assert_eq!(set, [&serde_json::json!(100)], "{set:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1093,6 +1093,39 @@ fn fixture_table() {
         b,
     );
 
+    // ---- the address hint orders the lookups and decides nothing ----
+    let web_slot = {
+        let e = web.endpoint();
+        lb_common::vip_addr_slot(e.family, &e.addr_be)
+    };
+    t.gw.dp.maps.set_address_hint(web_slot, false).unwrap();
+    let b = t.predict_existing(client(43_100), &far);
+    t.forward_to(
+        "hint missing for a VIP's address → VIP lookup first, same verdict",
+        &ack(client(43_100), far.addr),
+        b,
+    );
+    let (hc, hb) = *flows.iter().find(|(_, b)| *b != removed).unwrap();
+    t.forward_to(
+        "hint missing: an established flow keeps its backend",
+        &ack(hc, web.addr),
+        hb,
+    );
+    let other = sa("10.100.7.7:80");
+    let other_slot = lb_common::vip_addr_slot(
+        lb_common::FAMILY_V4,
+        &[u32::from_ne_bytes([10, 100, 7, 7]), 0, 0, 0],
+    );
+    t.gw.dp.maps.set_address_hint(other_slot, true).unwrap();
+    t.unchanged(
+        "hint set for an address no VIP has → conntrack, then VIP lookup: not a VIP",
+        syn(client(43_200), other).build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.gw.dp.maps.mirror_vips().unwrap();
+    assert!(t.gw.dp.maps.mirror_matches().unwrap());
+
     // ---- the port filter follows the configuration ----
     {
         use lb_common::{PORT_F_BACKEND, PORT_F_VIP};

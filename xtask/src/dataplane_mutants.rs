@@ -33,8 +33,8 @@ const BUGS: &[Bug] = &[
         what: "every IPv6 packet to a VIP is dropped",
         edits: &[(
             "lb-ebpf/src/main.rs",
-            "    mirrored: bool,\n) -> Verdict {\n",
-            "    mirrored: bool,\n) -> Verdict {\n    if pkt.family == lb_common::FAMILY_V6 {\n        return Verdict::drop(Counter::DropNoBackend);\n    }\n",
+            "    mirrored: bool,\n) -> Option<Verdict> {\n",
+            "    mirrored: bool,\n) -> Option<Verdict> {\n    if pkt.family == lb_common::FAMILY_V6 {\n        return Some(Verdict::drop(Counter::DropNoBackend));\n    }\n",
         )],
     },
     Bug {

@@ -226,6 +226,11 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         "not for a VIP (pass)".into(),
         measure_untouched(rig, s, &f, "a non-VIP packet", &[PassNotVip])?,
     );
+    let f = tcp_frame(client4, sa("10.1.1.1:80"), false);
+    push(
+        "not for a VIP, to a VIP's port (pass)".into(),
+        measure_untouched(rig, s, &f, "a non-VIP packet", &[PassNotVip])?,
+    );
     // Malformed: TCP header cut short (IP total length 32), padded to 48 bytes.
     let mut m = tcp_frame(client4, sa(VIP4), true);
     m[16..18].copy_from_slice(&32u16.to_be_bytes());
