@@ -237,6 +237,14 @@ impl LbMaps {
             .ctx(|| format!("writing hint {slot}"))
     }
 
+    /// Writes one slot of the mirror by id as given (tests: a stale mirror must send packets
+    /// the `vips` way; `mirror_vips` puts it right).
+    pub fn set_mirror_slot(&mut self, id: u32, slot: VipById) -> Result<()> {
+        self.vip_by_id
+            .set(id, slot, 0)
+            .ctx(|| format!("writing VIP {id} (by id)"))
+    }
+
     /// Whether the mirror by id and the address hints are exactly what `vips` says (tests).
     pub fn mirror_matches(&self) -> Result<bool> {
         let vips = self.vips()?;

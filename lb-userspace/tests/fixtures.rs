@@ -1124,6 +1124,38 @@ fn fixture_table() {
         Counter::PassNotVip,
     );
     t.gw.dp.maps.mirror_vips().unwrap();
+    // A stale mirror (its slot empty, or naming another endpoint): the VIP lookup decides.
+    let web_id = t.gw.dp.maps.vip(&web).unwrap().vip_id;
+    t.gw.dp
+        .maps
+        .set_mirror_slot(web_id, lb_common::VipById::default())
+        .unwrap();
+    t.forward_to(
+        "mirror slot empty → VIP lookup: the established flow keeps its backend",
+        &ack(hc, web.addr),
+        hb,
+    );
+    // (With dsr-l2 in it: were the slot used, the packet would leave unrewritten.)
+    let info = lb_common::VipInfo {
+        fwd: lb_common::FWD_DSR_L2,
+        ..t.gw.dp.maps.vip(&web).unwrap()
+    };
+    t.gw.dp
+        .maps
+        .set_mirror_slot(
+            web_id,
+            lb_common::VipById {
+                vip: far.endpoint(),
+                info,
+            },
+        )
+        .unwrap();
+    t.forward_to(
+        "mirror slot naming another endpoint → VIP lookup: the established flow keeps its backend, NAT",
+        &ack(hc, web.addr),
+        hb,
+    );
+    t.gw.dp.maps.mirror_vips().unwrap();
     assert!(t.gw.dp.maps.mirror_matches().unwrap());
 
     // ---- the port filter follows the configuration ----

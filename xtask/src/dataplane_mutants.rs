@@ -81,6 +81,15 @@ const BUGS: &[Bug] = &[
         )],
     },
     Bug {
+        name: "vip-mirror-unchecked",
+        what: "a confirmed flow's VIP is taken from the mirror slot without checking it",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "    let v = &m.vip;\n    if v.addr_be == pkt.dst\n",
+            "    let v = &m.vip;\n    if true || v.addr_be == pkt.dst\n",
+        )],
+    },
+    Bug {
         name: "nexthop-never-stale",
         what: "a cached next hop is used whatever its age",
         edits: &[(
