@@ -1124,37 +1124,6 @@ fn fixture_table() {
         Counter::PassNotVip,
     );
     t.gw.dp.maps.mirror_vips().unwrap();
-    // A stale mirror (its slot empty, or naming another endpoint): the VIP lookup decides.
-    let web_id = t.gw.dp.maps.vip(&web).unwrap().vip_id;
-    t.gw.dp
-        .maps
-        .set_mirror_slot(web_id, lb_common::VipById::default())
-        .unwrap();
-    t.forward_to(
-        "mirror slot empty → VIP lookup: the established flow keeps its backend",
-        &ack(hc, web.addr),
-        hb,
-    );
-    // (With dsr-l2 in it: were the slot used, the packet would leave unrewritten.)
-    let info = lb_common::VipInfo {
-        fwd: lb_common::FWD_DSR_L2,
-        ..t.gw.dp.maps.vip(&web).unwrap()
-    };
-    t.gw.dp
-        .maps
-        .set_mirror_slot(
-            web_id,
-            lb_common::VipById {
-                vip: far.endpoint(),
-                info,
-            },
-        )
-        .unwrap();
-    t.forward_to(
-        "mirror slot naming another endpoint → VIP lookup: the established flow keeps its backend, NAT",
-        &ack(hc, web.addr),
-        hb,
-    );
     t.gw.dp.maps.mirror_vips().unwrap();
     assert!(t.gw.dp.maps.mirror_matches().unwrap());
 
@@ -1465,6 +1434,38 @@ fn flow_state_table() {
     t.forward_to(d, &syn(hc, web.addr), hb);
     t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
     t.expect_events(d, &since, &[]);
+    t.expect_active(d, &web, hb, active0 + 1);
+    // A confirmed flow finds its VIP in the mirror by id; a stale mirror slot (empty, or
+    // naming another endpoint) sends it the VIP-lookup way, with the same result.
+    let web_id = t.gw.dp.maps.vip(&web).unwrap().vip_id;
+    let est = ack(hc, web.addr).seq_ack(SEQ + 1, ISN_B + 1);
+    t.gw.dp
+        .maps
+        .set_mirror_slot(web_id, lb_common::VipById::default())
+        .unwrap();
+    t.forward_to(
+        "established, mirror slot empty → VIP lookup: same backend",
+        &est,
+        hb,
+    );
+    // (With dsr-l2 in it: were the slot used, the packet would leave unrewritten.)
+    let info = lb_common::VipInfo {
+        fwd: lb_common::FWD_DSR_L2,
+        ..t.gw.dp.maps.vip(&web).unwrap()
+    };
+    let stale = lb_common::VipById {
+        vip: dns.endpoint(),
+        info,
+    };
+    t.gw.dp.maps.set_mirror_slot(web_id, stale).unwrap();
+    t.forward_to(
+        "established, mirror slot naming another endpoint → VIP lookup: same backend, NAT",
+        &est,
+        hb,
+    );
+    t.gw.dp.maps.mirror_vips().unwrap();
+    assert!(t.gw.dp.maps.mirror_matches().unwrap());
+    t.expect_entry(d, hc, &web, confirmed(CT_S_ESTABLISHED, CT_F_COUNTED, hb));
     t.expect_active(d, &web, hb, active0 + 1);
 
     // IPv6, the same handshake.
