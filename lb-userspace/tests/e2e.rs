@@ -198,10 +198,16 @@ fn distribution_and_bystanders(mode: &str) {
     let b = &tb.backends[0];
     let (name, _) = tb.http_get(sa(b.v4, HTTP_PORT)).unwrap();
     assert_eq!(name, b.name);
-    let replies = tb.udp_flow(sa(b.v4, UDP_PORT), 3).unwrap();
-    assert!(replies
-        .iter()
-        .all(|(from, n)| *from == sa(b.v4, UDP_PORT) && *n == b.name));
+    // From a port below the ephemeral range, so that no UDP flow to the VIP above (ephemeral
+    // ports) has its 5-tuple: a reply of a live VIP flow from this backend to that client port
+    // would be the VIP's to rewrite.
+    let replies = tb.udp_flow_from(sa(b.v4, UDP_PORT), 20_001, 3).unwrap();
+    assert!(
+        replies
+            .iter()
+            .all(|(from, n)| *from == sa(b.v4, UDP_PORT) && *n == b.name),
+        "{replies:?}"
+    );
     assert!(tb.ping(b.v4), "ping {} through the gateway", b.v4);
     assert!(tb.ping(b.v6), "ping {} through the gateway", b.v6);
     assert!(tb.ping("10.0.0.1".parse().unwrap()), "ping the gateway");

@@ -291,7 +291,17 @@ impl Testbed {
     /// Sends `count` datagrams from one client socket (one UDP flow) to `addr`; returns
     /// (source address of the reply, backend name) for each.
     pub fn udp_flow(&self, addr: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>> {
-        self.as_client().udp_flow(addr, count)
+        self.as_client().udp_flow_from(addr, 0, count)
+    }
+
+    /// Like `udp_flow`, from client port `port` (0: any).
+    pub fn udp_flow_from(
+        &self,
+        addr: SocketAddr,
+        port: u16,
+        count: usize,
+    ) -> Result<Vec<(SocketAddr, String)>> {
+        self.as_client().udp_flow_from(addr, port, count)
     }
 
     /// Whether `ping` from the client reaches `ip` (one packet, 2 s).
@@ -384,9 +394,19 @@ impl Client<'_> {
     /// Sends `count` datagrams from one client socket (one UDP flow) to `addr`; returns
     /// (source address of the reply, backend name) for each.
     pub fn udp_flow(&self, addr: SocketAddr, count: usize) -> Result<Vec<(SocketAddr, String)>> {
+        self.udp_flow_from(addr, 0, count)
+    }
+
+    /// Like `udp_flow`, from client port `port` (0: any).
+    pub fn udp_flow_from(
+        &self,
+        addr: SocketAddr,
+        port: u16,
+        count: usize,
+    ) -> Result<Vec<(SocketAddr, String)>> {
         let client = if addr.is_ipv4() { self.v4 } else { self.v6 };
         in_ns(self.ns, move || -> Result<Vec<(SocketAddr, String)>> {
-            let s = UdpSocket::bind(SocketAddr::new(client, 0))?;
+            let s = UdpSocket::bind(SocketAddr::new(client, port))?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             let mut out = Vec::new();
             let mut buf = [0u8; 256];
