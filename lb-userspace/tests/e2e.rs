@@ -196,11 +196,11 @@ fn distribution_and_bystanders(mode: &str) {
     // Bystanders: the client reaches a backend's own address directly (forwarded by the
     // gateway's kernel, replies from the backend's address), and ping works.
     let b = &tb.backends[0];
-    let (name, _) = tb.http_get(sa(b.v4, HTTP_PORT)).unwrap();
+    // From ports below the ephemeral range, so that no flow to a VIP above (ephemeral ports)
+    // has the 5-tuple: a reply of a live VIP flow from this backend to that client port would
+    // be the VIP's to rewrite.
+    let (name, _) = tb.http_get_from(sa(b.v4, HTTP_PORT), 20_002).unwrap();
     assert_eq!(name, b.name);
-    // From a port below the ephemeral range, so that no UDP flow to the VIP above (ephemeral
-    // ports) has its 5-tuple: a reply of a live VIP flow from this backend to that client port
-    // would be the VIP's to rewrite.
     let replies = tb.udp_flow_from(sa(b.v4, UDP_PORT), 20_001, 3).unwrap();
     assert!(
         replies
@@ -318,7 +318,10 @@ fn ipv6_end_to_end(mode: &str) {
             .all(|(from, n)| *from == vip6(53) && *n == replies[0].1),
         "{replies:?}"
     );
-    let (name, _) = tb.http_get(sa(tb.backends[1].v6, HTTP_PORT)).unwrap();
+    // From a port no VIP flow above used (see distribution_and_bystanders).
+    let (name, _) = tb
+        .http_get_from(sa(tb.backends[1].v6, HTTP_PORT), 20_003)
+        .unwrap();
     assert_eq!(name, "backend-2", "direct IPv6 traffic to a backend");
 }
 
