@@ -338,6 +338,12 @@ impl LbMaps {
     pub fn del_vip(&mut self, vip: &Vip) -> Result<()> {
         let info = self.vip(vip)?;
         let backends = self.backends(vip)?;
+        // Whether another VIP keeps the address hint: read before anything is written.
+        let slot = vip_slot(vip);
+        let hint_shared = self
+            .vips()?
+            .iter()
+            .any(|(v, _)| v != vip && vip_slot(v) == slot);
         // The mirror first: from then on every packet of the VIP goes through `vips`.
         self.vip_by_id
             .set(info.vip_id, VipById::default(), 0)
@@ -345,8 +351,7 @@ impl LbMaps {
         self.vips
             .remove(&vip.endpoint())
             .ctx(|| format!("removing VIP {vip}"))?;
-        let slot = vip_slot(vip);
-        if !self.vips()?.iter().any(|(v, _)| vip_slot(v) == slot) {
+        if !hint_shared {
             self.vip_addrs
                 .set(slot, 0, 0)
                 .ctx(|| format!("removing VIP {vip} (address hint)"))?;

@@ -1005,7 +1005,9 @@ fn run_and_upgrade_bad_input() {
     let u = lb.json(&["upgrade"]);
     assert_ne!(u["new_program_id"], u["old_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
-    assert!(pin.join("LB_VIPBYID_V1").exists() && pin.join("LB_NEXTHOP_V2").exists());
+    for name in ["LB_VIPBYID_V1", "LB_VIPADDRS_V1", "LB_NEXTHOP_V2"] {
+        assert!(pin.join(name).exists(), "{name} not pinned by the upgrade");
+    }
     assert!(!old_cache.exists(), "the old cache's pin is left behind");
     // The mirror was filled: the one VIP (port 80) under its id.
     let dump = Command::new("bpftool")
