@@ -120,6 +120,8 @@ struct Agent {
     bird_error: Option<String>,
     /// The last conntrack-sweep error logged.
     sweep_error: Option<String>,
+    /// The last re-attach error logged per interface.
+    attach_errors: HashMap<String, String>,
 }
 
 /// Why the agent could not start.
@@ -156,7 +158,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         let maps = dir.maps_or_load(load)?;
         let attached = dir.attachments()?;
         for iface in &opts.attach {
-            if attached.iter().any(|a| &a.iface == iface) {
+            if attached.iter().any(|a| &a.iface == iface && !a.gone) {
                 continue;
             }
             let mode = dir.attach(iface, opts.mode, load)?;
@@ -205,6 +207,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
         sweep_error: None,
+        attach_errors: HashMap::new(),
         opts,
     };
     // The metrics port first: a start that cannot serve it changes nothing.
@@ -236,6 +239,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 agent.reload_if_changed(false);
                 agent.sweep();
                 agent.progress_drains();
+                agent.reattach();
                 agent.announce();
             }
             _ = hup.recv() => {
@@ -255,6 +259,41 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
 }
 
 impl Agent {
+    /// Attaches again to every `--attach` interface whose link is gone (the interface was
+    /// deleted, e.g. by a driver reload) once an interface of that name exists again.
+    fn reattach(&mut self) {
+        for iface in self.opts.attach.clone() {
+            let r = self.lock_dir().and_then(|dir| {
+                let live = dir
+                    .attachments()?
+                    .iter()
+                    .any(|a| a.iface == iface && !a.gone);
+                if live || crate::links::iface_index(&iface) == 0 {
+                    return Ok(None);
+                }
+                dir.attach(&iface, self.opts.mode, self.opts.load).map(Some)
+            });
+            match r {
+                Ok(Some(mode)) => {
+                    self.attach_errors.remove(&iface);
+                    info!(
+                        iface,
+                        mode = crate::pin::mode_name(mode),
+                        "attached again (the interface is back)"
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if self.attach_errors.get(&iface) != Some(&e) {
+                        warn!(iface, "attaching again failed: {e}");
+                        self.attach_errors.insert(iface, e);
+                    }
+                }
+            }
+        }
+    }
+
     fn lock_dir(&self) -> Result<PinDir> {
         PinDir::open(&self.opts.pin_dir)
     }

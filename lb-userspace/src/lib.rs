@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod drain;
 pub mod error;
 pub mod health;
+pub mod links;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

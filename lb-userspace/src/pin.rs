@@ -4,7 +4,8 @@
 //! ```text
 //! /sys/fs/bpf/lb/            (0700; flock'ed by every lb command: concurrent runs serialize)
 //!   prog_lb_xdp              the loaded program
-//!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic)
+//!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic; `.` and `%`
+//!                            in the interface name percent-encoded: links.rs)
 //!   LB_VIPS_V2 …             the maps (names from lb_common::names)
 //!   prog_lb_decap, decap_<iface>_<mode>, LB_DECAP_STATS_V1
 //!                            the decapsulation program (on backends of ipip VIPs)
@@ -30,6 +31,7 @@ use lb_common::names;
 
 use crate::{
     dataplane::{AttachMode, Dataplane, LoadOptions},
+    links,
     state::LbMaps,
 };
 
@@ -79,6 +81,9 @@ const LEGACY_MAPS: [&str; 1] = ["LB_NEXTHOP_V1"];
 pub struct Attachment {
     pub iface: String,
     pub mode: AttachMode,
+    /// The interface the link was made on is gone (deleted, perhaps re-created since): the
+    /// kernel detached the link; only its pin is left.
+    pub gone: bool,
 }
 
 /// What `PinDir::upgrade` did.
@@ -229,10 +234,14 @@ impl PinDir {
             bail!("interface {iface} does not exist");
         }
         if let Some(a) = self.attachments()?.into_iter().find(|a| a.iface == iface) {
-            bail!(
-                "lb is already attached to {iface} ({} mode)",
-                mode_name(a.mode)
-            );
+            if !a.gone {
+                bail!(
+                    "lb is already attached to {iface} ({} mode)",
+                    mode_name(a.mode)
+                );
+            }
+            // The interface was deleted (and made again): its old link is detached already.
+            self.detach(iface)?;
         }
         if !self.is_loaded() {
             self.load(opts)?;
@@ -260,7 +269,10 @@ impl PinDir {
         let link = prog.take_link(id).context("taking the XDP link")?;
         let fd_link = FdLink::try_from(link).context("the kernel gave no BPF link to pin")?;
         fd_link
-            .pin(self.path.join(format!("link_{iface}_{}", mode_name(used))))
+            .pin(
+                self.path
+                    .join(links::pin_name("link_", iface, mode_name(used))),
+            )
             .context("pinning the XDP link")?;
         Ok(used)
     }
@@ -274,7 +286,7 @@ impl PinDir {
             .ok_or_else(|| anyhow!("lb is not attached to {iface}"))?;
         let pin = self
             .path
-            .join(format!("link_{iface}_{}", mode_name(a.mode)));
+            .join(links::pin_name("link_", iface, mode_name(a.mode)));
         fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))
     }
 
@@ -289,21 +301,19 @@ impl PinDir {
             fs::read_dir(&self.path).with_context(|| format!("reading {}", self.path.display()))?
         {
             let name = entry?.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(prefix) else {
+            let Some((iface, mode)) = links::parse_pin_name(prefix, &name) else {
                 continue;
             };
-            let Some((iface, mode)) = rest.rsplit_once('_') else {
-                continue;
-            };
-            let mode = match mode {
+            let mode = match mode.as_str() {
                 "native" => AttachMode::Native,
                 "generic" => AttachMode::Generic,
                 _ => continue,
             };
-            out.push(Attachment {
-                iface: iface.to_string(),
-                mode,
-            });
+            // The link's interface, as the kernel has it: 0 once the interface was deleted;
+            // another index than the name's now if it was made again.
+            let ifindex = links::link_ifindex(&self.path.join(&name))?;
+            let gone = ifindex == 0 || links::iface_index(&iface) != ifindex;
+            out.push(Attachment { iface, mode, gone });
         }
         out.sort_by(|a, b| a.iface.cmp(&b.iface));
         Ok(out)
@@ -417,7 +427,7 @@ impl PinDir {
         for a in self.attachments()? {
             let pin = self
                 .path
-                .join(format!("link_{}_{}", a.iface, mode_name(a.mode)));
+                .join(links::pin_name("link_", &a.iface, mode_name(a.mode)));
             let link: FdLink = aya::programs::links::PinnedLink::from_pin(&pin)
                 .with_context(|| format!("opening {}", pin.display()))?
                 .into();
@@ -492,10 +502,17 @@ impl PinDir {
             .into_iter()
             .find(|a| a.iface == iface)
         {
-            bail!(
-                "lb decap is already attached to {iface} ({} mode)",
-                mode_name(a.mode)
-            );
+            if !a.gone {
+                bail!(
+                    "lb decap is already attached to {iface} ({} mode)",
+                    mode_name(a.mode)
+                );
+            }
+            // Its interface was deleted and made again: only the old link's pin is left.
+            let pin = self
+                .path
+                .join(links::pin_name("decap_", iface, mode_name(a.mode)));
+            fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
         }
         if !self.path.join(DECAP_PROG_PIN).exists() {
             let mut ebpf = aya::EbpfLoader::new()
@@ -540,7 +557,10 @@ impl PinDir {
         let link = prog.take_link(id).context("taking the XDP link")?;
         FdLink::try_from(link)
             .context("the kernel gave no BPF link to pin")?
-            .pin(self.path.join(format!("decap_{iface}_{}", mode_name(used))))
+            .pin(
+                self.path
+                    .join(links::pin_name("decap_", iface, mode_name(used))),
+            )
             .context("pinning the decap link")?;
         Ok(used)
     }
@@ -554,7 +574,7 @@ impl PinDir {
             .ok_or_else(|| anyhow!("lb decap is not attached to {iface}"))?;
         let pin = self
             .path
-            .join(format!("decap_{iface}_{}", mode_name(a.mode)));
+            .join(links::pin_name("decap_", iface, mode_name(a.mode)));
         fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
         if self.decap_attachments()?.is_empty() {
             let _ = fs::remove_file(self.path.join(DECAP_PROG_PIN));

@@ -30,7 +30,8 @@ fn check_ifaces(ifaces: &[String], attached: &[lb::pin::Attachment], what: &str)
         if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
             return Err(anyhow::anyhow!("interface {iface} does not exist").into());
         }
-        if attached.iter().any(|a| &a.iface == iface) {
+        // A link whose interface is gone is replaced.
+        if attached.iter().any(|a| &a.iface == iface && !a.gone) {
             return Err(anyhow::anyhow!("{what} is already attached to {iface}").into());
         }
     }
@@ -69,6 +70,7 @@ pub fn attach(
             Ok(used) => done.push(Attached {
                 iface: iface.clone(),
                 mode: mode_name(used),
+                state: "attached",
             }),
             Err(e) => {
                 // Undo this command's attachments (and load), leaving the state as it was.
@@ -136,7 +138,11 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
     };
     for iface in &targets {
         dir.detach(iface)?;
-        println!("detached from {iface}");
+        if attached.iter().any(|a| &a.iface == iface && a.gone) {
+            println!("removed the link of {iface} (the interface is gone)");
+        } else {
+            println!("detached from {iface}");
+        }
     }
     if purge {
         let path = dir.path().to_path_buf();
@@ -150,6 +156,19 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
 struct Attached {
     iface: String,
     mode: &'static str,
+    /// "attached", or "gone": the interface was deleted (the kernel detached the link; its pin
+    /// is left until `lb detach` or a new `lb attach`).
+    state: &'static str,
+}
+
+impl Attached {
+    fn of(a: lb::pin::Attachment) -> Attached {
+        Attached {
+            iface: a.iface,
+            mode: mode_name(a.mode),
+            state: if a.gone { "gone" } else { "attached" },
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -194,14 +213,7 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         hash_seed_set: conf.hash_seed != 0,
         pin_dir: dir.path().display().to_string(),
         program_id: dir.program_id()?,
-        attached: dir
-            .attachments()?
-            .into_iter()
-            .map(|a| Attached {
-                iface: a.iface,
-                mode: mode_name(a.mode),
-            })
-            .collect(),
+        attached: dir.attachments()?.into_iter().map(Attached::of).collect(),
         maps: [
             ("vips", f.vips),
             ("backends", f.backends),
@@ -230,7 +242,13 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         let list: Vec<String> = s
             .attached
             .iter()
-            .map(|a| format!("{} ({})", a.iface, a.mode))
+            .map(|a| match a.state {
+                "gone" => format!(
+                    "{} ({}, GONE: the interface was deleted; `lb attach {}` again or `lb detach {}`)",
+                    a.iface, a.mode, a.iface, a.iface
+                ),
+                _ => format!("{} ({})", a.iface, a.mode),
+            })
             .collect();
         println!("attached:      {}", list.join(", "));
     }
@@ -333,10 +351,7 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
                 attached: dir
                     .decap_attachments()?
                     .into_iter()
-                    .map(|a| Attached {
-                        iface: a.iface,
-                        mode: mode_name(a.mode),
-                    })
+                    .map(Attached::of)
                     .collect(),
                 counters: lb_common::DECAP_COUNTER_NAMES
                     .iter()

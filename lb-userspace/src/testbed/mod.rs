@@ -164,6 +164,36 @@ impl Testbed {
         Ok(tb)
     }
 
+    /// Deletes the veth pair between the gateway and backend `i` (1-based), as a driver reload
+    /// or an unplugged NIC would: the gateway's `g<i>` and the backend's `eth0` go.
+    pub fn delete_backend_link(&self, i: usize) -> Result<()> {
+        self.gateway.ip(&["link", "del", &format!("g{i}")])
+    }
+
+    /// Makes the link to backend `i` again, as `new` made it (same names and addresses, the
+    /// backend's default routes).
+    pub fn recreate_backend_link(&self, i: usize) -> Result<()> {
+        let ns = &self.backends[i - 1].ns;
+        link_pair(
+            &self.gateway,
+            &format!("g{i}"),
+            ns,
+            &format!("10.1.{i}.1/24"),
+            &format!("10.1.{i}.2/24"),
+            &format!("fd01:{i:x}::1/64"),
+            &format!("fd01:{i:x}::2/64"),
+        )?;
+        ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd01:{i:x}::1"),
+        ])
+    }
+
     /// The names of the backends the VIP's table gives flows from `clients` (read from the
     /// gateway's pinned maps), in order: what a test expects when flows are chosen by hash.
     pub fn table_choices(&self, vip: &crate::Vip, clients: &[SocketAddr]) -> Result<Vec<String>> {
