@@ -260,15 +260,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
 
 impl Agent {
     /// Attaches again to every `--attach` interface whose link is gone (the interface was
-    /// deleted, e.g. by a driver reload) once an interface of that name exists again.
+    /// deleted, e.g. by a driver reload) once an interface of that name exists again. Not to
+    /// one an operator detached (`lb detach` removes the link: nothing is gone then).
     fn reattach(&mut self) {
         for iface in self.opts.attach.clone() {
             let r = self.lock_dir().and_then(|dir| {
-                let live = dir
+                let gone = dir
                     .attachments()?
                     .iter()
-                    .any(|a| a.iface == iface && !a.gone);
-                if live || crate::links::iface_index(&iface) == 0 {
+                    .any(|a| a.iface == iface && a.gone);
+                if !gone || crate::links::iface_index(&iface) == 0 {
                     return Ok(None);
                 }
                 dir.attach(&iface, self.opts.mode, self.opts.load).map(Some)

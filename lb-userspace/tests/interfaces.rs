@@ -189,6 +189,14 @@ fn the_agent_attaches_again_when_an_interface_comes_back() {
         served_through_vip(&tb),
         "no traffic after the agent attached again"
     );
+    // An operator's `lb detach` is not undone (what the scale-out tests rely on to withdraw).
+    tb.lb(&["detach", "g1"]).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        link_state(&tb, "g1"),
+        None,
+        "the agent attached again after `lb detach`"
+    );
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
