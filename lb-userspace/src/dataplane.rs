@@ -144,8 +144,8 @@ impl Dataplane {
             .expect("lb_xdp is an XDP program")
     }
 
-    /// Attaches to `iface`; returns the mode actually used. In `Auto` mode a refusal of native
-    /// mode falls back to generic with a message on stderr saying so.
+    /// Attaches to `iface`; returns the mode actually used. `Auto` is native mode: where the
+    /// driver refuses it, an error (`no_silent_generic`), never generic mode on its own.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
         let prog = self.program();
         match mode {
@@ -161,15 +161,18 @@ impl Dataplane {
             }
             AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
                 Ok(_) => Ok(AttachMode::Native),
-                Err(native_err) => {
-                    eprintln!(
-                        "lb: {iface}: native XDP refused ({native_err}); using generic mode, which is slower"
-                    );
-                    prog.attach(iface, XdpMode::Skb)
-                        .with_context(|| format!("attaching to {iface} in generic mode"))?;
-                    Ok(AttachMode::Generic)
-                }
+                Err(native_err) => Err(no_silent_generic(iface, &native_err)),
             },
         }
     }
+}
+
+/// The error of `auto` mode where the driver refuses native XDP. Generic (skb) mode is not
+/// chosen on its own: there lb's incremental checksum update meets packets whose checksum the
+/// kernel has not finished (GRO-merged, or generated on this host: CHECKSUM_PARTIAL) and can
+/// corrupt them, so it takes an operator's `--mode generic`.
+pub fn no_silent_generic(iface: &str, native_err: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{iface}: the driver refused native XDP ({native_err}); lb does not fall back to generic mode on its own, because generic mode can corrupt the checksums of GRO-merged and locally generated packets. Use --mode generic to attach anyway (safe where every packet arrives with a complete checksum)"
+    )
 }

@@ -254,10 +254,7 @@ impl PinDir {
             AttachMode::Generic => (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic),
             AttachMode::Auto => match try_attach(&mut prog, XdpMode::Driver) {
                 Ok(id) => (Ok(id), AttachMode::Native),
-                Err(e) => {
-                    eprintln!("lb: {iface}: native XDP refused ({e}); falling back to generic mode, which is slower");
-                    (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic)
-                }
+                Err(e) => return Err(crate::dataplane::no_silent_generic(iface, &e)),
             },
         };
         let id = id.map_err(|e| {

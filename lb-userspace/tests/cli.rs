@@ -1163,3 +1163,25 @@ fn forward_modes_health_and_decap() {
     );
     lb.fails(&["decap", "detach", "lbc1"], 1, "not attached");
 }
+
+/// `auto` (the default) is native XDP: on an interface whose driver refuses it, `lb attach`
+/// fails, naming the problem and `--mode generic`, and changes nothing — it never picks generic
+/// mode, which can corrupt unfinished checksums, on its own. `--mode generic` attaches.
+#[test]
+fn auto_mode_never_falls_back_to_generic_on_its_own() {
+    let lb = Lb::new("auto");
+    // A bridge has no native XDP.
+    lb.ns.ip(&["link", "add", "lbbr0", "type", "bridge"]);
+    lb.ns.ip(&["link", "set", "lbbr0", "up"]);
+    lb.fails(
+        &["attach", "lbbr0"],
+        1,
+        "lb does not fall back to generic mode on its own",
+    );
+    lb.fails(&["attach", "lbbr0", "--mode", "auto"], 1, "--mode generic");
+    let out = lb.ok(&["attach", "lbbr0", "--mode", "generic"]);
+    assert!(out.contains("attached to lbbr0 (generic mode)"), "{out}");
+    // Native where the driver has it (veth), by default.
+    let out = lb.ok(&["attach", "lbc0"]);
+    assert!(out.contains("attached to lbc0 (native mode)"), "{out}");
+}

@@ -37,8 +37,9 @@ pub enum Command {
         /// Interfaces to attach to.
         #[arg(required = true)]
         ifaces: Vec<String>,
-        /// native: in the driver; generic: in the network stack (any interface, slower);
-        /// auto: native, falling back to generic where the driver refuses.
+        /// native: in the driver; generic: in the network stack (any interface, slower; can
+        /// corrupt the checksums of GRO-merged and locally generated packets); auto: native,
+        /// and an error where the driver refuses it (generic is never chosen on its own).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         #[command(flatten)]
@@ -148,7 +149,7 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// Attach to these interfaces if lb is not attached to them yet.
         #[arg(long, value_name = "IFACE")]
         attach: Vec<String>,
-        /// XDP mode for --attach.
+        /// XDP mode for --attach (auto: native, an error where the driver refuses it).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         /// How often the file is checked for changes (and drains for progress).
