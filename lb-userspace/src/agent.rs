@@ -267,12 +267,17 @@ impl Agent {
             let r = self.lock_dir().and_then(|dir| {
                 let gone = dir
                     .attachments()?
-                    .iter()
-                    .any(|a| a.iface == iface && a.gone);
-                if !gone || crate::links::iface_index(&iface) == 0 {
+                    .into_iter()
+                    .find(|a| a.iface == iface && a.gone);
+                let Some(gone) = gone else {
+                    return Ok(None);
+                };
+                if crate::links::iface_index(&iface) == 0 {
                     return Ok(None);
                 }
-                dir.attach(&iface, self.opts.mode, self.opts.load).map(Some)
+                // In the mode the link had (the program is loaded: the load options are
+                // not used).
+                dir.attach(&iface, gone.mode, self.opts.load).map(Some)
             });
             match r {
                 Ok(Some(mode)) => {

@@ -76,9 +76,10 @@ pub fn link_ifindex(pin: &Path) -> Result<u32> {
     }
     // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
     let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, then the per-type union at offset 16, whose
-    // `xdp.ifindex` is its first u32. 64 bytes is a prefix of it the kernel fills.
-    let mut info = [0u64; 8];
+    // struct bpf_link_info: type, id, prog_id, then the per-type union at offset 16 (8-byte
+    // aligned), whose `xdp.ifindex` is its first u32: word 4. 64 bytes is a prefix of it the
+    // kernel fills.
+    let mut info = [0u32; 16];
     #[repr(C)]
     struct InfoByFd {
         bpf_fd: u32,
@@ -106,7 +107,7 @@ pub fn link_ifindex(pin: &Path) -> Result<u32> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(info[2] as u32)
+    Ok(info[4])
 }
 
 #[cfg(test)]

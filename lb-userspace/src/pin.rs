@@ -306,10 +306,10 @@ impl PinDir {
                 "generic" => AttachMode::Generic,
                 _ => continue,
             };
-            // The link's interface, as the kernel has it: 0 once the interface was deleted;
-            // another index than the name's now if it was made again.
-            let ifindex = links::link_ifindex(&self.path.join(&name))?;
-            let gone = ifindex == 0 || links::iface_index(&iface) != ifindex;
+            // The link's interface, as the kernel has it: 0 once the interface was deleted
+            // (also when one of that name was made since). A pin that cannot be read as a
+            // link counts as gone too, so that `lb detach` can remove it.
+            let gone = links::link_ifindex(&self.path.join(&name)).unwrap_or(0) == 0;
             out.push(Attachment { iface, mode, gone });
         }
         out.sort_by(|a, b| a.iface.cmp(&b.iface));
@@ -421,7 +421,9 @@ impl PinDir {
     /// versions — a change there needs a new map name, which the map check refuses.)
     fn switch_to(&self, ebpf: &mut aya::Ebpf) -> Result<Vec<String>> {
         let mut links = Vec::new();
-        for a in self.attachments()? {
+        // A gone link (its interface was deleted) has nothing to switch: the kernel refuses to
+        // update it. It keeps its pin until `lb attach` or `lb detach`.
+        for a in self.attachments()?.into_iter().filter(|a| !a.gone) {
             let pin = self
                 .path
                 .join(links::pin_name("link_", &a.iface, mode_name(a.mode)));
@@ -621,12 +623,14 @@ impl PinDir {
     }
 }
 
-/// Whether any XDP link of lb is pinned in `dir` (read without the lock: a snapshot).
+/// Whether any XDP link of lb is pinned in `dir` and attached (its interface not gone; read
+/// without the lock: a snapshot).
 pub fn has_attachments(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("link_"))
+        entries.flatten().any(|e| {
+            e.file_name().to_string_lossy().starts_with("link_")
+                && links::link_ifindex(&e.path()).is_ok_and(|i| i != 0)
+        })
     })
 }
 

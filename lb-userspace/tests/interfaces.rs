@@ -71,6 +71,9 @@ fn a_deleted_interface_is_gone_and_can_be_attached_again() {
     assert_eq!(link_state(&tb, "g0").unwrap().0, "attached");
     let text = tb.lb(&["status"]).unwrap();
     assert!(text.contains("g1 (native, GONE"), "{text}");
+    // An upgrade switches the live links and leaves the gone one alone.
+    let u = tb.lb_json(&["upgrade"]).unwrap();
+    assert_eq!(u["interfaces"], serde_json::json!(["g0"]), "{u}");
     let e = tb.lb(&["attach", "g1"]).unwrap_err();
     assert!(
         format!("{e:#}").contains("interface g1 does not exist"),
