@@ -72,6 +72,8 @@ pub struct Shared {
     pub announced: Vec<std::net::IpAddr>,
     /// The conntrack sweep (a bounded part every poll tick) and its last complete pass.
     pub sweeper: crate::sweep::Sweeper,
+    /// The pin directory (the metrics page reads the links' state there).
+    pub pin_dir: PathBuf,
 }
 
 impl Shared {
@@ -193,6 +195,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             digests: HashMap::new(),
             announced: Vec::new(),
             sweeper: crate::sweep::Sweeper::new(),
+            pin_dir: opts.pin_dir.clone(),
         })),
         config: config.clone(),
         config_text: text,

@@ -203,6 +203,19 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
         c.drained,
     );
 
+    let links = f.gauge(
+        "lb_attached",
+        "lb's XDP links, by interface and mode: 1 attached, 0 gone (the interface was deleted).",
+    );
+    for a in crate::pin::attachments_in(&shared.pin_dir).unwrap_or_default() {
+        links
+            .get_or_create(&labels(&[
+                ("iface", a.iface.clone()),
+                ("mode", crate::pin::mode_name(a.mode).into()),
+            ]))
+            .set(!a.gone as i64);
+    }
+
     let mut out = String::new();
     encode(&mut out, &f.reg)?;
     Ok(out)
@@ -321,6 +334,7 @@ mod tests {
             digests: Default::default(),
             announced: Vec::new(),
             sweeper,
+            pin_dir: "/nonexistent".into(),
         };
         let page = render(&shared).unwrap();
         for line in [

@@ -293,27 +293,7 @@ impl PinDir {
     }
 
     fn links_with_prefix(&self, prefix: &str) -> Result<Vec<Attachment>> {
-        let mut out = Vec::new();
-        for entry in
-            fs::read_dir(&self.path).with_context(|| format!("reading {}", self.path.display()))?
-        {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            let Some((iface, mode)) = links::parse_pin_name(prefix, &name) else {
-                continue;
-            };
-            let mode = match mode.as_str() {
-                "native" => AttachMode::Native,
-                "generic" => AttachMode::Generic,
-                _ => continue,
-            };
-            // The link's interface, as the kernel has it: 0 once the interface was deleted
-            // (also when one of that name was made since). A pin that cannot be read as a
-            // link counts as gone too, so that `lb detach` can remove it.
-            let gone = links::link_ifindex(&self.path.join(&name)).unwrap_or(0) == 0;
-            out.push(Attachment { iface, mode, gone });
-        }
-        out.sort_by(|a, b| a.iface.cmp(&b.iface));
-        Ok(out)
+        links_in(&self.path, prefix)
     }
 
     /// The kernel id of the pinned program.
@@ -621,6 +601,35 @@ impl PinDir {
         }
         fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
     }
+}
+
+/// The links of `prefix` (`link_`, `decap_`) pinned in `dir`, with their state.
+fn links_in(dir: &Path, prefix: &str) -> Result<Vec<Attachment>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some((iface, mode)) = links::parse_pin_name(prefix, &name) else {
+            continue;
+        };
+        let mode = match mode.as_str() {
+            "native" => AttachMode::Native,
+            "generic" => AttachMode::Generic,
+            _ => continue,
+        };
+        // The link's interface, as the kernel has it: 0 once the interface was deleted
+        // (also when one of that name was made since). A pin that cannot be read as a
+        // link counts as gone too, so that `lb detach` can remove it.
+        let gone = links::link_ifindex(&dir.join(&name)).unwrap_or(0) == 0;
+        out.push(Attachment { iface, mode, gone });
+    }
+    out.sort_by(|a, b| a.iface.cmp(&b.iface));
+    Ok(out)
+}
+
+/// Where lb's XDP program is attached, from the pins in `dir` (read without the lock: a
+/// snapshot, for the metrics page).
+pub fn attachments_in(dir: &Path) -> Result<Vec<Attachment>> {
+    links_in(dir, "link_")
 }
 
 /// Whether any XDP link of lb is pinned in `dir` and attached (its interface not gone; read

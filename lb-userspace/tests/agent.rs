@@ -553,6 +553,11 @@ fn config_reload_drain_and_metrics() {
     assert!(value("lb_config_reloads_total", &[("result", "error")]) >= 1.0);
     assert_eq!(value("lb_config_last_reload_ok", &[]), 1.0);
     assert!(value("lb_backends_drained_total", &[]) >= 1.0);
+    // The links and their modes (the test bed attached every gateway interface natively).
+    assert_eq!(
+        value("lb_attached", &[("iface", "g0"), ("mode", "native")]),
+        1.0
+    );
 }
 
 /// `lb backend del --drain` (no agent): the backend gets no new flows at once, keeps its
