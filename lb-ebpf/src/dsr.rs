@@ -19,7 +19,6 @@ use lb_common::{
 use crate::{
     fib::{self, Route},
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
-    maps::count,
     nexthop,
     parse::{data_end, ptr_at, Packet},
     Verdict,
@@ -45,7 +44,6 @@ pub(crate) fn dsr_l2(
             if !crate::nat::decrement_ttl(ctx, pkt.family) {
                 return Verdict::pass(Counter::PassMalformedIp);
             }
-            count(Counter::NextHopCached);
             return fib::send_cached(ctx, nh);
         }
     }
@@ -60,42 +58,21 @@ pub(crate) fn dsr_l2(
         pkt.ip_len,
         pkt.tos_or_flow,
     );
+    nexthop::record(id, backend, now, pkt.ip_len, r, &p);
     match r {
         // The next hop must be the backend itself: with a gateway in between, the gateway
         // would route the packet by its destination, the VIP.
-        Route::Ok if same_addr(pkt.family, &p.dst_be, &backend.addr_be) => {
+        Route::Ok if nexthop::on_link(backend, &p) => {
             if !crate::nat::decrement_ttl(ctx, pkt.family) {
                 return Verdict::pass(Counter::PassMalformedIp);
             }
-            nexthop::fill(id, backend, now, pkt.ip_len, &p);
             fib::send(ctx, &p)
         }
-        Route::Ok => {
-            nexthop::forget(id);
-            Verdict::drop(Counter::DropNotOnLink)
-        }
-        Route::NoNeigh => {
-            nexthop::forget(id);
-            Verdict::drop(Counter::DropNoNeigh)
-        }
-        Route::Unreachable => {
-            nexthop::forget(id);
-            Verdict::drop(Counter::DropFibUnreachable)
-        }
+        Route::Ok => Verdict::drop(Counter::DropNotOnLink),
+        Route::NoNeigh => Verdict::drop(Counter::DropNoNeigh),
+        Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
         Route::FragNeeded => Verdict::drop(Counter::DropTooBig),
-        Route::Other => {
-            nexthop::forget(id);
-            Verdict::pass(Counter::PassFibOther)
-        }
-    }
-}
-
-#[inline(always)]
-fn same_addr(family: u8, a: &[u32; 4], b: &[u32; 4]) -> bool {
-    if family == FAMILY_V4 {
-        a[0] == b[0]
-    } else {
-        a == b
+        Route::Other => Verdict::pass(Counter::PassFibOther),
     }
 }
 
@@ -178,7 +155,6 @@ pub(crate) fn ipip_cached(
     if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
         return Some(Verdict::drop(Counter::DropTooBig));
     }
-    count(Counter::NextHopCached);
     Some(fib::send_cached(ctx, nh))
 }
 
@@ -191,18 +167,10 @@ fn ipip_send(
     hash: u32,
     answer_too_big: bool,
 ) -> Verdict {
-    let outer_len: u16 = if backend.family == FAMILY_V4 {
-        20
-    } else {
-        IPV6_LEN as u16
-    };
+    // (`lb_xdp` has tried the cached next hop already: `ipip_cached`.)
     let Some((src, inner_proto, total)) = outer_of(pkt, backend, hash) else {
         return Verdict::drop(Counter::DropTooBig);
     };
-    let now = crate::flow::now_ns();
-    if let Some(v) = ipip_cached(ctx, pkt, id, backend, hash, now) {
-        return v;
-    }
     let (r, p) = fib::lookup(
         ctx,
         backend.family,
@@ -214,15 +182,13 @@ fn ipip_send(
         total,
         0,
     );
+    nexthop::record(id, backend, crate::flow::now_ns(), total, r, &p);
     match r {
-        Route::Ok => nexthop::fill(id, backend, now, total, &p),
-        Route::NoNeigh | Route::Other => nexthop::forget(id),
-        Route::Unreachable => {
-            nexthop::forget(id);
-            return Verdict::drop(Counter::DropFibUnreachable);
-        }
+        Route::Ok | Route::NoNeigh | Route::Other => {}
+        Route::Unreachable => return Verdict::drop(Counter::DropFibUnreachable),
         Route::FragNeeded if answer_too_big => {
-            let mtu = (p.tot_len as u32).saturating_sub(outer_len as u32);
+            // The MTU left for the inner packet.
+            let mtu = (p.tot_len as u32).saturating_sub((total - pkt.ip_len) as u32);
             return too_big(ctx, pkt, mtu);
         }
         Route::FragNeeded => return Verdict::drop(Counter::DropTooBig),

@@ -51,6 +51,7 @@ pub(crate) struct FibParams {
 }
 
 /// What the route lookup said.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Route {
     /// Next hop known: MACs and egress interface in the params.
     Ok,
@@ -119,31 +120,30 @@ pub(crate) fn lookup(
 /// looked-up interface.
 #[inline(always)]
 pub(crate) fn send(ctx: &XdpContext, p: &FibParams) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Verdict::pass(Counter::PassMalformedEth);
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        (*eth).dst = p.dmac;
-        (*eth).src = p.smac;
-    }
-    egress(ctx.ingress_ifindex() as u32, p.ifindex)
+    send_to(ctx, &p.dmac, &p.smac, p.ifindex)
 }
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 
-/// Sends the rewritten packet with a cached next hop: MACs from the cache, then XDP_TX or
-/// XDP_REDIRECT as a route lookup would have decided.
+/// Sends the rewritten packet with a cached next hop (counted: `nexthop_cached`): MACs from
+/// the cache, then XDP_TX or XDP_REDIRECT as a route lookup would have decided.
 #[inline(always)]
 pub(crate) fn send_cached(ctx: &XdpContext, nh: &NextHop) -> Verdict {
+    count(Counter::NextHopCached);
+    send_to(ctx, &nh.dmac, &nh.smac, nh.ifindex)
+}
+
+/// Writes the MACs into the Ethernet header and sends the frame out of `ifindex`.
+#[inline(always)]
+fn send_to(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::pass(Counter::PassMalformedEth);
     };
     // SAFETY: bounds-checked by ptr_at.
     unsafe {
-        (*eth).dst = nh.dmac;
-        (*eth).src = nh.smac;
+        (*eth).dst = *dmac;
+        (*eth).src = *smac;
     }
-    egress(ctx.ingress_ifindex() as u32, nh.ifindex)
+    egress(ctx.ingress_ifindex() as u32, ifindex)
 }
 
 #[inline(always)]
@@ -174,7 +174,6 @@ pub(crate) fn to_backend(
     now: u64,
 ) -> Verdict {
     if let Some(nh) = nexthop::cached(id, backend, now, pkt.ip_len) {
-        count(Counter::NextHopCached);
         return send_cached(ctx, nh);
     }
     let (r, p) = lookup(
@@ -188,26 +187,8 @@ pub(crate) fn to_backend(
         pkt.ip_len,
         pkt.tos_or_flow,
     );
-    match r {
-        Route::Ok => {
-            nexthop::fill(id, backend, now, pkt.ip_len, &p);
-            send(ctx, &p)
-        }
-        // Too big for the egress MTU: the entry still serves shorter packets.
-        Route::FragNeeded => Verdict::pass(Counter::PassFibOther),
-        Route::NoNeigh => {
-            nexthop::forget(id);
-            Verdict::pass(Counter::PassNoNeigh)
-        }
-        Route::Unreachable => {
-            nexthop::forget(id);
-            Verdict::drop(Counter::DropFibUnreachable)
-        }
-        Route::Other => {
-            nexthop::forget(id);
-            Verdict::pass(Counter::PassFibOther)
-        }
-    }
+    nexthop::record(id, backend, now, pkt.ip_len, r, &p);
+    send_as_routed(ctx, r, &p)
 }
 
 /// Routes the already rewritten packet whose addresses and ports are now `src`/`dst`.
@@ -231,8 +212,15 @@ pub(crate) fn forward(
         pkt.ip_len,
         pkt.tos_or_flow,
     );
+    send_as_routed(ctx, r, &p)
+}
+
+/// Sends a rewritten packet the way its route lookup said (NAT: the kernel gets what it
+/// must resolve or handle).
+#[inline(always)]
+fn send_as_routed(ctx: &XdpContext, r: Route, p: &FibParams) -> Verdict {
     match r {
-        Route::Ok => send(ctx, &p),
+        Route::Ok => send(ctx, p),
         Route::NoNeigh => Verdict::pass(Counter::PassNoNeigh),
         Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
         Route::FragNeeded | Route::Other => Verdict::pass(Counter::PassFibOther),

@@ -15,7 +15,7 @@ use lb_common::{
 };
 
 use crate::{
-    fib::FibParams,
+    fib::{FibParams, Route},
     maps::{count, CONF, NEXTHOP},
 };
 
@@ -57,7 +57,7 @@ pub(crate) fn cached(id: u32, backend: &Backend, now: u64, len: u16) -> Option<&
 /// lookup that only extends a fresh entry to a longer packet (same next hop) keeps the
 /// entry's age: the maximum age bounds how long any lookup's answer is used.
 #[inline(always)]
-pub(crate) fn fill(id: u32, backend: &Backend, now: u64, len: u16, p: &FibParams) {
+fn fill(id: u32, backend: &Backend, now: u64, len: u16, p: &FibParams) {
     let Some(max_age) = max_age_ns() else {
         return;
     };
@@ -66,12 +66,12 @@ pub(crate) fn fill(id: u32, backend: &Backend, now: u64, len: u16, p: &FibParams
     };
     // SAFETY: this CPU's slot; nothing else on this CPU runs concurrently with us.
     let e = unsafe { &mut *e };
-    let onlink = if backend.family == FAMILY_V4 {
-        p.dst_be[0] == backend.addr_be[0]
-    } else {
-        p.dst_be == backend.addr_be
-    };
-    let flags = NEXTHOP_F_VALID | if onlink { NEXTHOP_F_ONLINK } else { 0 };
+    let flags = NEXTHOP_F_VALID
+        | if on_link(backend, p) {
+            NEXTHOP_F_ONLINK
+        } else {
+            0
+        };
     count(Counter::NextHopLookedUp);
     if e.flags == flags
         && e.ifindex == p.ifindex
@@ -94,9 +94,31 @@ pub(crate) fn fill(id: u32, backend: &Backend, now: u64, len: u16, p: &FibParams
     e.flags = flags;
 }
 
+/// Whether a successful lookup's next hop is the backend itself (no router in between).
+#[inline(always)]
+pub(crate) fn on_link(backend: &Backend, p: &FibParams) -> bool {
+    if backend.family == FAMILY_V4 {
+        p.dst_be[0] == backend.addr_be[0]
+    } else {
+        p.dst_be == backend.addr_be
+    }
+}
+
+/// Applies a route lookup towards backend `id` for a packet of `len` bytes to the cache: a
+/// next hop is recorded; too big for the MTU leaves the entry for shorter packets; anything
+/// else (no neighbour, no route, local) drops it.
+#[inline(always)]
+pub(crate) fn record(id: u32, backend: &Backend, now: u64, len: u16, r: Route, p: &FibParams) {
+    match r {
+        Route::Ok => fill(id, backend, now, len, p),
+        Route::FragNeeded => {}
+        Route::NoNeigh | Route::Unreachable | Route::Other => forget(id),
+    }
+}
+
 /// Drops this CPU's entry for backend `id`: the route lookup no longer gives a next hop.
 #[inline(always)]
-pub(crate) fn forget(id: u32) {
+fn forget(id: u32) {
     if let Some(e) = NEXTHOP.get_ptr_mut(id) {
         // SAFETY: as in `fill`.
         unsafe { (*e).flags = 0 };

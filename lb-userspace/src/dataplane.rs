@@ -1,10 +1,7 @@
 //! Loading the XDP program and attaching it to interfaces.
 
 use anyhow::{Context, Result};
-use aya::{
-    programs::{Xdp, XdpMode},
-    Ebpf, EbpfLoader,
-};
+use aya::{programs::Xdp, Ebpf, EbpfLoader};
 use lb_common::{
     names, GlobalConf, DEFAULT_CT_CAPACITY, DEFAULT_CT_NEW_CAPACITY, DEFAULT_FLOOD_RATE,
     DEFAULT_TABLE_CAPACITY,
@@ -58,7 +55,8 @@ pub enum AttachMode {
     Native,
     /// In the generic network stack (works on every interface).
     Generic,
-    /// Native, falling back to generic where the driver refuses.
+    /// Native; where the driver refuses it, lb_xdp is not attached (an error, never generic
+    /// mode on its own); `lb decap` falls back to generic.
     Auto,
 }
 
@@ -143,36 +141,4 @@ impl Dataplane {
             .try_into()
             .expect("lb_xdp is an XDP program")
     }
-
-    /// Attaches to `iface`; returns the mode actually used. `Auto` is native mode: where the
-    /// driver refuses it, an error (`no_silent_generic`), never generic mode on its own.
-    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
-        let prog = self.program();
-        match mode {
-            AttachMode::Native => {
-                prog.attach(iface, XdpMode::Driver)
-                    .with_context(|| format!("attaching to {iface} in native mode"))?;
-                Ok(AttachMode::Native)
-            }
-            AttachMode::Generic => {
-                prog.attach(iface, XdpMode::Skb)
-                    .with_context(|| format!("attaching to {iface} in generic mode"))?;
-                Ok(AttachMode::Generic)
-            }
-            AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(_) => Ok(AttachMode::Native),
-                Err(native_err) => Err(no_silent_generic(iface, &native_err)),
-            },
-        }
-    }
-}
-
-/// The error of `auto` mode where the driver refuses native XDP. Generic (skb) mode is not
-/// chosen on its own: there lb's incremental checksum update meets packets whose checksum the
-/// kernel has not finished (GRO-merged, or generated on this host: CHECKSUM_PARTIAL) and can
-/// corrupt them, so it takes an operator's `--mode generic`.
-pub fn no_silent_generic(iface: &str, native_err: &dyn std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{iface}: the driver refused native XDP ({native_err}); lb does not fall back to generic mode on its own, because generic mode can corrupt the checksums of GRO-merged and locally generated packets. Use --mode generic to attach anyway (safe where every packet arrives with a complete checksum)"
-    )
 }

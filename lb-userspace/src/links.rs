@@ -2,7 +2,12 @@
 //! filesystem name may not) and their state in the kernel (a link whose interface was deleted
 //! is detached by the kernel but its pin stays).
 
-use std::{ffi::CString, os::fd::FromRawFd, path::Path};
+use std::{
+    ffi::CString,
+    mem::{size_of, size_of_val},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -41,72 +46,59 @@ pub fn iface_index(iface: &str) -> u32 {
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
+/// The bpf(2) system call with `attr` (a prefix of `union bpf_attr`, `what` naming the
+/// operation in an error).
+fn bpf<T>(cmd: libc::c_long, attr: &T, what: impl FnOnce() -> String) -> Result<i64> {
+    // SAFETY: `attr` is a valid bpf_attr prefix of the size given, and every pointer in it
+    // is valid for the call (the callers keep what it points at alive).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
+    if r < 0 {
+        bail!("{}: {}", what(), std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
 /// The interface index the XDP link pinned at `pin` is attached to; 0 once its interface is
 /// gone (the kernel then detaches the link, which lives on only through the pin).
 pub fn link_ifindex(pin: &Path) -> Result<u32> {
     let path = CString::new(pin.as_os_str().as_encoded_bytes())
         .with_context(|| format!("invalid pin path {}", pin.display()))?;
-    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    // BPF_OBJ_GET: pathname, bpf_fd, file_flags.
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
         bpf_fd: u32,
         file_flags: u32,
     }
-    let attr = ObjGet {
+    let get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: `attr` is a valid bpf_attr prefix of the size given; the path outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "opening the link pinned at {}: {}",
-            pin.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    let fd = bpf(BPF_OBJ_GET, &get, || {
+        format!("opening the link pinned at {}", pin.display())
+    })?;
     // SAFETY: the kernel just gave us this descriptor; the OwnedFd closes it.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     // struct bpf_link_info: type, id, prog_id, then the per-type union at offset 16 (8-byte
     // aligned), whose `xdp.ifindex` is its first u32: word 4. 64 bytes is a prefix of it the
     // kernel fills.
     let mut info = [0u32; 16];
+    // BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info.
     #[repr(C)]
     struct InfoByFd {
         bpf_fd: u32,
         info_len: u32,
         info: u64,
     }
-    let attr = InfoByFd {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
+    let get_info = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: `attr` points at a writable buffer of `info_len` bytes.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoByFd,
-            std::mem::size_of::<InfoByFd>(),
-        )
-    };
-    if r < 0 {
-        bail!(
-            "reading the link pinned at {}: {}",
-            pin.display(),
-            std::io::Error::last_os_error()
-        );
-    }
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &get_info, || {
+        format!("reading the link pinned at {}", pin.display())
+    })?;
     Ok(info[4])
 }
 

@@ -254,7 +254,7 @@ impl PinDir {
             AttachMode::Generic => (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic),
             AttachMode::Auto => match try_attach(&mut prog, XdpMode::Driver) {
                 Ok(id) => (Ok(id), AttachMode::Native),
-                Err(e) => return Err(crate::dataplane::no_silent_generic(iface, &e)),
+                Err(e) => return Err(no_silent_generic(iface, &e)),
             },
         };
         let id = id.map_err(|e| {
@@ -704,4 +704,14 @@ fn fs_type(path: &Path) -> Result<i64> {
         );
     }
     Ok(st.f_type as i64)
+}
+
+/// The error of `auto` mode where the driver refuses native XDP. Generic (skb) mode is not
+/// chosen on its own: there lb's incremental checksum update meets packets whose checksum the
+/// kernel has not finished (GRO-merged, or generated on this host: CHECKSUM_PARTIAL) and can
+/// corrupt them, so it takes an operator's `--mode generic`.
+fn no_silent_generic(iface: &str, native_err: &dyn std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{iface}: the driver refused native XDP ({native_err}); lb does not fall back to generic mode on its own, because generic mode can corrupt the checksums of GRO-merged and locally generated packets. Use --mode generic to attach anyway (safe where every packet arrives with a complete checksum)"
+    )
 }

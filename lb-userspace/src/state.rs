@@ -199,34 +199,51 @@ impl LbMaps {
     /// older lb that did not know them). Returns how many VIPs.
     pub fn mirror_vips(&mut self) -> Result<usize> {
         let vips = self.vips()?;
-        for id in 0..MAX_VIPS {
-            let want = mirror_slot(&vips, id);
-            if self
-                .vip_by_id
-                .get(&id, 0)
-                .ctx(|| format!("reading VIP {id} (by id)"))?
-                != want
-            {
-                self.vip_by_id
-                    .set(id, want, 0)
-                    .ctx(|| format!("mirroring VIP {id}"))?;
-            }
+        let (slots, hints) = self.mirror_differences(&vips)?;
+        for (id, want) in slots {
+            self.vip_by_id
+                .set(id, want, 0)
+                .ctx(|| format!("mirroring VIP {id}"))?;
         }
-        let hints = vip_hints(&vips);
-        for slot in 0..65_536u32 {
-            let want = hints.contains(&slot) as u8;
-            if self
-                .vip_addrs
-                .get(&slot, 0)
-                .ctx(|| format!("reading hint {slot}"))?
-                != want
-            {
-                self.vip_addrs
-                    .set(slot, want, 0)
-                    .ctx(|| format!("writing hint {slot}"))?;
-            }
+        for (slot, want) in hints {
+            self.vip_addrs
+                .set(slot, want, 0)
+                .ctx(|| format!("writing hint {slot}"))?;
         }
         Ok(vips.len())
+    }
+
+    /// The mirror slots and address hints that differ from what `vips` says, with the value
+    /// each should have.
+    #[allow(clippy::type_complexity)]
+    fn mirror_differences(
+        &self,
+        vips: &[(Vip, VipInfo)],
+    ) -> Result<(Vec<(u32, VipById)>, Vec<(u32, u8)>)> {
+        let mut slots = Vec::new();
+        for id in 0..MAX_VIPS {
+            let want = mirror_slot(vips, id);
+            let have = self
+                .vip_by_id
+                .get(&id, 0)
+                .ctx(|| format!("reading VIP {id} (by id)"))?;
+            if have != want {
+                slots.push((id, want));
+            }
+        }
+        let hints = vip_hints(vips);
+        let mut differ = Vec::new();
+        for slot in 0..65_536u32 {
+            let want = hints.contains(&slot) as u8;
+            let have = self
+                .vip_addrs
+                .get(&slot, 0)
+                .ctx(|| format!("reading hint {slot}"))?;
+            if have != want {
+                differ.push((slot, want));
+            }
+        }
+        Ok((slots, differ))
     }
 
     /// Sets one address hint as given (tests: a hint that is wrong must cost a lookup, never a
@@ -247,29 +264,8 @@ impl LbMaps {
 
     /// Whether the mirror by id and the address hints are exactly what `vips` says (tests).
     pub fn mirror_matches(&self) -> Result<bool> {
-        let vips = self.vips()?;
-        for id in 0..MAX_VIPS {
-            if self
-                .vip_by_id
-                .get(&id, 0)
-                .ctx(|| format!("reading VIP {id} (by id)"))?
-                != mirror_slot(&vips, id)
-            {
-                return Ok(false);
-            }
-        }
-        let hints = vip_hints(&vips);
-        for slot in 0..65_536u32 {
-            if self
-                .vip_addrs
-                .get(&slot, 0)
-                .ctx(|| format!("reading hint {slot}"))?
-                != hints.contains(&slot) as u8
-            {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        let (slots, hints) = self.mirror_differences(&self.vips()?)?;
+        Ok(slots.is_empty() && hints.is_empty())
     }
 
     /// A free run of `table_size` slots in the table array, beside the VIPs' `existing` tables.

@@ -846,22 +846,7 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
     );
 
     // bpftool prints the maps with their field names.
-    let dump = Command::new("bpftool")
-        .args([
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            &format!("{}/LB_VIPS_V2", lb.pin),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let v = bpftool_dump(&format!("{}/LB_VIPS_V2", lb.pin));
     // With BTF, `bpftool -j` puts the decoded key and value under "formatted".
     let entry = &v[0]["formatted"];
     for field in ["addr_be", "port_be", "proto", "family"] {
@@ -875,20 +860,25 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
         u16::from_ne_bytes(80u16.to_be_bytes())
     );
     assert_eq!(entry["value"]["table_size"], 251);
-    let dump = Command::new("bpftool")
-        .args([
-            "-j",
-            "map",
-            "dump",
-            "pinned",
-            &format!("{}/LB_BACKENDS_V1", lb.pin),
-        ])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let v = bpftool_dump(&format!("{}/LB_BACKENDS_V1", lb.pin));
     assert_eq!(v[0]["formatted"]["value"]["weight"], 1);
     assert_eq!(v[0]["formatted"]["value"]["flags"], 1);
     drop(prog);
+}
+
+/// `bpftool -j map dump pinned PATH` (with BTF, each entry's decoded key and value are under
+/// "formatted").
+fn bpftool_dump(path: &str) -> serde_json::Value {
+    let dump = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", path])
+        .output()
+        .unwrap();
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    serde_json::from_slice(&dump.stdout).unwrap()
 }
 
 #[test]
@@ -1010,12 +1000,7 @@ fn run_and_upgrade_bad_input() {
     }
     assert!(!old_cache.exists(), "the old cache's pin is left behind");
     // The mirror was filled: the one VIP (port 80) under its id.
-    let dump = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin.join("LB_VIPBYID_V1"))
-        .output()
-        .unwrap();
-    let slots: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let slots = bpftool_dump(&format!("{}/LB_VIPBYID_V1", lb.pin));
     let vips: Vec<&serde_json::Value> = slots
         .as_array()
         .unwrap()
@@ -1029,12 +1014,7 @@ fn run_and_upgrade_bad_input() {
         "{slots}"
     );
     // And the address hint: the VIP's low 16 bits (10.100.0.100: 100), nothing else.
-    let dump = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin.join("LB_VIPADDRS_V1"))
-        .output()
-        .unwrap();
-    let hints: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    let hints = bpftool_dump(&format!("{}/LB_VIPADDRS_V1", lb.pin));
     let set: Vec<&serde_json::Value> = hints
         .as_array()
         .unwrap()

@@ -44,7 +44,7 @@ fn random_ip(rng: &mut StdRng, v6: bool) -> IpAddr {
 }
 
 #[test]
-fn flow_and_source_hashes_match_the_reference() {
+fn flow_encap_and_source_hashes_match_the_reference() {
     let mut rng = rng();
     for _ in 0..20_000 {
         let v6 = rng.random_bool(0.5);
@@ -58,6 +58,11 @@ fn flow_and_source_hashes_match_the_reference() {
             lb_common::hash::flow_hash(&key, seed),
             oracle::flow_hash(client, vip_addr, udp, seed),
             "flow hash of {client} → {vip}, seed {seed:#x}"
+        );
+        assert_eq!(
+            lb_common::hash::encap_hash(&key, seed),
+            oracle::encap_hash(client, vip_addr, seed),
+            "encapsulation hash of {client} → {vip}, seed {seed:#x}"
         );
         let prefix = rng.random_range(0..=if v6 { 129 } else { 33 });
         let family = if v6 {

@@ -124,24 +124,7 @@ impl Testbed {
             .ip(&["-6", "route", "add", "default", "via", "fd00::1"])?;
         for i in 1..=n {
             let ns = NetNs::new(&format!("{prefix}-b{i}"))?;
-            link_pair(
-                &tb.gateway,
-                &format!("g{i}"),
-                &ns,
-                &format!("10.1.{i}.1/24"),
-                &format!("10.1.{i}.2/24"),
-                &format!("fd01:{i:x}::1/64"),
-                &format!("fd01:{i:x}::2/64"),
-            )?;
-            ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
-            ns.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd01:{i:x}::1"),
-            ])?;
+            link_backend(&tb.gateway, i, &ns)?;
             tb.backends.push(Backend {
                 name: format!("backend-{i}"),
                 ns,
@@ -173,25 +156,7 @@ impl Testbed {
     /// Makes the link to backend `i` again, as `new` made it (same names and addresses, the
     /// backend's default routes).
     pub fn recreate_backend_link(&self, i: usize) -> Result<()> {
-        let ns = &self.backends[i - 1].ns;
-        link_pair(
-            &self.gateway,
-            &format!("g{i}"),
-            ns,
-            &format!("10.1.{i}.1/24"),
-            &format!("10.1.{i}.2/24"),
-            &format!("fd01:{i:x}::1/64"),
-            &format!("fd01:{i:x}::2/64"),
-        )?;
-        ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd01:{i:x}::1"),
-        ])
+        link_backend(&self.gateway, i, &self.backends[i - 1].ns)
     }
 
     /// The names of the backends the VIP's table gives flows from `clients` (read from the
@@ -546,6 +511,29 @@ pub fn cleanup_prefix(prefix: &str) {
 
 /// A veth pair between `a` (named `a_name`) and `b` (named eth0), with addresses, up, and
 /// the endpoint's offloads set as described in the module docs.
+/// The link between the gateway (`g<i>`) and backend `i`'s namespace, with the backend's
+/// addresses and default routes through the gateway.
+fn link_backend(gw: &NetNs, i: usize, ns: &NetNs) -> Result<()> {
+    link_pair(
+        gw,
+        &format!("g{i}"),
+        ns,
+        &format!("10.1.{i}.1/24"),
+        &format!("10.1.{i}.2/24"),
+        &format!("fd01:{i:x}::1/64"),
+        &format!("fd01:{i:x}::2/64"),
+    )?;
+    ns.ip(&["route", "add", "default", "via", &format!("10.1.{i}.1")])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("fd01:{i:x}::1"),
+    ])
+}
+
 fn link_pair(
     a: &NetNs,
     a_name: &str,
