@@ -35,6 +35,21 @@ impl CsumUpdate {
         }
     }
 
+    /// Both sets of changes (of two `delta`s).
+    #[inline(always)]
+    pub fn merge(self, other: Self) -> Self {
+        CsumUpdate {
+            acc: self.acc + other.acc,
+        }
+    }
+
+    /// The changes collected by a `delta` as a ones' complement sum (unfolded): what the
+    /// kernel's `bpf_l4_csum_replace` takes as a difference.
+    #[inline(always)]
+    pub fn sum(self) -> u32 {
+        self.acc
+    }
+
     /// One 16-bit word changes from `old` to `new`.
     #[inline(always)]
     pub fn word(&mut self, old: u16, new: u16) {

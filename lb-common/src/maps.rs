@@ -29,6 +29,8 @@ pub const PROG_IPIP: u32 = 0;
 pub const PROG_ICMP: u32 = 1;
 /// Names of the tail-called programs, by slot.
 pub const TAIL_PROGRAMS: [&str; 2] = ["lb_ipip", "lb_icmp"];
+/// The same for `lb_tc` (`names::TC_PROGS`).
+pub const TC_TAIL_PROGRAMS: [&str; 2] = ["lb_tc_ipip", "lb_tc_icmp"];
 
 /// What `lb_xdp` hands `lb_ipip` in `names::HANDOFF`: the chosen backend and the flow's
 /// encapsulation hash (`hash::encap_hash`).
@@ -124,7 +126,11 @@ pub mod names {
     pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
     /// with a whole stack of its own.
-    pub const PROGS: &str = "LB_PROGS_V1";
+    /// (V2: the programs are multi-buffer aware, and a program array takes only programs
+    /// that agree with its first user on that.)
+    pub const PROGS: &str = "LB_PROGS_V2";
+    /// `ProgramArray`: the same for `lb_tc` (`TC_TAIL_PROGRAMS`).
+    pub const TC_PROGS: &str = "LB_TCPROGS_V1";
     /// `PerCpuArray<Handoff>`: what `lb_xdp` hands a tail-called program (same CPU, same
     /// packet).
     pub const HANDOFF: &str = "LB_HANDOFF_V1";

@@ -102,10 +102,14 @@ pub enum Counter {
     /// A route lookup towards a backend (none cached, or the cached one too old or too short
     /// for the packet) filled its next-hop cache entry.
     NextHopLookedUp,
+    /// A packet whose headers lie partly beyond its directly accessible part (XDP: the first
+    /// buffer of a multi-buffer frame; tc: the socket buffer's linear part, after pulling the
+    /// usual headers into it): passed untouched, with the malformed-header verdict.
+    HeadersNotLinear,
 }
 
 /// Number of counters (size of the global counter array).
-pub const COUNTER_COUNT: u32 = Counter::NextHopLookedUp as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::HeadersNotLinear as u32 + 1;
 /// Entries of the counter array: room for counters added later without a new map layout.
 pub const COUNTER_CAPACITY: u32 = 64;
 const _: () = assert!(COUNTER_COUNT <= COUNTER_CAPACITY);
@@ -154,6 +158,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "ct_refused",
     "rev_stateless",
     "nexthop_looked_up",
+    "headers_not_linear",
 ];
 
 /// Counters of the decapsulation program (`lb_decap`, map `LB_DECAP_STATS_V1`): one per packet.

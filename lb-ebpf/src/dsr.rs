@@ -6,18 +6,14 @@
 //!   fragmentation-needed / packet-too-big with the MTU left after encapsulation, as a router
 //!   would send.
 
-use aya_ebpf::{
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-    EbpfContext,
-};
 use lb_common::{
     Backend, Counter, ENCAP_SRC_V4_BE, ENCAP_SRC_V6_BE, FAMILY_V4, LB_TTL, NEXTHOP_F_ONLINK,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_TCP,
 };
 
 use crate::{
     fib::{self, Route},
+    frame::{Bounded, Frame},
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
     nexthop,
     parse::{data_end, ptr_at, Packet},
@@ -33,13 +29,13 @@ const IPV6_MIN_MTU: u32 = 1280;
 /// lookup).
 #[inline(always)]
 pub(crate) fn dsr_l2(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
     now: u64,
 ) -> Verdict {
-    if let Some(nh) = nexthop::cached(id, backend, now, pkt.ip_len) {
+    if let Some(nh) = nexthop::cached(id, backend, now, pkt.mtu_len()) {
         if nh.flags & NEXTHOP_F_ONLINK != 0 {
             if !crate::nat::decrement_ttl(ctx, pkt.family) {
                 return Verdict::pass(Counter::PassMalformedIp);
@@ -55,10 +51,10 @@ pub(crate) fn dsr_l2(
         &backend.addr_be,
         pkt.sport,
         pkt.dport,
-        pkt.ip_len,
+        pkt.mtu_len(),
         pkt.tos_or_flow,
     );
-    nexthop::record(id, backend, now, pkt.ip_len, r, &p);
+    nexthop::record(id, backend, now, pkt.mtu_len(), r, &p);
     match r {
         // The next hop must be the backend itself: with a gateway in between, the gateway
         // would route the packet by its destination, the VIP.
@@ -81,7 +77,7 @@ pub(crate) fn dsr_l2(
 /// too big is answered with an ICMP error.
 #[inline(always)]
 pub(crate) fn ipip(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
@@ -94,7 +90,7 @@ pub(crate) fn ipip(
 /// (an ICMP error is never answered with another).
 #[inline(always)]
 pub(crate) fn ipip_quiet(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
@@ -104,7 +100,9 @@ pub(crate) fn ipip_quiet(
 }
 
 /// The outer header's source address (from the flow's `hash`), the inner protocol, and the
-/// encapsulated packet's IP total length (None: over 64 KiB).
+/// length the egress MTU must allow: the encapsulated packet's IP total length, or for a GSO
+/// packet (tc) the IP length of each segment, which encapsulation leaves as it is (the
+/// segments' payload shrinks instead). None: over 64 KiB.
 #[inline(always)]
 fn outer_of(pkt: &Packet, backend: &Backend, hash: u32) -> Option<([u32; 4], u8, u16)> {
     let outer_v4 = backend.family == FAMILY_V4;
@@ -129,6 +127,9 @@ fn outer_of(pkt: &Packet, backend: &Backend, hash: u32) -> Option<([u32; 4], u8,
     } else {
         PROTO_IPV6
     };
+    if pkt.seg_len != 0 {
+        return Some((src, inner_proto, pkt.seg_len));
+    }
     let total = pkt.ip_len as u32 + outer_len;
     if total > 0xffff {
         return None;
@@ -140,7 +141,7 @@ fn outer_of(pkt: &Packet, backend: &Backend, hash: u32) -> Option<([u32; 4], u8,
 /// itself (no tail call). None: no fresh entry — `lb_ipip` looks the route up.
 #[inline(always)]
 pub(crate) fn ipip_cached(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
@@ -160,7 +161,7 @@ pub(crate) fn ipip_cached(
 
 #[inline(always)]
 fn ipip_send(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
@@ -186,9 +187,15 @@ fn ipip_send(
     match r {
         Route::Ok | Route::NoNeigh | Route::Other => {}
         Route::Unreachable => return Verdict::drop(Counter::DropFibUnreachable),
-        Route::FragNeeded if answer_too_big => {
+        // (A GSO packet's segments were made to fit: it is not answered.)
+        Route::FragNeeded if answer_too_big && pkt.seg_len == 0 => {
             // The MTU left for the inner packet.
-            let mtu = (p.tot_len as u32).saturating_sub((total - pkt.ip_len) as u32);
+            let outer_len = if backend.family == FAMILY_V4 {
+                20
+            } else {
+                IPV6_LEN as u32
+            };
+            let mtu = (p.tot_len as u32).saturating_sub(outer_len);
             return too_big(ctx, pkt, mtu);
         }
         Route::FragNeeded => return Verdict::drop(Counter::DropTooBig),
@@ -212,7 +219,7 @@ fn ipip_send(
 /// Puts the outer header in front of the IP packet. False if the frame cannot grow.
 #[inline(always)]
 fn encapsulate(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     backend: &Backend,
     src: &[u32; 4],
@@ -228,8 +235,8 @@ fn encapsulate(
     };
     // SAFETY: bounds-checked by ptr_at.
     let (dst, src_mac) = unsafe { ((*eth).dst, (*eth).src) };
-    // SAFETY: plain helper call; every pointer is derived afresh afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -outer_len) } != 0 {
+    // Every pointer is derived afresh afterwards.
+    if !ctx.push_outer(outer_len as u32, outer_v4) {
         return false;
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
@@ -256,7 +263,8 @@ fn encapsulate(
         let mut h = Ipv4Hdr {
             version_ihl: 0x45,
             tos,
-            tot_len_be: (pkt.ip_len + 20).to_be(),
+            // (A GSO packet's segments get their own lengths when they are made.)
+            tot_len_be: pkt.ip_len.saturating_add(20).to_be(),
             id_be: 0,
             frag_off_be: IPV4_DF.to_be(),
             ttl: LB_TTL,
@@ -312,7 +320,7 @@ fn ipv4_checksum(h: &Ipv4Hdr) -> u16 {
 /// Sum of the `N` 32-bit words at `off` (bounds-checked once), as 16-bit ones' complement
 /// words, for checksums of what lb writes. Read in place, one word at a time.
 #[inline(always)]
-fn sum_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u32> {
+fn sum_at<const N: usize>(ctx: &impl Bounded, off: usize) -> Option<u32> {
     let p = ptr_at::<[u32; N]>(ctx, off)?;
     let mut s = 0u32;
     let mut i = 0;
@@ -327,14 +335,25 @@ fn sum_at<const N: usize>(ctx: &XdpContext, off: usize) -> Option<u32> {
 
 /// Answers the client with an ICMP fragmentation-needed (IPv4, only when DF is set: otherwise
 /// a router would fragment, which lb does not) or packet-too-big (IPv6) carrying `mtu`, from
-/// the VIP, quoting the packet's IP header and first 8 bytes of payload, out of the interface
-/// it came in on.
+/// the VIP, quoting the packet's IP header and the first bytes of its payload, out of the
+/// interface it came in on.
+///
+/// XDP quotes 8 bytes of payload. A socket buffer (tc) may carry a partial checksum whose
+/// finishing the kernel still owes: it then refuses to cut the packet before the L4 checksum
+/// field, and would finish that checksum — over the quote, into the quoted field — after lb
+/// computed the ICMP checksum. So tc quotes 20 bytes (the whole TCP header without options) and
+/// sets the quoted checksum field to the one value that finishing leaves as it is (see
+/// `stable_field`): the ICMP checksum is right whether or not the kernel finishes anything.
 #[inline(always)]
-fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Verdict {
-    let sent = if pkt.family == FAMILY_V4 {
-        too_big_v4(ctx, mtu)
-    } else {
-        too_big_v6(ctx, mtu.max(IPV6_MIN_MTU))
+fn too_big(ctx: &impl Frame, pkt: &Packet, mtu: u32) -> Verdict {
+    let field = if pkt.proto == PROTO_TCP { 16 } else { 6 };
+    let sent = match (pkt.family == FAMILY_V4, ctx.gso_capable()) {
+        (true, false) => too_big_v4::<8, { (8 + 28) / 4 }>(ctx, mtu, None),
+        (true, true) => too_big_v4::<20, { (8 + 40) / 4 }>(ctx, mtu, Some(field)),
+        (false, false) => too_big_v6::<8, { (8 + 48) / 4 }>(ctx, mtu.max(IPV6_MIN_MTU), None),
+        (false, true) => {
+            too_big_v6::<20, { (8 + 60) / 4 }>(ctx, mtu.max(IPV6_MIN_MTU), Some(field))
+        }
     };
     match sent {
         Some(true) => Verdict {
@@ -348,12 +367,36 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> Verdict {
     }
 }
 
-/// Frame of an IPv4 ICMP error lb sends: Ethernet, IP (20), ICMP (8), quoted IP (20) + 8.
-const V4_QUOTE: usize = 28;
-const V4_ICMP_FRAME: usize = ETH_LEN + 20 + 8 + V4_QUOTE;
-
+/// For the quoted L4 header of `Q` bytes at `off` whose checksum field is at `field` (0..Q):
+/// writes into that field the value S that finishing a partial checksum over the quote leaves
+/// unchanged. Finishing writes ~(R + S), R being the ones' complement sum of the other quoted
+/// bytes; S = ~(R + S) means 2S = ~R, and doubling in ones' complement is a rotation left by
+/// one bit, so S = ~R rotated right by one.
 #[inline(always)]
-fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Option<bool> {
+fn stable_field<const Q4: usize>(ctx: &impl Bounded, off: usize, field: usize) -> Option<()> {
+    let p = ptr_at::<u16>(ctx, off + (field & 0x1e))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let old = unsafe { *p };
+    // The other bytes: all of them, minus the field (adding its complement).
+    let mut r = sum_at::<Q4>(ctx, off)? + (!old) as u32;
+    r = (r & 0xffff) + (r >> 16);
+    r = (r & 0xffff) + (r >> 16);
+    let s = (!(r as u16)).rotate_right(1);
+    // SAFETY: as above (the same field).
+    unsafe { *p = s };
+    Some(())
+}
+
+/// IPv4 frame of an ICMP error lb sends: Ethernet, IP (20), ICMP (8), the quoted IP header
+/// (20) and `L4Q` bytes after it. `W`: 32-bit words of the ICMP message.
+#[inline(always)]
+fn too_big_v4<const L4Q: usize, const W: usize>(
+    ctx: &impl Frame,
+    mtu: u32,
+    field: Option<usize>,
+) -> Option<bool> {
+    let quote = 20 + L4Q;
+    let frame = ETH_LEN + 20 + 8 + quote;
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
     // SAFETY: bounds-checked by ptr_at.
     let (version_ihl, frag_off, saddr, daddr) = unsafe {
@@ -367,20 +410,15 @@ fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Option<bool> {
     if version_ihl != 0x45 || frag_off & IPV4_DF == 0 {
         return Some(false);
     }
-    if data_end(ctx) - ctx.data() < ETH_LEN + V4_QUOTE {
+    if data_end(ctx) - ctx.data() < ETH_LEN + quote {
         return Some(false);
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
-    // Make room for the new IP and ICMP headers in front of the quoted IP header.
-    // SAFETY: plain helper call; pointers are derived afresh afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -28) } != 0 {
-        return None;
-    }
-    let len = (data_end(ctx) - ctx.data()) as i32;
-    // SAFETY: as above.
-    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), V4_ICMP_FRAME as i32 - len) } != 0 {
+    // Make room for the new IP and ICMP headers in front of the quoted IP header, and cut
+    // the rest of the quote. Pointers are derived afresh afterwards.
+    if !ctx.grow_head(28) || !ctx.set_len(frame as u32) {
         return None;
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
@@ -389,7 +427,7 @@ fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Option<bool> {
     let mut h = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
-        tot_len_be: ((20 + 8 + V4_QUOTE) as u16).to_be(),
+        tot_len_be: ((20 + 8 + quote) as u16).to_be(),
         id_be: 0,
         frag_off_be: 0,
         ttl: LB_TTL,
@@ -412,20 +450,26 @@ fn too_big_v4(ctx: &XdpContext, mtu: u32) -> Option<bool> {
         let m = (mtu.min(0xffff) as u16).to_be_bytes();
         *icmp = [3, 4, 0, 0, 0, 0, m[0], m[1]];
     }
-    let sum = sum_at::<{ (8 + V4_QUOTE) / 4 }>(ctx, ETH_LEN + 20)?;
+    if let Some(f) = field {
+        stable_field::<5>(ctx, ETH_LEN + 20 + 8 + 20, f)?;
+    }
+    let sum = sum_at::<W>(ctx, ETH_LEN + 20)?;
     let csum = ptr_at::<u16>(ctx, ETH_LEN + 20 + 2)?;
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *csum = fold(sum) };
     Some(true)
 }
 
-/// IPv6: Ethernet, IPv6 (40), ICMPv6 (8), quoted IPv6 header (40) + 8.
-const V6_QUOTE: usize = IPV6_LEN + 8;
-const V6_ICMP_FRAME: usize = ETH_LEN + IPV6_LEN + 8 + V6_QUOTE;
-
+/// IPv6: Ethernet, IPv6 (40), ICMPv6 (8), the quoted IPv6 header (40) and `L4Q` bytes after it.
 #[inline(always)]
-fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Option<bool> {
-    if data_end(ctx) - ctx.data() < ETH_LEN + V6_QUOTE {
+fn too_big_v6<const L4Q: usize, const W: usize>(
+    ctx: &impl Frame,
+    mtu: u32,
+    field: Option<usize>,
+) -> Option<bool> {
+    let quote = IPV6_LEN + L4Q;
+    let frame = ETH_LEN + IPV6_LEN + 8 + quote;
+    if data_end(ctx) - ctx.data() < ETH_LEN + quote {
         return Some(false);
     }
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
@@ -434,19 +478,14 @@ fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Option<bool> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
-    // SAFETY: plain helper calls; pointers are derived afresh afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -(IPV6_LEN as i32 + 8)) } != 0 {
-        return None;
-    }
-    let len = (data_end(ctx) - ctx.data()) as i32;
-    // SAFETY: as above.
-    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), V6_ICMP_FRAME as i32 - len) } != 0 {
+    // Pointers are derived afresh afterwards.
+    if !ctx.grow_head(IPV6_LEN as u32 + 8) || !ctx.set_len(frame as u32) {
         return None;
     }
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
     let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + IPV6_LEN)?;
-    let payload = (8 + V6_QUOTE) as u16;
+    let payload = (8 + quote) as u16;
     // SAFETY: all three bounds-checked by ptr_at.
     unsafe {
         *eth = EthHdr {
@@ -466,6 +505,9 @@ fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Option<bool> {
         let m = mtu.to_be_bytes();
         *icmp = [2, 0, 0, 0, m[0], m[1], m[2], m[3]];
     }
+    if let Some(f) = field {
+        stable_field::<5>(ctx, ETH_LEN + IPV6_LEN + 8 + IPV6_LEN, f)?;
+    }
     // Pseudo-header: source, destination, upper-layer length, next header.
     let mut sum = 0u32;
     let mut i = 0;
@@ -475,7 +517,7 @@ fn too_big_v6(ctx: &XdpContext, mtu: u32) -> Option<bool> {
         i += 1;
     }
     sum += (payload.to_be() as u32) + ((PROTO_ICMPV6 as u16).to_be() as u32);
-    sum += sum_at::<{ (8 + V6_QUOTE) / 4 }>(ctx, ETH_LEN + IPV6_LEN)?;
+    sum += sum_at::<W>(ctx, ETH_LEN + IPV6_LEN)?;
     let csum = ptr_at::<u16>(ctx, ETH_LEN + IPV6_LEN + 2)?;
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *csum = fold(sum) };

@@ -5,12 +5,11 @@
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_fib_lookup, bpf_redirect},
-    programs::XdpContext,
-    EbpfContext,
 };
 use lb_common::{Backend, Counter, NextHop, FAMILY_V4};
 
 use crate::{
+    frame::Frame,
     headers::EthHdr,
     maps::count,
     nexthop,
@@ -69,7 +68,7 @@ pub(crate) enum Route {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lookup(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     family: u8,
     proto: u8,
     src: &[u32; 4],
@@ -89,7 +88,7 @@ pub(crate) fn lookup(
         sport_be: sport,
         dport_be: dport,
         tot_len,
-        ifindex: ctx.ingress_ifindex() as u32,
+        ifindex: ctx.ingress_ifindex(),
         tos_or_flow,
         src_be: *src,
         dst_be: *dst,
@@ -119,7 +118,7 @@ pub(crate) fn lookup(
 /// Writes the next hop's MACs into the Ethernet header and sends the frame out of the
 /// looked-up interface.
 #[inline(always)]
-pub(crate) fn send(ctx: &XdpContext, p: &FibParams) -> Verdict {
+pub(crate) fn send(ctx: &impl Frame, p: &FibParams) -> Verdict {
     send_to(ctx, &p.dmac, &p.smac, p.ifindex)
 }
 const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
@@ -127,14 +126,14 @@ const _: () = assert!(core::mem::size_of::<FibParams>() == 64);
 /// Sends the rewritten packet with a cached next hop (counted: `nexthop_cached`): MACs from
 /// the cache, then XDP_TX or XDP_REDIRECT as a route lookup would have decided.
 #[inline(always)]
-pub(crate) fn send_cached(ctx: &XdpContext, nh: &NextHop) -> Verdict {
+pub(crate) fn send_cached(ctx: &impl Frame, nh: &NextHop) -> Verdict {
     count(Counter::NextHopCached);
     send_to(ctx, &nh.dmac, &nh.smac, nh.ifindex)
 }
 
 /// Writes the MACs into the Ethernet header and sends the frame out of `ifindex`.
 #[inline(always)]
-fn send_to(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Verdict {
+fn send_to(ctx: &impl Frame, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::pass(Counter::PassMalformedEth);
     };
@@ -143,7 +142,7 @@ fn send_to(ctx: &XdpContext, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Ve
         (*eth).dst = *dmac;
         (*eth).src = *smac;
     }
-    egress(ctx.ingress_ifindex() as u32, ifindex)
+    egress(ctx.ingress_ifindex(), ifindex)
 }
 
 #[inline(always)]
@@ -167,13 +166,13 @@ pub(crate) fn egress(ingress: u32, ifindex: u32) -> Verdict {
 /// route up (and caches what it says).
 #[inline(always)]
 pub(crate) fn to_backend(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     id: u32,
     backend: &Backend,
     now: u64,
 ) -> Verdict {
-    if let Some(nh) = nexthop::cached(id, backend, now, pkt.ip_len) {
+    if let Some(nh) = nexthop::cached(id, backend, now, pkt.mtu_len()) {
         return send_cached(ctx, nh);
     }
     let (r, p) = lookup(
@@ -184,17 +183,17 @@ pub(crate) fn to_backend(
         &backend.addr_be,
         pkt.sport,
         backend.port_be,
-        pkt.ip_len,
+        pkt.mtu_len(),
         pkt.tos_or_flow,
     );
-    nexthop::record(id, backend, now, pkt.ip_len, r, &p);
+    nexthop::record(id, backend, now, pkt.mtu_len(), r, &p);
     send_as_routed(ctx, r, &p)
 }
 
 /// Routes the already rewritten packet whose addresses and ports are now `src`/`dst`.
 #[inline(always)]
 pub(crate) fn forward(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     src: &[u32; 4],
     dst: &[u32; 4],
@@ -209,7 +208,7 @@ pub(crate) fn forward(
         dst,
         sport,
         dport,
-        pkt.ip_len,
+        pkt.mtu_len(),
         pkt.tos_or_flow,
     );
     send_as_routed(ctx, r, &p)
@@ -218,7 +217,7 @@ pub(crate) fn forward(
 /// Sends a rewritten packet the way its route lookup said (NAT: the kernel gets what it
 /// must resolve or handle).
 #[inline(always)]
-fn send_as_routed(ctx: &XdpContext, r: Route, p: &FibParams) -> Verdict {
+fn send_as_routed(ctx: &impl Frame, r: Route, p: &FibParams) -> Verdict {
     match r {
         Route::Ok => send(ctx, p),
         Route::NoNeigh => Verdict::pass(Counter::PassNoNeigh),

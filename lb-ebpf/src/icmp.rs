@@ -3,13 +3,13 @@
 //! lb finds the flow from the quote and sends the message to that flow's backend, so path MTU
 //! discovery works behind it. Other ICMP (echo included) is passed to the kernel untouched.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     csum::CsumUpdate, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
     PROTO_UDP,
 };
 
 use crate::{
+    frame::{Frame, L4Sum},
     headers::{Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
     parse::{data_end, ptr_at, Packet},
 };
@@ -32,7 +32,7 @@ pub(crate) struct TooBig {
 /// Parses a frame as an ICMP too-big about a TCP/UDP packet sent from some address:port
 /// (possibly a VIP). Only option-less IPv4 headers, outer and quoted.
 #[inline(always)]
-pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
+pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
     let eth = ptr_at::<lb_ebpf::headers::EthHdr>(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
@@ -77,6 +77,7 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
                 ttl: h.ttl,
                 frame_len,
                 ip_len: tot_len,
+                seg_len: 0,
                 tos_or_flow: h.tos as u32,
             },
             vip: Endpoint {
@@ -133,6 +134,7 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
                 ttl: h.hop_limit,
                 frame_len,
                 ip_len: (IPV6_LEN as u64 + payload) as u16,
+                seg_len: 0,
                 tos_or_flow: (u32::from_be(h.vtc_flow_be) & 0x000f_ffff).to_be(),
             },
             vip: Endpoint {
@@ -162,7 +164,10 @@ pub(crate) fn parse(ctx: &XdpContext) -> Option<TooBig> {
 /// quoted IPv4 header checksums and the ICMP checksum are updated (the quoted TCP/UDP checksum
 /// is not: receivers of ICMP errors do not check it).
 #[inline(always)]
-pub(crate) fn nat_rewrite(ctx: &XdpContext, m: &TooBig, addr: &[u32; 4], port: u16) -> bool {
+pub(crate) fn nat_rewrite(ctx: &impl Frame, m: &TooBig, addr: &[u32; 4], port: u16) -> bool {
+    // Changes to the ICMP checksum: of the pseudo-header (ICMPv6's covers the destination) and
+    // of the message (the quote).
+    let mut pseudo = CsumUpdate::delta();
     let mut icmp_delta = CsumUpdate::delta();
     if m.outer.family == FAMILY_V4 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
@@ -197,7 +202,7 @@ pub(crate) fn nat_rewrite(ctx: &XdpContext, m: &TooBig, addr: &[u32; 4], port: u
         // SAFETY: bounds-checked by ptr_at.
         let ip = unsafe { &mut *ip };
         // The ICMPv6 checksum covers the pseudo-header's destination (not the hop limit).
-        icmp_delta.addr(&ip.daddr_be, addr);
+        pseudo.addr(&ip.daddr_be, addr);
         ip.daddr_be = *addr;
         ip.hop_limit = ip.hop_limit.wrapping_sub(1);
         let Some(q) = ptr_at::<Ipv6Hdr>(ctx, m.quote_off) else {
@@ -222,10 +227,5 @@ pub(crate) fn nat_rewrite(ctx: &XdpContext, m: &TooBig, addr: &[u32; 4], port: u
         icmp_delta.word(*sport, port);
         *sport = port;
     }
-    let Some(check) = ptr_at::<u16>(ctx, m.outer.l4_off + 2) else {
-        return false;
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe { *check = icmp_delta.rebase(*check).finish() };
-    true
+    ctx.l4_csum(m.outer.l4_off + 2, pseudo, icmp_delta, L4Sum::Plain)
 }

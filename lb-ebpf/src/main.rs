@@ -13,6 +13,7 @@
 #![allow(internal_features)]
 
 mod dsr;
+mod frame;
 // The shared header layouts, as `crate::headers` for the modules below.
 pub(crate) use lb_ebpf::headers;
 mod fib;
@@ -23,8 +24,12 @@ mod nat;
 mod nexthop;
 mod parse;
 
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, generated::bpf_skb_pull_data};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{
     hash::{encap_hash, flow_hash, source_hash},
     Backend, Counter, CtEntry, FlowKey, Handoff, RevNat, RevNatEntry, VipInfo, ALGO_LEAST_CONN,
@@ -35,9 +40,10 @@ use lb_common::{
 
 use crate::{
     flow::Dir,
+    frame::{Bounded, Frame},
     maps::{
-        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, PROGS, REVNAT,
-        RR_POS, TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_STATS,
+        count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, REVNAT, RR_POS,
+        TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -69,7 +75,9 @@ impl Verdict {
 
 // Inlined into the entry point the macro generates: as a function of its own it would cost
 // every packet a BPF-to-BPF call (with the tail-call bookkeeping that goes with it).
-#[xdp]
+// `frags`: a frame of several buffers (an MTU above a page) is handled as long as its headers
+// are in the first one.
+#[xdp(frags)]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = process(&ctx);
@@ -79,7 +87,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 /// Tail-called by `lb_xdp` for an ipip VIP, with the backend and flow hash in `HANDOFF`:
 /// encapsulates and sends (or answers too-big). Its own program, so its own stack.
-#[xdp]
+#[xdp(frags)]
 pub fn lb_ipip(ctx: XdpContext) -> u32 {
     let v = ipip_handoff(&ctx);
     count(v.reason);
@@ -88,15 +96,60 @@ pub fn lb_ipip(ctx: XdpContext) -> u32 {
 
 /// Tail-called by `lb_xdp` for ICMP/ICMPv6: routes too-big errors about VIP flows to their
 /// backends, passes everything else.
-#[xdp]
+#[xdp(frags)]
 pub fn lb_icmp(ctx: XdpContext) -> u32 {
     let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
     count(v.reason);
     v.action
 }
 
+// The same data plane as a tc ingress program, for devices where XDP cannot be trusted with
+// checksums (generic mode) or is not available: see `frame.rs`.
+
+/// The headers lb reads at most (Ethernet, IPv4 with options, TCP): pulled into the linear part
+/// of a socket buffer that does not have them there.
+const TC_HEADERS: u32 = 14 + 60 + 20;
+/// An ICMP error's: Ethernet, IPv4, ICMP, the quoted IPv4 header and 8 bytes.
+const TC_ICMP_HEADERS: u32 = 14 + 20 + 8 + 60 + 8;
+
+/// Makes the first `want` bytes of the packet (or all of it, if shorter) directly accessible.
 #[inline(always)]
-fn ipip_handoff(ctx: &XdpContext) -> Verdict {
+fn tc_pull(ctx: &TcContext, want: u32) {
+    let want = want.min(ctx.packet_len() as u32);
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        // SAFETY: plain helper call; packet pointers are derived afterwards.
+        unsafe { bpf_skb_pull_data(ctx.skb.skb, want) };
+    }
+}
+
+#[classifier]
+#[inline(always)]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    tc_pull(&ctx, TC_HEADERS);
+    let v = process(&ctx);
+    count(v.reason);
+    ctx.action(v.action) as i32
+}
+
+/// `lb_ipip` for `lb_tc`.
+#[classifier]
+pub fn lb_tc_ipip(ctx: TcContext) -> i32 {
+    let v = ipip_handoff(&ctx);
+    count(v.reason);
+    ctx.action(v.action) as i32
+}
+
+/// `lb_icmp` for `lb_tc`.
+#[classifier]
+pub fn lb_tc_icmp(ctx: TcContext) -> i32 {
+    tc_pull(&ctx, TC_ICMP_HEADERS);
+    let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    count(v.reason);
+    ctx.action(v.action) as i32
+}
+
+#[inline(always)]
+fn ipip_handoff(ctx: &impl Frame) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
         Err(v) => return v,
@@ -112,13 +165,12 @@ fn ipip_handoff(ctx: &XdpContext) -> Verdict {
 
 /// Tail-calls program `slot`; returns only if that fails.
 #[inline(always)]
-fn tail_call(ctx: &XdpContext, slot: u32) {
-    // SAFETY: on success the call does not return; on failure nothing happened.
-    unsafe { PROGS.tail_call(ctx, slot) };
+fn tail_call(ctx: &impl Frame, slot: u32) {
+    ctx.tail_call(slot);
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> Verdict {
+fn process(ctx: &impl Frame) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(p) => p,
         Err(v) if matches!(v.reason, Counter::PassNotTcpUdp) => {
@@ -192,7 +244,7 @@ fn process(ctx: &XdpContext) -> Verdict {
 /// backend — e.g. a client that talks to the backend's address directly through the gateway —
 /// is not lb's to rewrite. Applies the reply to the flow's state.
 #[inline(always)]
-fn reply_of(ctx: &XdpContext, pkt: &Packet, rev: *const RevNat) -> Option<RevNatEntry> {
+fn reply_of(ctx: &impl Frame, pkt: &Packet, rev: *const RevNat) -> Option<RevNatEntry> {
     let now = flow::now_ns();
     // SAFETY: the map value is live for the program run; fields are copied out.
     let n = unsafe { (*rev).count } as usize;
@@ -240,7 +292,7 @@ enum Tracked {
 /// applies a reply to the flow's state.
 #[inline(always)]
 fn tracked_reply(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     key: &FlowKey,
     r: &RevNatEntry,
@@ -332,7 +384,7 @@ fn tracked_reply(
 /// `VIP_F_STATELESS_REVERSE` (several gateways behind ECMP) or a flood was on within the
 /// opening timeout (flows that began then have no entry: see `flow::flooding`).
 #[inline(always)]
-fn stateless_reply(ctx: &XdpContext, pkt: &Packet, r: &RevNatEntry, now: u64) -> bool {
+fn stateless_reply(ctx: &impl Frame, pkt: &Packet, r: &RevNatEntry, now: u64) -> bool {
     // SAFETY: copied out at once.
     let Some(vip) = (unsafe { VIPS.get(r.vip) }).copied() else {
         return false;
@@ -369,7 +421,7 @@ fn stateless_reply(ctx: &XdpContext, pkt: &Packet, r: &RevNatEntry, now: u64) ->
         &pkt.dst,
         pkt.sport,
         pkt.dport,
-        pkt.ip_len,
+        pkt.mtu_len(),
         pkt.tos_or_flow,
     );
     // Local destinations come back as "not forwarded" (Other); everything else is on its way
@@ -422,7 +474,7 @@ fn select_least_conn(vip: &VipInfo) -> Option<(u32, Backend)> {
 
 /// Backend → client: rewrite the source back to the VIP, forward.
 #[inline(always)]
-fn reverse(ctx: &XdpContext, pkt: &Packet, rev: &RevNatEntry) -> Verdict {
+fn reverse(ctx: &impl Frame, pkt: &Packet, rev: &RevNatEntry) -> Verdict {
     count(Counter::RevNat);
     add_traffic(&VIP_STATS, rev.vip_id, pkt.frame_len, false, true);
     add_traffic(&BACKEND_STATS, rev.backend_id, pkt.frame_len, false, true);
@@ -483,7 +535,7 @@ fn vip_of_flow(pkt: &Packet, p: *mut CtEntry) -> Option<VipInfo> {
 /// selects a backend reads the VIP from `VIPS`). None: the VIP is not in `VIPS` (any more).
 #[inline(always)]
 fn forward(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     vip: &VipInfo,
     flow: &FlowKey,
@@ -632,7 +684,7 @@ fn confirmed_flow(
 /// confirm it). None: no live entry (an expired or stale one is removed).
 #[inline(always)]
 fn unconfirmed_flow(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     vip: &VipInfo,
     flow: &FlowKey,
@@ -669,7 +721,7 @@ fn unconfirmed_flow(
 /// Sends a packet for a VIP to backend `id` the VIP's way: NAT, dsr-l2 or ipip.
 #[inline(always)]
 fn send_to_backend(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     vip: &VipInfo,
     id: u32,
@@ -713,7 +765,7 @@ fn send_to_backend(
 /// An ICMP too-big about a VIP flow: to the flow's backend (conntrack, else the VIP's
 /// selection), in the VIP's forwarding mode. None: not one (the caller passes the packet).
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext) -> Option<Verdict> {
+fn icmp_error(ctx: &impl Frame) -> Option<Verdict> {
     let m = icmp::parse(ctx)?;
     // SAFETY: copied out at once.
     let vip = unsafe { VIPS.get(m.vip) }.copied()?;

@@ -94,8 +94,12 @@ pub(crate) static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usi
     PerCpuArray::new();
 
 /// The tail-called programs (`PROG_*` slots), filled by userspace at load.
-#[btf_map(name = "LB_PROGS_V1")]
+#[btf_map(name = "LB_PROGS_V2")]
 pub(crate) static PROGS: ProgramArray<2> = ProgramArray::new();
+
+/// `lb_tc`'s tail-called programs (a program array holds programs of one type).
+#[btf_map(name = "LB_TCPROGS_V1")]
+pub(crate) static TC_PROGS: ProgramArray<2> = ProgramArray::new();
 
 #[btf_map(name = "LB_HANDOFF_V1")]
 pub(crate) static HANDOFF: PerCpuArray<Handoff, 1> = PerCpuArray::new();

@@ -1,10 +1,10 @@
 //! Address and port rewriting with incremental checksum updates (RFC 1624).
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{csum::CsumUpdate, FAMILY_V4, PROTO_TCP};
 
 use crate::{
-    headers::{Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_LEN},
+    frame::{Bounded, Frame, L4Sum},
+    headers::{Ipv4Hdr, Ipv6Hdr, ETH_LEN},
     parse::{ptr_at, Packet},
 };
 
@@ -23,7 +23,7 @@ pub(crate) enum Side {
 /// needs it).
 #[inline(always)]
 pub(crate) fn rewrite(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     side: Side,
     addr: &[u32; 4],
@@ -68,52 +68,37 @@ pub(crate) fn rewrite(
         l4.addr(&old, addr);
     }
 
-    if pkt.proto == PROTO_TCP {
-        let Some(tcp) = ptr_at::<TcpHdr>(ctx, pkt.l4_off) else {
-            return false;
-        };
-        // SAFETY: bounds-checked by ptr_at.
-        let tcp = unsafe { &mut *tcp };
-        let field = if side == Side::Src {
-            &mut tcp.sport_be
-        } else {
-            &mut tcp.dport_be
-        };
-        let mut c = l4.rebase(tcp.check);
-        c.word(*field, port);
-        *field = port;
-        tcp.check = c.finish();
+    // Then the port, collecting its effect on the L4 checksum separately: a partial checksum
+    // (tc) takes only the pseudo-header's part.
+    let mut data = CsumUpdate::delta();
+    let (port_off, check_off, kind) = if pkt.proto == PROTO_TCP {
+        (if side == Side::Src { 0 } else { 2 }, 16, L4Sum::Plain)
     } else {
-        let Some(udp) = ptr_at::<UdpHdr>(ctx, pkt.l4_off) else {
-            return false;
-        };
-        // SAFETY: bounds-checked by ptr_at.
-        let udp = unsafe { &mut *udp };
-        let field = if side == Side::Src {
-            &mut udp.sport_be
-        } else {
-            &mut udp.dport_be
-        };
-        let mut c = l4.rebase(udp.check);
-        c.word(*field, port);
+        (
+            if side == Side::Src { 0 } else { 2 },
+            6,
+            if pkt.family == FAMILY_V4 {
+                L4Sum::UdpV4
+            } else {
+                L4Sum::UdpV6
+            },
+        )
+    };
+    let Some(field) = ptr_at::<u16>(ctx, pkt.l4_off + port_off) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        data.word(*field, port);
         *field = port;
-        // An IPv4 UDP checksum of zero means "no checksum": leave it so.
-        if udp.check != 0 || pkt.family != FAMILY_V4 {
-            let mut sum = c.finish();
-            // A computed zero is sent as all ones, since zero means "none".
-            if sum == 0 {
-                sum = 0xffff;
-            }
-            udp.check = sum;
-        }
     }
-    true
+    ctx.l4_csum(pkt.l4_off + check_off, l4, data, kind)
 }
 
 /// Decrements the TTL (with the IPv4 header checksum) or hop limit of the packet at `ETH_LEN`,
 /// as a router does; the caller has checked it is above 1. False if the header is out of bounds.
 #[inline(always)]
-pub(crate) fn decrement_ttl(ctx: &XdpContext, family: u8) -> bool {
+pub(crate) fn decrement_ttl(ctx: &impl Bounded, family: u8) -> bool {
     if family == FAMILY_V4 {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
             return false;

@@ -2,10 +2,10 @@
 //! against `data_end`; anything that does not parse is passed to the kernel with the counter
 //! that names the reason (the kernel applies its own validation and drops what is invalid).
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{Counter, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
+    frame::Frame,
     headers::{EthHdr, Ipv4Hdr, Ipv6Hdr, TcpHdr, UdpHdr, ETH_LEN, IPV6_LEN},
     Verdict,
 };
@@ -33,11 +33,24 @@ pub(crate) struct Packet {
     pub frame_len: u64,
     /// IP total length (IPv4 total length; IPv6 payload length + 40), host order.
     pub ip_len: u16,
+    /// A GSO packet's (tc): the IP length of each segment the kernel will make of it; 0 for
+    /// any other packet.
+    pub seg_len: u16,
     /// IPv4 TOS byte, or the IPv6 flow label (network byte order), for the route lookup.
     pub tos_or_flow: u32,
 }
 
 impl Packet {
+    /// The length the egress MTU must allow: each segment's for a GSO packet.
+    #[inline(always)]
+    pub(crate) fn mtu_len(&self) -> u16 {
+        if self.seg_len != 0 {
+            self.seg_len
+        } else {
+            self.ip_len
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn dst_endpoint(&self) -> Endpoint {
         Endpoint {
@@ -92,7 +105,7 @@ type ParseResult = Result<Packet, Verdict>;
 pub(crate) use lb_ebpf::bounds::{data_end, ptr_at};
 
 #[inline(always)]
-pub(crate) fn is_icmp(ctx: &XdpContext) -> bool {
+pub(crate) fn is_icmp(ctx: &impl Frame) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
@@ -109,7 +122,7 @@ pub(crate) fn is_icmp(ctx: &XdpContext) -> bool {
 }
 
 #[inline(always)]
-pub(crate) fn parse(ctx: &XdpContext) -> ParseResult {
+pub(crate) fn parse(ctx: &impl Frame) -> ParseResult {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Err(Verdict::pass(Counter::PassMalformedEth));
     };
@@ -122,9 +135,9 @@ pub(crate) fn parse(ctx: &XdpContext) -> ParseResult {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext) -> ParseResult {
+fn parse_v4(ctx: &impl Frame) -> ParseResult {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return Err(Verdict::pass(Counter::PassMalformedIp));
+        return Err(split_or(ctx, ETH_LEN + 20, Counter::PassMalformedIp));
     };
     // SAFETY: bounds-checked by ptr_at.
     let h = unsafe { &*ip };
@@ -134,7 +147,7 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
     }
     let hdr_len = ihl * 4;
     let tot_len = u16::from_be(h.tot_len_be) as usize;
-    let frame_len = data_end(ctx) - ctx.data();
+    let frame_len = frame_len(ctx, ETH_LEN + tot_len);
     if tot_len < hdr_len || ETH_LEN + tot_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
@@ -152,6 +165,7 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
     let l4_off = ETH_LEN + hdr_len;
     let ttl = h.ttl;
     let l4 = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
+    let seg_len = seg_len(ctx, hdr_len + l4.hdr_len);
     Ok(Packet {
         family: FAMILY_V4,
         proto,
@@ -164,14 +178,15 @@ fn parse_v4(ctx: &XdpContext) -> ParseResult {
         ttl,
         frame_len: frame_len as u64,
         ip_len: tot_len as u16,
+        seg_len,
         tos_or_flow: tos,
     })
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext) -> ParseResult {
+fn parse_v6(ctx: &impl Frame) -> ParseResult {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
-        return Err(Verdict::pass(Counter::PassMalformedIp));
+        return Err(split_or(ctx, ETH_LEN + IPV6_LEN, Counter::PassMalformedIp));
     };
     // SAFETY: bounds-checked by ptr_at.
     let h = unsafe { &*ip };
@@ -180,7 +195,7 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     let payload_len = u16::from_be(h.payload_len_be) as usize;
-    let frame_len = data_end(ctx) - ctx.data();
+    let frame_len = frame_len(ctx, ETH_LEN + IPV6_LEN + payload_len);
     if ETH_LEN + IPV6_LEN + payload_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
@@ -199,6 +214,7 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
     let l4_off = ETH_LEN + IPV6_LEN;
     let ttl = h.hop_limit;
     let l4 = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
+    let seg_len = seg_len(ctx, IPV6_LEN + l4.hdr_len);
     Ok(Packet {
         family: FAMILY_V6,
         proto,
@@ -211,25 +227,63 @@ fn parse_v6(ctx: &XdpContext) -> ParseResult {
         ttl,
         frame_len: frame_len as u64,
         ip_len: (IPV6_LEN + payload_len) as u16,
+        seg_len,
         tos_or_flow: flow,
     })
 }
 
-/// What `parse_l4` reads: ports (network byte order) and TCP flags.
+/// The length of the packet whose IP packet ends at `ip_end`: the directly accessible part,
+/// or — only when that is shorter, so that an ordinary XDP frame costs no helper call — the
+/// whole packet (a multi-buffer frame, or a socket buffer's fragments).
+#[inline(always)]
+fn frame_len(ctx: &impl Frame, ip_end: usize) -> usize {
+    let linear = data_end(ctx) - ctx.data();
+    if ip_end <= linear {
+        linear
+    } else {
+        ctx.packet_len()
+    }
+}
+
+/// The IP length of each segment of a GSO packet with `headers` bytes of IP and L4 headers (0:
+/// not one).
+#[inline(always)]
+fn seg_len(ctx: &impl Frame, headers: usize) -> u16 {
+    let gso = ctx.gso_size();
+    if gso == 0 {
+        0
+    } else {
+        (headers as u32 + gso).min(0xffff) as u16
+    }
+}
+
+/// A header that the packet has but that lies beyond its directly accessible part (XDP: the
+/// first buffer of a multi-buffer frame; tc: the linear part, after the pull at the entry):
+/// counted, and passed with the verdict `bad` names.
+#[inline(always)]
+fn split_or(ctx: &impl Frame, end: usize, bad: Counter) -> Verdict {
+    if end <= ctx.packet_len() {
+        crate::maps::count(Counter::HeadersNotLinear);
+    }
+    Verdict::pass(bad)
+}
+
+/// What `parse_l4` reads: ports (network byte order), TCP flags and the header's length.
 struct L4 {
     sport: u16,
     dport: u16,
     flags: u8,
+    hdr_len: usize,
 }
 
 /// Checks the TCP/UDP header at `l4_off`, which must lie within the IP packet ending at
 /// `ip_end`, and returns what the data plane needs of it.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4, Verdict> {
+fn parse_l4(ctx: &impl Frame, proto: u8, l4_off: usize, ip_end: usize) -> Result<L4, Verdict> {
     let malformed = Err(Verdict::pass(Counter::PassMalformedL4));
     if proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4_off) else {
-            return malformed;
+            return Err(split_or(ctx, l4_off + 20, Counter::PassMalformedL4));
         };
         // SAFETY: bounds-checked by ptr_at.
         let t = unsafe { &*tcp };
@@ -241,10 +295,11 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result
             sport: t.sport_be,
             dport: t.dport_be,
             flags: t.flags,
+            hdr_len: doff * 4,
         })
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(ctx, l4_off) else {
-            return malformed;
+            return Err(split_or(ctx, l4_off + 8, Counter::PassMalformedL4));
         };
         // SAFETY: bounds-checked by ptr_at.
         let u = unsafe { &*udp };
@@ -256,6 +311,7 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result
             sport: u.sport_be,
             dport: u.dport_be,
             flags: 0,
+            hdr_len: core::mem::size_of::<UdpHdr>(),
         })
     }
 }
@@ -263,7 +319,7 @@ fn parse_l4(ctx: &XdpContext, proto: u8, l4_off: usize, ip_end: usize) -> Result
 /// The TCP sequence and acknowledgment numbers (host order) of a parsed TCP packet: read only
 /// on the paths that need them (unconfirmed flows), not by every packet's parse.
 #[inline(always)]
-pub(crate) fn tcp_seq_ack(ctx: &XdpContext, pkt: &Packet) -> (u32, u32) {
+pub(crate) fn tcp_seq_ack(ctx: &impl Frame, pkt: &Packet) -> (u32, u32) {
     match ptr_at::<TcpHdr>(ctx, pkt.l4_off) {
         // SAFETY: bounds-checked by ptr_at.
         Some(t) => unsafe { (u32::from_be((*t).seq), u32::from_be((*t).ack)) },

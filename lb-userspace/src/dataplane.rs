@@ -1,14 +1,17 @@
 //! Loading the XDP program and attaching it to interfaces.
 
 use anyhow::{Context, Result};
-use aya::{programs::Xdp, Ebpf, EbpfLoader};
+use aya::{
+    programs::{Program, SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
+};
 use lb_common::{
     names, GlobalConf, DEFAULT_CT_CAPACITY, DEFAULT_CT_NEW_CAPACITY, DEFAULT_FLOOD_RATE,
     DEFAULT_TABLE_CAPACITY,
 };
 
 use crate::{
-    object::{LB_XDP_OBJECT, LB_XDP_PROGRAM},
+    object::{LB_TC_PROGRAM, LB_XDP_OBJECT, LB_XDP_PROGRAM},
     state::LbMaps,
 };
 
@@ -51,37 +54,67 @@ pub struct Dataplane {
 /// How the program is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
-    /// In the driver (fastest; needs driver support).
+    /// XDP in the driver (fastest; needs driver support).
     Native,
-    /// In the generic network stack (works on every interface).
+    /// XDP in the generic network stack (works on every interface, but can corrupt the
+    /// checksums of GRO-merged and locally generated packets: only by an operator's choice).
     Generic,
-    /// Native; where the driver refuses it, lb_xdp is not attached (an error, never generic
-    /// mode on its own); `lb decap` falls back to generic.
+    /// `lb_tc`, the same data plane as a tc ingress program (tcx): works on every interface,
+    /// with the kernel's checksum helpers.
+    Tc,
+    /// Native; where the driver refuses it, tc (said so). `lb decap` falls back to generic.
     Auto,
 }
 
-/// Loads the programs `lb_xdp` tail-calls (`lb_common::TAIL_PROGRAMS`) and puts them in its
-/// program array, each in its slot (an atomic replacement per slot).
+/// Loads the programs `lb_xdp` and `lb_tc` tail-call (`lb_common::TAIL_PROGRAMS`,
+/// `TC_TAIL_PROGRAMS`) and puts them in their program arrays, each in its slot (an atomic
+/// replacement per slot).
 pub fn install_tail_programs(ebpf: &mut Ebpf) -> Result<()> {
-    let mut fds = Vec::new();
-    for name in lb_common::TAIL_PROGRAMS {
-        let prog: &mut Xdp = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
-        fds.push(prog.fd()?.try_clone()?);
+    for (array, programs) in [
+        (names::PROGS, lb_common::TAIL_PROGRAMS),
+        (names::TC_PROGS, lb_common::TC_TAIL_PROGRAMS),
+    ] {
+        let mut fds = Vec::new();
+        for name in programs {
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?;
+            load_program(prog)
+                .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
+            fds.push(prog.fd()?.try_clone()?);
+        }
+        let map = ebpf
+            .map_mut(array)
+            .with_context(|| format!("map {array} missing from the object"))?;
+        let mut progs = aya::maps::ProgramArray::try_from(map)?;
+        for (slot, fd) in fds.iter().enumerate() {
+            progs
+                .set(slot as u32, fd, 0)
+                .with_context(|| format!("installing {}", programs[slot]))?;
+        }
     }
-    let map = ebpf
-        .map_mut(names::PROGS)
-        .with_context(|| format!("map {} missing from the object", names::PROGS))?;
-    let mut progs = aya::maps::ProgramArray::try_from(map)?;
-    for (slot, fd) in fds.iter().enumerate() {
-        progs
-            .set(slot as u32, fd, 0)
-            .with_context(|| format!("installing {}", lb_common::TAIL_PROGRAMS[slot]))?;
+    Ok(())
+}
+
+/// Loads an XDP or tc program of the object (once).
+fn load_program(prog: &mut Program) -> Result<()> {
+    match prog {
+        Program::Xdp(p) if p.fd().is_err() => p.load()?,
+        Program::SchedClassifier(p) if p.fd().is_err() => p.load()?,
+        Program::Xdp(_) | Program::SchedClassifier(_) => {}
+        _ => anyhow::bail!("not an XDP or tc program"),
     }
+    Ok(())
+}
+
+/// Loads `lb_tc`, the data plane as a tc program.
+pub fn load_tc(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(LB_TC_PROGRAM)
+        .context("program lb_tc missing from the object")?
+        .try_into()?;
+    prog.load()
+        .context("loading lb_tc into the kernel (verifier)")?;
     Ok(())
 }
 
@@ -109,6 +142,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("loading lb_xdp into the kernel (verifier)")?;
+        load_tc(&mut ebpf)?;
         install_tail_programs(&mut ebpf)?;
         before_take(&ebpf)?;
         let mut maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
@@ -140,5 +174,14 @@ impl Dataplane {
             .expect("loaded in Dataplane::load")
             .try_into()
             .expect("lb_xdp is an XDP program")
+    }
+
+    /// The tc program.
+    pub fn tc_program(&mut self) -> &mut SchedClassifier {
+        self.ebpf
+            .program_mut(LB_TC_PROGRAM)
+            .expect("loaded in Dataplane::load")
+            .try_into()
+            .expect("lb_tc is a tc program")
     }
 }

@@ -6,6 +6,9 @@ pub static LB_XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 /// Name of the XDP program inside the object.
 pub const LB_XDP_PROGRAM: &str = "lb_xdp";
 
+/// Name of the same data plane as a tc program (`lb attach --mode tc`) inside the object.
+pub const LB_TC_PROGRAM: &str = "lb_tc";
+
 /// ELF object of the benchmark helpers (`bench_wrap`, `bench_pass`).
 pub static LB_BENCH_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));

@@ -3,9 +3,10 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/            (0700; flock'ed by every lb command: concurrent runs serialize)
-//!   prog_lb_xdp              the loaded program
-//!   link_<iface>_<mode>      one XDP link per interface (mode: native | generic; `.` and `%`
-//!                            in the interface name percent-encoded: links.rs)
+//!   prog_lb_xdp, prog_lb_tc  the loaded program, as XDP and as tc program
+//!   link_<iface>_<mode>      one link per interface (mode: native | generic — XDP — or tc, a
+//!                            tcx ingress link; `.` and `%` in the interface name
+//!                            percent-encoded: links.rs)
 //!   LB_VIPS_V2 …             the maps (names from lb_common::names)
 //!   prog_lb_decap, decap_<iface>_<mode>, LB_DECAP_STATS_V1
 //!                            the decapsulation program (on backends of ipip VIPs)
@@ -24,7 +25,9 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Map, MapData},
-    programs::{links::FdLink, Xdp, XdpMode},
+    programs::{
+        links::FdLink, tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
 };
 use aya_obj::programs::XdpAttachType;
 use lb_common::names;
@@ -40,10 +43,12 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Environment variable that overrides the default pin directory.
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
+const TC_PROG_PIN: &str = "prog_lb_tc";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 22] = [
+const ALL_MAPS: [&str; 23] = [
     names::PROGS,
+    names::TC_PROGS,
     names::HANDOFF,
     names::PORTS,
     names::ACTIVE,
@@ -68,13 +73,20 @@ const ALL_MAPS: [&str; 22] = [
 ];
 
 /// Maps that hold only what can be made again from the others — a cache the data plane
-/// refills by itself, a mirror of the VIPs — which `lb upgrade` creates (and fills) when the
-/// running program does not have them (an older layout keeps its own until the purge).
-const CACHE_MAPS: [&str; 3] = [names::NEXTHOP, names::VIP_BY_ID, names::VIP_ADDRS];
+/// refills by itself, a mirror of the VIPs, the program arrays the upgrade fills — which `lb
+/// upgrade` creates (and fills) when the running program does not have them (an older layout
+/// keeps its own until the purge).
+const CACHE_MAPS: [&str; 5] = [
+    names::NEXTHOP,
+    names::VIP_BY_ID,
+    names::VIP_ADDRS,
+    names::PROGS,
+    names::TC_PROGS,
+];
 
 /// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
 /// has switched every link (and by unload and purge).
-const LEGACY_MAPS: [&str; 1] = ["LB_NEXTHOP_V1"];
+const LEGACY_MAPS: [&str; 2] = ["LB_NEXTHOP_V1", "LB_PROGS_V1"];
 
 /// An attachment of the program to an interface, as recorded by its link pin.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,7 +215,7 @@ impl PinDir {
             .iter()
             .chain(&LEGACY_MAPS)
             .copied()
-            .chain([PROG_PIN])
+            .chain([PROG_PIN, TC_PROG_PIN])
         {
             let _ = fs::remove_file(self.path.join(name));
         }
@@ -220,6 +232,9 @@ impl PinDir {
             }
             Ok(())
         })?;
+        dp.tc_program()
+            .pin(self.path.join(TC_PROG_PIN))
+            .context("pinning the tc program")?;
         dp.program()
             .pin(self.path.join(PROG_PIN))
             .context("pinning the program")?;
@@ -246,32 +261,71 @@ impl PinDir {
         if !self.is_loaded() {
             self.load(opts)?;
         }
-        let mut prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
-            .context("opening the pinned program")?;
-        let try_attach = |prog: &mut Xdp, m: XdpMode| prog.attach(iface, m);
-        let (id, used) = match mode {
-            AttachMode::Native => (try_attach(&mut prog, XdpMode::Driver), AttachMode::Native),
-            AttachMode::Generic => (try_attach(&mut prog, XdpMode::Skb), AttachMode::Generic),
-            AttachMode::Auto => match try_attach(&mut prog, XdpMode::Driver) {
-                Ok(id) => (Ok(id), AttachMode::Native),
-                Err(e) => return Err(no_silent_generic(iface, &e)),
-            },
+        let link = match mode {
+            AttachMode::Tc => self.attach_tc(iface)?,
+            AttachMode::Native | AttachMode::Generic | AttachMode::Auto => {
+                let mut prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+                    .context("opening the pinned program")?;
+                let (m, used) = if mode == AttachMode::Generic {
+                    (XdpMode::Skb, AttachMode::Generic)
+                } else {
+                    (XdpMode::Driver, AttachMode::Native)
+                };
+                match prog.attach(iface, m) {
+                    Ok(id) => {
+                        let link = prog.take_link(id).context("taking the XDP link")?;
+                        let link = FdLink::try_from(link)
+                            .context("the kernel gave no BPF link to pin")?;
+                        (link, used)
+                    }
+                    // Never generic mode on its own (it can corrupt partial checksums): the
+                    // tc program, which is correct everywhere, and a word about it.
+                    Err(e) if mode == AttachMode::Auto => {
+                        let r = self.attach_tc(iface).with_context(|| {
+                            format!("{iface}: the driver refused native XDP ({e}), and tc mode failed too")
+                        })?;
+                        eprintln!(
+                            "lb: {iface}: the driver refused native XDP ({e}); attached in tc mode (the same data plane as a tc program, correct on every device, slower)"
+                        );
+                        r
+                    }
+                    Err(e) => bail!(
+                        "attaching to {iface} in {} mode: {e} (does the interface already have an XDP program?)",
+                        mode_name(used)
+                    ),
+                }
+            }
         };
-        let id = id.map_err(|e| {
-            anyhow!(
-                "attaching to {iface} in {} mode: {e} (does the interface already have an XDP program?)",
-                mode_name(used)
-            )
-        })?;
-        let link = prog.take_link(id).context("taking the XDP link")?;
-        let fd_link = FdLink::try_from(link).context("the kernel gave no BPF link to pin")?;
+        let (fd_link, used) = link;
         fd_link
             .pin(
                 self.path
                     .join(links::pin_name("link_", iface, mode_name(used))),
             )
-            .context("pinning the XDP link")?;
+            .context("pinning the link")?;
         Ok(used)
+    }
+
+    /// Attaches `lb_tc` to `iface`'s ingress (tcx, ahead of other tc programs there).
+    fn attach_tc(&self, iface: &str) -> Result<(FdLink, AttachMode)> {
+        let pin = self.path.join(TC_PROG_PIN);
+        if !pin.exists() {
+            bail!(
+                "the program pinned in {} predates tc mode (no {TC_PROG_PIN}): run `lb upgrade` first",
+                self.path.display()
+            );
+        }
+        let mut prog = SchedClassifier::from_pin(&pin).context("opening the pinned tc program")?;
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .with_context(|| format!("attaching to {iface} in tc mode (tcx ingress)"))?;
+        let link = prog.take_link(id).context("taking the tc link")?;
+        let link = FdLink::try_from(link).context("the kernel gave no BPF link to pin")?;
+        Ok((link, AttachMode::Tc))
     }
 
     /// Detaches from `iface` by removing its link pin (the kernel then drops the link).
@@ -376,12 +430,28 @@ impl PinDir {
         let tmp = self.path.join(format!("{PROG_PIN}_new"));
         let _ = fs::remove_file(&tmp);
         prog.pin(&tmp).context("pinning the new program")?;
-        let r = self.switch_to(&mut ebpf);
+        let tc_tmp = self.path.join(format!("{TC_PROG_PIN}_new"));
+        let _ = fs::remove_file(&tc_tmp);
+        let r = crate::dataplane::load_tc(&mut ebpf).and_then(|()| {
+            self.tc_program_of(&mut ebpf)?
+                .pin(&tc_tmp)
+                .context("pinning the new tc program")
+        });
+        // Program arrays this upgrade made are used by no running program yet: filled before
+        // any link switches, so that the new programs never find them empty.
+        let r = r.and_then(|()| {
+            if fresh.contains(&names::PROGS) || fresh.contains(&names::TC_PROGS) {
+                crate::dataplane::install_tail_programs(&mut ebpf)?;
+            }
+            self.switch_to(&mut ebpf)
+        });
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(&tc_tmp);
         }
         let switched = r?;
         fs::rename(&tmp, self.path.join(PROG_PIN)).context("replacing the program pin")?;
+        fs::rename(&tc_tmp, self.path.join(TC_PROG_PIN)).context("replacing the tc program pin")?;
         // No program uses them any more.
         for name in LEGACY_MAPS {
             let _ = fs::remove_file(self.path.join(name));
@@ -393,12 +463,20 @@ impl PinDir {
         })
     }
 
-    /// Switches every pinned link to the new object's lb_xdp, then its tail-called programs,
-    /// all or nothing: links are opened before any switches, and on a failure the links
-    /// already switched go back to the pinned (old) program; the program array is written
-    /// last, so a rollback never has to restore it. (Between the two steps the new lb_xdp
-    /// calls the old tail programs: the hand-off between them must keep its layout across
-    /// versions — a change there needs a new map name, which the map check refuses.)
+    /// The new object's `lb_tc` (loaded).
+    fn tc_program_of<'a>(&self, ebpf: &'a mut aya::Ebpf) -> Result<&'a mut SchedClassifier> {
+        Ok(ebpf
+            .program_mut(crate::object::LB_TC_PROGRAM)
+            .context("program lb_tc missing from the new object")?
+            .try_into()?)
+    }
+
+    /// Switches every pinned link to the new object's lb_xdp or lb_tc, then their tail-called
+    /// programs, all or nothing: links are opened before any switches, and on a failure the
+    /// links already switched go back to the pinned (old) programs; the program arrays are
+    /// written last, so a rollback never has to restore them. (Between the two steps the new
+    /// programs call the old tail programs: the hand-off between them must keep its layout
+    /// across versions — a change there needs a new map name, which the map check refuses.)
     fn switch_to(&self, ebpf: &mut aya::Ebpf) -> Result<Vec<String>> {
         let mut links = Vec::new();
         // A gone link (its interface was deleted) has nothing to switch: the kernel refuses to
@@ -410,28 +488,40 @@ impl PinDir {
             let link: FdLink = aya::programs::links::PinnedLink::from_pin(&pin)
                 .with_context(|| format!("opening {}", pin.display()))?
                 .into();
-            links.push((a.iface, pin, link));
+            links.push((a, pin, link));
         }
-        let prog: &mut Xdp = ebpf
-            .program_mut(crate::object::LB_XDP_PROGRAM)
-            .context("program lb_xdp missing from the new object")?
-            .try_into()?;
-        let mut switched: Vec<(String, std::path::PathBuf)> = Vec::new();
-        for (iface, pin, link) in links {
-            let r = aya::programs::xdp::XdpLink::try_from(link)
-                .with_context(|| format!("{} is not an XDP link", pin.display()))
-                .and_then(|link| {
-                    prog.attach_to_link(link).with_context(|| {
-                        format!("switching the link on {iface} to the new program")
+        let mut switched: Vec<(Attachment, std::path::PathBuf)> = Vec::new();
+        for (a, pin, link) in links {
+            let r = if a.mode == AttachMode::Tc {
+                let prog = self.tc_program_of(ebpf)?;
+                aya::programs::tc::SchedClassifierLink::try_from(link)
+                    .with_context(|| format!("{} is not a tc link", pin.display()))
+                    .and_then(|link| {
+                        let id = prog.attach_to_link(link)?;
+                        // The pin keeps the link; our handle on it can go.
+                        drop(prog.take_link(id));
+                        Ok(())
                     })
-                });
+            } else {
+                let prog: &mut Xdp = ebpf
+                    .program_mut(crate::object::LB_XDP_PROGRAM)
+                    .context("program lb_xdp missing from the new object")?
+                    .try_into()?;
+                aya::programs::xdp::XdpLink::try_from(link)
+                    .with_context(|| format!("{} is not an XDP link", pin.display()))
+                    .and_then(|link| {
+                        let id = prog.attach_to_link(link)?;
+                        drop(prog.take_link(id));
+                        Ok(())
+                    })
+            };
             match r {
-                Ok(id) => {
-                    // The pin keeps the link; our handle on it can go.
-                    drop(prog.take_link(id));
-                    switched.push((iface, pin));
-                }
+                Ok(()) => switched.push((a, pin)),
                 Err(e) => {
+                    let e = e.context(format!(
+                        "switching the link on {} to the new program",
+                        a.iface
+                    ));
                     let back = self.switch_back(&switched);
                     return Err(match back {
                         Ok(()) => e.context("upgrade undone: every link runs the old program"),
@@ -451,18 +541,24 @@ impl PinDir {
                 )),
             });
         }
-        Ok(switched.into_iter().map(|(i, _)| i).collect())
+        Ok(switched.into_iter().map(|(a, _)| a.iface).collect())
     }
 
-    /// Switches links back to the program pinned under `PROG_PIN`.
-    fn switch_back(&self, links: &[(String, std::path::PathBuf)]) -> Result<()> {
-        let mut old = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
-            .context("opening the pinned program")?;
-        for (_, pin) in links {
+    /// Switches links back to the programs pinned under `PROG_PIN` and `TC_PROG_PIN`.
+    fn switch_back(&self, links: &[(Attachment, std::path::PathBuf)]) -> Result<()> {
+        for (a, pin) in links {
             let link: FdLink = aya::programs::links::PinnedLink::from_pin(pin)?.into();
-            let link = aya::programs::xdp::XdpLink::try_from(link)?;
-            let id = old.attach_to_link(link)?;
-            drop(old.take_link(id));
+            if a.mode == AttachMode::Tc {
+                let mut old = SchedClassifier::from_pin(self.path.join(TC_PROG_PIN))
+                    .context("opening the pinned tc program")?;
+                let id = old.attach_to_link(link.try_into()?)?;
+                drop(old.take_link(id));
+            } else {
+                let mut old = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+                    .context("opening the pinned program")?;
+                let id = old.attach_to_link(aya::programs::xdp::XdpLink::try_from(link)?)?;
+                drop(old.take_link(id));
+            }
         }
         Ok(())
     }
@@ -471,6 +567,9 @@ impl PinDir {
 
     /// Attaches `lb_decap` to `iface` (loading and pinning it first if needed).
     pub fn decap_attach(&self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+        if mode == AttachMode::Tc {
+            bail!("lb decap has no tc mode: use --mode native or generic");
+        }
         let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name {iface:?}"))?;
         // SAFETY: valid C string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
@@ -522,6 +621,7 @@ impl PinDir {
         let (id, used) = match mode {
             AttachMode::Native => (prog.attach(iface, XdpMode::Driver), AttachMode::Native),
             AttachMode::Generic => (prog.attach(iface, XdpMode::Skb), AttachMode::Generic),
+            AttachMode::Tc => unreachable!("refused above"),
             AttachMode::Auto => match prog.attach(iface, XdpMode::Driver) {
                 Ok(id) => (Ok(id), AttachMode::Native),
                 Err(_) => (prog.attach(iface, XdpMode::Skb), AttachMode::Generic),
@@ -592,7 +692,7 @@ impl PinDir {
             .iter()
             .chain(&LEGACY_MAPS)
             .copied()
-            .chain([PROG_PIN])
+            .chain([PROG_PIN, TC_PROG_PIN])
         {
             let p = self.path.join(name);
             if p.exists() {
@@ -614,6 +714,7 @@ fn links_in(dir: &Path, prefix: &str) -> Result<Vec<Attachment>> {
         let mode = match mode.as_str() {
             "native" => AttachMode::Native,
             "generic" => AttachMode::Generic,
+            "tc" => AttachMode::Tc,
             _ => continue,
         };
         // The link's interface, as the kernel has it: 0 once the interface was deleted
@@ -647,6 +748,7 @@ pub fn mode_name(m: AttachMode) -> &'static str {
     match m {
         AttachMode::Native => "native",
         AttachMode::Generic => "generic",
+        AttachMode::Tc => "tc",
         AttachMode::Auto => "auto",
     }
 }
@@ -704,14 +806,4 @@ fn fs_type(path: &Path) -> Result<i64> {
         );
     }
     Ok(st.f_type as i64)
-}
-
-/// The error of `auto` mode where the driver refuses native XDP. Generic (skb) mode is not
-/// chosen on its own: there lb's incremental checksum update meets packets whose checksum the
-/// kernel has not finished (GRO-merged, or generated on this host: CHECKSUM_PARTIAL) and can
-/// corrupt them, so it takes an operator's `--mode generic`.
-fn no_silent_generic(iface: &str, native_err: &dyn std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{iface}: the driver refused native XDP ({native_err}); lb does not fall back to generic mode on its own, because generic mode can corrupt the checksums of GRO-merged and locally generated packets. Use --mode generic to attach anyway (safe where every packet arrives with a complete checksum)"
-    )
 }

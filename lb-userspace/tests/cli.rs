@@ -1144,23 +1144,38 @@ fn forward_modes_health_and_decap() {
     lb.fails(&["decap", "detach", "lbc1"], 1, "not attached");
 }
 
-/// `auto` (the default) is native XDP: on an interface whose driver refuses it, `lb attach`
-/// fails, naming the problem and `--mode generic`, and changes nothing — it never picks generic
-/// mode, which can corrupt unfinished checksums, on its own. `--mode generic` attaches.
+/// `auto` (the default) is native XDP; on an interface whose driver refuses it, the tc
+/// program — never generic mode, which can corrupt unfinished checksums — and `lb attach`
+/// says so (stdout: the mode; stderr: why). `lb status` and `/metrics`-style readers see the
+/// mode. `--mode generic` is an operator's explicit choice.
 #[test]
-fn auto_mode_never_falls_back_to_generic_on_its_own() {
+fn auto_mode_falls_back_to_tc_never_to_generic() {
     let lb = Lb::new("auto");
     // A bridge has no native XDP.
     lb.ns.ip(&["link", "add", "lbbr0", "type", "bridge"]);
     lb.ns.ip(&["link", "set", "lbbr0", "up"]);
-    lb.fails(
-        &["attach", "lbbr0"],
-        1,
-        "lb does not fall back to generic mode on its own",
+    let o = lb.run(&["attach", "lbbr0"]);
+    assert!(o.status.success(), "{o:?}");
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
     );
-    lb.fails(&["attach", "lbbr0", "--mode", "auto"], 1, "--mode generic");
+    assert!(out.contains("attached to lbbr0 (tc mode)"), "{out}");
+    assert!(
+        err.contains("lbbr0: the driver refused native XDP") && err.contains("tc mode"),
+        "{err}"
+    );
+    let st = lb.json(&["status"]);
+    assert_eq!(st["attached"][0]["iface"], "lbbr0", "{st}");
+    assert_eq!(st["attached"][0]["mode"], "tc", "{st}");
+    lb.ok(&["detach", "lbbr0"]);
     let out = lb.ok(&["attach", "lbbr0", "--mode", "generic"]);
     assert!(out.contains("attached to lbbr0 (generic mode)"), "{out}");
+    lb.fails(
+        &["decap", "attach", "lbc1", "--mode", "tc"],
+        1,
+        "no tc mode",
+    );
     // Native where the driver has it (veth), by default.
     let out = lb.ok(&["attach", "lbc0"]);
     assert!(out.contains("attached to lbc0 (native mode)"), "{out}");

@@ -42,8 +42,8 @@ const BUGS: &[Bug] = &[
         what: "NAT rewrites TCP ports and addresses without updating the TCP checksum",
         edits: &[(
             "lb-ebpf/src/nat.rs",
-            "tcp.check = c.finish();",
-            "let _ = c.finish();",
+            "    ctx.l4_csum(pkt.l4_off + check_off, l4, data, kind)\n}",
+            "    pkt.proto == PROTO_TCP || ctx.l4_csum(pkt.l4_off + check_off, l4, data, kind)\n}",
         )],
     },
     Bug {
@@ -107,10 +107,29 @@ const BUGS: &[Bug] = &[
             "        && len <= e.max_len",
         )],
     },
+    Bug {
+        name: "tc-checksum-in-place",
+        what: "lb_tc updates L4 checksums in place, as XDP does (wrong for partial checksums)",
+        edits: &[(
+            "lb-ebpf/src/frame.rs",
+            "        let zero = match kind {",
+            "        if off != usize::MAX {\n            return l4_csum_in_place(self, off, pseudo, data, kind);\n        }\n        let zero = match kind {",
+        )],
+    },
+    Bug {
+        name: "tc-too-big-quote-unstable",
+        what: "lb_tc's IPv4 too-big answer leaves the quoted checksum field for the kernel to finish",
+        edits: &[(
+            "lb-ebpf/src/dsr.rs",
+            "        stable_field::<5>(ctx, ETH_LEN + 20 + 8 + 20, f)?;",
+            "        let _ = f;",
+        )],
+    },
 ];
 
-/// The test binaries that specify the data plane through the real program (seconds each).
-const TESTS: &[&str] = &["fixtures", "fixtures_dsr", "random_packets"];
+/// The test binaries that specify the data plane through the real program (seconds each;
+/// `devices` moves data end to end through the tc fallback with verifying receivers).
+const TESTS: &[&str] = &["fixtures", "fixtures_dsr", "random_packets", "devices"];
 
 pub fn run(root: &Path, only: Option<&str>) -> Result<()> {
     // A fixed place under target/ (ignored by git): a run interrupted before its clean-up
@@ -154,7 +173,7 @@ fn run_in(root: &Path, scratch: &Path, only: Option<&str>) -> Result<()> {
         failed.join(", ")
     );
     let mut report = String::from(
-        "# Data-plane mutants\n\nWritten by `cargo xtask dataplane-mutants`: each deliberate bug applied to a copy of HEAD, then `cargo test --release -p lb-userspace --no-fail-fast --test fixtures --test fixtures_dsr --test random_packets`.\n\n| bug | what it does | caught | failing tests | seconds |\n|---|---|---|---|---|\n",
+        "# Data-plane mutants\n\nWritten by `cargo xtask dataplane-mutants`: each deliberate bug applied to a copy of HEAD, then `cargo test --release -p lb-userspace --no-fail-fast --test fixtures --test fixtures_dsr --test random_packets --test devices`.\n\n| bug | what it does | caught | failing tests | seconds |\n|---|---|---|---|---|\n",
     );
     let mut survivors = Vec::new();
     for bug in bugs {

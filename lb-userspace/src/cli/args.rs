@@ -395,8 +395,14 @@ pub enum HealthArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Mode {
+    /// XDP in the driver: the fastest.
     Native,
+    /// XDP in the generic stack: can corrupt partial checksums (GRO, locally generated
+    /// packets); only where every packet arrives with a finished checksum.
     Generic,
+    /// The same data plane as a tc ingress program: correct on every device (lb attach only).
+    Tc,
+    /// Native where the driver supports it, else tc (lb decap: else generic).
     Auto,
 }
 

@@ -16,6 +16,7 @@ pub fn attach_mode(mode: Mode) -> AttachMode {
     match mode {
         Mode::Native => AttachMode::Native,
         Mode::Generic => AttachMode::Generic,
+        Mode::Tc => AttachMode::Tc,
         Mode::Auto => AttachMode::Auto,
     }
 }

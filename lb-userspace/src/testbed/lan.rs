@@ -147,7 +147,9 @@ impl Testbed {
         ])?;
         if decap {
             for b in &tb.backends {
-                tb.lb_in(&b.ns, &["decap", "attach", "eth0", "--mode", mode])?;
+                // (lb_decap is XDP only: with lb in tc mode, the backends run it natively.)
+                let decap_mode = if mode == "tc" { "native" } else { mode };
+                tb.lb_in(&b.ns, &["decap", "attach", "eth0", "--mode", decap_mode])?;
             }
         }
         // The gateway learns the backends' MACs (dsr-l2 rewrites only the MAC and cannot hand

@@ -199,3 +199,125 @@ pub fn nstat(ns: &NetNs, names: &[&str]) -> Result<BTreeMap<String, u64>> {
     }
     Ok(m)
 }
+
+/// Receivers' counters that must not grow in a verified transfer: bad TCP checksums (IPv4 and
+/// IPv6 share them), bad IPv4 header checksums (or other header errors), IPv6 header errors.
+pub const CSUM_COUNTERS: [&str; 3] = ["TcpInCsumErrors", "IpInHdrErrors", "Ip6InHdrErrors"];
+
+/// What one `exchange` moved, and how it went.
+pub struct Exchange {
+    /// Why the connection failed, if it did.
+    pub error: Option<String>,
+    /// Whether the server's SHA-256 of what it received equals the sent data's.
+    pub up_intact: bool,
+    /// Bytes received back.
+    pub down_bytes: usize,
+    /// Whether they equal what a `DigestServer` with `seed` sends.
+    pub down_intact: bool,
+    pub took: Duration,
+    /// Growth of `CSUM_COUNTERS` at each end named in the call.
+    pub csum_errors: Vec<(String, String, u64)>,
+}
+
+impl Exchange {
+    /// The problems, if any, as sentences ("" when intact with no checksum errors).
+    pub fn failures(&self, what: &str) -> Vec<String> {
+        let mut f = Vec::new();
+        if let Some(e) = &self.error {
+            f.push(format!("{what}: {e} (after {:.2?})", self.took));
+        } else if !self.up_intact {
+            f.push(format!(
+                "{what}: the server's SHA-256 of the upload differs"
+            ));
+        }
+        if self.error.is_none() && !self.down_intact {
+            f.push(format!(
+                "{what}: the client got {} bytes, not the server's",
+                self.down_bytes
+            ));
+        }
+        for (end, c, n) in &self.csum_errors {
+            if *n > 0 {
+                f.push(format!("{what}: {c} grew by {n} in the {end}"));
+            }
+        }
+        f
+    }
+}
+
+/// A TCP connection from `client` to `addr` (a `DigestServer` with `seed`, `n` bytes each
+/// way behind it): sends `n` bytes, reads the server's digest and its `n` bytes, compares both
+/// and reads the checksum counters of `ends` (name, namespace) before and after. Bounded by a
+/// 90 s deadline.
+pub fn exchange(
+    client: &NetNs,
+    addr: std::net::SocketAddr,
+    n: usize,
+    seed: u64,
+    ends: &[(&str, &NetNs)],
+) -> Result<Exchange> {
+    let up = pattern(seed ^ 0xc11e_0000, n);
+    let expect_up = sha256(&up);
+    let expect_down = sha256(&pattern(seed, n));
+    let snap = || -> Result<Vec<BTreeMap<String, u64>>> {
+        ends.iter()
+            .map(|(_, ns)| nstat(ns, &CSUM_COUNTERS))
+            .collect()
+    };
+    let before = snap()?;
+    let start = Instant::now();
+    let got = super::in_ns(client, move || -> Result<([u8; 32], [u8; 32], usize)> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut s = TcpStream::connect_timeout(&addr, super::IO_TIMEOUT).context("connect")?;
+        s.set_read_timeout(Some(SOCK_TIMEOUT))?;
+        s.set_write_timeout(Some(SOCK_TIMEOUT))?;
+        write_bounded(&mut s, &up, deadline).context("client → server")?;
+        let mut digest = [0u8; 32];
+        s.read_exact(&mut digest).context("reading the digest")?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0;
+        loop {
+            if Instant::now() > deadline {
+                bail!("server → client: {got} bytes before the deadline");
+            }
+            let k = s
+                .read(&mut buf)
+                .with_context(|| format!("server → client after {got} bytes"))?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            got += k;
+        }
+        let _ = s.shutdown(Shutdown::Both);
+        Ok((digest, h.finalize().into(), got))
+    })?;
+    let took = start.elapsed();
+    let after = snap()?;
+    let mut csum_errors = Vec::new();
+    for (i, (end, _)) in ends.iter().enumerate() {
+        for c in CSUM_COUNTERS {
+            let g = after[i][c].saturating_sub(before[i][c]);
+            csum_errors.push((end.to_string(), c.to_string(), g));
+        }
+    }
+    Ok(match got {
+        Ok((up_digest, down_digest, down_bytes)) => Exchange {
+            error: None,
+            up_intact: up_digest == expect_up,
+            down_bytes,
+            down_intact: down_bytes == n && down_digest == expect_down,
+            took,
+            csum_errors,
+        },
+        Err(e) => Exchange {
+            error: Some(format!("{e:#}")),
+            up_intact: false,
+            down_bytes: 0,
+            down_intact: false,
+            took,
+            csum_errors,
+        },
+    })
+}
