@@ -972,10 +972,19 @@ fn run_and_upgrade_bad_input() {
     assert_eq!(lb.json(&["status"])["program_id"], u["new_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
 
-    // From a program that predates the next-hop cache and the VIP mirror: its pins are what
-    // an older lb left (the old cache's map, none of the new ones).
+    // From a program that predates the next-hop cache, the VIP mirror, multi-buffer programs
+    // and tc mode: its pins are what an older lb left (the old cache's map, none of the new
+    // ones, no tc program).
     let pin = std::path::Path::new(&lb.pin);
-    for name in ["LB_VIPBYID_V1", "LB_VIPADDRS_V1", "LB_NEXTHOP_V2"] {
+    const NEW: [&str; 6] = [
+        "LB_VIPBYID_V1",
+        "LB_VIPADDRS_V1",
+        "LB_NEXTHOP_V2",
+        "LB_PROGS_V2",
+        "LB_TCPROGS_V1",
+        "prog_lb_tc",
+    ];
+    for name in NEW {
         std::fs::remove_file(pin.join(name)).unwrap();
     }
     let old_cache = pin.join("LB_NEXTHOP_V1");
@@ -995,7 +1004,7 @@ fn run_and_upgrade_bad_input() {
     let u = lb.json(&["upgrade"]);
     assert_ne!(u["new_program_id"], u["old_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
-    for name in ["LB_VIPBYID_V1", "LB_VIPADDRS_V1", "LB_NEXTHOP_V2"] {
+    for name in NEW {
         assert!(pin.join(name).exists(), "{name} not pinned by the upgrade");
     }
     assert!(!old_cache.exists(), "the old cache's pin is left behind");
@@ -1179,4 +1188,34 @@ fn auto_mode_falls_back_to_tc_never_to_generic() {
     // Native where the driver has it (veth), by default.
     let out = lb.ok(&["attach", "lbc0"]);
     assert!(out.contains("attached to lbc0 (native mode)"), "{out}");
+}
+
+/// A tc-mode link is switched by `lb upgrade` like an XDP one (the new `lb_tc` runs on it,
+/// tcx's link update: no packet sees no program), and `lb detach` removes it.
+#[test]
+fn upgrade_switches_tc_links() {
+    let lb = Lb::new("tcup");
+    let out = lb.ok(&["attach", "lbc0", "--mode", "tc"]);
+    assert!(out.contains("attached to lbc0 (tc mode)"), "{out}");
+    let link = format!("{}/link_lbc0_tc", lb.pin);
+    let prog_of_link = || -> u64 {
+        let o = Command::new("bpftool")
+            .args(["link", "show", "pinned", &link, "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        // BPF_LINK_TYPE_TCX (this bpftool prints the number).
+        assert!(v["type"] == "tcx" || v["type"] == 11, "{v}");
+        v["prog_id"].as_u64().unwrap()
+    };
+    let before = prog_of_link();
+    let u = lb.json(&["upgrade"]);
+    assert_eq!(u["interfaces"], serde_json::json!(["lbc0"]));
+    let after = prog_of_link();
+    assert_ne!(before, after, "the tc link still runs the old program");
+    let st = lb.json(&["status"]);
+    assert_eq!(st["attached"][0]["mode"], "tc", "{st}");
+    lb.ok(&["detach", "lbc0"]);
+    assert!(!std::path::Path::new(&link).exists());
 }

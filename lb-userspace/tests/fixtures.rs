@@ -21,7 +21,9 @@ use common::{
     mutate::{fix_ipv4_csum, l4_v4, set_ipv4_u16, set_ipv4_u8, IP},
     oracle,
     packets::{checksums_ok, endpoints, Mac, Spec, Tcp, SEQ},
-    testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    testrun::{
+        action_name, run, run_kind, tc_verdict, Kind, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    },
     topology::{mac_of, pin_to_current_cpu, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
 };
 use lb::{model::flow_key, Algorithm, CtTable, Vip};
@@ -52,6 +54,8 @@ struct Case {
 
 struct Table {
     gw: Gateway,
+    /// The program the rows go through.
+    kind: Kind,
     reasons: Vec<Counter>,
     rows: usize,
     /// Counters when the table started.
@@ -84,10 +88,15 @@ struct Want {
 
 impl Table {
     fn new(tag: &str) -> Table {
+        Table::with(tag, Kind::Xdp)
+    }
+
+    fn with(tag: &str, kind: Kind) -> Table {
         let gw = Gateway::new(tag);
         let before = gw.dp.maps.counters().unwrap();
         Table {
             gw,
+            kind,
             reasons: vec![],
             rows: 0,
             before,
@@ -97,8 +106,16 @@ impl Table {
 
     fn check(&mut self, c: Case) {
         let misses = self.counters()[Counter::CtMiss as usize];
-        let prog = self.gw.dp.program();
-        let (action, out) = run(prog, c.ingress, &c.input);
+        // (None: a frame the kernel makes no socket buffer of, shorter than any real frame:
+        // such rows are XDP's only.)
+        let Some((action, out)) = run_kind(&mut self.gw.dp, self.kind, c.ingress, &c.input) else {
+            return;
+        };
+        let want = if self.kind == Kind::Tc {
+            tc_verdict(c.verdict)
+        } else {
+            c.verdict
+        };
         self.rows += 1;
         if let Some((_, dst, udp)) = endpoints(&c.input) {
             let new_misses = self.counters()[Counter::CtMiss as usize] - misses;
@@ -110,9 +127,10 @@ impl Table {
         }
         assert_eq!(
             action_name(action),
-            action_name(c.verdict),
-            "case {:?}: verdict",
-            c.desc
+            action_name(want),
+            "case {:?}: verdict ({:?})",
+            c.desc,
+            self.kind
         );
         if out != c.output {
             panic!(
@@ -466,7 +484,25 @@ const ISN_B: u32 = 0x3000_0000;
 
 #[test]
 fn fixture_table() {
-    let mut t = Table::new("fixtures");
+    fixture_table_through(Kind::Xdp);
+}
+
+/// The same table through `lb_tc`: the same code over a socket buffer (the kernel's checksum
+/// helpers, tc's actions), with the same outputs byte for byte.
+#[test]
+fn fixture_table_tc() {
+    fixture_table_through(Kind::Tc);
+}
+
+fn fixture_table_through(kind: Kind) {
+    let mut t = Table::with(
+        if kind == Kind::Xdp {
+            "fixtures"
+        } else {
+            "fixtures-tc"
+        },
+        kind,
+    );
 
     // ---- configuration ----
     let web = vip("10.100.0.100:80/tcp");
@@ -1175,7 +1211,23 @@ fn fixture_table() {
 /// the entry (table, state, flags, backend), the active counts and the flow-state counters.
 #[test]
 fn flow_state_table() {
-    let mut t = Table::new("flowstate");
+    flow_state_table_through(Kind::Xdp);
+}
+
+#[test]
+fn flow_state_table_tc() {
+    flow_state_table_through(Kind::Tc);
+}
+
+fn flow_state_table_through(kind: Kind) {
+    let mut t = Table::with(
+        if kind == Kind::Xdp {
+            "flowstate"
+        } else {
+            "flowstate-tc"
+        },
+        kind,
+    );
     let web = vip("10.100.0.100:80/tcp");
     let web6 = vip("[fd10::100]:80/tcp");
     let dns = vip("10.100.0.100:53/udp");
@@ -2772,3 +2824,57 @@ fn flows_begun_in_a_flood_keep_their_backend() {
 
 /// Keeps `Mac` in use for readers of this file: MACs are 6 bytes.
 const _: Mac = [0; 6];
+
+/// GSO super-packets, which only a tc program sees (GRO-merged, or sent by a local TCP with
+/// segmentation offload): a 3000-byte segment of a flow to a VIP, marked as one of 1448-byte
+/// segments, is checked against the MTU by its segments' length, so it is forwarded —
+/// rewritten exactly as a small one — and the next-hop cache keeps a length a real segment
+/// can have. The same packet without the mark is too big for the route: the kernel gets it.
+#[test]
+fn gso_packets_through_tc() {
+    let mut t = Table::with("gso-tc", Kind::Tc);
+    let web = vip("10.100.0.100:80/tcp");
+    let b = sa("10.1.0.11:8080");
+    t.gw.dp.maps.add_vip(&web, 251).unwrap();
+    t.gw.dp.maps.add_backend(&web, b, 1).unwrap();
+    let c = client(40_100);
+    t.forward_to("SYN to a VIP", &syn(c, web.addr), b);
+    let mut big = ack(c, web.addr);
+    big.payload = (0..3000u32).map(|i| i as u8).collect();
+    let want = big.with(GW_MAC_A, mac_of(b), c, b).hop().build();
+    let input = big.build();
+    let before = t.counters();
+    let (action, out) =
+        common::testrun::run_tc(t.gw.dp.tc_program(), t.gw.ifindex_a, &input, 1448).unwrap();
+    assert_eq!(action_name(action), "XDP_REDIRECT", "GSO packet: verdict");
+    assert!(out == want, "GSO packet: output differs");
+    checksums_ok(&out).unwrap();
+    let after = t.counters();
+    assert_eq!(
+        after[Counter::Tx as usize] - before[Counter::Tx as usize],
+        1
+    );
+    // The cache's length is the segments' (IP 20 + TCP 20 + 1448), not 3040.
+    let id = t.backend_id(&web, b);
+    let nh = t.gw.dp.maps.nexthops(id).unwrap();
+    let longest = nh.iter().map(|e| e.max_len).max().unwrap();
+    assert!(
+        longest <= 1500,
+        "the next-hop cache took {longest} bytes as checked"
+    );
+
+    let before = t.counters();
+    let (action, _) =
+        common::testrun::run_tc(t.gw.dp.tc_program(), t.gw.ifindex_a, &input, 0).unwrap();
+    assert_eq!(
+        action_name(action),
+        "XDP_PASS",
+        "the same packet without GSO"
+    );
+    let after = t.counters();
+    assert_eq!(
+        after[Counter::PassFibOther as usize] - before[Counter::PassFibOther as usize],
+        1,
+        "too big for the route: given to the kernel"
+    );
+}

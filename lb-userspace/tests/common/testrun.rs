@@ -46,3 +46,95 @@ pub fn action_name(a: u32) -> &'static str {
         _ => "?",
     }
 }
+
+/// Which of lb's two programs a table runs its packets through: `lb_xdp`, or the same data
+/// plane as the tc program `lb_tc`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Xdp,
+    Tc,
+}
+
+// tc return codes (include/uapi/linux/pkt_cls.h).
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// `struct __sk_buff` as passed in `ctx_in` (192 bytes): only the fields the kernel lets a
+/// test set — the ingress interface (`ingress_ifindex`, offset 36; `ifindex`, 40, the device
+/// the packet is on) and GSO (`gso_segs`, 164; `gso_size`, 176).
+fn sk_buff(ingress_ifindex: u32, gso_size: u32, gso_segs: u32) -> [u8; 192] {
+    let mut b = [0u8; 192];
+    for (off, v) in [
+        (36, ingress_ifindex),
+        (40, ingress_ifindex),
+        (164, gso_segs),
+        (176, gso_size),
+    ] {
+        b[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+    }
+    b
+}
+
+/// Runs `lb_tc` once on `frame` arriving on `ingress_ifindex` (a GSO packet if `gso_size` is
+/// not 0); returns the tc action in XDP's terms (TC_ACT_OK: XDP_PASS, TC_ACT_SHOT: XDP_DROP,
+/// TC_ACT_REDIRECT: XDP_REDIRECT — which is also how tc sends a packet back out of the
+/// interface it came in on) and the packet as the program left it. None: the kernel refused
+/// to make a socket buffer of a frame shorter than Ethernet's minimum of 60 bytes (it does for
+/// truncated headers), which a tc program never sees.
+pub fn run_tc(
+    prog: &mut aya::programs::SchedClassifier,
+    ingress_ifindex: u32,
+    frame: &[u8],
+    gso_size: u32,
+) -> Option<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 512];
+    let segs = if gso_size == 0 {
+        0
+    } else {
+        frame.len().div_ceil(gso_size as usize) as u32
+    };
+    let ctx = sk_buff(ingress_ifindex, gso_size, segs);
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..TestRunOptions::default()
+    });
+    let r = match r {
+        Ok(r) => r,
+        Err(_) if frame.len() < 60 => return None,
+        Err(e) => panic!("BPF_PROG_TEST_RUN (tc) of {} bytes: {e:?}", frame.len()),
+    };
+    out.truncate(r.data_size_out as usize);
+    let action = match r.return_value {
+        TC_ACT_OK => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT => XDP_REDIRECT,
+        other => panic!("lb_tc returned {other}"),
+    };
+    Some((action, out))
+}
+
+/// Runs the packet through the `kind` program of `dp` (None: see `run_tc`).
+pub fn run_kind(
+    dp: &mut lb::Dataplane,
+    kind: Kind,
+    ingress_ifindex: u32,
+    frame: &[u8],
+) -> Option<(u32, Vec<u8>)> {
+    match kind {
+        Kind::Xdp => Some(run(dp.program(), ingress_ifindex, frame)),
+        Kind::Tc => run_tc(dp.tc_program(), ingress_ifindex, frame, 0),
+    }
+}
+
+/// The verdict a tc program gives where XDP's is `xdp`: tc sends a packet back out of its
+/// interface with a redirect.
+pub fn tc_verdict(xdp: u32) -> u32 {
+    if xdp == XDP_TX {
+        XDP_REDIRECT
+    } else {
+        xdp
+    }
+}
