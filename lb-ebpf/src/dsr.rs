@@ -35,9 +35,13 @@ pub(crate) fn dsr_l2(
     backend: &Backend,
     now: u64,
 ) -> Verdict {
+    // A VLAN-tagged frame stays in its VLAN: the backend must be reached through the
+    // interface it came in on.
+    let ingress = ctx.ingress_ifindex();
+    let in_vlan = |ifindex: u32| pkt.l3_off == ETH_LEN || ifindex == ingress;
     if let Some(nh) = nexthop::cached(id, backend, now, pkt.mtu_len()) {
-        if nh.flags & NEXTHOP_F_ONLINK != 0 {
-            if !crate::nat::decrement_ttl(ctx, pkt.family) {
+        if nh.flags & NEXTHOP_F_ONLINK != 0 && in_vlan(nh.ifindex) {
+            if !crate::nat::decrement_ttl(ctx, pkt) {
                 return Verdict::pass(Counter::PassMalformedIp);
             }
             return fib::send_cached(ctx, nh);
@@ -58,12 +62,13 @@ pub(crate) fn dsr_l2(
     match r {
         // The next hop must be the backend itself: with a gateway in between, the gateway
         // would route the packet by its destination, the VIP.
-        Route::Ok if nexthop::on_link(backend, &p) => {
-            if !crate::nat::decrement_ttl(ctx, pkt.family) {
+        Route::Ok if nexthop::on_link(backend, &p) && in_vlan(p.ifindex) => {
+            if !crate::nat::decrement_ttl(ctx, pkt) {
                 return Verdict::pass(Counter::PassMalformedIp);
             }
             fib::send(ctx, &p)
         }
+        // (Or, for a tagged frame, on another interface than the frame's VLAN.)
         Route::Ok => Verdict::drop(Counter::DropNotOnLink),
         Route::NoNeigh => Verdict::drop(Counter::DropNoNeigh),
         Route::Unreachable => Verdict::drop(Counter::DropFibUnreachable),
@@ -150,7 +155,7 @@ pub(crate) fn ipip_cached(
 ) -> Option<Verdict> {
     let (src, inner_proto, total) = outer_of(pkt, backend, hash)?;
     let nh = nexthop::cached(id, backend, now, total)?;
-    if !crate::nat::decrement_ttl(ctx, pkt.family) {
+    if !crate::nat::decrement_ttl(ctx, pkt) {
         return Some(Verdict::pass(Counter::PassMalformedIp));
     }
     if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
@@ -201,7 +206,7 @@ fn ipip_send(
         Route::FragNeeded => return Verdict::drop(Counter::DropTooBig),
     }
     // The inner packet is forwarded as a router would: one hop less.
-    if !crate::nat::decrement_ttl(ctx, pkt.family) {
+    if !crate::nat::decrement_ttl(ctx, pkt) {
         return Verdict::pass(Counter::PassMalformedIp);
     }
     if !encapsulate(ctx, pkt, backend, &src, inner_proto, hash) {
@@ -228,31 +233,28 @@ fn encapsulate(
 ) -> bool {
     let outer_v4 = backend.family == FAMILY_V4;
     let outer_len: i32 = if outer_v4 { 20 } else { IPV6_LEN as i32 };
-    // The frame's MACs go to the new Ethernet header: a frame handed to the kernel (next hop
-    // unresolved) must still be addressed to this host. `send` replaces them otherwise.
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+    // The frame's MACs (and VLAN tags) go to the new link-layer header: a frame handed to the
+    // kernel (next hop unresolved) must still be addressed to this host. `send` replaces the
+    // MACs otherwise.
+    let Some(l2) = Link::save(ctx, pkt.l3_off) else {
         return false;
     };
-    // SAFETY: bounds-checked by ptr_at.
-    let (dst, src_mac) = unsafe { ((*eth).dst, (*eth).src) };
-    // Every pointer is derived afresh afterwards.
-    if !ctx.push_outer(outer_len as u32, outer_v4) {
+    // Every pointer is derived afresh afterwards. (Wherever the room goes in front of the IP
+    // packet — XDP: the frame's start; tc: after the MAC header — the link-layer header and
+    // the outer header are written over all of it.)
+    if !ctx.push_outer(outer_len as u32, outer_v4, pkt.l3_off) {
         return false;
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return false;
-    };
     let ether_type_be = if outer_v4 { ETH_P_IP_BE } else { ETH_P_IPV6_BE };
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        *eth = EthHdr {
-            dst,
-            src: src_mac,
-            ether_type_be,
-        }
-    };
+    if l2
+        .write(ctx, l2.eth.dst, l2.eth.src, ether_type_be)
+        .is_none()
+    {
+        return false;
+    }
+    let l3 = pkt.l3_off;
     if outer_v4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
             return false;
         };
         let tos = if pkt.family == FAMILY_V4 {
@@ -277,7 +279,7 @@ fn encapsulate(
         // SAFETY: bounds-checked by ptr_at.
         unsafe { *ip = h };
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
             return false;
         };
         let h = Ipv6Hdr {
@@ -294,6 +296,64 @@ fn encapsulate(
         unsafe { *ip = h };
     }
     true
+}
+
+/// A frame's link-layer header — Ethernet and up to two VLAN tags, `l3` bytes — kept while the
+/// frame is rebuilt around its IP packet, and written back in front of the new one.
+struct Link {
+    eth: EthHdr,
+    tags: [u32; 2],
+    l3: usize,
+}
+
+impl Link {
+    #[inline(always)]
+    fn save(ctx: &impl Bounded, l3: usize) -> Option<Link> {
+        // SAFETY (all three reads): bounds-checked by ptr_at.
+        let eth = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };
+        let mut tags = [0u32; 2];
+        if l3 > ETH_LEN {
+            tags[0] = unsafe { *ptr_at::<u32>(ctx, ETH_LEN)? };
+        }
+        if l3 > ETH_LEN + 4 {
+            tags[1] = unsafe { *ptr_at::<u32>(ctx, ETH_LEN + 4)? };
+        }
+        Some(Link { eth, tags, l3 })
+    }
+
+    /// Writes the header at the frame's start with MACs `dst` / `src`, the tags as they were,
+    /// and `ether_type_be` as the type of what follows them.
+    #[inline(always)]
+    fn write(
+        &self,
+        ctx: &impl Bounded,
+        dst: [u8; 6],
+        src: [u8; 6],
+        ether_type_be: u16,
+    ) -> Option<()> {
+        let tagged = self.l3 > ETH_LEN;
+        // SAFETY (every write): bounds-checked by ptr_at.
+        unsafe {
+            *ptr_at::<EthHdr>(ctx, 0)? = EthHdr {
+                dst,
+                src,
+                ether_type_be: if tagged {
+                    self.eth.ether_type_be
+                } else {
+                    ether_type_be
+                },
+            };
+            if tagged {
+                *ptr_at::<u32>(ctx, ETH_LEN)? = self.tags[0];
+                if self.l3 > ETH_LEN + 4 {
+                    *ptr_at::<u32>(ctx, ETH_LEN + 4)? = self.tags[1];
+                }
+                // The last tag's "next type".
+                *ptr_at::<u16>(ctx, (self.l3 - 2) & 0x1f)? = ether_type_be;
+            }
+        }
+        Some(())
+    }
 }
 
 /// Folds a 32-bit ones' complement sum to the 16-bit checksum.
@@ -347,12 +407,13 @@ fn sum_at<const N: usize>(ctx: &impl Bounded, off: usize) -> Option<u32> {
 #[inline(always)]
 fn too_big(ctx: &impl Frame, pkt: &Packet, mtu: u32) -> Verdict {
     let field = if pkt.proto == PROTO_TCP { 16 } else { 6 };
+    let l3 = pkt.l3_off;
     let sent = match (pkt.family == FAMILY_V4, ctx.gso_capable()) {
-        (true, false) => too_big_v4::<8, { (8 + 28) / 4 }>(ctx, mtu, None),
-        (true, true) => too_big_v4::<20, { (8 + 40) / 4 }>(ctx, mtu, Some(field)),
-        (false, false) => too_big_v6::<8, { (8 + 48) / 4 }>(ctx, mtu.max(IPV6_MIN_MTU), None),
+        (true, false) => too_big_v4::<8, { (8 + 28) / 4 }>(ctx, l3, mtu, None),
+        (true, true) => too_big_v4::<20, { (8 + 40) / 4 }>(ctx, l3, mtu, Some(field)),
+        (false, false) => too_big_v6::<8, { (8 + 48) / 4 }>(ctx, l3, mtu.max(IPV6_MIN_MTU), None),
         (false, true) => {
-            too_big_v6::<20, { (8 + 60) / 4 }>(ctx, mtu.max(IPV6_MIN_MTU), Some(field))
+            too_big_v6::<20, { (8 + 60) / 4 }>(ctx, l3, mtu.max(IPV6_MIN_MTU), Some(field))
         }
     };
     match sent {
@@ -387,17 +448,18 @@ fn stable_field<const Q4: usize>(ctx: &impl Bounded, off: usize, field: usize) -
     Some(())
 }
 
-/// IPv4 frame of an ICMP error lb sends: Ethernet, IP (20), ICMP (8), the quoted IP header
+/// IPv4 frame of an ICMP error lb sends: Ethernet (and VLAN tags: `l3` bytes), IP (20), ICMP (8), the quoted IP header
 /// (20) and `L4Q` bytes after it. `W`: 32-bit words of the ICMP message.
 #[inline(always)]
 fn too_big_v4<const L4Q: usize, const W: usize>(
     ctx: &impl Frame,
+    l3: usize,
     mtu: u32,
     field: Option<usize>,
 ) -> Option<bool> {
     let quote = 20 + L4Q;
-    let frame = ETH_LEN + 20 + 8 + quote;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    let frame = l3 + 20 + 8 + quote;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
     // SAFETY: bounds-checked by ptr_at.
     let (version_ihl, frag_off, saddr, daddr) = unsafe {
         (
@@ -410,20 +472,19 @@ fn too_big_v4<const L4Q: usize, const W: usize>(
     if version_ihl != 0x45 || frag_off & IPV4_DF == 0 {
         return Some(false);
     }
-    if data_end(ctx) - ctx.data() < ETH_LEN + quote {
+    if data_end(ctx) - ctx.data() < l3 + quote {
         return Some(false);
     }
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
+    let link = Link::save(ctx, l3)?;
     // Make room for the new IP and ICMP headers in front of the quoted IP header, and cut
     // the rest of the quote. Pointers are derived afresh afterwards.
     if !ctx.grow_head(28) || !ctx.set_len(frame as u32) {
         return None;
     }
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
-    let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + 20)?;
+    // Back to where it came from, with its VLAN tags.
+    link.write(ctx, link.eth.src, link.eth.dst, ETH_P_IP_BE)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
+    let icmp = ptr_at::<[u8; 8]>(ctx, l3 + 20)?;
     let mut h = Ipv4Hdr {
         version_ihl: 0x45,
         tos: 0,
@@ -437,13 +498,8 @@ fn too_big_v4<const L4Q: usize, const W: usize>(
         daddr_be: saddr,
     };
     h.check = ipv4_checksum(&h);
-    // SAFETY: all three bounds-checked by ptr_at.
+    // SAFETY: both bounds-checked by ptr_at.
     unsafe {
-        *eth = EthHdr {
-            dst: old_src,
-            src: old_dst,
-            ether_type_be: ETH_P_IP_BE,
-        };
         *ip = h;
         // Type 3 (destination unreachable), code 4 (fragmentation needed), checksum, unused,
         // next-hop MTU.
@@ -451,10 +507,10 @@ fn too_big_v4<const L4Q: usize, const W: usize>(
         *icmp = [3, 4, 0, 0, 0, 0, m[0], m[1]];
     }
     if let Some(f) = field {
-        stable_field::<5>(ctx, ETH_LEN + 20 + 8 + 20, f)?;
+        stable_field::<5>(ctx, l3 + 20 + 8 + 20, f)?;
     }
-    let sum = sum_at::<W>(ctx, ETH_LEN + 20)?;
-    let csum = ptr_at::<u16>(ctx, ETH_LEN + 20 + 2)?;
+    let sum = sum_at::<W>(ctx, l3 + 20)?;
+    let csum = ptr_at::<u16>(ctx, l3 + 20 + 2)?;
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *csum = fold(sum) };
     Some(true)
@@ -464,35 +520,29 @@ fn too_big_v4<const L4Q: usize, const W: usize>(
 #[inline(always)]
 fn too_big_v6<const L4Q: usize, const W: usize>(
     ctx: &impl Frame,
+    l3: usize,
     mtu: u32,
     field: Option<usize>,
 ) -> Option<bool> {
     let quote = IPV6_LEN + L4Q;
-    let frame = ETH_LEN + IPV6_LEN + 8 + quote;
-    if data_end(ctx) - ctx.data() < ETH_LEN + quote {
+    let frame = l3 + IPV6_LEN + 8 + quote;
+    if data_end(ctx) - ctx.data() < l3 + quote {
         return Some(false);
     }
-    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
     // SAFETY: bounds-checked by ptr_at.
     let (saddr, daddr) = unsafe { ((*ip).saddr_be, (*ip).daddr_be) };
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let (old_src, old_dst) = unsafe { ((*eth).src, (*eth).dst) };
+    let link = Link::save(ctx, l3)?;
     // Pointers are derived afresh afterwards.
     if !ctx.grow_head(IPV6_LEN as u32 + 8) || !ctx.set_len(frame as u32) {
         return None;
     }
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
-    let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + IPV6_LEN)?;
+    link.write(ctx, link.eth.src, link.eth.dst, ETH_P_IPV6_BE)?;
+    let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
+    let icmp = ptr_at::<[u8; 8]>(ctx, l3 + IPV6_LEN)?;
     let payload = (8 + quote) as u16;
-    // SAFETY: all three bounds-checked by ptr_at.
+    // SAFETY: both bounds-checked by ptr_at.
     unsafe {
-        *eth = EthHdr {
-            dst: old_src,
-            src: old_dst,
-            ether_type_be: ETH_P_IPV6_BE,
-        };
         *ip = Ipv6Hdr {
             vtc_flow_be: (6u32 << 28).to_be(),
             payload_len_be: payload.to_be(),
@@ -506,7 +556,7 @@ fn too_big_v6<const L4Q: usize, const W: usize>(
         *icmp = [2, 0, 0, 0, m[0], m[1], m[2], m[3]];
     }
     if let Some(f) = field {
-        stable_field::<5>(ctx, ETH_LEN + IPV6_LEN + 8 + IPV6_LEN, f)?;
+        stable_field::<5>(ctx, l3 + IPV6_LEN + 8 + IPV6_LEN, f)?;
     }
     // Pseudo-header: source, destination, upper-layer length, next header.
     let mut sum = 0u32;
@@ -517,8 +567,8 @@ fn too_big_v6<const L4Q: usize, const W: usize>(
         i += 1;
     }
     sum += (payload.to_be() as u32) + ((PROTO_ICMPV6 as u16).to_be() as u32);
-    sum += sum_at::<W>(ctx, ETH_LEN + IPV6_LEN)?;
-    let csum = ptr_at::<u16>(ctx, ETH_LEN + IPV6_LEN + 2)?;
+    sum += sum_at::<W>(ctx, l3 + IPV6_LEN)?;
+    let csum = ptr_at::<u16>(ctx, l3 + IPV6_LEN + 2)?;
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *csum = fold(sum) };
     Some(true)

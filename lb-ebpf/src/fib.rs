@@ -132,18 +132,31 @@ pub(crate) fn send_cached(ctx: &impl Frame, nh: &NextHop) -> Verdict {
 }
 
 /// Writes the MACs into the Ethernet header and sends the frame out of `ifindex`.
+///
+/// A VLAN-tagged frame keeps its tags: it goes back out of the interface it came in on, in its
+/// VLAN (XDP_TX). A route out of another interface — a VLAN device, whose tag XDP cannot put
+/// on, or another NIC, whose VLANs lb does not know — hands the (rewritten) packet to the
+/// kernel, which forwards it (`pass_fib_other`).
 #[inline(always)]
 fn send_to(ctx: &impl Frame, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::pass(Counter::PassMalformedEth);
     };
+    let ingress = ctx.ingress_ifindex();
     // SAFETY: bounds-checked by ptr_at.
     unsafe {
+        let ty = (*eth).ether_type_be;
+        if ifindex != ingress && (ty == ETH_P_8021Q_BE || ty == ETH_P_8021AD_BE) {
+            return Verdict::pass(Counter::PassFibOther);
+        }
         (*eth).dst = *dmac;
         (*eth).src = *smac;
     }
-    egress(ctx.ingress_ifindex(), ifindex)
+    egress(ingress, ifindex)
 }
+
+const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
 
 #[inline(always)]
 pub(crate) fn egress(ingress: u32, ifindex: u32) -> Verdict {

@@ -62,10 +62,10 @@ pub(crate) trait Frame: Bounded {
     /// and to the data it covers (`data`: ports, quoted headers). False: out of bounds.
     fn l4_csum(&self, off: usize, pseudo: CsumUpdate, data: CsumUpdate, kind: L4Sum) -> bool;
 
-    /// Makes room for an outer IP header of `len` bytes between the Ethernet header and the IP
-    /// packet (the Ethernet header is rewritten by the caller). `outer_v4`: the outer header's
-    /// family, which segmentation needs to know.
-    fn push_outer(&self, len: u32, outer_v4: bool) -> bool;
+    /// Makes room for an outer IP header of `len` bytes in front of the IP packet at `l3` (the
+    /// link-layer header in front of it is rewritten by the caller). `outer_v4`: the outer
+    /// header's family, which segmentation needs to know.
+    fn push_outer(&self, len: u32, outer_v4: bool, l3: usize) -> bool;
 
     /// Adds `len` bytes in front of the frame.
     fn grow_head(&self, len: u32) -> bool;
@@ -131,7 +131,7 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn push_outer(&self, len: u32, _outer_v4: bool) -> bool {
+    fn push_outer(&self, len: u32, _outer_v4: bool, _l3: usize) -> bool {
         self.grow_head(len)
     }
 
@@ -207,7 +207,14 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn push_outer(&self, len: u32, outer_v4: bool) -> bool {
+    fn push_outer(&self, len: u32, outer_v4: bool, l3: usize) -> bool {
+        // A VLAN tag in the packet (the kernel moves the outer one to the socket buffer's
+        // metadata before tc; an inner one, or any in a test run, stays): the kernel's
+        // encapsulation helper wants the IP packet right after the MAC header. Room in front
+        // does for a packet that is not GSO (nothing else refers to its headers' places).
+        if l3 != 14 {
+            return self.gso_size() == 0 && self.grow_head(len);
+        }
         // After the MAC header, telling the kernel it is an IP-in-IP encapsulation: a GSO
         // packet's segments then get the outer header each, and their size shrinks by `len`
         // (so that they still fit the MTU the sender's segment size was made for).

@@ -10,7 +10,7 @@ use lb_common::{
 
 use crate::{
     frame::{Frame, L4Sum},
-    headers::{Ipv4Hdr, Ipv6Hdr, ETH_LEN, IPV6_LEN},
+    headers::{Ipv4Hdr, Ipv6Hdr, IPV6_LEN},
     parse::{data_end, ptr_at, Packet},
 };
 
@@ -33,15 +33,13 @@ pub(crate) struct TooBig {
 /// (possibly a VIP). Only option-less IPv4 headers, outer and quoted.
 #[inline(always)]
 pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
-    let eth = ptr_at::<lb_ebpf::headers::EthHdr>(ctx, 0)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let ether_type = u16::from_be(unsafe { (*eth).ether_type_be });
+    let (ether_type, l3) = crate::parse::l2(ctx)?;
     let frame_len = (data_end(ctx) - ctx.data()) as u64;
     if ether_type == ETH_P_IP {
-        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+        let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
-        let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + 20)?;
+        let icmp = ptr_at::<[u8; 8]>(ctx, l3 + 20)?;
         // SAFETY: bounds-checked by ptr_at.
         let icmp = unsafe { *icmp };
         if h.version_ihl != 0x45 || h.protocol != PROTO_ICMP || icmp[0] != 3 || icmp[1] != 4 {
@@ -50,7 +48,7 @@ pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
         if u16::from_be(h.frag_off_be) & 0x3fff != 0 {
             return None;
         }
-        let quote_off = ETH_LEN + 28;
+        let quote_off = l3 + 28;
         let q = ptr_at::<Ipv4Hdr>(ctx, quote_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let q = unsafe { *q };
@@ -61,14 +59,15 @@ pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
         // SAFETY: bounds-checked by ptr_at.
         let [qsport, qdport] = unsafe { *ports };
         let tot_len = u16::from_be(h.tot_len_be);
-        if ETH_LEN as u64 + tot_len as u64 > frame_len {
+        if l3 as u64 + tot_len as u64 > frame_len {
             return None;
         }
         Some(TooBig {
             outer: Packet {
+                l3_off: l3,
                 family: FAMILY_V4,
                 proto: PROTO_ICMP,
-                l4_off: ETH_LEN + 20,
+                l4_off: l3 + 20,
                 src: [h.saddr_be, 0, 0, 0],
                 dst: [h.daddr_be, 0, 0, 0],
                 sport: 0,
@@ -98,16 +97,16 @@ pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
             quote_off,
         })
     } else if ether_type == ETH_P_IPV6 {
-        let ip = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)?;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
         // SAFETY: bounds-checked by ptr_at.
         let h = unsafe { *ip };
-        let icmp = ptr_at::<[u8; 8]>(ctx, ETH_LEN + IPV6_LEN)?;
+        let icmp = ptr_at::<[u8; 8]>(ctx, l3 + IPV6_LEN)?;
         // SAFETY: bounds-checked by ptr_at.
         let icmp = unsafe { *icmp };
         if h.next_header != PROTO_ICMPV6 || icmp[0] != 2 || icmp[1] != 0 {
             return None;
         }
-        let quote_off = ETH_LEN + IPV6_LEN + 8;
+        let quote_off = l3 + IPV6_LEN + 8;
         let q = ptr_at::<Ipv6Hdr>(ctx, quote_off)?;
         // SAFETY: bounds-checked by ptr_at.
         let q = unsafe { *q };
@@ -118,14 +117,15 @@ pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
         // SAFETY: bounds-checked by ptr_at.
         let [qsport, qdport] = unsafe { *ports };
         let payload = u16::from_be(h.payload_len_be) as u64;
-        if (ETH_LEN + IPV6_LEN) as u64 + payload > frame_len {
+        if (l3 + IPV6_LEN) as u64 + payload > frame_len {
             return None;
         }
         Some(TooBig {
             outer: Packet {
+                l3_off: l3,
                 family: FAMILY_V6,
                 proto: PROTO_ICMPV6,
-                l4_off: ETH_LEN + IPV6_LEN,
+                l4_off: l3 + IPV6_LEN,
                 src: h.saddr_be,
                 dst: h.daddr_be,
                 sport: 0,
@@ -170,7 +170,7 @@ pub(crate) fn nat_rewrite(ctx: &impl Frame, m: &TooBig, addr: &[u32; 4], port: u
     let mut pseudo = CsumUpdate::delta();
     let mut icmp_delta = CsumUpdate::delta();
     if m.outer.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, m.outer.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.
@@ -196,7 +196,7 @@ pub(crate) fn nat_rewrite(ctx: &impl Frame, m: &TooBig, addr: &[u32; 4], port: u
         q.check = c.finish();
         icmp_delta.word(old_check, q.check);
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, m.outer.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.

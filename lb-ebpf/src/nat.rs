@@ -4,7 +4,7 @@ use lb_common::{csum::CsumUpdate, FAMILY_V4, PROTO_TCP};
 
 use crate::{
     frame::{Bounded, Frame, L4Sum},
-    headers::{Ipv4Hdr, Ipv6Hdr, ETH_LEN},
+    headers::{Ipv4Hdr, Ipv6Hdr},
     parse::{ptr_at, Packet},
 };
 
@@ -32,7 +32,7 @@ pub(crate) fn rewrite(
     // Addresses first, collecting their effect on the L4 checksum.
     let mut l4 = CsumUpdate::delta();
     if pkt.family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.
@@ -52,7 +52,7 @@ pub(crate) fn rewrite(
         ip.check = c.finish();
         l4.word32(old, addr[0]);
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.
@@ -95,12 +95,12 @@ pub(crate) fn rewrite(
     ctx.l4_csum(pkt.l4_off + check_off, l4, data, kind)
 }
 
-/// Decrements the TTL (with the IPv4 header checksum) or hop limit of the packet at `ETH_LEN`,
-/// as a router does; the caller has checked it is above 1. False if the header is out of bounds.
+/// Decrements the TTL (with the IPv4 header checksum) or hop limit of the packet, as a router
+/// does; the caller has checked it is above 1. False if the header is out of bounds.
 #[inline(always)]
-pub(crate) fn decrement_ttl(ctx: &impl Bounded, family: u8) -> bool {
-    if family == FAMILY_V4 {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
+pub(crate) fn decrement_ttl(ctx: &impl Bounded, pkt: &Packet) -> bool {
+    if pkt.family == FAMILY_V4 {
+        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, pkt.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.
@@ -111,7 +111,7 @@ pub(crate) fn decrement_ttl(ctx: &impl Bounded, family: u8) -> bool {
         c.word(old, u16::from_ne_bytes([ip.ttl, ip.protocol]));
         ip.check = c.finish();
     } else {
-        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
             return false;
         };
         // SAFETY: bounds-checked by ptr_at.

@@ -12,12 +12,19 @@ use crate::{
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+/// 802.1Q (C-tag) and 802.1ad (S-tag) tag protocol identifiers.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags lb looks through (802.1ad + 802.1Q, "QinQ"); a frame with more is not IP to lb.
+pub(crate) const MAX_VLAN_TAGS: usize = 2;
 const IPV6_FRAGMENT: u8 = 44;
 
 /// A parsed TCP or UDP packet: everything the data plane needs, copied out of the headers.
 pub(crate) struct Packet {
     pub family: u8,
     pub proto: u8,
+    /// Offset of the IP header: 14, or 18 / 22 after one / two VLAN tags (kept as they are).
+    pub l3_off: usize,
     /// Offset of the TCP/UDP header from the start of the frame.
     pub l4_off: usize,
     /// Addresses and ports, network byte order (IPv4 in word 0).
@@ -104,17 +111,36 @@ type ParseResult = Result<Packet, Verdict>;
 
 pub(crate) use lb_ebpf::bounds::{data_end, ptr_at};
 
+/// The ether type after up to `MAX_VLAN_TAGS` VLAN tags, and the offset of what it is the
+/// type of. None: shorter than an Ethernet header (or than its tags).
+#[inline(always)]
+pub(crate) fn l2(ctx: &impl Frame) -> Option<(u16, usize)> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let mut ty = u16::from_be(unsafe { (*eth).ether_type_be });
+    let mut off = ETH_LEN;
+    let mut i = 0;
+    while i < MAX_VLAN_TAGS {
+        if ty != ETH_P_8021Q && ty != ETH_P_8021AD {
+            break;
+        }
+        // A tag: TCI (2 bytes), then the next ether type.
+        let next = ptr_at::<[u16; 2]>(ctx, off)?;
+        // SAFETY: bounds-checked by ptr_at.
+        ty = u16::from_be(unsafe { (*next)[1] });
+        off += 4;
+        i += 1;
+    }
+    Some((ty, off))
+}
+
 #[inline(always)]
 pub(crate) fn is_icmp(ctx: &impl Frame) -> bool {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return false;
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    match u16::from_be(unsafe { (*eth).ether_type_be }) {
-        ETH_P_IP => ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)
+    match l2(ctx) {
+        Some((ETH_P_IP, l3)) => ptr_at::<Ipv4Hdr>(ctx, l3)
             // SAFETY: bounds-checked by ptr_at.
             .is_some_and(|ip| unsafe { (*ip).protocol } == lb_common::PROTO_ICMP),
-        ETH_P_IPV6 => ptr_at::<Ipv6Hdr>(ctx, ETH_LEN)
+        Some((ETH_P_IPV6, l3)) => ptr_at::<Ipv6Hdr>(ctx, l3)
             // SAFETY: bounds-checked by ptr_at.
             .is_some_and(|ip| unsafe { (*ip).next_header } == lb_common::PROTO_ICMPV6),
         _ => false,
@@ -123,21 +149,19 @@ pub(crate) fn is_icmp(ctx: &impl Frame) -> bool {
 
 #[inline(always)]
 pub(crate) fn parse(ctx: &impl Frame) -> ParseResult {
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Err(Verdict::pass(Counter::PassMalformedEth));
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    match u16::from_be(unsafe { (*eth).ether_type_be }) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
-        _ => Err(Verdict::pass(Counter::PassNotIp)),
+    match l2(ctx) {
+        None => Err(Verdict::pass(Counter::PassMalformedEth)),
+        Some((ETH_P_IP, l3)) => parse_v4(ctx, l3),
+        Some((ETH_P_IPV6, l3)) => parse_v6(ctx, l3),
+        // (Including a frame with more tags than lb looks through.)
+        Some(_) => Err(Verdict::pass(Counter::PassNotIp)),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &impl Frame) -> ParseResult {
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else {
-        return Err(split_or(ctx, ETH_LEN + 20, Counter::PassMalformedIp));
+fn parse_v4(ctx: &impl Frame, l3: usize) -> ParseResult {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
+        return Err(split_or(ctx, l3 + 20, Counter::PassMalformedIp));
     };
     // SAFETY: bounds-checked by ptr_at.
     let h = unsafe { &*ip };
@@ -147,8 +171,8 @@ fn parse_v4(ctx: &impl Frame) -> ParseResult {
     }
     let hdr_len = ihl * 4;
     let tot_len = u16::from_be(h.tot_len_be) as usize;
-    let frame_len = frame_len(ctx, ETH_LEN + tot_len);
-    if tot_len < hdr_len || ETH_LEN + tot_len > frame_len {
+    let frame_len = frame_len(ctx, l3 + tot_len);
+    if tot_len < hdr_len || l3 + tot_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     // More-fragments flag or a fragment offset: lb does not reassemble.
@@ -162,13 +186,14 @@ fn parse_v4(ctx: &impl Frame) -> ParseResult {
     let src = [h.saddr_be, 0, 0, 0];
     let dst = [h.daddr_be, 0, 0, 0];
     let tos = h.tos as u32;
-    let l4_off = ETH_LEN + hdr_len;
+    let l4_off = l3 + hdr_len;
     let ttl = h.ttl;
-    let l4 = parse_l4(ctx, proto, l4_off, ETH_LEN + tot_len)?;
+    let l4 = parse_l4(ctx, proto, l4_off, l3 + tot_len)?;
     let seg_len = seg_len(ctx, hdr_len + l4.hdr_len);
     Ok(Packet {
         family: FAMILY_V4,
         proto,
+        l3_off: l3,
         l4_off,
         src,
         dst,
@@ -184,9 +209,9 @@ fn parse_v4(ctx: &impl Frame) -> ParseResult {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &impl Frame) -> ParseResult {
-    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_LEN) else {
-        return Err(split_or(ctx, ETH_LEN + IPV6_LEN, Counter::PassMalformedIp));
+fn parse_v6(ctx: &impl Frame, l3: usize) -> ParseResult {
+    let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
+        return Err(split_or(ctx, l3 + IPV6_LEN, Counter::PassMalformedIp));
     };
     // SAFETY: bounds-checked by ptr_at.
     let h = unsafe { &*ip };
@@ -195,8 +220,8 @@ fn parse_v6(ctx: &impl Frame) -> ParseResult {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     let payload_len = u16::from_be(h.payload_len_be) as usize;
-    let frame_len = frame_len(ctx, ETH_LEN + IPV6_LEN + payload_len);
-    if ETH_LEN + IPV6_LEN + payload_len > frame_len {
+    let frame_len = frame_len(ctx, l3 + IPV6_LEN + payload_len);
+    if l3 + IPV6_LEN + payload_len > frame_len {
         return Err(Verdict::pass(Counter::PassMalformedIp));
     }
     let proto = h.next_header;
@@ -211,13 +236,14 @@ fn parse_v6(ctx: &impl Frame) -> ParseResult {
     let src = h.saddr_be;
     let dst = h.daddr_be;
     let flow = (vtc_flow & 0x000f_ffff).to_be();
-    let l4_off = ETH_LEN + IPV6_LEN;
+    let l4_off = l3 + IPV6_LEN;
     let ttl = h.hop_limit;
     let l4 = parse_l4(ctx, proto, l4_off, l4_off + payload_len)?;
     let seg_len = seg_len(ctx, IPV6_LEN + l4.hdr_len);
     Ok(Packet {
         family: FAMILY_V6,
         proto,
+        l3_off: l3,
         l4_off,
         src,
         dst,

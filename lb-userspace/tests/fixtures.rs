@@ -20,7 +20,7 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use common::{
     mutate::{fix_ipv4_csum, l4_v4, set_ipv4_u16, set_ipv4_u8, IP},
     oracle,
-    packets::{checksums_ok, endpoints, Mac, Spec, Tcp, SEQ},
+    packets::{checksums_ok, endpoints, tag, Mac, Spec, Tcp, SEQ, TPID_8021AD, TPID_8021Q},
     testrun::{
         action_name, run, run_kind, tc_verdict, Kind, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
@@ -105,7 +105,8 @@ impl Table {
     }
 
     fn check(&mut self, c: Case) {
-        let misses = self.counters()[Counter::CtMiss as usize];
+        let at_start = self.counters();
+        let misses = at_start[Counter::CtMiss as usize];
         // (None: a frame the kernel makes no socket buffer of, shorter than any real frame:
         // such rows are XDP's only.)
         let Some((action, out)) = run_kind(&mut self.gw.dp, self.kind, c.ingress, &c.input) else {
@@ -125,13 +126,20 @@ impl Table {
             }
             e.1 += new_misses;
         }
-        assert_eq!(
-            action_name(action),
-            action_name(want),
-            "case {:?}: verdict ({:?})",
-            c.desc,
-            self.kind
-        );
+        if action != want {
+            let now = self.counters();
+            let counted: Vec<&str> = (0..now.len())
+                .filter(|&i| now[i] > at_start[i])
+                .map(|i| COUNTER_NAMES[i])
+                .collect();
+            panic!(
+                "case {:?} ({:?}): verdict {}, not {}, counting {counted:?}",
+                c.desc,
+                self.kind,
+                action_name(action),
+                action_name(want)
+            );
+        }
         if out != c.output {
             panic!(
                 "case {:?}: output differs\n   got {}\n  want {}",
@@ -226,6 +234,35 @@ impl Table {
                 .with(smac, mac_of(backend), spec.src, backend)
                 .hop()
                 .build(),
+            reason,
+        });
+    }
+
+    /// Case: like `forward_to`, for the frame with VLAN `tags`: the same rewrite, the tags
+    /// kept — sent back out of interface A, or (a backend behind interface B, whose VLANs lb
+    /// does not know) given to the kernel with the MACs it came with.
+    fn forward_tagged(
+        &mut self,
+        desc: &str,
+        spec: &Spec,
+        backend: SocketAddr,
+        tags: &[(u16, u16)],
+    ) {
+        let elsewhere = backend.ip().to_string() == "10.2.0.21";
+        let (smac, dmac, verdict, reason) = if elsewhere {
+            (spec.smac, spec.dmac, XDP_PASS, Counter::PassFibOther)
+        } else {
+            (GW_MAC_A, mac_of(backend), XDP_TX, Counter::Tx)
+        };
+        self.check(Case {
+            desc: desc.into(),
+            ingress: self.gw.ifindex_a,
+            input: tag(&spec.build(), tags),
+            verdict,
+            output: tag(
+                &spec.with(smac, dmac, spec.src, backend).hop().build(),
+                tags,
+            ),
             reason,
         });
     }
@@ -716,6 +753,96 @@ fn fixture_table_through(kind: Kind) {
         &udp_from_backend(sa("10.1.0.11:5353"), cu),
         &dns,
     );
+    // ---- VLAN tags: looked through (one, or 802.1ad + 802.1Q), kept ----
+    let q100 = [(TPID_8021Q, 100)];
+    let qinq = [(TPID_8021AD, 10), (TPID_8021Q, 100)];
+    let cv = client(40_900);
+    let bv = t.predict(cv, &web);
+    t.forward_tagged(
+        "802.1Q-tagged IPv4 TCP SYN to a VIP → rewritten, XDP_TX with its tag",
+        &syn(cv, web.addr),
+        bv,
+        &q100,
+    );
+    t.forward_tagged(
+        "the same tagged flow (ACK) → same backend, from conntrack",
+        &ack(cv, web.addr),
+        bv,
+        &q100,
+    );
+    let cv6 = client6(40_901);
+    let bv6 = t.predict(cv6, &web6);
+    t.forward_tagged(
+        "802.1Q-tagged IPv6 TCP SYN to a VIP → rewritten, tag kept",
+        &syn(cv6, web6.addr),
+        bv6,
+        &q100,
+    );
+    t.forward_tagged(
+        "QinQ (802.1ad + 802.1Q) IPv4 UDP to a VIP → rewritten, both tags kept",
+        &udp(client(40_902), dns.addr),
+        sa("10.1.0.11:5353"),
+        &qinq,
+    );
+    t.forward_tagged(
+        "QinQ IPv6 UDP to a VIP → rewritten, both tags kept",
+        &udp(client6(40_903), dns6.addr),
+        sa("[fd01::13]:5353"),
+        &qinq,
+    );
+    {
+        let rep = from_backend(bv, cv, Tcp::Ack);
+        t.check(Case {
+            desc: "tagged backend reply → source rewritten to the VIP, tag kept".into(),
+            ingress: t.gw.ifindex_a,
+            input: tag(&rep.build(), &q100),
+            verdict: XDP_TX,
+            output: tag(
+                &rep.with(GW_MAC_A, CLIENT_MAC, web.addr, rep.dst)
+                    .hop()
+                    .build(),
+                &q100,
+            ),
+            reason: Counter::Tx,
+        });
+    }
+    {
+        // A route out of another interface: XDP cannot know that interface's VLANs (or put on
+        // a VLAN device's tag): the rewritten packet goes to the kernel, MACs as they came.
+        let cf = client(40_904);
+        let sf = syn(cf, far.addr);
+        t.check(Case {
+            desc: "tagged, to a VIP whose backend is routed out of another interface → rewritten, given to the kernel".into(),
+            ingress: t.gw.ifindex_a,
+            input: tag(&sf.build(), &q100),
+            verdict: XDP_PASS,
+            output: tag(
+                &sf.with(sf.smac, sf.dmac, cf, sa("10.2.0.21:80")).hop().build(),
+                &q100,
+            ),
+            reason: Counter::PassFibOther,
+        });
+    }
+    t.unchanged(
+        "three VLAN tags → not IP to lb, passed",
+        tag(
+            &syn(client(40_905), web.addr).build(),
+            &[(TPID_8021AD, 1), (TPID_8021Q, 2), (TPID_8021Q, 3)],
+        ),
+        XDP_PASS,
+        Counter::PassNotIp,
+    );
+    {
+        let mut cut = tag(&syn(client(40_906), web.addr).build(), &q100);
+        cut.truncate(16);
+        t.unchanged(
+            "a frame that ends inside its VLAN tag → malformed Ethernet, passed",
+            cut,
+            XDP_PASS,
+            Counter::PassMalformedEth,
+        );
+    }
+
     t.unchanged(
         "from the backend's service port to a client port lb never forwarded (direct traffic to the backend) → untouched",
         Spec::tcp(mac_of(rb), GW_MAC_A, rb, client(45_000), Tcp::SynAck).build(),
@@ -1191,7 +1318,7 @@ fn fixture_table_through(kind: Kind) {
     let after = t.finish();
     assert_eq!(
         after[Counter::RevNat as usize] - t.before[Counter::RevNat as usize],
-        3
+        4, // three untagged replies and one tagged
     );
     let info = t.gw.dp.maps.vip(&web).unwrap();
     let s = t.gw.dp.maps.vip_stats(info.vip_id).unwrap();
@@ -1200,7 +1327,8 @@ fn fixture_table_through(kind: Kind) {
     assert!(packets > 100, "the table sends {packets} packets to {web}");
     assert_eq!(
         (s.packets, s.new_flows, s.rev_packets),
-        (packets, new_flows, 1),
+        // Replies: one untagged, one tagged.
+        (packets, new_flows, 2),
         "{web}'s traffic counters: packets, new flows, replies"
     );
     println!("{} fixture cases passed", t.rows);

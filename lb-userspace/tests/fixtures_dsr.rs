@@ -18,7 +18,7 @@ use std::{
 
 use aya::programs::Xdp;
 use common::{
-    packets::{checksums_ok, Mac, Spec, Tcp, SEQ},
+    packets::{checksums_ok, tag, Mac, Spec, Tcp, SEQ, TPID_8021AD, TPID_8021Q},
     raw::{eth, icmp4, icmp6, ipv4, ipv6, too_big_frame, v4, v6},
     testrun::{action_name, run, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{mac_of, Gateway, CLIENT_MAC, GW_MAC_A, GW_MAC_B},
@@ -373,6 +373,26 @@ fn dsr_ipip_icmp_and_decap() {
         &out,
         Counter::Redirect,
     );
+    // VLAN tags: kept; a dsr-l2 backend must be in the frame's VLAN (reached through the
+    // interface it came in on).
+    let q100 = [(TPID_8021Q, 100)];
+    for (v, c) in [(l2, client(40901)), (l2_6, client6(40902))] {
+        let s = syn(c, v.addr);
+        let b = t.gw.dp.maps.backends(&v).unwrap()[0].addr;
+        t.check(
+            &format!("dsr-l2 {v}, 802.1Q-tagged → tag kept"),
+            &tag(&s.build(), &q100),
+            XDP_TX,
+            &tag(&l2_out(&s, b, GW_MAC_A), &q100),
+            Counter::Tx,
+        );
+    }
+    t.unchanged(
+        "dsr-l2, tagged, backend routed out of another interface (another VLAN) → dropped",
+        &tag(&syn(client(40903), l2_far.addr).build(), &q100),
+        XDP_DROP,
+        Counter::DropNotOnLink,
+    );
     t.unchanged(
         "dsr-l2: backend behind a gateway",
         &syn(client(40004), l2_gw.addr).build(),
@@ -575,6 +595,15 @@ fn dsr_ipip_icmp_and_decap() {
     let a = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, tun.addr, Tcp::Ack);
     let out = encapsulated(&a.build(), sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
     t.check("ipip established", &a.build(), XDP_TX, &out, Counter::Tx);
+    // The same flow in QinQ-tagged frames: the outer header goes after the tags.
+    let qinq = [(TPID_8021AD, 10), (TPID_8021Q, 100)];
+    t.check(
+        "ipip established, QinQ-tagged → encapsulated after the tags",
+        &tag(&a.build(), &qinq),
+        XDP_TX,
+        &tag(&out, &qinq),
+        Counter::Tx,
+    );
     t.expect_entry(
         "ipip: the client's second packet confirms",
         c,
@@ -839,13 +868,13 @@ fn dsr_ipip_icmp_and_decap() {
     let ev = |c: Counter| after[c as usize] - before[c as usize];
     assert_eq!(
         ev(Counter::FwdDsrL2),
-        15,
-        "14 dsr-l2 packets (TTL 1 is not forwarded) + 1 ICMP"
+        18,
+        "14 dsr-l2 packets (TTL 1 is not forwarded) + 3 tagged + 1 ICMP"
     );
     assert_eq!(
         ev(Counter::FwdIpip),
-        12,
-        "11 ipip packets (3 of them too big) + 1 ICMP"
+        13,
+        "11 ipip packets (3 of them too big) + 1 tagged + 1 ICMP"
     );
     assert_eq!(
         ev(Counter::IcmpToBackend),

@@ -108,6 +108,24 @@ const BUGS: &[Bug] = &[
         )],
     },
     Bug {
+        name: "vlan-offset-ignored",
+        what: "an IPv4 packet's header is read at 14 bytes, VLAN tags or not",
+        edits: &[(
+            "lb-ebpf/src/parse.rs",
+            "        Some((ETH_P_IP, l3)) => parse_v4(ctx, l3),",
+            "        Some((ETH_P_IP, _)) => parse_v4(ctx, ETH_LEN),",
+        )],
+    },
+    Bug {
+        name: "vlan-tags-dropped-on-encapsulation",
+        what: "ipip encapsulation writes the outer header over the VLAN tags",
+        edits: &[(
+            "lb-ebpf/src/dsr.rs",
+            "        return false;\n    }\n    let l3 = pkt.l3_off;\n",
+            "        return false;\n    }\n    let l3 = ETH_LEN;\n",
+        )],
+    },
+    Bug {
         name: "tc-checksum-in-place",
         what: "lb_tc updates L4 checksums in place, as XDP does (wrong for partial checksums)",
         edits: &[(

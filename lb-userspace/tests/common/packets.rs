@@ -232,3 +232,41 @@ pub fn endpoints(f: &[u8]) -> Option<(SocketAddr, SocketAddr, bool)> {
         _ => None,
     }
 }
+
+/// 802.1Q / 802.1ad tag protocol identifiers.
+pub const TPID_8021Q: u16 = 0x8100;
+pub const TPID_8021AD: u16 = 0x88a8;
+
+/// `f` with VLAN tags (TPID, VLAN id) inserted after its MACs, outermost first.
+pub fn tag(f: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+    let mut out = f[..12].to_vec();
+    for (tpid, vid) in tags {
+        out.extend(tpid.to_be_bytes());
+        out.extend((vid & 0x0fff).to_be_bytes());
+    }
+    out.extend(&f[12..]);
+    out
+}
+
+/// The VLAN tags lb reads in `f` (up to two, either TPID) as their bytes, and `f` without
+/// them. None: `f` ends inside a tag (or the type after it), which lb passes as a malformed
+/// Ethernet header.
+pub fn untag(f: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut off = 12;
+    while off < 12 + 8 {
+        if f.len() < off + 2 {
+            break;
+        }
+        let ty = u16::from_be_bytes([f[off], f[off + 1]]);
+        if ty != TPID_8021Q && ty != TPID_8021AD {
+            break;
+        }
+        if f.len() < off + 6 {
+            return None;
+        }
+        off += 4;
+    }
+    let mut plain = f[..12.min(f.len())].to_vec();
+    plain.extend(&f[off.min(f.len())..]);
+    Some((plain, f[12.min(f.len())..off.min(f.len())].to_vec()))
+}
