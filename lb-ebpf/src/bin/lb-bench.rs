@@ -5,15 +5,17 @@
 //!   program under test in `BENCH_PROGS[0]`. Its own cost is measured by tail-calling
 //!   `bench_pass` and subtracted.
 //! - `bench_pass`: the floor, a program that only returns XDP_PASS.
+//! - `bench_wrap_tc`, `bench_pass_tc`: the same for tc programs (`lb_tc`), for frames whose
+//!   length lb does not change (the wrapper restores the bytes only).
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, PerCpuArray, ProgramArray},
     helpers::generated::bpf_xdp_adjust_head,
-    macros::{btf_map, xdp},
-    programs::XdpContext,
+    macros::{btf_map, classifier, xdp},
+    programs::{TcContext, XdpContext},
     EbpfContext,
 };
 use lb_common::bench::{BenchFrame, BENCH_MAX_FRAME};
@@ -26,6 +28,9 @@ static SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
 
 #[btf_map(name = "BENCH_PROGS")]
 static PROGS: ProgramArray<1> = ProgramArray::new();
+
+#[btf_map(name = "BENCH_TC_PROGS")]
+static TC_PROGS: ProgramArray<1> = ProgramArray::new();
 
 #[inline(always)]
 fn data_end(ctx: &XdpContext) -> usize {
@@ -87,6 +92,38 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
 #[xdp(frags)]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn bench_wrap_tc(ctx: TcContext) -> i32 {
+    let Some(f) = FRAME.get(0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    let len = f.len as usize;
+    // SAFETY (both loads): skb points at the kernel's __sk_buff; fresh loads each time.
+    let data = unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data) } as usize;
+    let end = || unsafe { core::ptr::read_volatile(&(*ctx.skb.skb).data_end) } as usize;
+    let mut i = 0;
+    while i < BENCH_MAX_FRAME / 8 {
+        let off = i * 8;
+        if off >= len {
+            break;
+        }
+        if data + off + 8 > end() {
+            return TC_ACT_SHOT as i32;
+        }
+        // SAFETY: 8 bytes at data + off are within the packet, checked above.
+        unsafe { *((data + off) as *mut u64) = f.words[i] };
+        i += 1;
+    }
+    // SAFETY: tail call into the program under test; returns only if the slot is empty.
+    unsafe { TC_PROGS.tail_call(&ctx, 0) };
+    TC_ACT_SHOT as i32
+}
+
+#[classifier]
+pub fn bench_pass_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
 }
 
 #[cfg(not(test))]

@@ -314,6 +314,31 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         )?,
     );
 
+    // The tc fallback (`lb attach --mode tc`): the same data plane as a tc program.
+    rig.tc = true;
+    let f = tcp_frame(client4, sa("10.1.1.1:8080"), true);
+    let untouched = measure_untouched(rig, s, &f, "a non-VIP packet", &[PassNotVip]);
+    let established = [
+        ("IPv4", sa("10.0.0.2:43000"), sa(VIP4)),
+        ("IPv6", sa("[fd00::2]:43000"), sa(VIP6)),
+    ]
+    .map(|(label, client, vip)| {
+        (
+            label,
+            measure_established(rig, s, client, vip, NAT_ESTABLISHED),
+        )
+    });
+    let tc_floor = rig.floor(&tcp_frame(client4, sa(VIP4), true), s.repeat, s.rounds);
+    rig.tc = false;
+    push(
+        "floor: tc program that only returns TC_ACT_OK, for the tc rows".into(),
+        tc_floor?,
+    );
+    push("not for a VIP (pass), tc program".into(), untouched?);
+    for (label, sample) in established {
+        push(format!("established {label}, tc program"), sample?);
+    }
+
     // The same forward paths with the next-hop cache off (`nexthop_max_age_ms = 0`): a
     // route lookup for every packet.
     let conf = rig.dp.maps.conf()?;

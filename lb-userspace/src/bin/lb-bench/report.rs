@@ -120,7 +120,12 @@ impl Report {
         self.chart.push(("floor (XDP_PASS)".into(), floor.median));
         for r in results {
             let v = r.sample.verified.as_ref();
-            let runs = v.map_or("**not verified**".to_string(), |v| v.runs.to_string());
+            let runs = match v {
+                Some(v) => v.runs.to_string(),
+                // A floor is a program that only returns: nothing of lb's to verify.
+                None if r.name.starts_with("floor:") => "—".to_string(),
+                None => "**not verified**".to_string(),
+            };
             let counters = v.map_or(String::new(), |v| v.counters.clone());
             let new_flows = v
                 .and_then(|v| v.new_flows)
@@ -132,6 +137,10 @@ impl Report {
                 });
             let programs = if r.name.starts_with("decap") {
                 "lb_decap"
+            } else if r.name.ends_with("tc program") {
+                "lb_tc"
+            } else if r.name.starts_with("floor: tc") {
+                "bench_pass_tc"
             } else if r.name.contains("ipip") {
                 "lb_xdp (→ lb_ipip for a route lookup)"
             } else {

@@ -7,12 +7,12 @@ use std::{net::SocketAddr, process::Command};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::{
     maps::{Array, ProgramArray},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use lb::{object::LB_BENCH_OBJECT, testbed::NetNs, Dataplane, LoadOptions};
 use lb_common::{
-    bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP},
+    bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP, BENCH_TC_PROGS_MAP},
     Counter, VERDICT_COUNT,
 };
 
@@ -25,6 +25,8 @@ pub struct Rig {
     /// The decapsulation program backends run.
     decap: Ebpf,
     pub ifindex: u32,
+    /// Measure `lb_tc` (the tc program) instead of `lb_xdp`: rows of the fallback mode.
+    pub tc: bool,
     /// Kept for its Drop: the namespace goes with the rig.
     _ns: NetNs,
 }
@@ -217,6 +219,13 @@ impl Rig {
                 .try_into()?;
             p.load().with_context(|| format!("loading {name}"))?;
         }
+        for name in ["bench_wrap_tc", "bench_pass_tc"] {
+            let p: &mut SchedClassifier = bench
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("{name} missing"))?
+                .try_into()?;
+            p.load().with_context(|| format!("loading {name}"))?;
+        }
         let mut decap = EbpfLoader::new()
             .load(lb::object::LB_DECAP_OBJECT)
             .context("loading the decap object")?;
@@ -241,6 +250,7 @@ impl Rig {
             bench,
             decap,
             ifindex,
+            tc: false,
             _ns: ns,
         })
     }
@@ -251,8 +261,33 @@ impl Rig {
 
     /// Runs a program once on `frame`; returns (action, output).
     pub fn run_once(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let (a, out, _) = run(self.dp.program(), self.ifindex, frame, 1)?;
+        let (a, out, _) = if self.tc {
+            run_tc(self.dp.tc_program(), self.ifindex, frame, 1)?
+        } else {
+            run(self.dp.program(), self.ifindex, frame, 1)?
+        };
         Ok((a, out))
+    }
+
+    /// One run of the wrapper or pass program (`bench_wrap`/`bench_pass`, or their tc
+    /// versions when measuring `lb_tc`).
+    fn run_bench(&mut self, name: &str, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
+        if self.tc {
+            let p: &mut SchedClassifier = self
+                .bench
+                .program_mut(&format!("{name}_tc"))
+                .unwrap()
+                .try_into()
+                .unwrap();
+            run_tc(p, self.ifindex, frame, repeat)
+        } else {
+            run(
+                Self::prog(&mut self.bench, name),
+                self.ifindex,
+                frame,
+                repeat,
+            )
+        }
     }
 
     /// Cost of the lb program on `frame`, per packet, restored before every run: the wrapped
@@ -269,7 +304,11 @@ impl Rig {
         expect: Expect,
         check: Check,
     ) -> Result<Sample> {
-        let lb_fd = self.dp.program().fd()?.try_clone()?;
+        let lb_fd = if self.tc {
+            self.dp.tc_program().fd()?.try_clone()?
+        } else {
+            self.dp.program().fd()?.try_clone()?
+        };
         let unconfirmed = lb::state::CtTable::Unconfirmed;
         let fill_before = match expect.flows {
             NewFlows::Unchecked => None,
@@ -445,12 +484,7 @@ impl Rig {
         self.set_frame(frame, vary_at)?;
         let mut v = Vec::new();
         for _ in 0..rounds {
-            let (a, out, ns) = run(
-                Self::prog(&mut self.bench, "bench_wrap"),
-                self.ifindex,
-                frame,
-                repeat,
-            )?;
+            let (a, out, ns) = self.run_bench("bench_wrap", frame, repeat)?;
             check(a, &out)?;
             v.push(ns);
         }
@@ -464,12 +498,7 @@ impl Rig {
     pub fn floor(&mut self, frame: &[u8], repeat: u32, rounds: usize) -> Result<Sample> {
         let mut v = Vec::new();
         for _ in 0..rounds {
-            let (a, _, ns) = run(
-                Self::prog(&mut self.bench, "bench_pass"),
-                self.ifindex,
-                frame,
-                repeat,
-            )?;
+            let (a, _, ns) = self.run_bench("bench_pass", frame, repeat)?;
             if a != 2 {
                 bail!("bench_pass returned {a}");
             }
@@ -480,18 +509,22 @@ impl Rig {
 
     /// What restoring the frame and the tail call cost: (wrapper → pass) − (pass alone).
     fn wrapper_overhead(&mut self, frame: &[u8], repeat: u32, rounds: usize) -> Result<f64> {
-        let pass_fd = Self::prog(&mut self.bench, "bench_pass")
-            .fd()?
-            .try_clone()?;
+        let pass_fd = if self.tc {
+            let p: &mut SchedClassifier = self
+                .bench
+                .program_mut("bench_pass_tc")
+                .unwrap()
+                .try_into()?;
+            p.fd()?.try_clone()?
+        } else {
+            Self::prog(&mut self.bench, "bench_pass")
+                .fd()?
+                .try_clone()?
+        };
         self.set_target(&pass_fd)?;
         let mut wrapped = Vec::new();
         for _ in 0..rounds {
-            let (_, _, ns) = run(
-                Self::prog(&mut self.bench, "bench_wrap"),
-                self.ifindex,
-                frame,
-                repeat,
-            )?;
+            let (_, _, ns) = self.run_bench("bench_wrap", frame, repeat)?;
             wrapped.push(ns);
         }
         let floor = self.floor(frame, repeat, rounds)?;
@@ -499,8 +532,12 @@ impl Rig {
     }
 
     fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
-        let mut progs: ProgramArray<_> =
-            ProgramArray::try_from(self.bench.map_mut(BENCH_PROGS_MAP).unwrap())?;
+        let map = if self.tc {
+            BENCH_TC_PROGS_MAP
+        } else {
+            BENCH_PROGS_MAP
+        };
+        let mut progs: ProgramArray<_> = ProgramArray::try_from(self.bench.map_mut(map).unwrap())?;
         progs.set(0, fd, 0)?;
         Ok(())
     }
@@ -550,6 +587,42 @@ fn run(prog: &mut Xdp, ifindex: u32, frame: &[u8], repeat: u32) -> Result<(u32, 
     })?;
     out.truncate(r.data_size_out as usize);
     Ok((r.return_value, out, r.duration.as_nanos() as f64))
+}
+
+/// `struct __sk_buff` for ctx_in (192 bytes): `ingress_ifindex` (offset 36) and `ifindex` (40).
+fn sk_buff(ifindex: u32) -> [u8; 192] {
+    let mut b = [0u8; 192];
+    b[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    b[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    b
+}
+
+/// `run` for a tc program, its action in XDP's terms (TC_ACT_OK: XDP_PASS, TC_ACT_SHOT:
+/// XDP_DROP, TC_ACT_REDIRECT: XDP_TX — every path measured here goes back out of the
+/// interface it came in on).
+fn run_tc(
+    prog: &mut SchedClassifier,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Vec<u8>, f64)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = sk_buff(ifindex);
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    let action = match r.return_value {
+        0 => 2,
+        2 => 1,
+        7 => 3,
+        other => bail!("a tc program returned {other}"),
+    };
+    Ok((action, out, r.duration.as_nanos() as f64))
 }
 
 /// One run of any XDP program on `frame` (ingress ifindex 1: loopback).
@@ -608,12 +681,11 @@ pub struct ProgramSize {
 }
 
 impl Rig {
-    /// The sizes of lb's programs as loaded here: `lb_xdp`, the programs it tail-calls, and
-    /// the backends' `lb_decap`.
+    /// The sizes of lb's programs as loaded here: `lb_xdp`, the programs it tail-calls, the
+    /// same as tc programs, and the backends' `lb_decap`.
     pub fn program_sizes(&self) -> Result<Vec<ProgramSize>> {
         let mut out = Vec::new();
-        let mut one = |name: &str, p: &Xdp| -> Result<()> {
-            let info = p.info().with_context(|| format!("reading {name}'s info"))?;
+        let mut one = |name: &str, info: aya::programs::ProgramInfo| -> Result<()> {
             out.push(ProgramSize {
                 name: name.to_string(),
                 verified: info.verified_instruction_count(),
@@ -627,14 +699,30 @@ impl Rig {
                 .program(name)
                 .ok_or_else(|| anyhow!("{name} missing"))?
                 .try_into()?;
-            one(name, p)?;
+            one(
+                name,
+                p.info().with_context(|| format!("reading {name}'s info"))?,
+            )?;
+        }
+        for name in std::iter::once(lb::object::LB_TC_PROGRAM).chain(lb_common::TC_TAIL_PROGRAMS) {
+            let p: &SchedClassifier = ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("{name} missing"))?
+                .try_into()?;
+            one(
+                name,
+                p.info().with_context(|| format!("reading {name}'s info"))?,
+            )?;
         }
         let p: &Xdp = self
             .decap
             .program(lb::object::LB_DECAP_PROGRAM)
             .ok_or_else(|| anyhow!("lb_decap missing"))?
             .try_into()?;
-        one(lb::object::LB_DECAP_PROGRAM, p)?;
+        one(
+            lb::object::LB_DECAP_PROGRAM,
+            p.info().context("reading lb_decap's info")?,
+        )?;
         Ok(out)
     }
 }
