@@ -97,7 +97,7 @@ pub fn bench_pass(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn bench_wrap_tc(ctx: TcContext) -> i32 {
     let Some(f) = FRAME.get(0) else {
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     };
     let len = f.len as usize;
     // SAFETY (both loads): skb points at the kernel's __sk_buff; fresh loads each time.
@@ -110,7 +110,7 @@ pub fn bench_wrap_tc(ctx: TcContext) -> i32 {
             break;
         }
         if data + off + 8 > end() {
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         }
         // SAFETY: 8 bytes at data + off are within the packet, checked above.
         unsafe { *((data + off) as *mut u64) = f.words[i] };
@@ -118,12 +118,12 @@ pub fn bench_wrap_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: tail call into the program under test; returns only if the slot is empty.
     unsafe { TC_PROGS.tail_call(&ctx, 0) };
-    TC_ACT_SHOT as i32
+    TC_ACT_SHOT
 }
 
 #[classifier]
 pub fn bench_pass_tc(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]
