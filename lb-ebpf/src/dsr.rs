@@ -38,7 +38,8 @@ pub(crate) fn dsr_l2(
     // A VLAN-tagged frame stays in its VLAN: the backend must be reached through the
     // interface it came in on.
     let ingress = ctx.ingress_ifindex();
-    let in_vlan = |ifindex: u32| pkt.l3_off == ETH_LEN || ifindex == ingress;
+    let untagged = pkt.l3_off == ETH_LEN && !ctx.vlan_tag_aside();
+    let in_vlan = |ifindex: u32| untagged || ifindex == ingress;
     if let Some(nh) = nexthop::cached(id, backend, now, pkt.mtu_len()) {
         if nh.flags & NEXTHOP_F_ONLINK != 0 && in_vlan(nh.ifindex) {
             if !crate::nat::decrement_ttl(ctx, pkt) {

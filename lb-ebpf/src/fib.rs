@@ -146,7 +146,8 @@ fn send_to(ctx: &impl Frame, dmac: &[u8; 6], smac: &[u8; 6], ifindex: u32) -> Ve
     // SAFETY: bounds-checked by ptr_at.
     unsafe {
         let ty = (*eth).ether_type_be;
-        if ifindex != ingress && (ty == ETH_P_8021Q_BE || ty == ETH_P_8021AD_BE) {
+        let tagged = ty == ETH_P_8021Q_BE || ty == ETH_P_8021AD_BE || ctx.vlan_tag_aside();
+        if ifindex != ingress && tagged {
             return Verdict::pass(Counter::PassFibOther);
         }
         (*eth).dst = *dmac;

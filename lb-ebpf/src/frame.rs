@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_MARK_ENFORCE, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        TC_ACT_OK, TC_ACT_SHOT,
+        TC_ACT_SHOT, TC_ACT_UNSPEC,
     },
     helpers::generated::{
         bpf_l4_csum_replace, bpf_redirect, bpf_skb_adjust_room, bpf_skb_change_head,
@@ -57,6 +57,10 @@ pub(crate) trait Frame: Bounded {
     /// Whether packets are socket buffers (tc), which may be GSO super-packets and may carry
     /// partial checksums the kernel finishes on transmit.
     fn gso_capable(&self) -> bool;
+
+    /// A VLAN tag the kernel took off the packet and keeps beside it (tc; XDP: never), which it
+    /// puts back on at egress.
+    fn vlan_tag_aside(&self) -> bool;
 
     /// Updates the L4 checksum at `off` for changes to the pseudo-header (`pseudo`: addresses)
     /// and to the data it covers (`data`: ports, quoted headers). False: out of bounds.
@@ -126,6 +130,11 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
+    fn vlan_tag_aside(&self) -> bool {
+        false
+    }
+
+    #[inline(always)]
     fn l4_csum(&self, off: usize, pseudo: CsumUpdate, data: CsumUpdate, kind: L4Sum) -> bool {
         l4_csum_in_place(self, off, pseudo, data, kind)
     }
@@ -179,6 +188,12 @@ impl Frame for TcContext {
     #[inline(always)]
     fn gso_capable(&self) -> bool {
         true
+    }
+
+    #[inline(always)]
+    fn vlan_tag_aside(&self) -> bool {
+        // SAFETY: skb points at the kernel's __sk_buff for the duration of the program.
+        unsafe { (*self.skb.skb).vlan_present != 0 }
     }
 
     #[inline(always)]
@@ -242,7 +257,9 @@ impl Frame for TcContext {
     #[inline(always)]
     fn action(&self, xdp: u32) -> u32 {
         match xdp {
-            xdp_action::XDP_PASS => TC_ACT_OK as u32,
+            // "Next": the interface's other tc programs (lb is attached first) and then the
+            // stack; `TC_ACT_OK` would end the chain here.
+            xdp_action::XDP_PASS => TC_ACT_UNSPEC as u32,
             xdp_action::XDP_DROP | xdp_action::XDP_ABORTED => TC_ACT_SHOT as u32,
             // Out of the interface it came in on.
             xdp_action::XDP_TX => {

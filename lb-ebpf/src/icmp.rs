@@ -11,7 +11,7 @@ use lb_common::{
 use crate::{
     frame::{Frame, L4Sum},
     headers::{Ipv4Hdr, Ipv6Hdr, IPV6_LEN},
-    parse::{data_end, ptr_at, Packet},
+    parse::{ptr_at, Packet},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -34,7 +34,9 @@ pub(crate) struct TooBig {
 #[inline(always)]
 pub(crate) fn parse(ctx: &impl Frame) -> Option<TooBig> {
     let (ether_type, l3) = crate::parse::l2(ctx)?;
-    let frame_len = (data_end(ctx) - ctx.data()) as u64;
+    // The whole packet: a message longer than the directly accessible part (a socket
+    // buffer's linear part; a multi-buffer frame's first buffer) is still one.
+    let frame_len = ctx.packet_len() as u64;
     if ether_type == ETH_P_IP {
         let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
         // SAFETY: bounds-checked by ptr_at.

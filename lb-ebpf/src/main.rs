@@ -106,11 +106,12 @@ pub fn lb_icmp(ctx: XdpContext) -> u32 {
 // The same data plane as a tc ingress program, for devices where XDP cannot be trusted with
 // checksums (generic mode) or is not available: see `frame.rs`.
 
-/// The headers lb reads at most (Ethernet, IPv4 with options, TCP): pulled into the linear part
-/// of a socket buffer that does not have them there.
-const TC_HEADERS: u32 = 14 + 60 + 20;
-/// An ICMP error's: Ethernet, IPv4, ICMP, the quoted IPv4 header and 8 bytes.
-const TC_ICMP_HEADERS: u32 = 14 + 20 + 8 + 60 + 8;
+/// The headers lb reads at most (Ethernet, two VLAN tags, IPv4 with options, TCP): pulled into
+/// the linear part of a socket buffer that does not have them there.
+const TC_HEADERS: u32 = 14 + 8 + 60 + 20;
+/// An ICMP error's: Ethernet, two VLAN tags, IPv6, ICMPv6, the quoted IPv6 header and 8 bytes
+/// (more than IPv4's with the longest options).
+const TC_ICMP_HEADERS: u32 = 14 + 8 + 40 + 8 + 40 + 8;
 
 /// Makes the first `want` bytes of the packet (or all of it, if shorter) directly accessible.
 #[inline(always)]

@@ -67,31 +67,35 @@ pub enum AttachMode {
 }
 
 /// Loads the programs `lb_xdp` and `lb_tc` tail-call (`lb_common::TAIL_PROGRAMS`,
-/// `TC_TAIL_PROGRAMS`) and puts them in their program arrays, each in its slot (an atomic
+/// `TC_TAIL_PROGRAMS`) — every one of them verified before any slot is written — and puts them
+/// in their program arrays (`only`: those arrays; None: both), each in its slot (an atomic
 /// replacement per slot).
-pub fn install_tail_programs(ebpf: &mut Ebpf) -> Result<()> {
-    for (array, programs) in [
+pub fn install_tail_programs(ebpf: &mut Ebpf, only: Option<&[&str]>) -> Result<()> {
+    let arrays = [
         (names::PROGS, lb_common::TAIL_PROGRAMS),
         (names::TC_PROGS, lb_common::TC_TAIL_PROGRAMS),
-    ] {
-        let mut fds = Vec::new();
-        for name in programs {
+    ];
+    let mut fds = Vec::new();
+    for (array, programs) in arrays {
+        if only.is_some_and(|o| !o.contains(&array)) {
+            continue;
+        }
+        for (slot, name) in programs.into_iter().enumerate() {
             let prog = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?;
             load_program(prog)
                 .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
-            fds.push(prog.fd()?.try_clone()?);
+            fds.push((array, slot as u32, name, prog.fd()?.try_clone()?));
         }
+    }
+    for (array, slot, name, fd) in &fds {
         let map = ebpf
             .map_mut(array)
             .with_context(|| format!("map {array} missing from the object"))?;
-        let mut progs = aya::maps::ProgramArray::try_from(map)?;
-        for (slot, fd) in fds.iter().enumerate() {
-            progs
-                .set(slot as u32, fd, 0)
-                .with_context(|| format!("installing {}", programs[slot]))?;
-        }
+        aya::maps::ProgramArray::try_from(map)?
+            .set(*slot, fd, 0)
+            .with_context(|| format!("installing {name}"))?;
     }
     Ok(())
 }
@@ -143,7 +147,7 @@ impl Dataplane {
         prog.load()
             .context("loading lb_xdp into the kernel (verifier)")?;
         load_tc(&mut ebpf)?;
-        install_tail_programs(&mut ebpf)?;
+        install_tail_programs(&mut ebpf, None)?;
         before_take(&ebpf)?;
         let mut maps = LbMaps::from_maps(|name| ebpf.take_map(name))?;
         // The seed is never left 0: without one given, a random one.

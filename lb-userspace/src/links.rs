@@ -102,6 +102,33 @@ pub fn link_ifindex(pin: &Path) -> Result<u32> {
     Ok(info[4])
 }
 
+/// Whether `iface` carries Ethernet frames (`ARPHRD_ETHER`: NICs, veths, bridges, VLAN
+/// devices), which lb's programs parse; None if the kernel cannot say (no such interface).
+pub fn is_ethernet(iface: &str) -> Option<bool> {
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new fd nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return None;
+    }
+    // SAFETY: the ioctl filled the hardware-address member of the union.
+    Some(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family } == libc::ARPHRD_ETHER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -278,9 +278,11 @@ impl PinDir {
                             .context("the kernel gave no BPF link to pin")?;
                         (link, used)
                     }
-                    // Never generic mode on its own (it can corrupt partial checksums): the
-                    // tc program, which is correct everywhere, and a word about it.
-                    Err(e) if mode == AttachMode::Auto => {
+                    // A driver without native XDP: never generic mode on its own (it can corrupt
+                    // partial checksums), but the tc program, which is correct everywhere, and
+                    // a word about it. (Any other failure — say, another XDP program there — is
+                    // an error.)
+                    Err(e) if mode == AttachMode::Auto && no_native_xdp(&e) => {
                         let r = self.attach_tc(iface).with_context(|| {
                             format!("{iface}: the driver refused native XDP ({e}), and tc mode failed too")
                         })?;
@@ -308,6 +310,9 @@ impl PinDir {
 
     /// Attaches `lb_tc` to `iface`'s ingress (tcx, ahead of other tc programs there).
     fn attach_tc(&self, iface: &str) -> Result<(FdLink, AttachMode)> {
+        if links::is_ethernet(iface) == Some(false) {
+            bail!("{iface} is not an Ethernet interface: lb's programs parse Ethernet frames");
+        }
         let pin = self.path.join(TC_PROG_PIN);
         if !pin.exists() {
             bail!(
@@ -438,12 +443,15 @@ impl PinDir {
                 .context("pinning the new tc program")
         });
         // Program arrays this upgrade made are used by no running program yet: filled before
-        // any link switches, so that the new programs never find them empty.
+        // any link switches, so that the new programs never find them empty. (Every tail
+        // program is verified then too, so the later install cannot fail on the verifier.)
+        let new_arrays: Vec<&str> = [names::PROGS, names::TC_PROGS]
+            .into_iter()
+            .filter(|a| fresh.contains(a))
+            .collect();
         let r = r.and_then(|()| {
-            if fresh.contains(&names::PROGS) || fresh.contains(&names::TC_PROGS) {
-                crate::dataplane::install_tail_programs(&mut ebpf)?;
-            }
-            self.switch_to(&mut ebpf)
+            crate::dataplane::install_tail_programs(&mut ebpf, Some(&new_arrays))?;
+            self.switch_to(&mut ebpf, &new_arrays)
         });
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -477,7 +485,7 @@ impl PinDir {
     /// written last, so a rollback never has to restore them. (Between the two steps the new
     /// programs call the old tail programs: the hand-off between them must keep its layout
     /// across versions — a change there needs a new map name, which the map check refuses.)
-    fn switch_to(&self, ebpf: &mut aya::Ebpf) -> Result<Vec<String>> {
+    fn switch_to(&self, ebpf: &mut aya::Ebpf, filled: &[&str]) -> Result<Vec<String>> {
         let mut links = Vec::new();
         // A gone link (its interface was deleted) has nothing to switch: the kernel refuses to
         // update it. It keeps its pin until `lb attach` or `lb detach`.
@@ -532,7 +540,11 @@ impl PinDir {
                 }
             }
         }
-        if let Err(e) = crate::dataplane::install_tail_programs(ebpf) {
+        let shared: Vec<&str> = [names::PROGS, names::TC_PROGS]
+            .into_iter()
+            .filter(|a| !filled.contains(a))
+            .collect();
+        if let Err(e) = crate::dataplane::install_tail_programs(ebpf, Some(&shared)) {
             let back = self.switch_back(&switched);
             return Err(match back {
                 Ok(()) => e.context("upgrade undone: every link runs the old program"),
@@ -806,4 +818,14 @@ fn fs_type(path: &Path) -> Result<i64> {
         );
     }
     Ok(st.f_type as i64)
+}
+
+/// Whether attaching native XDP failed because the driver has none (`EOPNOTSUPP`), rather than
+/// for another reason (a program already there, …).
+fn no_native_xdp(e: &aya::programs::ProgramError) -> bool {
+    matches!(
+        e,
+        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
+            if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
+    )
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use lb::testbed::{
+    grew,
     transfer::{exchange, DigestServer},
     wait_for, NetNs, Testbed,
 };
@@ -22,6 +23,8 @@ const BULK_PORT: u16 = 9200;
 const BULK_BYTES: usize = 20 << 20;
 const VIP4: &str = "10.100.0.100";
 const VIP6: &str = "fd10::100";
+/// The digest server's pattern seed.
+const SEED: u64 = 0x5eed_b01c;
 
 fn vip(v6: bool, port: u16) -> SocketAddr {
     SocketAddr::new(if v6 { VIP6 } else { VIP4 }.parse().unwrap(), port)
@@ -35,17 +38,7 @@ fn ethtool(ns: &NetNs, args: &[&str]) {
 }
 
 fn counters(tb: &Testbed) -> BTreeMap<String, u64> {
-    let s = tb.lb_json(&["stats"]).expect("lb stats --json");
-    s["counters"]
-        .as_object()
-        .expect("lb stats --json has counters")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-        .collect()
-}
-
-fn grew(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after[name].saturating_sub(before[name])
+    tb.counters().expect("lb stats --json")
 }
 
 fn deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
@@ -66,6 +59,68 @@ fn add_vip(tb: &Testbed, vip: SocketAddr, vip_args: &[&str], addrs: &[IpAddr]) {
     for a in addrs {
         let b = SocketAddr::new(*a, vip.port()).to_string();
         tb.lb(&["backend", "add", &v, &b]).unwrap();
+    }
+}
+
+/// The first backend's digest server on `BULK_PORT`, behind an IPv4 and an IPv6 VIP (added
+/// with `vip_args`); returns once the gateway has the backend's neighbours (so that lb, not
+/// the gateway's kernel, forwards).
+fn serve_bulk(tb: &Testbed, vip_args: &[&str]) -> DigestServer {
+    let backend = &tb.backends[0];
+    let server = DigestServer::start(&backend.ns, BULK_PORT, BULK_BYTES, BULK_BYTES, SEED)
+        .expect("digest server");
+    for v6 in [false, true] {
+        add_vip(
+            tb,
+            vip(v6, BULK_PORT),
+            vip_args,
+            &[if v6 { backend.v6 } else { backend.v4 }],
+        );
+    }
+    for ip in [backend.v4, backend.v6] {
+        wait_for(Duration::from_secs(10), &format!("ping {ip}"), || {
+            tb.ping(ip)
+        });
+    }
+    server
+}
+
+/// Packets and bytes lb has sent on to `vip`'s backends (`lb stats --json`).
+fn vip_traffic(tb: &Testbed, vip: SocketAddr) -> (u64, u64) {
+    let s = tb.lb_json(&["stats"]).expect("lb stats --json");
+    let name = format!("{vip}/tcp");
+    s["vips"]
+        .as_array()
+        .expect("lb stats --json lists VIPs")
+        .iter()
+        .find(|x| x["vip"] == name.as_str())
+        .map_or((0, 0), |x| {
+            (
+                x["packets"].as_u64().unwrap_or(0),
+                x["bytes"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// The transfer to `vip` went through lb in packets larger than the MTU allows on the wire
+/// (`min` bytes on average): GSO super-packets (tc) or multi-buffer jumbo frames (XDP), so the
+/// test exercised what it is about.
+fn big_packets(
+    tb: &Testbed,
+    vip: SocketAddr,
+    before: (u64, u64),
+    min: u64,
+    what: &str,
+) -> Option<String> {
+    let after = vip_traffic(tb, vip);
+    let (pk, by) = (after.0 - before.0, after.1 - before.1);
+    println!("{vip}: lb sent {pk} packets, {by} bytes to the backend");
+    if pk == 0 || by / pk < min {
+        Some(format!(
+            "{vip}: {by} bytes in {pk} packets through lb: no {what}"
+        ))
+    } else {
+        None
     }
 }
 
@@ -100,7 +155,7 @@ fn transfer(
         &tb.client,
         vip,
         BULK_BYTES,
-        0x5eed_b01c,
+        SEED,
         &[("client", &tb.client), ("backend", server_ns)],
     )
     .expect("running the transfer");
@@ -166,23 +221,10 @@ fn tc_fallback_nat_transfer() {
     for g in ["g0", "g1"] {
         ethtool(&tb.gateway, &[g, "gro", "on", "tx", "off"]);
     }
-    let _server = DigestServer::start(&backend.ns, BULK_PORT, BULK_BYTES, BULK_BYTES, 0x5eed_b01c)
-        .expect("digest server");
-    for v6 in [false, true] {
-        add_vip(
-            &tb,
-            vip(v6, BULK_PORT),
-            &[],
-            &[if v6 { backend.v6 } else { backend.v4 }],
-        );
-    }
-    for ip in [backend.v4, backend.v6] {
-        wait_for(Duration::from_secs(10), &format!("ping {ip}"), || {
-            tb.ping(ip)
-        });
-    }
+    let _server = serve_bulk(&tb, &[]);
     let mut failures = Vec::new();
     for v6 in [false, true] {
+        let before = vip_traffic(&tb, vip(v6, BULK_PORT));
         failures.extend(transfer(&tb, vip(v6, BULK_PORT), &backend.ns, |b, a| {
             let mut f = lb_forwarded(b, a, "fwd_nat");
             if grew(b, a, "rev_nat") == 0 {
@@ -190,6 +232,13 @@ fn tc_fallback_nat_transfer() {
             }
             f
         }));
+        failures.extend(big_packets(
+            &tb,
+            vip(v6, BULK_PORT),
+            before,
+            1514,
+            "GSO packets",
+        ));
     }
     assert_none(&failures, "NAT transfers through lb in tc mode");
 }
@@ -208,23 +257,10 @@ fn tc_fallback_ipip_transfer() {
         ethtool(ns, &["eth0", "tx", "on", "rx", "off"]);
     }
     ethtool(&tb.gateway, &["eth0", "gro", "on", "tx", "off"]);
-    let _server = DigestServer::start(&backend.ns, BULK_PORT, BULK_BYTES, BULK_BYTES, 0x5eed_b01c)
-        .expect("digest server");
-    for v6 in [false, true] {
-        add_vip(
-            &tb,
-            vip(v6, BULK_PORT),
-            &["--forward", "ipip"],
-            &[if v6 { backend.v6 } else { backend.v4 }],
-        );
-    }
-    for ip in [backend.v4, backend.v6] {
-        wait_for(Duration::from_secs(10), &format!("ping {ip}"), || {
-            tb.ping(ip)
-        });
-    }
+    let _server = serve_bulk(&tb, &["--forward", "ipip"]);
     let mut failures = Vec::new();
     for v6 in [false, true] {
+        let before = vip_traffic(&tb, vip(v6, BULK_PORT));
         failures.extend(transfer(&tb, vip(v6, BULK_PORT), &backend.ns, |b, a| {
             // (A segment too big for the tunnel gets an ICMP answer, `tx_icmp_too_big`, also
             // when its checksum is partial: the client's TCP then sends smaller ones.)
@@ -237,6 +273,13 @@ fn tc_fallback_ipip_transfer() {
             }
             f
         }));
+        failures.extend(big_packets(
+            &tb,
+            vip(v6, BULK_PORT),
+            before,
+            1514,
+            "GSO packets",
+        ));
     }
     assert_none(&failures, "ipip transfers through lb in tc mode");
 }
@@ -259,24 +302,10 @@ fn jumbo_frames_native_transfer() {
     for ns in [&tb.client, &backend.ns] {
         ethtool(ns, &["eth0", "rx", "off"]);
     }
-    let _server = DigestServer::start(&backend.ns, BULK_PORT, BULK_BYTES, BULK_BYTES, 0x5eed_b01c)
-        .expect("digest server");
-    for v6 in [false, true] {
-        add_vip(
-            &tb,
-            vip(v6, BULK_PORT),
-            &[],
-            &[if v6 { backend.v6 } else { backend.v4 }],
-        );
-    }
-    for ip in [backend.v4, backend.v6] {
-        wait_for(Duration::from_secs(10), &format!("ping {ip}"), || {
-            tb.ping(ip)
-        });
-    }
+    let _server = serve_bulk(&tb, &[]);
     let mut failures = Vec::new();
     for v6 in [false, true] {
-        let before = tb.lb_json(&["stats"]).unwrap();
+        let before = vip_traffic(&tb, vip(v6, BULK_PORT));
         failures.extend(transfer(&tb, vip(v6, BULK_PORT), &backend.ns, |b, a| {
             let mut f = lb_forwarded(b, a, "fwd_nat");
             if grew(b, a, "rev_nat") == 0 {
@@ -284,25 +313,13 @@ fn jumbo_frames_native_transfer() {
             }
             f
         }));
-        // Frames above 1500 bytes went through lb: the VIP's bytes per packet say so.
-        let after = tb.lb_json(&["stats"]).unwrap();
-        let v = format!("{}/tcp", vip(v6, BULK_PORT));
-        let per = |s: &serde_json::Value, k: &str| -> u64 {
-            s["vips"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|x| x["vip"] == v.as_str())
-                .map_or(0, |x| x[k].as_u64().unwrap_or(0))
-        };
-        let (pk, by) = (
-            per(&after, "packets") - per(&before, "packets"),
-            per(&after, "bytes") - per(&before, "bytes"),
-        );
-        println!("{v}: {pk} packets, {by} bytes to the VIP");
-        if pk == 0 || by / pk < 3000 {
-            failures.push(format!("{v}: {by} bytes in {pk} packets: not jumbo frames"));
-        }
+        failures.extend(big_packets(
+            &tb,
+            vip(v6, BULK_PORT),
+            before,
+            3000,
+            "jumbo frames",
+        ));
     }
     assert_none(&failures, "MTU 9000 transfers through native XDP");
 }

@@ -9,7 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
     path::Path,
     time::{Duration, Instant},
@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use lb::testbed::{
+    grew,
     hold::{HoldServers, TtlServers},
     in_ns,
     spoof::{self, tcp_flags, RawSender, TcpSeg, L2},
@@ -24,7 +25,6 @@ use lb::testbed::{
     wait_for, Testbed, IO_TIMEOUT, UDP_PORT,
 };
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use sha2::{Digest, Sha256};
 
 /// The hold servers' port (keep every connection, push on demand).
 const PUSH_PORT: u16 = 9100;
@@ -136,19 +136,7 @@ fn client_l2(tb: &Testbed) -> L2 {
 
 /// `lb stats --json`: the global counters by name.
 fn counters(tb: &Testbed) -> BTreeMap<String, u64> {
-    let s = tb.lb_json(&["stats"]).expect("lb stats --json");
-    s["counters"]
-        .as_object()
-        .expect("lb stats --json has counters")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-        .collect()
-}
-
-/// How much counter `name` grew (0 if this lb does not have it).
-fn grew(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    let b = before.get(name).copied().unwrap_or(0);
-    after.get(name).copied().unwrap_or(0).saturating_sub(b)
+    tb.counters().expect("lb stats --json")
 }
 
 fn print_deltas(what: &str, before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) {
@@ -1157,9 +1145,6 @@ fn ttl_is_decremented_and_ttl_1_is_not_forwarded() {
 
 /// Bytes moved each way per transfer.
 const BULK_BYTES: usize = 20 << 20;
-/// Receivers' counters that must not grow: bad TCP checksums (IPv4 and IPv6 share them), bad
-/// IPv4 header checksums (or other header errors), IPv6 header errors.
-const CSUM_COUNTERS: [&str; 3] = ["TcpInCsumErrors", "IpInHdrErrors", "Ip6InHdrErrors"];
 
 /// 20 MB each way through a NAT VIP over TCP, IPv4 and IPv6, with the receivers verifying
 /// every checksum (SETUP-NOTES "Testing checksums honestly on veth", as far as native XDP
@@ -1186,9 +1171,6 @@ fn nat_transfer_with_verifying_receivers() {
     let seed = 0x5eed_b01c_u64;
     let server = DigestServer::start(&backend.ns, BULK_PORT, BULK_BYTES, BULK_BYTES, seed)
         .expect("digest server");
-    let expect_down = transfer::sha256(&transfer::pattern(seed, BULK_BYTES));
-    let up = transfer::pattern(seed ^ 0xc11e_0000, BULK_BYTES);
-    let expect_up = transfer::sha256(&up);
     add_vip(
         &tb,
         &format!("{VIP4}:{BULK_PORT}/tcp"),
@@ -1207,99 +1189,34 @@ fn nat_transfer_with_verifying_receivers() {
             tb.ping(ip)
         });
     }
-    let ends = [("client", &tb.client), ("backend", &backend.ns)];
-    let snap = || -> BTreeMap<String, BTreeMap<String, u64>> {
-        ends.iter()
-            .map(|(n, ns)| {
-                let c = transfer::nstat(ns, &CSUM_COUNTERS)
-                    .unwrap_or_else(|e| panic!("nstat in the {n}: {e:#}"));
-                (n.to_string(), c)
-            })
-            .collect()
-    };
     let mut failures = Vec::new();
     for vip in [vip4(BULK_PORT), vip6(BULK_PORT)] {
-        let before = snap();
-        let lb_before = counters(&tb);
-        let start = Instant::now();
-        let up = &up;
-        let got = in_ns(
-            &tb.client,
-            move || -> Result<([u8; 32], [u8; 32], usize)> {
-                let deadline = Instant::now() + Duration::from_secs(90);
-                let mut s = TcpStream::connect_timeout(&vip, IO_TIMEOUT).context("connect")?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                s.set_write_timeout(Some(Duration::from_secs(10)))?;
-                transfer::write_bounded(&mut s, up, deadline).context("client → VIP")?;
-                let mut digest = [0u8; 32];
-                s.read_exact(&mut digest).context("reading the digest")?;
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut got = 0;
-                loop {
-                    if Instant::now() > deadline {
-                        bail!("VIP → client: {got} bytes before the deadline");
-                    }
-                    let n = s
-                        .read(&mut buf)
-                        .with_context(|| format!("VIP → client after {got} bytes"))?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                    got += n;
-                }
-                let _ = s.shutdown(Shutdown::Both);
-                Ok((digest, h.finalize().into(), got))
-            },
-        )
-        .unwrap();
-        let took = start.elapsed();
-        let after = snap();
-        let lb_after = counters(&tb);
         let fam = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+        let lb_before = counters(&tb);
+        let x = transfer::exchange(
+            &tb.client,
+            vip,
+            BULK_BYTES,
+            seed,
+            &[("client", &tb.client), ("backend", &backend.ns)],
+        )
+        .expect("running the transfer");
+        let lb_after = counters(&tb);
         print_deltas(&format!("the {fam} transfer"), &lb_before, &lb_after);
-        match got {
-            Ok((up_digest, down_digest, down_bytes)) => {
-                let mbps = 2.0 * BULK_BYTES as f64 * 8.0 / took.as_secs_f64() / 1e6;
-                println!(
-                    "{fam}: {BULK_BYTES} bytes up, {down_bytes} bytes down in {took:.2?} \
-                     ({mbps:.0} Mbit/s both ways); up sha256 {} (backend) vs {} (sent), \
-                     down sha256 {} (client) vs {} (sent)",
-                    transfer::hex(&up_digest),
-                    transfer::hex(&expect_up),
-                    transfer::hex(&down_digest),
-                    transfer::hex(&expect_down),
-                );
-                if up_digest != expect_up {
-                    failures.push(format!("{fam}: the backend's sha256 of the upload differs"));
-                }
-                if down_bytes != BULK_BYTES || down_digest != expect_down {
-                    failures.push(format!(
-                        "{fam}: the client got {down_bytes} bytes, sha256 {}",
-                        if down_digest == expect_down {
-                            "equal"
-                        } else {
-                            "different"
-                        }
-                    ));
-                }
-            }
-            Err(e) => failures.push(format!("{fam} transfer after {took:.2?}: {e:#}")),
-        }
-        for (end, _) in &ends {
-            let d: Vec<String> = CSUM_COUNTERS
-                .iter()
-                .map(|c| format!("{c} +{}", grew(&before[*end], &after[*end], c)))
-                .collect();
-            println!("{fam}: {end} {}", d.join(", "));
-            for c in CSUM_COUNTERS {
-                let g = grew(&before[*end], &after[*end], c);
-                if g > 0 {
-                    failures.push(format!("{fam}: {c} grew by {g} in the {end}"));
-                }
-            }
-        }
+        let errors: Vec<String> = x
+            .csum_errors
+            .iter()
+            .map(|(end, c, n)| format!("{end} {c} +{n}"))
+            .collect();
+        println!(
+            "{fam}: {BULK_BYTES} bytes each way in {:.2?}, intact: up {}, down {} ({} bytes); {}",
+            x.took,
+            x.up_intact,
+            x.down_intact,
+            x.down_bytes,
+            errors.join(", ")
+        );
+        failures.extend(x.failures(fam));
         let kernel = grew(&lb_before, &lb_after, "pass_no_neigh")
             + grew(&lb_before, &lb_after, "pass_fib_other");
         if kernel > 0 {

@@ -92,9 +92,13 @@ fn run(args: &Args) -> Result<()> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("lb"),
     };
+    let how = if args.mode == "tc" {
+        "the tc program".to_string()
+    } else {
+        format!("{} XDP", args.mode)
+    };
     step(&format!(
-        "Building the network: a client, a gateway running lb ({} XDP on all its interfaces), 4 backends with an HTTP server (:{HTTP_PORT}), a line server (:{LINE_PORT}) and a UDP echo server (:{UDP_PORT})",
-        args.mode
+        "Building the network: a client, a gateway running lb ({how} on all its interfaces), 4 backends with an HTTP server (:{HTTP_PORT}), a line server (:{LINE_PORT}) and a UDP echo server (:{UDP_PORT})"
     ));
     let tb = Testbed::new(4, &args.mode, &lb_bin).context("building the demo network")?;
     for b in &tb.backends {

@@ -254,6 +254,17 @@ impl Testbed {
         serde_json::from_str(&self.lb(&a)?).context("lb printed invalid JSON")
     }
 
+    /// The gateway's counters by name (`lb stats --json`).
+    pub fn counters(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let s = self.lb_json(&["stats"])?;
+        Ok(s["counters"]
+            .as_object()
+            .context("lb stats --json has no counters")?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+            .collect())
+    }
+
     pub fn backend_by_name(&self, name: &str) -> Option<&Backend> {
         self.backends.iter().find(|b| b.name == name)
     }
@@ -469,6 +480,17 @@ fn bridge_port(sw: &NetNs, port: &str, node: &NetNs, iface: &str, addrs: &[&str]
     node.exec(&["ethtool", "-K", iface, "tx", "off", "gro", "on"])?;
     sw.exec(&["ethtool", "-K", port, "gro", "on"])?;
     Ok(())
+}
+
+/// How much counter `name` grew between two `Testbed::counters` (0 if this lb has no such
+/// counter).
+pub fn grew(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    name: &str,
+) -> u64 {
+    let b = before.get(name).copied().unwrap_or(0);
+    after.get(name).copied().unwrap_or(0).saturating_sub(b)
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes (then panics naming `what`);

@@ -55,8 +55,9 @@ pub enum Kind {
     Tc,
 }
 
-// tc return codes (include/uapi/linux/pkt_cls.h).
-const TC_ACT_OK: u32 = 0;
+// tc return codes (include/uapi/linux/pkt_cls.h). lb passes with TC_ACT_UNSPEC ("next": the
+// interface's other tc programs, then the stack), never TC_ACT_OK, which would skip them.
+const TC_ACT_UNSPEC: u32 = -1i32 as u32;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 
@@ -77,7 +78,7 @@ fn sk_buff(ingress_ifindex: u32, gso_size: u32, gso_segs: u32) -> [u8; 192] {
 }
 
 /// Runs `lb_tc` once on `frame` arriving on `ingress_ifindex` (a GSO packet if `gso_size` is
-/// not 0); returns the tc action in XDP's terms (TC_ACT_OK: XDP_PASS, TC_ACT_SHOT: XDP_DROP,
+/// not 0); returns the tc action in XDP's terms (TC_ACT_UNSPEC: XDP_PASS, TC_ACT_SHOT: XDP_DROP,
 /// TC_ACT_REDIRECT: XDP_REDIRECT — which is also how tc sends a packet back out of the
 /// interface it came in on) and the packet as the program left it. None: the kernel refused
 /// to make a socket buffer of a frame shorter than Ethernet's minimum of 60 bytes (it does for
@@ -103,12 +104,16 @@ pub fn run_tc(
     });
     let r = match r {
         Ok(r) => r,
-        Err(_) if frame.len() < 60 => return None,
+        Err(aya::programs::ProgramError::SyscallError(e))
+            if frame.len() < 60 && e.io_error.raw_os_error() == Some(libc::EINVAL) =>
+        {
+            return None
+        }
         Err(e) => panic!("BPF_PROG_TEST_RUN (tc) of {} bytes: {e:?}", frame.len()),
     };
     out.truncate(r.data_size_out as usize);
     let action = match r.return_value {
-        TC_ACT_OK => XDP_PASS,
+        TC_ACT_UNSPEC => XDP_PASS,
         TC_ACT_SHOT => XDP_DROP,
         TC_ACT_REDIRECT => XDP_REDIRECT,
         other => panic!("lb_tc returned {other}"),

@@ -597,7 +597,7 @@ fn sk_buff(ifindex: u32) -> [u8; 192] {
     b
 }
 
-/// `run` for a tc program, its action in XDP's terms (TC_ACT_OK: XDP_PASS, TC_ACT_SHOT:
+/// `run` for a tc program, its action in XDP's terms (TC_ACT_UNSPEC, TC_ACT_OK: XDP_PASS, TC_ACT_SHOT:
 /// XDP_DROP, TC_ACT_REDIRECT: XDP_TX — every path measured here goes back out of the
 /// interface it came in on).
 fn run_tc(
@@ -616,8 +616,9 @@ fn run_tc(
         ..TestRunOptions::default()
     })?;
     out.truncate(r.data_size_out as usize);
-    let action = match r.return_value {
-        0 => 2,
+    let action = match r.return_value as i32 {
+        // TC_ACT_UNSPEC (lb's pass: on to the next program) or TC_ACT_OK (bench_pass_tc).
+        -1 | 0 => 2,
         2 => 1,
         7 => 3,
         other => bail!("a tc program returned {other}"),
