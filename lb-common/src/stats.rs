@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(VERDICT_COUNT, Counter::CtHit as u32);
         assert_eq!(
             COUNTER_NAMES[COUNTER_COUNT as usize - 1],
-            "nexthop_looked_up"
+            "headers_not_linear"
         );
         assert_eq!(
             DECAP_COUNTER_NAMES[DecapCounter::PassForeign as usize],
