@@ -451,10 +451,12 @@ fn run_lb(lb_bin: &Path, ns: &NetNs, pin_dir: &str, args: &[&str]) -> Result<Str
         .output()
         .context("running lb")?;
     if !out.status.success() {
+        // The status too: a process the kernel killed (an oops in a syscall) says nothing.
         bail!(
-            "lb {} in {} failed: {}",
+            "lb {} in {} failed ({}): {}",
             args.join(" "),
             ns.name,
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
