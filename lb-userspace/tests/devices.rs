@@ -160,11 +160,6 @@ fn transfer(
     )
     .expect("running the transfer");
     let after = counters(tb);
-    let errors: Vec<String> = x
-        .csum_errors
-        .iter()
-        .map(|(end, c, n)| format!("{end} {c} +{n}"))
-        .collect();
     println!(
         "{vip}: {BULK_BYTES} bytes each way in {:.2?}{}; receivers: {}; lb: {}",
         x.took,
@@ -173,7 +168,7 @@ fn transfer(
         } else {
             ""
         },
-        errors.join(", "),
+        x.csum_summary(),
         deltas(&before, &after)
     );
     let mut f = x.failures(&vip.to_string());
@@ -208,6 +203,29 @@ fn lb_forwarded(
     f
 }
 
+/// The NAT transfers (IPv4, IPv6) to the first backend's `serve_bulk`: intact, no checksum
+/// errors, every packet lb's both ways, in packets of `min` bytes on average (`what`).
+fn nat_transfers(tb: &Testbed, min: u64, what: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for v6 in [false, true] {
+        let before = vip_traffic(tb, vip(v6, BULK_PORT));
+        failures.extend(transfer(
+            tb,
+            vip(v6, BULK_PORT),
+            &tb.backends[0].ns,
+            |b, a| {
+                let mut f = lb_forwarded(b, a, "fwd_nat");
+                if grew(b, a, "rev_nat") == 0 {
+                    f.push("rev_nat did not grow: the replies were not lb's".into());
+                }
+                f
+            },
+        ));
+        failures.extend(big_packets(tb, vip(v6, BULK_PORT), before, min, what));
+    }
+    failures
+}
+
 /// The acceptance test of the fallback, NAT: 20 MB each way, IPv4 and IPv6, sha256 compared,
 /// no checksum errors at either end, every packet of the flow rewritten by lb (both ways).
 #[test]
@@ -222,24 +240,7 @@ fn tc_fallback_nat_transfer() {
         ethtool(&tb.gateway, &[g, "gro", "on", "tx", "off"]);
     }
     let _server = serve_bulk(&tb, &[]);
-    let mut failures = Vec::new();
-    for v6 in [false, true] {
-        let before = vip_traffic(&tb, vip(v6, BULK_PORT));
-        failures.extend(transfer(&tb, vip(v6, BULK_PORT), &backend.ns, |b, a| {
-            let mut f = lb_forwarded(b, a, "fwd_nat");
-            if grew(b, a, "rev_nat") == 0 {
-                f.push("rev_nat did not grow: the replies were not lb's".into());
-            }
-            f
-        }));
-        failures.extend(big_packets(
-            &tb,
-            vip(v6, BULK_PORT),
-            before,
-            1514,
-            "GSO packets",
-        ));
-    }
+    let failures = nat_transfers(&tb, 1514, "GSO packets");
     assert_none(&failures, "NAT transfers through lb in tc mode");
 }
 
@@ -303,23 +304,6 @@ fn jumbo_frames_native_transfer() {
         ethtool(ns, &["eth0", "rx", "off"]);
     }
     let _server = serve_bulk(&tb, &[]);
-    let mut failures = Vec::new();
-    for v6 in [false, true] {
-        let before = vip_traffic(&tb, vip(v6, BULK_PORT));
-        failures.extend(transfer(&tb, vip(v6, BULK_PORT), &backend.ns, |b, a| {
-            let mut f = lb_forwarded(b, a, "fwd_nat");
-            if grew(b, a, "rev_nat") == 0 {
-                f.push("rev_nat did not grow".into());
-            }
-            f
-        }));
-        failures.extend(big_packets(
-            &tb,
-            vip(v6, BULK_PORT),
-            before,
-            3000,
-            "jumbo frames",
-        ));
-    }
+    let failures = nat_transfers(&tb, 3000, "jumbo frames");
     assert_none(&failures, "MTU 9000 transfers through native XDP");
 }

@@ -1203,18 +1203,13 @@ fn nat_transfer_with_verifying_receivers() {
         .expect("running the transfer");
         let lb_after = counters(&tb);
         print_deltas(&format!("the {fam} transfer"), &lb_before, &lb_after);
-        let errors: Vec<String> = x
-            .csum_errors
-            .iter()
-            .map(|(end, c, n)| format!("{end} {c} +{n}"))
-            .collect();
         println!(
             "{fam}: {BULK_BYTES} bytes each way in {:.2?}, intact: up {}, down {} ({} bytes); {}",
             x.took,
             x.up_intact,
             x.down_intact,
             x.down_bytes,
-            errors.join(", ")
+            x.csum_summary()
         );
         failures.extend(x.failures(fam));
         let kernel = grew(&lb_before, &lb_after, "pass_no_neigh")

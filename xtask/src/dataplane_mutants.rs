@@ -64,12 +64,13 @@ const BUGS: &[Bug] = &[
     },
     Bug {
         name: "reverse-path-skipped",
-        what: "replies from backends are passed instead of rewritten to the VIP",
+        what: "replies from backends are forwarded without their source rewritten to the VIP",
         edits: &[(
             "lb-ebpf/src/main.rs",
-            "return reverse(ctx, &pkt, &r);",
-            // (Kept in the program, so that the build is the same but for the bug.)
-            "if pkt.ttl != 0 {\n                    return Verdict::pass(Counter::PassNotVip);\n                }\n                return reverse(ctx, &pkt, &r);",
+            "    if !nat::rewrite(ctx, pkt, Side::Src, &rev.vip.addr_be, rev.vip.port_be) {",
+            // (The rewrite stays in the program, only never runs: removing code can change
+            // the compiler's stack layout enough to fail the build, which is not the bug.)
+            "    if rev.vip_id == u32::MAX && !nat::rewrite(ctx, pkt, Side::Src, &rev.vip.addr_be, rev.vip.port_be) {",
         )],
     },
     Bug {

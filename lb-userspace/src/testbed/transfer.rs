@@ -220,6 +220,15 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// The checksum counters' growth at each end, as "end counter +n" items.
+    pub fn csum_summary(&self) -> String {
+        self.csum_errors
+            .iter()
+            .map(|(end, c, n)| format!("{end} {c} +{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The problems, if any, as sentences ("" when intact with no checksum errors).
     pub fn failures(&self, what: &str) -> Vec<String> {
         let mut f = Vec::new();
