@@ -110,7 +110,7 @@ pub fn lb_icmp(ctx: XdpContext) -> u32 {
 /// the linear part of a socket buffer that does not have them there.
 const TC_HEADERS: u32 = 14 + 8 + 60 + 20;
 /// An ICMP error's: Ethernet, two VLAN tags, IPv6, ICMPv6, the quoted IPv6 header and 8 bytes
-/// (more than IPv4's with the longest options).
+/// (more than IPv4's: `icmp::parse` takes only option-less IPv4 headers, outer and quoted).
 const TC_ICMP_HEADERS: u32 = 14 + 8 + 40 + 8 + 40 + 8;
 
 /// Makes the first `want` bytes of the packet (or all of it, if shorter) directly accessible.

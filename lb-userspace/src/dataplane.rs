@@ -62,14 +62,15 @@ pub enum AttachMode {
     /// `lb_tc`, the same data plane as a tc ingress program (tcx): works on every interface,
     /// with the kernel's checksum helpers.
     Tc,
-    /// Native; where the driver refuses it, tc (said so). `lb decap` falls back to generic.
+    /// Native; where the driver has no native XDP, tc (said so). `lb decap` falls back to
+    /// generic.
     Auto,
 }
 
 /// Loads the programs `lb_xdp` and `lb_tc` tail-call (`lb_common::TAIL_PROGRAMS`,
-/// `TC_TAIL_PROGRAMS`) — every one of them verified before any slot is written — and puts them
-/// in their program arrays (`only`: those arrays; None: both), each in its slot (an atomic
-/// replacement per slot).
+/// `TC_TAIL_PROGRAMS`: all of them, each verified once) and then puts them in their program
+/// arrays (`only`: those arrays; None: both), each in its slot (an atomic replacement per
+/// slot). A verifier rejection therefore writes no slot.
 pub fn install_tail_programs(ebpf: &mut Ebpf, only: Option<&[&str]>) -> Result<()> {
     let arrays = [
         (names::PROGS, lb_common::TAIL_PROGRAMS),
@@ -77,16 +78,15 @@ pub fn install_tail_programs(ebpf: &mut Ebpf, only: Option<&[&str]>) -> Result<(
     ];
     let mut fds = Vec::new();
     for (array, programs) in arrays {
-        if only.is_some_and(|o| !o.contains(&array)) {
-            continue;
-        }
         for (slot, name) in programs.into_iter().enumerate() {
             let prog = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?;
             load_program(prog)
                 .with_context(|| format!("loading {name} into the kernel (verifier)"))?;
-            fds.push((array, slot as u32, name, prog.fd()?.try_clone()?));
+            if only.is_none_or(|o| o.contains(&array)) {
+                fds.push((array, slot as u32, name, prog.fd()?.try_clone()?));
+            }
         }
     }
     for (array, slot, name, fd) in &fds {

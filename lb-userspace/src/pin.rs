@@ -261,6 +261,7 @@ impl PinDir {
         if !self.is_loaded() {
             self.load(opts)?;
         }
+        require_ethernet(iface)?;
         let link = match mode {
             AttachMode::Tc => self.attach_tc(iface)?,
             AttachMode::Native | AttachMode::Generic | AttachMode::Auto => {
@@ -292,7 +293,7 @@ impl PinDir {
                         r
                     }
                     Err(e) => bail!(
-                        "attaching to {iface} in {} mode: {e} (does the interface already have an XDP program?)",
+                        "attaching to {iface} in {} mode: {e} (does the interface already have an XDP program? --mode tc works on every interface)",
                         mode_name(used)
                     ),
                 }
@@ -310,9 +311,6 @@ impl PinDir {
 
     /// Attaches `lb_tc` to `iface`'s ingress (tcx, ahead of other tc programs there).
     fn attach_tc(&self, iface: &str) -> Result<(FdLink, AttachMode)> {
-        if links::is_ethernet(iface) == Some(false) {
-            bail!("{iface} is not an Ethernet interface: lb's programs parse Ethernet frames");
-        }
         let pin = self.path.join(TC_PROG_PIN);
         if !pin.exists() {
             bail!(
@@ -442,9 +440,10 @@ impl PinDir {
                 .pin(&tc_tmp)
                 .context("pinning the new tc program")
         });
-        // Program arrays this upgrade made are used by no running program yet: filled before
-        // any link switches, so that the new programs never find them empty. (Every tail
-        // program is verified then too, so the later install cannot fail on the verifier.)
+        // Every tail program is verified now, before any link switches (so the install after
+        // the switch cannot fail on the verifier); the program arrays this upgrade made, which
+        // no running program uses, are filled now too, so the new programs never find them
+        // empty.
         let new_arrays: Vec<&str> = [names::PROGS, names::TC_PROGS]
             .into_iter()
             .filter(|a| fresh.contains(a))
@@ -582,6 +581,7 @@ impl PinDir {
         if mode == AttachMode::Tc {
             bail!("lb decap has no tc mode: use --mode native or generic");
         }
+        require_ethernet(iface)?;
         let name = CString::new(iface).map_err(|_| anyhow!("invalid interface name {iface:?}"))?;
         // SAFETY: valid C string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
@@ -828,4 +828,13 @@ fn no_native_xdp(e: &aya::programs::ProgramError) -> bool {
         aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. })
             if io_error.raw_os_error() == Some(libc::EOPNOTSUPP)
     )
+}
+
+/// lb's programs parse Ethernet frames: an interface that carries none (tun, WireGuard, IP
+/// tunnels) is refused, whatever the mode.
+fn require_ethernet(iface: &str) -> Result<()> {
+    if links::is_ethernet(iface) == Some(false) {
+        bail!("{iface} is not an Ethernet interface: lb's programs parse Ethernet frames");
+    }
+    Ok(())
 }

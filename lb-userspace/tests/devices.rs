@@ -14,6 +14,7 @@ use std::{
 
 use lb::testbed::{
     grew,
+    spoof::{mac_of, tcp_flags, RawSender, TcpSeg, L2},
     transfer::{exchange, DigestServer},
     wait_for, NetNs, Testbed,
 };
@@ -306,4 +307,54 @@ fn jumbo_frames_native_transfer() {
     let _server = serve_bulk(&tb, &[]);
     let failures = nat_transfers(&tb, 3000, "jumbo frames");
     assert_none(&failures, "MTU 9000 transfers through native XDP");
+}
+
+/// tc mode and a VLAN-tagged frame: the kernel takes the tag off before tc and keeps it aside
+/// (`vlan_present`), so the frame lb sees looks untagged. lb must still treat it as tagged: to
+/// a backend routed out of another interface, the rewritten packet goes to the kernel
+/// (`pass_fib_other`), never a redirect that would carry the client's VLAN tag onto that
+/// interface. The same frame untagged is redirected (the control).
+#[test]
+fn tc_vlan_tag_kept_aside_stays_in_its_vlan() {
+    let tb = Testbed::new(1, "tc", Path::new(env!("CARGO_BIN_EXE_lb"))).expect("test bed");
+    let backend = &tb.backends[0];
+    let v = vip(false, 80);
+    add_vip(&tb, v, &[], &[backend.v4]);
+    wait_for(Duration::from_secs(10), "ping the backend", || {
+        tb.ping(backend.v4)
+    });
+    let l2 = L2 {
+        src: mac_of(&tb.client, "eth0").unwrap(),
+        dst: mac_of(&tb.gateway, "g0").unwrap(),
+    };
+    let mut tx = RawSender::open(&tb.client, "eth0").expect("AF_PACKET socket");
+    let client = |port: u16| SocketAddr::new(tb.client_v4, port);
+    // One frame; waits (bounded) until lb counted it; returns the counters' growth.
+    let mut send = |frame: Vec<u8>| -> BTreeMap<String, u64> {
+        let before = counters(&tb);
+        tx.send(&frame).expect("sending the frame");
+        let mut after = before.clone();
+        wait_for(Duration::from_secs(5), "lb to count the frame", || {
+            after = counters(&tb);
+            grew(&before, &after, "fwd_nat") >= 1
+        });
+        after
+            .keys()
+            .map(|k| (k.clone(), grew(&before, &after, k)))
+            .collect()
+    };
+    let plain = l2.tcp(&TcpSeg::new(client(40_100), v, tcp_flags::SYN));
+    let d = send(plain);
+    assert!(
+        d["redirect"] >= 1 && d["pass_fib_other"] == 0,
+        "the untagged SYN: {d:?}"
+    );
+    let mut tagged = l2.tcp(&TcpSeg::new(client(40_101), v, tcp_flags::SYN));
+    // 802.1Q, VLAN 100, after the MACs.
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
+    let d = send(tagged);
+    assert!(
+        d["pass_fib_other"] == 1 && d["redirect"] == 0,
+        "the tagged SYN must not be redirected to another interface: {d:?}"
+    );
 }

@@ -128,6 +128,15 @@ const BUGS: &[Bug] = &[
         )],
     },
     Bug {
+        name: "tc-vlan-tag-aside-ignored",
+        what: "lb_tc takes a frame whose VLAN tag the kernel keeps aside for an untagged one",
+        edits: &[(
+            "lb-ebpf/src/fib.rs",
+            "ETH_P_8021AD_BE || ctx.vlan_tag_aside();",
+            "ETH_P_8021AD_BE;",
+        )],
+    },
+    Bug {
         name: "tc-checksum-in-place",
         what: "lb_tc updates L4 checksums in place, as XDP does (wrong for partial checksums)",
         edits: &[(

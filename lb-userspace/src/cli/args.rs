@@ -37,9 +37,10 @@ pub enum Command {
         /// Interfaces to attach to.
         #[arg(required = true)]
         ifaces: Vec<String>,
-        /// native: in the driver; generic: in the network stack (any interface, slower; can
-        /// corrupt the checksums of GRO-merged and locally generated packets); auto: native,
-        /// and an error where the driver refuses it (generic is never chosen on its own).
+        /// native: XDP in the driver; tc: the same data plane as a tc program (any Ethernet
+        /// interface, correct with every kind of checksum, slower); generic: XDP in the network
+        /// stack (can corrupt the checksums of GRO-merged and locally generated packets);
+        /// auto: native, or tc where the driver has no native XDP (never generic).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         #[command(flatten)]
@@ -149,7 +150,7 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// Attach to these interfaces if lb is not attached to them yet.
         #[arg(long, value_name = "IFACE")]
         attach: Vec<String>,
-        /// XDP mode for --attach (auto: native, an error where the driver refuses it).
+        /// Mode for --attach (auto: native, or tc where the driver has no native XDP).
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
         /// How often the file is checked for changes (and drains for progress).
