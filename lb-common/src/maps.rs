@@ -126,8 +126,7 @@ pub mod names {
     pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
     /// with a whole stack of its own.
-    /// (V2: the programs are multi-buffer aware, and a program array takes only programs
-    /// that agree with its first user on that.)
+    /// (V2: made fresh by the `lb upgrade` that brought the tc programs; V1 is removed then.)
     pub const PROGS: &str = "LB_PROGS_V2";
     /// `ProgramArray`: the same for `lb_tc` (`TC_TAIL_PROGRAMS`).
     pub const TC_PROGS: &str = "LB_TCPROGS_V1";

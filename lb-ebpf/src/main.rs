@@ -75,9 +75,10 @@ impl Verdict {
 
 // Inlined into the entry point the macro generates: as a function of its own it would cost
 // every packet a BPF-to-BPF call (with the tail-call bookkeeping that goes with it).
-// `frags`: a frame of several buffers (an MTU above a page) is handled as long as its headers
-// are in the first one.
-#[xdp(frags)]
+// Not `frags` (multi-buffer): with multi-buffer programs in generic mode this kernel (6.18)
+// copies GRO-merged packets into page-pool fragments, warns, and corrupts memory (seen as a
+// usercopy BUG in tcp_recvmsg). Interfaces with an MTU above a page take `lb_tc`.
+#[xdp]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let v = process(&ctx);
@@ -87,7 +88,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 /// Tail-called by `lb_xdp` for an ipip VIP, with the backend and flow hash in `HANDOFF`:
 /// encapsulates and sends (or answers too-big). Its own program, so its own stack.
-#[xdp(frags)]
+#[xdp]
 pub fn lb_ipip(ctx: XdpContext) -> u32 {
     let v = ipip_handoff(&ctx);
     count(v.reason);
@@ -96,7 +97,7 @@ pub fn lb_ipip(ctx: XdpContext) -> u32 {
 
 /// Tail-called by `lb_xdp` for ICMP/ICMPv6: routes too-big errors about VIP flows to their
 /// backends, passes everything else.
-#[xdp(frags)]
+#[xdp]
 pub fn lb_icmp(ctx: XdpContext) -> u32 {
     let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
     count(v.reason);

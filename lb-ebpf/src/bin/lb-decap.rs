@@ -34,7 +34,7 @@ static STATS: PerCpuArray<u64, { DECAP_COUNTER_COUNT as usize }> = PerCpuArray::
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-#[xdp(frags)]
+#[xdp]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     let c = decap(&ctx);
     if let Some(p) = STATS.get_ptr_mut(c as u32) {
