@@ -13,7 +13,7 @@ use std::{
 };
 
 use lb::testbed::{
-    grew,
+    assert_none, grew,
     spoof::{mac_of, tcp_flags, RawSender, TcpSeg, L2},
     transfer::{exchange, DigestServer},
     wait_for, NetNs, Testbed,
@@ -174,15 +174,6 @@ fn transfer(
     let mut f = x.failures(&vip.to_string());
     f.extend(check(&before, &after));
     f
-}
-
-fn assert_none(failures: &[String], what: &str) {
-    assert!(
-        failures.is_empty(),
-        "{what}: {} failures:\n  {}",
-        failures.len(),
-        failures.join("\n  ")
-    );
 }
 
 /// The gateway's own kernel must not have forwarded the flow (lb did, in tc mode: redirects).

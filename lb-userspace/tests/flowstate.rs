@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use lb::testbed::{
-    grew,
+    assert_none, grew,
     hold::{HoldServers, TtlServers},
     in_ns,
     spoof::{self, tcp_flags, RawSender, TcpSeg, L2},
@@ -449,15 +449,6 @@ fn check_push(hold: &HoldServers, conns: &mut [Conn], what: &str) -> Vec<String>
         }
     }
     bad
-}
-
-fn assert_none(failures: &[String], what: &str) {
-    assert!(
-        failures.is_empty(),
-        "{what}: {} failures:\n  {}",
-        failures.len(),
-        failures.join("\n  ")
-    );
 }
 
 /// A random source in 198.18.0.0/15 (blackholed at the gateway) with a random port ≥ 1024.

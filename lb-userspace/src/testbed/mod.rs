@@ -484,6 +484,16 @@ fn bridge_port(sw: &NetNs, port: &str, node: &NetNs, iface: &str, addrs: &[&str]
     Ok(())
 }
 
+/// Fails the test with every collected failure listed, if there are any.
+pub fn assert_none(failures: &[String], what: &str) {
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failures:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
+
 /// How much counter `name` grew between two `Testbed::counters` (0 if this lb has no such
 /// counter).
 pub fn grew(
