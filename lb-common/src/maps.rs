@@ -29,6 +29,8 @@ pub const PROG_IPIP: u32 = 0;
 pub const PROG_ICMP: u32 = 1;
 /// Names of the tail-called programs, by slot.
 pub const TAIL_PROGRAMS: [&str; 2] = ["lb_ipip", "lb_icmp"];
+/// The same for `lb_xdp_generic` (`names::GENERIC_PROGS`).
+pub const GENERIC_TAIL_PROGRAMS: [&str; 2] = ["lb_ipip_generic", "lb_icmp_generic"];
 /// The same for `lb_tc` (`names::TC_PROGS`).
 pub const TC_TAIL_PROGRAMS: [&str; 2] = ["lb_tc_ipip", "lb_tc_icmp"];
 
@@ -126,8 +128,13 @@ pub mod names {
     pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
     /// with a whole stack of its own.
-    /// (V2: made fresh by the `lb upgrade` that brought the tc programs; V1 is removed then.)
-    pub const PROGS: &str = "LB_PROGS_V2";
+    /// (V3: `lb_xdp` and its tail programs are multi-buffer programs, and a program array
+    /// takes only programs that agree with its first user on that; V1 and V2, of single-buffer
+    /// programs, are removed by the `lb upgrade` that makes V3.)
+    pub const PROGS: &str = "LB_PROGS_V3";
+    /// `ProgramArray`: the same for `lb_xdp_generic`, the single-buffer programs of generic
+    /// mode (`GENERIC_TAIL_PROGRAMS`).
+    pub const GENERIC_PROGS: &str = "LB_GENPROGS_V1";
     /// `ProgramArray`: the same for `lb_tc` (`TC_TAIL_PROGRAMS`).
     pub const TC_PROGS: &str = "LB_TCPROGS_V1";
     /// `PerCpuArray<Handoff>`: what `lb_xdp` hands a tail-called program (same CPU, same

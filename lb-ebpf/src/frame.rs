@@ -28,9 +28,41 @@ use lb_common::csum::CsumUpdate;
 pub(crate) use lb_ebpf::bounds::Bounded;
 
 use crate::{
-    maps::{PROGS, TC_PROGS},
+    maps::{GENERIC_PROGS, PROGS, TC_PROGS},
     parse::ptr_at,
 };
+
+/// An XDP program's packet. `MB`: the program is multi-buffer (`xdp.frags`: `lb_xdp`, for
+/// native mode, where a jumbo frame comes in several buffers) or not (`lb_xdp_generic`, for
+/// generic mode: with multi-buffer programs there this kernel (6.18) copies GRO-merged packets
+/// into page-pool fragments, warns, and corrupts memory — seen as a usercopy BUG in
+/// `tcp_recvmsg`). The two sets differ only in this and in their program arrays (tail calls
+/// must agree on it).
+pub(crate) struct Xdp<const MB: bool>(pub XdpContext);
+
+impl<const MB: bool> EbpfContext for Xdp<MB> {
+    #[inline(always)]
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
+        self.0.as_ptr()
+    }
+}
+
+impl<const MB: bool> Bounded for Xdp<MB> {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        self.0.data()
+    }
+
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        Bounded::data_end(&self.0)
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.0.packet_len()
+    }
+}
 
 /// Which L4 checksum is updated, for the rules about zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -107,16 +139,17 @@ fn l4_csum_in_place(
     true
 }
 
-impl Frame for XdpContext {
+impl<const MB: bool> Frame for Xdp<MB> {
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
-        XdpContext::ingress_ifindex(self) as u32
+        XdpContext::ingress_ifindex(&self.0) as u32
     }
 
     #[inline(always)]
     fn tail_call(&self, slot: u32) {
+        let array = if MB { &PROGS } else { &GENERIC_PROGS };
         // SAFETY: on success the call does not return; on failure nothing happened.
-        unsafe { PROGS.tail_call(self, slot) };
+        unsafe { array.tail_call(&self.0, slot) };
     }
 
     #[inline(always)]

@@ -40,7 +40,7 @@ use lb_common::{
 
 use crate::{
     flow::Dir,
-    frame::{Bounded, Frame},
+    frame::{Bounded, Frame, Xdp},
     maps::{
         count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, REVNAT, RR_POS,
         TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_STATS,
@@ -73,14 +73,17 @@ impl Verdict {
     }
 }
 
+// Two sets of XDP programs, the same code (`frame::Xdp`): multi-buffer ones for native mode
+// (`xdp.frags`: they attach to interfaces whose MTU needs several buffers a frame — jumbo
+// frames), single-buffer ones for generic mode (where this kernel mishandles multi-buffer
+// programs: see `frame::Xdp`).
+
 // Inlined into the entry point the macro generates: as a function of its own it would cost
 // every packet a BPF-to-BPF call (with the tail-call bookkeeping that goes with it).
-// Not `frags` (multi-buffer): with multi-buffer programs in generic mode this kernel (6.18)
-// copies GRO-merged packets into page-pool fragments, warns, and corrupts memory (seen as a
-// usercopy BUG in tcp_recvmsg). Interfaces with an MTU above a page take `lb_tc`.
-#[xdp]
+#[xdp(frags)]
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let ctx = Xdp::<true>(ctx);
     let v = process(&ctx);
     count(v.reason);
     v.action
@@ -88,18 +91,44 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 /// Tail-called by `lb_xdp` for an ipip VIP, with the backend and flow hash in `HANDOFF`:
 /// encapsulates and sends (or answers too-big). Its own program, so its own stack.
-#[xdp]
+#[xdp(frags)]
 pub fn lb_ipip(ctx: XdpContext) -> u32 {
-    let v = ipip_handoff(&ctx);
+    let v = ipip_handoff(&Xdp::<true>(ctx));
     count(v.reason);
     v.action
 }
 
 /// Tail-called by `lb_xdp` for ICMP/ICMPv6: routes too-big errors about VIP flows to their
 /// backends, passes everything else.
-#[xdp]
+#[xdp(frags)]
 pub fn lb_icmp(ctx: XdpContext) -> u32 {
-    let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    let v = icmp_error(&Xdp::<true>(ctx)).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    count(v.reason);
+    v.action
+}
+
+/// `lb_xdp` for generic mode (single-buffer).
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_generic(ctx: XdpContext) -> u32 {
+    let ctx = Xdp::<false>(ctx);
+    let v = process(&ctx);
+    count(v.reason);
+    v.action
+}
+
+/// `lb_ipip` for `lb_xdp_generic`.
+#[xdp]
+pub fn lb_ipip_generic(ctx: XdpContext) -> u32 {
+    let v = ipip_handoff(&Xdp::<false>(ctx));
+    count(v.reason);
+    v.action
+}
+
+/// `lb_icmp` for `lb_xdp_generic`.
+#[xdp]
+pub fn lb_icmp_generic(ctx: XdpContext) -> u32 {
+    let v = icmp_error(&Xdp::<false>(ctx)).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
     count(v.reason);
     v.action
 }

@@ -93,9 +93,15 @@ pub(crate) static VIP_STATS: PerCpuArray<TrafficStats, { MAX_VIPS as usize }> = 
 pub(crate) static BACKEND_STATS: PerCpuArray<TrafficStats, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
 
-/// The tail-called programs (`PROG_*` slots), filled by userspace at load.
-#[btf_map(name = "LB_PROGS_V2")]
+/// The tail-called programs (`PROG_*` slots), filled by userspace at load: `lb_xdp`'s, which
+/// are multi-buffer programs (a program array takes only programs that agree with its first
+/// user on that).
+#[btf_map(name = "LB_PROGS_V3")]
 pub(crate) static PROGS: ProgramArray<2> = ProgramArray::new();
+
+/// `lb_xdp_generic`'s tail-called programs (single-buffer).
+#[btf_map(name = "LB_GENPROGS_V1")]
+pub(crate) static GENERIC_PROGS: ProgramArray<2> = ProgramArray::new();
 
 /// `lb_tc`'s tail-called programs (a program array holds programs of one type).
 #[btf_map(name = "LB_TCPROGS_V1")]

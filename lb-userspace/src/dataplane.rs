@@ -11,7 +11,7 @@ use lb_common::{
 };
 
 use crate::{
-    object::{LB_TC_PROGRAM, LB_XDP_OBJECT, LB_XDP_PROGRAM},
+    object::{LB_TC_PROGRAM, LB_XDP_GENERIC_PROGRAM, LB_XDP_OBJECT, LB_XDP_PROGRAM},
     state::LbMaps,
 };
 
@@ -67,13 +67,15 @@ pub enum AttachMode {
     Auto,
 }
 
-/// Loads the programs `lb_xdp` and `lb_tc` tail-call (`lb_common::TAIL_PROGRAMS`,
-/// `TC_TAIL_PROGRAMS`: all of them, each verified once) and then puts them in their program
-/// arrays (`only`: those arrays; None: both), each in its slot (an atomic replacement per
-/// slot). A verifier rejection therefore writes no slot.
+/// Loads the programs `lb_xdp`, `lb_xdp_generic` and `lb_tc` tail-call
+/// (`lb_common::TAIL_PROGRAMS`, `GENERIC_TAIL_PROGRAMS`, `TC_TAIL_PROGRAMS`: all of them, each
+/// verified once) and then puts them in their program arrays (`only`: those arrays; None: all),
+/// each in its slot (an atomic replacement per slot). A verifier rejection therefore writes no
+/// slot.
 pub fn install_tail_programs(ebpf: &mut Ebpf, only: Option<&[&str]>) -> Result<()> {
     let arrays = [
         (names::PROGS, lb_common::TAIL_PROGRAMS),
+        (names::GENERIC_PROGS, lb_common::GENERIC_TAIL_PROGRAMS),
         (names::TC_PROGS, lb_common::TC_TAIL_PROGRAMS),
     ];
     let mut fds = Vec::new();
@@ -108,6 +110,17 @@ fn load_program(prog: &mut Program) -> Result<()> {
         Program::Xdp(_) | Program::SchedClassifier(_) => {}
         _ => anyhow::bail!("not an XDP or tc program"),
     }
+    Ok(())
+}
+
+/// Loads `lb_xdp_generic`, the single-buffer XDP program of generic mode.
+pub fn load_generic(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(LB_XDP_GENERIC_PROGRAM)
+        .context("program lb_xdp_generic missing from the object")?
+        .try_into()?;
+    prog.load()
+        .context("loading lb_xdp_generic into the kernel (verifier)")?;
     Ok(())
 }
 
@@ -146,6 +159,7 @@ impl Dataplane {
             .try_into()?;
         prog.load()
             .context("loading lb_xdp into the kernel (verifier)")?;
+        load_generic(&mut ebpf)?;
         load_tc(&mut ebpf)?;
         install_tail_programs(&mut ebpf, None)?;
         before_take(&ebpf)?;
@@ -178,6 +192,15 @@ impl Dataplane {
             .expect("loaded in Dataplane::load")
             .try_into()
             .expect("lb_xdp is an XDP program")
+    }
+
+    /// The XDP program of generic mode.
+    pub fn generic_program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(LB_XDP_GENERIC_PROGRAM)
+            .expect("loaded in Dataplane::load")
+            .try_into()
+            .expect("lb_xdp_generic is an XDP program")
     }
 
     /// The tc program.

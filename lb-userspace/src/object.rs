@@ -3,8 +3,11 @@
 /// ELF object of the lb XDP program.
 pub static LB_XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
 
-/// Name of the XDP program inside the object.
+/// Name of the XDP program inside the object (multi-buffer: native mode).
 pub const LB_XDP_PROGRAM: &str = "lb_xdp";
+
+/// Name of its single-buffer twin (generic mode) inside the object.
+pub const LB_XDP_GENERIC_PROGRAM: &str = "lb_xdp_generic";
 
 /// Name of the same data plane as a tc program (`lb attach --mode tc`) inside the object.
 pub const LB_TC_PROGRAM: &str = "lb_tc";

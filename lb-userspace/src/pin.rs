@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! /sys/fs/bpf/lb/            (0700; flock'ed by every lb command: concurrent runs serialize)
-//!   prog_lb_xdp, prog_lb_tc  the loaded program, as XDP and as tc program
+//!   prog_lb_xdp, prog_lb_xdp_generic, prog_lb_tc
+//!                            the loaded program: as XDP program (multi-buffer, for native
+//!                            mode; single-buffer, for generic mode) and as tc program
 //!   link_<iface>_<mode>      one link per interface (mode: native | generic — XDP — or tc, a
 //!                            tcx ingress link; `.` and `%` in the interface name
 //!                            percent-encoded: links.rs)
@@ -43,11 +45,13 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 /// Environment variable that overrides the default pin directory.
 pub const PIN_DIR_ENV: &str = "LB_PIN_DIR";
 const PROG_PIN: &str = "prog_lb_xdp";
+const GENERIC_PROG_PIN: &str = "prog_lb_xdp_generic";
 const TC_PROG_PIN: &str = "prog_lb_tc";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 23] = [
+const ALL_MAPS: [&str; 24] = [
     names::PROGS,
+    names::GENERIC_PROGS,
     names::TC_PROGS,
     names::HANDOFF,
     names::PORTS,
@@ -76,17 +80,24 @@ const ALL_MAPS: [&str; 23] = [
 /// refills by itself, a mirror of the VIPs, the program arrays the upgrade fills — which `lb
 /// upgrade` creates (and fills) when the running program does not have them (an older layout
 /// keeps its own until the purge).
-const CACHE_MAPS: [&str; 5] = [
+const CACHE_MAPS: [&str; 6] = [
     names::NEXTHOP,
     names::VIP_BY_ID,
     names::VIP_ADDRS,
     names::PROGS,
+    names::GENERIC_PROGS,
     names::TC_PROGS,
 ];
 
+/// The program arrays, one per kind of program.
+const PROG_ARRAYS: [&str; 3] = [names::PROGS, names::GENERIC_PROGS, names::TC_PROGS];
+
+/// The pins of the loaded programs.
+const PROG_PINS: [&str; 3] = [PROG_PIN, GENERIC_PROG_PIN, TC_PROG_PIN];
+
 /// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
 /// has switched every link (and by unload and purge).
-const LEGACY_MAPS: [&str; 2] = ["LB_NEXTHOP_V1", "LB_PROGS_V1"];
+const LEGACY_MAPS: [&str; 3] = ["LB_NEXTHOP_V1", "LB_PROGS_V1", "LB_PROGS_V2"];
 
 /// An attachment of the program to an interface, as recorded by its link pin.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,7 +226,7 @@ impl PinDir {
             .iter()
             .chain(&LEGACY_MAPS)
             .copied()
-            .chain([PROG_PIN, TC_PROG_PIN])
+            .chain(PROG_PINS)
         {
             let _ = fs::remove_file(self.path.join(name));
         }
@@ -235,6 +246,9 @@ impl PinDir {
         dp.tc_program()
             .pin(self.path.join(TC_PROG_PIN))
             .context("pinning the tc program")?;
+        dp.generic_program()
+            .pin(self.path.join(GENERIC_PROG_PIN))
+            .context("pinning the generic-mode program")?;
         dp.program()
             .pin(self.path.join(PROG_PIN))
             .context("pinning the program")?;
@@ -265,7 +279,12 @@ impl PinDir {
         let link = match mode {
             AttachMode::Tc => self.attach_tc(iface)?,
             AttachMode::Native | AttachMode::Generic | AttachMode::Auto => {
-                let mut prog = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+                let pin = if mode == AttachMode::Generic {
+                    self.program_pin_for(GENERIC_PROG_PIN, "generic")?
+                } else {
+                    self.path.join(PROG_PIN)
+                };
+                let mut prog = Xdp::from_pin(pin, XdpAttachType::Interface)
                     .context("opening the pinned program")?;
                 let (m, used) = if mode == AttachMode::Generic {
                     (XdpMode::Skb, AttachMode::Generic)
@@ -311,13 +330,7 @@ impl PinDir {
 
     /// Attaches `lb_tc` to `iface`'s ingress (tcx, ahead of other tc programs there).
     fn attach_tc(&self, iface: &str) -> Result<(FdLink, AttachMode)> {
-        let pin = self.path.join(TC_PROG_PIN);
-        if !pin.exists() {
-            bail!(
-                "the program pinned in {} predates tc mode (no {TC_PROG_PIN}): run `lb upgrade` first",
-                self.path.display()
-            );
-        }
+        let pin = self.program_pin_for(TC_PROG_PIN, "tc")?;
         let mut prog = SchedClassifier::from_pin(&pin).context("opening the pinned tc program")?;
         let id = prog
             .attach_with_options(
@@ -329,6 +342,19 @@ impl PinDir {
         let link = prog.take_link(id).context("taking the tc link")?;
         let link = FdLink::try_from(link).context("the kernel gave no BPF link to pin")?;
         Ok((link, AttachMode::Tc))
+    }
+
+    /// The path of program pin `name`, for `mode`; an error that says what to do if the
+    /// running program predates it.
+    fn program_pin_for(&self, name: &str, mode: &str) -> Result<PathBuf> {
+        let pin = self.path.join(name);
+        if !pin.exists() {
+            bail!(
+                "the program pinned in {} predates this lb's {mode} mode (no {name}): run `lb upgrade` first",
+                self.path.display()
+            );
+        }
+        Ok(pin)
     }
 
     /// Detaches from `iface` by removing its link pin (the kernel then drops the link).
@@ -435,16 +461,25 @@ impl PinDir {
         prog.pin(&tmp).context("pinning the new program")?;
         let tc_tmp = self.path.join(format!("{TC_PROG_PIN}_new"));
         let _ = fs::remove_file(&tc_tmp);
-        let r = crate::dataplane::load_tc(&mut ebpf).and_then(|()| {
-            self.tc_program_of(&mut ebpf)?
-                .pin(&tc_tmp)
-                .context("pinning the new tc program")
-        });
+        let generic_tmp = self.path.join(format!("{GENERIC_PROG_PIN}_new"));
+        let _ = fs::remove_file(&generic_tmp);
+        let r = crate::dataplane::load_tc(&mut ebpf)
+            .and_then(|()| {
+                self.tc_program_of(&mut ebpf)?
+                    .pin(&tc_tmp)
+                    .context("pinning the new tc program")
+            })
+            .and_then(|()| crate::dataplane::load_generic(&mut ebpf))
+            .and_then(|()| {
+                self.xdp_program_of(&mut ebpf, AttachMode::Generic)?
+                    .pin(&generic_tmp)
+                    .context("pinning the new generic-mode program")
+            });
         // Every tail program is verified now, before any link switches (so the install after
         // the switch cannot fail on the verifier); the program arrays this upgrade made, which
         // no running program uses, are filled now too, so the new programs never find them
         // empty.
-        let new_arrays: Vec<&str> = [names::PROGS, names::TC_PROGS]
+        let new_arrays: Vec<&str> = PROG_ARRAYS
             .into_iter()
             .filter(|a| fresh.contains(a))
             .collect();
@@ -455,10 +490,13 @@ impl PinDir {
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(&tc_tmp);
+            let _ = fs::remove_file(&generic_tmp);
         }
         let switched = r?;
         fs::rename(&tmp, self.path.join(PROG_PIN)).context("replacing the program pin")?;
         fs::rename(&tc_tmp, self.path.join(TC_PROG_PIN)).context("replacing the tc program pin")?;
+        fs::rename(&generic_tmp, self.path.join(GENERIC_PROG_PIN))
+            .context("replacing the generic-mode program pin")?;
         // No program uses them any more.
         for name in LEGACY_MAPS {
             let _ = fs::remove_file(self.path.join(name));
@@ -470,6 +508,20 @@ impl PinDir {
         })
     }
 
+    /// The new object's XDP program for `mode` (loaded): `lb_xdp_generic` for generic mode,
+    /// `lb_xdp` for native.
+    fn xdp_program_of<'a>(&self, ebpf: &'a mut aya::Ebpf, mode: AttachMode) -> Result<&'a mut Xdp> {
+        let name = if mode == AttachMode::Generic {
+            crate::object::LB_XDP_GENERIC_PROGRAM
+        } else {
+            crate::object::LB_XDP_PROGRAM
+        };
+        Ok(ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the new object"))?
+            .try_into()?)
+    }
+
     /// The new object's `lb_tc` (loaded).
     fn tc_program_of<'a>(&self, ebpf: &'a mut aya::Ebpf) -> Result<&'a mut SchedClassifier> {
         Ok(ebpf
@@ -478,7 +530,7 @@ impl PinDir {
             .try_into()?)
     }
 
-    /// Switches every pinned link to the new object's lb_xdp or lb_tc, then their tail-called
+    /// Switches every pinned link to the new object's program of its mode, then their tail-called
     /// programs, all or nothing: links are opened before any switches, and on a failure the
     /// links already switched go back to the pinned (old) programs; the program arrays are
     /// written last, so a rollback never has to restore them. (Between the two steps the new
@@ -510,10 +562,7 @@ impl PinDir {
                         Ok(())
                     })
             } else {
-                let prog: &mut Xdp = ebpf
-                    .program_mut(crate::object::LB_XDP_PROGRAM)
-                    .context("program lb_xdp missing from the new object")?
-                    .try_into()?;
+                let prog = self.xdp_program_of(ebpf, a.mode)?;
                 aya::programs::xdp::XdpLink::try_from(link)
                     .with_context(|| format!("{} is not an XDP link", pin.display()))
                     .and_then(|link| {
@@ -539,7 +588,7 @@ impl PinDir {
                 }
             }
         }
-        let shared: Vec<&str> = [names::PROGS, names::TC_PROGS]
+        let shared: Vec<&str> = PROG_ARRAYS
             .into_iter()
             .filter(|a| !filled.contains(a))
             .collect();
@@ -555,7 +604,7 @@ impl PinDir {
         Ok(switched.into_iter().map(|(a, _)| a.iface).collect())
     }
 
-    /// Switches links back to the programs pinned under `PROG_PIN` and `TC_PROG_PIN`.
+    /// Switches links back to the programs pinned under `PROG_PINS`.
     fn switch_back(&self, links: &[(Attachment, std::path::PathBuf)]) -> Result<()> {
         for (a, pin) in links {
             let link: FdLink = aya::programs::links::PinnedLink::from_pin(pin)?.into();
@@ -565,7 +614,15 @@ impl PinDir {
                 let id = old.attach_to_link(link.try_into()?)?;
                 drop(old.take_link(id));
             } else {
-                let mut old = Xdp::from_pin(self.path.join(PROG_PIN), XdpAttachType::Interface)
+                // A generic link of an older layout ran `PROG_PIN`'s program, and goes back to
+                // it if this layout's generic program was not pinned yet.
+                let generic = self.path.join(GENERIC_PROG_PIN);
+                let pin = if a.mode == AttachMode::Generic && generic.exists() {
+                    generic
+                } else {
+                    self.path.join(PROG_PIN)
+                };
+                let mut old = Xdp::from_pin(pin, XdpAttachType::Interface)
                     .context("opening the pinned program")?;
                 let id = old.attach_to_link(aya::programs::xdp::XdpLink::try_from(link)?)?;
                 drop(old.take_link(id));
@@ -704,7 +761,7 @@ impl PinDir {
             .iter()
             .chain(&LEGACY_MAPS)
             .copied()
-            .chain([PROG_PIN, TC_PROG_PIN])
+            .chain(PROG_PINS)
         {
             let p = self.path.join(name);
             if p.exists() {

@@ -770,10 +770,14 @@ fn traffic_shows_in_stats_and_flows_and_bpftool() {
     lb.ok(&["attach", "lbc0", "--mode", "generic"]);
     lb.ok(&["vip", "add", VIP, "--table-size", "251"]);
     lb.ok(&["backend", "add", VIP, "10.200.0.11:8080"]);
-    // Run packets through the pinned program itself (the same one the link runs).
+    // Run packets through the pinned program itself (the same one the link runs: generic
+    // mode's).
     lb.ns.enter();
-    let mut prog =
-        Xdp::from_pin(format!("{}/prog_lb_xdp", lb.pin), XdpAttachType::Interface).unwrap();
+    let mut prog = Xdp::from_pin(
+        format!("{}/prog_lb_xdp_generic", lb.pin),
+        XdpAttachType::Interface,
+    )
+    .unwrap();
     let ifindex = lb.ns.ifindex("lbc0");
     for port in 0..5u16 {
         let spec = Spec::tcp(
@@ -972,31 +976,37 @@ fn run_and_upgrade_bad_input() {
     assert_eq!(lb.json(&["status"])["program_id"], u["new_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
 
-    // From a program that predates the next-hop cache, the VIP mirror, multi-buffer programs
-    // and tc mode: its pins are what an older lb left (the old cache's map, none of the new
-    // ones, no tc program).
+    // From a program that predates the next-hop cache, the VIP mirror, tc mode and the
+    // multi-buffer programs of native mode: its pins are what an older lb left (the old cache's
+    // map and program array, none of the new ones, no tc or generic-mode program).
     let pin = std::path::Path::new(&lb.pin);
-    const NEW: [&str; 6] = [
+    const NEW: [&str; 8] = [
         "LB_VIPBYID_V1",
         "LB_VIPADDRS_V1",
         "LB_NEXTHOP_V2",
-        "LB_PROGS_V2",
+        "LB_PROGS_V3",
+        "LB_GENPROGS_V1",
         "LB_TCPROGS_V1",
         "prog_lb_tc",
+        "prog_lb_xdp_generic",
     ];
     for name in NEW {
         std::fs::remove_file(pin.join(name)).unwrap();
     }
     let old_cache = pin.join("LB_NEXTHOP_V1");
-    let created = Command::new("bpftool")
-        .args(["map", "create", old_cache.to_str().unwrap()])
-        .args([
-            "type", "array", "key", "4", "value", "24", "entries", "65536",
-        ])
-        .args(["name", "LB_NEXTHOP_V1"])
-        .output()
-        .unwrap();
-    assert!(created.status.success(), "{created:?}");
+    let old_progs = pin.join("LB_PROGS_V2");
+    for (path, kind, value, entries, name) in [
+        (&old_cache, "array", "24", "65536", "LB_NEXTHOP_V1"),
+        (&old_progs, "prog_array", "4", "2", "LB_PROGS_V2"),
+    ] {
+        let created = Command::new("bpftool")
+            .args(["map", "create", path.to_str().unwrap()])
+            .args(["type", kind, "key", "4", "value", value, "entries", entries])
+            .args(["name", name])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{created:?}");
+    }
     let o = lb.run(&["status"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
@@ -1008,6 +1018,10 @@ fn run_and_upgrade_bad_input() {
         assert!(pin.join(name).exists(), "{name} not pinned by the upgrade");
     }
     assert!(!old_cache.exists(), "the old cache's pin is left behind");
+    assert!(
+        !old_progs.exists(),
+        "the old program array's pin is left behind"
+    );
     // The mirror was filled: the one VIP (port 80) under its id.
     let slots = bpftool_dump(&format!("{}/LB_VIPBYID_V1", lb.pin));
     let vips: Vec<&serde_json::Value> = slots
@@ -1190,32 +1204,54 @@ fn auto_mode_falls_back_to_tc_never_to_generic() {
     assert!(out.contains("attached to lbc0 (native mode)"), "{out}");
 }
 
-/// A tc-mode link is switched by `lb upgrade` like an XDP one (the new `lb_tc` runs on it,
-/// tcx's link update: no packet sees no program), and `lb detach` removes it.
+/// `lb upgrade` switches a tc-mode link (the new `lb_tc` runs on it, tcx's link update: no
+/// packet sees no program) and a generic-mode one (to the new `lb_xdp_generic`, not native
+/// mode's multi-buffer program), and `lb detach` removes a tc link.
 #[test]
-fn upgrade_switches_tc_links() {
+fn upgrade_switches_tc_and_generic_links() {
     let lb = Lb::new("tcup");
     let out = lb.ok(&["attach", "lbc0", "--mode", "tc"]);
     assert!(out.contains("attached to lbc0 (tc mode)"), "{out}");
-    let link = format!("{}/link_lbc0_tc", lb.pin);
-    let prog_of_link = || -> u64 {
+    lb.ok(&["attach", "lbc1", "--mode", "generic"]);
+    let bpftool = |args: &[&str]| -> serde_json::Value {
         let o = Command::new("bpftool")
-            .args(["link", "show", "pinned", &link, "--json"])
+            .args(args)
+            .arg("--json")
             .output()
             .unwrap();
         assert!(o.status.success(), "{o:?}");
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        // BPF_LINK_TYPE_TCX (this bpftool prints the number).
-        assert!(v["type"] == "tcx" || v["type"] == 11, "{v}");
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let tc_link = format!("{}/link_lbc0_tc", lb.pin);
+    let generic_link = format!("{}/link_lbc1_generic", lb.pin);
+    let prog_of_link = |link: &str| -> u64 {
+        let v = bpftool(&["link", "show", "pinned", link]);
         v["prog_id"].as_u64().unwrap()
     };
-    let before = prog_of_link();
+    let pinned = |name: &str| -> u64 {
+        let v = bpftool(&["prog", "show", "pinned", &format!("{}/{name}", lb.pin)]);
+        v["id"].as_u64().unwrap()
+    };
+    // BPF_LINK_TYPE_TCX (this bpftool prints the number).
+    let t = &bpftool(&["link", "show", "pinned", &tc_link])["type"];
+    assert!(t == "tcx" || t == 11, "{t}");
+    // Each link runs its mode's program: the tc one, and generic mode's single-buffer one.
+    assert_eq!(prog_of_link(&tc_link), pinned("prog_lb_tc"));
+    assert_eq!(prog_of_link(&generic_link), pinned("prog_lb_xdp_generic"));
+    let before = (prog_of_link(&tc_link), prog_of_link(&generic_link));
     let u = lb.json(&["upgrade"]);
-    assert_eq!(u["interfaces"], serde_json::json!(["lbc0"]));
-    let after = prog_of_link();
-    assert_ne!(before, after, "the tc link still runs the old program");
+    assert_eq!(u["interfaces"], serde_json::json!(["lbc0", "lbc1"]));
+    let after = (prog_of_link(&tc_link), prog_of_link(&generic_link));
+    assert_ne!(before.0, after.0, "the tc link still runs the old program");
+    assert_ne!(
+        before.1, after.1,
+        "the generic link still runs the old program"
+    );
+    assert_eq!(after.0, pinned("prog_lb_tc"));
+    assert_eq!(after.1, pinned("prog_lb_xdp_generic"));
     let st = lb.json(&["status"]);
     assert_eq!(st["attached"][0]["mode"], "tc", "{st}");
+    assert_eq!(st["attached"][1]["mode"], "generic", "{st}");
     lb.ok(&["detach", "lbc0"]);
-    assert!(!std::path::Path::new(&link).exists());
+    assert!(!std::path::Path::new(&tc_link).exists());
 }

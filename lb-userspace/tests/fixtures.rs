@@ -3006,3 +3006,39 @@ fn gso_packets_through_tc() {
         "too big for the route: given to the kernel"
     );
 }
+/// A frame of several buffers (an interface with an MTU of 9000: XDP multi-buffer, which the
+/// programs declare they handle): a 6000-byte segment of an established flow, its headers in
+/// the first buffer, is rewritten and sent like a small one, every byte after the headers as
+/// it was.
+#[test]
+fn multi_buffer_frames() {
+    let mut t = Table::new("multibuf");
+    t.gw.ns.ip(&["link", "set", "fxa", "mtu", "9000"]);
+    let web = vip("10.100.0.100:80/tcp");
+    let b = sa("10.1.0.11:8080");
+    t.gw.dp.maps.add_vip(&web, 251).unwrap();
+    t.gw.dp.maps.add_backend(&web, b, 1).unwrap();
+    let c = client(40_200);
+    t.forward_to("SYN to a VIP", &syn(c, web.addr), b);
+    let mut big = ack(c, web.addr);
+    big.payload = (0..6000u32).map(|i| (i * 7) as u8).collect();
+    t.forward_to(
+        "a 6054-byte frame (beyond one page: several buffers) of the flow → rewritten, XDP_TX",
+        &big,
+        b,
+    );
+    // The VIP's byte counter has the whole frame, not its first buffer.
+    let info = t.gw.dp.maps.vip(&web).unwrap();
+    let st = t.gw.dp.maps.vip_stats(info.vip_id).unwrap();
+    let want = (syn(c, web.addr).build().len() + big.build().len()) as u64;
+    assert_eq!(st.bytes, want, "bytes counted for {web}");
+    let mut big6 = ack(client6(40_201), sa("[fd10::100]:80"));
+    big6.payload = vec![0x5a; 7000];
+    t.unchanged(
+        "a multi-buffer frame for no VIP → passed untouched",
+        big6.build(),
+        XDP_PASS,
+        Counter::PassNotVip,
+    );
+    t.finish();
+}

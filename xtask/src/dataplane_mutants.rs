@@ -137,6 +137,27 @@ const BUGS: &[Bug] = &[
         )],
     },
     Bug {
+        name: "native-single-buffer",
+        what: "native mode's programs are not multi-buffer (xdp.frags): no jumbo frames",
+        edits: &[
+            (
+                "lb-ebpf/src/main.rs",
+                "#[xdp(frags)]\n#[inline(always)]\npub fn lb_xdp(",
+                "#[xdp]\n#[inline(always)]\npub fn lb_xdp(",
+            ),
+            (
+                "lb-ebpf/src/main.rs",
+                "#[xdp(frags)]\npub fn lb_ipip(",
+                "#[xdp]\npub fn lb_ipip(",
+            ),
+            (
+                "lb-ebpf/src/main.rs",
+                "#[xdp(frags)]\npub fn lb_icmp(",
+                "#[xdp]\npub fn lb_icmp(",
+            ),
+        ],
+    },
+    Bug {
         name: "tc-checksum-in-place",
         what: "lb_tc updates L4 checksums in place, as XDP does (wrong for partial checksums)",
         edits: &[(

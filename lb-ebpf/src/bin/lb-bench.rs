@@ -38,7 +38,7 @@ fn data_end(ctx: &XdpContext) -> usize {
     unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize }
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn bench_wrap(ctx: XdpContext) -> u32 {
     let Some(f) = FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
@@ -89,7 +89,7 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
     xdp_action::XDP_ABORTED
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
