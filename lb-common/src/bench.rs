@@ -26,6 +26,8 @@ const _: () = assert!(core::mem::size_of::<BenchFrame>() == 8 + BENCH_MAX_FRAME)
 pub const BENCH_FRAME_MAP: &str = "BENCH_FRAME";
 pub const BENCH_SEQ_MAP: &str = "BENCH_SEQ";
 pub const BENCH_PROGS_MAP: &str = "BENCH_PROGS";
+/// `ProgramArray` of `bench_wrap_sb`: slot 0, the single-buffer XDP program under test.
+pub const BENCH_SB_PROGS_MAP: &str = "BENCH_SB_PROGS";
 /// `ProgramArray` of `bench_wrap_tc`: slot 0, the tc program under test.
 pub const BENCH_TC_PROGS_MAP: &str = "BENCH_TC_PROGS";
 

@@ -5,6 +5,7 @@
 //!   program under test in `BENCH_PROGS[0]`. Its own cost is measured by tail-calling
 //!   `bench_pass` and subtracted.
 //! - `bench_pass`: the floor, a program that only returns XDP_PASS.
+//! - `bench_wrap_sb`, `bench_pass_sb`: the same for single-buffer XDP programs (`lb_decap`).
 //! - `bench_wrap_tc`, `bench_pass_tc`: the same for tc programs (`lb_tc`), for frames whose
 //!   length lb does not change (the wrapper restores the bytes only).
 #![no_std]
@@ -29,6 +30,9 @@ static SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
 #[btf_map(name = "BENCH_PROGS")]
 static PROGS: ProgramArray<1> = ProgramArray::new();
 
+#[btf_map(name = "BENCH_SB_PROGS")]
+static SB_PROGS: ProgramArray<1> = ProgramArray::new();
+
 #[btf_map(name = "BENCH_TC_PROGS")]
 static TC_PROGS: ProgramArray<1> = ProgramArray::new();
 
@@ -38,15 +42,28 @@ fn data_end(ctx: &XdpContext) -> usize {
     unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize }
 }
 
+// Multi-buffer (`frags`), like `lb_xdp`: a program array takes only programs that agree with
+// its first user on that. `bench_wrap_sb`, `bench_pass_sb`: the same for single-buffer
+// programs (`lb_decap`).
 #[xdp(frags)]
 pub fn bench_wrap(ctx: XdpContext) -> u32 {
+    wrap(&ctx, &PROGS)
+}
+
+#[xdp]
+pub fn bench_wrap_sb(ctx: XdpContext) -> u32 {
+    wrap(&ctx, &SB_PROGS)
+}
+
+#[inline(always)]
+fn wrap(ctx: &XdpContext, progs: &ProgramArray<1>) -> u32 {
     let Some(f) = FRAME.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
     let len = f.len as usize;
     // The previous run may have moved the start (its end stays): move it back. Called every
     // run, also with 0, so that the wrapper's cost (subtracted) is the same for every path.
-    let now = data_end(&ctx) as i64 - ctx.data() as i64;
+    let now = data_end(ctx) as i64 - ctx.data() as i64;
     // SAFETY: plain helper call; packet pointers are derived afresh below.
     if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), (now - len as i64) as i32) } != 0 {
         return xdp_action::XDP_ABORTED;
@@ -58,7 +75,7 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
         if off >= len {
             break;
         }
-        if data + off + 8 > data_end(&ctx) {
+        if data + off + 8 > data_end(ctx) {
             return xdp_action::XDP_ABORTED;
         }
         // SAFETY: 8 bytes at data + off are within the packet, checked above.
@@ -74,7 +91,7 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
                 *seq = (*seq).wrapping_add(1);
                 *seq
             };
-            if data + at + 4 <= data_end(&ctx) {
+            if data + at + 4 <= data_end(ctx) {
                 // SAFETY: 4 bytes within the packet, checked above.
                 // In 10.128.0.0/9 (IPv4: the whole address), never a martian source, and
                 // never a client the bench uses for fixed flows (10.0.0.x). 2^23 addresses
@@ -85,12 +102,17 @@ pub fn bench_wrap(ctx: XdpContext) -> u32 {
         }
     }
     // SAFETY: tail call into the program under test; returns only if the slot is empty.
-    unsafe { PROGS.tail_call(&ctx, 0) };
+    unsafe { progs.tail_call(ctx, 0) };
     xdp_action::XDP_ABORTED
 }
 
 #[xdp(frags)]
 pub fn bench_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn bench_pass_sb(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 

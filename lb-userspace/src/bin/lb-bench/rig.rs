@@ -12,7 +12,10 @@ use aya::{
 };
 use lb::{object::LB_BENCH_OBJECT, testbed::NetNs, Dataplane, LoadOptions};
 use lb_common::{
-    bench::{BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP, BENCH_TC_PROGS_MAP},
+    bench::{
+        BenchFrame, BENCH_FRAME_MAP, BENCH_MAX_FRAME, BENCH_PROGS_MAP, BENCH_SB_PROGS_MAP,
+        BENCH_TC_PROGS_MAP,
+    },
     Counter, VERDICT_COUNT,
 };
 
@@ -27,6 +30,9 @@ pub struct Rig {
     pub ifindex: u32,
     /// Measure `lb_tc` (the tc program) instead of `lb_xdp`: rows of the fallback mode.
     pub tc: bool,
+    /// Measuring a single-buffer XDP program (`lb_decap`): the wrapper pair for those
+    /// (`bench_wrap_sb`, `bench_pass_sb`); `lb_xdp` and its bench wrapper are multi-buffer.
+    single_buffer: bool,
     /// Kept for its Drop: the namespace goes with the rig.
     _ns: NetNs,
 }
@@ -212,7 +218,7 @@ impl Rig {
         let mut bench = EbpfLoader::new()
             .load(LB_BENCH_OBJECT)
             .context("loading the bench object")?;
-        for name in ["bench_wrap", "bench_pass"] {
+        for name in ["bench_wrap", "bench_pass", "bench_wrap_sb", "bench_pass_sb"] {
             let p: &mut Xdp = bench
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("{name} missing"))?
@@ -251,6 +257,7 @@ impl Rig {
             decap,
             ifindex,
             tc: false,
+            single_buffer: false,
             _ns: ns,
         })
     }
@@ -272,7 +279,14 @@ impl Rig {
     /// One run of the wrapper or pass program (`bench_wrap`/`bench_pass`, or their tc
     /// versions when measuring `lb_tc`).
     fn run_bench(&mut self, name: &str, frame: &[u8], repeat: u32) -> Result<(u32, Vec<u8>, f64)> {
-        if self.tc {
+        if self.single_buffer {
+            run(
+                Self::prog(&mut self.bench, &format!("{name}_sb")),
+                self.ifindex,
+                frame,
+                repeat,
+            )
+        } else if self.tc {
             let p: &mut SchedClassifier = self
                 .bench
                 .program_mut(&format!("{name}_tc"))
@@ -438,7 +452,11 @@ impl Rig {
             Ok((c[..VERDICT_COUNT as usize].iter().sum(), decap, this))
         };
         let (lb0, decap0, this0) = counts(self)?;
-        let (mut sample, runs) = self.measure_fd(&fd, frame, 0, repeat, rounds, check)?;
+        // lb_decap is single-buffer (it may run in generic mode): its own wrapper pair.
+        self.single_buffer = true;
+        let r = self.measure_fd(&fd, frame, 0, repeat, rounds, check);
+        self.single_buffer = false;
+        let (mut sample, runs) = r?;
         let (lb1, decap1, this1) = counts(self)?;
         ensure!(
             decap1 - decap0 == runs && this1 - this0 == runs && lb1 == lb0,
@@ -509,7 +527,11 @@ impl Rig {
 
     /// What restoring the frame and the tail call cost: (wrapper → pass) − (pass alone).
     fn wrapper_overhead(&mut self, frame: &[u8], repeat: u32, rounds: usize) -> Result<f64> {
-        let pass_fd = if self.tc {
+        let pass_fd = if self.single_buffer {
+            Self::prog(&mut self.bench, "bench_pass_sb")
+                .fd()?
+                .try_clone()?
+        } else if self.tc {
             let p: &mut SchedClassifier = self
                 .bench
                 .program_mut("bench_pass_tc")
@@ -532,7 +554,9 @@ impl Rig {
     }
 
     fn set_target(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
-        let map = if self.tc {
+        let map = if self.single_buffer {
+            BENCH_SB_PROGS_MAP
+        } else if self.tc {
             BENCH_TC_PROGS_MAP
         } else {
             BENCH_PROGS_MAP
