@@ -101,7 +101,8 @@ pub mod names {
     /// `Array<Backend>`: every backend of every VIP, indexed by backend id.
     pub const BACKENDS: &str = "LB_BACKENDS_V1";
     /// `Array<u32>`: the selection tables of all VIPs, one contiguous run of slots each.
-    pub const TABLE: &str = "LB_TABLE_V1";
+    /// (V2: mappable, `BPF_F_MMAPABLE`; `lb upgrade` copies V1's tables into it.)
+    pub const TABLE: &str = "LB_TABLE_V2";
     /// `LruHashMap<FlowKey, CtEntry>`: confirmed flow → backend (connection tracking).
     pub const CONNTRACK: &str = "LB_CT_V3";
     /// `LruHashMap<FlowKey, CtEntry>`: flows not yet confirmed (a separate, bounded LRU, so

@@ -27,8 +27,14 @@ pub(crate) static VIP_ADDRS: Array<u8, 65536> = Array::new();
 pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Set at load.
-#[btf_map(name = "LB_TABLE_V1")]
-pub(crate) static TABLE: Array<u32, { DEFAULT_TABLE_CAPACITY as usize }> = Array::new();
+/// Every VIP's selection table, each in its range (`VipInfo::table_off`, `table_size`).
+/// Mappable (`BPF_F_MMAPABLE`): `lb` reads and writes slots in memory (`slots.rs`).
+#[btf_map(name = "LB_TABLE_V2")]
+pub(crate) static TABLE: Array<u32, { DEFAULT_TABLE_CAPACITY as usize }, { BPF_F_MMAPABLE }> =
+    Array::new();
+
+/// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h).
+const BPF_F_MMAPABLE: usize = 1 << 10;
 
 /// Confirmed flows. Set at load. A shared (not per-CPU) LRU: a flow whose packets land on
 /// several CPUs still sees one entry. Only confirmed flows enter it, so a flood of new flows

@@ -137,6 +137,9 @@ pub enum StartError {
     Runtime(#[from] anyhow::Error),
 }
 
+/// The longest the agent waits for the pin-directory lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs the agent until SIGTERM or SIGINT. The data plane keeps forwarding after it returns.
 pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     let text = std::fs::read_to_string(&opts.config)
@@ -303,8 +306,11 @@ impl Agent {
         }
     }
 
+    /// The pin-directory lock, for one write. Waits at most `LOCK_WAIT`: a command that holds
+    /// it longer (a large `lb apply`) makes this write fail and be retried later (the next
+    /// probe result, poll or sweep step), never stalls the agent.
     fn lock_dir(&self) -> Result<PinDir> {
-        PinDir::open(&self.opts.pin_dir)
+        PinDir::open_within(&self.opts.pin_dir, LOCK_WAIT)
     }
 
     /// Announces (through BIRD) the VIP addresses this node can serve now, withdrawing the

@@ -59,12 +59,10 @@ impl Bird {
             return Ok(false);
         }
         write_atomically(&self.include, &render(vips))?;
-        let out = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .arg("configure")
-            .output()
-            .context("running birdc (is bird2 installed?)")?;
+        let mut cmd = Command::new("birdc");
+        cmd.arg("-s").arg(&self.socket).arg("configure");
+        let out =
+            output_within(cmd, BIRDC_TIMEOUT).context("running birdc (is bird2 installed?)")?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !text.contains("Reconfigur") {
             bail!(
@@ -75,6 +73,35 @@ impl Bird {
         }
         self.announced = Some(vips.clone());
         Ok(true)
+    }
+}
+
+/// The longest `birdc configure` may take: the agent's loop waits for it.
+pub const BIRDC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `cmd` to its end, its output collected, or kills it after `timeout` (an error). Its
+/// output must fit a pipe (birdc's few lines do): it is read once the command has ended.
+pub fn output_within(
+    mut cmd: Command,
+    timeout: std::time::Duration,
+) -> Result<std::process::Output> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("gave up after {} s", timeout.as_secs_f64());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 

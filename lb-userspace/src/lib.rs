@@ -17,6 +17,7 @@ pub mod nexthop;
 pub mod object;
 pub mod pin;
 pub mod schedule;
+pub mod slots;
 pub mod state;
 pub mod sweep;
 pub mod testbed;

@@ -97,7 +97,11 @@ const PROG_PINS: [&str; 3] = [PROG_PIN, GENERIC_PROG_PIN, TC_PROG_PIN];
 
 /// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
 /// has switched every link (and by unload and purge).
-const LEGACY_MAPS: [&str; 3] = ["LB_NEXTHOP_V1", "LB_PROGS_V1", "LB_PROGS_V2"];
+const LEGACY_MAPS: [&str; 4] = ["LB_NEXTHOP_V1", "LB_PROGS_V1", "LB_PROGS_V2", OLD_TABLE];
+
+/// The slot array before it was mappable: `lb upgrade` makes `names::TABLE` with as many slots
+/// and copies every VIP's table into it.
+const OLD_TABLE: &str = "LB_TABLE_V1";
 
 /// An attachment of the program to an interface, as recorded by its link pin.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +122,41 @@ pub struct Upgrade {
     pub interfaces: Vec<String>,
 }
 
+#[derive(Clone, Copy)]
+enum Lock {
+    Exclusive,
+    Shared,
+}
+
+/// Takes `kind` of flock on `file`: blocking, or until `deadline`.
+fn flock(file: &File, kind: Lock, deadline: Option<std::time::Instant>) -> Result<()> {
+    let op = match kind {
+        Lock::Exclusive => libc::LOCK_EX,
+        Lock::Shared => libc::LOCK_SH,
+    };
+    let Some(deadline) = deadline else {
+        // SAFETY: plain syscall on a valid fd.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        return Ok(());
+    };
+    loop {
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e.into());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("another lb command holds the lock (gave up waiting)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// An open (and locked) pin directory.
 pub struct PinDir {
     path: PathBuf,
@@ -129,7 +168,24 @@ impl PinDir {
     /// Opens the directory, creating it (mode 0700) and mounting bpffs at /sys/fs/bpf if needed,
     /// and takes an exclusive lock that serializes concurrent `lb` commands.
     pub fn open(path: &Path) -> Result<PinDir> {
+        Self::open_locked(path, Lock::Exclusive, None)
+    }
+
+    /// `open` with a shared lock, for commands that only read: they run side by side, and a
+    /// writer waits only while one reads the maps (they print after giving the lock up).
+    pub fn open_shared(path: &Path) -> Result<PinDir> {
+        Self::open_locked(path, Lock::Shared, None)
+    }
+
+    /// `open`, waiting at most `wait` for the lock (the agent, which must never hang on a
+    /// command that holds it): an error after that.
+    pub fn open_within(path: &Path, wait: std::time::Duration) -> Result<PinDir> {
+        Self::open_locked(path, Lock::Exclusive, Some(wait))
+    }
+
+    fn open_locked(path: &Path, kind: Lock, wait: Option<std::time::Duration>) -> Result<PinDir> {
         ensure_bpffs(path)?;
+        let deadline = wait.map(|w| std::time::Instant::now() + w);
         // Lock the directory. If it was removed (`lb detach --purge`) or replaced while we
         // waited, lock the one that is there now, so commands stay serialized.
         for _ in 0..100 {
@@ -141,14 +197,7 @@ impl PinDir {
                     .with_context(|| format!("creating pin directory {}", path.display()))?;
             }
             let lock = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-            // SAFETY: plain syscall on a valid fd.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                bail!(
-                    "locking {}: {}",
-                    path.display(),
-                    std::io::Error::last_os_error()
-                );
-            }
+            flock(&lock, kind, deadline).with_context(|| format!("locking {}", path.display()))?;
             let same = fs::metadata(path)
                 .ok()
                 .zip(lock.metadata().ok())
@@ -178,6 +227,16 @@ impl PinDir {
         self.path.join(PROG_PIN).exists() && self.path.join(names::VIPS).exists()
     }
 
+    /// The pinned maps, while an upgrade pins the new ones (the old slot array is still
+    /// there).
+    fn maps_during_upgrade(&self) -> Result<LbMaps> {
+        LbMaps::from_maps(|name| {
+            let data = MapData::from_pin(self.path.join(name)).ok()?;
+            Map::from_map_data(data).ok()
+        })
+        .with_context(|| format!("opening the maps pinned in {}", self.path.display()))
+    }
+
     /// The pinned maps; an error that says what to do if there are none.
     pub fn maps(&self) -> Result<LbMaps> {
         if !self.is_loaded() {
@@ -186,8 +245,15 @@ impl PinDir {
                 self.path.display()
             );
         }
-        // A program pinned by an earlier lb lacks the maps this one added: name the remedy.
-        for name in CACHE_MAPS {
+        // A program pinned by an earlier lb lacks the maps this one added, or still runs on
+        // the old slot array: name the remedy.
+        if self.path.join(OLD_TABLE).exists() {
+            bail!(
+                "the program pinned in {} predates this lb (its tables are in {OLD_TABLE}): run `lb upgrade` first",
+                self.path.display()
+            );
+        }
+        for name in CACHE_MAPS.into_iter().chain([names::TABLE]) {
             if !self.path.join(name).exists() {
                 bail!(
                     "the program pinned in {} predates this lb (it has no map {name}): run `lb upgrade` first",
@@ -195,11 +261,7 @@ impl PinDir {
                 );
             }
         }
-        LbMaps::from_maps(|name| {
-            let data = MapData::from_pin(self.path.join(name)).ok()?;
-            Map::from_map_data(data).ok()
-        })
-        .with_context(|| format!("opening the maps pinned in {}", self.path.display()))
+        self.maps_during_upgrade()
     }
 
     /// The pinned maps, loading the program and pinning it and its maps first if nothing is
@@ -401,11 +463,25 @@ impl PinDir {
         let old_id = self.program_id()?;
         let obj = aya_obj::Object::parse(object).context("parsing the new object")?;
         let mut loader = aya::EbpfLoader::new();
+        // The old slot array, while the running program uses it: its tables are copied into
+        // the new one (made afresh, as large, by every upgrade until one succeeds, so that a
+        // failed one leaves nothing stale behind).
+        let old_table = if self.path.join(OLD_TABLE).exists() {
+            let old = MapData::from_pin(self.path.join(OLD_TABLE))
+                .context("opening the old slot array")?;
+            let info = old.info().context("old slot array info")?;
+            let _ = fs::remove_file(self.path.join(names::TABLE));
+            loader.map_max_entries(names::TABLE, info.max_entries());
+            Some(old)
+        } else {
+            None
+        };
         for name in ALL_MAPS {
             let Some(new) = obj.maps.get(name) else {
                 bail!("the new program has no map {name}: its map layout differs from the running one (upgrading needs `lb detach --purge` and a fresh start)");
             };
-            if !self.path.join(name).exists() && CACHE_MAPS.contains(&name) {
+            let migrated = name == names::TABLE && old_table.is_some();
+            if !self.path.join(name).exists() && (CACHE_MAPS.contains(&name) || migrated) {
                 continue;
             }
             if !self.path.join(name).exists() {
@@ -444,9 +520,15 @@ impl PinDir {
         }
         // Every upgrade makes the mirror exact before the new program runs: it may be new, or
         // left by a retried upgrade, or written meanwhile by an older lb that does not know it.
-        self.maps()?
-            .mirror_vips()
-            .context("filling the VIP mirror")?;
+        let mut maps = self.maps_during_upgrade()?;
+        maps.mirror_vips().context("filling the VIP mirror")?;
+        if let Some(old) = old_table {
+            let old: aya::maps::Array<MapData, u32> =
+                aya::maps::Array::try_from(Map::from_map_data(old)?)?;
+            maps.copy_tables_from(&old)
+                .context("copying the tables into the new slot array")?;
+        }
+        drop(maps);
         let prog: &mut Xdp = ebpf
             .program_mut(crate::object::LB_XDP_PROGRAM)
             .context("program lb_xdp missing from the new object")?

@@ -37,7 +37,7 @@ pub struct LbMaps {
     /// Which low 16 bits of a destination some VIP's address has (a lookup-order hint).
     vip_addrs: Array<MapData, u8>,
     backends: Array<MapData, Backend>,
-    table: Array<MapData, u32>,
+    table: crate::slots::SlotArray,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     /// Unconfirmed flows (a separate LRU, so a flood never evicts a confirmed flow).
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
@@ -127,7 +127,7 @@ impl LbMaps {
         Ok(LbMaps {
             vips: get(names::VIPS)?.try_into()?,
             backends: get(names::BACKENDS)?.try_into()?,
-            table: get(names::TABLE)?.try_into()?,
+            table: crate::slots::SlotArray::new(get(names::TABLE)?)?,
             vip_by_id: get(names::VIP_BY_ID)?.try_into()?,
             vip_addrs: get(names::VIP_ADDRS)?.try_into()?,
             conntrack: get(names::CONNTRACK)?.try_into()?,
@@ -307,7 +307,7 @@ impl LbMaps {
         let table_off = self.free_table_range(&existing, table_size)?;
         for slot in table_off..table_off + table_size {
             self.table
-                .set(slot, NO_BACKEND, 0)
+                .set(slot, NO_BACKEND)
                 .ctx(|| format!("clearing table slot {slot}"))?;
         }
         self.reset_stats_vip(vip_id)?;
@@ -377,33 +377,24 @@ impl LbMaps {
                 need: active * MIN_SLOTS_PER_BACKEND,
             });
         }
-        let existing = self.vips()?;
-        let table_off = self.free_table_range(&existing, table_size)?;
         if info.algo == lb_common::ALGO_ROUND_ROBIN {
             let weights: Vec<u32> = backends.iter().map(|b| b.weight).collect();
             check_rr_len(&weights, table_size)?;
         }
-        let resized = VipInfo {
-            table_off,
-            table_size,
-            ..info
-        };
-        let (table, seq_len) = table_content(vip, &resized, &backends);
-        for (i, value) in table.iter().enumerate() {
-            let index = table_off + i as u32;
-            self.table
-                .set(index, *value, 0)
-                .ctx(|| format!("writing table slot {index}"))?;
-        }
-        let new = VipInfo { seq_len, ..resized };
-        self.put_vip(vip, new, || format!("switching VIP {vip} to its new table"))?;
-        Ok(table_size)
+        self.write_table(vip, &info, &VipInfo { table_size, ..info }, &backends)
     }
 
-    /// Writes the table for the VIP entry `want` (its algorithm) and `backends` — only the
-    /// slots that differ — then the entry itself (with the round-robin sequence length) if it
-    /// differs from `stored`, the one in the map now. Slots go first: every value written is a
-    /// valid backend under either entry. Returns the slots written.
+    /// Writes the table for the VIP entry `want` (its algorithm) and `backends`, then the entry
+    /// itself (with the round-robin sequence length) if it differs from `stored`, the one in
+    /// the map now. No packet ever meets a slot without a backend that the table should have:
+    /// - when the slots keep their meaning (same algorithm, sequence length and size: a weight
+    ///   or backend change), only the slots that differ are written, in place, before the entry:
+    ///   every value written is a valid backend under either entry;
+    /// - otherwise (another algorithm, a round-robin sequence of another length), the new
+    ///   table is written to a free range and the entry switched to it in one update, as a
+    ///   resize does; the old range is free from then on.
+    ///
+    /// Returns the slots written.
     fn write_table(
         &mut self,
         vip: &Vip,
@@ -412,21 +403,38 @@ impl LbMaps {
         backends: &[BackendState],
     ) -> Result<u32> {
         let (table, seq_len) = table_content(vip, want, backends);
+        let mut new = VipInfo { seq_len, ..*want };
+        let same_meaning = new.algo == stored.algo
+            && new.seq_len == stored.seq_len
+            && new.src_prefix_len == stored.src_prefix_len
+            && new.table_off == stored.table_off
+            && new.table_size == stored.table_size;
         let mut written = 0;
-        for (i, value) in table.iter().enumerate() {
-            let index = want.table_off + i as u32;
+        if same_meaning {
             let old = self
                 .table
-                .get(&index, 0)
-                .ctx(|| format!("reading table slot {index}"))?;
-            if old != *value {
-                self.table
-                    .set(index, *value, 0)
-                    .ctx(|| format!("writing table slot {index}"))?;
-                written += 1;
+                .range(new.table_off, new.table_size)
+                .ctx(|| format!("reading the table of VIP {vip}"))?;
+            for (i, (value, old)) in table.iter().zip(old).enumerate() {
+                if old != *value {
+                    let index = new.table_off + i as u32;
+                    self.table
+                        .set(index, *value)
+                        .ctx(|| format!("writing table slot {index}"))?;
+                    written += 1;
+                }
             }
+        } else {
+            let existing = self.vips()?;
+            new.table_off = self.free_table_range(&existing, new.table_size)?;
+            for (i, value) in table.iter().enumerate() {
+                let index = new.table_off + i as u32;
+                self.table
+                    .set(index, *value)
+                    .ctx(|| format!("writing table slot {index}"))?;
+            }
+            written = new.table_size;
         }
-        let new = VipInfo { seq_len, ..*want };
         if new != *stored {
             self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
         }
@@ -1005,16 +1013,30 @@ impl LbMaps {
         Ok(out)
     }
 
+    /// Copies every VIP's table from `old`, the slot array of an older layout (same indices),
+    /// into the slot array (`lb upgrade`). Returns the slots copied.
+    pub fn copy_tables_from(&mut self, old: &Array<MapData, u32>) -> Result<u64> {
+        let mut copied = 0;
+        for (_, info) in self.vips()? {
+            for i in info.table_off..info.table_off + info.table_size {
+                let v = old
+                    .get(&i, 0)
+                    .ctx(|| format!("reading slot {i} of the old slot array"))?;
+                self.table
+                    .set(i, v)
+                    .ctx(|| format!("writing table slot {i}"))?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    }
+
     /// A VIP's table: backend id per slot (`NO_BACKEND` for none).
     pub fn table(&self, vip: &Vip) -> Result<Vec<u32>> {
         let info = self.vip(vip)?;
-        (info.table_off..info.table_off + info.table_size)
-            .map(|i| {
-                self.table
-                    .get(&i, 0)
-                    .ctx(|| format!("reading table slot {i}"))
-            })
-            .collect()
+        self.table
+            .range(info.table_off, info.table_size)
+            .ctx(|| format!("reading the table of VIP {vip}"))
     }
 
     /// SHA-256 of a VIP's selection as every gateway must have it: the hash seed, the VIP, its
@@ -1070,7 +1092,7 @@ impl LbMaps {
         let slot = info.table_off + index;
         let id = self
             .table
-            .get(&slot, 0)
+            .get(slot)
             .ctx(|| format!("reading table slot {slot}"))?;
         if id == NO_BACKEND {
             return Ok(None);

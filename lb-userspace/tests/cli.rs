@@ -976,11 +976,15 @@ fn run_and_upgrade_bad_input() {
     assert_eq!(lb.json(&["status"])["program_id"], u["new_program_id"]);
     assert_eq!(lb.ok(&["show-config"]), cfg);
 
-    // From a program that predates the next-hop cache, the VIP mirror, tc mode and the
-    // multi-buffer programs of native mode: its pins are what an older lb left (the old cache's
-    // map and program array, none of the new ones, no tc or generic-mode program).
+    // From a program that predates the next-hop cache, the VIP mirror, tc mode, the
+    // multi-buffer programs of native mode and the mappable slot array: its pins are what an
+    // older lb left (the old cache's map, program array and slot array — with the VIP's table
+    // in it —, none of the new ones, no tc or generic-mode program).
     let pin = std::path::Path::new(&lb.pin);
-    const NEW: [&str; 8] = [
+    let digest = lb.ok(&["table", VIP, "--digest"]);
+    let table = lb_table_slots(pin);
+    const NEW: [&str; 9] = [
+        "LB_TABLE_V2",
         "LB_VIPBYID_V1",
         "LB_VIPADDRS_V1",
         "LB_NEXTHOP_V2",
@@ -995,9 +999,12 @@ fn run_and_upgrade_bad_input() {
     }
     let old_cache = pin.join("LB_NEXTHOP_V1");
     let old_progs = pin.join("LB_PROGS_V2");
+    let old_table = pin.join("LB_TABLE_V1");
+    let capacity = table.len().to_string();
     for (path, kind, value, entries, name) in [
         (&old_cache, "array", "24", "65536", "LB_NEXTHOP_V1"),
         (&old_progs, "prog_array", "4", "2", "LB_PROGS_V2"),
+        (&old_table, "array", "4", capacity.as_str(), "LB_TABLE_V1"),
     ] {
         let created = Command::new("bpftool")
             .args(["map", "create", path.to_str().unwrap()])
@@ -1006,6 +1013,16 @@ fn run_and_upgrade_bad_input() {
             .output()
             .unwrap();
         assert!(created.status.success(), "{created:?}");
+    }
+    {
+        let data = aya::maps::MapData::from_pin(&old_table).unwrap();
+        let mut old: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+        for (i, v) in table.iter().enumerate() {
+            if *v != 0 {
+                old.set(i as u32, v, 0).unwrap();
+            }
+        }
     }
     let o = lb.run(&["status"]);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -1022,6 +1039,13 @@ fn run_and_upgrade_bad_input() {
         !old_progs.exists(),
         "the old program array's pin is left behind"
     );
+    assert!(
+        !old_table.exists(),
+        "the old slot array's pin is left behind"
+    );
+    // The tables were copied: the same selection, in an array as large.
+    assert_eq!(lb.ok(&["table", VIP, "--digest"]), digest);
+    assert_eq!(lb_table_slots(pin), table);
     // The mirror was filled: the one VIP (port 80) under its id.
     let slots = bpftool_dump(&format!("{}/LB_VIPBYID_V1", lb.pin));
     let vips: Vec<&serde_json::Value> = slots
@@ -1047,6 +1071,16 @@ fn run_and_upgrade_bad_input() {
         .collect();
     assert_eq!(set, [&serde_json::json!(100)], "{set:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every slot of the slot array pinned in `pin`.
+fn lb_table_slots(pin: &std::path::Path) -> Vec<u32> {
+    let data = aya::maps::MapData::from_pin(pin.join("LB_TABLE_V2")).unwrap();
+    let table: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
+    (0..table.len())
+        .map(|i| table.get(&i, 0).unwrap())
+        .collect()
 }
 
 /// Forwarding modes (their rules on backends), marking backends up/down by hand, and the

@@ -60,7 +60,7 @@ pub fn upgrade(dir: &PinDir, object: Option<&Path>, json: bool) -> CmdResult {
     if json {
         print_json(&u);
     } else {
-        println!(
+        outln!(
             "upgraded: program {} -> {} on {} (maps, conntrack and counters kept)",
             u.old_program_id,
             u.new_program_id,

@@ -36,17 +36,17 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
         eprintln!("lb: hash seed changed: new flows are hashed with the new seed (flows with a conntrack entry keep their backend)");
     }
     if s.is_empty() {
-        println!("no changes");
+        outln!("no changes");
     } else {
-        println!(
+        outln!(
             "applied: {} VIPs added, {} removed, {} tables resized, {} algorithms changed; {} backends added, {} removed, {} reweighted; {} table slots written",
             s.vips_added, s.vips_removed, s.tables_resized, s.algorithms_changed, s.backends_added, s.backends_removed, s.backends_reweighted, s.slots_written
         );
         if s.timeouts_changed > 0 {
-            println!("flow timeouts changed on {} VIPs", s.timeouts_changed);
+            outln!("flow timeouts changed on {} VIPs", s.timeouts_changed);
         }
         if s.settings_changed > 0 {
-            println!("global settings (hash_seed, flood_threshold, nexthop_max_age_ms) changed");
+            outln!("global settings (hash_seed, flood_threshold, nexthop_max_age_ms) changed");
         }
     }
     Ok(())
@@ -54,6 +54,6 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
 
 pub fn show(dir: &PinDir) -> CmdResult {
     let maps = dir.maps()?;
-    print!("{}", Config::from_maps(&maps)?.to_toml());
+    out!("{}", Config::from_maps(&maps)?.to_toml());
     Ok(())
 }

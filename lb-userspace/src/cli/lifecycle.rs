@@ -93,7 +93,7 @@ pub fn attach(
         print_json(&done);
     } else {
         for a in &done {
-            println!("attached to {} ({} mode)", a.iface, a.mode);
+            outln!("attached to {} ({} mode)", a.iface, a.mode);
         }
     }
     Ok(())
@@ -140,15 +140,15 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
     for iface in &targets {
         dir.detach(iface)?;
         if attached.iter().any(|a| &a.iface == iface && a.gone) {
-            println!("removed the link of {iface} (the interface is gone)");
+            outln!("removed the link of {iface} (the interface is gone)");
         } else {
-            println!("detached from {iface}");
+            outln!("detached from {iface}");
         }
     }
     if purge {
         let path = dir.path().to_path_buf();
         dir.purge().context("removing the pinned state")?;
-        println!("removed the program and all state from {}", path.display());
+        outln!("removed the program and all state from {}", path.display());
     }
     Ok(())
 }
@@ -235,10 +235,10 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         print_json(&s);
         return Ok(());
     }
-    println!("pin directory: {}", s.pin_dir);
-    println!("program id:    {}", s.program_id);
+    outln!("pin directory: {}", s.pin_dir);
+    outln!("program id:    {}", s.program_id);
     if s.attached.is_empty() {
-        println!("attached:      nowhere (loaded, not attached)");
+        outln!("attached:      nowhere (loaded, not attached)");
     } else {
         let list: Vec<String> = s
             .attached
@@ -251,9 +251,9 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
                 _ => format!("{} ({})", a.iface, a.mode),
             })
             .collect();
-        println!("attached:      {}", list.join(", "));
+        outln!("attached:      {}", list.join(", "));
     }
-    println!(
+    outln!(
         "hash seed:     {}",
         if s.hash_seed_set {
             "set (lb show-config prints it)"
@@ -262,22 +262,22 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         }
     );
     if s.flood_threshold == 0 {
-        println!("flood limit:   none (every new flow is stored)");
+        outln!("flood limit:   none (every new flow is stored)");
     } else {
-        println!(
+        outln!(
             "flood limit:   {} new flows/s per CPU (above it, unconfirmed flows are not stored)",
             s.flood_threshold
         );
     }
     if s.nexthop_max_age_ms == 0 {
-        println!("next hops:     no cache (a route lookup for every packet)");
+        outln!("next hops:     no cache (a route lookup for every packet)");
     } else {
-        println!(
+        outln!(
             "next hops:     cached from route lookups, each used for at most {} ms",
             s.nexthop_max_age_ms
         );
     }
-    println!();
+    outln!();
     let rows: Vec<Vec<String>> = s
         .maps
         .iter()
@@ -291,13 +291,13 @@ pub fn status(dir: &PinDir, json: bool) -> CmdResult {
         })
         .collect();
     table_fmt::print(&["MAP", "USED", "CAPACITY", "FILL"], &rows);
-    println!();
+    outln!();
     if s.backends_down.is_empty() {
-        println!("health:        no backend down");
+        outln!("health:        no backend down");
     } else {
-        println!("health:        {} backends down", s.backends_down.len());
+        outln!("health:        {} backends down", s.backends_down.len());
         for b in &s.backends_down {
-            println!("  {b}");
+            outln!("  {b}");
         }
     }
     Ok(())
@@ -318,7 +318,7 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
             for iface in &ifaces {
                 match dir.decap_attach(iface, mode) {
                     Ok(m) => {
-                        println!("lb decap attached to {iface} ({} mode)", mode_name(m));
+                        outln!("lb decap attached to {iface} ({} mode)", mode_name(m));
                         done.push(iface.clone());
                     }
                     Err(e) => {
@@ -344,7 +344,7 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
             };
             for i in &ifaces {
                 dir.decap_detach(i)?;
-                println!("lb decap detached from {i}");
+                outln!("lb decap detached from {i}");
             }
         }
         DecapCommand::Status => {
@@ -368,7 +368,7 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
                     .iter()
                     .map(|a| format!("{} ({})", a.iface, a.mode))
                     .collect();
-                println!(
+                outln!(
                     "attached: {}",
                     if list.is_empty() {
                         "nowhere".to_string()

@@ -1,10 +1,29 @@
 //! The `lb` command: parse, run one command against the pinned state, report.
 
+/// `print!` into the command's output buffer (`output`), written out after the pin-directory
+/// lock is given up.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::output::write(format_args!($($t)*))
+    };
+}
+
+/// `println!` into the command's output buffer.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::cli::output::write(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
 mod agent_cmd;
 mod args;
 mod config_cmd;
 mod lifecycle;
 mod observe;
+pub(crate) mod output;
 mod services;
 mod table_fmt;
 
@@ -68,7 +87,10 @@ pub type CmdResult = Result<(), Failure>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse(); // exits with 2 on a usage error
-    match run(cli) {
+    let r = run(cli);
+    // The lock is given up by now: a reader paged through `less` blocks nobody.
+    output::flush_or_exit();
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {
             eprintln!("lb: error: {msg}");
@@ -95,6 +117,24 @@ fn chain(e: &anyhow::Error) -> String {
         out.push_str(&s);
     }
     out
+}
+
+/// Commands that only read the pinned state: they share the lock (and print after giving it
+/// up, like every command).
+fn reads_only(c: &Command) -> bool {
+    use args::{BackendCommand, DecapCommand, NexthopCommand, VipCommand};
+    matches!(
+        c,
+        Command::Status
+            | Command::Stats { .. }
+            | Command::Flows { sweep: false, .. }
+            | Command::Table { .. }
+            | Command::ShowConfig
+            | Command::Vip(VipCommand::List)
+            | Command::Backend(BackendCommand::List { .. })
+            | Command::Nexthop(NexthopCommand::Show)
+            | Command::Decap(DecapCommand::Status)
+    )
 }
 
 fn run(cli: Cli) -> CmdResult {
@@ -129,7 +169,11 @@ fn run(cli: Cli) -> CmdResult {
         };
         return agent_cmd::run(opts);
     }
-    let mut dir = PinDir::open(&cli.pin_dir)?;
+    let mut dir = if reads_only(&cli.command) {
+        PinDir::open_shared(&cli.pin_dir)?
+    } else {
+        PinDir::open(&cli.pin_dir)?
+    };
     match cli.command {
         Command::Attach {
             ifaces,
@@ -184,5 +228,5 @@ pub fn print_rows<T: serde::Serialize>(
 
 /// Prints a serializable value as JSON.
 pub fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }

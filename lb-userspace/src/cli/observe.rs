@@ -130,14 +130,14 @@ fn print_snapshot(s: &Snapshot) {
         ],
         &rows,
     );
-    println!();
+    outln!();
     let counters: Vec<Vec<String>> = s
         .counters
         .iter()
         .filter(|(_, v)| **v > 0)
         .map(|(k, v)| vec![k.clone(), v.to_string()])
         .collect();
-    println!("packets seen: {}", s.packets_seen);
+    outln!("packets seen: {}", s.packets_seen);
     table_fmt::print(&["COUNTER", "VALUE"], &counters);
 }
 
@@ -175,12 +175,13 @@ pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
         let mut now = snapshot(&maps)?;
         with_rates(&mut now, &before, interval as f64);
         if json {
-            println!("{}", serde_json::to_string(&now).expect("serializable"));
+            outln!("{}", serde_json::to_string(&now).expect("serializable"));
         } else {
-            print!("\x1b[2J\x1b[H"); // clear the screen
-            println!("every {interval}s — Ctrl-C to stop\n");
+            out!("\x1b[2J\x1b[H"); // clear the screen
+            outln!("every {interval}s — Ctrl-C to stop\n");
             print_snapshot(&now);
         }
+        super::output::flush_or_exit();
         before = now;
     }
 }
@@ -285,7 +286,7 @@ pub fn digest(dir: &PinDir, vip: &Vip, json: bool) -> CmdResult {
     if json {
         print_json(&serde_json::json!({ "vip": vip.to_string(), "digest": d }));
     } else {
-        println!("{d}");
+        outln!("{d}");
     }
     Ok(())
 }
@@ -324,9 +325,11 @@ pub fn table(dir: &PinDir, vip: &Vip, json: bool) -> CmdResult {
         print_json(&report);
         return Ok(());
     }
-    println!(
+    outln!(
         "{}: {} slots, {} empty",
-        report.vip, report.table_size, report.empty_slots
+        report.vip,
+        report.table_size,
+        report.empty_slots
     );
     let cells: Vec<Vec<String>> = report
         .backends

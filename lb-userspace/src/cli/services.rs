@@ -75,7 +75,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             }
             maps.set_forward(&vip, forward)?;
             maps.set_stateless_reverse(&vip, stateless)?;
-            println!("added VIP {vip} ({algorithm}, {forward}, table of {table_size} slots)");
+            outln!("added VIP {vip} ({algorithm}, {forward}, table of {table_size} slots)");
             if stateless {
                 stateless_seed_note(maps.conf()?.hash_seed);
             }
@@ -133,14 +133,14 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             }
             if let Some(f) = forward {
                 if maps.set_forward(&vip, f)? {
-                    println!("VIP {vip}: forwarding {f} (flows established before break)");
+                    outln!("VIP {vip}: forwarding {f} (flows established before break)");
                 } else {
-                    println!("VIP {vip}: forwarding {f} (unchanged)");
+                    outln!("VIP {vip}: forwarding {f} (unchanged)");
                 }
             }
             if let Some(a) = algorithm {
                 let n = maps.set_algorithm(&vip, a)?;
-                println!(
+                outln!(
                     "VIP {vip}: {a}; {n} table slots changed (established flows keep their backends)"
                 );
             }
@@ -148,7 +148,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
                 maps.set_stateless_reverse(&vip, true)?;
             }
             if let Some(r) = reverse {
-                println!(
+                outln!(
                     "VIP {vip}: {} reverse NAT",
                     if r == super::args::Reverse::Stateless {
                         "stateless"
@@ -162,7 +162,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
             }
             if !timeout.is_empty() {
                 let changed = maps.set_timeouts(&vip, timeouts)?;
-                println!(
+                outln!(
                     "VIP {vip}: flow timeouts {}{}",
                     timeouts_cell(&timeouts),
                     if changed { "" } else { " (unchanged)" }
@@ -172,7 +172,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
         VipCommand::Del { vip } => {
             let mut maps = dir.maps()?;
             maps.del_vip(&vip)?;
-            println!("removed VIP {vip}");
+            outln!("removed VIP {vip}");
         }
         VipCommand::List => {
             let maps = dir.maps()?;
@@ -256,7 +256,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
             weight,
         } => {
             let c = maps.add_backend(&vip, backend, weight)?;
-            println!(
+            outln!(
                 "added backend {backend} (weight {weight}) to {vip}: {} table slots changed",
                 c.slots_written
             );
@@ -272,7 +272,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
         }
         BackendCommand::Del { vip, backend, .. } => {
             let c = maps.del_backend(&vip, backend)?;
-            println!(
+            outln!(
                 "removed backend {backend} from {vip}: {} table slots changed",
                 c.slots_written
             );
@@ -299,7 +299,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                 } else {
                     String::new()
                 };
-                println!(
+                outln!(
                     "backend {backend} of {vip}: weight {weight}{what}; {} table slots changed",
                     c.slots_written
                 );
@@ -307,7 +307,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
             if let Some(h) = health {
                 let up = matches!(h, super::args::HealthArg::Up);
                 let n = maps.set_health(&vip, backend, up)?;
-                println!(
+                outln!(
                     "backend {backend} of {vip}: {}; {n} table slots changed",
                     if up { "up" } else { "down" }
                 );
@@ -374,7 +374,7 @@ fn drain_and_delete(
         maps.set_weight(&vip, backend, 0)?;
     }
     dir.unlock();
-    println!(
+    outln!(
         "draining backend {backend} of {vip} (no new flows; at most {})",
         humantime::format_duration(timeout)
     );
@@ -390,7 +390,7 @@ fn drain_and_delete(
     match find(maps) {
         Ok(now) if now.id == b.id && now.weight == 0 => {
             let c = maps.del_backend(&vip, backend)?;
-            println!(
+            outln!(
                 "removed backend {backend} from {vip} ({why}): {} table slots changed",
                 c.slots_written
             );
@@ -429,7 +429,7 @@ pub fn nexthop(dir: &PinDir, cmd: NexthopCommand, json: bool) -> CmdResult {
         }
         NexthopCommand::Clear => {
             let n = lb::nexthop::clear(&mut maps)?;
-            println!("cleared the next hop of {n} backends");
+            outln!("cleared the next hop of {n} backends");
         }
     }
     Ok(())
