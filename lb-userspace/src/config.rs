@@ -537,6 +537,8 @@ pub struct ApplySummary {
     pub timeouts_changed: u32,
     /// Whether the deployment-wide settings (hash seed, flood threshold) changed.
     pub settings_changed: u32,
+    /// What an interrupted command had left and this apply removed (`LbMaps::repair`).
+    pub repaired: crate::state::Repair,
 }
 
 impl ApplySummary {
@@ -648,6 +650,8 @@ pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     if maps.set_conf(want_conf)? {
         s.settings_changed += 1;
     }
+    // 5. What an interrupted command may have left that the steps above do not touch.
+    s.repaired = maps.repair()?;
     Ok(s)
 }
 

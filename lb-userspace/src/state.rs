@@ -29,6 +29,9 @@ use crate::{
 
 type Result<T, E = LbError> = std::result::Result<T, E>;
 
+mod check;
+pub use check::Repair;
+
 /// Typed handles on all of the data plane's maps.
 pub struct LbMaps {
     vips: HashMap<MapData, Endpoint, VipInfo>,
@@ -1029,6 +1032,14 @@ impl LbMaps {
             }
         }
         Ok(copied)
+    }
+
+    /// Slots `off .. off + len` of the slot array, whichever VIP they belong to (tests, `lb
+    /// check`).
+    pub fn slot_range(&self, off: u32, len: u32) -> Result<Vec<u32>> {
+        self.table
+            .range(off, len)
+            .ctx(|| format!("reading slots {off}..{}", off as u64 + len as u64))
     }
 
     /// A VIP's table: backend id per slot (`NO_BACKEND` for none).

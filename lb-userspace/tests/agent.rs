@@ -12,6 +12,7 @@ use std::{
 };
 
 use lb::testbed::{wait_for, Testbed, HTTP_PORT, LINE_PORT};
+use lb_common::{CtEntry, CT_S_ESTABLISHED};
 
 const VIP: &str = "10.100.0.100";
 const METRICS: &str = "127.0.0.1:9100";
@@ -699,4 +700,101 @@ fn metric(tb: &Testbed, name: &str, labels: &[(&str, &str)]) -> f64 {
         | prometheus_parse::Value::Untyped(v) => v,
         _ => panic!("unexpected type of {name}"),
     }
+}
+
+/// A reader nobody reads blocks nobody: `lb flows` stuck writing into a full pipe (more flows
+/// than a pipe holds) holds no lock, so `lb backend set` completes within a second, and the
+/// agent marks a killed backend down on time.
+#[test]
+fn a_stuck_reader_blocks_neither_writers_nor_the_agent() {
+    let mut tb = testbed(3);
+    let files = Files::new(&tb);
+    files.write_config(&config(&tb, HTTP_CHECK, &[(0, 1), (1, 1), (2, 1)], ""));
+    let _agent = Agent::start(&tb, &files);
+    wait_for(
+        Duration::from_secs(20),
+        "the agent to apply the file",
+        || log_count(&files, "configuration applied") > 0,
+    );
+    // 2000 established flows: `lb flows --json` writes about 200 bytes each, a pipe holds
+    // 64 KiB.
+    let web: lb::Vip = format!("{}/tcp", vip(HTTP_PORT)).parse().unwrap();
+    {
+        let maps = lb::pin::PinDir::open(tb.pin_dir()).unwrap();
+        let mut maps = maps.maps().unwrap();
+        let b = maps.backends(&web).unwrap()[0].id;
+        let generation = maps.backend_entry(b).unwrap().unwrap().generation;
+        let now = lb::sweep::now_ns(&maps).unwrap();
+        for i in 0..2000u32 {
+            let client = sa(std::net::Ipv4Addr::from(0x0a05_0000 + i).into(), 40_000);
+            let entry = CtEntry {
+                backend_id: b,
+                generation,
+                last_seen_ns: now,
+                state: CT_S_ESTABLISHED,
+                ..CtEntry::default()
+            };
+            maps.insert_flow(&lb::model::flow_key(client, &web), &entry)
+                .unwrap();
+        }
+    }
+    let mut reader = tb
+        .lb_command(&["flows", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "lb flows ended: its output did not fill the pipe"
+    );
+
+    let b1 = sa(tb.backends[0].v4, HTTP_PORT).to_string();
+    let started = Instant::now();
+    let mut setter = tb
+        .lb_command(&["backend", "set", &web.to_string(), &b1, "--weight", "2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Bounded: a setter still waiting after 5 s is killed (and the test fails).
+    let status = loop {
+        if let Some(st) = setter.try_wait().unwrap() {
+            break Some(st);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = setter.kill();
+            let _ = setter.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "lb backend set did not complete while lb flows was stuck ({took:?}): {status:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "lb backend set took {took:?}"
+    );
+
+    // The agent's health checks still act on time.
+    let b3 = sa(tb.backends[2].v4, HTTP_PORT);
+    tb.stop_server("backend-3");
+    let took = wait_for(
+        Duration::from_secs(10),
+        "backend-3 to be marked down",
+        || backend_health(&tb, b3).as_deref() == Some("down"),
+    );
+    assert!(
+        took <= Duration::from_millis(400 + 2600),
+        "marked down after {took:?}"
+    );
+    assert!(
+        reader.try_wait().unwrap().is_none(),
+        "lb flows ended before the end of the test"
+    );
+    let _ = reader.kill();
+    let _ = reader.wait();
 }

@@ -259,6 +259,45 @@ fn changing_the_algorithm_keeps_established_flows() {
     }
 }
 
+/// A switch of algorithm changes what every slot means (round robin keeps its sequence at the
+/// start of the table and nothing after it): the new table is built in another range and the
+/// VIP switched to it in one update, so no packet meets a half-rewritten table (written in
+/// place, the slots past the sequence would be empty for the old algorithm's flows). The old
+/// range keeps the old table until then; a weight change, which keeps what slots mean, is
+/// written in place.
+#[test]
+fn algorithm_switches_build_the_new_table_beside_the_old() {
+    let vip: Vip = "10.100.0.100:80/tcp".parse().unwrap();
+    let mut rig = Rig::new("alg-beside", &vip);
+    let m = &mut rig.gw.dp.maps;
+    for algo in [
+        Algorithm::RoundRobin,
+        Algorithm::Maglev,
+        Algorithm::SourceHash { prefix_len: 24 },
+        Algorithm::Maglev,
+    ] {
+        let before = m.vip(&vip).unwrap();
+        let old = m.table(&vip).unwrap();
+        m.set_algorithm(&vip, algo).unwrap();
+        let after = m.vip(&vip).unwrap();
+        assert_ne!(
+            after.table_off, before.table_off,
+            "{algo}: the table was rewritten in place"
+        );
+        assert_eq!(
+            m.slot_range(before.table_off, before.table_size).unwrap(),
+            old,
+            "{algo}: the old range changed"
+        );
+        assert_eq!(m.check().unwrap(), Vec::<String>::new(), "{algo}");
+    }
+    let before = m.vip(&vip).unwrap();
+    let b = sa(BACKENDS[0]);
+    m.set_weight(&vip, b, 7).unwrap();
+    assert_eq!(m.vip(&vip).unwrap().table_off, before.table_off);
+    assert_eq!(m.check().unwrap(), Vec::<String>::new());
+}
+
 /// Maglev against naive `hash mod N` when one of N backends goes: the fraction of flows that
 /// change backend (ideal: 1/N).
 #[test]

@@ -1289,3 +1289,70 @@ fn upgrade_switches_tc_and_generic_links() {
     lb.ok(&["detach", "lbc0"]);
     assert!(!std::path::Path::new(&tc_link).exists());
 }
+
+/// `lb check` says "consistent" and exits 0 on a consistent state; names each violation and
+/// exits 1 when the maps are inconsistent (here made so with bpftool: a port filter flag no
+/// VIP needs, a table slot naming no backend of its VIP, a VIP's port missing from the
+/// filter); `lb apply` of the same configuration repairs all of it.
+#[test]
+fn check_names_violations_and_apply_repairs_them() {
+    let lb = Lb::new("check");
+    lb.ok(&["vip", "add", VIP, "--table-size", "251"]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.11:8080"]);
+    lb.ok(&["backend", "add", VIP, "10.200.0.12:8080"]);
+    let out = lb.ok(&["check"]);
+    assert!(out.starts_with("consistent: 1 VIPs"), "{out}");
+    assert_eq!(lb.json(&["check"])["violations"], serde_json::json!([]));
+
+    let update = |map: &str, key: &[u8], value: &[u8]| {
+        let hex = |b: &[u8]| b.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let o = Command::new("bpftool")
+            .args([
+                "map",
+                "update",
+                "pinned",
+                &format!("{}/{map}", lb.pin),
+                "key",
+            ])
+            .args(hex(key))
+            .arg("value")
+            .args(hex(value))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    // Port 9999 marked for a backend; port 80 (the VIP's) cleared; the VIP's first slot (the
+    // VIP's table starts at slot 0: the only VIP) naming backend id 77.
+    update(
+        "LB_PORTS_V1",
+        &9999u32.to_ne_bytes(),
+        &[lb_common::PORT_F_BACKEND],
+    );
+    update("LB_PORTS_V1", &80u32.to_ne_bytes(), &[0]);
+    update("LB_TABLE_V2", &0u32.to_ne_bytes(), &77u32.to_ne_bytes());
+    let o = lb.run(&["check"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    for needle in [
+        "violation: port 9999: the port filter marks it for a backend, but none uses it",
+        "violation: port 80: a VIP uses it, but the port filter does not say so",
+        "violation: VIP 10.100.0.100:80/tcp: 1 table slots name no backend of this VIP (slot 0: id 77)",
+        "violation: VIP 10.100.0.100:80/tcp: 1 table slots differ",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    assert!(err.contains("4 invariant violations"), "{err}");
+
+    let dir = std::env::temp_dir().join(format!("lbt-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("lb.toml");
+    std::fs::write(&file, lb.ok(&["show-config"])).unwrap();
+    let out = lb.ok(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        out.contains("repaired what an interrupted command had left: 2 port filter entries"),
+        "{out}"
+    );
+    assert!(lb.ok(&["check"]).starts_with("consistent"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -132,6 +132,12 @@ pub enum Command {
         after_help = "Example:\n  lb show-config > lb.toml"
     )]
     ShowConfig,
+    /// Verify the pinned state's invariants: tables name backends of their own VIP and are what
+    /// the backends and weights give; reverse-NAT entries match backends; the port filter
+    /// matches VIPs and backends; ids and generations are consistent. Exits 1 naming each
+    /// violation (`lb apply` repairs what an interrupted command left).
+    #[command(after_help = "Example:\n  lb check && echo consistent")]
+    Check,
     /// Run the agent: apply the file and keep it applied as it changes, health-check backends
     /// (taking failed ones out of the tables), drain removed backends, serve metrics. Stopping
     /// or killing it leaves the data plane forwarding; a new agent adopts the pinned state.

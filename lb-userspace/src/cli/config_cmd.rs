@@ -48,8 +48,39 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
         if s.settings_changed > 0 {
             outln!("global settings (hash_seed, flood_threshold, nexthop_max_age_ms) changed");
         }
+        let r = s.repaired;
+        if r != lb::state::Repair::default() {
+            outln!(
+                "repaired what an interrupted command had left: {} port filter entries, {} unused backend entries",
+                r.ports_fixed, r.orphans_removed
+            );
+        }
     }
     Ok(())
+}
+
+/// `lb check`: every violated invariant, one a line; exit 1 if there is any.
+pub fn check(dir: &PinDir, json: bool) -> CmdResult {
+    let maps = dir.maps()?;
+    let bad = maps.check()?;
+    let vips = maps.vips()?.len();
+    if json {
+        super::print_json(&serde_json::json!({ "vips": vips, "violations": bad }));
+    } else if bad.is_empty() {
+        outln!("consistent: {vips} VIPs, their tables, backends, reverse NAT and port filter");
+    } else {
+        for b in &bad {
+            outln!("violation: {b}");
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(super::Failure::Runtime(anyhow::anyhow!(
+            "{} invariant violations (`lb apply` repairs what an interrupted command left)",
+            bad.len()
+        )))
+    }
 }
 
 pub fn show(dir: &PinDir) -> CmdResult {

@@ -130,6 +130,7 @@ fn reads_only(c: &Command) -> bool {
             | Command::Flows { sweep: false, .. }
             | Command::Table { .. }
             | Command::ShowConfig
+            | Command::Check
             | Command::Vip(VipCommand::List)
             | Command::Backend(BackendCommand::List { .. })
             | Command::Nexthop(NexthopCommand::Show)
@@ -205,6 +206,7 @@ fn run(cli: Cli) -> CmdResult {
         Command::Nexthop(c) => services::nexthop(&dir, c, json),
         Command::Apply { file, sizes } => config_cmd::apply(&dir, &file, sizes),
         Command::ShowConfig => config_cmd::show(&dir),
+        Command::Check => config_cmd::check(&dir, json),
         Command::Decap(c) => lifecycle::decap(&dir, c, json),
         Command::Upgrade { object } => agent_cmd::upgrade(&dir, object.as_deref(), json),
         Command::Run { .. } => unreachable!("handled above"),

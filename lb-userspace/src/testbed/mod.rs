@@ -204,6 +204,22 @@ impl Testbed {
             .context("starting lb")
     }
 
+    /// The `lb` binary as a command in the gateway's namespace with this test bed's pin
+    /// directory, for a test to set its input and output and run or spawn.
+    pub fn lb_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.gateway.name))
+            .arg(&self.lb_bin)
+            .args(args)
+            .env("LB_PIN_DIR", &self.pin_dir);
+        c
+    }
+
+    /// The pin directory of this test bed's lb.
+    pub fn pin_dir(&self) -> &Path {
+        Path::new(&self.pin_dir)
+    }
+
     /// Stops the servers of backend `name` (as if the process died).
     pub fn stop_server(&mut self, name: &str) {
         if let Some(s) = self.servers.as_mut() {
