@@ -77,6 +77,7 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Recomputes every VIP's digest (after an apply).
     fn refresh_digests(&mut self) {
         let mut d = HashMap::new();
         if let Ok(vips) = self.maps.vips() {
@@ -87,6 +88,37 @@ impl Shared {
             }
         }
         self.digests = d;
+    }
+
+    /// Recomputes the digest of `vip` only (after a change to it); forgets it if it is gone.
+    fn refresh_digest(&mut self, vip: &Vip) {
+        match self.maps.table_digest(vip) {
+            Ok(x) => {
+                self.digests.insert(*vip, x);
+            }
+            Err(_) => {
+                self.digests.remove(vip);
+            }
+        }
+    }
+
+    /// What the metrics page needs of the agent's own state (the maps it reads itself,
+    /// outside the agent's lock).
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        crate::metrics::Snapshot {
+            checks: self
+                .health
+                .iter()
+                .map(|(k, h)| (*k, (h.checks_ok, h.checks_failed)))
+                .collect(),
+            draining: self.draining.keys().copied().collect(),
+            counters: self.counters.clone(),
+            digests: self.digests.clone(),
+            announced: self.announced.clone(),
+            sweep_last: self.sweeper.last().copied(),
+            sweep_totals: self.sweeper.totals(),
+            pin_dir: self.pin_dir.clone(),
+        }
     }
 }
 
@@ -120,6 +152,8 @@ struct Agent {
     bird: Option<crate::announce::Bird>,
     /// The last announcement error logged.
     bird_error: Option<String>,
+    /// When `announce` last ran.
+    last_announce_check: std::time::Instant,
     /// The last conntrack-sweep error logged.
     sweep_error: Option<String>,
     /// The last re-attach error logged per interface.
@@ -136,6 +170,10 @@ pub enum StartError {
     #[error("{0:#}")]
     Runtime(#[from] anyhow::Error),
 }
+
+/// How often an idle agent checks which VIPs it can serve (for changes made with `lb`
+/// commands; its own changes are announced at once).
+const ANNOUNCE_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The longest the agent waits for the pin-directory lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -212,13 +250,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .clone()
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
+        last_announce_check: std::time::Instant::now(),
         sweep_error: None,
         attach_errors: HashMap::new(),
         opts,
     };
     // The metrics port first: a start that cannot serve it changes nothing.
     if let Some(addr) = agent.opts.metrics {
-        crate::metrics::serve(addr, agent.shared.clone()).await?;
+        let page_maps = PinDir::open_within(&agent.opts.pin_dir, LOCK_WAIT)?.maps()?;
+        crate::metrics::serve(addr, agent.shared.clone(), page_maps).await?;
         info!(%addr, "serving metrics on /metrics");
     }
     agent.apply_config(config)?;
@@ -246,7 +286,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 agent.sweep();
                 agent.progress_drains();
                 agent.reattach();
-                agent.announce();
+                // Changes the agent makes announce at once; on idle ticks the full check (a
+                // pass over every backend) runs every `ANNOUNCE_RECHECK`, to see changes made
+                // with `lb` commands.
+                if agent.last_announce_check.elapsed() >= ANNOUNCE_RECHECK {
+                    agent.announce();
+                }
             }
             _ = hup.recv() => {
                 info!("SIGHUP: reading the configuration");
@@ -316,6 +361,7 @@ impl Agent {
     /// Announces (through BIRD) the VIP addresses this node can serve now, withdrawing the
     /// others. Failures are logged once and retried on the next tick.
     fn announce(&mut self) {
+        self.last_announce_check = std::time::Instant::now();
         let Some(bird) = self.bird.as_mut() else {
             return;
         };
@@ -627,7 +673,7 @@ impl Agent {
             s.counters.table_rebuilds += 1;
             s.counters.slots_written += slots as u64;
             s.health.entry(key).or_insert_with(|| Health::new(up)).up = up;
-            s.refresh_digests();
+            s.refresh_digest(&vip);
             Ok(())
         })();
         if r.is_err() {
@@ -693,7 +739,7 @@ impl Agent {
                 s.draining.remove(&key);
                 s.health.remove(&key);
                 s.counters.drained += 1;
-                s.refresh_digests();
+                s.refresh_digest(&vip);
                 Ok(())
             })();
             match r {

@@ -113,11 +113,11 @@ pub fn servable(maps: &LbMaps, attached: bool) -> Result<BTreeSet<IpAddr>> {
     if !attached {
         return Ok(out);
     }
-    for (vip, _) in maps.vips()? {
-        if maps
-            .backends(&vip)?
-            .iter()
-            .any(|b| b.weight > 0 && b.healthy)
+    let backends = maps.backends_by_vip()?;
+    for (vip, info) in maps.vips()? {
+        if backends
+            .get(&info.vip_id)
+            .is_some_and(|bs| bs.iter().any(|b| b.weight > 0 && b.healthy))
         {
             out.insert(vip.addr.ip());
         }

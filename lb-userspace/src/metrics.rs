@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{agent::Shared, CtTable};
+use crate::{agent::Shared, CtTable, LbMaps};
 use lb_common::{COUNTER_NAMES, CT_STATE_NAMES, VERDICT_COUNT};
 
 type Labels = Vec<(String, String)>;
@@ -55,8 +55,23 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
 }
 
 /// The metrics page, in the Prometheus text format.
-pub fn render(shared: &Shared) -> anyhow::Result<String> {
-    let maps = &shared.maps;
+/// What the page needs of the agent's state, copied under the agent's lock (`Shared::snapshot`):
+/// the page is then rendered from the maps without it, so a scrape never holds up the agent.
+pub struct Snapshot {
+    /// Health-check results (ok, failed) per (VIP, backend).
+    pub checks: std::collections::HashMap<crate::agent::Key, (u64, u64)>,
+    pub draining: std::collections::HashSet<crate::agent::Key>,
+    pub counters: crate::agent::Counters,
+    pub digests: std::collections::HashMap<crate::Vip, String>,
+    pub announced: Vec<std::net::IpAddr>,
+    pub sweep_last: Option<crate::sweep::SweepReport>,
+    pub sweep_totals: crate::sweep::SweepTotals,
+    pub pin_dir: std::path::PathBuf,
+}
+
+/// The page: the maps' counters and state, and the agent's (`shared`). One pass over the
+/// backends in use, one read per VIP and per backend for their counters.
+pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
     let mut f = Families {
         reg: Registry::default(),
     };
@@ -121,6 +136,7 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
         "1 while a backend removed from the configuration drains.",
     );
     let checks = f.counter("lb_health_checks", "Health-check probes, by result.");
+    let mut backends = maps.backends_by_vip()?;
     for (vip, info) in maps.vips()? {
         let vl = labels(&[("vip", vip.to_string())]);
         let s = maps.vip_stats(info.vip_id)?;
@@ -128,7 +144,7 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
         vip_bytes.get_or_create(&vl).inc_by(s.bytes);
         vip_new.get_or_create(&vl).inc_by(s.new_flows);
         vip_rev.get_or_create(&vl).inc_by(s.rev_packets);
-        for b in maps.backends(&vip)? {
+        for b in backends.remove(&info.vip_id).unwrap_or_default() {
             let bl = labels(&[("vip", vip.to_string()), ("backend", b.addr.to_string())]);
             let s = maps.backend_stats(b.id)?;
             be_packets.get_or_create(&bl).inc_by(s.packets);
@@ -142,19 +158,19 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
             be_weight.get_or_create(&bl).set(b.weight as i64);
             be_draining
                 .get_or_create(&bl)
-                .set(shared.draining.contains_key(&(vip, b.addr)) as i64);
-            if let Some(h) = shared.health.get(&(vip, b.addr)) {
+                .set(shared.draining.contains(&(vip, b.addr)) as i64);
+            if let Some((checks_ok, checks_failed)) = shared.checks.get(&(vip, b.addr)) {
                 let mut ok = bl.clone();
                 ok.push(("result".into(), "ok".into()));
-                checks.get_or_create(&ok).inc_by(h.checks_ok);
+                checks.get_or_create(&ok).inc_by(*checks_ok);
                 let mut failed = bl.clone();
                 failed.push(("result".into(), "failed".into()));
-                checks.get_or_create(&failed).inc_by(h.checks_failed);
+                checks.get_or_create(&failed).inc_by(*checks_failed);
             }
         }
     }
 
-    conntrack(&mut f, shared)?;
+    conntrack(&mut f, maps, shared)?;
 
     let digest = f.gauge(
         "lb_vip_table_info",
@@ -223,7 +239,7 @@ pub fn render(shared: &Shared) -> anyhow::Result<String> {
 
 /// The conntrack tables: entries by table and state as the agent's last complete sweep pass
 /// found them, capacities, and what the sweeps removed and settled.
-fn conntrack(f: &mut Families, shared: &Shared) -> anyhow::Result<()> {
+fn conntrack(f: &mut Families, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<()> {
     let capacity = f.gauge(
         "lb_conntrack_capacity",
         "Entries a conntrack table holds (confirmed flows; unconfirmed: handshake not completed or no reply yet).",
@@ -231,13 +247,13 @@ fn conntrack(f: &mut Families, shared: &Shared) -> anyhow::Result<()> {
     for t in CtTable::ALL {
         capacity
             .get_or_create(&labels(&[("table", t.name().into())]))
-            .set(shared.maps.ct_capacity(t)? as i64);
+            .set(maps.ct_capacity(t)? as i64);
     }
     let entries = f.gauge(
         "lb_conntrack_entries",
         "Conntrack entries by table and state, at the end of the agent's last complete sweep.",
     );
-    if let Some(r) = shared.sweeper.last() {
+    if let Some(r) = &shared.sweep_last {
         for t in CtTable::ALL {
             for (state, name) in CT_STATE_NAMES.iter().enumerate().skip(1) {
                 entries
@@ -249,7 +265,7 @@ fn conntrack(f: &mut Families, shared: &Shared) -> anyhow::Result<()> {
             }
         }
     }
-    let totals = shared.sweeper.totals();
+    let totals = shared.sweep_totals;
     f.plain_counter(
         "lb_conntrack_expired",
         "Conntrack entries the agent deleted because they were past their state's timeout.",
@@ -273,11 +289,15 @@ fn conntrack(f: &mut Families, shared: &Shared) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves `/metrics` on `addr` until the process ends.
+/// Serves `/metrics` on `addr` until the process ends. `maps`: the page's own handles on the
+/// pinned maps, read without the agent's lock, on a blocking thread (a scrape never stalls the
+/// agent's loop).
 pub async fn serve(
     addr: SocketAddr,
     shared: std::sync::Arc<std::sync::Mutex<Shared>>,
+    maps: LbMaps,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let maps = std::sync::Arc::new(maps);
     use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -286,11 +306,12 @@ pub async fn serve(
         "/metrics",
         get(move || {
             let shared = shared.clone();
+            let maps = maps.clone();
             async move {
-                let page = {
-                    let s = shared.lock().expect("agent state lock");
-                    render(&s)
-                };
+                let snapshot = shared.lock().expect("agent state lock").snapshot();
+                let page = tokio::task::spawn_blocking(move || render(&maps, &snapshot))
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the page: {e}")));
                 match page {
                     Ok(text) => (
                         StatusCode::OK,
@@ -326,17 +347,17 @@ mod tests {
         };
         let mut sweeper = crate::sweep::Sweeper::new();
         while sweeper.step(&mut maps, 10).unwrap().is_none() {}
-        let shared = Shared {
-            maps,
-            health: Default::default(),
+        let snapshot = Snapshot {
+            checks: Default::default(),
             draining: Default::default(),
             counters: Default::default(),
             digests: Default::default(),
             announced: Vec::new(),
-            sweeper,
+            sweep_last: sweeper.last().copied(),
+            sweep_totals: sweeper.totals(),
             pin_dir: "/nonexistent".into(),
         };
-        let page = render(&shared).unwrap();
+        let page = render(&maps, &snapshot).unwrap();
         for line in [
             "lb_conntrack_capacity{table=\"confirmed\"} 8192",
             "lb_conntrack_capacity{table=\"unconfirmed\"} 8192",

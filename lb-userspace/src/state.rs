@@ -994,6 +994,27 @@ impl LbMaps {
         }
     }
 
+    /// The backends of every VIP, by VIP id, each list sorted by address: one pass over the
+    /// backends in use (`backends` for each VIP would make one pass per VIP).
+    pub fn backends_by_vip(&self) -> Result<std::collections::HashMap<u32, Vec<BackendState>>> {
+        let mut out: std::collections::HashMap<u32, Vec<BackendState>> = Default::default();
+        for (id, b) in self.valid_backends()? {
+            let Some(addr) = socket_addr(b.family, b.addr_be, b.port_be) else {
+                continue;
+            };
+            out.entry(b.vip_id).or_default().push(BackendState {
+                id,
+                addr,
+                weight: b.weight,
+                healthy: b.flags & BACKEND_F_DOWN == 0,
+            });
+        }
+        for list in out.values_mut() {
+            list.sort_by_key(|b| b.addr);
+        }
+        Ok(out)
+    }
+
     /// Every backend in use, with its id. Found through the reverse-NAT map, whose sets hold
     /// exactly one entry per backend in use (written and removed together with the backend
     /// entry), so this costs one lookup per backend rather than a scan of the whole array.
