@@ -39,7 +39,6 @@ pub fn build<T: Clone>(entries: &[TableEntry<T>], m: u32) -> Vec<Option<T>> {
     let mut order: Vec<&TableEntry<T>> = entries.iter().filter(|e| e.weight > 0).collect();
     order.sort_by(|a, b| a.identity.cmp(&b.identity));
     order.dedup_by(|a, b| a.identity == b.identity);
-    let mut table: Vec<Option<u32>> = vec![None; m as usize];
     if order.is_empty() {
         return vec![None; m as usize];
     }
@@ -47,17 +46,20 @@ pub fn build<T: Clone>(entries: &[TableEntry<T>], m: u32) -> Vec<Option<T>> {
     let m64 = m as u64;
     let weights: Vec<u64> = order.iter().map(|e| e.weight as u64).collect();
     let quotas = quotas(&weights, m64);
-    let offsets: Vec<u64> = order
+    // Each backend's permutation (offset + k·skip) mod M, walked by adding skip modulo M (no
+    // division in the loop: this is most of a build's time).
+    let mut pos: Vec<u32> = order
         .iter()
-        .map(|e| murmur3_32(&e.identity, OFFSET_SEED) as u64 % m64)
+        .map(|e| (murmur3_32(&e.identity, OFFSET_SEED) as u64 % m64) as u32)
         .collect();
-    let skips: Vec<u64> = order
+    let skips: Vec<u32> = order
         .iter()
-        .map(|e| murmur3_32(&e.identity, SKIP_SEED) as u64 % (m64 - 1) + 1)
+        .map(|e| (murmur3_32(&e.identity, SKIP_SEED) as u64 % (m64 - 1) + 1) as u32)
         .collect();
+    const FREE: u32 = u32::MAX;
+    let mut table: Vec<u32> = vec![FREE; m as usize];
     let max_w = *weights.iter().max().expect("non-empty");
     let n = order.len();
-    let mut next = vec![0u64; n];
     let mut credit = vec![0u64; n];
     let mut owned = vec![0u64; n];
     let mut filled = 0u64;
@@ -72,10 +74,12 @@ pub fn build<T: Clone>(entries: &[TableEntry<T>], m: u32) -> Vec<Option<T>> {
                 // Walk i's permutation to its next free slot. The permutation visits every
                 // slot (M prime, 1 ≤ skip < M) and a free slot exists (filled < M), so this ends.
                 loop {
-                    let pos = ((offsets[i] + next[i] * skips[i]) % m64) as usize;
-                    next[i] += 1;
-                    if table[pos].is_none() {
-                        table[pos] = Some(i as u32);
+                    let p = pos[i];
+                    let next = p as u64 + skips[i] as u64;
+                    pos[i] = if next >= m64 { next - m64 } else { next } as u32;
+                    let slot = &mut table[p as usize];
+                    if *slot == FREE {
+                        *slot = i as u32;
                         break;
                     }
                 }
@@ -86,7 +90,7 @@ pub fn build<T: Clone>(entries: &[TableEntry<T>], m: u32) -> Vec<Option<T>> {
     }
     table
         .into_iter()
-        .map(|s| s.map(|i| order[i as usize].value.clone()))
+        .map(|i| (i != FREE).then(|| order[i as usize].value.clone()))
         .collect()
 }
 

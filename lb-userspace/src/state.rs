@@ -1019,22 +1019,93 @@ impl LbMaps {
     /// exactly one entry per backend in use (written and removed together with the backend
     /// entry), so this costs one lookup per backend rather than a scan of the whole array.
     fn valid_backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let mut out = Vec::new();
-        for kv in self.revnat.iter() {
-            let (_, rev) = kv.ctx(|| "reading the reverse-NAT map".into())?;
-            for e in revnat_entries(&rev) {
-                let b = self
+        let mut ids: Vec<u32> = self
+            .revnat_all()?
+            .iter()
+            .flat_map(|(_, rev)| revnat_entries(rev).iter().map(|e| e.backend_id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // Many backends: the whole array in a few batched reads; few: one read each.
+        let all = if ids.len() > 2048 {
+            Some(self.backends_all()?)
+        } else {
+            None
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let b = match &all {
+                Some(all) => all.get(id as usize).copied().unwrap_or_default(),
+                None => self
                     .backends
-                    .get(&e.backend_id, 0)
-                    .ctx(|| format!("reading backend {}", e.backend_id))?;
-                if b.is_valid() {
-                    out.push((e.backend_id, b));
-                }
+                    .get(&id, 0)
+                    .ctx(|| format!("reading backend {id}"))?,
+            };
+            if b.is_valid() {
+                out.push((id, b));
             }
         }
-        out.sort_by_key(|(id, _)| *id);
-        out.dedup_by_key(|(id, _)| *id);
         Ok(out)
+    }
+
+    /// Every entry of the reverse-NAT map, in batched reads (`BPF_MAP_LOOKUP_BATCH`).
+    fn revnat_all(&self) -> Result<Vec<(Endpoint, RevNat)>> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.revnat.map().fd().as_fd();
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 4096, &mut keys, &mut values)
+                .map_err(batch_error)
+                .ctx(|| "reading the reverse-NAT map".into())?;
+            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The whole port filter (flags by port), in batched reads.
+    fn ports_all(&self) -> Result<Vec<u8>> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.ports.map().fd().as_fd();
+        let (mut keys, mut values): (Vec<u32>, Vec<u8>) = (Vec::new(), Vec::new());
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 65_536, &mut keys, &mut values)
+                .map_err(batch_error)
+                .ctx(|| "reading the port filter".into())?;
+            out.extend_from_slice(&values[..n]);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// The whole backend array, in batched reads.
+    fn backends_all(&self) -> Result<Vec<Backend>> {
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        let fd = self.backends.map().fd().as_fd();
+        let (mut keys, mut values): (Vec<u32>, Vec<Backend>) = (Vec::new(), Vec::new());
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 8192, &mut keys, &mut values)
+                .map_err(batch_error)
+                .ctx(|| "reading the backend array".into())?;
+            out.extend_from_slice(&values[..n]);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
     }
 
     /// Copies every VIP's table from `old`, the slot array of an older layout (same indices),
@@ -1414,6 +1485,14 @@ impl LbMaps {
     pub fn flow_in(&self, table: CtTable, key: &FlowKey) -> Option<CtEntry> {
         self.ct_map(table).get(key, 0).ok()
     }
+}
+
+/// A failed batched map read as a map error.
+fn batch_error(io_error: std::io::Error) -> aya::maps::MapError {
+    aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+        call: "bpf_map_lookup_batch",
+        io_error,
+    })
 }
 
 /// The slots of a VIP's table for its algorithm, and the round-robin sequence length (0 for

@@ -141,11 +141,9 @@ impl LbMaps {
 
         // ---- port filter ----
         let (want_vip, want_backend) = wanted_ports(&vips, &in_use);
+        let ports = self.ports_all()?;
         for port in 0..PORTS {
-            let flags = self
-                .ports
-                .get(&port, 0)
-                .ctx(|| format!("reading port {port}"))?;
+            let flags = ports.get(port as usize).copied().unwrap_or(0);
             for (flag, want, what) in [
                 (lb_common::PORT_F_VIP, &want_vip, "a VIP"),
                 (lb_common::PORT_F_BACKEND, &want_backend, "a backend"),
@@ -207,17 +205,13 @@ impl LbMaps {
 
     /// Ids of backend entries marked valid that no reverse-NAT entry names.
     fn orphan_backends(&self, in_use: &HashMap<u32, Backend>) -> Result<Vec<u32>> {
-        let mut out = Vec::new();
-        for id in 0..self.backends.len() {
-            let b = self
-                .backends
-                .get(&id, 0)
-                .ctx(|| format!("reading backend {id}"))?;
-            if b.is_valid() && !in_use.contains_key(&id) {
-                out.push(id);
-            }
-        }
-        Ok(out)
+        Ok(self
+            .backends_all()?
+            .iter()
+            .enumerate()
+            .filter(|(id, b)| b.is_valid() && !in_use.contains_key(&(*id as u32)))
+            .map(|(id, _)| id as u32)
+            .collect())
     }
 
     /// Removes what an interrupted command can leave that no apply step touches: port filter
@@ -244,11 +238,9 @@ impl LbMaps {
             r.orphans_removed += 1;
         }
         let (want_vip, want_backend) = wanted_ports(&vips, &in_use);
+        let ports = self.ports_all()?;
         for port in 0..PORTS {
-            let flags = self
-                .ports
-                .get(&port, 0)
-                .ctx(|| format!("reading port {port}"))?;
+            let flags = ports.get(port as usize).copied().unwrap_or(0);
             let mut want = flags & !(lb_common::PORT_F_VIP | lb_common::PORT_F_BACKEND);
             if want_vip.contains(&(port as u16)) {
                 want |= lb_common::PORT_F_VIP;

@@ -329,12 +329,12 @@ impl Report {
     pub fn control(&mut self, rows: &[BuildTime]) {
         let md = &mut self.md;
         let _ = writeln!(md, "## Control plane (M = 65537)\n");
-        let _ = writeln!(md, "| backends | table build (ms, median) | first fill of the table map (ms) | slots written | one weight change (ms) | slots written |");
+        let _ = writeln!(md, "| backends | table build (ms, median) | first fill of the table map (ms) | slots written | one weight change (ms, median) | slots written |");
         let _ = writeln!(md, "|---|---|---|---|---|---|");
         for r in rows {
             let _ = writeln!(
                 md,
-                "| {} | {:.2} | {:.0} | {} | {:.0} | {} |",
+                "| {} | {:.2} | {:.2} | {} | {:.2} | {} |",
                 r.backends,
                 r.build_ms,
                 r.update_ms,
@@ -343,7 +343,7 @@ impl Report {
                 r.reweight_slots
             );
         }
-        let _ = writeln!(md, "\nMap updates include reading the table back (one syscall per slot) to write only the slots that change.\n");
+        let _ = writeln!(md, "\nThrough the library (`LbMaps::set_backends`), what `lb` and the agent call. The slot array is mapped into the process (`BPF_F_MMAPABLE`): the table is read back and the changed slots written in memory; the rest — the VIP entry, the backends in use (batched reads of the reverse-NAT map) — are map syscalls. A weight change includes building the whole table again.\n");
     }
 
     pub fn conntrack_memory(&mut self, capacity: u32, bytes: f64, per: f64) {
