@@ -154,6 +154,9 @@ struct Agent {
     bird_error: Option<String>,
     /// When `announce` last ran.
     last_announce_check: std::time::Instant,
+    /// Time the sweep's steps took in the pass under way, and when the next pass may begin.
+    sweep_busy: Duration,
+    sweep_resume_at: std::time::Instant,
     /// The last conntrack-sweep error logged.
     sweep_error: Option<String>,
     /// The last re-attach error logged per interface.
@@ -174,6 +177,9 @@ pub enum StartError {
 /// How often an idle agent checks which VIPs it can serve (for changes made with `lb`
 /// commands; its own changes are announced at once).
 const ANNOUNCE_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The longest pause between two conntrack sweep passes.
+const SWEEP_MAX_WAIT: Duration = Duration::from_secs(60);
 
 /// The longest the agent waits for the pin-directory lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
@@ -251,6 +257,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
         last_announce_check: std::time::Instant::now(),
+        sweep_busy: Duration::ZERO,
+        sweep_resume_at: std::time::Instant::now(),
         sweep_error: None,
         attach_errors: HashMap::new(),
         opts,
@@ -396,11 +404,23 @@ impl Agent {
     /// stale entries and, at the end of each complete pass, settles the active-flow counts.
     /// Logs a line per complete pass that changed something; errors once each.
     fn sweep(&mut self) {
+        // At most 1% of a CPU: after a pass, the next waits 99 times as long as the pass
+        // worked (a pass reads every backend's counts: at 64,000 backends, about a second).
+        let now = std::time::Instant::now();
+        if now < self.sweep_resume_at {
+            return;
+        }
         let r = self.lock_dir().and_then(|_dir| {
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
             Ok(s.sweeper.step(&mut s.maps, crate::sweep::AGENT_BUDGET)?)
         });
+        self.sweep_busy += now.elapsed();
+        if matches!(r, Ok(Some(_))) {
+            self.sweep_resume_at =
+                std::time::Instant::now() + (self.sweep_busy * 99).min(SWEEP_MAX_WAIT);
+            self.sweep_busy = Duration::ZERO;
+        }
         match r {
             Ok(report) => {
                 self.sweep_error = None;
@@ -505,6 +525,33 @@ impl Agent {
         s.counters.last_reload_ok = false;
     }
 
+    /// `apply_config`'s map writes, under both locks.
+    fn apply_locked(s: &mut Shared, cfg: &Config) -> Result<crate::config::ApplySummary> {
+        // Drains change only if the whole apply succeeds.
+        let mut draining = s.draining.clone();
+        update_drains(cfg, &s.maps, &mut draining)?;
+        let effective = with_drains(cfg, &s.maps, &draining)?;
+        let summary = apply(&mut s.maps, &effective)?;
+        s.draining = draining;
+        s.counters.reloads_ok += 1;
+        s.counters.last_reload_ok = true;
+        count_rebuild(&mut s.counters, &summary);
+        // Health as the maps have it (a backend re-added by hand starts up again);
+        // backends that left are forgotten.
+        let mut present = HashMap::new();
+        for (vip, _) in s.maps.vips()? {
+            for b in s.maps.backends(&vip)? {
+                present.insert((vip, b.addr), b.healthy);
+            }
+        }
+        s.health.retain(|k, _| present.contains_key(k));
+        for (k, up) in present {
+            s.health.entry(k).or_insert_with(|| Health::new(up)).up = up;
+        }
+        s.refresh_digests();
+        Ok(summary)
+    }
+
     /// Makes the maps match `cfg` (plus the backends still draining), then starts and stops
     /// health checks to match.
     fn apply_config(&mut self, cfg: Config) -> Result<()> {
@@ -514,29 +561,12 @@ impl Agent {
             let _dir = self.lock_dir()?;
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
-            // Drains change only if the whole apply succeeds.
-            let mut draining = s.draining.clone();
-            update_drains(&cfg, &s.maps, &mut draining)?;
-            let effective = with_drains(&cfg, &s.maps, &draining)?;
-            let summary = apply(&mut s.maps, &effective)?;
-            s.draining = draining;
-            s.counters.reloads_ok += 1;
-            s.counters.last_reload_ok = true;
-            count_rebuild(&mut s.counters, &summary);
-            // Health as the maps have it (a backend re-added by hand starts up again);
-            // backends that left are forgotten.
-            let mut present = HashMap::new();
-            for (vip, _) in s.maps.vips()? {
-                for b in s.maps.backends(&vip)? {
-                    present.insert((vip, b.addr), b.healthy);
-                }
-            }
-            s.health.retain(|k, _| present.contains_key(k));
-            for (k, up) in present {
-                s.health.entry(k).or_insert_with(|| Health::new(up)).up = up;
-            }
-            s.refresh_digests();
-            summary
+            // Every VIP's backends are read several times below: indexed once, for this
+            // locked section only (other processes write when the lock is free).
+            s.maps.index_backends()?;
+            let r = Self::apply_locked(s, &cfg);
+            s.maps.drop_backend_index();
+            r?
         };
         if summary.is_empty() {
             info!("configuration applied: no changes");
@@ -556,8 +586,23 @@ impl Agent {
         self.config = cfg;
         self.reconcile_checkers()?;
         let vips: Vec<Vip> = self.config.vips.iter().map(|v| v.vip).collect();
+        // One pass over the backends for all VIPs (a point-in-time view, like the reads it
+        // replaces), not one per VIP.
+        let indexed = self
+            .shared
+            .lock()
+            .expect("agent state lock")
+            .maps
+            .index_backends();
         for vip in vips {
             self.log_if_all_down(&vip);
+        }
+        if indexed.is_ok() {
+            self.shared
+                .lock()
+                .expect("agent state lock")
+                .maps
+                .drop_backend_index();
         }
         self.announce();
         Ok(())

@@ -553,6 +553,10 @@ impl ApplySummary {
 /// apply that fails (table room, a map write) leaves the hash seed and the flood threshold
 /// as they were (a new seed re-hashes every flow without an entry).
 pub fn apply(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
+    maps.with_backend_index(|maps| apply_indexed(maps, cfg))?
+}
+
+fn apply_indexed(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbError> {
     let mut s = ApplySummary::default();
     let current = maps.vips()?;
     let wanted = |vip: &Vip| cfg.vips.iter().find(|v| v.vip == *vip);

@@ -41,6 +41,9 @@ pub struct LbMaps {
     vip_addrs: Array<MapData, u8>,
     backends: Array<MapData, Backend>,
     table: crate::slots::SlotArray,
+    /// The backends in use, by VIP id, while a many-step change runs (`with_backend_index`):
+    /// every read of "the backends of a VIP" otherwise costs a pass over all of them.
+    index: std::sync::Mutex<Option<BackendIndex>>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     /// Unconfirmed flows (a separate LRU, so a flood never evicts a confirmed flow).
     ct_new: HashMap<MapData, FlowKey, CtEntry>,
@@ -131,6 +134,7 @@ impl LbMaps {
             vips: get(names::VIPS)?.try_into()?,
             backends: get(names::BACKENDS)?.try_into()?,
             table: crate::slots::SlotArray::new(get(names::TABLE)?)?,
+            index: std::sync::Mutex::new(None),
             vip_by_id: get(names::VIP_BY_ID)?.try_into()?,
             vip_addrs: get(names::VIP_ADDRS)?.try_into()?,
             conntrack: get(names::CONNTRACK)?.try_into()?,
@@ -605,8 +609,7 @@ impl LbMaps {
             .get(&id, 0)
             .ctx(|| format!("reading backend {addr}"))?;
         entry.flags = with_flag(entry.flags, BACKEND_F_DOWN, !healthy);
-        self.backends
-            .set(id, entry, 0)
+        self.put_backend(id, entry)
             .ctx(|| format!("updating backend {addr}"))?;
         self.write_table(vip, &info, &info, &backends)
     }
@@ -616,8 +619,18 @@ impl LbMaps {
     /// The backends of a VIP, sorted by address.
     pub fn backends(&self, vip: &Vip) -> Result<Vec<BackendState>> {
         let info = self.vip(vip)?;
-        let mut out: Vec<BackendState> = self
-            .valid_backends()?
+        // (The guard is dropped before `valid_backends`, which takes the lock too.)
+        let indexed = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|ix| ix.of_vip(info.vip_id));
+        let of_vip = match indexed {
+            Some(v) => v,
+            None => self.valid_backends()?,
+        };
+        let mut out: Vec<BackendState> = of_vip
             .iter()
             .filter(|(_, b)| b.vip_id == info.vip_id)
             .filter_map(|(id, b)| {
@@ -708,12 +721,7 @@ impl LbMaps {
                 need: active * MIN_SLOTS_PER_BACKEND,
             });
         }
-        let valid = self.valid_backends()?;
-        let current: Vec<(u32, Backend)> = valid
-            .iter()
-            .filter(|(_, b)| b.vip_id == info.vip_id)
-            .copied()
-            .collect();
+        let current = self.raw_backends_of(info.vip_id)?;
         let find_current = |addr: &SocketAddr| {
             current
                 .iter()
@@ -724,7 +732,11 @@ impl LbMaps {
             .iter()
             .filter(|(a, _)| find_current(a).is_none())
             .collect();
-        let used: std::collections::HashSet<u32> = valid.iter().map(|(id, _)| *id).collect();
+        let used: std::collections::HashSet<u32> = if new.is_empty() {
+            Default::default()
+        } else {
+            self.valid_backends()?.iter().map(|(id, _)| *id).collect()
+        };
         let free: Vec<u32> = (0..MAX_BACKENDS)
             .filter(|id| !used.contains(id))
             .take(new.len())
@@ -745,8 +757,7 @@ impl LbMaps {
             if let Some((id, mut b)) = find_current(addr) {
                 if b.weight != *weight {
                     b.weight = *weight;
-                    self.backends
-                        .set(id, b, 0)
+                    self.put_backend(id, b)
                         .ctx(|| format!("updating backend {addr}"))?;
                     change.reweighted += 1;
                 }
@@ -778,8 +789,7 @@ impl LbMaps {
             self.active
                 .set(*id, 0, 0)
                 .ctx(|| format!("resetting the active flows of backend {id}"))?;
-            self.backends
-                .set(*id, backend, 0)
+            self.put_backend(*id, backend)
                 .ctx(|| format!("adding backend {addr}"))?;
             self.claim_port(addr.port(), lb_common::PORT_F_BACKEND)?;
             // The endpoint's reverse-NAT set gains this VIP, in one map update.
@@ -948,9 +958,57 @@ impl LbMaps {
             .get(&b.id, 0)
             .ctx(|| format!("reading backend {}", b.addr))?;
         entry.flags &= !BACKEND_F_VALID;
-        self.backends
-            .set(b.id, entry, 0)
+        self.put_backend(b.id, entry)
             .ctx(|| format!("removing backend {}", b.addr))
+    }
+
+    /// Writes backend entry `id`, keeping the index (if any) exact.
+    pub(crate) fn put_backend(
+        &mut self,
+        id: u32,
+        b: Backend,
+    ) -> std::result::Result<(), aya::maps::MapError> {
+        self.backends.set(id, b, 0)?;
+        if let Some(ix) = self.index.get_mut().unwrap_or_else(|p| p.into_inner()) {
+            ix.remove(id);
+            if b.is_valid() {
+                ix.insert(id, b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Indexes the backends in use by VIP for the rest of this handle's life, for a command
+    /// that reads every VIP's backends while it holds the pin-directory lock (shared or
+    /// exclusive): no other process writes meanwhile, and this handle's writes keep it exact.
+    pub fn index_backends(&self) -> Result<()> {
+        let ix = BackendIndex::from(self.valid_backends()?);
+        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(ix);
+        Ok(())
+    }
+
+    /// Forgets the index `index_backends` made.
+    pub fn drop_backend_index(&self) {
+        *self.index.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Runs `f` with the backends in use indexed by VIP (read once, kept exact by every
+    /// write through this handle): for many-step changes under the pin-directory lock
+    /// (`config::apply`), whose reads would otherwise each pass over every backend.
+    pub fn with_backend_index<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> Result<T> {
+        if self
+            .index
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            return Ok(f(self)); // indexed already (by a caller): it keeps it
+        }
+        let ix = BackendIndex::from(self.valid_backends()?);
+        *self.index.get_mut().unwrap_or_else(|p| p.into_inner()) = Some(ix);
+        let r = f(self);
+        *self.index.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(r)
     }
 
     /// The reverse-NAT set of a backend endpoint (empty if it has none).
@@ -1019,6 +1077,15 @@ impl LbMaps {
     /// exactly one entry per backend in use (written and removed together with the backend
     /// entry), so this costs one lookup per backend rather than a scan of the whole array.
     fn valid_backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let indexed = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(BackendIndex::all);
+        if let Some(all) = indexed {
+            return Ok(all);
+        }
         let mut ids: Vec<u32> = self
             .revnat_all()?
             .iter()
@@ -1046,6 +1113,24 @@ impl LbMaps {
             }
         }
         Ok(out)
+    }
+
+    /// The entries of VIP `vip_id`'s backends in use, by id (from the index if there is one).
+    fn raw_backends_of(&self, vip_id: u32) -> Result<Vec<(u32, Backend)>> {
+        let indexed = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|ix| ix.of_vip(vip_id));
+        match indexed {
+            Some(v) => Ok(v),
+            None => Ok(self
+                .valid_backends()?
+                .into_iter()
+                .filter(|(_, b)| b.vip_id == vip_id)
+                .collect()),
+        }
     }
 
     /// Every entry of the reverse-NAT map, in batched reads (`BPF_MAP_LOOKUP_BATCH`).
@@ -1484,6 +1569,49 @@ impl LbMaps {
     /// The entry a flow has in one of the two tables, if any.
     pub fn flow_in(&self, table: CtTable, key: &FlowKey) -> Option<CtEntry> {
         self.ct_map(table).get(key, 0).ok()
+    }
+}
+
+/// The backends in use: by id, and the ids of each VIP.
+#[derive(Default)]
+struct BackendIndex {
+    by_id: std::collections::BTreeMap<u32, Backend>,
+    by_vip: std::collections::HashMap<u32, std::collections::BTreeSet<u32>>,
+}
+
+impl BackendIndex {
+    fn from(all: Vec<(u32, Backend)>) -> Self {
+        let mut ix = BackendIndex::default();
+        for (id, b) in all {
+            ix.insert(id, b);
+        }
+        ix
+    }
+
+    fn insert(&mut self, id: u32, b: Backend) {
+        self.by_vip.entry(b.vip_id).or_default().insert(id);
+        self.by_id.insert(id, b);
+    }
+
+    fn remove(&mut self, id: u32) {
+        if let Some(old) = self.by_id.remove(&id) {
+            if let Some(ids) = self.by_vip.get_mut(&old.vip_id) {
+                ids.remove(&id);
+            }
+        }
+    }
+
+    /// Every backend, by id.
+    fn all(&self) -> Vec<(u32, Backend)> {
+        self.by_id.iter().map(|(i, b)| (*i, *b)).collect()
+    }
+
+    /// The backends of VIP `vip_id`, by id.
+    fn of_vip(&self, vip_id: u32) -> Vec<(u32, Backend)> {
+        self.by_vip
+            .get(&vip_id)
+            .map(|ids| ids.iter().map(|i| (*i, self.by_id[i])).collect())
+            .unwrap_or_default()
     }
 }
 

@@ -62,6 +62,7 @@ pub fn apply(dir: &PinDir, file: &Path, sizes: Sizes) -> CmdResult {
 /// `lb check`: every violated invariant, one a line; exit 1 if there is any.
 pub fn check(dir: &PinDir, json: bool) -> CmdResult {
     let maps = dir.maps()?;
+    maps.index_backends()?;
     let bad = maps.check()?;
     let vips = maps.vips()?.len();
     if json {
@@ -85,6 +86,7 @@ pub fn check(dir: &PinDir, json: bool) -> CmdResult {
 
 pub fn show(dir: &PinDir) -> CmdResult {
     let maps = dir.maps()?;
+    maps.index_backends()?;
     out!("{}", Config::from_maps(&maps)?.to_toml());
     Ok(())
 }

@@ -197,6 +197,7 @@ struct Status {
 
 pub fn status(dir: &PinDir, json: bool) -> CmdResult {
     let maps = dir.maps()?;
+    maps.index_backends()?;
     let f = maps.fill()?;
     let mut backends_down = Vec::new();
     for (vip, _) in maps.vips()? {

@@ -157,9 +157,8 @@ fn traffic_row(name: &str, weight: &str, t: &Traffic) -> Vec<String> {
 
 pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
     let maps = dir.maps()?;
-    // The maps stay open without the lock: watching must not block other commands.
-    dir.unlock();
     let Some(interval) = watch else {
+        maps.index_backends()?;
         let s = snapshot(&maps)?;
         if json {
             print_json(&s);
@@ -168,6 +167,8 @@ pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
         }
         return Ok(());
     };
+    // The maps stay open without the lock: watching must not block other commands.
+    dir.unlock();
     let interval = interval.max(1);
     let mut before = snapshot(&maps)?;
     loop {

@@ -176,6 +176,7 @@ pub fn vip(dir: &PinDir, cmd: VipCommand, json: bool) -> CmdResult {
         }
         VipCommand::List => {
             let maps = dir.maps()?;
+            maps.index_backends()?;
             let mut rows = Vec::new();
             for (vip, info) in maps.vips()? {
                 let b = maps.backends(&vip)?;
@@ -314,6 +315,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
             }
         }
         BackendCommand::List { vip } => {
+            maps.index_backends()?;
             let vips: Vec<Vip> = match vip {
                 Some(v) => {
                     maps.vip(&v)?;

@@ -232,8 +232,7 @@ impl LbMaps {
                 .get(&id, 0)
                 .ctx(|| format!("reading backend {id}"))?;
             b.flags &= !lb_common::BACKEND_F_VALID;
-            self.backends
-                .set(id, b, 0)
+            self.put_backend(id, b)
                 .ctx(|| format!("invalidating backend {id}"))?;
             r.orphans_removed += 1;
         }

@@ -9,6 +9,7 @@ mod e2e;
 mod per_packet;
 mod report;
 mod rig;
+mod scale_cp;
 
 use std::{path::PathBuf, time::Instant};
 
@@ -136,6 +137,9 @@ fn main() -> Result<()> {
 
     eprintln!("time from `lb backend set` to the first packet on the new table…");
     rep.set_latency(control::set_to_first_packet(&lb_bin)?);
+
+    eprintln!("control plane at scale…");
+    rep.control_at_scale(&scale_cp::at_scale(&lb_bin, args.quick)?);
 
     if !args.no_e2e {
         eprintln!("end to end (wrk)…");

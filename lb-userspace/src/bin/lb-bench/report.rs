@@ -355,6 +355,22 @@ impl Report {
         );
     }
 
+    pub fn control_at_scale(&mut self, rows: &[crate::scale_cp::Row]) {
+        let md = &mut self.md;
+        let _ = writeln!(
+            md,
+            "## Control plane at scale
+"
+        );
+        let _ = writeln!(md, "The real `lb` binary and agent in a namespace of their own, on large configurations (wall time of each command, process start included). 1,000 VIPs of 64 backends each: the backend array holds 65,536 backends, so 1,000 × 100 does not fit.\n");
+        let _ = writeln!(md, "| what | measured | note |");
+        let _ = writeln!(md, "|---|---|---|");
+        for r in rows {
+            let _ = writeln!(md, "| {} | {} | {} |", r.what, r.value, r.note);
+        }
+        let _ = writeln!(md);
+    }
+
     pub fn set_latency(&mut self, (first_packet_ms, command_ms): (f64, f64)) {
         let _ = writeln!(
             self.md,
