@@ -11,6 +11,8 @@ fn bench_quick_runs_and_checks_its_paths() {
         .args([
             "--quick",
             "--no-e2e",
+            // (Large configurations: a minute of the suite's time, no path of the data plane.)
+            "--no-scale",
             "--lb",
             env!("CARGO_BIN_EXE_lb"),
             "--out",

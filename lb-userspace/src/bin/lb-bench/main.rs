@@ -35,6 +35,9 @@ pub struct Args {
     /// Skip the end-to-end runs (they need wrk, nftables and haproxy).
     #[arg(long)]
     pub no_e2e: bool,
+    /// Skip "Control plane at scale" (about a minute of large configurations).
+    #[arg(long)]
+    pub no_scale: bool,
 }
 
 fn main() -> Result<()> {
@@ -138,8 +141,10 @@ fn main() -> Result<()> {
     eprintln!("time from `lb backend set` to the first packet on the new table…");
     rep.set_latency(control::set_to_first_packet(&lb_bin)?);
 
-    eprintln!("control plane at scale…");
-    rep.control_at_scale(&scale_cp::at_scale(&lb_bin, args.quick)?);
+    if !args.no_scale {
+        eprintln!("control plane at scale…");
+        rep.control_at_scale(&scale_cp::at_scale(&lb_bin, args.quick)?);
+    }
 
     if !args.no_e2e {
         eprintln!("end to end (wrk)…");
