@@ -154,6 +154,8 @@ struct Agent {
     bird_error: Option<String>,
     /// When `announce` last ran.
     last_announce_check: std::time::Instant,
+    /// How long `lock_dir` waits.
+    lock_wait: Duration,
     /// Time the sweep's steps took in the pass under way, and when the next pass may begin.
     sweep_busy: Duration,
     sweep_resume_at: std::time::Instant,
@@ -181,6 +183,9 @@ const ANNOUNCE_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 /// The longest pause between two conntrack sweep passes.
 const SWEEP_MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// The longest the agent waits for the lock at its first apply.
+const STARTUP_LOCK_WAIT: Duration = Duration::from_secs(60);
+
 /// The longest the agent waits for the pin-directory lock.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -192,7 +197,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     if let Some(w) = config.seed_warning() {
         warn!("{w}");
     }
-    let maps = {
+    let (maps, page_maps, health) = {
         let dir = PinDir::open(&opts.pin_dir)?;
         let adopted = dir.is_loaded();
         // A first load takes the file's settings, so no other hash seed is ever in use.
@@ -205,6 +210,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             load.nexthop_max_age_ms = lb_common::nexthop_age_to_conf(a);
         }
         let maps = dir.maps_or_load(load)?;
+        // The page's own handles, opened under this lock.
+        let page_maps = match opts.metrics {
+            Some(_) => Some(dir.maps()?),
+            None => None,
+        };
         let attached = dir.attachments()?;
         for iface in &opts.attach {
             if attached.iter().any(|a| &a.iface == iface && !a.gone) {
@@ -222,16 +232,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         } else {
             info!(pin_dir = %opts.pin_dir.display(), "loaded the data plane");
         }
-        maps
-    };
-    // Health as the pinned maps record it: a restarted agent does not send new flows to a
-    // backend the previous one found down.
-    let mut health = HashMap::new();
-    for (vip, _) in maps.vips().map_err(anyhow::Error::from)? {
-        for b in maps.backends(&vip).map_err(anyhow::Error::from)? {
-            health.insert((vip, b.addr), Health::new(b.healthy));
+        // Health as the pinned maps record it: a restarted agent does not send new flows to
+        // a backend the previous one found down (read under the lock, one pass).
+        maps.index_backends().map_err(anyhow::Error::from)?;
+        let mut health = HashMap::new();
+        for (vip, _) in maps.vips().map_err(anyhow::Error::from)? {
+            for b in maps.backends(&vip).map_err(anyhow::Error::from)? {
+                health.insert((vip, b.addr), Health::new(b.healthy));
+            }
         }
-    }
+        maps.drop_backend_index();
+        (maps, page_maps, health)
+    };
     let (tx, mut rx) = mpsc::channel(1024);
     let mut agent = Agent {
         shared: Arc::new(Mutex::new(Shared {
@@ -257,6 +269,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
         last_announce_check: std::time::Instant::now(),
+        lock_wait: LOCK_WAIT,
         sweep_busy: Duration::ZERO,
         sweep_resume_at: std::time::Instant::now(),
         sweep_error: None,
@@ -264,12 +277,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
         opts,
     };
     // The metrics port first: a start that cannot serve it changes nothing.
-    if let Some(addr) = agent.opts.metrics {
-        let page_maps = PinDir::open_within(&agent.opts.pin_dir, LOCK_WAIT)?.maps()?;
+    if let (Some(addr), Some(page_maps)) = (agent.opts.metrics, page_maps) {
         crate::metrics::serve(addr, agent.shared.clone(), page_maps).await?;
         info!(%addr, "serving metrics on /metrics");
     }
-    agent.apply_config(config)?;
+    // A command may hold the lock a while (a large apply): the first apply waits longer.
+    agent.lock_wait = STARTUP_LOCK_WAIT;
+    let first = agent.apply_config(config);
+    agent.lock_wait = LOCK_WAIT;
+    first?;
 
     let mut hup = tokio::signal::unix::signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut term =
@@ -363,7 +379,7 @@ impl Agent {
     /// it longer (a large `lb apply`) makes this write fail and be retried later (the next
     /// probe result, poll or sweep step), never stalls the agent.
     fn lock_dir(&self) -> Result<PinDir> {
-        PinDir::open_within(&self.opts.pin_dir, LOCK_WAIT)
+        PinDir::open_within(&self.opts.pin_dir, self.lock_wait)
     }
 
     /// Announces (through BIRD) the VIP addresses this node can serve now, withdrawing the
@@ -406,16 +422,19 @@ impl Agent {
     fn sweep(&mut self) {
         // At most 1% of a CPU: after a pass, the next waits 99 times as long as the pass
         // worked (a pass reads every backend's counts: at 64,000 backends, about a second).
-        let now = std::time::Instant::now();
-        if now < self.sweep_resume_at {
+        if std::time::Instant::now() < self.sweep_resume_at {
             return;
         }
+        let mut worked = Duration::ZERO;
         let r = self.lock_dir().and_then(|_dir| {
             let mut s = self.shared.lock().expect("agent state lock");
             let s = &mut *s;
-            Ok(s.sweeper.step(&mut s.maps, crate::sweep::AGENT_BUDGET)?)
+            let began = std::time::Instant::now();
+            let r = s.sweeper.step(&mut s.maps, crate::sweep::AGENT_BUDGET);
+            worked = began.elapsed();
+            Ok(r?)
         });
-        self.sweep_busy += now.elapsed();
+        self.sweep_busy += worked;
         if matches!(r, Ok(Some(_))) {
             self.sweep_resume_at =
                 std::time::Instant::now() + (self.sweep_busy * 99).min(SWEEP_MAX_WAIT);
@@ -588,21 +607,24 @@ impl Agent {
         let vips: Vec<Vip> = self.config.vips.iter().map(|v| v.vip).collect();
         // One pass over the backends for all VIPs (a point-in-time view, like the reads it
         // replaces), not one per VIP.
-        let indexed = self
-            .shared
-            .lock()
-            .expect("agent state lock")
-            .maps
-            .index_backends();
-        for vip in vips {
-            self.log_if_all_down(&vip);
-        }
-        if indexed.is_ok() {
-            self.shared
+        // (Under the pin-directory lock, so the index is exact; without it, no logging.)
+        if let Ok(_dir) = self.lock_dir() {
+            let indexed = self
+                .shared
                 .lock()
                 .expect("agent state lock")
                 .maps
-                .drop_backend_index();
+                .index_backends();
+            for vip in vips {
+                self.log_if_all_down(&vip);
+            }
+            if indexed.is_ok() {
+                self.shared
+                    .lock()
+                    .expect("agent state lock")
+                    .maps
+                    .drop_backend_index();
+            }
         }
         self.announce();
         Ok(())

@@ -695,7 +695,12 @@ fn check_table_room(
             .iter()
             .find(|(vip, _)| *vip == v.vip)
             .map(|(_, i)| *i);
-        if old.is_some_and(|i| i.table_size == v.table_size) {
+        // A VIP keeps its range unless its size or its algorithm changes (a new table is then
+        // built beside the old one: `LbMaps::write_table`).
+        let same_algo = |i: &lb_common::VipInfo| {
+            crate::model::Algorithm::from_codes(i.algo, i.src_prefix_len) == v.algorithm
+        };
+        if old.is_some_and(|i| i.table_size == v.table_size && same_algo(&i)) {
             continue;
         }
         let off = crate::state::free_range(used.iter().copied(), v.table_size, capacity).ok_or(

@@ -394,12 +394,13 @@ impl LbMaps {
     /// Writes the table for the VIP entry `want` (its algorithm) and `backends`, then the entry
     /// itself (with the round-robin sequence length) if it differs from `stored`, the one in
     /// the map now. No packet ever meets a slot without a backend that the table should have:
-    /// - when the slots keep their meaning (same algorithm, sequence length and size: a weight
-    ///   or backend change), only the slots that differ are written, in place, before the entry:
-    ///   every value written is a valid backend under either entry;
-    /// - otherwise (another algorithm, a round-robin sequence of another length), the new
-    ///   table is written to a free range and the entry switched to it in one update, as a
-    ///   resize does; the old range is free from then on.
+    /// - when the slots keep their meaning (same algorithm and size: a weight, backend or
+    ///   health change, a round-robin sequence of another length), only the slots that differ
+    ///   are written, in place: those naming a backend before the entry, those made empty
+    ///   after it, so every slot a packet reads names a backend under either entry;
+    /// - otherwise (another algorithm or source prefix, another size), the new table is
+    ///   written to a free range and the entry switched to it in one update; the old range is
+    ///   free from then on.
     ///
     /// Returns the slots written.
     fn write_table(
@@ -411,27 +412,47 @@ impl LbMaps {
     ) -> Result<u32> {
         let (table, seq_len) = table_content(vip, want, backends);
         let mut new = VipInfo { seq_len, ..*want };
-        let same_meaning = new.algo == stored.algo
-            && new.seq_len == stored.seq_len
-            && new.src_prefix_len == stored.src_prefix_len
-            && new.table_off == stored.table_off
-            && new.table_size == stored.table_size;
-        let mut written = 0;
-        if same_meaning {
+        let same_range = new.table_off == stored.table_off && new.table_size == stored.table_size;
+        let same_meaning = new.algo == stored.algo && new.src_prefix_len == stored.src_prefix_len;
+        // (An empty table, e.g. a new VIP's, has no meaning to keep.)
+        let empty = same_range
+            && self
+                .table
+                .range(stored.table_off, stored.table_size)
+                .ctx(|| format!("reading the table of VIP {vip}"))?
+                .iter()
+                .all(|s| *s == NO_BACKEND);
+        if same_range && (same_meaning || empty) {
+            // Backends first, then the entry (a round-robin sequence's new length), then the
+            // slots that become empty: under either entry every slot read names a backend
+            // (a sequence that shrinks is cut only after the entry stops reading its tail).
             let old = self
                 .table
                 .range(new.table_off, new.table_size)
                 .ctx(|| format!("reading the table of VIP {vip}"))?;
-            for (i, (value, old)) in table.iter().zip(old).enumerate() {
-                if old != *value {
-                    let index = new.table_off + i as u32;
-                    self.table
-                        .set(index, *value)
-                        .ctx(|| format!("writing table slot {index}"))?;
-                    written += 1;
-                }
+            let changed: Vec<(u32, u32)> = table
+                .iter()
+                .zip(old)
+                .enumerate()
+                .filter(|(_, (value, old))| *value != old)
+                .map(|(i, (value, _))| (new.table_off + i as u32, *value))
+                .collect();
+            for (index, value) in changed.iter().filter(|(_, v)| *v != NO_BACKEND) {
+                self.table
+                    .set(*index, *value)
+                    .ctx(|| format!("writing table slot {index}"))?;
             }
-        } else {
+            if new != *stored {
+                self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
+            }
+            for (index, value) in changed.iter().filter(|(_, v)| *v == NO_BACKEND) {
+                self.table
+                    .set(*index, *value)
+                    .ctx(|| format!("writing table slot {index}"))?;
+            }
+            return Ok(changed.len() as u32);
+        }
+        {
             let existing = self.vips()?;
             new.table_off = self.free_table_range(&existing, new.table_size)?;
             for (i, value) in table.iter().enumerate() {
@@ -440,12 +461,11 @@ impl LbMaps {
                     .set(index, *value)
                     .ctx(|| format!("writing table slot {index}"))?;
             }
-            written = new.table_size;
         }
         if new != *stored {
             self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
         }
-        Ok(written)
+        Ok(new.table_size)
     }
 
     /// Changes how a VIP's new flows pick their backend. Established flows keep theirs
@@ -1136,61 +1156,21 @@ impl LbMaps {
     /// Every entry of the reverse-NAT map, in batched reads (`BPF_MAP_LOOKUP_BATCH`).
     fn revnat_all(&self) -> Result<Vec<(Endpoint, RevNat)>> {
         use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        let fd = self.revnat.map().fd().as_fd();
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        let mut out = Vec::new();
-        let mut cursor = None;
-        loop {
-            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 4096, &mut keys, &mut values)
-                .map_err(batch_error)
-                .ctx(|| "reading the reverse-NAT map".into())?;
-            out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-            match next {
-                Some(c) => cursor = Some(c),
-                None => return Ok(out),
-            }
-        }
+        read_all(self.revnat.map(), 4096, "the reverse-NAT map")
     }
 
     /// The whole port filter (flags by port), in batched reads.
     fn ports_all(&self) -> Result<Vec<u8>> {
         use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        let fd = self.ports.map().fd().as_fd();
-        let (mut keys, mut values): (Vec<u32>, Vec<u8>) = (Vec::new(), Vec::new());
-        let mut out = Vec::new();
-        let mut cursor = None;
-        loop {
-            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 65_536, &mut keys, &mut values)
-                .map_err(batch_error)
-                .ctx(|| "reading the port filter".into())?;
-            out.extend_from_slice(&values[..n]);
-            match next {
-                Some(c) => cursor = Some(c),
-                None => return Ok(out),
-            }
-        }
+        let all: Vec<(u32, u8)> = read_all(self.ports.map(), 65_536, "the port filter")?;
+        Ok(all.into_iter().map(|(_, v)| v).collect())
     }
 
     /// The whole backend array, in batched reads.
     fn backends_all(&self) -> Result<Vec<Backend>> {
         use aya::maps::IterableMap;
-        use std::os::fd::AsFd;
-        let fd = self.backends.map().fd().as_fd();
-        let (mut keys, mut values): (Vec<u32>, Vec<Backend>) = (Vec::new(), Vec::new());
-        let mut out = Vec::new();
-        let mut cursor = None;
-        loop {
-            let (n, next) = crate::sweep::lookup_batch(fd, cursor, 8192, &mut keys, &mut values)
-                .map_err(batch_error)
-                .ctx(|| "reading the backend array".into())?;
-            out.extend_from_slice(&values[..n]);
-            match next {
-                Some(c) => cursor = Some(c),
-                None => return Ok(out),
-            }
-        }
+        let all: Vec<(u32, Backend)> = read_all(self.backends.map(), 8192, "the backend array")?;
+        Ok(all.into_iter().map(|(_, v)| v).collect())
     }
 
     /// Copies every VIP's table from `old`, the slot array of an older layout (same indices),
@@ -1612,6 +1592,30 @@ impl BackendIndex {
             .get(&vip_id)
             .map(|ids| ids.iter().map(|i| (*i, self.by_id[i])).collect())
             .unwrap_or_default()
+    }
+}
+
+/// Every (key, value) of `map` (a hash map, or an array: then in index order), `chunk` entries
+/// a batched read (`BPF_MAP_LOOKUP_BATCH`); `what` names the map in errors.
+fn read_all<K: Copy + Default, V: Copy + Default>(
+    map: &MapData,
+    chunk: usize,
+    what: &str,
+) -> Result<Vec<(K, V)>> {
+    use std::os::fd::AsFd;
+    let fd = map.fd().as_fd();
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (n, next) = crate::sweep::lookup_batch(fd, cursor, chunk, &mut keys, &mut values)
+            .map_err(batch_error)
+            .ctx(|| format!("reading {what}"))?;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(out),
+        }
     }
 }
 

@@ -605,7 +605,12 @@ pub(crate) fn standalone_maps() -> Option<LbMaps> {
             names::PORTS => (BPF_MAP_TYPE_ARRAY, 4, 1, 65_536),
             _ => return None,
         };
-        let obj = aya_obj::Map::new_from_params(ty as u32, k, v as u32, n, 0);
+        let flags = if name == names::TABLE {
+            crate::slots::BPF_F_MMAPABLE
+        } else {
+            0
+        };
+        let obj = aya_obj::Map::new_from_params(ty as u32, k, v as u32, n, flags);
         Map::from_map_data(MapData::create(obj, name, None).ok()?).ok()
     });
     match r {

@@ -33,6 +33,24 @@ struct Traffic {
     slow: AtomicUsize,
 }
 
+impl Traffic {
+    /// Every connection was answered at its first SYN, and there were enough of them.
+    fn assert_all_answered(self) {
+        let (ok, failed, slow) = (
+            self.ok.into_inner(),
+            self.failed.into_inner(),
+            self.slow.into_inner(),
+        );
+        assert_eq!(
+            (failed, slow),
+            (0, 0),
+            "{failed} connections failed and {slow} waited for a SYN retransmission, of {}",
+            ok + failed + slow
+        );
+        assert!(ok > 50, "only {ok} connections made");
+    }
+}
+
 /// Opens connections to the VIP one after another until `stop` (at most 20000, or 300 s).
 fn connect_while(tb: &Testbed, stop: &AtomicBool, t: &Traffic) {
     let start = Instant::now();
@@ -84,18 +102,7 @@ fn algorithm_switches_lose_no_new_connection() {
         }
         stop.store(true, Ordering::SeqCst);
     });
-    let (ok, failed, slow) = (
-        t.ok.into_inner(),
-        t.failed.into_inner(),
-        t.slow.into_inner(),
-    );
-    assert_eq!(
-        (failed, slow),
-        (0, 0),
-        "{failed} connections failed and {slow} waited for a SYN retransmission, of {}",
-        ok + failed + slow
-    );
-    assert!(ok > 50, "only {ok} connections made");
+    t.assert_all_answered();
     assert_eq!(drops() - drops_before, 0, "packets found no backend");
     assert_eq!(tb.lb(&["check"]).unwrap().lines().count(), 1);
 }
@@ -228,17 +235,6 @@ fn apply_killed_at_random_moments_converges() {
         interrupted >= 50,
         "only {interrupted} applies were killed while running"
     );
-    let (ok, failed, slow) = (
-        t.ok.into_inner(),
-        t.failed.into_inner(),
-        t.slow.into_inner(),
-    );
-    assert_eq!(
-        (failed, slow),
-        (0, 0),
-        "{failed} connections failed and {slow} waited for a SYN retransmission, of {}",
-        ok + failed + slow
-    );
-    assert!(ok > 50, "only {ok} connections made");
+    t.assert_all_answered();
     let _ = std::fs::remove_dir_all(&dir);
 }

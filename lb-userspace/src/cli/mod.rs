@@ -89,7 +89,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse(); // exits with 2 on a usage error
     let r = run(cli);
     // The lock is given up by now: a reader paged through `less` blocks nobody.
-    output::flush_or_exit();
+    let _ = output::flush_or_exit();
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(msg)) => {

@@ -182,7 +182,9 @@ pub fn stats(dir: &mut PinDir, watch: Option<u64>, json: bool) -> CmdResult {
             outln!("every {interval}s — Ctrl-C to stop\n");
             print_snapshot(&now);
         }
-        super::output::flush_or_exit();
+        if !super::output::flush_or_exit() {
+            return Ok(()); // the reader is gone
+        }
         before = now;
     }
 }

@@ -26,12 +26,14 @@ pub fn flush() -> std::io::Result<()> {
     out.flush()
 }
 
-/// `flush`; a closed pipe ends the process quietly (as `head` expects of its writer), any
-/// other failure with a message.
-pub fn flush_or_exit() {
+/// `flush`; a closed pipe is no error (as `head` expects of its writer: the rest of the output
+/// is dropped, the command's own result still decides the exit code), any other failure ends
+/// the process with a message.
+/// Returns false when the reader is gone.
+pub fn flush_or_exit() -> bool {
     match flush() {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => std::process::exit(0),
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => false,
         Err(e) => {
             eprintln!("lb: error: writing the output: {e}");
             std::process::exit(1);

@@ -380,6 +380,8 @@ fn drain_and_delete(
         "draining backend {backend} of {vip} (no new flows; at most {})",
         humantime::format_duration(timeout)
     );
+    // Said now, not when the drain ends (the lock is given up already).
+    let _ = super::output::flush_or_exit();
     let mut watch = lb::drain::Drain::start(&maps, b.id, timeout, vip.proto == lb::Proto::Udp);
     let why = loop {
         if let Some(why) = watch.finished(&maps, b.id) {

@@ -95,6 +95,28 @@ fn lb(lb_bin: &Path, ns: &NetNs, pin: &str, args: &[&str]) -> Result<f64> {
     Ok(ms)
 }
 
+/// `lb backend set VIP BACKEND --weight` `rounds` times, 5 and 1 in turn: each one's ms.
+fn reweigh(
+    lb_bin: &Path,
+    ns: &NetNs,
+    pin: &str,
+    vip: &str,
+    backend: &str,
+    rounds: usize,
+) -> Result<Vec<f64>> {
+    (0..rounds)
+        .map(|r| {
+            let w = if r % 2 == 0 { "5" } else { "1" };
+            lb(
+                lb_bin,
+                ns,
+                pin,
+                &["backend", "set", vip, backend, "--weight", w],
+            )
+        })
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -127,16 +149,7 @@ fn many_vips(lb_bin: &Path, ns: &NetNs, dir: &Path, tag: &str, quick: bool) -> R
     }
     let vip = "10.120.2.1:80/tcp"; // VIP 500
     let be = backend(500, 7);
-    let mut set = Vec::new();
-    for r in 0..rounds {
-        let w = if r % 2 == 0 { "5" } else { "1" };
-        set.push(lb(
-            lb_bin,
-            ns,
-            &pin,
-            &["backend", "set", vip, &be, "--weight", w],
-        )?);
-    }
+    let set = reweigh(lb_bin, ns, &pin, vip, &be, rounds)?;
     let check_ms = lb(lb_bin, ns, &pin, &["check"])?;
 
     // The agent on the same state: it adopts it (an apply that changes nothing), serves
@@ -253,16 +266,7 @@ fn one_big_vip(lb_bin: &Path, ns: &NetNs, dir: &Path, tag: &str, quick: bool) ->
     let apply_ms = lb(lb_bin, ns, &pin, &["apply", "-f", full.to_str().unwrap()])?;
     let vip = "10.120.0.1:80/tcp";
     let be = backend(0, 4321);
-    let mut set = Vec::new();
-    for r in 0..rounds {
-        let w = if r % 2 == 0 { "5" } else { "1" };
-        set.push(lb(
-            lb_bin,
-            ns,
-            &pin,
-            &["backend", "set", vip, &be, "--weight", w],
-        )?);
-    }
+    let set = reweigh(lb_bin, ns, &pin, vip, &be, rounds)?;
     let _ = lb(lb_bin, ns, &pin, &["detach", "--purge"]);
     Ok(vec![
         Row {
