@@ -25,8 +25,8 @@ const ELEM_SIZE: usize = 8;
 
 /// The slot array, mapped.
 pub struct SlotArray {
-    /// Kept open for as long as the mapping (and for `map_id`).
-    map: MapData,
+    /// Kept open for as long as the mapping.
+    _map: MapData,
     base: NonNull<AtomicU32>,
     len: u32,
     mapped: usize,
@@ -74,7 +74,7 @@ impl SlotArray {
             return Err(std::io::Error::last_os_error()).context("mapping the slot array");
         }
         Ok(SlotArray {
-            map,
+            _map: map,
             base: NonNull::new(p.cast()).context("mmap returned null")?,
             len,
             mapped,
@@ -124,11 +124,6 @@ impl SlotArray {
             });
         };
         (off..end).map(|i| self.get(i)).collect()
-    }
-
-    /// The map, for its id and pin.
-    pub fn map(&self) -> &MapData {
-        &self.map
     }
 }
 

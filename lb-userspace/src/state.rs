@@ -414,22 +414,16 @@ impl LbMaps {
         let mut new = VipInfo { seq_len, ..*want };
         let same_range = new.table_off == stored.table_off && new.table_size == stored.table_size;
         let same_meaning = new.algo == stored.algo && new.src_prefix_len == stored.src_prefix_len;
+        let old = self
+            .table
+            .range(stored.table_off, stored.table_size)
+            .ctx(|| format!("reading the table of VIP {vip}"))?;
         // (An empty table, e.g. a new VIP's, has no meaning to keep.)
-        let empty = same_range
-            && self
-                .table
-                .range(stored.table_off, stored.table_size)
-                .ctx(|| format!("reading the table of VIP {vip}"))?
-                .iter()
-                .all(|s| *s == NO_BACKEND);
+        let empty = old.iter().all(|s| *s == NO_BACKEND);
         if same_range && (same_meaning || empty) {
             // Backends first, then the entry (a round-robin sequence's new length), then the
             // slots that become empty: under either entry every slot read names a backend
             // (a sequence that shrinks is cut only after the entry stops reading its tail).
-            let old = self
-                .table
-                .range(new.table_off, new.table_size)
-                .ctx(|| format!("reading the table of VIP {vip}"))?;
             let changed: Vec<(u32, u32)> = table
                 .iter()
                 .zip(old)
@@ -452,19 +446,16 @@ impl LbMaps {
             }
             return Ok(changed.len() as u32);
         }
-        {
-            let existing = self.vips()?;
-            new.table_off = self.free_table_range(&existing, new.table_size)?;
-            for (i, value) in table.iter().enumerate() {
-                let index = new.table_off + i as u32;
-                self.table
-                    .set(index, *value)
-                    .ctx(|| format!("writing table slot {index}"))?;
-            }
+        let existing = self.vips()?;
+        new.table_off = self.free_table_range(&existing, new.table_size)?;
+        for (i, value) in table.iter().enumerate() {
+            let index = new.table_off + i as u32;
+            self.table
+                .set(index, *value)
+                .ctx(|| format!("writing table slot {index}"))?;
         }
-        if new != *stored {
-            self.put_vip(vip, new, || format!("updating VIP {vip}"))?;
-        }
+        // Another range: the entry always changes.
+        self.put_vip(vip, new, || format!("switching VIP {vip} to its new table"))?;
         Ok(new.table_size)
     }
 
@@ -1202,9 +1193,7 @@ impl LbMaps {
     /// A VIP's table: backend id per slot (`NO_BACKEND` for none).
     pub fn table(&self, vip: &Vip) -> Result<Vec<u32>> {
         let info = self.vip(vip)?;
-        self.table
-            .range(info.table_off, info.table_size)
-            .ctx(|| format!("reading the table of VIP {vip}"))
+        self.slot_range(info.table_off, info.table_size)
     }
 
     /// SHA-256 of a VIP's selection as every gateway must have it: the hash seed, the VIP, its
