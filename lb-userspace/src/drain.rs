@@ -34,7 +34,7 @@ impl Drain {
         Drain {
             started: now,
             timeout,
-            packets: maps.backend_stats(id).map(|t| t.packets).unwrap_or(0),
+            packets: maps.counters.backend(id).map(|t| t.packets).unwrap_or(0),
             last_traffic: now,
             udp,
             zero_since: None,
@@ -44,12 +44,12 @@ impl Drain {
     /// Whether backend `id` is finished, and why.
     pub fn finished(&mut self, maps: &LbMaps, id: u32) -> Option<&'static str> {
         let now = Instant::now();
-        let packets = maps.backend_stats(id).map(|t| t.packets).unwrap_or(0);
+        let packets = maps.counters.backend(id).map(|t| t.packets).unwrap_or(0);
         if packets != self.packets {
             self.packets = packets;
             self.last_traffic = now;
         }
-        let zero = maps.active_flows(id).is_ok_and(|n| n == 0);
+        let zero = maps.flows.active(id).is_ok_and(|n| n == 0);
         self.zero_since = match (zero, self.zero_since) {
             (true, None) => Some(now),
             (true, since) => since,

@@ -20,6 +20,7 @@ pub mod schedule;
 pub mod slots;
 pub mod state;
 pub mod sweep;
+#[cfg(feature = "testbed")]
 pub mod testbed;
 
 pub use dataplane::{AttachMode, Dataplane, LoadOptions};

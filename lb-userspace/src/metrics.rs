@@ -1,60 +1,68 @@
 //! Prometheus metrics of the agent (`lb run --metrics ADDR`, path `/metrics`): read from the
 //! maps at every scrape (the kernel counters are the truth; nothing is cached), plus the
-//! agent's own health-check, reload and table-rebuild counters. The format is OpenMetrics text
-//! (what the prometheus-client crate writes), which Prometheus scrapes natively.
+//! agent's own health-check, reload and table-rebuild counters, in the Prometheus text format
+//! (0.0.4), which `promtool check metrics` checks.
 
 use std::net::SocketAddr;
 
-use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use std::fmt::Write as _;
 
 use crate::{agent::Shared, CtTable, LbMaps};
 use lb_common::{COUNTER_NAMES, CT_STATE_NAMES, VERDICT_COUNT};
 
-type Labels = Vec<(String, String)>;
-
-/// Families registered on a fresh registry per scrape.
-struct Families {
-    reg: Registry,
+/// The page being written, in the Prometheus text exposition format (0.0.4). Written directly
+/// rather than through a metrics registry: at 1,000 VIPs × 64 backends the page has over half
+/// a million series, and a registry's per-series maps and label vectors cost seconds.
+struct Page {
+    out: String,
 }
 
-impl Families {
-    fn counter(&mut self, name: &str, help: &str) -> Family<Labels, Counter> {
-        let f = Family::<Labels, Counter>::default();
-        self.reg.register(name, help, f.clone());
-        f
+impl Page {
+    /// Starts a metric family: its help and type lines. Counter names end in `_total`.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        debug_assert_eq!(kind == "counter", name.ends_with("_total"), "{name}");
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn plain_counter(&mut self, name: &str, help: &str, v: u64) {
-        let c = Counter::<u64>::default();
-        c.inc_by(v);
-        self.reg.register(name, help, c);
+    /// One sample of the family begun last.
+    fn sample(&mut self, name: &str, labels: &[(&str, &dyn std::fmt::Display)], v: u64) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                let start = self.out.len();
+                let _ = write!(self.out, "{val}");
+                if self.out[start..].contains(['\\', '"', '\n']) {
+                    let escaped = escape(&self.out[start..]);
+                    self.out.truncate(start);
+                    self.out.push_str(&escaped);
+                }
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {v}");
     }
 
-    fn plain_gauge(&mut self, name: &str, help: &str, v: i64) {
-        let g = Gauge::<i64>::default();
-        g.set(v);
-        self.reg.register(name, help, g);
-    }
-
-    fn gauge(&mut self, name: &str, help: &str) -> Family<Labels, Gauge> {
-        let f = Family::<Labels, Gauge>::default();
-        self.reg.register(name, help, f.clone());
-        f
+    /// A family of one sample without labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, v: u64) {
+        self.family(name, kind, help);
+        self.sample(name, &[], v);
     }
 }
 
-fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
+/// A label value as the text format needs it: backslash, double quote and newline escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', r#"\""#)
+        .replace('\n', r"\n")
 }
 
-/// The metrics page, in the Prometheus text format.
 /// What the page needs of the agent's state, copied under the agent's lock (`Shared::snapshot`):
 /// the page is then rendered from the maps without it, so a scrape never holds up the agent.
 pub struct Snapshot {
@@ -69,220 +77,309 @@ pub struct Snapshot {
     pub pin_dir: std::path::PathBuf,
 }
 
+/// Above this many backends, their counters are read as whole arrays (a few batched reads)
+/// rather than with a lookup each.
+const BATCH_READ_FROM: usize = 512;
+
 /// The page: the maps' counters and state, and the agent's (`shared`). One pass over the
-/// backends in use, one read per VIP and per backend for their counters.
+/// backends in use; the per-backend counters in batched reads when there are many.
 pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
-    let mut f = Families {
-        reg: Registry::default(),
-    };
+    let mut p = Page { out: String::new() };
     // Global counters: verdicts (one per packet) and events.
-    let verdicts = f.counter(
-        "lb_packets",
-        "Packets seen by the XDP program, by verdict (exactly one per packet).",
+    let counters = maps.counters.verdicts()?;
+    p.family(
+        "lb_packets_total",
+        "counter",
+        "Packets seen by the data plane, by verdict (exactly one per packet).",
     );
-    let events = f.counter(
-        "lb_events",
+    for (i, v) in counters.iter().enumerate().take(VERDICT_COUNT as usize) {
+        p.sample("lb_packets_total", &[("verdict", &COUNTER_NAMES[i])], *v);
+    }
+    p.family(
+        "lb_events_total",
+        "counter",
         "Data-plane events (conntrack, reverse NAT, …).",
     );
-    for (i, v) in maps.counters()?.iter().enumerate() {
-        let fam = if (i as u32) < VERDICT_COUNT {
-            &verdicts
-        } else {
-            &events
-        };
-        let key = if (i as u32) < VERDICT_COUNT {
-            "verdict"
-        } else {
-            "event"
-        };
-        fam.get_or_create(&labels(&[(key, COUNTER_NAMES[i].to_string())]))
-            .inc_by(*v);
+    for (i, v) in counters.iter().enumerate().skip(VERDICT_COUNT as usize) {
+        p.sample("lb_events_total", &[("event", &COUNTER_NAMES[i])], *v);
     }
 
-    let vip_packets = f.counter("lb_vip_packets", "Client packets forwarded for a VIP.");
-    let vip_bytes = f.counter(
-        "lb_vip_bytes",
-        "Bytes of client packets forwarded for a VIP.",
+    let vips = maps.vips()?;
+    let mut by_vip = maps.backends_by_vip()?;
+    let many = by_vip.values().map(Vec::len).sum::<usize>() >= BATCH_READ_FROM;
+    let vip_stats = if vips.len() >= BATCH_READ_FROM / 8 {
+        maps.counters.all_vips()?
+    } else {
+        let mut v = vec![Default::default(); lb_common::MAX_VIPS as usize];
+        for (_, info) in &vips {
+            v[info.vip_id as usize] = maps.counters.vip(info.vip_id)?;
+        }
+        v
+    };
+    let vip_stat = |id: u32| vip_stats.get(id as usize).copied().unwrap_or_default();
+    for (name, help, get) in [
+        (
+            "lb_vip_packets_total",
+            "Client packets forwarded for a VIP.",
+            (|s: &lb_common::TrafficStats| s.packets) as fn(&lb_common::TrafficStats) -> u64,
+        ),
+        (
+            "lb_vip_bytes_total",
+            "Bytes of client packets forwarded for a VIP (whole frames as received).",
+            |s| s.bytes,
+        ),
+        (
+            "lb_vip_new_flows_total",
+            "New flows of a VIP (selection table used).",
+            |s| s.new_flows,
+        ),
+        (
+            "lb_vip_reply_packets_total",
+            "Backend replies rewritten back to the VIP.",
+            |s| s.rev_packets,
+        ),
+    ] {
+        p.family(name, "counter", help);
+        for (vip, info) in &vips {
+            p.sample(name, &[("vip", vip)], get(&vip_stat(info.vip_id)));
+        }
+    }
+
+    // The backends, in VIP order, with their counters and active-flow counts.
+    let mut rows = Vec::new();
+    for (vip, info) in &vips {
+        for b in by_vip.remove(&info.vip_id).unwrap_or_default() {
+            rows.push((*vip, b));
+        }
+    }
+    let (stats, active) = if many {
+        let stats = maps.counters.all_backends()?;
+        let active = maps.flows.all_active()?;
+        rows.iter()
+            .map(|(_, b)| {
+                (
+                    stats.get(b.id as usize).copied().unwrap_or_default(),
+                    active.get(b.id as usize).copied().unwrap_or_default(),
+                )
+            })
+            .unzip()
+    } else {
+        let mut stats = Vec::with_capacity(rows.len());
+        let mut active = Vec::with_capacity(rows.len());
+        for (_, b) in &rows {
+            stats.push(maps.counters.backend(b.id)?);
+            active.push(maps.flows.active(b.id)?);
+        }
+        (stats, active)
+    };
+    let stats: Vec<lb_common::TrafficStats> = stats;
+    let active: Vec<u64> = active;
+    type Get<'a> = Box<dyn Fn(usize) -> u64 + 'a>;
+    let per_backend: [(&str, &str, &str, Get); 8] = [
+        (
+            "lb_backend_packets_total",
+            "counter",
+            "Client packets forwarded to a backend.",
+            Box::new(|i| stats[i].packets),
+        ),
+        (
+            "lb_backend_bytes_total",
+            "counter",
+            "Bytes forwarded to a backend (whole frames as received).",
+            Box::new(|i| stats[i].bytes),
+        ),
+        (
+            "lb_backend_new_flows_total",
+            "counter",
+            "New flows given to a backend.",
+            Box::new(|i| stats[i].new_flows),
+        ),
+        (
+            "lb_backend_reply_packets_total",
+            "counter",
+            "Replies of a backend rewritten back to the VIP.",
+            Box::new(|i| stats[i].rev_packets),
+        ),
+        (
+            "lb_backend_active_flows",
+            "gauge",
+            "Confirmed flows of a backend that have not closed, expired or been evicted.",
+            Box::new(|i| active[i]),
+        ),
+        (
+            "lb_backend_up",
+            "gauge",
+            "1 if the backend is healthy (or not checked), 0 if health checks took it out.",
+            Box::new(|i| rows[i].1.healthy as u64),
+        ),
+        (
+            "lb_backend_weight",
+            "gauge",
+            "Configured weight (0 = drained).",
+            Box::new(|i| rows[i].1.weight as u64),
+        ),
+        (
+            "lb_backend_draining",
+            "gauge",
+            "1 while a backend removed from the configuration drains.",
+            Box::new(|i| shared.draining.contains(&(rows[i].0, rows[i].1.addr)) as u64),
+        ),
+    ];
+    for (name, kind, help, get) in &per_backend {
+        p.family(name, kind, help);
+        for (i, (vip, b)) in rows.iter().enumerate() {
+            p.sample(name, &[("vip", vip), ("backend", &b.addr)], get(i));
+        }
+    }
+    p.family(
+        "lb_health_checks_total",
+        "counter",
+        "Health-check probes, by result.",
     );
-    let vip_new = f.counter(
-        "lb_vip_new_flows",
-        "New flows of a VIP (selection table used).",
-    );
-    let vip_rev = f.counter(
-        "lb_vip_reply_packets",
-        "Backend replies rewritten back to the VIP.",
-    );
-    let be_packets = f.counter(
-        "lb_backend_packets",
-        "Client packets forwarded to a backend.",
-    );
-    let be_bytes = f.counter("lb_backend_bytes", "Bytes forwarded to a backend.");
-    let be_new = f.counter("lb_backend_new_flows", "New flows given to a backend.");
-    let be_rev = f.counter(
-        "lb_backend_reply_packets",
-        "Replies of a backend rewritten.",
-    );
-    let be_active = f.gauge(
-        "lb_backend_active_flows",
-        "Confirmed flows of a backend that have not closed, expired or been evicted.",
-    );
-    let be_up = f.gauge(
-        "lb_backend_up",
-        "1 if the backend is healthy (or not checked), 0 if health checks took it out.",
-    );
-    let be_weight = f.gauge("lb_backend_weight", "Configured weight (0 = drained).");
-    let be_draining = f.gauge(
-        "lb_backend_draining",
-        "1 while a backend removed from the configuration drains.",
-    );
-    let checks = f.counter("lb_health_checks", "Health-check probes, by result.");
-    let mut backends = maps.backends_by_vip()?;
-    for (vip, info) in maps.vips()? {
-        let vl = labels(&[("vip", vip.to_string())]);
-        let s = maps.vip_stats(info.vip_id)?;
-        vip_packets.get_or_create(&vl).inc_by(s.packets);
-        vip_bytes.get_or_create(&vl).inc_by(s.bytes);
-        vip_new.get_or_create(&vl).inc_by(s.new_flows);
-        vip_rev.get_or_create(&vl).inc_by(s.rev_packets);
-        for b in backends.remove(&info.vip_id).unwrap_or_default() {
-            let bl = labels(&[("vip", vip.to_string()), ("backend", b.addr.to_string())]);
-            let s = maps.backend_stats(b.id)?;
-            be_packets.get_or_create(&bl).inc_by(s.packets);
-            be_bytes.get_or_create(&bl).inc_by(s.bytes);
-            be_new.get_or_create(&bl).inc_by(s.new_flows);
-            be_rev.get_or_create(&bl).inc_by(s.rev_packets);
-            be_active
-                .get_or_create(&bl)
-                .set(maps.active_flows(b.id)? as i64);
-            be_up.get_or_create(&bl).set(b.healthy as i64);
-            be_weight.get_or_create(&bl).set(b.weight as i64);
-            be_draining
-                .get_or_create(&bl)
-                .set(shared.draining.contains(&(vip, b.addr)) as i64);
-            if let Some((checks_ok, checks_failed)) = shared.checks.get(&(vip, b.addr)) {
-                let mut ok = bl.clone();
-                ok.push(("result".into(), "ok".into()));
-                checks.get_or_create(&ok).inc_by(*checks_ok);
-                let mut failed = bl.clone();
-                failed.push(("result".into(), "failed".into()));
-                checks.get_or_create(&failed).inc_by(*checks_failed);
+    for (vip, b) in &rows {
+        if let Some((ok, failed)) = shared.checks.get(&(*vip, b.addr)) {
+            for (result, n) in [("ok", ok), ("failed", failed)] {
+                p.sample(
+                    "lb_health_checks_total",
+                    &[("vip", vip), ("backend", &b.addr), ("result", &result)],
+                    *n,
+                );
             }
         }
     }
 
-    conntrack(&mut f, maps, shared)?;
+    conntrack(&mut p, maps, shared)?;
 
-    let digest = f.gauge(
+    p.family(
         "lb_vip_table_info",
+        "gauge",
         "A VIP's selection digest (lb table --digest): equal on gateways with the same configuration.",
     );
-    for (vip, d) in &shared.digests {
-        digest
-            .get_or_create(&labels(&[("vip", vip.to_string()), ("digest", d.clone())]))
-            .set(1);
+    let mut digests: Vec<_> = shared.digests.iter().collect();
+    digests.sort();
+    for (vip, d) in digests {
+        p.sample("lb_vip_table_info", &[("vip", vip), ("digest", d)], 1);
     }
-    let announced = f.gauge(
+    p.family(
         "lb_vip_announced",
+        "gauge",
         "1 for each VIP address this node announces through BIRD.",
     );
     for ip in &shared.announced {
-        announced
-            .get_or_create(&labels(&[("address", ip.to_string())]))
-            .set(1);
+        p.sample("lb_vip_announced", &[("address", ip)], 1);
     }
     let c = &shared.counters;
-    f.plain_counter(
-        "lb_table_rebuilds",
+    p.single(
+        "lb_table_rebuilds_total",
+        "counter",
         "Selection-table updates made by the agent (config changes, health transitions, drains).",
         c.table_rebuilds,
     );
-    f.plain_counter(
-        "lb_table_slots_written",
+    p.single(
+        "lb_table_slots_written_total",
+        "counter",
         "Table slots the agent rewrote.",
         c.slots_written,
     );
-    let reloads = f.counter("lb_config_reloads", "Configuration reloads, by result.");
-    reloads
-        .get_or_create(&labels(&[("result", "ok".into())]))
-        .inc_by(c.reloads_ok);
-    reloads
-        .get_or_create(&labels(&[("result", "error".into())]))
-        .inc_by(c.reloads_failed);
-    f.plain_gauge(
-        "lb_config_last_reload_ok",
-        "1 if the last configuration read was valid and applied.",
-        c.last_reload_ok as i64,
+    p.family(
+        "lb_config_reloads_total",
+        "counter",
+        "Configuration reloads, by result.",
     );
-    f.plain_counter(
-        "lb_backends_drained",
+    p.sample(
+        "lb_config_reloads_total",
+        &[("result", &"ok")],
+        c.reloads_ok,
+    );
+    p.sample(
+        "lb_config_reloads_total",
+        &[("result", &"error")],
+        c.reloads_failed,
+    );
+    p.single(
+        "lb_config_last_reload_ok",
+        "gauge",
+        "1 if the last configuration read was valid and applied.",
+        c.last_reload_ok as u64,
+    );
+    p.single(
+        "lb_backends_drained_total",
+        "counter",
         "Backends removed after draining (no active flows, idle, or the drain timeout).",
         c.drained,
     );
 
-    let links = f.gauge(
+    p.family(
         "lb_attached",
-        "lb's XDP links, by interface and mode: 1 attached, 0 gone (the interface was deleted).",
+        "gauge",
+        "lb's data-plane links, by interface and mode: 1 attached, 0 gone (the interface was deleted).",
     );
     for a in crate::pin::attachments_in(&shared.pin_dir).unwrap_or_default() {
-        links
-            .get_or_create(&labels(&[
-                ("iface", a.iface.clone()),
-                ("mode", crate::pin::mode_name(a.mode).into()),
-            ]))
-            .set(!a.gone as i64);
+        p.sample(
+            "lb_attached",
+            &[
+                ("iface", &a.iface),
+                ("mode", &crate::pin::mode_name(a.mode)),
+            ],
+            !a.gone as u64,
+        );
     }
-
-    let mut out = String::new();
-    encode(&mut out, &f.reg)?;
-    Ok(out)
+    Ok(p.out)
 }
 
 /// The conntrack tables: entries by table and state as the agent's last complete sweep pass
 /// found them, capacities, and what the sweeps removed and settled.
-fn conntrack(f: &mut Families, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<()> {
-    let capacity = f.gauge(
+fn conntrack(p: &mut Page, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<()> {
+    p.family(
         "lb_conntrack_capacity",
+        "gauge",
         "Entries a conntrack table holds (confirmed flows; unconfirmed: handshake not completed or no reply yet).",
     );
     for t in CtTable::ALL {
-        capacity
-            .get_or_create(&labels(&[("table", t.name().into())]))
-            .set(maps.ct_capacity(t)? as i64);
+        p.sample(
+            "lb_conntrack_capacity",
+            &[("table", &t.name())],
+            maps.flows.capacity(t)?,
+        );
     }
-    let entries = f.gauge(
+    p.family(
         "lb_conntrack_entries",
+        "gauge",
         "Conntrack entries by table and state, at the end of the agent's last complete sweep.",
     );
     if let Some(r) = &shared.sweep_last {
         for t in CtTable::ALL {
             for (state, name) in CT_STATE_NAMES.iter().enumerate().skip(1) {
-                entries
-                    .get_or_create(&labels(&[
-                        ("table", t.name().into()),
-                        ("state", name.to_string()),
-                    ]))
-                    .set(r.entries[t as usize][state] as i64);
+                p.sample(
+                    "lb_conntrack_entries",
+                    &[("table", &t.name()), ("state", name)],
+                    r.entries[t as usize][state],
+                );
             }
         }
     }
     let totals = shared.sweep_totals;
-    f.plain_counter(
-        "lb_conntrack_expired",
+    p.single(
+        "lb_conntrack_expired_total",
+        "counter",
         "Conntrack entries the agent deleted because they were past their state's timeout.",
         totals.expired,
     );
-    f.plain_counter(
-        "lb_conntrack_stale",
+    p.single(
+        "lb_conntrack_stale_total",
+        "counter",
         "Conntrack entries the agent deleted because their VIP or backend was gone or replaced.",
         totals.stale,
     );
-    f.plain_counter(
-        "lb_conntrack_evicted",
+    p.single(
+        "lb_conntrack_evicted_total",
+        "counter",
         "Flows taken off active-flow counts because their entries vanished (LRU evictions), settled by the agent's sweep.",
         totals.evicted,
     );
-    f.plain_counter(
-        "lb_conntrack_sweeps",
+    p.single(
+        "lb_conntrack_sweeps_total",
+        "counter",
         "Complete sweeps of both conntrack tables by the agent.",
         totals.passes,
     );
@@ -317,7 +414,7 @@ pub async fn serve(
                         StatusCode::OK,
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            "text/plain; version=0.0.4; charset=utf-8",
                         )],
                         text,
                     )

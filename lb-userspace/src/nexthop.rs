@@ -72,7 +72,7 @@ pub fn clear(maps: &mut LbMaps) -> Result<u32> {
     let mut n = 0;
     for (vip, _) in maps.vips()? {
         for b in maps.backends(&vip)? {
-            maps.clear_nexthop(b.id)?;
+            maps.nexthops.clear(b.id)?;
             n += 1;
         }
     }

@@ -299,10 +299,13 @@ impl Sweeper {
         if self.pass.is_none() {
             // The count events are read before the first entry: ΔC and ΔU then cover every
             // change the pass may have seen half of.
-            let mut backends = HashMap::new();
-            for (id, generation) in maps.backend_generations()? {
-                backends.insert(id, (generation, maps.count_events(id)?));
-            }
+            let generations = maps.backend_generations()?;
+            let events = count_events_of(maps, &generations)?;
+            let backends = generations
+                .iter()
+                .zip(events)
+                .map(|(&(id, generation), ev)| (id, (generation, ev)))
+                .collect();
             self.pass = Some(Pass {
                 backends,
                 ..Pass::default()
@@ -313,7 +316,7 @@ impl Sweeper {
         let mut left = budget.max(1);
         loop {
             let want = left.min(BATCH);
-            let (n, next) = maps.ct_batch(
+            let (n, next) = maps.flows.batch(
                 self.table,
                 self.cursor,
                 want,
@@ -361,7 +364,7 @@ impl Sweeper {
             // batch was read. (A packet between this read and the delete still loses its
             // entry; its flow is then treated as new, as it would be had it come a moment
             // later after expiry.)
-            match maps.ct_get(table, &key)? {
+            match maps.flows.get(table, &key)? {
                 None => return Ok(()),
                 Some(e) => {
                     entry = e;
@@ -379,7 +382,7 @@ impl Sweeper {
                 }
             }
             Verdict::Expired => {
-                if maps.ct_remove(table, &key)? {
+                if maps.flows.remove(table, &key)? {
                     pass.report.expired += 1;
                     if counted {
                         pass.tally.entry(tally_key).or_default().expired_counted += 1;
@@ -391,7 +394,7 @@ impl Sweeper {
                 // nobody), whose count never included it (reset when the id was reused; the
                 // data plane clears a stale entry's `CT_F_COUNTED` without decrementing).
                 // Deleting it changes no count.
-                if maps.ct_remove(table, &key)? {
+                if maps.flows.remove(table, &key)? {
                     pass.report.stale += 1;
                 }
             }
@@ -408,18 +411,20 @@ impl Sweeper {
     /// (`flow::forget`), so they need no settling.
     fn finish(&mut self, maps: &mut LbMaps) -> Result<SweepReport> {
         let mut pass = self.pass.take().expect("a pass is under way");
-        for (id, generation) in maps.backend_generations()? {
+        let generations = maps.backend_generations()?;
+        // The counts first, then the events: the events read after a count bound every change
+        // it may include (read the other way round, a flow counted in between would look like
+        // a leak).
+        let actives = active_of(maps, &generations)?;
+        let events = count_events_of(maps, &generations)?;
+        for ((&(id, generation), active), ev) in generations.iter().zip(actives).zip(events) {
             let Some(&(start_generation, at_start)) = pass.backends.get(&id) else {
                 continue;
             };
             if start_generation != generation {
                 continue;
             }
-            // The count first, then the events: the events read after it bound every change
-            // the count may include (read the other way round, a flow counted in between
-            // would look like a leak).
-            let active = maps.active_flows(id)?;
-            let during = events_between(at_start, maps.count_events(id)?);
+            let during = events_between(at_start, ev);
             let tally = pass
                 .tally
                 .get(&(id, generation))
@@ -431,8 +436,8 @@ impl Sweeper {
                 // read stays. Race: a change between this read and the write is lost (the
                 // kernel has no compare-and-swap for map values from userspace); the count
                 // events still record it, so a later pass sees the difference and settles it.
-                let now = maps.active_flows(id)?;
-                maps.set_active_flows(id, corrected(now, s.correction))?;
+                let now = maps.flows.active(id)?;
+                maps.flows.set_active(id, corrected(now, s.correction))?;
                 pass.report.active_written += 1;
             }
             pass.report.expired_settled += s.expired;
@@ -521,11 +526,55 @@ pub(crate) fn lookup_batch<K: Copy + Default, V: Copy + Default>(
     keys: &mut Vec<K>,
     values: &mut Vec<V>,
 ) -> io::Result<(usize, Option<u32>)> {
+    lookup_batch_per_key(fd, cursor, max, 1, keys, values)
+}
+
+/// Above this many backends, their counts are read as whole arrays in batches (a few
+/// syscalls) rather than one lookup each.
+const BATCH_READ_FROM: usize = 512;
+
+/// The active-flow count of each backend of `ids` (id, generation), in that order.
+fn active_of(maps: &LbMaps, ids: &[(u32, u32)]) -> Result<Vec<u64>> {
+    if ids.len() < BATCH_READ_FROM {
+        return ids.iter().map(|(id, _)| maps.flows.active(*id)).collect();
+    }
+    let all = maps.flows.all_active()?;
+    Ok(ids
+        .iter()
+        .map(|(id, _)| all.get(*id as usize).copied().unwrap_or(0))
+        .collect())
+}
+
+/// The count events of each backend of `ids` (id, generation), in that order.
+fn count_events_of(maps: &LbMaps, ids: &[(u32, u32)]) -> Result<Vec<CountEvents>> {
+    if ids.len() < BATCH_READ_FROM {
+        return ids
+            .iter()
+            .map(|(id, _)| maps.flows.count_events(*id))
+            .collect();
+    }
+    let all = maps.flows.all_count_events()?;
+    Ok(ids
+        .iter()
+        .map(|(id, _)| all.get(*id as usize).copied().unwrap_or_default())
+        .collect())
+}
+
+/// `lookup_batch` for maps whose value is `per_key` values of `V` (a per-CPU map: one per
+/// possible CPU); `values` gets `per_key` entries for each key read.
+pub(crate) fn lookup_batch_per_key<K: Copy + Default, V: Copy + Default>(
+    fd: BorrowedFd<'_>,
+    cursor: Option<u32>,
+    max: usize,
+    per_key: usize,
+    keys: &mut Vec<K>,
+    values: &mut Vec<V>,
+) -> io::Result<(usize, Option<u32>)> {
     use aya_obj::generated::{bpf_attr, bpf_cmd};
     let mut max = max.max(1);
     loop {
         keys.resize(max, K::default());
-        values.resize(max, V::default());
+        values.resize(max * per_key.max(1), V::default());
         let in_batch = cursor.unwrap_or(0);
         let mut out_batch = 0u32;
         // SAFETY: an all-zero bpf_attr is valid (it is plain integers).
@@ -813,7 +862,8 @@ mod tests {
         let n = 3000;
         for i in 0..n {
             let key = crate::model::flow_key(client(i), &vip);
-            maps.ct_insert(CtTable::Confirmed, &key, &entry(CT_S_ESTABLISHED, i as u64))
+            maps.flows
+                .insert(CtTable::Confirmed, &key, &entry(CT_S_ESTABLISHED, i as u64))
                 .unwrap();
         }
         // Walk 7 entries at a time, deleting every other entry seen and some not seen yet:
@@ -826,20 +876,22 @@ mod tests {
         let mut deleted_seen = 0;
         loop {
             let (got, next) = maps
-                .ct_batch(CtTable::Confirmed, cursor, 7, &mut keys, &mut values)
+                .flows
+                .batch(CtTable::Confirmed, cursor, 7, &mut keys, &mut values)
                 .unwrap();
             calls += 1;
             for i in 0..got {
                 assert_eq!(values[i].state, CT_S_ESTABLISHED);
                 *seen.entry(keys[i]).or_insert(0) += 1;
                 if i % 2 == 0 {
-                    assert!(maps.ct_remove(CtTable::Confirmed, &keys[i]).unwrap());
+                    assert!(maps.flows.remove(CtTable::Confirmed, &keys[i]).unwrap());
                     deleted_seen += 1;
                 }
             }
             if calls % 10 == 0 {
                 let key = crate::model::flow_key(client(n - calls), &vip);
-                if !seen.contains_key(&key) && maps.ct_remove(CtTable::Confirmed, &key).unwrap() {
+                if !seen.contains_key(&key) && maps.flows.remove(CtTable::Confirmed, &key).unwrap()
+                {
                     deleted_unseen.insert(key);
                 }
             }
@@ -852,9 +904,10 @@ mod tests {
         assert_eq!(seen.len() + deleted_unseen.len(), n as usize);
         // `flows` lists both tables.
         let key = crate::model::flow_key(client(n + 1), &vip);
-        maps.ct_insert(CtTable::Unconfirmed, &key, &entry(CT_S_OPENING, 1))
+        maps.flows
+            .insert(CtTable::Unconfirmed, &key, &entry(CT_S_OPENING, 1))
             .unwrap();
-        let flows = maps.flows().unwrap();
+        let flows = maps.flows.list().unwrap();
         let unconfirmed: Vec<_> = flows
             .iter()
             .filter(|f| f.table == CtTable::Unconfirmed)
@@ -866,7 +919,8 @@ mod tests {
         let (mut cursor, mut total) = (None, 0);
         loop {
             let (got, next) = maps
-                .ct_batch(CtTable::Confirmed, cursor, 1, &mut keys, &mut values)
+                .flows
+                .batch(CtTable::Confirmed, cursor, 1, &mut keys, &mut values)
                 .unwrap();
             total += got;
             match next {
@@ -875,7 +929,7 @@ mod tests {
             }
         }
         assert_eq!(total, flows.len() - 1);
-        assert_eq!(maps.flow(&key).map(|e| e.state), Some(CT_S_OPENING));
+        assert_eq!(maps.flows.lookup(&key).map(|e| e.state), Some(CT_S_OPENING));
     }
 
     #[test]
@@ -917,7 +971,8 @@ mod tests {
                 flags: if counted { CT_F_COUNTED } else { 0 },
                 ..CtEntry::default()
             };
-            maps.ct_insert(t, &crate::model::flow_key(client(i), vip), &e)
+            maps.flows
+                .insert(t, &crate::model::flow_key(client(i), vip), &e)
                 .unwrap();
         };
         use CtTable::{Confirmed as C, Unconfirmed as U};
@@ -932,8 +987,8 @@ mod tests {
         put(&mut maps, U, &vip, b2, g2, CT_S_OPENING, 0, false);
         put(&mut maps, U, &vip, b2, g2, CT_S_OPENING, 10, false); // expired
                                                                   // b1: 3 flows, 1 expired, 2 vanished; b2: right.
-        maps.set_active_flows(b1, 6).unwrap();
-        maps.set_active_flows(b2, 1).unwrap();
+        maps.flows.set_active(b1, 6).unwrap();
+        maps.flows.set_active(b2, 1).unwrap();
 
         let mut s = Sweeper::new();
         let pass = |s: &mut Sweeper, maps: &mut LbMaps| loop {
@@ -949,35 +1004,36 @@ mod tests {
         // No flow was put on a count meanwhile: the vanished flows are certain, settled at once.
         assert_eq!((r.expired_settled, r.evictions_settled), (1, 2));
         assert_eq!(r.active_written, 1);
-        assert_eq!(maps.active_flows(b1).unwrap(), 3);
-        assert_eq!(maps.active_flows(b2).unwrap(), 1);
-        assert_eq!(maps.flows().unwrap().len(), 6);
+        assert_eq!(maps.flows.active(b1).unwrap(), 3);
+        assert_eq!(maps.flows.active(b2).unwrap(), 1);
+        assert_eq!(maps.flows.list().unwrap().len(), 6);
         let r = pass(&mut s, &mut maps);
         assert!(!r.changed());
         // A race: 2 flows counted during the pass (not in the table: as if in buckets already
         // read) explain a difference of 2, which is left alone...
-        maps.set_active_flows(b1, 5).unwrap();
+        maps.flows.set_active(b1, 5).unwrap();
         assert_eq!(s.step(&mut maps, 1).unwrap(), None);
-        maps.add_count_events(
-            b1,
-            CountEvents {
-                counted: 2,
-                uncounted: 0,
-            },
-        )
-        .unwrap();
+        maps.flows
+            .add_count_events(
+                b1,
+                CountEvents {
+                    counted: 2,
+                    uncounted: 0,
+                },
+            )
+            .unwrap();
         let r = pass(&mut s, &mut maps);
         assert_eq!(r.active_written, 0);
-        assert_eq!(maps.active_flows(b1).unwrap(), 5);
+        assert_eq!(maps.flows.active(b1).unwrap(), 5);
         // ... until a pass without events shows it is a leak.
         let r = pass(&mut s, &mut maps);
         assert_eq!((r.active_written, r.evictions_settled), (1, 2));
-        assert_eq!(maps.active_flows(b1).unwrap(), 3);
+        assert_eq!(maps.flows.active(b1).unwrap(), 3);
         // A count too low (wrapped) is raised at once.
-        maps.set_active_flows(b2, u64::MAX).unwrap();
+        maps.flows.set_active(b2, u64::MAX).unwrap();
         let r = pass(&mut s, &mut maps);
         assert_eq!((r.active_written, r.evictions_settled), (1, 0));
-        assert_eq!(maps.active_flows(b2).unwrap(), 1);
+        assert_eq!(maps.flows.active(b2).unwrap(), 1);
         assert_eq!(
             s.totals(),
             SweepTotals {
@@ -988,12 +1044,12 @@ mod tests {
             }
         );
         // Settle now: the same rule; in a quiet system exactly to the entries.
-        maps.set_active_flows(b1, 9).unwrap();
-        maps.set_active_flows(b2, u64::MAX).unwrap();
+        maps.flows.set_active(b1, 9).unwrap();
+        maps.flows.set_active(b2, u64::MAX).unwrap();
         let r = maps.sweep_now().unwrap();
         assert_eq!((r.active_written, r.evictions_settled), (2, 6));
-        assert_eq!(maps.active_flows(b1).unwrap(), 3);
-        assert_eq!(maps.active_flows(b2).unwrap(), 1);
+        assert_eq!(maps.flows.active(b1).unwrap(), 3);
+        assert_eq!(maps.flows.active(b2).unwrap(), 1);
         // A removed backend's entries are stale.
         maps.set_backends(&vip, &[(a2, 1)]).unwrap();
         let r = maps.sweep_now().unwrap();

@@ -734,7 +734,8 @@ fn a_stuck_reader_blocks_neither_writers_nor_the_agent() {
                 state: CT_S_ESTABLISHED,
                 ..CtEntry::default()
             };
-            maps.insert_flow(&lb::model::flow_key(client, &web), &entry)
+            maps.flows
+                .insert_confirmed(&lb::model::flow_key(client, &web), &entry)
                 .unwrap();
         }
     }

@@ -388,7 +388,7 @@ fn least_conn_sends_new_flows_away_from_the_loaded_backend() {
             .unwrap()
             .id
     };
-    assert_eq!(rig.gw.dp.maps.active_flows(id_of(&rig, a)).unwrap(), 300);
+    assert_eq!(rig.gw.dp.maps.flows.active(id_of(&rig, a)).unwrap(), 300);
     let mut to_a = 0u64;
     for i in 1000..1300 {
         if rig.open(i, 43_000) == a {
@@ -403,7 +403,7 @@ fn least_conn_sends_new_flows_away_from_the_loaded_backend() {
         rig.fin(i, 43_000); // a second FIN does not count twice
         rig.reply(i, 43_000, a, Tcp::Fin);
     }
-    assert_eq!(rig.gw.dp.maps.active_flows(id_of(&rig, a)).unwrap(), to_a);
+    assert_eq!(rig.gw.dp.maps.flows.active(id_of(&rig, a)).unwrap(), to_a);
     let mut to_a = 0;
     for i in 2000..2300 {
         if rig.open(i, 43_000) == a {

@@ -93,7 +93,7 @@ impl Table {
 
     fn with(tag: &str, kind: Kind) -> Table {
         let gw = Gateway::new(tag);
-        let before = gw.dp.maps.counters().unwrap();
+        let before = gw.dp.maps.counters.verdicts().unwrap();
         Table {
             gw,
             kind,
@@ -188,7 +188,8 @@ impl Table {
             .gw
             .dp
             .maps
-            .flow(&flow_key(client, v))
+            .flows
+            .lookup(&flow_key(client, v))
             .expect("flow in conntrack");
         self.backend_addr(v, e.backend_id)
     }
@@ -301,7 +302,8 @@ impl Table {
         self.gw
             .dp
             .maps
-            .flows()
+            .flows
+            .list()
             .unwrap()
             .into_iter()
             .filter(|f| f.key == key)
@@ -347,7 +349,7 @@ impl Table {
 
     /// Backend `b` of `v`'s active-flow count.
     fn active(&self, v: &Vip, b: SocketAddr) -> u64 {
-        self.gw.dp.maps.active_flows(self.backend_id(v, b)).unwrap()
+        self.gw.dp.maps.flows.active(self.backend_id(v, b)).unwrap()
     }
 
     fn expect_active(&self, desc: &str, v: &Vip, b: SocketAddr, n: u64) {
@@ -355,7 +357,7 @@ impl Table {
     }
 
     fn counters(&self) -> Vec<u64> {
-        self.gw.dp.maps.counters().unwrap()
+        self.gw.dp.maps.counters.verdicts().unwrap()
     }
 
     /// The event counters in `want` went up by exactly that much since `since`; every other
@@ -375,7 +377,7 @@ impl Table {
 
     /// Every backend's active count equals its counted confirmed entries (exact counts).
     fn expect_counts_exact(&self, vips: &[Vip]) {
-        let flows = self.gw.dp.maps.flows().unwrap();
+        let flows = self.gw.dp.maps.flows.list().unwrap();
         for v in vips {
             for b in self.gw.dp.maps.backends(v).unwrap() {
                 let counted = flows
@@ -387,7 +389,7 @@ impl Table {
                     })
                     .count() as u64;
                 assert_eq!(
-                    self.gw.dp.maps.active_flows(b.id).unwrap(),
+                    self.gw.dp.maps.flows.active(b.id).unwrap(),
                     counted,
                     "active flows of {} ({v}) = its counted confirmed entries",
                     b.addr
@@ -1058,7 +1060,7 @@ fn fixture_table_through(kind: Kind) {
         .iter()
         .find(|(_, b)| *b == removed)
         .expect("some flow is on the backend to remove");
-    let stale_before = t.gw.dp.maps.counters().unwrap()[Counter::CtStale as usize];
+    let stale_before = t.gw.dp.maps.counters.verdicts().unwrap()[Counter::CtStale as usize];
     t.gw.dp.maps.del_backend(&web, removed).unwrap();
     let nb = t.predict(rmc, &web);
     assert_ne!(nb, removed);
@@ -1067,7 +1069,7 @@ fn fixture_table_through(kind: Kind) {
         &ack(rmc, web.addr),
         nb,
     );
-    let stale_after = t.gw.dp.maps.counters().unwrap()[Counter::CtStale as usize];
+    let stale_after = t.gw.dp.maps.counters.verdicts().unwrap()[Counter::CtStale as usize];
     assert_eq!(
         stale_after - stale_before,
         1,
@@ -1133,12 +1135,12 @@ fn fixture_table_through(kind: Kind) {
         flags: lb_common::NEXTHOP_F_VALID | lb_common::NEXTHOP_F_ONLINK,
         _pad: [0; 8],
     };
-    let counter = |t: &Table, c: Counter| t.gw.dp.maps.counters().unwrap()[c as usize];
+    let counter = |t: &Table, c: Counter| t.gw.dp.maps.counters.verdicts().unwrap()[c as usize];
     // Each row: a cache entry as given, then a new flow to `far` from its own port.
     let mut port = 43_100;
     let mut row_with =
         |t: &mut Table, desc: &str, nh: lb_common::NextHop, used: bool, fills: u64| {
-            t.gw.dp.maps.set_nexthop(far_id, nh).unwrap();
+            t.gw.dp.maps.nexthops.set(far_id, nh).unwrap();
             let (cached0, looked0) = (
                 counter(t, Counter::NextHopCached),
                 counter(t, Counter::NextHopLookedUp),
@@ -1321,7 +1323,7 @@ fn fixture_table_through(kind: Kind) {
         4, // three untagged replies and one tagged
     );
     let info = t.gw.dp.maps.vip(&web).unwrap();
-    let s = t.gw.dp.maps.vip_stats(info.vip_id).unwrap();
+    let s = t.gw.dp.maps.counters.vip(info.vip_id).unwrap();
     let (packets, new_flows) = t.to_vip[&(web.addr, false)];
     println!("{web}: {packets} packets given a backend, {new_flows} of them new flows");
     assert!(packets > 100, "the table sends {packets} packets to {web}");
@@ -2129,7 +2131,11 @@ fn flow_state_table_through(kind: Kind) {
     t.forward_to(d, &tcp(kc, web.addr, Tcp::Rst).seq_ack(0x5eed_0000, 0), kb);
     let mut e = t.expect_entry(d, kc, &web, confirmed(CT_S_CLOSED, CT_F_RST, kb));
     e.last_seen_ns = e.last_seen_ns.saturating_sub(3600 * 1_000_000_000);
-    t.gw.dp.maps.insert_flow(&flow_key(kc, &web), &e).unwrap();
+    t.gw.dp
+        .maps
+        .flows
+        .insert_confirmed(&flow_key(kc, &web), &e)
+        .unwrap();
     let since = t.counters();
     t.forward_to(d, &ack(kc, web.addr), kb);
     t.expect_entry(d, kc, &web, unconfirmed(CT_S_OPENING, CT_F_PICKUP, kb));
@@ -2932,7 +2938,11 @@ fn flows_begun_in_a_flood_keep_their_backend() {
         .find(|c| t.hashed(*c, &rnd) != b0)
         .expect("a client the hash gives to another backend");
     let b2 = t.hashed(c2, &rnd);
-    t.gw.dp.maps.insert_flow(&flow_key(c2, &rnd), &e).unwrap();
+    t.gw.dp
+        .maps
+        .flows
+        .insert_confirmed(&flow_key(c2, &rnd), &e)
+        .unwrap();
     let since = t.counters();
     t.unchanged(
         &format!("flood-keep: {b2} (the hash's) → {c2}, whose entry names {b0}: not a reply"),
@@ -3029,7 +3039,7 @@ fn multi_buffer_frames() {
     );
     // The VIP's byte counter has the whole frame, not its first buffer.
     let info = t.gw.dp.maps.vip(&web).unwrap();
-    let st = t.gw.dp.maps.vip_stats(info.vip_id).unwrap();
+    let st = t.gw.dp.maps.counters.vip(info.vip_id).unwrap();
     let want = (syn(c, web.addr).build().len() + big.build().len()) as u64;
     assert_eq!(st.bytes, want, "bytes counted for {web}");
     let mut big6 = ack(client6(40_201), sa("[fd10::100]:80"));

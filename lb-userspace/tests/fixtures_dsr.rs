@@ -154,7 +154,8 @@ impl Table {
             .gw
             .dp
             .maps
-            .flows()
+            .flows
+            .list()
             .unwrap()
             .into_iter()
             .filter(|f| f.key == key)
@@ -188,7 +189,7 @@ impl Table {
     fn expect_active(&self, desc: &str, v: &Vip, backend: SocketAddr, n: u64) {
         let id = self.backend(v, backend);
         assert_eq!(
-            self.gw.dp.maps.active_flows(id).unwrap(),
+            self.gw.dp.maps.flows.active(id).unwrap(),
             n,
             "case {desc:?}: active flows of {backend}"
         );
@@ -196,7 +197,7 @@ impl Table {
 
     /// How much counter `c` went up since `since`.
     fn delta(&self, since: &[u64], c: Counter) -> u64 {
-        self.gw.dp.maps.counters().unwrap()[c as usize] - since[c as usize]
+        self.gw.dp.maps.counters.verdicts().unwrap()[c as usize] - since[c as usize]
     }
 }
 
@@ -290,7 +291,7 @@ fn dsr_ipip_icmp_and_decap() {
         reasons: vec![],
         rows: 0,
     };
-    let before = t.gw.dp.maps.counters().unwrap();
+    let before = t.gw.dp.maps.counters.verdicts().unwrap();
     // Expectations are computed with the seed the data plane has.
     let seed = t.gw.dp.maps.conf().unwrap().hash_seed;
 
@@ -408,7 +409,7 @@ fn dsr_ipip_icmp_and_decap() {
 
     // ---- dsr-l2 flow state: the client's second packet confirms (replies bypass lb) ----
     let (c, b) = (client(40001), sa("10.1.0.11:80"));
-    let since = t.gw.dp.maps.counters().unwrap();
+    let since = t.gw.dp.maps.counters.verdicts().unwrap();
     let s = syn(c, l2.addr);
     t.check(
         "dsr-l2: SYN retransmitted → same backend, not confirmed",
@@ -852,7 +853,7 @@ fn dsr_ipip_icmp_and_decap() {
     assert!(e.to_string().contains("maglev or source-hash"), "{e}");
 
     // ---- counters ----
-    let after = t.gw.dp.maps.counters().unwrap();
+    let after = t.gw.dp.maps.counters.verdicts().unwrap();
     let mut want: HashMap<usize, u64> = HashMap::new();
     for r in &t.reasons {
         *want.entry(*r as usize).or_default() += 1;
@@ -948,7 +949,7 @@ fn dsr_ipip_icmp_and_decap() {
 
     // ---- ICMP errors to NAT backends; ICMP errors are forwarded as a router forwards ----
     // (Last: NAT rewrites these messages, and their TTL handling is checked here.)
-    let before = t.gw.dp.maps.counters().unwrap();
+    let before = t.gw.dp.maps.counters.verdicts().unwrap();
     let rows_before = t.reasons.len();
     let router: IpAddr = "10.0.0.7".parse().unwrap();
     let router6: IpAddr = "fd00::7".parse().unwrap();
@@ -1080,7 +1081,7 @@ fn dsr_ipip_icmp_and_decap() {
         XDP_PASS,
         Counter::PassTtlExceeded,
     );
-    let after = t.gw.dp.maps.counters().unwrap();
+    let after = t.gw.dp.maps.counters.verdicts().unwrap();
     let mut want: HashMap<usize, u64> = HashMap::new();
     for r in &t.reasons[rows_before..] {
         *want.entry(*r as usize).or_default() += 1;

@@ -736,7 +736,7 @@ fn property(seed: u64, kind: Kind) {
     let mut model = Model::new(services(), hash_seed);
     configure(&mut gw, &model);
     let ifindex = gw.ifindex_a;
-    let start = gw.dp.maps.counters().unwrap();
+    let start = gw.dp.maps.counters.verdicts().unwrap();
     let mut before = start.clone();
     let (mut forwarded, mut reversed, mut unchanged, mut several) = (0, 0, 0, 0);
     let mut refused = 0u64;
@@ -769,7 +769,7 @@ fn property(seed: u64, kind: Kind) {
                 refused += 1;
                 continue;
             };
-            let after = gw.dp.maps.counters().unwrap();
+            let after = gw.dp.maps.counters.verdicts().unwrap();
             assert_eq!(
                 after[Counter::PassMalformedEth as usize]
                     - before[Counter::PassMalformedEth as usize],
@@ -816,7 +816,7 @@ fn property(seed: u64, kind: Kind) {
             plain.extend(&out[12 + tags.len()..]);
             plain
         };
-        let after = gw.dp.maps.counters().unwrap();
+        let after = gw.dp.maps.counters.verdicts().unwrap();
         let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
         before = after;
         // tc sends a packet back out of its interface with a redirect: what XDP_TX is to the
@@ -884,7 +884,7 @@ fn property(seed: u64, kind: Kind) {
             _ => {}
         }
     }
-    let after = gw.dp.maps.counters().unwrap();
+    let after = gw.dp.maps.counters.verdicts().unwrap();
     let total: u64 = (0..VERDICT_COUNT as usize)
         .map(|i| after[i] - start[i])
         .sum();
@@ -977,9 +977,9 @@ fn shares(gw: &mut Gateway, model: &Model, rng: &mut StdRng) {
                 rng.random_range(1024..=65535),
             );
             let input = Spec::tcp(CLIENT_MAC, GW_MAC_A, client, s.vip, Tcp::Syn).build();
-            let before = gw.dp.maps.counters().unwrap();
+            let before = gw.dp.maps.counters.verdicts().unwrap();
             let (action, out) = run(gw.dp.program(), gw.ifindex_a, &input);
-            let after = gw.dp.maps.counters().unwrap();
+            let after = gw.dp.maps.counters.verdicts().unwrap();
             let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
             let o = &model.predict(&input)[0];
             let b = matches(o, &input, action, &out, &delta)
@@ -1010,7 +1010,7 @@ fn shares(gw: &mut Gateway, model: &Model, rng: &mut StdRng) {
 
 /// Exact active counts, and each table holds only its kinds of entries.
 fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
-    let flows = gw.dp.maps.flows().unwrap();
+    let flows = gw.dp.maps.flows.list().unwrap();
     for s in &model.services {
         let v = Vip::new(
             s.vip,
@@ -1030,7 +1030,7 @@ fn check_tables(gw: &Gateway, model: &Model, seed: u64) {
                 })
                 .count() as u64;
             assert_eq!(
-                gw.dp.maps.active_flows(b.id).unwrap(),
+                gw.dp.maps.flows.active(b.id).unwrap(),
                 counted,
                 "active flows of {} = its counted confirmed flows (seed {seed})",
                 b.addr

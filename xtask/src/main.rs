@@ -216,6 +216,8 @@ fn run_release(bin: &str, what: &str, args: &[&str]) -> Result<()> {
             "-p",
             "lb-userspace",
             "--bins",
+            "--features",
+            "testbed",
         ],
     )?;
     let mut full = vec!["--lb", "target/release/lb"];

@@ -67,16 +67,16 @@ fn snapshot(maps: &LbMaps) -> anyhow::Result<Snapshot> {
             backends.push(BackendStats {
                 backend: b.addr.to_string(),
                 weight: b.weight,
-                traffic: maps.backend_stats(b.id)?.into(),
+                traffic: maps.counters.backend(b.id)?.into(),
             });
         }
         vips.push(VipStats {
             vip: vip.to_string(),
-            traffic: maps.vip_stats(info.vip_id)?.into(),
+            traffic: maps.counters.vip(info.vip_id)?.into(),
             backends,
         });
     }
-    let c = maps.counters()?;
+    let c = maps.counters.verdicts()?;
     Ok(Snapshot {
         counters: COUNTER_NAMES
             .iter()
@@ -218,7 +218,7 @@ pub fn flows(dir: &PinDir, vip: Option<Vip>, sweep: bool, json: bool) -> CmdResu
     let now = lb::sweep::now_ns(&maps)?;
     let mut rows = Vec::new();
     let mut backends_of: std::collections::HashMap<Vip, Vec<lb::BackendState>> = Default::default();
-    for f in maps.flows()? {
+    for f in maps.flows.list()? {
         let Some(proto) = lb::Proto::from_number(f.key.proto) else {
             continue;
         };

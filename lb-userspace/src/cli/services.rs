@@ -331,7 +331,7 @@ pub fn backend(dir: &mut PinDir, cmd: BackendCommand, json: bool) -> CmdResult {
                         backend: b.addr.to_string(),
                         weight: b.weight,
                         health: if b.healthy { "up" } else { "down" },
-                        active_flows: maps.active_flows(b.id)?,
+                        active_flows: maps.flows.active(b.id)?,
                         id: b.id,
                     });
                 }

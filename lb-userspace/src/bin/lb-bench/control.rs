@@ -179,7 +179,7 @@ pub fn set_to_first_packet(lb_bin: &std::path::Path) -> Result<(f64, f64)> {
 /// Memory of the conntrack map as the kernel accounts it (bpftool's bytes_memlock), total and
 /// per entry of capacity.
 pub fn conntrack_memory(rig: &Rig, capacity: u32) -> Result<(f64, f64)> {
-    let id = rig.dp.maps.conntrack_map_id()?;
+    let id = rig.dp.maps.flows.conntrack_map_id()?;
     let out = Command::new("bpftool")
         .args(["-j", "map", "show", "id", &id.to_string()])
         .output()?;

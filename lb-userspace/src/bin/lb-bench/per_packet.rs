@@ -186,7 +186,8 @@ fn establish(rig: &mut Rig, client: SocketAddr, vip: SocketAddr) -> Result<(Vec<
     ensure!(
         rig.dp
             .maps
-            .flow_in(lb::state::CtTable::Confirmed, &flow_key(client, &v))
+            .flows
+            .lookup_in(lb::state::CtTable::Confirmed, &flow_key(client, &v))
             .is_some(),
         "{client} → {vip} was not confirmed by its handshake"
     );
@@ -551,7 +552,7 @@ pub fn fill_conntrack(rig: &mut Rig, n: usize) -> Result<()> {
         key.src_be[0] =
             u32::from_ne_bytes([172, 16 + ((i >> 16) & 0x0f) as u8, (i >> 8) as u8, i as u8]);
         key.sport_be = (1024 + (i % 60_000) as u16).to_be();
-        rig.dp.maps.insert_flow(&key, &entry)?;
+        rig.dp.maps.flows.insert_confirmed(&key, &entry)?;
     }
     Ok(())
 }

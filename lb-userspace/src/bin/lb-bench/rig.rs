@@ -327,8 +327,8 @@ impl Rig {
         let fill_before = match expect.flows {
             NewFlows::Unchecked => None,
             _ => {
-                self.dp.maps.flush_unconfirmed()?;
-                let capacity = self.dp.maps.ct_capacity(unconfirmed)?;
+                self.dp.maps.flows.flush_unconfirmed()?;
+                let capacity = self.dp.maps.flows.capacity(unconfirmed)?;
                 let runs = repeat.max(1) as u64 * rounds as u64;
                 ensure!(
                     capacity >= runs,
@@ -337,10 +337,10 @@ impl Rig {
                 Some((self.dp.maps.fill()?.conntrack_new.0, capacity))
             }
         };
-        let before = self.dp.maps.counters()?;
+        let before = self.dp.maps.counters.verdicts()?;
         let started = std::time::Instant::now();
         let (mut sample, runs) = self.measure_fd(&lb_fd, frame, vary_at, repeat, rounds, check)?;
-        let after = self.dp.maps.counters()?;
+        let after = self.dp.maps.counters.verdicts()?;
         let d = |c: Counter| after[c as usize] - before[c as usize];
         let verdicts: u64 = (0..VERDICT_COUNT as usize)
             .map(|i| after[i] - before[i])
@@ -438,7 +438,7 @@ impl Rig {
             .fd()?
             .try_clone()?;
         let counts = |rig: &Rig| -> Result<(u64, u64, u64)> {
-            let c = rig.dp.maps.counters()?;
+            let c = rig.dp.maps.counters.verdicts()?;
             let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(
                 rig.decap
                     .map(lb_common::names::DECAP_STATS)
