@@ -15,9 +15,31 @@ use lb_common::{COUNTER_NAMES, CT_STATE_NAMES, VERDICT_COUNT};
 /// a million series, and a registry's per-series maps and label vectors cost seconds.
 struct Page {
     out: String,
+    /// Where full chunks go while the page is written (the HTTP response streams them as
+    /// they come, so writing and sending overlap); None: the page is returned whole.
+    sink: Option<Sink>,
 }
 
+/// The chunks of a page on its way out: `Err` only before the first chunk (a failed read).
+pub type Sink = tokio::sync::mpsc::Sender<Result<axum::body::Bytes, String>>;
+
+/// A chunk is sent once this much is written.
+const CHUNK: usize = 1 << 20;
+
 impl Page {
+    /// Sends what is written so far if it makes a chunk. Every read that can fail comes
+    /// before the first chunk, so a page that started never ends in an error.
+    fn flush_if_full(&mut self) {
+        if self.out.len() >= CHUNK {
+            if let Some(sink) = &self.sink {
+                let chunk = std::mem::replace(&mut self.out, String::with_capacity(2 * CHUNK));
+                if sink.blocking_send(Ok(chunk.into())).is_err() {
+                    self.sink = None; // the client went away: the rest is not sent
+                }
+            }
+        }
+    }
+
     /// Starts a metric family: its help and type lines. Counter names end in `_total`.
     fn family(&mut self, name: &str, kind: &str, help: &str) {
         debug_assert_eq!(kind == "counter", name.ends_with("_total"), "{name}");
@@ -49,11 +71,43 @@ impl Page {
         let _ = writeln!(self.out, " {v}");
     }
 
+    /// One sample with labels already written as the text format wants them
+    /// (`k="v",k2="v2"`): for series of many families with the same labels.
+    fn sample_with(&mut self, name: &str, labels: &str, extra: &str, v: u64) {
+        self.out.push_str(name);
+        self.out.push('{');
+        self.out.push_str(labels);
+        self.out.push_str(extra);
+        self.out.push_str("} ");
+        self.out.push_str(itoa::Buffer::new().format(v));
+        self.out.push('\n');
+        self.flush_if_full();
+    }
+
     /// A family of one sample without labels.
     fn single(&mut self, name: &str, kind: &str, help: &str, v: u64) {
         self.family(name, kind, help);
         self.sample(name, &[], v);
     }
+}
+
+/// Each backend's labels as the text format wants them: `vip="…",backend="…"`.
+fn labels_of(rows: &[(crate::Vip, crate::BackendState)]) -> Vec<String> {
+    rows.iter()
+        .map(|(vip, b)| {
+            let mut l = String::with_capacity(64);
+            let _ = write!(l, "vip=\"{vip}\",backend=\"{}\"", b.addr);
+            // (Addresses and ports never need escaping; the check keeps the format safe.)
+            if l.contains(['\\', '\n']) || l.matches('"').count() != 4 {
+                l = format!(
+                    "vip=\"{}\",backend=\"{}\"",
+                    escape(&vip.to_string()),
+                    escape(&b.addr.to_string())
+                );
+            }
+            l
+        })
+        .collect()
 }
 
 /// A label value as the text format needs it: backslash, double quote and newline escaped.
@@ -66,8 +120,9 @@ fn escape(v: &str) -> String {
 /// What the page needs of the agent's state, copied under the agent's lock (`Shared::snapshot`):
 /// the page is then rendered from the maps without it, so a scrape never holds up the agent.
 pub struct Snapshot {
-    /// Health-check results (ok, failed) per (VIP, backend).
-    pub checks: std::collections::HashMap<crate::agent::Key, (u64, u64)>,
+    /// Health-check results (ok, failed) per (VIP, backend), in no order (a plain copy keeps
+    /// the agent's lock short; the page sorts them).
+    pub checks: Vec<(crate::agent::Key, (u64, u64))>,
     pub draining: std::collections::HashSet<crate::agent::Key>,
     pub counters: crate::agent::Counters,
     pub digests: std::collections::HashMap<crate::Vip, String>,
@@ -84,7 +139,34 @@ const BATCH_READ_FROM: usize = 512;
 /// The page: the maps' counters and state, and the agent's (`shared`). One pass over the
 /// backends in use; the per-backend counters in batched reads when there are many.
 pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
-    let mut p = Page { out: String::new() };
+    render_with(maps, shared, &mut PageCache::default(), None)
+}
+
+/// What one scrape keeps for the next: the backends' label strings (rewritten only when the
+/// set of (VIP, backend) changes) and how many there were (whether to read their counters
+/// as whole arrays, in parallel with the backend array).
+#[derive(Default)]
+pub struct PageCache {
+    keys: Vec<crate::agent::Key>,
+    labels: Vec<String>,
+}
+
+/// `render`, reusing what `cache` kept from the last page and keeping this one's.
+pub fn render_with(
+    maps: &LbMaps,
+    shared: &Snapshot,
+    cache: &mut PageCache,
+    sink: Option<Sink>,
+) -> anyhow::Result<String> {
+    let capacity = if sink.is_some() {
+        2 * CHUNK
+    } else {
+        cache.keys.len() * 900 + 64 * 1024
+    };
+    let mut p = Page {
+        out: String::with_capacity(capacity),
+        sink,
+    };
     // Global counters: verdicts (one per packet) and events.
     let counters = maps.counters.verdicts()?;
     p.family(
@@ -105,7 +187,26 @@ pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
     }
 
     let vips = maps.vips()?;
-    let mut by_vip = maps.backends_by_vip()?;
+    // Many backends last time: their counters are read as whole arrays, on threads of their
+    // own while this one reads the backend array (three kernel walks of 65,536 entries).
+    let (by_vip, early) = if cache.keys.len() >= BATCH_READ_FROM {
+        let (counters, flows) = (&maps.counters, &maps.flows);
+        std::thread::scope(|sc| {
+            let stats = sc.spawn(|| counters.all_backends());
+            let active = sc.spawn(|| flows.all_active());
+            let by_vip = maps.backends_by_vip();
+            let stats = stats
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            let active = active
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            Ok::<_, crate::LbError>((by_vip?, Some((stats?, active?))))
+        })?
+    } else {
+        (maps.backends_by_vip()?, None)
+    };
+    let mut by_vip = by_vip;
     let many = by_vip.values().map(Vec::len).sum::<usize>() >= BATCH_READ_FROM;
     let vip_stats = if vips.len() >= BATCH_READ_FROM / 8 {
         maps.counters.all_vips()?
@@ -153,8 +254,10 @@ pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
         }
     }
     let (stats, active) = if many {
-        let stats = maps.counters.all_backends()?;
-        let active = maps.flows.all_active()?;
+        let (stats, active) = match early {
+            Some(read) => read,
+            None => (maps.counters.all_backends()?, maps.flows.all_active()?),
+        };
         rows.iter()
             .map(|(_, b)| {
                 (
@@ -222,13 +325,28 @@ pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
             "lb_backend_draining",
             "gauge",
             "1 while a backend removed from the configuration drains.",
-            Box::new(|i| shared.draining.contains(&(rows[i].0, rows[i].1.addr)) as u64),
+            Box::new(|i| {
+                let (vip, b) = &rows[i];
+                (!shared.draining.is_empty() && shared.draining.contains(&(*vip, b.addr))) as u64
+            }),
         ),
     ];
+    // Each backend's labels are written once, for all its series.
+    let ct_capacity = [
+        maps.flows.capacity(CtTable::Confirmed)?,
+        maps.flows.capacity(CtTable::Unconfirmed)?,
+    ];
+    // From here on nothing can fail: the page may start going out.
+    let keys: Vec<crate::agent::Key> = rows.iter().map(|(v, b)| (*v, b.addr)).collect();
+    if keys != cache.keys {
+        cache.labels = labels_of(&rows);
+        cache.keys = keys;
+    }
+    let row_labels = &cache.labels;
     for (name, kind, help, get) in &per_backend {
         p.family(name, kind, help);
-        for (i, (vip, b)) in rows.iter().enumerate() {
-            p.sample(name, &[("vip", vip), ("backend", &b.addr)], get(i));
+        for (i, labels) in row_labels.iter().enumerate() {
+            p.sample_with(name, labels, "", get(i));
         }
     }
     p.family(
@@ -236,19 +354,21 @@ pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
         "counter",
         "Health-check probes, by result.",
     );
-    for (vip, b) in &rows {
-        if let Some((ok, failed)) = shared.checks.get(&(*vip, b.addr)) {
-            for (result, n) in [("ok", ok), ("failed", failed)] {
-                p.sample(
-                    "lb_health_checks_total",
-                    &[("vip", vip), ("backend", &b.addr), ("result", &result)],
-                    *n,
-                );
-            }
+    // Rows and checks are both sorted by (VIP, backend): one merge pass.
+    let mut checks = shared.checks.clone();
+    checks.sort_unstable_by_key(|(k, _)| *k);
+    let mut checks = checks.iter().peekable();
+    for (i, (vip, b)) in rows.iter().enumerate() {
+        let key = (*vip, b.addr);
+        while checks.next_if(|(k, _)| *k < key).is_some() {}
+        if let Some((_, (ok, failed))) = checks.next_if(|(k, _)| *k == key) {
+            let name = "lb_health_checks_total";
+            p.sample_with(name, &row_labels[i], ",result=\"ok\"", *ok);
+            p.sample_with(name, &row_labels[i], ",result=\"failed\"", *failed);
         }
     }
 
-    conntrack(&mut p, maps, shared)?;
+    conntrack(&mut p, &ct_capacity, shared);
 
     p.family(
         "lb_vip_table_info",
@@ -329,7 +449,7 @@ pub fn render(maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<String> {
 
 /// The conntrack tables: entries by table and state as the agent's last complete sweep pass
 /// found them, capacities, and what the sweeps removed and settled.
-fn conntrack(p: &mut Page, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<()> {
+fn conntrack(p: &mut Page, capacity: &[u64; 2], shared: &Snapshot) {
     p.family(
         "lb_conntrack_capacity",
         "gauge",
@@ -339,7 +459,7 @@ fn conntrack(p: &mut Page, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<(
         p.sample(
             "lb_conntrack_capacity",
             &[("table", &t.name())],
-            maps.flows.capacity(t)?,
+            capacity[t as usize],
         );
     }
     p.family(
@@ -383,7 +503,6 @@ fn conntrack(p: &mut Page, maps: &LbMaps, shared: &Snapshot) -> anyhow::Result<(
         "Complete sweeps of both conntrack tables by the agent.",
         totals.passes,
     );
-    Ok(())
 }
 
 /// Serves `/metrics` on `addr` until the process ends. `maps`: the page's own handles on the
@@ -395,6 +514,7 @@ pub async fn serve(
     maps: LbMaps,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let maps = std::sync::Arc::new(maps);
+    let cache = std::sync::Arc::new(std::sync::Mutex::new(PageCache::default()));
     use axum::{http::StatusCode, response::IntoResponse, routing::get, Router};
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -404,24 +524,50 @@ pub async fn serve(
         get(move || {
             let shared = shared.clone();
             let maps = maps.clone();
+            let cache = cache.clone();
             async move {
                 let snapshot = shared.lock().expect("agent state lock").snapshot();
-                let page = tokio::task::spawn_blocking(move || render(&maps, &snapshot))
-                    .await
-                    .unwrap_or_else(|e| Err(anyhow::anyhow!("rendering the page: {e}")));
-                match page {
-                    Ok(text) => (
-                        StatusCode::OK,
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        text,
+                let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+                tokio::task::spawn_blocking(move || {
+                    // (One scrape at a time renders; a second waits for the first.)
+                    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                    let last = match render_with(&maps, &snapshot, &mut cache, Some(tx.clone())) {
+                        Ok(rest) => Ok(rest.into()),
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    let _ = tx.blocking_send(last);
+                });
+                // The first chunk (or the whole of a small page) decides the status.
+                match rx.recv().await {
+                    Some(Ok(first)) => {
+                        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+                            match rx.recv().await {
+                                Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), rx)),
+                                _ => None,
+                            }
+                        });
+                        let body = futures_util::StreamExt::chain(
+                            futures_util::stream::once(async move { Ok(first) }),
+                            rest,
+                        );
+                        (
+                            StatusCode::OK,
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            )],
+                            axum::body::Body::from_stream(body),
+                        )
+                            .into_response()
+                    }
+                    Some(Err(e)) => {
+                        (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
+                    }
+                    None => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "rendering the page failed\n",
                     )
                         .into_response(),
-                    Err(e) => {
-                        (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response()
-                    }
                 }
             }
         }),
@@ -436,6 +582,41 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page written in chunks is, joined, the page written whole; label values that need
+    /// it are escaped.
+    #[test]
+    fn chunked_page_is_the_whole_page() {
+        let write = |p: &mut Page| {
+            p.family("lb_x_total", "counter", "A test family.");
+            for i in 0..100_000u64 {
+                let labels = format!("vip=\"10.0.0.{}:80/tcp\",backend=\"b{i}\"", i % 250);
+                p.sample_with("lb_x_total", &labels, ",result=\"ok\"", i * 7);
+            }
+            p.sample("lb_y", &[("iface", &"a\"b\\c\nd")], 1);
+        };
+        let mut whole = Page {
+            out: String::new(),
+            sink: None,
+        };
+        write(&mut whole);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut chunked = Page {
+            out: String::new(),
+            sink: Some(tx),
+        };
+        write(&mut chunked);
+        let mut joined = Vec::new();
+        let mut chunks = 0;
+        while let Ok(c) = rx.try_recv() {
+            joined.extend_from_slice(&c.unwrap());
+            chunks += 1;
+        }
+        joined.extend_from_slice(chunked.out.as_bytes());
+        assert!(chunks >= 3, "{chunks} chunks");
+        assert_eq!(joined, whole.out.as_bytes());
+        assert!(whole.out.ends_with("lb_y{iface=\"a\\\"b\\\\c\\nd\"} 1\n"));
+    }
 
     #[test]
     fn conntrack_metrics() {

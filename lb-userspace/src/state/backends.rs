@@ -425,11 +425,25 @@ impl LbMaps {
         }
     }
 
-    /// The backends of every VIP, by VIP id, each list sorted by address: one pass over the
-    /// backends in use (`backends` for each VIP would make one pass per VIP).
+    /// The backends of every VIP, by VIP id, each list sorted by address: the valid entries
+    /// of the backend array as the data plane sees them, read whole in a few batched reads
+    /// (or from the index), so the cost does not grow with the number of VIPs.
     pub fn backends_by_vip(&self) -> Result<std::collections::HashMap<u32, Vec<BackendState>>> {
+        let indexed = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(BackendIndex::all);
+        let in_use = match indexed {
+            Some(all) => all,
+            None => (0u32..)
+                .zip(self.backends_all()?)
+                .filter(|(_, b)| b.is_valid())
+                .collect(),
+        };
         let mut out: std::collections::HashMap<u32, Vec<BackendState>> = Default::default();
-        for (id, b) in self.valid_backends()? {
+        for (id, b) in in_use {
             let Some(addr) = socket_addr(b.family, b.addr_be, b.port_be) else {
                 continue;
             };
@@ -573,11 +587,13 @@ pub(super) fn read_all<K: Copy + Default, V: Copy + Default>(
 
 /// Every entry of a per-CPU map with one value per possible CPU, in batched reads
 /// (`BPF_MAP_LOOKUP_BATCH`: each key's values come as one run, a CPU each).
-pub(super) fn read_all_per_cpu<K: Copy + Default, V: Copy + Default>(
+/// Each key's run goes through `fold` (e.g. a sum over CPUs).
+pub(super) fn read_all_per_cpu<K: Copy + Default, V: Copy + Default, T>(
     map: &MapData,
     chunk: usize,
     what: &str,
-) -> Result<Vec<(K, Vec<V>)>> {
+    fold: impl Fn(&[V]) -> T,
+) -> Result<Vec<(K, T)>> {
     use std::os::fd::AsFd;
     // The kernel pads each CPU's value to 8 bytes: V must have that size already.
     const { assert!(std::mem::size_of::<V>().is_multiple_of(8)) };
@@ -595,7 +611,7 @@ pub(super) fn read_all_per_cpu<K: Copy + Default, V: Copy + Default>(
             keys[..n]
                 .iter()
                 .copied()
-                .zip(values[..n * cpus].chunks(cpus).map(<[V]>::to_vec)),
+                .zip(values[..n * cpus].chunks(cpus).map(&fold)),
         );
         match next {
             Some(c) => cursor = Some(c),

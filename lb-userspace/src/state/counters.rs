@@ -75,17 +75,14 @@ fn sum_stats(map: &PerCpuArray<MapData, TrafficStats>, id: u32) -> Result<Traffi
 /// Every entry of a per-CPU array of traffic counters, summed over CPUs, by index.
 fn all_summed(map: &PerCpuArray<MapData, TrafficStats>, what: &str) -> Result<Vec<TrafficStats>> {
     use aya::maps::IterableMap;
-    let per_cpu: Vec<(u32, Vec<TrafficStats>)> = read_all_per_cpu(map.map(), 4096, what)?;
-    Ok(per_cpu
-        .into_iter()
-        .map(|(_, cpus)| {
-            let mut total = TrafficStats::default();
-            for s in &cpus {
-                total.add(s);
-            }
-            total
-        })
-        .collect())
+    let summed: Vec<(u32, TrafficStats)> = read_all_per_cpu(map.map(), 4096, what, |cpus| {
+        let mut total = TrafficStats::default();
+        for s in cpus {
+            total.add(s);
+        }
+        total
+    })?;
+    Ok(summed.into_iter().map(|(_, s)| s).collect())
 }
 
 /// Zeroed per-CPU counters, one value per possible CPU.

@@ -209,9 +209,11 @@ impl Flows {
     /// `count_events`).
     pub(crate) fn all_count_events(&self) -> Result<Vec<CountEvents>> {
         use aya::maps::IterableMap;
-        let all: Vec<(u32, Vec<CountEvents>)> =
-            read_all_per_cpu(self.ct_counts.map(), 4096, "the count events")?;
-        Ok(all.into_iter().map(|(_, cpus)| sum_events(&cpus)).collect())
+        let all: Vec<(u32, CountEvents)> =
+            read_all_per_cpu(self.ct_counts.map(), 4096, "the count events", |c| {
+                sum_events(c)
+            })?;
+        Ok(all.into_iter().map(|(_, e)| e).collect())
     }
 }
 
