@@ -92,6 +92,9 @@ pub mod names {
     /// (`vip_addr_slot`). Only a hint of which lookup to make first — conntrack (likely a VIP)
     /// or `VIPS` (likely not) — never a filter: a wrong hint costs a lookup, not a verdict.
     pub const VIP_ADDRS: &str = "LB_VIPADDRS_V1";
+    /// `HashMap<Endpoint, u8>`: each VIP address (port and protocol 0) → 1. Traffic to one
+    /// that no VIP claims is dropped (`DropVipUnclaimed`), never routed back.
+    pub const VIP_IPS: &str = "LB_VIPIPS_V1";
     /// `Array<u8>`: per port (host order), whether some VIP listens on it (`PORT_F_VIP`) and
     /// whether some backend serves from it (`PORT_F_BACKEND`): a cheap filter before the hash
     /// lookups, so traffic not for lb pays two array reads instead of two hash lookups.
@@ -143,7 +146,7 @@ pub mod names {
     pub const HANDOFF: &str = "LB_HANDOFF_V1";
     /// `PerCpuArray<u64>`: global verdict and event counters, indexed by `Counter`
     /// (`COUNTER_CAPACITY` entries, so counters can be added without a new layout).
-    pub const STATS: &str = "LB_STATS_V4";
+    pub const STATS: &str = "LB_STATS_V5";
     /// `PerCpuArray<NextHop>`: the next-hop cache the data plane fills from its own route
     /// lookups, indexed by backend id.
     pub const NEXTHOP: &str = "LB_NEXTHOP_V2";
@@ -252,6 +255,10 @@ pub const VIP_F_DROP_WHEN_ALL_DOWN: u8 = 1;
 /// VIP's table gives that flow to that backend (several gateways behind ECMP, where the client's
 /// packets may have gone through another one). Only for maglev and source-hash VIPs.
 pub const VIP_F_STATELESS_REVERSE: u8 = 2;
+/// `VipInfo::flags`: withdraw the VIP's address from BGP while every backend with a weight is
+/// down (anycast over sites: another site should take its traffic). The data plane ignores
+/// it (it fails open meanwhile); the agent's announcements read it.
+pub const VIP_F_WITHDRAW_WHEN_ALL_DOWN: u8 = 4;
 
 /// Value of the backend array.
 #[repr(C)]

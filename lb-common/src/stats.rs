@@ -59,6 +59,10 @@ pub enum Counter {
     /// To a VIP or a reply, with TTL / hop limit <= 1: given to the kernel, which answers
     /// "time exceeded" as a router does.
     PassTtlExceeded,
+    /// To a VIP's address, but no VIP of lb's: another port or protocol, ICMP that is not an
+    /// error about a VIP flow, a fragment, IPv6 extension headers. Passed to the kernel it
+    /// would be routed back towards the router that sent it (a loop until its TTL runs out).
+    DropVipUnclaimed,
 
     // ---- events ----
     /// A client → VIP packet took its backend from conntrack.
@@ -114,7 +118,7 @@ pub const COUNTER_COUNT: u32 = Counter::HeadersNotLinear as u32 + 1;
 pub const COUNTER_CAPACITY: u32 = 64;
 const _: () = assert!(COUNTER_COUNT <= COUNTER_CAPACITY);
 /// Counters `0..VERDICT_COUNT` are verdicts; their sum is the number of packets seen.
-pub const VERDICT_COUNT: u32 = Counter::PassTtlExceeded as u32 + 1;
+pub const VERDICT_COUNT: u32 = Counter::DropVipUnclaimed as u32 + 1;
 
 /// Names of the counters, as shown by `lb stats` and exported as metric labels.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -140,6 +144,7 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "drop_martian",
     "drop_port_zero",
     "pass_ttl_exceeded",
+    "drop_vip_unclaimed",
     "ct_hit",
     "ct_miss",
     "ct_stale",
@@ -205,10 +210,10 @@ mod tests {
     #[test]
     fn verdicts_come_first_then_events() {
         // The verdicts are exactly the counters before the first event.
-        assert_eq!(VERDICT_COUNT, 22);
+        assert_eq!(VERDICT_COUNT, 23);
         assert_eq!(
             COUNTER_NAMES[VERDICT_COUNT as usize - 1],
-            "pass_ttl_exceeded"
+            "drop_vip_unclaimed"
         );
         assert_eq!(COUNTER_NAMES[VERDICT_COUNT as usize], "ct_hit");
         assert_eq!(VERDICT_COUNT, Counter::CtHit as u32);

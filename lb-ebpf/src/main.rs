@@ -43,7 +43,7 @@ use crate::{
     frame::{Bounded, Frame, Xdp},
     maps::{
         count, ACTIVE, BACKENDS, BACKEND_STATS, CONNTRACK, CT_NEW, HANDOFF, PORTS, REVNAT, RR_POS,
-        TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_STATS,
+        TABLE, VIPS, VIP_ADDRS, VIP_BY_ID, VIP_IPS, VIP_STATS,
     },
     nat::Side,
     parse::Packet,
@@ -102,7 +102,7 @@ pub fn lb_ipip(ctx: XdpContext) -> u32 {
 /// backends, passes everything else.
 #[xdp(frags)]
 pub fn lb_icmp(ctx: XdpContext) -> u32 {
-    let v = icmp_error(&Xdp::<true>(ctx)).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    let v = icmp_verdict(&Xdp::<true>(ctx));
     count(v.reason);
     v.action
 }
@@ -128,7 +128,7 @@ pub fn lb_ipip_generic(ctx: XdpContext) -> u32 {
 /// `lb_icmp` for `lb_xdp_generic`.
 #[xdp]
 pub fn lb_icmp_generic(ctx: XdpContext) -> u32 {
-    let v = icmp_error(&Xdp::<false>(ctx)).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    let v = icmp_verdict(&Xdp::<false>(ctx));
     count(v.reason);
     v.action
 }
@@ -174,7 +174,7 @@ pub fn lb_tc_ipip(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lb_tc_icmp(ctx: TcContext) -> i32 {
     tc_pull(&ctx, TC_ICMP_HEADERS);
-    let v = icmp_error(&ctx).unwrap_or(Verdict::pass(Counter::PassNotTcpUdp));
+    let v = icmp_verdict(&ctx);
     count(v.reason);
     ctx.action(v.action) as i32
 }
@@ -200,6 +200,46 @@ fn tail_call(ctx: &impl Frame, slot: u32) {
     ctx.tail_call(slot);
 }
 
+/// An ICMP packet: an error about a VIP flow goes to its backend; anything else to a VIP
+/// address is dropped (`unclaimed`); the rest is passed.
+#[inline(always)]
+fn icmp_verdict(ctx: &impl Frame) -> Verdict {
+    icmp_error(ctx).unwrap_or_else(|| unclaimed_or(ctx, Verdict::pass(Counter::PassNotTcpUdp)))
+}
+
+/// Whether `dst` is some VIP's address (`VIP_IPS`; the low-bits hint first, so that traffic
+/// to other addresses rarely pays the hash lookup).
+#[inline(always)]
+fn is_vip_address(family: u8, dst: &[u32; 4]) -> bool {
+    if !VIP_ADDRS
+        .get(lb_common::vip_addr_slot(family, dst))
+        .is_some_and(|h| *h != 0)
+    {
+        return false;
+    }
+    let key = lb_common::Endpoint {
+        addr_be: *dst,
+        port_be: 0,
+        proto: 0,
+        family,
+    };
+    // SAFETY: only whether it is there.
+    unsafe { VIP_IPS.get(key) }.is_some()
+}
+
+/// `v` (a pass), or a drop if the packet is addressed to a VIP's address: lb claims nothing
+/// of it, and passed to the kernel it would be routed back where it came from — on a
+/// gateway, to the router that sends it here (README, "Several gateways").
+#[inline(always)]
+fn unclaimed_or(ctx: &impl Frame, v: Verdict) -> Verdict {
+    match parse::destination(ctx) {
+        Some((family, dst)) if is_vip_address(family, &dst) => {
+            Verdict::drop(Counter::DropVipUnclaimed)
+        }
+        _ => v,
+    }
+}
+
 #[inline(always)]
 fn process(ctx: &impl Frame) -> Verdict {
     let pkt = match parse::parse(ctx) {
@@ -208,8 +248,17 @@ fn process(ctx: &impl Frame) -> Verdict {
             // ICMP errors about VIP flows are handled by lb_icmp; if that is missing, pass.
             if parse::is_icmp(ctx) {
                 tail_call(ctx, PROG_ICMP);
+                return v;
             }
-            return v;
+            return unclaimed_or(ctx, v);
+        }
+        Err(v)
+            if matches!(
+                v.reason,
+                Counter::PassFragment | Counter::PassIpv6Ext | Counter::PassMalformedL4
+            ) =>
+        {
+            return unclaimed_or(ctx, v);
         }
         Err(v) => return v,
     };
@@ -265,6 +314,9 @@ fn process(ctx: &impl Frame) -> Verdict {
                 return reverse(ctx, &pkt, &r);
             }
         }
+    }
+    if is_vip_address(pkt.family, &pkt.dst) {
+        return Verdict::drop(Counter::DropVipUnclaimed);
     }
     Verdict::pass(Counter::PassNotVip)
 }
@@ -408,12 +460,15 @@ fn tracked_reply(
     Tracked::Reply
 }
 
-/// A reply this gateway has no flow entry for. It is the VIP's if the VIP's table gives this
-/// flow to this backend — what every gateway with the same configuration computes — and it is
-/// not addressed to this gateway itself (its health checks talk to the backends directly, from
-/// addresses the table may well give to that backend); and either the VIP has
-/// `VIP_F_STATELESS_REVERSE` (several gateways behind ECMP) or a flood was on within the
-/// opening timeout (flows that began then have no entry: see `flow::flooding`).
+/// A reply this gateway has no flow entry for. It is the VIP's if its backend is a current
+/// member of the VIP — valid, of this VIP, whether weighted, drained or down, until it is
+/// removed: a flow keeps its backend through changes of the table, and its replies may come
+/// through any gateway — and it is not addressed to this gateway itself (its health checks
+/// talk to the backends directly); and either the VIP has `VIP_F_STATELESS_REVERSE` (several
+/// gateways behind ECMP) or a flood was on within the opening timeout (flows that began then
+/// have no entry: see `flow::flooding`). What this costs: a client that talks to the
+/// backend's service endpoint directly through this gateway gets its replies from the VIP
+/// (README, "Several gateways").
 #[inline(always)]
 fn stateless_reply(ctx: &impl Frame, pkt: &Packet, r: &RevNatEntry, now: u64) -> bool {
     // SAFETY: copied out at once.
@@ -435,15 +490,9 @@ fn stateless_reply(ctx: &impl Frame, pkt: &Packet, r: &RevNatEntry, now: u64) ->
         return false;
     }
     let key = pkt.reply_flow_key(&r.vip);
-    let Some(index) = hashed_index(&vip, &key, flow::seed()) else {
+    let Some(member) = usable_backend(r.backend_id, r.vip_id) else {
         return false;
     };
-    if !TABLE
-        .get(vip.table_off.wrapping_add(index))
-        .is_some_and(|id| *id == r.backend_id)
-    {
-        return false;
-    }
     let (route, _) = fib::lookup(
         ctx,
         pkt.family,
@@ -463,11 +512,16 @@ fn stateless_reply(ctx: &impl Frame, pkt: &Packet, r: &RevNatEntry, now: u64) ->
     // A flow that began in a flood: the backend's ordinary TCP segment (not a SYN-ACK, which
     // spoofed SYNs get too, nor an RST) shows the backend holds an established connection,
     // which only a real client's handshake makes: confirm the flow.
-    if after_flood && pkt.proto == PROTO_TCP && pkt.tcp_flags & (flow::TCP_SYN | flow::TCP_RST) == 0
+    // (Only where the table still gives the flow to this backend: the entry then says what
+    // the hash says, as it would have had the flood not skipped it.)
+    if after_flood
+        && pkt.proto == PROTO_TCP
+        && pkt.tcp_flags & (flow::TCP_SYN | flow::TCP_RST) == 0
+        && hashed_index(&vip, &key, flow::seed())
+            .and_then(|i| TABLE.get(vip.table_off.wrapping_add(i)))
+            .is_some_and(|id| *id == r.backend_id)
     {
-        if let Some(b) = usable_backend(r.backend_id, r.vip_id) {
-            flow::confirm_reply(&key, r.backend_id, b.generation, now);
-        }
+        flow::confirm_reply(&key, r.backend_id, member.generation, now);
     }
     true
 }

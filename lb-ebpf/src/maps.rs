@@ -23,6 +23,10 @@ pub(crate) static VIP_BY_ID: Array<VipById, { MAX_VIPS as usize }> = Array::new(
 #[btf_map(name = "LB_VIPADDRS_V1")]
 pub(crate) static VIP_ADDRS: Array<u8, 65536> = Array::new();
 
+/// Every VIP address (`Endpoint` with port and protocol 0): `names::VIP_IPS`.
+#[btf_map(name = "LB_VIPIPS_V1")]
+pub(crate) static VIP_IPS: HashMap<Endpoint, u8, { MAX_VIPS as usize }> = HashMap::new();
+
 #[btf_map(name = "LB_BACKENDS_V1")]
 pub(crate) static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
@@ -89,7 +93,7 @@ pub(crate) static RR_POS: PerCpuArray<u32, { MAX_VIPS as usize }> = PerCpuArray:
 #[btf_map(name = "LB_NEXTHOP_V2")]
 pub(crate) static NEXTHOP: PerCpuArray<NextHop, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
-#[btf_map(name = "LB_STATS_V4")]
+#[btf_map(name = "LB_STATS_V5")]
 pub(crate) static STATS: PerCpuArray<u64, { COUNTER_CAPACITY as usize }> = PerCpuArray::new();
 
 #[btf_map(name = "LB_VIPSTATS_V1")]

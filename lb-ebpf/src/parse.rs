@@ -147,6 +147,24 @@ pub(crate) fn is_icmp(ctx: &impl Frame) -> bool {
     }
 }
 
+/// The family and destination address of an IP packet (whatever follows the IP header).
+#[inline(always)]
+pub(crate) fn destination(ctx: &impl Frame) -> Option<(u8, [u32; 4])> {
+    match l2(ctx)? {
+        (ETH_P_IP, l3) => {
+            let ip = ptr_at::<Ipv4Hdr>(ctx, l3)?;
+            // SAFETY: bounds-checked by ptr_at.
+            Some((FAMILY_V4, [unsafe { (*ip).daddr_be }, 0, 0, 0]))
+        }
+        (ETH_P_IPV6, l3) => {
+            let ip = ptr_at::<Ipv6Hdr>(ctx, l3)?;
+            // SAFETY: bounds-checked by ptr_at.
+            Some((FAMILY_V6, unsafe { (*ip).daddr_be }))
+        }
+        _ => None,
+    }
+}
+
 #[inline(always)]
 pub(crate) fn parse(ctx: &impl Frame) -> ParseResult {
     match l2(ctx) {

@@ -44,6 +44,9 @@ pub struct AgentOptions {
     pub poll: Duration,
     /// Announce servable VIPs through BIRD: (the file bird.conf includes, BIRD's socket).
     pub bird: Option<(PathBuf, PathBuf)>,
+    /// Withdraw every VIP when the agent stops (draining this gateway); by default the routes
+    /// stay, as the data plane keeps forwarding.
+    pub withdraw_on_exit: bool,
 }
 
 /// A backend of a VIP.
@@ -154,6 +157,9 @@ struct Agent {
     bird_error: Option<String>,
     /// When `announce` last ran.
     last_announce_check: std::time::Instant,
+    /// How long the idle announcement check waits after the last: `ANNOUNCE_RECHECK`, or 499
+    /// times what that check cost if more (at most 0.2% of a CPU).
+    announce_every: std::time::Duration,
     /// How long `lock_dir` waits.
     lock_wait: Duration,
     /// Time the sweep's steps took in the pass under way, and when the next pass may begin.
@@ -269,6 +275,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
             .map(|(include, socket)| crate::announce::Bird::new(include, socket)),
         bird_error: None,
         last_announce_check: std::time::Instant::now(),
+        announce_every: ANNOUNCE_RECHECK,
         lock_wait: LOCK_WAIT,
         sweep_busy: Duration::ZERO,
         sweep_resume_at: std::time::Instant::now(),
@@ -280,6 +287,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     if let (Some(addr), Some(page_maps)) = (agent.opts.metrics, page_maps) {
         crate::metrics::serve(addr, agent.shared.clone(), page_maps).await?;
         info!(%addr, "serving metrics on /metrics");
+    }
+    // So that `lb detach` can withdraw this gateway's VIPs when no agent runs.
+    if let Some(bird) = &agent.bird {
+        if let Err(e) = crate::announce::record(&agent.opts.pin_dir, bird) {
+            warn!("recording the BIRD settings for `lb detach` failed: {e:#}");
+        }
     }
     // A command may hold the lock a while (a large apply): the first apply waits longer.
     agent.lock_wait = STARTUP_LOCK_WAIT;
@@ -313,7 +326,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
                 // Changes the agent makes announce at once; on idle ticks the full check (a
                 // pass over every backend) runs every `ANNOUNCE_RECHECK`, to see changes made
                 // with `lb` commands.
-                if agent.last_announce_check.elapsed() >= ANNOUNCE_RECHECK {
+                if agent.last_announce_check.elapsed() >= agent.announce_every {
                     agent.announce();
                 }
             }
@@ -328,7 +341,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), StartError> {
     for (_, c) in agent.checkers.drain() {
         c.handle.abort();
     }
-    agent.withdraw_all();
+    if agent.opts.withdraw_on_exit {
+        agent.withdraw_all();
+    } else if agent.bird.is_some() {
+        info!("keeping the VIPs announced (the data plane keeps forwarding; --withdraw-on-exit or `lb detach` withdraws them)");
+    }
     info!("stopping; the data plane keeps forwarding with the current state");
     Ok(())
 }
@@ -385,7 +402,8 @@ impl Agent {
     /// Announces (through BIRD) the VIP addresses this node can serve now, withdrawing the
     /// others. Failures are logged once and retried on the next tick.
     fn announce(&mut self) {
-        self.last_announce_check = std::time::Instant::now();
+        let began = std::time::Instant::now();
+        self.last_announce_check = began;
         let Some(bird) = self.bird.as_mut() else {
             return;
         };
@@ -394,6 +412,7 @@ impl Agent {
             let s = self.shared.lock().expect("agent state lock");
             crate::announce::servable(&s.maps, attached)
         };
+        self.announce_every = ANNOUNCE_RECHECK.max(began.elapsed() * 499);
         let r = vips.and_then(|v| {
             let changed = bird.announce(&v)?;
             Ok((changed, v))
@@ -420,7 +439,7 @@ impl Agent {
     /// stale entries and, at the end of each complete pass, settles the active-flow counts.
     /// Logs a line per complete pass that changed something; errors once each.
     fn sweep(&mut self) {
-        // At most 1% of a CPU: after a pass, the next waits 99 times as long as the pass
+        // At most 0.5% of a CPU: after a pass, the next waits 199 times as long as the pass
         // worked (a pass reads every backend's counts: at 64,000 backends, about a second).
         if std::time::Instant::now() < self.sweep_resume_at {
             return;
@@ -437,7 +456,7 @@ impl Agent {
         self.sweep_busy += worked;
         if matches!(r, Ok(Some(_))) {
             self.sweep_resume_at =
-                std::time::Instant::now() + (self.sweep_busy * 99).min(SWEEP_MAX_WAIT);
+                std::time::Instant::now() + (self.sweep_busy * 199).min(SWEEP_MAX_WAIT);
             self.sweep_busy = Duration::ZERO;
         }
         match r {
@@ -642,6 +661,8 @@ impl Agent {
         }
         if info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0 {
             error!(%vip, "every backend is down: new flows are dropped (when_all_down = \"drop\")");
+        } else if info.flags & lb_common::VIP_F_WITHDRAW_WHEN_ALL_DOWN != 0 {
+            error!(%vip, "every backend is down: withdrawing the VIP, failing open meanwhile (when_all_down = \"withdraw\")");
         } else {
             error!(%vip, "every backend is down: failing open, new flows go to all backends (when_all_down = \"fail-open\")");
         }

@@ -1,8 +1,12 @@
 //! VIP announcement through BIRD 2: the agent writes the VIPs this node can serve as static
 //! routes into a file the operator's `bird.conf` includes, and asks BIRD to reload (`birdc
 //! configure`). BIRD exports them over BGP; the upstream router spreads flows over every
-//! gateway announcing a VIP (ECMP). A VIP is announced while the data plane is attached and the
-//! VIP has a backend in service; it is withdrawn when that stops, and when the agent stops.
+//! gateway announcing a VIP (ECMP). A VIP is announced while this gateway can forward it: the
+//! data plane attached, and a backend in service — or, failing open (the default), any backend
+//! with a weight. `when_all_down = "withdraw"` also withdraws a VIP whose backends are all down
+//! (anycast over sites); `"drop"` does too (it no longer forwards). An agent that stops keeps
+//! the routes (the data plane keeps forwarding; a restart must not flap them) unless run with
+//! `--withdraw-on-exit`; `lb detach` withdraws (`withdraw_recorded`).
 //!
 //! The file (for `include "/run/lb/bird-vips.conf";` at the top level of bird.conf):
 //!
@@ -53,9 +57,16 @@ impl Bird {
     }
 
     /// Announces exactly `vips` (writes the file and reloads BIRD if that changes anything).
-    /// Returns whether it changed.
+    /// Returns whether it changed. A new agent whose file already says `vips` (a restart)
+    /// leaves BIRD alone.
     pub fn announce(&mut self, vips: &BTreeSet<IpAddr>) -> Result<bool> {
         if self.announced.as_ref() == Some(vips) {
+            return Ok(false);
+        }
+        if self.announced.is_none()
+            && std::fs::read_to_string(&self.include).is_ok_and(|t| t == render(vips))
+        {
+            self.announced = Some(vips.clone());
             return Ok(false);
         }
         write_atomically(&self.include, &render(vips))?;
@@ -106,8 +117,11 @@ pub fn output_within(
 }
 
 /// The VIP addresses this node can serve: the data plane is attached somewhere, and some VIP
-/// on the address has a backend with a weight that is not down. (A VIP whose backends are all
-/// down is withdrawn even when it fails open: other gateways may have a better view.)
+/// on the address forwards new flows — a backend with a weight that is not down, or, failing
+/// open (every weighted backend down, `when_all_down = "fail-open"`), any backend with a
+/// weight. A failure every gateway shares (a common dependency, an ACL that drops the probes)
+/// then leaves the VIP announced and served. `"withdraw"` and `"drop"` VIPs whose backends
+/// are all down are not announced.
 pub fn servable(maps: &LbMaps, attached: bool) -> Result<BTreeSet<IpAddr>> {
     let mut out = BTreeSet::new();
     if !attached {
@@ -115,14 +129,57 @@ pub fn servable(maps: &LbMaps, attached: bool) -> Result<BTreeSet<IpAddr>> {
     }
     let backends = maps.backends_by_vip()?;
     for (vip, info) in maps.vips()? {
-        if backends
-            .get(&info.vip_id)
-            .is_some_and(|bs| bs.iter().any(|b| b.weight > 0 && b.healthy))
-        {
+        let bs = backends.get(&info.vip_id).map(Vec::as_slice).unwrap_or(&[]);
+        let up = bs.iter().any(|b| b.weight > 0 && b.healthy);
+        let weighted = bs.iter().any(|b| b.weight > 0);
+        let withdraw = info.flags
+            & (lb_common::VIP_F_DROP_WHEN_ALL_DOWN | lb_common::VIP_F_WITHDRAW_WHEN_ALL_DOWN)
+            != 0;
+        if up || (weighted && !withdraw) {
             out.insert(vip.addr.ip());
         }
     }
     Ok(out)
+}
+
+/// Where an agent records its BIRD settings for the pin directory `pin_dir`, so that `lb
+/// detach` can withdraw its VIPs when no agent runs (bpffs holds no plain files).
+pub fn record_path(pin_dir: &Path) -> PathBuf {
+    let name: String = pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from("/run/lb/announce").join(name)
+}
+
+/// Records `bird`'s settings for `pin_dir` (`record_path`).
+pub fn record(pin_dir: &Path, bird: &Bird) -> Result<()> {
+    let text = format!("{}\n{}\n", bird.include.display(), bird.socket.display());
+    write_atomically(&record_path(pin_dir), &text)
+}
+
+/// Withdraws every VIP announced for `pin_dir` by an agent that recorded its BIRD settings
+/// (`record`). Ok(false): nothing recorded.
+pub fn withdraw_recorded(pin_dir: &Path) -> Result<bool> {
+    let Ok(text) = std::fs::read_to_string(record_path(pin_dir)) else {
+        return Ok(false);
+    };
+    let mut lines = text.lines();
+    let (Some(include), Some(socket)) = (lines.next(), lines.next()) else {
+        bail!(
+            "{} is not an announcement record",
+            record_path(pin_dir).display()
+        );
+    };
+    Bird::new(include.into(), socket.into()).announce(&BTreeSet::new())?;
+    Ok(true)
 }
 
 /// The include file for `vips`.

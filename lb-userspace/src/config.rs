@@ -12,7 +12,7 @@
 //!
 //! forward = "nat"              # optional: nat (default) | dsr-l2 | ipip
 //! reverse = "tracked"          # optional: tracked (default) | stateless (ECMP gateways)
-//! when_all_down = "fail-open"  # optional: fail-open (default) | drop
+//! when_all_down = "fail-open"  # optional: fail-open (default) | drop | withdraw
 //! drain_timeout = "5m"          # optional (agent): how long a removed backend drains
 //!
 //! [vip.health]                  # optional (agent): health checks of every backend
@@ -63,6 +63,8 @@ pub struct VipConfig {
     pub backends: Vec<(SocketAddr, u32)>,
     /// Every backend with a weight down: drop new flows (true) or fail open (false).
     pub drop_when_all_down: bool,
+    /// Every backend with a weight down: withdraw the VIP from BGP (failing open meanwhile).
+    pub withdraw_when_all_down: bool,
     /// Replies without a conntrack entry here are checked against the table (ECMP gateways).
     pub stateless_reverse: bool,
     /// Health checks of the backends (run by the agent, `lb run`).
@@ -330,16 +332,17 @@ impl Config {
                     }
                 },
             };
-            let drop_when_all_down = match &rv.when_all_down {
-                None => false,
+            let (drop_when_all_down, withdraw_when_all_down) = match &rv.when_all_down {
+                None => (false, false),
                 Some(s) => match s.get_ref().as_str() {
-                    "fail-open" => false,
-                    "drop" => true,
+                    "fail-open" => (false, false),
+                    "drop" => (true, false),
+                    "withdraw" => (false, true),
                     other => {
                         return Err(err(
                             s.span().start,
                             format!(
-                                "unknown when_all_down {other:?} (use \"fail-open\" or \"drop\")"
+                                "unknown when_all_down {other:?} (use \"fail-open\", \"drop\" or \"withdraw\")"
                             ),
                         ))
                     }
@@ -379,6 +382,7 @@ impl Config {
                 table_size,
                 backends,
                 drop_when_all_down,
+                withdraw_when_all_down,
                 stateless_reverse,
                 health,
                 drain_timeout,
@@ -434,6 +438,7 @@ impl Config {
                 table_size: info.table_size,
                 backends,
                 drop_when_all_down: info.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0,
+                withdraw_when_all_down: info.flags & lb_common::VIP_F_WITHDRAW_WHEN_ALL_DOWN != 0,
                 stateless_reverse: info.flags & lb_common::VIP_F_STATELESS_REVERSE != 0,
                 health: None,
                 drain_timeout: DEFAULT_DRAIN_TIMEOUT,
@@ -485,6 +490,8 @@ impl Config {
             let _ = writeln!(out, "table_size = {}", v.table_size);
             if v.drop_when_all_down {
                 let _ = writeln!(out, "when_all_down = \"drop\"");
+            } else if v.withdraw_when_all_down {
+                let _ = writeln!(out, "when_all_down = \"withdraw\"");
             }
             if v.stateless_reverse {
                 let _ = writeln!(out, "reverse = \"stateless\"");
@@ -647,6 +654,9 @@ fn apply_indexed(maps: &mut LbMaps, cfg: &Config) -> Result<ApplySummary, LbErro
         let was_drop = maps.vip(&v.vip)?.flags & lb_common::VIP_F_DROP_WHEN_ALL_DOWN != 0;
         if was_drop != v.drop_when_all_down {
             s.slots_written += maps.set_all_down_drop(&v.vip, v.drop_when_all_down)?;
+            s.policies_changed += 1;
+        }
+        if maps.set_withdraw_when_all_down(&v.vip, v.withdraw_when_all_down)? {
             s.policies_changed += 1;
         }
     }

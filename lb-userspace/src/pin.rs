@@ -49,7 +49,7 @@ const GENERIC_PROG_PIN: &str = "prog_lb_xdp_generic";
 const TC_PROG_PIN: &str = "prog_lb_tc";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-const ALL_MAPS: [&str; 24] = [
+const ALL_MAPS: [&str; 25] = [
     names::PROGS,
     names::GENERIC_PROGS,
     names::TC_PROGS,
@@ -62,6 +62,7 @@ const ALL_MAPS: [&str; 24] = [
     names::VIPS,
     names::VIP_BY_ID,
     names::VIP_ADDRS,
+    names::VIP_IPS,
     names::BACKENDS,
     names::TABLE,
     names::CONNTRACK,
@@ -77,13 +78,15 @@ const ALL_MAPS: [&str; 24] = [
 ];
 
 /// Maps that hold only what can be made again from the others — a cache the data plane
-/// refills by itself, a mirror of the VIPs, the program arrays the upgrade fills — which `lb
-/// upgrade` creates (and fills) when the running program does not have them (an older layout
-/// keeps its own until the purge).
-const CACHE_MAPS: [&str; 6] = [
+/// refills by itself, mirrors of the VIPs, the program arrays the upgrade fills — or counters
+/// of a new layout (which start from zero), which `lb upgrade` creates (and fills) when the
+/// running program does not have them (an older layout keeps its own until the purge).
+const CACHE_MAPS: [&str; 8] = [
     names::NEXTHOP,
     names::VIP_BY_ID,
     names::VIP_ADDRS,
+    names::VIP_IPS,
+    names::STATS,
     names::PROGS,
     names::GENERIC_PROGS,
     names::TC_PROGS,
@@ -97,7 +100,13 @@ const PROG_PINS: [&str; 3] = [PROG_PIN, GENERIC_PROG_PIN, TC_PROG_PIN];
 
 /// Pins of maps that earlier layouts had and this one does not use: removed once an upgrade
 /// has switched every link (and by unload and purge).
-const LEGACY_MAPS: [&str; 4] = ["LB_NEXTHOP_V1", "LB_PROGS_V1", "LB_PROGS_V2", OLD_TABLE];
+const LEGACY_MAPS: [&str; 5] = [
+    "LB_NEXTHOP_V1",
+    "LB_PROGS_V1",
+    "LB_PROGS_V2",
+    "LB_STATS_V4",
+    OLD_TABLE,
+];
 
 /// The slot array before it was mappable: `lb upgrade` makes `names::TABLE` with as many slots
 /// and copies every VIP's table into it.

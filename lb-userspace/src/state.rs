@@ -60,6 +60,8 @@ pub struct LbMaps {
     vip_by_id: Array<MapData, VipById>,
     /// Which low 16 bits of a destination some VIP's address has (a lookup-order hint).
     vip_addrs: Array<MapData, u8>,
+    /// Every VIP address (port and protocol 0): traffic to one that no VIP claims is dropped.
+    vip_ips: HashMap<MapData, Endpoint, u8>,
     backends: Array<MapData, Backend>,
     table: crate::slots::SlotArray,
     /// The backends in use, by VIP id, while a many-step change runs (`with_backend_index`):
@@ -153,6 +155,7 @@ impl LbMaps {
             index: std::sync::Mutex::new(None),
             vip_by_id: get(names::VIP_BY_ID)?.try_into()?,
             vip_addrs: get(names::VIP_ADDRS)?.try_into()?,
+            vip_ips: get(names::VIP_IPS)?.try_into()?,
             timeouts: get(names::TIMEOUTS)?.try_into()?,
             conf: get(names::CONF)?.try_into()?,
             revnat: get(names::REVNAT)?.try_into()?,

@@ -629,6 +629,7 @@ pub(crate) fn standalone_maps() -> Option<LbMaps> {
             names::VIPS => (BPF_MAP_TYPE_HASH, 20, size_of::<VipInfo>(), MAX_VIPS),
             names::VIP_BY_ID => (BPF_MAP_TYPE_ARRAY, 4, size_of::<VipById>(), MAX_VIPS),
             names::VIP_ADDRS => (BPF_MAP_TYPE_ARRAY, 4, 1, 65_536),
+            names::VIP_IPS => (BPF_MAP_TYPE_HASH, 20, 1, MAX_VIPS),
             names::BACKENDS => (BPF_MAP_TYPE_ARRAY, 4, size_of::<Backend>(), MAX_BACKENDS),
             names::TABLE => (BPF_MAP_TYPE_ARRAY, 4, 4, 4 * 1031),
             names::CONNTRACK | names::CT_NEW => (BPF_MAP_TYPE_LRU_HASH, 40, 32, 8192),

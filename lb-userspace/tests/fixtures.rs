@@ -866,16 +866,16 @@ fn fixture_table_through(kind: Kind) {
         Counter::PassNotVip,
     );
     t.unchanged(
-        "VIP address, wrong port → untouched",
+        "VIP address, wrong port → dropped (passed on, it would be routed back to the router)",
         syn(client(40_013), sa("10.100.0.100:81")).build(),
-        XDP_PASS,
-        Counter::PassNotVip,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     t.unchanged(
-        "VIP address and port, wrong protocol (UDP to a TCP VIP) → untouched",
+        "VIP address and port, wrong protocol (UDP to a TCP VIP) → dropped",
         udp(client(40_014), web.addr).build(),
-        XDP_PASS,
-        Counter::PassNotVip,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     t.unchanged(
         "IPv6 not for a VIP → untouched",
@@ -893,8 +893,23 @@ fn fixture_table_through(kind: Kind) {
         out
     };
     t.unchanged(
-        "ICMP echo to a VIP address → passed",
+        "ICMP echo to a VIP address → dropped (lb does not answer it; not routed back)",
         icmp,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
+    );
+    let icmp_other = {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC_A)
+            .ipv4([10, 0, 0, 2], [10, 100, 0, 7], 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut out, b"ping")
+            .unwrap();
+        out
+    };
+    t.unchanged(
+        "ICMP echo to another address → passed",
+        icmp_other,
         XDP_PASS,
         Counter::PassNotTcpUdp,
     );
@@ -915,37 +930,54 @@ fn fixture_table_through(kind: Kind) {
     let mut mf = syn(client(40_016), web.addr).build();
     set_ipv4_u16(&mut mf, 6, 0x2000);
     t.unchanged(
-        "IPv4 first fragment (MF) to a VIP → passed, lb does not reassemble",
+        "IPv4 first fragment (MF) to a VIP → dropped, lb does not reassemble",
         mf,
-        XDP_PASS,
-        Counter::PassFragment,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut later = udp(client(40_017), dns.addr).build();
     set_ipv4_u16(&mut later, 6, 0x0010);
     t.unchanged(
-        "IPv4 later fragment (offset 128) → passed",
+        "IPv4 later fragment (offset 128) to a VIP → dropped",
         later,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
+    );
+    let mut frag_other = udp(client(40_017), sa("10.100.0.7:53")).build();
+    set_ipv4_u16(&mut frag_other, 6, 0x0010);
+    t.unchanged(
+        "IPv4 fragment to another address → passed",
+        frag_other,
         XDP_PASS,
         Counter::PassFragment,
     );
     let mut frag6 = udp(client6(40_018), dns6.addr).build();
     frag6[IP + 6] = 44;
     t.unchanged(
-        "IPv6 fragment header → passed",
+        "IPv6 fragment header, to a VIP → dropped",
         frag6,
-        XDP_PASS,
-        Counter::PassFragment,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut hbh = udp(client6(40_019), dns6.addr).build();
     hbh[IP + 6] = 0;
     t.unchanged(
-        "IPv6 hop-by-hop extension header → passed",
+        "IPv6 hop-by-hop extension header, to a VIP → dropped",
         hbh,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
+    );
+    let mut hbh_other = udp(client6(40_019), sa("[fd01::11]:53")).build();
+    hbh_other[IP + 6] = 0;
+    t.unchanged(
+        "IPv6 hop-by-hop extension header, to another address → passed",
+        hbh_other,
         XDP_PASS,
         Counter::PassIpv6Ext,
     );
 
-    // ---- malformed: passed to the kernel, which validates and drops ----
+    // ---- malformed: passed to the kernel, which validates and drops (to a VIP address with a
+    // whole IP header: dropped here, not routed back) ----
     let good = syn(client(40_020), web.addr).build();
     t.unchanged(
         "Ethernet header only",
@@ -987,43 +1019,52 @@ fn fixture_table_through(kind: Kind) {
     set_ipv4_u16(&mut cut_tcp, 2, 20 + 12);
     cut_tcp.truncate(14 + 32);
     t.unchanged(
-        "TCP header cut (12 of 20 bytes)",
+        "TCP header cut (12 of 20 bytes) (to a VIP address) → dropped",
         cut_tcp,
-        XDP_PASS,
-        Counter::PassMalformedL4,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut doff4 = good.clone();
     doff4[l4_v4(&good) + 12] = 0x40;
     t.unchanged(
-        "TCP data offset 4",
+        "TCP data offset 4 (to a VIP address) → dropped",
         doff4,
-        XDP_PASS,
-        Counter::PassMalformedL4,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut doff15 = good.clone();
     doff15[l4_v4(&good) + 12] = 0xf0;
     t.unchanged(
-        "TCP data offset beyond the packet",
+        "TCP data offset beyond the packet (to a VIP address) → dropped",
         doff15,
-        XDP_PASS,
-        Counter::PassMalformedL4,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut udp_short = udp(client(40_022), dns.addr).build();
     let at = l4_v4(&udp_short) + 4;
     udp_short[at..at + 2].copy_from_slice(&4u16.to_be_bytes());
     t.unchanged(
-        "UDP length 4",
+        "UDP length 4 (to a VIP address) → dropped",
         udp_short,
-        XDP_PASS,
-        Counter::PassMalformedL4,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
     let mut cut_udp = udp(client(40_023), dns.addr).build();
     set_ipv4_u16(&mut cut_udp, 2, 20 + 6);
     cut_udp.truncate(14 + 26);
     fix_ipv4_csum(&mut cut_udp);
     t.unchanged(
-        "UDP header cut (6 of 8 bytes)",
+        "UDP header cut (6 of 8 bytes) (to a VIP address) → dropped",
         cut_udp,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
+    );
+    let other = syn(client(40_024), sa("10.1.0.11:8080")).build();
+    let mut doff4_other = other.clone();
+    doff4_other[l4_v4(&other) + 12] = 0x40;
+    t.unchanged(
+        "TCP data offset 4, to another address → passed",
+        doff4_other,
         XDP_PASS,
         Counter::PassMalformedL4,
     );
@@ -2623,11 +2664,19 @@ fn flood_threshold() {
         &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
     );
     let other = if fb == w1 { w2 } else { w1 };
-    t.unchanged(
-        "flood: another backend's packet with that flow's tuple → untouched",
-        from_backend(other, fc, Tcp::SynAck).build(),
-        XDP_PASS,
-        Counter::PassNotVip,
+    // (A member of the VIP all the same: its reply of a flow without an entry is the VIP's,
+    // as through another gateway or after a table change.)
+    let d = "flood: another member's packet with that flow's tuple → rewritten as well";
+    let since = t.counters();
+    t.reply_as(
+        d,
+        &from_backend(other, fc, Tcp::SynAck).seq_ack(ISN_B, SEQ + 1),
+        &web,
+    );
+    t.expect_events(
+        d,
+        &since,
+        &[(Counter::RevStateless, 1), (Counter::RevNat, 1)],
     );
     let d = "flood: a stored flow's reply → through its entry, as always";
     let since = t.counters();

@@ -788,15 +788,32 @@ fn dsr_ipip_icmp_and_decap() {
     ));
     echo.extend(m);
     t.unchanged(
-        "ICMP echo to a VIP: passed to the kernel",
+        "ICMP echo to a VIP: dropped (not lb's; passed on, it would be routed back)",
         &echo,
-        XDP_PASS,
-        Counter::PassNotTcpUdp,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
+    );
+    let input = too_big_frame(
+        GW_MAC_A,
+        CLIENT_MAC,
+        router,
+        nat.addr.ip(),
+        1400,
+        sa("10.0.0.1:80"),
+        c,
+        false,
+    );
+    t.unchanged(
+        "ICMP too-big to a VIP address about no VIP flow → dropped",
+        &input,
+        XDP_DROP,
+        Counter::DropVipUnclaimed,
     );
 
     // ---- stateless reverse NAT (gateways behind ECMP) ----
-    // A reply with no conntrack entry here is the VIP's only if the VIP's table gives the flow
-    // to that backend, and it is not addressed to the gateway itself.
+    // A reply with no conntrack entry here is the VIP's if it comes from a current member of
+    // the VIP (weighted, drained or down; not removed), and it is not addressed to the
+    // gateway itself: flows keep their backend through table changes and gateways.
     let ecmp = vip("10.100.4.1:80/tcp");
     let (e1, e2) = (sa("10.1.0.11:7070"), sa("10.1.0.12:7070"));
     {
@@ -826,9 +843,35 @@ fn dsr_ipip_icmp_and_decap() {
         &out,
         Counter::Tx,
     );
-    let other = Spec::tcp(mac_of(e2), GW_MAC_A, e2, c, Tcp::SynAck);
+    // The table gives this client's flow to e1; e2's reply is of a flow that began before a
+    // change (or through another gateway's older table): still the VIP's.
+    let other = Spec::tcp(mac_of(e2), GW_MAC_A, e2, c, Tcp::Ack);
+    t.check(
+        "stateless: another member's reply (the table moved the flow) → rewritten",
+        &other.build(),
+        XDP_TX,
+        &other.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).hop().build(),
+        Counter::Tx,
+    );
+    t.gw.dp.maps.set_weight(&ecmp, e2, 0).unwrap();
+    t.check(
+        "stateless: a drained member's reply → rewritten",
+        &other.build(),
+        XDP_TX,
+        &other.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).hop().build(),
+        Counter::Tx,
+    );
+    t.gw.dp.maps.set_health(&ecmp, e2, false).unwrap();
+    t.check(
+        "stateless: a member that is down → rewritten",
+        &other.build(),
+        XDP_TX,
+        &other.with(GW_MAC_A, CLIENT_MAC, ecmp.addr, c).hop().build(),
+        Counter::Tx,
+    );
+    t.gw.dp.maps.del_backend(&ecmp, e2).unwrap();
     t.unchanged(
-        "stateless: another backend's packet for that flow → untouched",
+        "stateless: a removed backend's packet → untouched (not lb's)",
         &other.build(),
         XDP_PASS,
         Counter::PassNotVip,
@@ -882,7 +925,8 @@ fn dsr_ipip_icmp_and_decap() {
         2,
         "dsr-l2 and ipip (NAT: below)"
     );
-    assert_eq!(ev(Counter::RevNat), 1, "the stateless reply");
+    assert_eq!(ev(Counter::RevNat), 4, "the stateless replies");
+    assert_eq!(ev(Counter::RevStateless), 4, "the stateless replies");
     assert_eq!(
         ev(Counter::CtConfirmed),
         4,

@@ -169,6 +169,11 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         /// BIRD's control socket (birdc -s).
         #[arg(long, value_name = "PATH", requires = "bird_include")]
         bird_socket: Option<std::path::PathBuf>,
+        /// Withdraw every VIP from BIRD when the agent stops (to drain this gateway). By
+        /// default a stopping agent keeps the routes: the data plane keeps forwarding, and a
+        /// restart must not move flows.
+        #[arg(long, requires = "bird_include")]
+        withdraw_on_exit: bool,
         #[command(flatten)]
         sizes: Sizes,
     },

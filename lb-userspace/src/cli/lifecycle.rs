@@ -145,9 +145,19 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
             outln!("detached from {iface}");
         }
     }
+    // Detached everywhere: this gateway no longer forwards, so its VIPs are withdrawn (a
+    // running agent sees it too; this covers a gateway without one).
+    if dir.attachments()?.is_empty() {
+        match lb::announce::withdraw_recorded(dir.path()) {
+            Ok(true) => outln!("withdrew the VIPs from BIRD"),
+            Ok(false) => {}
+            Err(e) => eprintln!("warning: withdrawing the VIPs from BIRD failed: {e:#}"),
+        }
+    }
     if purge {
         let path = dir.path().to_path_buf();
         dir.purge().context("removing the pinned state")?;
+        let _ = std::fs::remove_file(lb::announce::record_path(&path));
         outln!("removed the program and all state from {}", path.display());
     }
     Ok(())

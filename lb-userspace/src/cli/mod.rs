@@ -155,6 +155,7 @@ fn run(cli: Cli) -> CmdResult {
         poll,
         bird_include,
         bird_socket,
+        withdraw_on_exit,
         sizes,
     } = cli.command
     {
@@ -167,6 +168,7 @@ fn run(cli: Cli) -> CmdResult {
             load: sizes.load_options(),
             poll,
             bird: bird_include.zip(bird_socket),
+            withdraw_on_exit,
         };
         return agent_cmd::run(opts);
     }

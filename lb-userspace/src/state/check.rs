@@ -76,7 +76,8 @@ impl LbMaps {
         }
         if !self.mirror_matches()? {
             bad.push(
-                "the VIP mirror (by id) or the address hints differ from the VIP map".to_string(),
+                "the VIP mirror (by id), the address hints or the VIP addresses differ from the VIP map"
+                    .to_string(),
             );
         }
 

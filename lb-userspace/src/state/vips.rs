@@ -38,6 +38,10 @@ impl LbMaps {
         if self.vip_addrs.get(&slot, 0).ctx(&what)? == 0 {
             self.vip_addrs.set(slot, 1, 0).ctx(&what)?;
         }
+        // The address is lb's before the VIP is (traffic to it that no VIP claims is dropped).
+        self.vip_ips
+            .insert(address_key(vip), 1, 0)
+            .ctx(|| format!("{} (address)", what()))?;
         self.vips.insert(vip.endpoint(), info, 0).ctx(&what)?;
         self.vip_by_id
             .set(
@@ -67,7 +71,37 @@ impl LbMaps {
                 .set(slot, want, 0)
                 .ctx(|| format!("writing hint {slot}"))?;
         }
+        let (missing, extra) = self.address_differences(&vips)?;
+        for key in missing {
+            self.vip_ips
+                .insert(key, 1, 0)
+                .ctx(|| "writing a VIP address".into())?;
+        }
+        for key in extra {
+            match self.vip_ips.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).ctx(|| "removing a VIP address".into()),
+            }
+        }
         Ok(vips.len())
+    }
+
+    /// The VIP addresses `vips` have that the address map lacks, and those it has that no VIP
+    /// has.
+    pub(super) fn address_differences(
+        &self,
+        vips: &[(Vip, VipInfo)],
+    ) -> Result<(Vec<Endpoint>, Vec<Endpoint>)> {
+        let want: std::collections::BTreeSet<Endpoint> =
+            vips.iter().map(|(v, _)| address_key(v)).collect();
+        let mut have = std::collections::BTreeSet::new();
+        for k in self.vip_ips.keys() {
+            have.insert(k.ctx(|| "reading the VIP addresses".into())?);
+        }
+        Ok((
+            want.difference(&have).copied().collect(),
+            have.difference(&want).copied().collect(),
+        ))
     }
 
     /// The mirror slots and address hints that differ from what `vips` says, with the value
@@ -121,8 +155,10 @@ impl LbMaps {
 
     /// Whether the mirror by id and the address hints are exactly what `vips` says (tests).
     pub fn mirror_matches(&self) -> Result<bool> {
-        let (slots, hints) = self.mirror_differences(&self.vips()?)?;
-        Ok(slots.is_empty() && hints.is_empty())
+        let vips = self.vips()?;
+        let (slots, hints) = self.mirror_differences(&vips)?;
+        let (missing, extra) = self.address_differences(&vips)?;
+        Ok(slots.is_empty() && hints.is_empty() && missing.is_empty() && extra.is_empty())
     }
 
     /// Adds a VIP with an empty table of `table_size` slots (a prime) and the default flow
@@ -180,10 +216,11 @@ impl LbMaps {
         let backends = self.backends(vip)?;
         // Whether another VIP keeps the address hint: read before anything is written.
         let slot = vip_slot(vip);
-        let hint_shared = self
-            .vips()?
+        let others = self.vips()?;
+        let hint_shared = others.iter().any(|(v, _)| v != vip && vip_slot(v) == slot);
+        let address_shared = others
             .iter()
-            .any(|(v, _)| v != vip && vip_slot(v) == slot);
+            .any(|(v, _)| v != vip && v.addr.ip() == vip.addr.ip());
         // The mirror first: from then on every packet of the VIP goes through `vips`.
         self.vip_by_id
             .set(info.vip_id, VipById::default(), 0)
@@ -191,6 +228,12 @@ impl LbMaps {
         self.vips
             .remove(&vip.endpoint())
             .ctx(|| format!("removing VIP {vip}"))?;
+        if !address_shared {
+            match self.vip_ips.remove(&address_key(vip)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).ctx(|| format!("removing VIP {vip} (address)")),
+            }
+        }
         if !hint_shared {
             self.vip_addrs
                 .set(slot, 0, 0)
@@ -325,6 +368,21 @@ impl LbMaps {
         self.write_table(vip, &info, &VipInfo { flags, ..info }, &backends)
     }
 
+    /// Whether the agent withdraws the VIP from BGP while every backend with a weight is down
+    /// (`VIP_F_WITHDRAW_WHEN_ALL_DOWN`; the data plane fails open meanwhile). Returns whether
+    /// it changed.
+    pub fn set_withdraw_when_all_down(&mut self, vip: &Vip, on: bool) -> Result<bool> {
+        let info = self.vip(vip)?;
+        let flags = with_flag(info.flags, lb_common::VIP_F_WITHDRAW_WHEN_ALL_DOWN, on);
+        if flags == info.flags {
+            return Ok(false);
+        }
+        self.put_vip(vip, VipInfo { flags, ..info }, || {
+            format!("updating VIP {vip}")
+        })?;
+        Ok(true)
+    }
+
     /// The flow timeouts of VIP `vip_id`.
     pub fn timeouts(&self, vip_id: u32) -> Result<Timeouts> {
         self.timeouts
@@ -404,6 +462,15 @@ pub(super) fn mirror_slot(vips: &[(Vip, VipInfo)], id: u32) -> VipById {
 pub(super) fn vip_slot(vip: &Vip) -> u32 {
     let e = vip.endpoint();
     lb_common::vip_addr_slot(e.family, &e.addr_be)
+}
+
+/// The key of a VIP's address in the address map: port and protocol 0.
+pub(super) fn address_key(vip: &Vip) -> Endpoint {
+    Endpoint {
+        port_be: 0,
+        proto: 0,
+        ..vip.endpoint()
+    }
 }
 
 /// The address-hint slots of `vips`.

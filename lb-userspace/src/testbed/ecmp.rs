@@ -33,7 +33,10 @@ pub struct Ecmp {
     lb_bin: PathBuf,
     /// Configuration files, logs and BIRD sockets.
     pub dir: PathBuf,
-    birds: Vec<Child>,
+    /// BIRD of the router, gw1 and gw2 (None once killed).
+    birds: Vec<Option<Child>>,
+    /// Extra arguments of each gateway's agent.
+    pub agent_args: [Vec<String>; 2],
     agents: Vec<Option<Child>>,
     servers: Option<Servers>,
 }
@@ -64,6 +67,7 @@ impl Ecmp {
             lb_bin: lb_bin.to_path_buf(),
             dir,
             birds: Vec::new(),
+            agent_args: Default::default(),
             agents: vec![None, None],
             servers: None,
         };
@@ -164,11 +168,14 @@ impl Ecmp {
     }
 
     fn start_birds(&mut self) -> Result<()> {
+        // BFD on every session (100 ms × 3): a gateway whose BIRD dies while its link stays up
+        // is dropped within a third of a second, not when the BGP hold time runs out.
         let router_conf = "router id 10.0.0.1;\n\
             protocol device { scan time 1; }\n\
             protocol kernel { merge paths yes; ipv4 { import none; export all; }; }\n\
+            protocol bfd { interface \"r*\" { interval 100 ms; multiplier 3; }; }\n\
             template bgp lbgw { local as 65000; hold time 3; keepalive time 1; connect retry time 1;\n\
-              error wait time 1, 5;\n\
+              error wait time 1, 5; bfd on;\n\
               ipv4 { import all; export none; }; }\n\
             protocol bgp gw1 from lbgw { neighbor 10.2.1.2 as 65100; }\n\
             protocol bgp gw2 from lbgw { neighbor 10.2.2.2 as 65100; }\n";
@@ -181,8 +188,9 @@ impl Ecmp {
                 "router id 10.2.{k}.2;\n\
                  protocol device {{ scan time 1; }}\n\
                  include \"{}\";\n\
+                 protocol bfd {{ interface \"eth0\" {{ interval 100 ms; multiplier 3; }}; }}\n\
                  protocol bgp up {{ local 10.2.{k}.2 as 65100; neighbor 10.2.{k}.1 as 65000;\n\
-                   hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5;\n\
+                   hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5; bfd on;\n\
                    ipv4 {{ import none; export where proto ~ \"lb_vips*\"; }}; }}\n",
                 include.display()
             );
@@ -205,8 +213,66 @@ impl Ecmp {
             .stderr(log)
             .spawn()
             .context("starting bird (is bird2 installed? cargo xtask setup installs it)")?;
-        self.birds.push(child);
+        self.birds.push(Some(child));
         Ok(())
+    }
+
+    /// Kills gateway `i`'s BIRD (SIGKILL: no goodbye to the router), its link staying up.
+    pub fn kill_bird(&mut self, i: usize) -> Result<()> {
+        if let Some(mut c) = self.birds[i + 1].take() {
+            // `ip netns exec` execs bird: the child is BIRD itself.
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts gateway `i`'s BIRD again (after `kill_bird`), with the same configuration.
+    pub fn restart_bird(&mut self, i: usize) -> Result<()> {
+        let name = format!("gw{}", i + 1);
+        let conf = std::fs::read_to_string(self.dir.join(format!("{name}.conf")))?;
+        let ns = self.gateways[i].name.clone();
+        let _ = std::fs::remove_file(self.bird_socket(&name));
+        self.spawn_bird(&name, &ns, &conf)?;
+        // (spawn_bird appends; put it back in its place.)
+        let c = self.birds.pop().flatten();
+        self.birds[i + 1] = c;
+        Ok(())
+    }
+
+    /// Packets the router forwarded to `dst` (address and TCP port) so far: an nftables
+    /// counter on its forward hook, added on first use.
+    pub fn router_forwarded(&self, dst: std::net::SocketAddr) -> Result<u64> {
+        let set = format!("lbtb_{}", dst.port());
+        let nft = |args: &str| -> Result<String> {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.router.name, "nft"])
+                .args(args.split(' '))
+                .output()?;
+            if !out.status.success() {
+                bail!("nft {args}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        if nft(&format!("list chain inet {set} fwd")).is_err() {
+            nft(&format!("add table inet {set}"))?;
+            nft(&format!(
+                "add chain inet {set} fwd {{ type filter hook forward priority 0 ; }}"
+            ))?;
+            nft(&format!(
+                "add rule inet {set} fwd ip daddr {} tcp dport {} counter",
+                dst.ip(),
+                dst.port()
+            ))?;
+        }
+        let text = nft(&format!("list chain inet {set} fwd"))?;
+        let n = text
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .context("reading the router's counter")?;
+        Ok(n)
     }
 
     /// Writes the agents' configuration (the same on both gateways).
@@ -259,6 +325,7 @@ impl Ecmp {
             .arg(self.vips_include(i))
             .arg("--bird-socket")
             .arg(self.bird_socket(&format!("gw{}", i + 1)))
+            .args(&self.agent_args[i])
             .env("LB_PIN_DIR", self.pin_dir(i))
             .stdout(Stdio::null())
             .stderr(log)
@@ -268,7 +335,8 @@ impl Ecmp {
         Ok(())
     }
 
-    /// Stops the agent on gateway `i` with SIGTERM (it withdraws its VIPs) and waits for it.
+    /// Stops the agent on gateway `i` with SIGTERM (its VIPs stay announced unless it runs
+    /// with `--withdraw-on-exit`) and waits for it.
     pub fn stop_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut c) = self.agents[i].take() {
             // SAFETY: plain syscall on our child's pid.
@@ -370,7 +438,7 @@ impl Drop for Ecmp {
             let _ = a.kill();
             let _ = a.wait();
         }
-        for b in &mut self.birds {
+        for b in self.birds.iter_mut().flatten() {
             let _ = b.kill();
             let _ = b.wait();
         }

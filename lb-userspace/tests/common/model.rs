@@ -301,6 +301,22 @@ fn be16(f: &[u8], at: usize) -> usize {
     u16::from_be_bytes([f[at], f[at + 1]]) as usize
 }
 
+/// The destination address of an IP packet with a whole IP header (whatever follows it).
+pub fn destination(f: &[u8]) -> Option<IpAddr> {
+    if f.len() < 14 {
+        return None;
+    }
+    match be16(f, 12) {
+        0x0800 if f.len() >= 34 && f[14] >> 4 == 4 => {
+            Some(IpAddr::V4(Ipv4Addr::new(f[30], f[31], f[32], f[33])))
+        }
+        0x86dd if f.len() >= 54 && f[14] >> 4 == 6 => Some(IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(&f[38..54]).unwrap(),
+        ))),
+        _ => None,
+    }
+}
+
 pub fn parse(f: &[u8]) -> Parse {
     use Counter::*;
     if f.len() < 14 {
@@ -480,8 +496,31 @@ impl Model {
             .find(|s| s.udp == udp && s.backends.iter().any(|(b, _)| *b == src))
     }
 
-    /// Every acceptable outcome for `frame` (usually one).
+    /// Every acceptable outcome for `frame` (usually one). README: traffic to a VIP's address
+    /// that no VIP claims (another port or protocol, ICMP that is not an error about a VIP
+    /// flow, fragments, IPv6 extension headers, a malformed TCP/UDP header) is dropped.
     pub fn predict(&self, frame: &[u8]) -> Vec<Outcome> {
+        use Counter::*;
+        let to_vip_address =
+            destination(frame).is_some_and(|d| self.services.iter().any(|s| s.vip.ip() == d));
+        self.predict_claimed(frame)
+            .into_iter()
+            .map(|o| {
+                let unclaimed = matches!(
+                    o.verdict,
+                    PassFragment | PassIpv6Ext | PassNotTcpUdp | PassMalformedL4 | PassNotVip
+                );
+                if unclaimed && to_vip_address {
+                    drop_(DropVipUnclaimed)
+                } else {
+                    o
+                }
+            })
+            .collect()
+    }
+
+    /// `predict` before the rule for unclaimed traffic to VIP addresses.
+    fn predict_claimed(&self, frame: &[u8]) -> Vec<Outcome> {
         use Counter::*;
         let p = match parse(frame) {
             Parse::Pass(c) => return vec![pass(c)],
@@ -530,11 +569,9 @@ impl Model {
             o.events.push(RevStateless);
             o
         };
-        // Round robin: the table's answer is not modelled, so either.
-        let by_table = match s.table_choice(p.dst, self.seed) {
-            Some(b) => b == p.src,
-            None => true,
-        } && route(p.dst.ip()) != Route::Other;
+        // Without an entry, a reply is the VIP's if its backend is a member of the VIP (it is:
+        // it was found as one) and it is not addressed to the gateway itself.
+        let member = route(p.dst.ip()) != Route::Other;
         match self.flows.get(&flow) {
             Some(Known::Entry(b)) if *b == p.src => vec![translated],
             Some(Known::Entry(_)) => vec![pass(PassNotVip)],
@@ -544,10 +581,10 @@ impl Model {
                     v.push(translated);
                     v.push(pass(PassNotVip));
                 }
-                if by_table && (s.stateless || self.flood_possible) {
+                if member && (s.stateless || self.flood_possible) {
                     v.push(stateless);
                 }
-                if !s.stateless || !by_table {
+                if !s.stateless || !member {
                     v.push(pass(PassNotVip));
                 }
                 v.dedup();
