@@ -129,7 +129,16 @@ pub mod names {
     /// to the one whose flow it is).
     pub const REVNAT: &str = "LB_REVNAT_V2";
     /// `PerCpuArray<u64>`: the decapsulation program's counters, indexed by `DecapCounter`.
-    pub const DECAP_STATS: &str = "LB_DECAP_STATS_V1";
+    pub const DECAP_STATS: &str = "LB_DECAP_STATS_V2";
+    /// `LpmTrie<DecapAddr, u8>`: the outer sources `lb_decap` accepts (the gateways'
+    /// encapsulation prefixes, `lb decap attach --from`).
+    pub const DECAP_FROM: &str = "LB_DECAP_FROM_V1";
+    /// `HashMap<Endpoint, u8>`: the VIPs (addresses; port and protocol 0) an inner packet may
+    /// be addressed to (`lb decap attach --vip`, or the loopback's addresses).
+    pub const DECAP_VIPS: &str = "LB_DECAP_VIPS_V1";
+    /// `HashMap<Endpoint, u8>`: this host's addresses (port and protocol 0), the outer
+    /// destinations `lb_decap` accepts (read at `lb decap attach`).
+    pub const DECAP_LOCAL: &str = "LB_DECAP_LOCAL_V1";
     /// `ProgramArray`: the programs `lb_xdp` tail-calls for its rarer paths (`PROG_*`), each
     /// with a whole stack of its own.
     /// (V3: `lb_xdp` and its tail programs are multi-buffer programs, and a program array
@@ -212,6 +221,27 @@ pub fn vip_addr_slot(family: u8, addr_be: &[u32; 4]) -> u32 {
         addr_be[3]
     };
     u32::from_be(w) & 0xffff
+}
+
+/// The data of a `names::DECAP_FROM` key (an LPM trie, whose key is a prefix length and this):
+/// the family and padding (32 bits, always significant), then the address. A prefix of `n`
+/// address bits has length `32 + n` (`DecapAddr::prefix_len`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DecapAddr {
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 uses word 0.
+    pub addr_be: [u32; 4],
+}
+const _: () = assert!(core::mem::size_of::<DecapAddr>() == 20);
+
+impl DecapAddr {
+    /// The trie's prefix length for `bits` significant address bits.
+    pub const fn prefix_len(bits: u32) -> u32 {
+        32 + bits
+    }
 }
 
 /// Value of `names::VIP_BY_ID`: a VIP's endpoint and entry. Empty (all zero, family 0) when no
@@ -627,6 +657,7 @@ mod user {
     unsafe impl aya::Pod for CountEvents {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for DecapAddr {}
 }
 
 #[cfg(test)]

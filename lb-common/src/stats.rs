@@ -184,13 +184,25 @@ pub enum DecapCounter {
     /// The frame could not be shrunk after its header was moved: dropped (not seen in
     /// practice).
     Dropped,
-    /// Encapsulated, but the outer source is not one lb uses: passed untouched (the kernel
-    /// drops it: nothing here handles protocol 4/41).
+    /// Encapsulated, but the outer source is not among the configured gateway prefixes
+    /// (`--from`): passed untouched (the kernel drops it: nothing here handles protocol 4/41).
     PassForeign,
+    /// Encapsulated, but the outer destination is not an address of this host (a relay
+    /// through it): passed untouched.
+    PassNotLocal,
+    /// Encapsulated, but the inner destination is not one of the VIPs this backend serves
+    /// (`--vip`): passed untouched, never stripped.
+    PassNotVip,
+    /// The outer header was marked CE (congestion) but the inner packet is not ECN-capable:
+    /// dropped, as RFC 6040 says (the congestion signal must not be lost).
+    DroppedEcn,
 }
 
 /// Number of decap counters.
-pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::PassForeign as u32 + 1;
+pub const DECAP_COUNTER_COUNT: u32 = DecapCounter::DroppedEcn as u32 + 1;
+/// Entries of the decap counter array (room for more counters without a new layout).
+pub const DECAP_COUNTER_CAPACITY: u32 = 16;
+const _: () = assert!(DECAP_COUNTER_COUNT <= DECAP_COUNTER_CAPACITY);
 
 /// Names of the decap counters, as `lb decap status` shows them.
 pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
@@ -201,6 +213,9 @@ pub const DECAP_COUNTER_NAMES: [&str; DECAP_COUNTER_COUNT as usize] = [
     "decap_v4_in_v6",
     "dropped",
     "pass_foreign",
+    "pass_not_local",
+    "pass_not_vip",
+    "dropped_ecn",
 ];
 
 #[cfg(test)]

@@ -240,6 +240,17 @@ fn encapsulate(
     let Some(l2) = Link::save(ctx, pkt.l3_off) else {
         return false;
     };
+    // The outer header carries the inner one's DSCP and ECN (RFC 6040, normal mode: the ECN
+    // field copied; the backend's decapsulation carries a CE mark back in).
+    let traffic_class = if pkt.family == FAMILY_V4 {
+        pkt.tos_or_flow as u8
+    } else {
+        let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, pkt.l3_off) else {
+            return false;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        (u32::from_be(unsafe { (*ip).vtc_flow_be }) >> 20) as u8
+    };
     // Every pointer is derived afresh afterwards. (Wherever the room goes in front of the IP
     // packet — XDP: the frame's start; tc: after the MAC header — the link-layer header and
     // the outer header are written over all of it.)
@@ -258,14 +269,9 @@ fn encapsulate(
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
             return false;
         };
-        let tos = if pkt.family == FAMILY_V4 {
-            pkt.tos_or_flow as u8
-        } else {
-            0
-        };
         let mut h = Ipv4Hdr {
             version_ihl: 0x45,
-            tos,
+            tos: traffic_class,
             // (A GSO packet's segments get their own lengths when they are made.)
             tot_len_be: pkt.ip_len.saturating_add(20).to_be(),
             id_be: 0,
@@ -284,9 +290,10 @@ fn encapsulate(
             return false;
         };
         let h = Ipv6Hdr {
-            // Version 6, traffic class 0, the flow label from the flow hash (ECMP and RSS on
-            // the way to the backend keep the flow together and spread flows).
-            vtc_flow_be: ((6u32 << 28) | (hash & 0x000f_ffff)).to_be(),
+            // Version 6, the inner traffic class, the flow label from the flow hash (ECMP and
+            // RSS on the way to the backend keep the flow together and spread flows).
+            vtc_flow_be: ((6u32 << 28) | ((traffic_class as u32) << 20) | (hash & 0x000f_ffff))
+                .to_be(),
             payload_len_be: pkt.ip_len.to_be(),
             next_header: inner_proto,
             hop_limit: LB_TTL,

@@ -6,6 +6,7 @@ pub mod announce;
 pub mod clock;
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod drain;
 pub mod error;
 pub mod health;

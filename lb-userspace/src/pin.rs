@@ -48,6 +48,14 @@ const PROG_PIN: &str = "prog_lb_xdp";
 const GENERIC_PROG_PIN: &str = "prog_lb_xdp_generic";
 const TC_PROG_PIN: &str = "prog_lb_tc";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
+
+/// The decapsulation program's maps, pinned beside it.
+const DECAP_MAPS: [&str; 4] = [
+    names::DECAP_STATS,
+    names::DECAP_FROM,
+    names::DECAP_LOCAL,
+    names::DECAP_VIPS,
+];
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const ALL_MAPS: [&str; 25] = [
     names::PROGS,
@@ -724,8 +732,14 @@ impl PinDir {
 
     // ---- the decapsulation program (backends of ipip VIPs) ----
 
-    /// Attaches `lb_decap` to `iface` (loading and pinning it first if needed).
-    pub fn decap_attach(&self, iface: &str, mode: AttachMode) -> Result<AttachMode> {
+    /// Attaches `lb_decap` to `iface` (loading and pinning it first if needed), accepting what
+    /// `config` says (written over what an earlier attach wrote, for every interface).
+    pub fn decap_attach(
+        &self,
+        iface: &str,
+        mode: AttachMode,
+        config: &crate::decap::DecapConfig,
+    ) -> Result<AttachMode> {
         if mode == AttachMode::Tc {
             bail!("lb decap has no tc mode: use --mode native or generic");
         }
@@ -756,10 +770,12 @@ impl PinDir {
             let mut ebpf = aya::EbpfLoader::new()
                 .load(crate::object::LB_DECAP_OBJECT)
                 .context("loading the decap object")?;
-            ebpf.map(names::DECAP_STATS)
-                .context("decap counters missing from the object")?
-                .pin(self.path.join(names::DECAP_STATS))
-                .context("pinning the decap counters")?;
+            for name in DECAP_MAPS {
+                ebpf.map(name)
+                    .with_context(|| format!("decap map {name} missing from the object"))?
+                    .pin(self.path.join(name))
+                    .with_context(|| format!("pinning {name}"))?;
+            }
             let prog: &mut Xdp = ebpf
                 .program_mut(crate::object::LB_DECAP_PROGRAM)
                 .context("program lb_decap missing from the object")?
@@ -772,10 +788,19 @@ impl PinDir {
                         .context("pinning lb_decap")
                 });
             if let Err(e) = r {
-                let _ = fs::remove_file(self.path.join(names::DECAP_STATS));
+                for name in DECAP_MAPS {
+                    let _ = fs::remove_file(self.path.join(name));
+                }
                 return Err(e);
             }
         }
+        config
+            .write(|name| {
+                Ok(Map::from_map_data(MapData::from_pin(
+                    self.path.join(name),
+                )?)?)
+            })
+            .context("writing what lb_decap accepts")?;
         let mut prog = Xdp::from_pin(self.path.join(DECAP_PROG_PIN), XdpAttachType::Interface)
             .context("opening the pinned decap program")?;
         let (id, used) = match mode {
@@ -817,7 +842,9 @@ impl PinDir {
         fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
         if self.decap_attachments()?.is_empty() {
             let _ = fs::remove_file(self.path.join(DECAP_PROG_PIN));
-            let _ = fs::remove_file(self.path.join(names::DECAP_STATS));
+            for name in DECAP_MAPS {
+                let _ = fs::remove_file(self.path.join(name));
+            }
         }
         Ok(())
     }

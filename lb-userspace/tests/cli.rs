@@ -1186,13 +1186,53 @@ fn forward_modes_health_and_decap() {
     assert_ne!(lb.ok(&["table", VIP, "--digest"]), d);
     assert!(lb.ok(&["show-config"]).contains("reverse = \"stateless\""));
 
-    // The decapsulation program.
-    lb.ok(&["decap", "attach", "lbc1", "--mode", "generic"]);
+    // The decapsulation program: what it accepts must be given, and bad input changes nothing.
+    lb.fails(
+        &["decap", "attach", "lbc1", "--mode", "generic"],
+        1,
+        "--from PREFIX",
+    );
+    lb.fails(
+        &["decap", "attach", "lbc1", "--from", "172.16.0.0/33"],
+        1,
+        "the length must be 0 to 32",
+    );
+    lb.fails(
+        &["decap", "attach", "lbc1", "--from", "172.16.0.0/16"],
+        1,
+        "no VIP to accept",
+    );
+    assert_eq!(
+        lb.json(&["decap", "status"])["attached"],
+        serde_json::json!([])
+    );
+    lb.ok(&[
+        "decap",
+        "attach",
+        "lbc1",
+        "--mode",
+        "generic",
+        "--from",
+        "172.16.0.0/16",
+        "--vip",
+        "10.100.0.100",
+    ]);
     let s = lb.json(&["decap", "status"]);
     assert_eq!(s["attached"][0]["iface"], "lbc1");
     assert_eq!(s["counters"]["decap_v4_in_v4"], 0);
-    lb.fails(&["decap", "attach", "lbc1"], 1, "already attached");
-    lb.fails(&["decap", "attach", "nosuch0"], 1, "does not exist");
+    let with_from = |iface: &'static str| {
+        [
+            "decap",
+            "attach",
+            iface,
+            "--from",
+            "172.16.0.0/16",
+            "--vip",
+            "10.100.0.100",
+        ]
+    };
+    lb.fails(&with_from("lbc1"), 1, "already attached");
+    lb.fails(&with_from("nosuch0"), 1, "does not exist");
     lb.ok(&["decap", "detach"]);
     assert_eq!(
         lb.json(&["decap", "status"])["attached"],
@@ -1229,7 +1269,17 @@ fn auto_mode_falls_back_to_tc_never_to_generic() {
     let out = lb.ok(&["attach", "lbbr0", "--mode", "generic"]);
     assert!(out.contains("attached to lbbr0 (generic mode)"), "{out}");
     lb.fails(
-        &["decap", "attach", "lbc1", "--mode", "tc"],
+        &[
+            "decap",
+            "attach",
+            "lbc1",
+            "--mode",
+            "tc",
+            "--from",
+            "172.16.0.0/16",
+            "--vip",
+            "10.100.0.100",
+        ],
         1,
         "no tc mode",
     );

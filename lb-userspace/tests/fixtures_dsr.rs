@@ -91,22 +91,56 @@ fn hop(frame: &[u8]) -> Vec<u8> {
 
 /// `frame`'s IP packet, one hop later (the inner packet is forwarded as a router would),
 /// encapsulated to `backend`, as lb sends it (MACs to the backend on A).
-fn encapsulated(frame: &[u8], backend: SocketAddr, hash: u32, tos: u8) -> Vec<u8> {
+fn encapsulated(frame: &[u8], backend: SocketAddr, hash: u32) -> Vec<u8> {
     let frame = &hop(frame);
     let inner = &frame[14..];
     let inner_v4 = inner[0] >> 4 == 4;
+    // The outer header carries the inner one's DSCP and ECN (RFC 6040, normal mode).
+    let traffic_class = if inner_v4 {
+        inner[1]
+    } else {
+        (inner[0] << 4) | (inner[1] >> 4)
+    };
     let mut f;
     if backend.is_ipv4() {
         f = eth(backend_mac(backend), GW_MAC_A, 0x0800);
         let src: [u8; 4] = encap_src(hash, true).try_into().unwrap();
-        f.extend(ipv4(tos, 20 + inner.len(), 0, true, 4, src, v4(backend)));
+        f.extend(ipv4(
+            traffic_class,
+            20 + inner.len(),
+            0,
+            true,
+            4,
+            src,
+            v4(backend),
+        ));
     } else {
         f = eth(backend_mac(backend), GW_MAC_A, 0x86dd);
         let src: [u8; 16] = encap_src(hash, false).try_into().unwrap();
         let next = if inner_v4 { 4 } else { 41 };
-        f.extend(ipv6(hash, inner.len(), next, src, v6(backend)));
+        let mut h = ipv6(hash, inner.len(), next, src, v6(backend));
+        h[0] |= traffic_class >> 4;
+        h[1] |= traffic_class << 4;
+        f.extend(h);
     }
     f.extend_from_slice(inner);
+    f
+}
+
+/// `frame` with its IP header's traffic class (IPv4 TOS) set to `tc` (the IPv4 header
+/// checksum made again).
+fn marked(frame: &[u8], tc: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    if f[14] >> 4 == 4 {
+        f[15] = tc;
+        f[24] = 0;
+        f[25] = 0;
+        let c = checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    } else {
+        f[14] = 0x60 | (tc >> 4);
+        f[15] = (tc << 4) | (f[15] & 0x0f);
+    }
     f
 }
 
@@ -562,7 +596,7 @@ fn dsr_ipip_icmp_and_decap() {
     ] {
         let s = syn(c, v.addr);
         let hash = ref_hash(c, &v, seed);
-        let out = encapsulated(&s.build(), b, hash, 0);
+        let out = encapsulated(&s.build(), b, hash);
         t.check(
             &format!("ipip {v} -> {b}"),
             &s.build(),
@@ -571,6 +605,23 @@ fn dsr_ipip_icmp_and_decap() {
             Counter::Tx,
         );
         encapsulated_frames.push((hop(&s.build()), out));
+        // DSCP EF and ECT(0) on the inner packet: the outer header carries both.
+        let c2 = SocketAddr::new(c.ip(), c.port() + 100);
+        let input = marked(&syn(c2, v.addr).build(), 0xba);
+        let out = encapsulated(&input, b, ref_hash(c2, &v, seed));
+        let tc = if b.is_ipv4() {
+            out[15]
+        } else {
+            (out[14] << 4) | (out[15] >> 4)
+        };
+        assert_eq!(tc, 0xba, "the reference copies the traffic class");
+        t.check(
+            &format!("ipip {v} -> {b}, DSCP EF and ECT(0) copied to the outer header"),
+            &input,
+            XDP_TX,
+            &out,
+            Counter::Tx,
+        );
     }
     // Backend MAC unknown: encapsulated and handed to the kernel (which resolves it), still
     // addressed to this host.
@@ -580,7 +631,6 @@ fn dsr_ipip_icmp_and_decap() {
         &s.build(),
         sa("10.1.0.98:80"),
         ref_hash(c, &tun_noneigh, seed),
-        0,
     );
     out[0..6].copy_from_slice(&GW_MAC_A);
     out[6..12].copy_from_slice(&CLIENT_MAC);
@@ -594,7 +644,7 @@ fn dsr_ipip_icmp_and_decap() {
     // An established flow: the same backend and outer source again.
     let c = client(40011);
     let a = Spec::tcp(CLIENT_MAC, GW_MAC_A, c, tun.addr, Tcp::Ack);
-    let out = encapsulated(&a.build(), sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
+    let out = encapsulated(&a.build(), sa("10.1.0.12:80"), ref_hash(c, &tun, seed));
     t.check("ipip established", &a.build(), XDP_TX, &out, Counter::Tx);
     // The same flow in QinQ-tagged frames: the outer header goes after the tags.
     let qinq = [(TPID_8021AD, 10), (TPID_8021Q, 100)];
@@ -622,7 +672,7 @@ fn dsr_ipip_icmp_and_decap() {
     );
     let (c, b) = (client(40015), sa("10.1.0.12:53"));
     let s = Spec::udp(CLIENT_MAC, GW_MAC_A, c, tun_udp.addr);
-    let out = encapsulated(&s.build(), b, ref_hash(c, &tun_udp, seed), 0);
+    let out = encapsulated(&s.build(), b, ref_hash(c, &tun_udp, seed));
     t.check(
         "ipip UDP: first datagram → unconfirmed",
         &s.build(),
@@ -646,7 +696,7 @@ fn dsr_ipip_icmp_and_decap() {
     let c = client(40021);
     let fits = sized(syn(c, tun_small.addr), 940); // 980 + 20 = 1000
     let hash = ref_hash(c, &tun_small, seed);
-    let out = encapsulated(&fits.build(), sa("10.1.0.14:80"), hash, 0);
+    let out = encapsulated(&fits.build(), sa("10.1.0.14:80"), hash);
     t.check(
         "ipip: exactly the MTU",
         &fits.build(),
@@ -750,7 +800,7 @@ fn dsr_ipip_icmp_and_decap() {
         c,
         false,
     );
-    let want = encapsulated(&input, sa("10.1.0.12:80"), ref_hash(c, &tun, seed), 0);
+    let want = encapsulated(&input, sa("10.1.0.12:80"), ref_hash(c, &tun, seed));
     t.check(
         "ICMP too-big for an ipip flow → encapsulated to its backend",
         &input,
@@ -917,8 +967,8 @@ fn dsr_ipip_icmp_and_decap() {
     );
     assert_eq!(
         ev(Counter::FwdIpip),
-        13,
-        "11 ipip packets (3 of them too big) + 1 tagged + 1 ICMP"
+        16,
+        "14 ipip packets (3 of them too big, 3 with DSCP and ECN) + 1 tagged + 1 ICMP"
     );
     assert_eq!(
         ev(Counter::IcmpToBackend),
@@ -938,8 +988,26 @@ fn dsr_ipip_icmp_and_decap() {
     let mut decap = aya::EbpfLoader::new()
         .load(lb::object::LB_DECAP_OBJECT)
         .unwrap();
+    // What a backend of these VIPs accepts: lb's prefixes, its own addresses, its VIPs.
+    let config = lb::decap::DecapConfig {
+        from: vec![
+            ("172.16.0.0".parse().unwrap(), 16),
+            ("100::".parse().unwrap(), 64),
+        ],
+        local: ["10.1.0.12", "10.1.0.14", "fd01::11", "fd01::13"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect(),
+        vips: [tun.addr.ip(), tun6.addr.ip(), tun46.addr.ip()].to_vec(),
+    };
     let prog: &mut Xdp = decap.program_mut("lb_decap").unwrap().try_into().unwrap();
     prog.load().unwrap();
+    // (Loaded first: the program keeps the maps this takes out of the object.)
+    config
+        .write(|name| Ok(decap.take_map(name).expect("decap map")))
+        .unwrap();
+    let prog: &mut Xdp = decap.program_mut("lb_decap").unwrap().try_into().unwrap();
+    let mut decap_rows = 0;
     for (original, encapsulated) in &encapsulated_frames {
         let (action, out) = run(prog, 1, encapsulated);
         assert_eq!(action_name(action), "XDP_PASS");
@@ -947,49 +1015,91 @@ fn dsr_ipip_icmp_and_decap() {
         let mut want = encapsulated[..12].to_vec();
         want.extend_from_slice(&original[12..]);
         assert_eq!(hex(&out), hex(&want), "decapsulated");
+        decap_rows += 1;
     }
+    let mut refused = |desc: &str, frame: &[u8]| {
+        let (action, out) = run(prog, 1, frame);
+        assert_eq!(
+            (action_name(action), hex(&out)),
+            ("XDP_PASS", hex(frame)),
+            "{desc}: passed untouched, never stripped"
+        );
+        decap_rows += 1;
+    };
     let plain = syn(client(1), sa("10.1.0.12:80")).build();
-    let (action, out) = run(prog, 1, &plain);
-    assert_eq!(
-        (action, out),
-        (XDP_PASS, plain),
-        "not encapsulated: untouched"
-    );
-    // Protocol 4 with an IPv6 packet inside: passed untouched.
+    refused("not encapsulated", &plain);
+    // Protocol 4 with an IPv6 packet inside.
     let mut bad = encapsulated_frames[0].1.clone();
     bad[34] = 0x60;
-    let (action, out) = run(prog, 1, &bad);
-    assert_eq!(
-        (action, out),
-        (XDP_PASS, bad),
-        "wrong inner version: untouched"
-    );
-    // Encapsulated by someone else (outer source outside lb's prefixes): untouched.
-    let mut foreign = encapsulated_frames[0].1.clone();
-    foreign[26] = 192; // outer source 192.16.x.y
-    let c = checksum(&{
-        let mut h = foreign[14..34].to_vec();
-        h[10] = 0;
-        h[11] = 0;
-        h
-    });
-    foreign[24..26].copy_from_slice(&c.to_be_bytes());
-    let (action, out) = run(prog, 1, &foreign);
-    assert_eq!(
-        (action, out),
-        (XDP_PASS, foreign),
-        "foreign encapsulation: untouched"
-    );
-    let map = decap.map("LB_DECAP_STATS_V1").unwrap();
+    refused("wrong inner version", &bad);
+    // An outer IPv4 header changed at byte `at` (its checksum made again).
+    let outer_v4 = |at: usize, v: u8| {
+        let mut f = encapsulated_frames[0].1.clone();
+        f[at] = v;
+        f[24] = 0;
+        f[25] = 0;
+        let c = checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    // A spoofed outer source outside the gateway prefixes (192.16.x.y).
+    refused("foreign outer source", &outer_v4(26, 192));
+    // Addressed to another host (10.1.0.99): stripping it would relay the inner packet.
+    refused("foreign outer destination", &outer_v4(33, 99));
+    // The inner packet is for an address that is not one of this backend's VIPs.
+    let mut not_vip = encapsulated_frames[0].1.clone();
+    not_vip[34 + 19] = 77;
+    refused("inner destination not a VIP", &not_vip);
+    let mut not_vip6 = encapsulated_frames
+        .iter()
+        .find(|(o, _)| o[12..14] == [0x86, 0xdd])
+        .unwrap()
+        .1
+        .clone();
+    let last = 14 + 40 + 39; // the inner IPv6 destination's last byte
+    not_vip6[last] ^= 0x55;
+    refused("IPv6: inner destination not a VIP", &not_vip6);
+    // ECN (RFC 6040): a CE mark on the outer header reaches an ECN-capable inner packet...
+    let (original, _) = &encapsulated_frames[0];
+    let ect0 = marked(original, 0xba);
+    let mut ce = encapsulated(&ect0, sa("10.1.0.12:80"), 7);
+    ce[15] |= 0x03;
+    ce[24] = 0;
+    ce[25] = 0;
+    let c = checksum(&ce[14..34]);
+    ce[24..26].copy_from_slice(&c.to_be_bytes());
+    let (action, out) = run(prog, 1, &ce);
+    assert_eq!(action_name(action), "XDP_PASS");
+    let mut want = ce[..12].to_vec();
+    want.extend_from_slice(&[0x08, 0x00]);
+    want.extend_from_slice(&ce[34..]);
+    let want = marked(&want, 0xbb);
+    assert_eq!(hex(&out), hex(&want), "CE carried into the inner header");
+    checksums_ok(&out).expect("the inner checksums after the CE mark");
+    decap_rows += 1;
+    // ... and an inner packet that is not ECN-capable is dropped rather than lose it.
+    let mut ce_not_ect = encapsulated(original, sa("10.1.0.12:80"), 7);
+    ce_not_ect[15] |= 0x03;
+    ce_not_ect[24] = 0;
+    ce_not_ect[25] = 0;
+    let c = checksum(&ce_not_ect[14..34]);
+    ce_not_ect[24..26].copy_from_slice(&c.to_be_bytes());
+    let (action, _) = run(prog, 1, &ce_not_ect);
+    assert_eq!(action_name(action), "XDP_DROP", "CE on a not-ECT packet");
+    decap_rows += 1;
+    let map = decap.map("LB_DECAP_STATS_V2").unwrap();
     let stats: aya::maps::PerCpuArray<_, u64> = aya::maps::PerCpuArray::try_from(map).unwrap();
     let n = |c: DecapCounter| -> u64 { stats.get(&(c as u32), 0).unwrap().iter().sum() };
-    assert_eq!(n(DecapCounter::DecapV4InV4), 1);
+    assert_eq!(n(DecapCounter::DecapV4InV4), 2, "the frame and the CE one");
     assert_eq!(n(DecapCounter::DecapV6InV6), 1);
     assert_eq!(n(DecapCounter::DecapV4InV6), 1);
     assert_eq!(n(DecapCounter::PassNotEncap), 1);
     assert_eq!(n(DecapCounter::PassMalformed), 1);
     assert_eq!(n(DecapCounter::PassForeign), 1);
-    assert_eq!(DECAP_COUNTER_COUNT, 7);
+    assert_eq!(n(DecapCounter::PassNotLocal), 1);
+    assert_eq!(n(DecapCounter::PassNotVip), 2);
+    assert_eq!(n(DecapCounter::DroppedEcn), 1);
+    assert_eq!(DECAP_COUNTER_COUNT, 10);
 
     // ---- ICMP errors to NAT backends; ICMP errors are forwarded as a router forwards ----
     // (Last: NAT rewrites these messages, and their TTL handling is checked here.)
@@ -1143,5 +1253,8 @@ fn dsr_ipip_icmp_and_decap() {
         2,
         "the two NAT messages"
     );
-    println!("{} dsr/ipip/icmp cases and 6 decap cases passed", t.rows);
+    println!(
+        "{} dsr/ipip/icmp cases and {decap_rows} decap cases passed",
+        t.rows
+    );
 }

@@ -158,6 +158,31 @@ const BUGS: &[Bug] = &[
         ],
     },
     Bug {
+        name: "unclaimed-passed",
+        what: "traffic to a VIP's address that no VIP claims is passed on (to loop back to the router)",
+        edits: &[
+            (
+                "lb-ebpf/src/main.rs",
+                "    if is_vip_address(pkt.family, &pkt.dst) {\n        return Verdict::drop(Counter::DropVipUnclaimed);\n    }\n",
+                "",
+            ),
+            (
+                "lb-ebpf/src/main.rs",
+                "Some((family, dst)) if is_vip_address(family, &dst) => {",
+                "Some((family, dst)) if family == 255 && is_vip_address(family, &dst) => {",
+            ),
+        ],
+    },
+    Bug {
+        name: "stateless-by-table",
+        what: "stateless reverse NAT translates a reply only if the VIP's table still gives the flow to its backend",
+        edits: &[(
+            "lb-ebpf/src/main.rs",
+            "    let Some(member) = usable_backend(r.backend_id, r.vip_id) else {",
+            "    let in_table = hashed_index(&vip, &key, flow::seed())\n        .and_then(|i| TABLE.get(vip.table_off.wrapping_add(i)))\n        .is_some_and(|id| *id == r.backend_id);\n    let Some(member) = usable_backend(r.backend_id, r.vip_id).filter(|_| in_table) else {",
+        )],
+    },
+    Bug {
         name: "tc-checksum-in-place",
         what: "lb_tc updates L4 checksums in place, as XDP does (wrong for partial checksums)",
         edits: &[(

@@ -319,13 +319,20 @@ pub enum BackendCommand {
 pub enum DecapCommand {
     /// Attach the decapsulation program to interfaces.
     #[command(
-        after_help = "Example:\n  lb decap attach eth0\n  lb decap attach eth0 --mode generic"
+        after_help = "Only lb's encapsulation to this backend's VIPs is stripped: the outer source in a --from prefix, the outer destination an address of this host, the inner destination a VIP (--vip, or by default the addresses on lo other than 127/8 and ::1). Attaching again rewrites what is accepted.\n\nExample:\n  lb decap attach eth0 --from 172.16.0.0/16 --from 100::/64\n  lb decap attach eth0 --mode generic --from 172.16.0.0/16 --vip 10.100.0.100"
     )]
     Attach {
         #[arg(required = true)]
         ifaces: Vec<String>,
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
+        /// The gateways' encapsulation prefix (repeat for several): lb encapsulates from
+        /// 172.16.0.0/16 (IPv4) and 100::/64 (IPv6).
+        #[arg(long, value_name = "PREFIX")]
+        from: Vec<String>,
+        /// A VIP this backend serves (repeat for several; default: the addresses on lo).
+        #[arg(long, value_name = "ADDR")]
+        vip: Vec<std::net::IpAddr>,
     },
     /// Detach it (from all interfaces if none is named).
     #[command(after_help = "Example:\n  lb decap detach eth0")]

@@ -322,12 +322,18 @@ struct DecapStatus {
 
 pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
     match cmd {
-        DecapCommand::Attach { ifaces, mode } => {
+        DecapCommand::Attach {
+            ifaces,
+            mode,
+            from,
+            vip,
+        } => {
             let mode = attach_mode(mode);
             check_ifaces(&ifaces, &dir.decap_attachments()?, "lb decap")?;
+            let config = lb::decap::DecapConfig::for_host(&from, &vip)?;
             let mut done = Vec::new();
             for iface in &ifaces {
-                match dir.decap_attach(iface, mode) {
+                match dir.decap_attach(iface, mode, &config) {
                     Ok(m) => {
                         outln!("lb decap attached to {iface} ({} mode)", mode_name(m));
                         done.push(iface.clone());

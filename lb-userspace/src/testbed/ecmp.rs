@@ -227,6 +227,24 @@ impl Ecmp {
         Ok(())
     }
 
+    /// Freezes gateway `i`'s BIRD (SIGSTOP: its sessions stay open but silent, as when a host
+    /// hangs) or lets it go on (SIGCONT).
+    pub fn freeze_bird(&mut self, i: usize, frozen: bool) -> Result<()> {
+        let Some(c) = &self.birds[i + 1] else {
+            bail!("gw{}'s BIRD is not running", i + 1);
+        };
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: plain syscall on our child's pid.
+        if unsafe { libc::kill(c.id() as i32, sig) } != 0 {
+            bail!(
+                "signalling gw{}'s BIRD: {}",
+                i + 1,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// Starts gateway `i`'s BIRD again (after `kill_bird`), with the same configuration.
     pub fn restart_bird(&mut self, i: usize) -> Result<()> {
         let name = format!("gw{}", i + 1);
@@ -254,18 +272,18 @@ impl Ecmp {
             }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
-        if nft(&format!("list chain inet {set} fwd")).is_err() {
+        if nft(&format!("list chain inet {set} lbfwd")).is_err() {
             nft(&format!("add table inet {set}"))?;
             nft(&format!(
-                "add chain inet {set} fwd {{ type filter hook forward priority 0 ; }}"
+                "add chain inet {set} lbfwd {{ type filter hook forward priority 0 ; }}"
             ))?;
             nft(&format!(
-                "add rule inet {set} fwd ip daddr {} tcp dport {} counter",
+                "add rule inet {set} lbfwd ip daddr {} tcp dport {} counter",
                 dst.ip(),
                 dst.port()
             ))?;
         }
-        let text = nft(&format!("list chain inet {set} fwd"))?;
+        let text = nft(&format!("list chain inet {set} lbfwd"))?;
         let n = text
             .split_whitespace()
             .skip_while(|w| *w != "packets")
@@ -369,7 +387,17 @@ impl Ecmp {
     pub fn decap_on_backends(&self) -> Result<()> {
         for b in &self.backends {
             let pin_dir = format!("/sys/fs/bpf/{}", b.ns.name);
-            let args = ["decap", "attach", "eth0", "--mode", "generic"];
+            let args = [
+                "decap",
+                "attach",
+                "eth0",
+                "--mode",
+                "generic",
+                "--from",
+                "172.16.0.0/16",
+                "--from",
+                "100::/64",
+            ];
             super::run_lb(&self.lb_bin, &b.ns, &pin_dir, &args)?;
         }
         Ok(())

@@ -149,7 +149,20 @@ impl Testbed {
             for b in &tb.backends {
                 // (lb_decap is XDP only: with lb in tc mode, the backends run it natively.)
                 let decap_mode = if mode == "tc" { "native" } else { mode };
-                tb.lb_in(&b.ns, &["decap", "attach", "eth0", "--mode", decap_mode])?;
+                tb.lb_in(
+                    &b.ns,
+                    &[
+                        "decap",
+                        "attach",
+                        "eth0",
+                        "--mode",
+                        decap_mode,
+                        "--from",
+                        "172.16.0.0/16",
+                        "--from",
+                        "100::/64",
+                    ],
+                )?;
             }
         }
         // The gateway learns the backends' MACs (dsr-l2 rewrites only the MAC and cannot hand
