@@ -118,8 +118,8 @@ pub mod names {
     /// `PerCpuArray<RateWindow>` (one entry): this CPU's new-flow rate.
     pub const RATE: &str = "LB_RATE_V1";
     /// `Array<u64>` (one entry): when some CPU last exceeded the flood threshold (the data
-    /// plane's clock, ns); replies of flows without an entry are matched by the table until the
-    /// VIP's established timeout after it.
+    /// plane's clock, ns); replies of flows without an entry from a member of the VIP are
+    /// translated until the VIP's established timeout after it.
     pub const FLOOD: &str = "LB_FLOOD_V1";
     /// `PerCpuArray<CountEvents>`: per backend id, flows put on and taken off its active count.
     pub const CT_COUNTS: &str = "LB_CTCOUNT_V1";
@@ -282,7 +282,7 @@ pub const BACKEND_F_DOWN: u8 = 2;
 /// go to all its backends with a weight, as if they were healthy.
 pub const VIP_F_DROP_WHEN_ALL_DOWN: u8 = 1;
 /// `VipInfo::flags`: a backend's reply with no conntrack entry here is still the VIP's if the
-/// VIP's table gives that flow to that backend (several gateways behind ECMP, where the client's
+/// backend is a current member of the VIP (several gateways behind ECMP, where the client's
 /// packets may have gone through another one). Only for maglev and source-hash VIPs.
 pub const VIP_F_STATELESS_REVERSE: u8 = 2;
 /// `VipInfo::flags`: withdraw the VIP's address from BGP while every backend with a weight is

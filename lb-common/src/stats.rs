@@ -59,8 +59,9 @@ pub enum Counter {
     /// To a VIP or a reply, with TTL / hop limit <= 1: given to the kernel, which answers
     /// "time exceeded" as a router does.
     PassTtlExceeded,
-    /// To a VIP's address, but no VIP of lb's: another port or protocol, ICMP that is not an
-    /// error about a VIP flow, a fragment, IPv6 extension headers. Passed to the kernel it
+    /// To a VIP's address, but no VIP of lb's: another port or protocol, ICMP other than a
+    /// too-big about a VIP flow (echo, other errors, neighbour discovery), a fragment, IPv6
+    /// extension headers, a malformed TCP/UDP header. Passed to the kernel it
     /// would be routed back towards the router that sent it (a loop until its TTL runs out).
     DropVipUnclaimed,
 

@@ -1,7 +1,8 @@
 //! ICMP errors about VIP flows: a fragmentation-needed (IPv4) or packet-too-big (IPv6) sent to
 //! a VIP by a router on the way to the client quotes the packet the backend sent (VIP → client).
 //! lb finds the flow from the quote and sends the message to that flow's backend, so path MTU
-//! discovery works behind it. Other ICMP (echo included) is passed to the kernel untouched.
+//! discovery works behind it. Other ICMP (echo included) is passed to the kernel untouched, or
+//! dropped if it is addressed to a VIP's address (`drop_vip_unclaimed`).
 
 use lb_common::{
     csum::CsumUpdate, Endpoint, FlowKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,

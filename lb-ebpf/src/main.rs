@@ -99,7 +99,7 @@ pub fn lb_ipip(ctx: XdpContext) -> u32 {
 }
 
 /// Tail-called by `lb_xdp` for ICMP/ICMPv6: routes too-big errors about VIP flows to their
-/// backends, passes everything else.
+/// backends, drops the rest of what is addressed to a VIP's address, passes everything else.
 #[xdp(frags)]
 pub fn lb_icmp(ctx: XdpContext) -> u32 {
     let v = icmp_verdict(&Xdp::<true>(ctx));
@@ -323,7 +323,7 @@ fn process(ctx: &impl Frame) -> Verdict {
 
 /// Which of the VIPs a backend endpoint serves (`rev`) a packet from it answers, if any: the
 /// first whose client → VIP flow is in conntrack (confirmed or not) for this backend; else,
-/// for a backend of one VIP, the VIP's table (`stateless_reply`). Anything else from the
+/// for a backend of one VIP, its membership (`stateless_reply`). Anything else from the
 /// backend — e.g. a client that talks to the backend's address directly through the gateway —
 /// is not lb's to rewrite. Applies the reply to the flow's state.
 #[inline(always)]
@@ -848,7 +848,7 @@ fn send_to_backend(
 }
 
 /// An ICMP too-big about a VIP flow: to the flow's backend (conntrack, else the VIP's
-/// selection), in the VIP's forwarding mode. None: not one (the caller passes the packet).
+/// selection), in the VIP's forwarding mode. None: not one (`icmp_verdict` decides).
 #[inline(always)]
 fn icmp_error(ctx: &impl Frame) -> Option<Verdict> {
     let m = icmp::parse(ctx)?;

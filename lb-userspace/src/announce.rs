@@ -57,19 +57,19 @@ impl Bird {
     }
 
     /// Announces exactly `vips` (writes the file and reloads BIRD if that changes anything).
-    /// Returns whether it changed. A new agent whose file already says `vips` (a restart)
-    /// leaves BIRD alone.
+    /// Returns whether it changed. The file is compared too: something else (`lb detach`)
+    /// may have rewritten it. A new agent always reloads BIRD once (an earlier one may have
+    /// died between writing the file and `birdc configure`); BIRD reconfigures an unchanged
+    /// static protocol without touching its routes, so a restart withdraws nothing.
     pub fn announce(&mut self, vips: &BTreeSet<IpAddr>) -> Result<bool> {
-        if self.announced.as_ref() == Some(vips) {
+        let text = render(vips);
+        let file_says = std::fs::read_to_string(&self.include).is_ok_and(|t| t == text);
+        if self.announced.as_ref() == Some(vips) && file_says {
             return Ok(false);
         }
-        if self.announced.is_none()
-            && std::fs::read_to_string(&self.include).is_ok_and(|t| t == render(vips))
-        {
-            self.announced = Some(vips.clone());
-            return Ok(false);
+        if !file_says {
+            write_atomically(&self.include, &text)?;
         }
-        write_atomically(&self.include, &render(vips))?;
         let mut cmd = Command::new("birdc");
         cmd.arg("-s").arg(&self.socket).arg("configure");
         let out =
@@ -203,7 +203,8 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
+    // (Per process: the agent and `lb detach` may write the same file.)
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }

@@ -131,6 +131,25 @@ pub fn parse_prefix(s: &str) -> Result<(IpAddr, u8)> {
             _ => bail!("invalid prefix {s:?}: the length must be 0 to {max}"),
         },
     };
+    // Host bits set: the trie would match by the prefix alone, and a later corrected prefix
+    // would be taken for another one.
+    let bits = match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let host = if len == 0 {
+        u128::MAX
+    } else {
+        !(u128::MAX << (128 - len as u32))
+    };
+    if bits & host != 0 {
+        let net = bits & !host;
+        let net = match ip {
+            IpAddr::V4(_) => IpAddr::from(std::net::Ipv4Addr::from((net >> 96) as u32)),
+            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(net)),
+        };
+        bail!("invalid prefix {s:?}: host bits set (the prefix is {net}/{len})");
+    }
     Ok((ip, len))
 }
 
@@ -193,7 +212,14 @@ mod tests {
             parse_prefix("10.2.1.2").unwrap(),
             ("10.2.1.2".parse().unwrap(), 32)
         );
-        for bad in ["10.0.0.0/33", "fd00::/129", "gw1/8", "10.0.0.0/x"] {
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "gw1/8",
+            "10.0.0.0/x",
+            "172.16.5.0/16",
+            "100::1/64",
+        ] {
             assert!(parse_prefix(bad).is_err(), "{bad}");
         }
     }

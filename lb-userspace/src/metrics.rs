@@ -20,8 +20,17 @@ struct Page {
     sink: Option<Sink>,
 }
 
-/// The chunks of a page on its way out: `Err` only before the first chunk (a failed read).
-pub type Sink = tokio::sync::mpsc::Sender<Result<axum::body::Bytes, String>>;
+/// What goes from the page's writer to the HTTP response.
+pub enum Chunk {
+    Data(axum::body::Bytes),
+    /// The page is whole.
+    End,
+    /// A read failed (only ever before the first chunk: the reads come first).
+    Failed(String),
+}
+
+/// The chunks of a page on its way out.
+pub type Sink = tokio::sync::mpsc::Sender<Chunk>;
 
 /// A chunk is sent once this much is written.
 const CHUNK: usize = 1 << 20;
@@ -33,7 +42,7 @@ impl Page {
         if self.out.len() >= CHUNK {
             if let Some(sink) = &self.sink {
                 let chunk = std::mem::replace(&mut self.out, String::with_capacity(2 * CHUNK));
-                if sink.blocking_send(Ok(chunk.into())).is_err() {
+                if sink.blocking_send(Chunk::Data(chunk.into())).is_err() {
                     self.sink = None; // the client went away: the rest is not sent
                 }
             }
@@ -531,19 +540,33 @@ pub async fn serve(
                 tokio::task::spawn_blocking(move || {
                     // (One scrape at a time renders; a second waits for the first.)
                     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
-                    let last = match render_with(&maps, &snapshot, &mut cache, Some(tx.clone())) {
-                        Ok(rest) => Ok(rest.into()),
-                        Err(e) => Err(format!("{e:#}")),
-                    };
-                    let _ = tx.blocking_send(last);
+                    match render_with(&maps, &snapshot, &mut cache, Some(tx.clone())) {
+                        Ok(rest) => {
+                            let _ = tx.blocking_send(Chunk::Data(rest.into()));
+                            let _ = tx.blocking_send(Chunk::End);
+                        }
+                        Err(e) => {
+                            let _ = tx.blocking_send(Chunk::Failed(format!("{e:#}")));
+                        }
+                    }
+                    // (A panic drops `tx` without `End`: the response is then cut with an
+                    // error, never ended as if whole.)
                 });
                 // The first chunk (or the whole of a small page) decides the status.
                 match rx.recv().await {
-                    Some(Ok(first)) => {
-                        let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+                    Some(Chunk::Data(first)) => {
+                        let rest = futures_util::stream::unfold(Some(rx), |rx| async move {
+                            let mut rx = rx?;
                             match rx.recv().await {
-                                Some(Ok(chunk)) => Some((Ok::<_, std::io::Error>(chunk), rx)),
-                                _ => None,
+                                Some(Chunk::Data(chunk)) => Some((Ok(chunk), Some(rx))),
+                                Some(Chunk::End) => None,
+                                Some(Chunk::Failed(e)) => {
+                                    Some((Err(std::io::Error::other(e)), None))
+                                }
+                                None => Some((
+                                    Err(std::io::Error::other("the page's writer stopped")),
+                                    None,
+                                )),
                             }
                         });
                         let body = futures_util::StreamExt::chain(
@@ -560,10 +583,10 @@ pub async fn serve(
                         )
                             .into_response()
                     }
-                    Some(Err(e)) => {
+                    Some(Chunk::Failed(e)) => {
                         (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response()
                     }
-                    None => (
+                    Some(Chunk::End) | None => (
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "rendering the page failed\n",
                     )
@@ -609,7 +632,10 @@ mod tests {
         let mut joined = Vec::new();
         let mut chunks = 0;
         while let Ok(c) = rx.try_recv() {
-            joined.extend_from_slice(&c.unwrap());
+            let Chunk::Data(c) = c else {
+                panic!("only data while the page is written");
+            };
+            joined.extend_from_slice(&c);
             chunks += 1;
         }
         joined.extend_from_slice(chunked.out.as_bytes());

@@ -10,7 +10,8 @@
 //!                            tcx ingress link; `.` and `%` in the interface name
 //!                            percent-encoded: links.rs)
 //!   LB_VIPS_V2 …             the maps (names from lb_common::names)
-//!   prog_lb_decap, decap_<iface>_<mode>, LB_DECAP_STATS_V1
+//!   prog_lb_decap, decap_<iface>_<mode>, LB_DECAP_STATS_V2, LB_DECAP_FROM_V1,
+//!   LB_DECAP_LOCAL_V1, LB_DECAP_VIPS_V1
 //!                            the decapsulation program (on backends of ipip VIPs)
 //! ```
 
@@ -48,6 +49,9 @@ const PROG_PIN: &str = "prog_lb_xdp";
 const GENERIC_PROG_PIN: &str = "prog_lb_xdp_generic";
 const TC_PROG_PIN: &str = "prog_lb_tc";
 const DECAP_PROG_PIN: &str = "prog_lb_decap";
+
+/// The counters of an older `lb_decap` (before it had a configuration).
+const OLD_DECAP_STATS: &str = "LB_DECAP_STATS_V1";
 
 /// The decapsulation program's maps, pinned beside it.
 const DECAP_MAPS: [&str; 4] = [
@@ -766,6 +770,12 @@ impl PinDir {
                 .join(links::pin_name("decap_", iface, mode_name(a.mode)));
             fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
         }
+        if self.path.join(DECAP_PROG_PIN).exists() && !self.path.join(names::DECAP_FROM).exists() {
+            bail!(
+                "the lb_decap pinned in {} predates this lb (it strips any encapsulation from 172.16.0.0/16): run `lb decap detach`, then attach again",
+                self.path.display()
+            );
+        }
         if !self.path.join(DECAP_PROG_PIN).exists() {
             let mut ebpf = aya::EbpfLoader::new()
                 .load(crate::object::LB_DECAP_OBJECT)
@@ -794,13 +804,7 @@ impl PinDir {
                 return Err(e);
             }
         }
-        config
-            .write(|name| {
-                Ok(Map::from_map_data(MapData::from_pin(
-                    self.path.join(name),
-                )?)?)
-            })
-            .context("writing what lb_decap accepts")?;
+        self.decap_configure(config)?;
         let mut prog = Xdp::from_pin(self.path.join(DECAP_PROG_PIN), XdpAttachType::Interface)
             .context("opening the pinned decap program")?;
         let (id, used) = match mode {
@@ -829,6 +833,26 @@ impl PinDir {
         Ok(used)
     }
 
+    /// Rewrites what the loaded `lb_decap` accepts (`lb decap attach`, `lb decap set`).
+    pub fn decap_configure(&self, config: &crate::decap::DecapConfig) -> Result<()> {
+        if !self.path.join(DECAP_PROG_PIN).exists() {
+            bail!("lb decap is not attached anywhere (lb decap attach IFACE …)");
+        }
+        if !self.path.join(names::DECAP_FROM).exists() {
+            bail!(
+                "the lb_decap pinned in {} predates this lb (it strips any encapsulation from 172.16.0.0/16): run `lb decap detach`, then attach again",
+                self.path.display()
+            );
+        }
+        config
+            .write(|name| {
+                Ok(Map::from_map_data(MapData::from_pin(
+                    self.path.join(name),
+                )?)?)
+            })
+            .context("writing what lb_decap accepts")
+    }
+
     /// Detaches `lb_decap` from `iface`; the last detach also removes its program and counters.
     pub fn decap_detach(&self, iface: &str) -> Result<()> {
         let a = self
@@ -842,7 +866,7 @@ impl PinDir {
         fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
         if self.decap_attachments()?.is_empty() {
             let _ = fs::remove_file(self.path.join(DECAP_PROG_PIN));
-            for name in DECAP_MAPS {
+            for name in DECAP_MAPS.iter().chain(&[OLD_DECAP_STATS]) {
                 let _ = fs::remove_file(self.path.join(name));
             }
         }

@@ -1232,6 +1232,14 @@ fn forward_modes_health_and_decap() {
         ]
     };
     lb.fails(&with_from("lbc1"), 1, "already attached");
+    // What it accepts changes in place; bad input changes nothing.
+    let out = lb.ok(&["decap", "set", "--from", "100::/64", "--vip", "fd10::100"]);
+    assert!(out.contains("from 100::/64; VIPs fd10::100"), "{out}");
+    lb.fails(
+        &["decap", "set", "--from", "100::1/64", "--vip", "fd10::100"],
+        1,
+        "host bits set (the prefix is 100::/64)",
+    );
     lb.fails(&with_from("nosuch0"), 1, "does not exist");
     lb.ok(&["decap", "detach"]);
     assert_eq!(

@@ -883,30 +883,23 @@ fn fixture_table_through(kind: Kind) {
         XDP_PASS,
         Counter::PassNotVip,
     );
-    let icmp = {
+    let echo_to = |dst: [u8; 4]| {
         let mut out = Vec::new();
         etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC_A)
-            .ipv4([10, 0, 0, 2], [10, 100, 0, 100], 64)
+            .ipv4([10, 0, 0, 2], dst, 64)
             .icmpv4_echo_request(7, 1)
             .write(&mut out, b"ping")
             .unwrap();
         out
     };
+    let icmp = echo_to([10, 100, 0, 100]);
     t.unchanged(
         "ICMP echo to a VIP address → dropped (lb does not answer it; not routed back)",
         icmp,
         XDP_DROP,
         Counter::DropVipUnclaimed,
     );
-    let icmp_other = {
-        let mut out = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_MAC_A)
-            .ipv4([10, 0, 0, 2], [10, 100, 0, 7], 64)
-            .icmpv4_echo_request(7, 1)
-            .write(&mut out, b"ping")
-            .unwrap();
-        out
-    };
+    let icmp_other = echo_to([10, 100, 0, 7]);
     t.unchanged(
         "ICMP echo to another address → passed",
         icmp_other,

@@ -75,8 +75,15 @@ fn vip_packets(e: &Ecmp, gw: usize) -> u64 {
 fn connections(e: &Ecmp, n: usize) {
     let c = e.as_client();
     for i in 0..n {
-        c.http_get(vip(HTTP_PORT))
-            .unwrap_or_else(|err| panic!("connection {i} failed: {err:#}"));
+        if let Err(err) = c.http_get(vip(HTTP_PORT)) {
+            // What each gateway had then, for the failure message.
+            let state = |g: usize| {
+                let b = e.lb(g, &["backend", "list"]).unwrap_or_default();
+                let s = e.lb(g, &["stats"]).unwrap_or_default();
+                format!("gw{}:\n{b}\n{s}", g + 1)
+            };
+            panic!("connection {i} failed: {err:#}\n{}\n{}", state(0), state(1));
+        }
     }
 }
 

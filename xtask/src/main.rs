@@ -1,6 +1,7 @@
 //! `cargo xtask …`: set-up, tests, demo and benchmarks for lb.
 
 mod dataplane_mutants;
+mod package;
 mod setup;
 
 use std::{
@@ -35,6 +36,13 @@ enum Task {
     },
     /// Formatting and clippy, for the host crates and the eBPF crate.
     Lint,
+    /// Build the Debian package (target/package/lb_VERSION_ARCH.deb): lb, its systemd unit,
+    /// /etc/lb/lb.toml (a conffile), man pages, shell completions and the docs. `--check`
+    /// then installs it here, checks it and purges it (needs root).
+    Package {
+        #[arg(long)]
+        check: bool,
+    },
     /// Set up (plus wrk, nftables, HAProxy), build, and measure lb; writes BENCHMARKS.md and
     /// docs/bench-per-packet.svg. `--quick` for a smoke run; extra arguments go to lb-bench.
     Bench {
@@ -89,11 +97,27 @@ fn run(cli: Cli) -> Result<()> {
             if !no_lint {
                 lint()?;
             }
-            test(&args)
+            test(&args)?;
+            // The package a gateway operator installs: built, installed, checked, purged.
+            if args.is_empty() {
+                package::check(&package::build(&workspace_root()?)?)?;
+            }
+            Ok(())
         }
         Task::Lint => {
             setup::run()?;
             lint()
+        }
+        Task::Package { check } => {
+            setup::run()?;
+            let deb = package::build(&workspace_root()?)?;
+            if check {
+                if !setup::is_root() {
+                    bail!("the package check installs the package: run it as root");
+                }
+                package::check(&deb)?;
+            }
+            Ok(())
         }
         Task::Bench { quick, args } => {
             setup::run()?;
@@ -123,6 +147,14 @@ fn run(cli: Cli) -> Result<()> {
             mutants(jobs, &args)
         }
     }
+}
+
+/// The workspace's root directory.
+fn workspace_root() -> Result<std::path::PathBuf> {
+    Ok(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace root")?
+        .to_path_buf())
 }
 
 /// The share of mutants `cargo xtask mutants` requires the unit tests to catch (issue 14).

@@ -26,8 +26,13 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "tcpdump",
     "procps",
-    // BGP for the scale-out test (several gateways behind an ECMP router).
+    // BGP for the scale-out test (several gateways behind an ECMP router); nft counts what
+    // crosses its router and plays an ACL on its backends.
     "bird2",
+    "nftables",
+    // The package check: man pages, and the unit's exposure (systemd-analyze).
+    "man-db",
+    "systemd",
 ];
 
 pub fn is_root() -> bool {

@@ -191,6 +191,14 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
         #[arg(long)]
         object: Option<PathBuf>,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    #[command(
+        after_help = "Example:\n  lb completions bash > /usr/share/bash-completion/completions/lb\n  source <(lb completions bash)"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (lb(1) and one per subcommand) into a directory (packaging).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {
@@ -331,6 +339,19 @@ pub enum DecapCommand {
         #[arg(long, value_name = "PREFIX")]
         from: Vec<String>,
         /// A VIP this backend serves (repeat for several; default: the addresses on lo).
+        #[arg(long, value_name = "ADDR")]
+        vip: Vec<std::net::IpAddr>,
+    },
+    /// Change what it accepts, where it is attached (without detaching: ipip traffic keeps
+    /// flowing).
+    #[command(
+        after_help = "Example:\n  lb decap set --from 172.16.0.0/16 --vip 10.100.0.100 --vip 10.100.0.101"
+    )]
+    Set {
+        /// The gateways' encapsulation prefix (repeat for several).
+        #[arg(long, value_name = "PREFIX")]
+        from: Vec<String>,
+        /// A VIP this backend serves (repeat; default: the addresses on lo).
         #[arg(long, value_name = "ADDR")]
         vip: Vec<std::net::IpAddr>,
     },

@@ -347,6 +347,21 @@ pub fn decap(dir: &PinDir, cmd: DecapCommand, json: bool) -> CmdResult {
                 }
             }
         }
+        DecapCommand::Set { from, vip } => {
+            let config = lb::decap::DecapConfig::for_host(&from, &vip)?;
+            dir.decap_configure(&config)?;
+            let from: Vec<String> = config
+                .from
+                .iter()
+                .map(|(a, l)| format!("{a}/{l}"))
+                .collect();
+            let vips: Vec<String> = config.vips.iter().map(|a| a.to_string()).collect();
+            outln!(
+                "lb decap accepts: from {}; VIPs {}",
+                from.join(", "),
+                vips.join(", ")
+            );
+        }
         DecapCommand::Detach { ifaces } => {
             let attached = dir.decap_attachments()?;
             let ifaces: Vec<String> = if ifaces.is_empty() {

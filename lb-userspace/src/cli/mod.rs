@@ -21,6 +21,7 @@ macro_rules! outln {
 mod agent_cmd;
 mod args;
 mod config_cmd;
+mod docs;
 mod lifecycle;
 mod observe;
 pub(crate) mod output;
@@ -139,6 +140,18 @@ fn reads_only(c: &Command) -> bool {
 }
 
 fn run(cli: Cli) -> CmdResult {
+    // Documentation of the command line itself: no state, no privileges.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "lb", &mut out);
+            out!("{}", String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        Command::Manpages { dir } => return Ok(docs::manpages(dir)?),
+        _ => {}
+    }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(Failure::Runtime(anyhow::anyhow!(
@@ -211,7 +224,9 @@ fn run(cli: Cli) -> CmdResult {
         Command::Check => config_cmd::check(&dir, json),
         Command::Decap(c) => lifecycle::decap(&dir, c, json),
         Command::Upgrade { object } => agent_cmd::upgrade(&dir, object.as_deref(), json),
-        Command::Run { .. } => unreachable!("handled above"),
+        Command::Run { .. } | Command::Completions { .. } | Command::Manpages { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 

@@ -429,13 +429,7 @@ impl LbMaps {
     /// of the backend array as the data plane sees them, read whole in a few batched reads
     /// (or from the index), so the cost does not grow with the number of VIPs.
     pub fn backends_by_vip(&self) -> Result<std::collections::HashMap<u32, Vec<BackendState>>> {
-        let indexed = self
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(BackendIndex::all);
-        let in_use = match indexed {
+        let in_use = match self.indexed_backends() {
             Some(all) => all,
             None => (0u32..)
                 .zip(self.backends_all()?)
@@ -460,17 +454,20 @@ impl LbMaps {
         Ok(out)
     }
 
+    /// Every backend in use, from the index (None: there is none).
+    fn indexed_backends(&self) -> Option<Vec<(u32, Backend)>> {
+        self.index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(BackendIndex::all)
+    }
+
     /// Every backend in use, with its id. Found through the reverse-NAT map, whose sets hold
     /// exactly one entry per backend in use (written and removed together with the backend
     /// entry), so this costs one lookup per backend rather than a scan of the whole array.
     pub(super) fn valid_backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let indexed = self
-            .index
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(BackendIndex::all);
-        if let Some(all) = indexed {
+        if let Some(all) = self.indexed_backends() {
             return Ok(all);
         }
         let mut ids: Vec<u32> = self

@@ -479,7 +479,6 @@ pub(super) fn vip_hints(vips: &[(Vip, VipInfo)]) -> std::collections::HashSet<u3
 }
 
 #[cfg(test)]
-#[cfg(test)]
 mod mirror_tests {
     use super::*;
 

@@ -474,6 +474,10 @@ impl Drop for Ecmp {
             s.stop();
         }
         super::cleanup_prefix(&format!("{}-", self.prefix));
+        for i in 0..2 {
+            let pin = PathBuf::from(self.pin_dir(i));
+            let _ = std::fs::remove_file(crate::announce::record_path(&pin));
+        }
         if std::thread::panicking() {
             for i in 0..2 {
                 eprintln!(

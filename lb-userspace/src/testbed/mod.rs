@@ -370,8 +370,14 @@ impl Client<'_> {
                 socket2::Type::STREAM,
                 None,
             )?;
-            sock.set_reuse_address(true)?;
-            sock.bind(&SocketAddr::new(client, port).into())?;
+            // A chosen port is bound first; any port is left to connect(), which picks it for
+            // this destination: a port bound first (SO_REUSEADDR) soon repeats a 4-tuple whose
+            // last connection the server still holds in TIME_WAIT, and such a SYN may be
+            // answered by the old connection's ACK instead (a timeout here, not lb's doing).
+            if port != 0 {
+                sock.set_reuse_address(true)?;
+                sock.bind(&SocketAddr::new(client, port).into())?;
+            }
             sock.connect_timeout(&addr.into(), IO_TIMEOUT)
                 .with_context(|| format!("connecting to {addr}"))?;
             let mut s: TcpStream = sock.into();

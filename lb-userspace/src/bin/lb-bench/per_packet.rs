@@ -232,8 +232,9 @@ pub fn paths(rig: &mut Rig, s: &Settings) -> Result<(Sample, Vec<PathResult>)> {
         "not for a VIP, to a VIP's port (pass)".into(),
         measure_untouched(rig, s, &f, "a non-VIP packet", &[PassNotVip])?,
     );
-    // Malformed: TCP header cut short (IP total length 32), padded to 48 bytes.
-    let mut m = tcp_frame(client4, sa(VIP4), true);
+    // Malformed: TCP header cut short (IP total length 32), padded to 48 bytes; to an address
+    // that is no VIP's (to a VIP's address it would be dropped, `drop_vip_unclaimed`).
+    let mut m = tcp_frame(client4, sa("10.1.1.1:8080"), true);
     m[16..18].copy_from_slice(&32u16.to_be_bytes());
     m.truncate(48);
     push(
@@ -504,6 +505,27 @@ fn dsr_paths(rig: &mut Rig, s: &Settings, push: &mut impl FnMut(String, Sample))
         lb_common::DecapCounter::DecapV4InV4,
         lb_common::DecapCounter::DecapV6InV6,
     ];
+    // What the backend accepts: lb's prefixes, its own address (the outer destination) and
+    // its VIPs (the inner destination).
+    let mut config = lb::decap::DecapConfig {
+        from: vec![
+            ("172.16.0.0".parse().unwrap(), 16),
+            ("100::".parse().unwrap(), 64),
+        ],
+        ..Default::default()
+    };
+    for (_, _, frame) in &encapsulated {
+        let (outer, inner) = if frame[12..14] == [0x08, 0x00] {
+            let v4 = |at: usize| IpAddr::from(<[u8; 4]>::try_from(&frame[at..at + 4]).unwrap());
+            (v4(30), v4(34 + 16))
+        } else {
+            let v6 = |at: usize| IpAddr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).unwrap());
+            (v6(38), v6(54 + 24))
+        };
+        config.local.push(outer);
+        config.vips.push(inner);
+    }
+    rig.configure_decap(&config)?;
     for ((label, inner, mut frame), counter) in encapsulated.into_iter().zip(decap_counters) {
         while frame.len() % 8 != 0 {
             frame.push(0);

@@ -475,6 +475,15 @@ impl Rig {
         Ok(sample)
     }
 
+    /// Makes `lb_decap` accept `config` (what a backend's `lb decap attach` writes).
+    pub fn configure_decap(&mut self, config: &lb::decap::DecapConfig) -> Result<()> {
+        config.write(|name| {
+            self.decap
+                .take_map(name)
+                .ok_or_else(|| anyhow!("decap map {name} missing"))
+        })
+    }
+
     /// One run of the decapsulation program.
     pub fn run_decap(&mut self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let (a, out, _) = run(
