@@ -97,21 +97,27 @@ fn check_held(held: &mut [LineConn], when: &str) {
     }
 }
 
-/// Both gateways' selection digests of both VIPs, once they agree.
+/// Both gateways' selection digests of both VIPs, once both have the VIPs and agree.
 fn agreed_digest(e: &Ecmp) -> String {
-    let d = |i| {
-        [HTTP_PORT, LINE_PORT]
-            .map(|p| {
-                e.lb(i, &["table", &format!("{}/tcp", vip(p)), "--digest"])
-                    .unwrap()
-            })
-            .concat()
+    // (None while a gateway's agent has not applied its file yet.)
+    let d = |i| -> Option<String> {
+        let mut out = String::new();
+        for p in [HTTP_PORT, LINE_PORT] {
+            out += &e
+                .lb(i, &["table", &format!("{}/tcp", vip(p)), "--digest"])
+                .ok()?;
+        }
+        Some(out)
     };
     let mut out = String::new();
-    wait_for(Duration::from_secs(10), "the gateways agree", || {
-        let (a, b) = (d(0), d(1));
-        out = a.clone();
-        a == b
+    wait_for(Duration::from_secs(30), "the gateways agree", || {
+        match (d(0), d(1)) {
+            (Some(a), Some(b)) if a == b => {
+                out = a;
+                true
+            }
+            _ => false,
+        }
     });
     out
 }
