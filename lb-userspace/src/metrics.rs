@@ -644,6 +644,89 @@ mod tests {
         assert!(whole.out.ends_with("lb_y{iface=\"a\\\"b\\\\c\\nd\"} 1\n"));
     }
 
+    /// Every metric the Grafana dashboard (deploy/grafana-dashboard.json) queries is one the
+    /// page exports: each expression and variable query is read for `lb_…` names.
+    #[test]
+    fn the_dashboard_names_only_exported_metrics() {
+        let Some(maps) = crate::sweep::standalone_maps() else {
+            eprintln!("skipped: cannot create BPF maps");
+            return;
+        };
+        let snapshot = Snapshot {
+            checks: Vec::new(),
+            draining: Default::default(),
+            counters: Default::default(),
+            digests: Default::default(),
+            announced: Vec::new(),
+            sweep_last: None,
+            sweep_totals: Default::default(),
+            pin_dir: "/nonexistent".into(),
+        };
+        let page = render(&maps, &snapshot).unwrap();
+        let exported: std::collections::BTreeSet<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana-dashboard.json"
+        );
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut queries = Vec::new();
+        collect_queries(&dashboard, &mut queries);
+        assert!(queries.len() > 10, "{} queries found", queries.len());
+        let mut named = 0;
+        for q in &queries {
+            for name in metric_names(q) {
+                assert!(
+                    exported.contains(name.as_str()),
+                    "the dashboard queries {name}, which lb does not export ({q})"
+                );
+                named += 1;
+            }
+        }
+        assert!(named >= queries.len(), "every query names a metric");
+    }
+
+    /// Every `expr` and `query` string in the dashboard.
+    fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", serde_json::Value::String(s)) => out.push(s.clone()),
+                        _ => collect_queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| collect_queries(v, out)),
+            _ => {}
+        }
+    }
+
+    /// The `lb_…` metric names in a PromQL expression.
+    fn metric_names(q: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = q;
+        while let Some(i) = rest.find("lb_") {
+            let before_ok = rest[..i]
+                .chars()
+                .last()
+                .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len().max(3)..];
+            if before_ok {
+                out.push(name);
+            }
+        }
+        out
+    }
+
     #[test]
     fn conntrack_metrics() {
         let Some(mut maps) = crate::sweep::standalone_maps() else {

@@ -69,6 +69,11 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     put(CONFIG, &config, 0o644)?;
     put(&format!("{DOC}/examples/lb.toml"), &config, 0o644)?;
     put(
+        &format!("{DOC}/examples/grafana-dashboard.json"),
+        &std::fs::read(root.join("deploy/grafana-dashboard.json"))?,
+        0o644,
+    )?;
+    put(
         &format!("{DOC}/README.md"),
         &std::fs::read(root.join("README.md"))?,
         0o644,
