@@ -408,6 +408,14 @@ fn scale_out(forward: &str) {
     });
     println!("{forward}: announced again {t:?} after the probes passed");
     check_held(&mut held, "recovered");
+    // Back to failing open, every weighted backend up again on both gateways, before the
+    // last step: a backend still rising must not withdraw a "withdraw" VIP meanwhile.
+    e.write_config(&config(&e, forward, &members, "fail-open"))
+        .unwrap();
+    wait_for(Duration::from_secs(20), "every backend up again", || {
+        (1..4).all(|i| healthy(&e, 0, i) && healthy(&e, 1, i))
+    });
+    std::thread::sleep(Duration::from_secs(1));
 
     // ---- gw2 detached (its agent keeps running): withdrawn ----
     e.lb(1, &["detach"]).unwrap();
