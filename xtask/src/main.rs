@@ -239,22 +239,17 @@ fn run_release(bin: &str, what: &str, args: &[&str]) -> Result<()> {
         bail!("run {what} as root: it creates network namespaces and loads BPF programs");
     }
     eprintln!("building lb (release)…");
-    cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "lb-userspace",
-            "--bins",
-            "--features",
-            "testbed",
-        ],
-    )?;
+    build_release(&["--bins", "--features", "testbed"])?;
     let mut full = vec!["--lb", "target/release/lb"];
     full.extend_from_slice(args);
     cmd(&format!("target/release/{bin}"), &full)
+}
+
+/// `cargo build --release` of lb-userspace with `what` (targets, features).
+pub(crate) fn build_release(what: &[&str]) -> Result<()> {
+    let mut args = vec!["build", "--release", "--quiet", "-p", "lb-userspace"];
+    args.extend_from_slice(what);
+    cmd("cargo", &args)
 }
 
 /// Runs a command, echoing it, failing on a non-zero exit.

@@ -26,18 +26,7 @@ const COMPLETIONS: [(&str, &str); 3] = [
 
 /// Builds lb (release) and the package; returns the .deb's path.
 pub fn build(root: &Path) -> Result<PathBuf> {
-    cmd(
-        "cargo",
-        &[
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "lb-userspace",
-            "--bin",
-            "lb",
-        ],
-    )?;
+    crate::build_release(&["--bin", "lb"])?;
     let version = env!("CARGO_PKG_VERSION");
     let arch = output("dpkg", &["--print-architecture"])?;
     let name = format!("lb_{version}_{arch}");
