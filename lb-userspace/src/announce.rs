@@ -68,7 +68,7 @@ impl Bird {
             return Ok(false);
         }
         if !file_says {
-            write_atomically(&self.include, &text)?;
+            write_atomically(&self.include, &text, 0o644)?;
         }
         let mut cmd = Command::new("birdc");
         cmd.arg("-s").arg(&self.socket).arg("configure");
@@ -156,13 +156,27 @@ pub fn record_path(pin_dir: &Path) -> PathBuf {
             }
         })
         .collect();
-    PathBuf::from("/run/lb/announce").join(name)
+    runtime_dir().join("announce").join(name)
+}
+
+/// lb's runtime directory: `$RUNTIME_DIRECTORY` (systemd sets it from the unit's
+/// `RuntimeDirectory=lb`), else /run/lb — the same place for the agent and for `lb detach`.
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .and_then(|v| {
+            v.to_string_lossy()
+                .split(':')
+                .next()
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/lb"))
 }
 
 /// Records `bird`'s settings for `pin_dir` (`record_path`).
 pub fn record(pin_dir: &Path, bird: &Bird) -> Result<()> {
     let text = format!("{}\n{}\n", bird.include.display(), bird.socket.display());
-    write_atomically(&record_path(pin_dir), &text)
+    write_atomically(&record_path(pin_dir), &text, 0o600)
 }
 
 /// Withdraws every VIP announced for `pin_dir` by an agent that recorded its BIRD settings
@@ -199,13 +213,17 @@ pub fn render(vips: &BTreeSet<IpAddr>) -> String {
     out
 }
 
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path` by renaming a new file of `mode` over it (whatever the umask: the
+/// include file is read by BIRD, which runs as another user).
+fn write_atomically(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // (Per process: the agent and `lb detach` may write the same file.)
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 

@@ -29,6 +29,9 @@ pub fn jiffies() -> Result<u64> {
 fn sample() -> Result<(u64, u64)> {
     let mut guard = PROBE.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
+        crate::privileges::require_for_loading(
+            "reading the kernel's clock for flow ages (the lb_clock probe)",
+        )?;
         let mut ebpf = Ebpf::load(LB_CLOCK_OBJECT).context("loading the lb_clock object")?;
         let prog: &mut Xdp = ebpf
             .program_mut("lb_clock")

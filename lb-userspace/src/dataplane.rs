@@ -147,6 +147,7 @@ impl Dataplane {
         opts: LoadOptions,
         before_take: impl FnOnce(&Ebpf) -> Result<()>,
     ) -> Result<Self> {
+        crate::privileges::require_for_loading("loading lb's XDP program")?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::TABLE, opts.table_capacity)
             .map_max_entries(names::CONNTRACK, opts.ct_capacity)

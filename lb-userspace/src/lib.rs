@@ -17,6 +17,7 @@ pub mod model;
 pub mod nexthop;
 pub mod object;
 pub mod pin;
+pub mod privileges;
 pub mod schedule;
 pub mod slots;
 pub mod state;

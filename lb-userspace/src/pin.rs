@@ -35,6 +35,8 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use lb_common::names;
 
+mod ownership;
+
 use crate::{
     dataplane::{AttachMode, Dataplane, LoadOptions},
     links,
@@ -183,6 +185,16 @@ pub struct PinDir {
     path: PathBuf,
     /// Holding the open directory holds the flock.
     lock: Option<File>,
+    /// Whether the lock is exclusive: this command may have pinned something.
+    exclusive: bool,
+}
+
+impl Drop for PinDir {
+    /// Before the lock is given up, pins root made go to the directory's owner (the service
+    /// user): whatever the command did, also when it failed half-way.
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 impl PinDir {
@@ -211,13 +223,23 @@ impl PinDir {
         // waited, lock the one that is there now, so commands stay serialized.
         for _ in 0..100 {
             if !path.exists() {
-                fs::DirBuilder::new()
+                let made = fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
-                    .create(path)
-                    .with_context(|| format!("creating pin directory {}", path.display()))?;
+                    .create(path);
+                match made {
+                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                        return Err(ownership::cannot_create(path))
+                    }
+                    r => r.with_context(|| format!("creating pin directory {}", path.display()))?,
+                }
             }
-            let lock = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+            let lock = match File::open(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(ownership::denied(path))
+                }
+                r => r.with_context(|| format!("opening {}", path.display()))?,
+            };
             flock(&lock, kind, deadline).with_context(|| format!("locking {}", path.display()))?;
             let same = fs::metadata(path)
                 .ok()
@@ -227,6 +249,7 @@ impl PinDir {
                 return Ok(PinDir {
                     path: path.to_path_buf(),
                     lock: Some(lock),
+                    exclusive: matches!(kind, Lock::Exclusive),
                 });
             }
         }
@@ -236,6 +259,15 @@ impl PinDir {
     /// Gives up the lock (for long-running readers such as `lb stats --watch`, which must not
     /// block other commands).
     pub fn unlock(&mut self) {
+        self.release();
+    }
+
+    fn release(&mut self) {
+        if self.exclusive && self.lock.is_some() && self.path.exists() {
+            if let Err(e) = ownership::hand_over(&self.path) {
+                eprintln!("lb: warning: {e:#}");
+            }
+        }
         self.lock = None;
     }
 
@@ -481,6 +513,7 @@ impl PinDir {
                 self.path.display()
             );
         }
+        crate::privileges::require_for_loading("loading the new program")?;
         let old_id = self.program_id()?;
         let obj = aya_obj::Object::parse(object).context("parsing the new object")?;
         let mut loader = aya::EbpfLoader::new();
@@ -777,6 +810,7 @@ impl PinDir {
             );
         }
         if !self.path.join(DECAP_PROG_PIN).exists() {
+            crate::privileges::require_for_loading("loading lb_decap")?;
             let mut ebpf = aya::EbpfLoader::new()
                 .load(crate::object::LB_DECAP_OBJECT)
                 .context("loading the decap object")?;
@@ -891,7 +925,9 @@ impl PinDir {
             .collect()
     }
 
-    /// Detaches everywhere and removes the program, the maps and the directory: all state.
+    /// Detaches everywhere and removes the program, the maps and the directory: all state. A
+    /// directory made for another user (the service user's, made at install) is left empty:
+    /// that user could not make it again.
     pub fn purge(self) -> Result<()> {
         for a in self.attachments()? {
             self.detach(&a.iface)?;
@@ -909,6 +945,11 @@ impl PinDir {
             if p.exists() {
                 fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             }
+        }
+        let owner = fs::metadata(&self.path)?.uid();
+        // SAFETY: geteuid has no preconditions.
+        if owner != unsafe { libc::geteuid() } {
+            return Ok(());
         }
         fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
     }
@@ -978,26 +1019,7 @@ fn ensure_bpffs(path: &Path) -> Result<()> {
     }
     let bpf_root = Path::new("/sys/fs/bpf");
     if path.starts_with(bpf_root) && bpf_root.exists() && fs_type(bpf_root)? != BPF_FS_MAGIC {
-        let src = CString::new("bpf").unwrap();
-        let dst = CString::new("/sys/fs/bpf").unwrap();
-        // SAFETY: valid C strings; mounting bpffs has no other preconditions.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                src.as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            bail!(
-                "no BPF filesystem at /sys/fs/bpf and mounting one failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        eprintln!("lb: mounted a BPF filesystem at /sys/fs/bpf");
-        return Ok(());
+        return ownership::mount_bpffs();
     }
     bail!(
         "{} is not on a BPF filesystem: choose a pin directory under /sys/fs/bpf, or mount one (mount -t bpf bpf DIR)",

@@ -538,7 +538,7 @@ fn vips_backends_and_bad_input() {
     lb.ok(&["vip", "set", VIP, "--algo", "maglev"]);
     lb.fails(&["frobnicate"], 2, "unrecognized subcommand");
 
-    // Not root.
+    // Another user, without root: the pin directory is root's (0700), and says so.
     let o = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -552,7 +552,14 @@ fn vips_backends_and_bad_input() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("must run as root"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("permission denied on the pin directory")
+            && err.contains(
+                "(it belongs to user root (uid 0), mode 0700): run lb as that user or as root"
+            ),
+        "{err}"
+    );
 
     // No BPF filesystem under the pin directory.
     let o = lb

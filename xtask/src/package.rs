@@ -24,6 +24,60 @@ const COMPLETIONS: [(&str, &str); 3] = [
     ("fish", "usr/share/fish/vendor_completions.d/lb.fish"),
 ];
 
+/// The service user's directories. (`d` on bpffs makes the directory if it is missing; an
+/// existing one gets this owner and mode.)
+const TMPFILES_TEXT: &str = "\
+# lb: the pin directory (program, links, maps) and the runtime directory (BIRD's include
+# file, the announcement record), both the service user's.
+d /sys/fs/bpf/lb 0700 lb lb -
+d /run/lb 0755 lb lb -
+";
+
+/// Makes the service user (kept on purge, as Debian does with system users), gives it the
+/// configuration to read and BIRD's control socket to use, and its directories.
+const POSTINST: &str = r#"#!/bin/sh
+set -e
+if [ "$1" = configure ]; then
+  if ! getent passwd lb >/dev/null; then
+    adduser --system --group --quiet --home /nonexistent --no-create-home \
+      --gecos "lb load balancer" lb
+  fi
+  # The configuration holds the hash seed: root's, readable by the agent. An operator's
+  # own choice of owner (not root:root) is kept.
+  if [ "$(stat -c %U:%G /etc/lb/lb.toml)" = root:root ]; then
+    chgrp lb /etc/lb/lb.toml
+    chmod 0640 /etc/lb/lb.toml
+  fi
+  if getent group bird >/dev/null; then
+    adduser --quiet lb bird
+  fi
+  if command -v systemd-tmpfiles >/dev/null; then
+    systemd-tmpfiles --create /usr/lib/tmpfiles.d/lb.conf || true
+  fi
+  if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload || true
+  fi
+fi
+exit 0
+"#;
+
+/// Purging removes the runtime directory and an empty pin directory; a data plane still
+/// pinned keeps running (`lb detach --purge` first removes it).
+const POSTRM: &str = r#"#!/bin/sh
+set -e
+if [ "$1" = purge ]; then
+  rm -rf /run/lb
+  rmdir /sys/fs/bpf/lb 2>/dev/null || true
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload || true
+fi
+exit 0
+"#;
+
+/// Exposure (`systemd-analyze security`) the installed unit may have at most.
+const MAX_EXPOSURE: f64 = 3.0;
+
 /// Builds lb (release) and the package; returns the .deb's path.
 pub fn build(root: &Path) -> Result<PathBuf> {
     crate::build_release(&["--bin", "lb"])?;
@@ -55,7 +109,8 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     );
     put(UNIT, unit.as_bytes(), 0o644)?;
     let config = std::fs::read(root.join("deploy/lb.toml"))?;
-    put(CONFIG, &config, 0o644)?;
+    // It holds the hash seed, a secret: root's, readable by the service (postinst).
+    put(CONFIG, &config, 0o640)?;
     put(&format!("{DOC}/examples/lb.toml"), &config, 0o644)?;
     put(
         &format!("{DOC}/examples/grafana-dashboard.json"),
@@ -72,12 +127,9 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         b"Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: lb\n\nFiles: *\nLicense: MIT or Apache-2.0\n",
         0o644,
     )?;
-    // The BPF filesystem and the runtime directory, made at boot (and at install).
-    put(
-        TMPFILES,
-        b"# lb: the BPF filesystem holds lb's pinned program and maps; /run/lb its runtime files.\nd /run/lb 0700 root root -\n",
-        0o644,
-    )?;
+    // The pin directory on the BPF filesystem (systemd mounts it at /sys/fs/bpf at boot) and
+    // the runtime directory: the service user's, made at boot and at install.
+    put(TMPFILES, TMPFILES_TEXT.as_bytes(), 0o644)?;
     // Man pages and completions, from the clap definitions of the binary just built.
     let man = stage.join(MAN);
     cmd(
@@ -98,20 +150,12 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     }
     let size_kib = dir_size(&stage)? / 1024;
     let control = format!(
-        "Package: lb\nVersion: {version}\nArchitecture: {arch}\nMaintainer: lb developers <lb@localhost>\nInstalled-Size: {size_kib}\nDepends: libc6\nRecommends: bird2\nSection: net\nPriority: optional\nDescription: XDP layer-4 load balancer\n lb balances TCP and UDP flows to virtual IPs over backends inside the kernel (XDP or tc),\n with Maglev and four other algorithms, NAT, DSR and ipip, an agent with health checks,\n BGP announcements through BIRD and Prometheus metrics.\n"
+        "Package: lb\nVersion: {version}\nArchitecture: {arch}\nMaintainer: lb developers <lb@localhost>\nInstalled-Size: {size_kib}\nDepends: libc6, adduser\nRecommends: bird2\nSection: net\nPriority: optional\nDescription: XDP layer-4 load balancer\n lb balances TCP and UDP flows to virtual IPs over backends inside the kernel (XDP or tc),\n with Maglev and four other algorithms, NAT, DSR and ipip, an agent with health checks,\n BGP announcements through BIRD and Prometheus metrics.\n"
     );
     put("DEBIAN/control", control.as_bytes(), 0o644)?;
     put("DEBIAN/conffiles", format!("/{CONFIG}\n").as_bytes(), 0o644)?;
-    put(
-        "DEBIAN/postinst",
-        b"#!/bin/sh\nset -e\nif [ -d /run/systemd/system ]; then\n  systemd-tmpfiles --create /usr/lib/tmpfiles.d/lb.conf || true\n  systemctl daemon-reload || true\nfi\nexit 0\n",
-        0o755,
-    )?;
-    put(
-        "DEBIAN/postrm",
-        b"#!/bin/sh\nset -e\nif [ \"$1\" = purge ]; then\n  rm -rf /run/lb\nfi\nif [ -d /run/systemd/system ]; then\n  systemctl daemon-reload || true\nfi\nexit 0\n",
-        0o755,
-    )?;
+    put("DEBIAN/postinst", POSTINST.as_bytes(), 0o755)?;
+    put("DEBIAN/postrm", POSTRM.as_bytes(), 0o755)?;
     let deb = root.join("target/package").join(format!("{name}.deb"));
     cmd(
         "dpkg-deb",
@@ -131,12 +175,15 @@ pub fn check(deb: &Path) -> Result<()> {
     if Path::new("/usr/sbin/lb").exists() || installed()? {
         bail!("lb is installed on this machine already: the check installs and purges its own");
     }
+    if Path::new("/sys/fs/bpf/lb").exists() {
+        bail!("/sys/fs/bpf/lb exists (a data plane pinned there?): the check makes its own");
+    }
     cmd("dpkg", &["-i", deb.to_str().context("path")?])?;
     let r = check_installed();
     let purged = cmd("dpkg", &["--purge", "lb"]);
     r?;
     purged?;
-    for rel in [BIN, UNIT, CONFIG, TMPFILES, DOC] {
+    for rel in [BIN, UNIT, CONFIG, TMPFILES, DOC, "run/lb", "sys/fs/bpf/lb"] {
         ensure!(
             !Path::new("/").join(rel).exists(),
             "/{rel} is still there after the purge"
@@ -186,17 +233,94 @@ fn check_installed() -> Result<()> {
         conffiles.contains("/etc/lb/lb.toml"),
         "conffiles: {conffiles:?}"
     );
+    service_user()?;
     let exposure = output(
         "systemd-analyze",
         &["security", "--offline=true", &format!("/{UNIT}")],
     )?;
-    let overall = exposure
+    let level = exposure_level(&exposure)?;
+    ensure!(
+        level <= MAX_EXPOSURE,
+        "the installed unit's exposure is {level}, above {MAX_EXPOSURE}:\n{exposure}"
+    );
+    println!(
+        "package check: lb --version: {v}; man -w lb: {page}; unit exposure {level} (at most {MAX_EXPOSURE})"
+    );
+    Ok(())
+}
+
+/// The service user and what belongs to it: the user, the configuration it may read, its
+/// runtime directory and (where bpffs is mounted) its pin directory.
+fn service_user() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let entry = output("getent", &["passwd", "lb"]).context("the service user lb")?;
+    let fields: Vec<&str> = entry.split(':').collect();
+    let uid: u32 = fields.get(2).context("uid")?.parse()?;
+    let gid: u32 = fields.get(3).context("gid")?.parse()?;
+    ensure!(uid > 0 && uid < 1000, "lb is not a system user: {entry}");
+    ensure!(
+        fields
+            .get(6)
+            .is_some_and(|sh| sh.ends_with("nologin") || sh.ends_with("false")),
+        "lb has a login shell: {entry}"
+    );
+    let owned = |path: &str, mode: u32, owner: (u32, u32)| -> Result<()> {
+        let m = std::fs::metadata(path).with_context(|| format!("{path} after install"))?;
+        ensure!(
+            (m.mode() & 0o7777, m.uid(), m.gid()) == (mode, owner.0, owner.1),
+            "{path}: mode {:o}, owner {}:{} (expected {mode:o}, {}:{})",
+            m.mode() & 0o7777,
+            m.uid(),
+            m.gid(),
+            owner.0,
+            owner.1
+        );
+        Ok(())
+    };
+    owned("/etc/lb/lb.toml", 0o640, (0, gid))?;
+    owned("/run/lb", 0o755, (uid, gid))?;
+    if is_bpffs("/sys/fs/bpf") {
+        owned("/sys/fs/bpf/lb", 0o700, (uid, gid))?;
+        // The service user opens its pin directory: lb says nothing is loaded there (not
+        // "permission denied").
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=lb",
+                "--regid=lb",
+                "--init-groups",
+                "/usr/sbin/lb",
+                "vip",
+                "list",
+            ])
+            .output()
+            .context("running setpriv")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("lb is not loaded"),
+            "lb vip list as user lb said: {err}"
+        );
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &str) -> bool {
+    output("stat", &["-f", "-c", "%T", path]).is_ok_and(|t| t == "bpf_fs")
+}
+
+/// The number in "→ Overall exposure level for lb.service: 1.8 OK".
+fn exposure_level(report: &str) -> Result<f64> {
+    let line = report
         .lines()
         .find(|l| l.contains("Overall exposure level"))
-        .unwrap_or("no overall exposure level")
-        .to_string();
-    println!("package check: lb --version: {v}; man -w lb: {page}; unit: {overall}");
-    Ok(())
+        .context("systemd-analyze printed no overall exposure level")?;
+    let number = line
+        .rsplit(':')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no number after the colon")?;
+    number
+        .parse()
+        .with_context(|| format!("reading the exposure in {line:?}"))
 }
 
 fn installed() -> Result<bool> {

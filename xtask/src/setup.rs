@@ -33,6 +33,10 @@ const PACKAGES: &[&str] = &[
     // The package check: man pages, and the unit's exposure (systemd-analyze).
     "man-db",
     "systemd",
+    // The service test: the agent as its unit runs it (setpriv is util-linux's, on every
+    // Debian), its system calls traced, its /metrics checked by promtool.
+    "strace",
+    "prometheus",
 ];
 
 pub fn is_root() -> bool {

@@ -152,12 +152,8 @@ fn run(cli: Cli) -> CmdResult {
         Command::Manpages { dir } => return Ok(docs::manpages(dir)?),
         _ => {}
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "lb must run as root: it loads BPF programs and changes BPF maps"
-        )));
-    }
+    // No root needed: what loads a program checks its capabilities (`privileges`); the rest
+    // needs access to the pin directory, which `PinDir::open` checks.
     let json = cli.json;
     // The agent takes the pin-directory lock only while it writes.
     if let Command::Run {

@@ -17,6 +17,7 @@ pub mod hold;
 mod lan;
 mod netns;
 mod servers;
+pub mod service;
 pub mod spoof;
 pub mod transfer;
 
@@ -99,6 +100,29 @@ impl Testbed {
     /// Like `new`, with `attach` as the options of `lb attach` (sizes, flood threshold…)
     /// instead of `new`'s sizes.
     pub fn with_attach(n: usize, mode: &str, lb_bin: &Path, attach: &[&str]) -> Result<Testbed> {
+        let tb = Testbed::unattached(n, lb_bin)?;
+        let mut args = vec!["attach".to_string()];
+        args.extend(tb.interfaces());
+        args.extend(["--mode".into(), mode.into()]);
+        // A fixed hash seed unless the caller gives one: every run of a test or the demo
+        // hashes alike, so fixed-port flows land on the same backends each time.
+        if !attach.contains(&"--hash-seed") {
+            args.extend(["--hash-seed".into(), TEST_HASH_SEED.into()]);
+        }
+        args.extend(attach.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tb.lb(&args)?;
+        Ok(tb)
+    }
+
+    /// The gateway's interfaces: g0 to the client, g1…gN to the backends.
+    pub fn interfaces(&self) -> Vec<String> {
+        (0..=self.backends.len()).map(|i| format!("g{i}")).collect()
+    }
+
+    /// The network with `n` backends and their servers, lb not attached (for a test whose
+    /// agent attaches it).
+    pub fn unattached(n: usize, lb_bin: &Path) -> Result<Testbed> {
         assert!((1..=200).contains(&n));
         let mut tb = Testbed::empty(lb_bin)?;
         let prefix = tb.prefix.clone();
@@ -133,17 +157,6 @@ impl Testbed {
             });
         }
         tb.servers = Some(Servers::start(&tb.backends)?);
-        let mut args = vec!["attach".to_string()];
-        args.extend((0..=n).map(|i| format!("g{i}")));
-        args.extend(["--mode".into(), mode.into()]);
-        // A fixed hash seed unless the caller gives one: every run of a test or the demo
-        // hashes alike, so fixed-port flows land on the same backends each time.
-        if !attach.contains(&"--hash-seed") {
-            args.extend(["--hash-seed".into(), TEST_HASH_SEED.into()]);
-        }
-        args.extend(attach.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        tb.lb(&args)?;
         Ok(tb)
     }
 
@@ -204,6 +217,43 @@ impl Testbed {
             .context("starting lb")
     }
 
+    /// Makes the pin directory for the service user `uid`, as the package does at install
+    /// (tmpfiles: 0700, the user's).
+    pub fn make_pin_dir_for(&self, uid: u32, gid: u32) -> Result<()> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.pin_dir)?;
+        std::os::unix::fs::chown(&self.pin_dir, Some(uid), Some(gid))?;
+        Ok(())
+    }
+
+    /// Starts the real `lb` binary in the gateway's namespace as `service` runs it (the unit's
+    /// user, capabilities `caps`, umask; traced), its stderr going to `log`.
+    pub fn spawn_lb_as(
+        &self,
+        service: &service::ServiceRun,
+        caps: &str,
+        args: &[&str],
+        log: &Path,
+    ) -> Result<std::process::Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        use std::os::unix::process::CommandExt;
+        service
+            .command(&self.gateway.name, caps, &self.lb_bin, args)?
+            .env("LB_PIN_DIR", &self.pin_dir)
+            // Its own process group: strace and lb go together (`service::kill_group`).
+            .process_group(0)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting lb as the service user")
+    }
+
     /// The `lb` binary as a command in the gateway's namespace with this test bed's pin
     /// directory, for a test to set its input and output and run or spawn.
     pub fn lb_command(&self, args: &[&str]) -> Command {
@@ -258,6 +308,12 @@ impl Testbed {
                 .ok_or_else(|| anyhow::anyhow!("bad HTTP response"))?;
             if !head.starts_with("HTTP/1.1 200") {
                 bail!("GET {path}: {}", head.lines().next().unwrap_or(""));
+            }
+            let chunked = head
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+            if chunked {
+                return dechunk(body);
             }
             Ok(body.to_string())
         })?
@@ -525,6 +581,27 @@ pub fn grew(
 ) -> u64 {
     let b = before.get(name).copied().unwrap_or(0);
     after.get(name).copied().unwrap_or(0).saturating_sub(b)
+}
+
+/// The body of a chunked HTTP/1.1 response (a streamed /metrics page); an error if it was
+/// cut before its last chunk.
+fn dechunk(mut rest: &str) -> Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .context("a chunk without its size line")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("chunk size {size:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = after.get(..size).context("a chunk cut short")?;
+        out.push_str(chunk);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .context("a chunk without its CRLF")?;
+    }
 }
 
 /// Polls `f` every 50 ms until it is true or `limit` passes (then panics naming `what`);

@@ -1,0 +1,119 @@
+//! Who owns the pin directory and its pins.
+//!
+//! On a gateway the directory belongs to the service user (the package makes it at install,
+//! 0700, owned by `lb`) and so must every pin in it: the kernel makes pins 0600, owned by
+//! whoever pinned. A pin that root makes — `lb attach` or `lb upgrade` from a root shell — is
+//! therefore handed to the directory's owner before the lock is given up, or the agent could
+//! not open it. Errors for a directory lb may not use say whose it is and what to do.
+
+use std::{
+    ffi::CString,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, Context, Result};
+
+/// Gives every entry of `dir` that its owner does not own to that owner, when this process is
+/// root and the directory is not root's (a service user's). Returns what it changed.
+pub fn hand_over(dir: &Path) -> Result<Vec<PathBuf>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(Vec::new());
+    }
+    let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.uid() == 0 {
+        return Ok(Vec::new());
+    }
+    let mut changed = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let m = entry.metadata()?;
+        if m.uid() != meta.uid() || m.gid() != meta.gid() {
+            let path = entry.path();
+            std::os::unix::fs::lchown(&path, Some(meta.uid()), Some(meta.gid()))
+                .with_context(|| format!("giving {} to its directory's owner", path.display()))?;
+            changed.push(path);
+        }
+    }
+    Ok(changed)
+}
+
+/// "user lb (uid 105)", or "uid 105" for a user without a name.
+fn describe_user(uid: u32) -> String {
+    match user_name(uid) {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: all-zero is a valid passwd; getpwuid_r writes into it and `buf` only.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the pointers are valid for the lengths given.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The error for a pin directory this process may not open (`EACCES`).
+pub fn denied(path: &Path) -> anyhow::Error {
+    let owner = fs::metadata(path)
+        .map(|m| {
+            format!(
+                "it belongs to {}, mode {:04o}",
+                describe_user(m.uid()),
+                m.mode() & 0o7777
+            )
+        })
+        .unwrap_or_else(|_| "it belongs to another user".into());
+    anyhow!(
+        "permission denied on the pin directory {} ({owner}): run lb as that user or as root",
+        path.display()
+    )
+}
+
+/// The error for a pin directory this process may not create (`EACCES` on its parent).
+pub fn cannot_create(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "cannot create the pin directory {}: permission denied in its parent. The package makes it at boot and install for the service user (systemd-tmpfiles --create lb.conf); by hand, as root: install -d -m 0700 -o lb -g lb {}",
+        path.display(),
+        path.display()
+    )
+}
+
+/// Mounts bpffs at /sys/fs/bpf, naming the capability it needs if this process lacks it.
+pub fn mount_bpffs() -> Result<()> {
+    if !crate::privileges::missing(&[caps::Capability::CAP_SYS_ADMIN]).is_empty() {
+        anyhow::bail!(
+            "no BPF filesystem is mounted at /sys/fs/bpf, and mounting one needs CAP_SYS_ADMIN, which lb does not have: mount it at boot (systemd does; or the fstab line `bpf /sys/fs/bpf bpf mode=0700 0 0`), or run lb once as root"
+        );
+    }
+    let src = CString::new("bpf").expect("no NUL");
+    let dst = CString::new("/sys/fs/bpf").expect("no NUL");
+    // SAFETY: valid C strings; mounting bpffs has no other preconditions.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!(
+            "no BPF filesystem at /sys/fs/bpf and mounting one failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    eprintln!("lb: mounted a BPF filesystem at /sys/fs/bpf");
+    Ok(())
+}
