@@ -1,6 +1,7 @@
 //! `cargo xtask package`: the Debian package, built with dpkg-deb from a staged tree; `--check`
-//! installs it on this machine, checks what a new user would (`lb --version`, `man -w lb`,
-//! the completions, the unit, `systemd-analyze security`), and purges it.
+//! installs it on this machine and on a fresh Debian (debootstrap), checks what a new user
+//! would (`lb --version`, `man -w lb`, the completions, the service user and its files, the
+//! unit's exposure from `systemd-analyze security`), and purges it.
 
 use std::{
     path::{Path, PathBuf},
@@ -170,45 +171,145 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     Ok(deb)
 }
 
-/// Installs `deb`, checks it as a new user would, and purges it (also when a check fails).
+/// Where the package is checked: this machine, or a fresh Debian made with debootstrap.
+struct Machine {
+    root: PathBuf,
+}
+
+impl Machine {
+    fn host() -> Machine {
+        Machine { root: "/".into() }
+    }
+
+    fn is_host(&self) -> bool {
+        self.root == Path::new("/")
+    }
+
+    /// `rel` (no leading slash) on this machine.
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// A command on this machine (in its chroot); its trimmed stdout.
+    fn output(&self, program: &str, args: &[&str]) -> Result<String> {
+        if self.is_host() {
+            return output(program, args);
+        }
+        let root = self.root.to_str().context("path")?;
+        let mut all = vec![root, program];
+        all.extend(args);
+        output("chroot", &all)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<()> {
+        if self.is_host() {
+            return cmd(program, args);
+        }
+        let root = self.root.to_str().context("path")?;
+        let mut all = vec![root, program];
+        all.extend(args);
+        cmd("chroot", &all)
+    }
+}
+
+/// Installs `deb`, checks it as a new user would, and purges it (also when a check fails):
+/// on this machine, then on a fresh Debian (`debootstrap --variant=minbase`, in a chroot),
+/// which has nothing but what the package and its dependencies bring.
 pub fn check(deb: &Path) -> Result<()> {
-    if Path::new("/usr/sbin/lb").exists() || installed()? {
+    if Path::new("/usr/sbin/lb").exists() || installed(&Machine::host())? {
         bail!("lb is installed on this machine already: the check installs and purges its own");
     }
     if Path::new("/sys/fs/bpf/lb").exists() {
         bail!("/sys/fs/bpf/lb exists (a data plane pinned there?): the check makes its own");
     }
-    cmd("dpkg", &["-i", deb.to_str().context("path")?])?;
-    let r = check_installed();
-    let purged = cmd("dpkg", &["--purge", "lb"]);
+    let host = Machine::host();
+    host.run("dpkg", &["-i", deb.to_str().context("path")?])?;
+    check_and_purge(&host)?;
+    println!("package check: installed, checked and purged on this machine");
+
+    let fresh = deb.with_file_name("fresh-debian");
+    if fresh.exists() {
+        std::fs::remove_dir_all(&fresh)?;
+    }
+    let r = check_fresh(deb, &fresh);
+    let removed = std::fs::remove_dir_all(&fresh);
+    r?;
+    removed.context("removing the fresh Debian")?;
+    println!("package check: installed, checked and purged on a fresh Debian");
+    Ok(())
+}
+
+/// The fresh machine: Debian of this machine's release, minimal; the package installed with
+/// apt (which brings its dependencies, as on a gateway), with man-db and bash-completion,
+/// which a fresh minimal system lacks and a user's has.
+fn check_fresh(deb: &Path, root: &Path) -> Result<()> {
+    let release = std::fs::read_to_string("/etc/os-release")?
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
+        .context("no VERSION_CODENAME in /etc/os-release")?;
+    let dir = root.to_str().context("path")?;
+    eprintln!("+ debootstrap --variant=minbase {release} {dir} (quiet unless it fails)");
+    output(
+        "debootstrap",
+        &[
+            "--variant=minbase",
+            &release,
+            dir,
+            "http://deb.debian.org/debian",
+        ],
+    )?;
+    let m = Machine {
+        root: root.to_path_buf(),
+    };
+    std::fs::copy(deb, m.path("tmp/lb.deb"))?;
+    m.run("apt-get", &["update", "-q"])?;
+    m.run(
+        "apt-get",
+        &[
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "/tmp/lb.deb",
+            "man-db",
+            "bash-completion",
+        ],
+    )?;
+    check_and_purge(&m)
+}
+
+/// Checks the installed package on `m`, purges it, and checks that nothing is left.
+fn check_and_purge(m: &Machine) -> Result<()> {
+    let r = check_installed(m);
+    let purged = m.run("dpkg", &["--purge", "lb"]);
     r?;
     purged?;
     for rel in [BIN, UNIT, CONFIG, TMPFILES, DOC, "run/lb", "sys/fs/bpf/lb"] {
         ensure!(
-            !Path::new("/").join(rel).exists(),
-            "/{rel} is still there after the purge"
+            !m.path(rel).exists(),
+            "{} is still there after the purge",
+            m.path(rel).display()
         );
     }
-    ensure!(!installed()?, "dpkg still lists lb after the purge");
-    println!("package check: installed, checked and purged");
+    ensure!(!installed(m)?, "dpkg still lists lb after the purge");
     Ok(())
 }
 
-fn check_installed() -> Result<()> {
-    let v = output("lb", &["--version"])?;
+fn check_installed(m: &Machine) -> Result<()> {
+    let v = m.output("lb", &["--version"])?;
     ensure!(
         v == format!("lb {}", env!("CARGO_PKG_VERSION")),
         "lb --version said {v:?}"
     );
-    let page = output("man", &["-w", "lb"])?;
+    let page = m.output("man", &["-w", "lb"])?;
     ensure!(page.ends_with("lb.1.gz"), "man -w lb said {page:?}");
-    let sub = output("man", &["-w", "lb-vip-add"])?;
+    let sub = m.output("man", &["-w", "lb-vip-add"])?;
     ensure!(
         sub.ends_with("lb-vip-add.1.gz"),
         "man -w lb-vip-add said {sub:?}"
     );
     for (shell, rel) in COMPLETIONS {
-        let text = std::fs::read_to_string(Path::new("/").join(rel))
+        let text = std::fs::read_to_string(m.path(rel))
             .with_context(|| format!("the {shell} completions"))?;
         ensure!(
             text.contains("attach"),
@@ -216,7 +317,7 @@ fn check_installed() -> Result<()> {
         );
     }
     // bash completes a subcommand from the installed script.
-    let words = output(
+    let words = m.output(
         "bash",
         &[
             "-c",
@@ -228,15 +329,18 @@ fn check_installed() -> Result<()> {
         words.split_whitespace().any(|w| w == "vip"),
         "bash completed {words:?}"
     );
-    let conffiles = output("dpkg-query", &["-W", "-f=${Conffiles}", "lb"])?;
+    let conffiles = m.output("dpkg-query", &["-W", "-f=${Conffiles}", "lb"])?;
     ensure!(
         conffiles.contains("/etc/lb/lb.toml"),
         "conffiles: {conffiles:?}"
     );
-    service_user()?;
+    service_user(m)?;
+    // (systemd-analyze of this machine reads the unit file: a fresh minimal Debian has no
+    // systemd of its own.)
+    let unit = m.path(UNIT);
     let exposure = output(
         "systemd-analyze",
-        &["security", "--offline=true", &format!("/{UNIT}")],
+        &["security", "--offline=true", unit.to_str().context("path")?],
     )?;
     let level = exposure_level(&exposure)?;
     ensure!(
@@ -250,10 +354,13 @@ fn check_installed() -> Result<()> {
 }
 
 /// The service user and what belongs to it: the user, the configuration it may read, its
-/// runtime directory and (where bpffs is mounted) its pin directory.
-fn service_user() -> Result<()> {
+/// runtime directory (where systemd-tmpfiles is) and, on this machine where bpffs is mounted,
+/// its pin directory.
+fn service_user(machine: &Machine) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let entry = output("getent", &["passwd", "lb"]).context("the service user lb")?;
+    let entry = machine
+        .output("getent", &["passwd", "lb"])
+        .context("the service user lb")?;
     let fields: Vec<&str> = entry.split(':').collect();
     let uid: u32 = fields.get(2).context("uid")?.parse()?;
     let gid: u32 = fields.get(3).context("gid")?.parse()?;
@@ -264,11 +371,14 @@ fn service_user() -> Result<()> {
             .is_some_and(|sh| sh.ends_with("nologin") || sh.ends_with("false")),
         "lb has a login shell: {entry}"
     );
-    let owned = |path: &str, mode: u32, owner: (u32, u32)| -> Result<()> {
-        let m = std::fs::metadata(path).with_context(|| format!("{path} after install"))?;
+    let owned = |rel: &str, mode: u32, owner: (u32, u32)| -> Result<()> {
+        let path = machine.path(rel);
+        let m = std::fs::metadata(&path)
+            .with_context(|| format!("{} after install", path.display()))?;
         ensure!(
             (m.mode() & 0o7777, m.uid(), m.gid()) == (mode, owner.0, owner.1),
-            "{path}: mode {:o}, owner {}:{} (expected {mode:o}, {}:{})",
+            "{}: mode {:o}, owner {}:{} (expected {mode:o}, {}:{})",
+            path.display(),
             m.mode() & 0o7777,
             m.uid(),
             m.gid(),
@@ -277,10 +387,12 @@ fn service_user() -> Result<()> {
         );
         Ok(())
     };
-    owned("/etc/lb/lb.toml", 0o640, (0, gid))?;
-    owned("/run/lb", 0o755, (uid, gid))?;
-    if is_bpffs("/sys/fs/bpf") {
-        owned("/sys/fs/bpf/lb", 0o700, (uid, gid))?;
+    owned("etc/lb/lb.toml", 0o640, (0, gid))?;
+    if machine.path("usr/bin/systemd-tmpfiles").exists() {
+        owned("run/lb", 0o755, (uid, gid))?;
+    }
+    if machine.is_host() && is_bpffs("/sys/fs/bpf") {
+        owned("sys/fs/bpf/lb", 0o700, (uid, gid))?;
         // The service user opens its pin directory: lb says nothing is loaded there (not
         // "permission denied").
         let out = Command::new("setpriv")
@@ -323,12 +435,10 @@ fn exposure_level(report: &str) -> Result<f64> {
         .with_context(|| format!("reading the exposure in {line:?}"))
 }
 
-fn installed() -> Result<bool> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", "lb"])
-        .output()
-        .context("running dpkg-query")?;
-    Ok(String::from_utf8_lossy(&out.stdout).contains("installed"))
+fn installed(m: &Machine) -> Result<bool> {
+    // (dpkg-query fails for a package it never saw: not installed.)
+    Ok(m.output("dpkg-query", &["-W", "-f=${Status}", "lb"])
+        .is_ok_and(|status| status.contains("ok installed")))
 }
 
 /// A command's stdout, trimmed; an error if it fails.

@@ -30,9 +30,11 @@ const PACKAGES: &[&str] = &[
     // crosses its router and plays an ACL on its backends.
     "bird2",
     "nftables",
-    // The package check: man pages, and the unit's exposure (systemd-analyze).
+    // The package check: man pages, the unit's exposure (systemd-analyze), and a fresh
+    // Debian to install it on.
     "man-db",
     "systemd",
+    "debootstrap",
     // The service test: the agent as its unit runs it (setpriv is util-linux's, on every
     // Debian), its system calls traced, its /metrics checked by promtool.
     "strace",
