@@ -263,12 +263,13 @@ impl PinDir {
     }
 
     fn release(&mut self) {
-        if self.exclusive && self.lock.is_some() && self.path.exists() {
-            if let Err(e) = ownership::hand_over(&self.path) {
-                eprintln!("lb: warning: {e:#}");
+        if let Some(locked) = self.lock.take() {
+            if self.exclusive && self.path.exists() {
+                if let Err(e) = ownership::hand_over(&locked, &self.path) {
+                    eprintln!("lb: warning: {e:#}");
+                }
             }
         }
-        self.lock = None;
     }
 
     pub fn path(&self) -> &Path {

@@ -6,36 +6,70 @@
 //! therefore handed to the directory's owner before the lock is given up, or the agent could
 //! not open it. Errors for a directory lb may not use say whose it is and what to do.
 
-use std::{
-    ffi::CString,
-    fs,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{ffi::CString, fs, os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{anyhow, Context, Result};
 
-/// Gives every entry of `dir` that its owner does not own to that owner, when this process is
-/// root and the directory is not root's (a service user's). Returns what it changed.
-pub fn hand_over(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Gives every pin in the locked directory `locked` (opened from `path`) that the directory's
+/// owner does not own to that owner, when this process is root and the directory is not root's
+/// (a service user's). Returns the names it changed.
+///
+/// Everything is done relative to the locked directory's descriptor, never following a
+/// symbolic link, and only to regular files (pins): the directory's owner cannot have root
+/// give away anything outside it by swapping the path or planting links.
+pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
+    use std::os::fd::AsRawFd;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(Vec::new());
     }
-    let meta = fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let meta = locked
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
     if meta.uid() == 0 {
         return Ok(Vec::new());
     }
     let mut changed = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry?;
-        let m = entry.metadata()?;
-        if m.uid() != meta.uid() || m.gid() != meta.gid() {
-            let path = entry.path();
-            std::os::unix::fs::lchown(&path, Some(meta.uid()), Some(meta.gid()))
-                .with_context(|| format!("giving {} to its directory's owner", path.display()))?;
-            changed.push(path);
+    for entry in fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+        let name = entry?.file_name();
+        let c = CString::new(name.as_encoded_bytes()).context("a name with NUL")?;
+        // SAFETY: all-zero is a valid stat; fstatat writes into it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd, C string and out pointer.
+        let rc = unsafe {
+            libc::fstatat(
+                locked.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        // (Gone meanwhile, or not in the locked directory: nothing to hand over.)
+        if rc != 0
+            || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || (st.st_uid, st.st_gid) == (meta.uid(), meta.gid())
+        {
+            continue;
         }
+        // SAFETY: as above.
+        let rc = unsafe {
+            libc::fchownat(
+                locked.as_raw_fd(),
+                c.as_ptr(),
+                meta.uid(),
+                meta.gid(),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        let name = name.to_string_lossy().into_owned();
+        if rc != 0 {
+            anyhow::bail!(
+                "giving {}/{name} to its directory's owner: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        changed.push(name);
     }
     Ok(changed)
 }
@@ -116,4 +150,45 @@ pub fn mount_bpffs() -> Result<()> {
     }
     eprintln!("lb: mounted a BPF filesystem at /sys/fs/bpf");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As root: a pin root made goes to the directory's owner; a link planted there, what it
+    /// points to and a subdirectory stay as they are.
+    #[test]
+    fn root_hands_over_pins_and_nothing_else() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "run the tests as root");
+        let base = std::env::temp_dir().join(format!("lb-handover-{}", std::process::id()));
+        let dir = base.join("pins");
+        fs::create_dir_all(&dir).unwrap();
+        let outside = base.join("outside");
+        fs::write(&outside, "root's").unwrap();
+        fs::write(dir.join("pin"), "").unwrap();
+        fs::create_dir(dir.join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        let (uid, gid) = (64_360, 64_361);
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        let locked = fs::File::open(&dir).unwrap();
+        let changed = hand_over(&locked, &dir).unwrap();
+        let owner = |p: &Path| {
+            let m = fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        let result = (
+            changed,
+            owner(&dir.join("pin")),
+            owner(&dir.join("sub")),
+            owner(&dir.join("link")),
+            owner(&outside),
+        );
+        fs::remove_dir_all(&base).unwrap();
+        assert_eq!(
+            result,
+            (vec!["pin".to_string()], (uid, gid), (0, 0), (0, 0), (0, 0))
+        );
+    }
 }
