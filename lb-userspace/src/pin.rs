@@ -20,7 +20,7 @@ use std::{
     fs::{self, File},
     os::{
         fd::AsRawFd,
-        unix::fs::{DirBuilderExt, MetadataExt},
+        unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt},
     },
     path::{Path, PathBuf},
 };
@@ -222,21 +222,42 @@ impl PinDir {
         // Lock the directory. If it was removed (`lb detach --purge`) or replaced while we
         // waited, lock the one that is there now, so commands stay serialized.
         for _ in 0..100 {
-            if !path.exists() {
-                let made = fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(path);
-                match made {
-                    Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                        return Err(ownership::cannot_create(path))
+            match fs::symlink_metadata(path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let made = fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(path);
+                    match made {
+                        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                            return Err(ownership::cannot_create(path))
+                        }
+                        r => {
+                            r.with_context(|| format!("creating pin directory {}", path.display()))?
+                        }
                     }
-                    r => r.with_context(|| format!("creating pin directory {}", path.display()))?,
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(ownership::unreachable(path))
+                }
+                Err(e) => return Err(anyhow!(e).context(format!("reading {}", path.display()))),
             }
-            let lock = match File::open(path) {
+            // Never through a symbolic link: the lock and the hand-over (`ownership`) work on
+            // this very directory.
+            let opened = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                .open(path);
+            let lock = match opened {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     return Err(ownership::denied(path))
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    bail!(
+                        "the pin directory {} is a symbolic link: refused",
+                        path.display()
+                    )
                 }
                 r => r.with_context(|| format!("opening {}", path.display()))?,
             };
@@ -952,7 +973,11 @@ impl PinDir {
         if owner != unsafe { libc::geteuid() } {
             return Ok(());
         }
-        fs::remove_dir(&self.path).with_context(|| format!("removing {}", self.path.display()))
+        match fs::remove_dir(&self.path) {
+            // The service user in a parent only root may write (made at install): it stays.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(()),
+            r => r.with_context(|| format!("removing {}", self.path.display())),
+        }
     }
 }
 

@@ -66,6 +66,33 @@ impl Drop for Dir {
     }
 }
 
+/// A bpffs of the test's own, mounted as systemd mounts /sys/fs/bpf (root's, 0700); unmounted
+/// and removed however the test ends (declared before the test bed, it goes after it).
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount() -> Bpffs {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("lb-service-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "-o", "mode=0700", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mounting a bpffs at {}", dir.display());
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
@@ -118,7 +145,9 @@ fn the_unit_grants_what_lb_needs_and_no_more() {
 
 #[test]
 fn the_agent_runs_as_the_unit_says() {
-    let tb = Testbed::unattached(2, lb_bin()).expect("building the testbed");
+    let bpffs = Bpffs::mount();
+    let mut tb = Testbed::unattached(2, lb_bin()).expect("building the testbed");
+    tb.set_pin_dir(&bpffs.0.join("lb"));
     tb.make_pin_dir_for(SERVICE_UID, SERVICE_UID).unwrap();
     let dir = Dir(std::env::temp_dir().join(format!("{}-service", tb.prefix)));
     let svc = ServiceRun::new(
@@ -137,6 +166,24 @@ fn the_agent_runs_as_the_unit_says() {
         .collect();
     let attach: Vec<&str> = attach.iter().map(String::as_str).collect();
     let agent_log = dir.0.join("agent.log");
+    let as_service = |caps: &str, args: &[&str]| {
+        std::fs::write(&agent_log, "").unwrap();
+        let status = tb
+            .spawn_lb_as(&svc, caps, args, &agent_log)
+            .unwrap()
+            .wait()
+            .unwrap();
+        (status.success(), log(&dir.0))
+    };
+
+    // The bpffs as systemd mounts it (0700): the service user cannot reach its directory, and
+    // is told why; then 0711, as the package's tmpfiles.d makes it.
+    let (ok, said) = as_service(&caps, &["vip", "list"]);
+    assert!(
+        !ok && said.contains("cannot reach the pin directory") && said.contains("0711"),
+        "{said}"
+    );
+    std::fs::set_permissions(&bpffs.0, std::fs::Permissions::from_mode(0o711)).unwrap();
 
     // Without CAP_PERFMON: one error naming it, nothing pinned.
     let fewer: String = caps
@@ -144,18 +191,8 @@ fn the_agent_runs_as_the_unit_says() {
         .filter(|c| *c != "+perfmon")
         .collect::<Vec<_>>()
         .join(",");
-    let out = tb
-        .spawn_lb_as(
-            &svc,
-            &fewer,
-            &[&["attach"][..], &["g0"]].concat(),
-            &agent_log,
-        )
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
-    assert!(!out.status.success());
-    let said = log(&dir.0);
+    let (ok, said) = as_service(&fewer, &["attach", "g0"]);
+    assert!(!ok);
     assert!(
         said.contains("needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON (missing: CAP_PERFMON)"),
         "{said}"
@@ -166,6 +203,27 @@ fn the_agent_runs_as_the_unit_says() {
         0,
         "a refused attach pinned something"
     );
+
+    // Loading takes the capabilities; attaching a loaded program, detaching and reading take
+    // none (only the pins' file permissions).
+    let seeded = [
+        "attach",
+        "g0",
+        "--mode",
+        "native",
+        "--hash-seed",
+        "0x1a2b3c4d",
+    ];
+    let (ok, said) = as_service(&caps, &seeded);
+    assert!(ok, "{said}");
+    for args in [
+        &["detach", "g0"][..],
+        &["attach", "g0", "--mode", "native"],
+        &["vip", "list"],
+    ] {
+        let (ok, said) = as_service("", args);
+        assert!(ok, "{args:?} without capabilities: {said}");
+    }
     std::fs::write(&agent_log, "").unwrap();
 
     // BIRD as on a gateway: root, its control socket for group `bird`.

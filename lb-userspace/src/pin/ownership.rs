@@ -10,13 +10,16 @@ use std::{ffi::CString, fs, os::unix::fs::MetadataExt, path::Path};
 
 use anyhow::{anyhow, Context, Result};
 
-/// Gives every pin in the locked directory `locked` (opened from `path`) that the directory's
-/// owner does not own to that owner, when this process is root and the directory is not root's
-/// (a service user's). Returns the names it changed.
+/// Gives every pin in the locked directory `locked` (opened from `path`, not through a link)
+/// that the directory's owner does not own to that owner, when this process is root and the
+/// directory is not root's (a service user's). Returns the names it changed.
 ///
-/// Everything is done relative to the locked directory's descriptor, never following a
-/// symbolic link, and only to regular files (pins): the directory's owner cannot have root
-/// give away anything outside it by swapping the path or planting links.
+/// The directory's owner is not trusted with more than its directory:
+/// - only a directory on bpffs whose parent only root may write is handed to (on a bpffs
+///   anyone may write, anyone could have made `lb` first and be given the data plane);
+/// - names are resolved relative to the locked descriptor, links are never followed, and only
+///   regular files with one link are changed (a hard link to another pin on the same bpffs
+///   would give that pin away too).
 pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
     use std::os::fd::AsRawFd;
     // SAFETY: geteuid has no preconditions.
@@ -29,7 +32,28 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
     if meta.uid() == 0 {
         return Ok(Vec::new());
     }
+    // SAFETY: all-zero is a valid statfs; fstatfs writes into it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out pointer.
+    if unsafe { libc::fstatfs(locked.as_raw_fd(), &mut st) } != 0
+        || st.f_type as i64 != super::BPF_FS_MAGIC
+    {
+        anyhow::bail!("{} is not on a BPF filesystem", path.display());
+    }
+    let parent = path.parent().context("the pin directory's parent")?;
+    let p = fs::metadata(parent).with_context(|| format!("reading {}", parent.display()))?;
+    if p.uid() != 0 || p.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "pins made here stay root's: {} belongs to {}, but its parent {} is writable by others (mode {:04o}), so anyone could have made it — chmod 0711 {} (the package's tmpfiles.d does), or run lb as that user",
+            path.display(),
+            describe_user(meta.uid()),
+            parent.display(),
+            p.mode() & 0o7777,
+            parent.display()
+        );
+    }
     let mut changed = Vec::new();
+    let mut failed = Vec::new();
     for entry in fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
         let name = entry?.file_name();
         let c = CString::new(name.as_encoded_bytes()).context("a name with NUL")?;
@@ -47,6 +71,7 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
         // (Gone meanwhile, or not in the locked directory: nothing to hand over.)
         if rc != 0
             || st.st_mode & libc::S_IFMT != libc::S_IFREG
+            || st.st_nlink != 1
             || (st.st_uid, st.st_gid) == (meta.uid(), meta.gid())
         {
             continue;
@@ -63,13 +88,17 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
         };
         let name = name.to_string_lossy().into_owned();
         if rc != 0 {
-            anyhow::bail!(
-                "giving {}/{name} to its directory's owner: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            );
+            failed.push(format!("{name}: {}", std::io::Error::last_os_error()));
+        } else {
+            changed.push(name);
         }
-        changed.push(name);
+    }
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "could not give these pins in {} to its owner: {}",
+            path.display(),
+            failed.join("; ")
+        );
     }
     Ok(changed)
 }
@@ -114,6 +143,14 @@ pub fn denied(path: &Path) -> anyhow::Error {
     )
 }
 
+/// The error for a pin directory behind a parent this process may not search.
+pub fn unreachable(path: &Path) -> anyhow::Error {
+    anyhow!(
+        "cannot reach the pin directory {}: permission denied in a parent. Every parent must be searchable by lb's user: systemd mounts /sys/fs/bpf 0700, and the package's /usr/lib/tmpfiles.d/lb.conf makes it 0711 at boot and install (systemd-tmpfiles --create lb.conf; by hand: chmod 0711 /sys/fs/bpf)",
+        path.display()
+    )
+}
+
 /// The error for a pin directory this process may not create (`EACCES` on its parent).
 pub fn cannot_create(path: &Path) -> anyhow::Error {
     anyhow!(
@@ -127,11 +164,13 @@ pub fn cannot_create(path: &Path) -> anyhow::Error {
 pub fn mount_bpffs() -> Result<()> {
     if !crate::privileges::missing(&[caps::Capability::CAP_SYS_ADMIN]).is_empty() {
         anyhow::bail!(
-            "no BPF filesystem is mounted at /sys/fs/bpf, and mounting one needs CAP_SYS_ADMIN, which lb does not have: mount it at boot (systemd does; or the fstab line `bpf /sys/fs/bpf bpf mode=0700 0 0`), or run lb once as root"
+            "no BPF filesystem is mounted at /sys/fs/bpf, and mounting one needs CAP_SYS_ADMIN, which lb does not have: mount it at boot (systemd does; or the fstab line `bpf /sys/fs/bpf bpf mode=0711 0 0`), or run lb once as root"
         );
     }
     let src = CString::new("bpf").expect("no NUL");
     let dst = CString::new("/sys/fs/bpf").expect("no NUL");
+    // Root's, searchable by a service user, writable by nobody else (bpffs's default is 1777).
+    let options = CString::new("mode=0711").expect("no NUL");
     // SAFETY: valid C strings; mounting bpffs has no other preconditions.
     let rc = unsafe {
         libc::mount(
@@ -139,7 +178,7 @@ pub fn mount_bpffs() -> Result<()> {
             dst.as_ptr(),
             src.as_ptr(),
             0,
-            std::ptr::null(),
+            options.as_ptr().cast(),
         )
     };
     if rc != 0 {
@@ -155,19 +194,67 @@ pub fn mount_bpffs() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
-    /// As root: a pin root made goes to the directory's owner; a link planted there, what it
-    /// points to and a subdirectory stay as they are.
+    /// A bpffs instance of the test's own, unmounted and removed however the test ends.
+    struct Scratch(std::path::PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.0.join("fs"))
+                .status();
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sh(args: &[&str]) {
+        let ok = Command::new(args[0]).args(&args[1..]).status().unwrap();
+        assert!(ok.success(), "{args:?}");
+    }
+
+    /// As root, on a bpffs whose root only root may write: a pin root made goes to the
+    /// directory's owner; a symbolic link planted there and what it points to, a hard link to
+    /// a pin elsewhere, and a subdirectory stay as they are. On a bpffs anyone may write,
+    /// nothing is handed over.
     #[test]
     fn root_hands_over_pins_and_nothing_else() {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "run the tests as root");
-        let base = std::env::temp_dir().join(format!("lb-handover-{}", std::process::id()));
-        let dir = base.join("pins");
-        fs::create_dir_all(&dir).unwrap();
-        let outside = base.join("outside");
+        let base =
+            Scratch(std::env::temp_dir().join(format!("lb-handover-{}", std::process::id())));
+        let bpffs = base.0.join("fs");
+        fs::create_dir_all(&bpffs).unwrap();
+        let at = |p: &Path| p.to_str().unwrap().to_string();
+        sh(&["mount", "-t", "bpf", "-o", "mode=0711", "bpf", &at(&bpffs)]);
+        let dir = bpffs.join("pins");
+        let other = bpffs.join("other");
+        fs::create_dir(&dir).unwrap();
+        fs::create_dir(&other).unwrap();
+        let outside = base.0.join("outside");
         fs::write(&outside, "root's").unwrap();
-        fs::write(dir.join("pin"), "").unwrap();
+        let map = |p: &Path| {
+            sh(&[
+                "bpftool",
+                "map",
+                "create",
+                &at(p),
+                "type",
+                "array",
+                "key",
+                "4",
+                "value",
+                "4",
+                "entries",
+                "1",
+                "name",
+                "lb_handover",
+            ])
+        };
+        map(&dir.join("pin"));
+        map(&other.join("shared"));
+        fs::hard_link(other.join("shared"), dir.join("hard")).unwrap();
         fs::create_dir(dir.join("sub")).unwrap();
         std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
         let (uid, gid) = (64_360, 64_361);
@@ -178,17 +265,30 @@ mod tests {
             let m = fs::symlink_metadata(p).unwrap();
             (m.uid(), m.gid())
         };
-        let result = (
-            changed,
-            owner(&dir.join("pin")),
-            owner(&dir.join("sub")),
-            owner(&dir.join("link")),
-            owner(&outside),
-        );
-        fs::remove_dir_all(&base).unwrap();
         assert_eq!(
-            result,
-            (vec!["pin".to_string()], (uid, gid), (0, 0), (0, 0), (0, 0))
+            (
+                changed,
+                owner(&dir.join("pin")),
+                owner(&dir.join("hard")),
+                owner(&dir.join("sub")),
+                owner(&dir.join("link")),
+                owner(&outside),
+            ),
+            (
+                vec!["pin".to_string()],
+                (uid, gid),
+                (0, 0),
+                (0, 0),
+                (0, 0),
+                (0, 0)
+            )
         );
+
+        // A bpffs anyone may write: a directory there may be anyone's.
+        map(&dir.join("pin2"));
+        fs::set_permissions(&bpffs, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+        let e = hand_over(&locked, &dir).unwrap_err();
+        assert!(format!("{e}").contains("writable by others"), "{e}");
+        assert_eq!(owner(&dir.join("pin2")), (0, 0));
     }
 }

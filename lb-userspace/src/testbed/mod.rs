@@ -217,6 +217,12 @@ impl Testbed {
             .context("starting lb")
     }
 
+    /// Puts this test bed's pin directory at `dir` (on a bpffs of the test's own) before
+    /// anything is pinned.
+    pub fn set_pin_dir(&mut self, dir: &Path) {
+        self.pin_dir = dir.display().to_string();
+    }
+
     /// Makes the pin directory for the service user `uid`, as the package does at install
     /// (tmpfiles: 0700, the user's).
     pub fn make_pin_dir_for(&self, uid: u32, gid: u32) -> Result<()> {
