@@ -24,6 +24,8 @@ use std::{
     process::Command,
 };
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
 use anyhow::{bail, Context, Result};
 
 use crate::LbMaps;
@@ -37,6 +39,8 @@ pub struct Bird {
     pub socket: PathBuf,
     /// What was last written and loaded (None: nothing yet).
     announced: Option<BTreeSet<IpAddr>>,
+    /// Whose rights birdc runs with (root following a service user's record); None: ours.
+    run_as: Option<crate::identity::Identity>,
 }
 
 impl Bird {
@@ -45,6 +49,7 @@ impl Bird {
             include,
             socket,
             announced: None,
+            run_as: None,
         }
     }
 
@@ -72,6 +77,9 @@ impl Bird {
         }
         let mut cmd = Command::new("birdc");
         cmd.arg("-s").arg(&self.socket).arg("configure");
+        if let Some(id) = &self.run_as {
+            id.run_as(&mut cmd);
+        }
         let out =
             output_within(cmd, BIRDC_TIMEOUT).context("running birdc (is bird2 installed?)")?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -159,18 +167,22 @@ pub fn record_path(pin_dir: &Path) -> PathBuf {
     runtime_dir().join("announce").join(name)
 }
 
-/// lb's runtime directory: `$RUNTIME_DIRECTORY` (systemd sets it from the unit's
-/// `RuntimeDirectory=lb`), else /run/lb — the same place for the agent and for `lb detach`.
+/// lb's runtime directory: /run/lb (the unit's `RuntimeDirectory=lb`), or `$LB_RUNTIME_DIR` —
+/// the same place for the agent and for `lb detach` (test beds give each run its own).
 pub fn runtime_dir() -> PathBuf {
-    std::env::var_os("RUNTIME_DIRECTORY")
-        .and_then(|v| {
-            v.to_string_lossy()
-                .split(':')
-                .next()
-                .filter(|d| !d.is_empty())
-                .map(PathBuf::from)
-        })
+    std::env::var_os("LB_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run/lb"))
+}
+
+/// Removes the record for `pin_dir` (`lb detach --purge`), with its owner's rights.
+pub fn forget_record(pin_dir: &Path) {
+    let Ok(owner) = crate::identity::Identity::of_owner(&runtime_dir()) else {
+        return;
+    };
+    let _files = owner.as_ref().map(|id| id.files());
+    let _ = std::fs::remove_file(record_path(pin_dir));
 }
 
 /// Records `bird`'s settings for `pin_dir` (`record_path`).
@@ -181,7 +193,15 @@ pub fn record(pin_dir: &Path, bird: &Bird) -> Result<()> {
 
 /// Withdraws every VIP announced for `pin_dir` by an agent that recorded its BIRD settings
 /// (`record`). Ok(false): nothing recorded.
+///
+/// The record is the agent's: when root runs this and the runtime directory is another user's
+/// (the service user's), the record is read, the include file written and birdc run with that
+/// user's rights (`identity`), never root's.
 pub fn withdraw_recorded(pin_dir: &Path) -> Result<bool> {
+    let Ok(owner) = crate::identity::Identity::of_owner(&runtime_dir()) else {
+        return Ok(false); // no runtime directory: nothing recorded
+    };
+    let _files = owner.as_ref().map(|id| id.files());
     let Ok(text) = std::fs::read_to_string(record_path(pin_dir)) else {
         return Ok(false);
     };
@@ -192,7 +212,9 @@ pub fn withdraw_recorded(pin_dir: &Path) -> Result<bool> {
             record_path(pin_dir).display()
         );
     };
-    Bird::new(include.into(), socket.into()).announce(&BTreeSet::new())?;
+    let mut bird = Bird::new(include.into(), socket.into());
+    bird.run_as = owner.clone();
+    bird.announce(&BTreeSet::new())?;
     Ok(true)
 }
 
@@ -219,11 +241,23 @@ fn write_atomically(path: &Path, text: &str, mode: u32) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    // (Per process: the agent and `lb detach` may write the same file.)
+    // (Per process: the agent and `lb detach` may write the same file.) A new file, never
+    // through a link; a stale one of a process gone with this pid is removed first.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    // The mode whatever the umask (fchmod on the open file).
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
 }
 

@@ -10,6 +10,7 @@ pub mod decap;
 pub mod drain;
 pub mod error;
 pub mod health;
+pub mod identity;
 pub mod links;
 pub mod maglev;
 pub mod metrics;

@@ -328,6 +328,7 @@ impl PinDir {
                 self.path.display()
             );
         }
+        ownership::require_access(&self.path.join(names::VIPS))?;
         for name in CACHE_MAPS.into_iter().chain([names::TABLE]) {
             if !self.path.join(name).exists() {
                 bail!(
@@ -997,8 +998,11 @@ fn links_in(dir: &Path, prefix: &str) -> Result<Vec<Attachment>> {
         };
         // The link's interface, as the kernel has it: 0 once the interface was deleted
         // (also when one of that name was made since). A pin that cannot be read as a
-        // link counts as gone too, so that `lb detach` can remove it.
-        let gone = links::link_ifindex(&dir.join(&name)).unwrap_or(0) == 0;
+        // link counts as gone too, so that `lb detach` can remove it — but not one this
+        // user may not open: that is not gone, and must not be replaced.
+        let pin = dir.join(&name);
+        ownership::require_access(&pin)?;
+        let gone = links::link_ifindex(&pin).unwrap_or(0) == 0;
         out.push(Attachment { iface, mode, gone });
     }
     out.sort_by(|a, b| a.iface.cmp(&b.iface));

@@ -9,7 +9,7 @@
 //! - `CAP_PERFMON` for the verifier to accept lb_xdp's pointer arithmetic (without it, it
 //!   refuses: "pointer arithmetic with it prohibited for !root").
 //!
-//! `CAP_SYS_ADMIN` stands in for `CAP_BPF` and `CAP_PERFMON`, as in the kernel. Everything else
+//! `CAP_SYS_ADMIN` stands in for any of them, as in the kernel. Everything else
 //! lb does with its pins — reading and changing maps, detaching, listing — needs only the
 //! file permissions of the pin directory (0700, owned by the service user) and its pins (0600).
 
@@ -23,13 +23,11 @@ pub const FOR_LOADING: [Capability; 3] = [
     Capability::CAP_PERFMON,
 ];
 
-/// Whether this process may use `cap` (the kernel's rule: `CAP_SYS_ADMIN` includes `CAP_BPF`
-/// and `CAP_PERFMON`).
+/// Whether this process may use `cap` for BPF (the kernel's `bpf_token_capable`: any
+/// capability, or `CAP_SYS_ADMIN` in its place).
 fn effective(cap: Capability) -> bool {
     let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
-    has(cap)
-        || (matches!(cap, Capability::CAP_BPF | Capability::CAP_PERFMON)
-            && has(Capability::CAP_SYS_ADMIN))
+    has(cap) || has(Capability::CAP_SYS_ADMIN)
 }
 
 /// The capabilities of `needed` this process lacks.

@@ -18,10 +18,12 @@ use lb::testbed::{
     wait_for, Testbed, HTTP_PORT,
 };
 
-/// The uid and gid in the role of the package's `lb` (no name needed), and the group of
-/// BIRD's control socket (Debian's `bird`, which the package adds `lb` to).
+/// The uid (and gid) in the role of the package's `lb` (no name needed). BIRD's control
+/// socket is given to that group: on a gateway it is Debian's `bird`, which the package adds
+/// `lb` to, but an unnamed uid has no entry in the group database for root's `lb detach` to
+/// find its groups by.
 const SERVICE_UID: u32 = 64_350;
-const BIRD_GID: u32 = 64_351;
+const BIRD_GID: u32 = SERVICE_UID;
 const VIP: &str = "10.100.0.100";
 const METRICS: &str = "127.0.0.1:9100";
 /// The exposure `systemd-analyze security` may rate the unit at most.
@@ -150,14 +152,7 @@ fn the_agent_runs_as_the_unit_says() {
     tb.set_pin_dir(&bpffs.0.join("lb"));
     tb.make_pin_dir_for(SERVICE_UID, SERVICE_UID).unwrap();
     let dir = Dir(std::env::temp_dir().join(format!("{}-service", tb.prefix)));
-    let svc = ServiceRun::new(
-        Unit::shipped(),
-        SERVICE_UID,
-        SERVICE_UID,
-        vec![BIRD_GID],
-        &dir.0,
-    )
-    .unwrap();
+    let svc = ServiceRun::new(Unit::shipped(), SERVICE_UID, SERVICE_UID, vec![], &dir.0).unwrap();
     let caps = svc.unit.setpriv_caps().unwrap();
     let attach: Vec<String> = tb
         .interfaces()
@@ -384,4 +379,55 @@ fn the_agent_runs_as_the_unit_says() {
     let raw = std::fs::read_to_string(svc.trace_path()).unwrap();
     assert!(raw.contains("birdc\""), "the trace shows no birdc");
     assert!(trace.families.contains("AF_UNIX"), "{:?}", trace.families);
+
+    // Root detaches everywhere with no agent running: the VIP is withdrawn through the
+    // agent's record, with the service user's rights — the include file stays its, and a
+    // record that names a file root's alone could write is refused.
+    let detach = |tb: &Testbed| {
+        tb.lb_command(&["detach"])
+            .env("LB_RUNTIME_DIR", &run)
+            .output()
+            .unwrap()
+    };
+    let record = std::fs::read_dir(run.join("announce"))
+        .unwrap()
+        .next()
+        .expect("the agent's record")
+        .unwrap()
+        .path();
+    let honest = std::fs::read_to_string(&record).unwrap();
+    let roots_only = dir.0.join("roots-only");
+    std::fs::create_dir(&roots_only).unwrap();
+    std::fs::set_permissions(&roots_only, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let target = roots_only.join("bird-vips.conf");
+    let forged = format!("{}\n{}\n", target.display(), socket.display());
+    // (Written as the agent would: the record is its.)
+    std::fs::write(&record, forged).unwrap();
+    std::os::unix::fs::chown(&record, Some(SERVICE_UID), Some(SERVICE_UID)).unwrap();
+    let out = detach(&tb);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !target.exists() && err.contains("withdrawing the VIPs from BIRD failed"),
+        "root wrote where the record said: {err}"
+    );
+    tb.lb(&["attach", "g0", "--mode", "native"]).unwrap();
+    std::fs::write(&record, honest).unwrap();
+    let out = detach(&tb);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("withdrew the VIPs from BIRD"),
+        "{out:?}"
+    );
+    let m = std::fs::metadata(&include).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (SERVICE_UID, 0o644));
+    wait_for(Duration::from_secs(10), "the VIP gone from BIRD", || {
+        Command::new("birdc")
+            .arg("-s")
+            .arg(&socket)
+            .args(["show", "route"])
+            .output()
+            .is_ok_and(|o| {
+                o.status.success()
+                    && !String::from_utf8_lossy(&o.stdout).contains(&format!("{VIP}/32"))
+            })
+    });
 }

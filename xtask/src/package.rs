@@ -25,23 +25,15 @@ const COMPLETIONS: [(&str, &str); 3] = [
     ("fish", "usr/share/fish/vendor_completions.d/lb.fish"),
 ];
 
-/// The service user's directories. (`d` on bpffs makes the directory if it is missing; an
-/// existing one gets this owner and mode.)
-const TMPFILES_TEXT: &str = "\
-# lb: the pin directory (program, links, maps) and the runtime directory (BIRD's include
-# file, the announcement record), both the service user's.
-d /sys/fs/bpf/lb 0700 lb lb -
-d /run/lb 0755 lb lb -
-";
-
 /// Makes the service user (kept on purge, as Debian does with system users), gives it the
 /// configuration to read and BIRD's control socket to use, and its directories.
 const POSTINST: &str = r#"#!/bin/sh
 set -e
 if [ "$1" = configure ]; then
   if ! getent passwd lb >/dev/null; then
-    adduser --system --group --quiet --home /nonexistent --no-create-home \
-      --gecos "lb load balancer" lb
+    adduser --system --group --quiet --home /nonexistent --no-create-home lb
+  elif [ "$(id -u lb)" -ge 1000 ]; then
+    echo "lb: the user lb exists and is not a system user; the service runs as it" >&2
   fi
   # The configuration holds the hash seed: root's, readable by the agent. An operator's
   # own choice of owner (not root:root) is kept.
@@ -52,6 +44,13 @@ if [ "$1" = configure ]; then
   if getent group bird >/dev/null; then
     adduser --quiet lb bird
   fi
+  # From a version whose agent ran as root: its pins and records are root's. Handed over
+  # while the directories are still root's (nobody else could have put anything there).
+  for d in /sys/fs/bpf/lb /run/lb; do
+    if [ -d "$d" ] && [ "$(stat -c %U "$d")" = root ]; then
+      chown -R lb:lb "$d"
+    fi
+  done
   if command -v systemd-tmpfiles >/dev/null; then
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/lb.conf || true
   fi
@@ -130,7 +129,11 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     )?;
     // The pin directory on the BPF filesystem (systemd mounts it at /sys/fs/bpf at boot) and
     // the runtime directory: the service user's, made at boot and at install.
-    put(TMPFILES, TMPFILES_TEXT.as_bytes(), 0o644)?;
+    put(
+        TMPFILES,
+        &std::fs::read(root.join("deploy/lb-tmpfiles.conf"))?,
+        0o644,
+    )?;
     // Man pages and completions, from the clap definitions of the binary just built.
     let man = stage.join(MAN);
     cmd(
@@ -223,7 +226,11 @@ pub fn check(deb: &Path) -> Result<()> {
         bail!("/sys/fs/bpf/lb exists (a data plane pinned there?): the check makes its own");
     }
     let host = Machine::host();
-    host.run("dpkg", &["-i", deb.to_str().context("path")?])?;
+    if let Err(e) = host.run("dpkg", &["-i", deb.to_str().context("path")?]) {
+        // Half-installed: purged, so that the next check can run.
+        let _ = host.run("dpkg", &["--purge", "lb"]);
+        return Err(e);
+    }
     check_and_purge(&host)?;
     println!("package check: installed, checked and purged on this machine");
 
@@ -390,8 +397,10 @@ fn service_user(machine: &Machine) -> Result<()> {
     owned("etc/lb/lb.toml", 0o640, (0, gid))?;
     if machine.path("usr/bin/systemd-tmpfiles").exists() {
         owned("run/lb", 0o755, (uid, gid))?;
+        owned("run/lb/bird-vips.conf", 0o644, (uid, gid))?;
     }
     if machine.is_host() && is_bpffs("/sys/fs/bpf") {
+        owned("sys/fs/bpf", 0o711, (0, 0))?;
         owned("sys/fs/bpf/lb", 0o700, (uid, gid))?;
         // The service user opens its pin directory: lb says nothing is loaded there (not
         // "permission denied").

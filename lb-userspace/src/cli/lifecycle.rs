@@ -157,7 +157,7 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
     if purge {
         let path = dir.path().to_path_buf();
         dir.purge().context("removing the pinned state")?;
-        let _ = std::fs::remove_file(lb::announce::record_path(&path));
+        lb::announce::forget_record(&path);
         outln!("removed the program and all state from {}", path.display());
     }
     Ok(())

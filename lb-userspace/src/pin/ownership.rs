@@ -105,25 +105,10 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
 
 /// "user lb (uid 105)", or "uid 105" for a user without a name.
 fn describe_user(uid: u32) -> String {
-    match user_name(uid) {
+    match crate::identity::user_name(uid) {
         Some(name) => format!("user {name} (uid {uid})"),
         None => format!("uid {uid}"),
     }
-}
-
-fn user_name(uid: u32) -> Option<String> {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: all-zero is a valid passwd; getpwuid_r writes into it and `buf` only.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result = std::ptr::null_mut();
-    // SAFETY: the pointers are valid for the lengths given.
-    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
-    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
-    let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
-    Some(name.to_string_lossy().into_owned())
 }
 
 /// The error for a pin directory this process may not open (`EACCES`).
@@ -140,6 +125,32 @@ pub fn denied(path: &Path) -> anyhow::Error {
     anyhow!(
         "permission denied on the pin directory {} ({owner}): run lb as that user or as root",
         path.display()
+    )
+}
+
+/// An error naming the owner if this process may not read and write the pin `path` (a pin
+/// another user made: root's, say, from before lb ran as a service user).
+pub fn require_access(path: &Path) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).context("a path with NUL")?;
+    // SAFETY: valid C string; faccessat only reads it.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::R_OK | libc::W_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EACCES) {
+        return Ok(());
+    }
+    let owner = fs::symlink_metadata(path)
+        .map(|m| describe_user(m.uid()))
+        .unwrap_or_else(|_| "another user".into());
+    anyhow::bail!(
+        "permission denied on the pin {} (it belongs to {owner}): run lb as that user or as root; after an upgrade from an lb that ran as root, give the pins to the service user (chown -R lb:lb {}; the package does it)",
+        path.display(),
+        path.parent().unwrap_or(path).display()
     )
 }
 

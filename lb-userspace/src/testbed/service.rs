@@ -248,7 +248,7 @@ impl ServiceRun {
         })
     }
 
-    /// The runtime directory (`RuntimeDirectory=lb`, i.e. `$RUNTIME_DIRECTORY`).
+    /// The runtime directory (the unit's `RuntimeDirectory=lb`; `$LB_RUNTIME_DIR` here).
     pub fn runtime_dir(&self) -> PathBuf {
         self.dir.join("run")
     }
@@ -300,7 +300,7 @@ impl ServiceRun {
             .arg(self.trace_path())
             .arg(program)
             .args(args)
-            .env("RUNTIME_DIRECTORY", self.runtime_dir())
+            .env("LB_RUNTIME_DIR", self.runtime_dir())
             .env_remove("RUST_LOG");
         for e in self.unit.all("Environment") {
             if let Some((k, v)) = e.split_once('=') {
