@@ -199,6 +199,26 @@ fn the_agent_runs_as_the_unit_says() {
         "a refused attach pinned something"
     );
 
+    // The file-system view the runs get (the unit's): nothing writable but the runtime and
+    // pin directories, no /proc/sys, no other processes.
+    let probe = format!(
+        "touch {run}/probe && ! touch {dir}/probe 2>/dev/null && ! touch /etc/lb-probe 2>/dev/null && test ! -e /proc/sys && test ! -e /proc/1",
+        run = svc.runtime_dir().display(),
+        dir = dir.0.display()
+    );
+    let viewed = svc
+        .command(
+            &tb.gateway.name,
+            "",
+            &[tb.pin_dir()],
+            Path::new("/bin/sh"),
+            &["-c", &probe],
+        )
+        .unwrap()
+        .status()
+        .unwrap();
+    assert!(viewed.success(), "the unit's file-system view: {probe}");
+
     // Loading takes the capabilities; attaching a loaded program, detaching and reading take
     // none (only the pins' file permissions).
     let seeded = [

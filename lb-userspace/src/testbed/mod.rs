@@ -250,7 +250,13 @@ impl Testbed {
             .with_context(|| format!("opening {}", log.display()))?;
         use std::os::unix::process::CommandExt;
         service
-            .command(&self.gateway.name, caps, &self.lb_bin, args)?
+            .command(
+                &self.gateway.name,
+                caps,
+                &[Path::new(&self.pin_dir)],
+                &self.lb_bin,
+                args,
+            )?
             .env("LB_PIN_DIR", &self.pin_dir)
             // Its own process group: strace and lb go together (`service::kill_group`).
             .process_group(0)

@@ -186,6 +186,10 @@ fn expand(item: &str, groups: &BTreeMap<String, Vec<String>>) -> BTreeSet<String
 pub struct Trace {
     pub syscalls: BTreeSet<String>,
     pub families: BTreeSet<String>,
+    /// Calls that asked for memory both writable and executable (`MemoryDenyWriteExecute`).
+    pub write_exec: Vec<String>,
+    /// Calls that asked for a new namespace (`RestrictNamespaces`).
+    pub namespaces: Vec<String>,
 }
 
 impl Trace {
@@ -213,11 +217,42 @@ impl Trace {
                     .collect();
                 t.families.insert(family);
             }
+            let memory = matches!(name.as_str(), "mmap" | "mprotect" | "pkey_mprotect");
+            if memory && after.contains("PROT_WRITE") && after.contains("PROT_EXEC") {
+                t.write_exec.push(line.to_string());
+            }
+            let spawn = matches!(name.as_str(), "clone" | "clone3" | "unshare" | "setns");
+            if spawn && after.contains("CLONE_NEW") {
+                t.namespaces.push(line.to_string());
+            }
             t.syscalls.insert(name);
         }
         t
     }
 }
+
+/// What systemd's `ProtectSystem=strict` (with `ProtectKernelTunables`,
+/// `ProtectControlGroups`), `ReadWritePaths=`, `RuntimeDirectory=`, `ProtectHome=yes` and
+/// `ProcSubset=pid` + `ProtectProc=invisible` make of the file system, done by root in a new
+/// mount namespace before it drops to the service user: its arguments are the writable paths,
+/// then `--` and the command.
+const FILE_SYSTEM_VIEW: &str = r#"set -e
+for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
+  case "$m" in /proc|/proc/*|/dev|/dev/*) continue;; esac
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+while [ "$1" != -- ]; do
+  mount --bind "$1" "$1"
+  mount -o remount,bind,rw "$1"
+  shift
+done
+shift
+for h in /home /root /run/user; do
+  if [ -d "$h" ]; then mount -t tmpfs -o ro,mode=0755 tmpfs "$h"; fi
+done
+mount -t proc -o subset=pid,hidepid=invisible proc /proc
+exec "$@"
+"#;
 
 /// A run of the agent as the unit would run it.
 pub struct ServiceRun {
@@ -253,19 +288,35 @@ impl ServiceRun {
         self.dir.join("run")
     }
 
+    /// (In the runtime directory: the rest is read-only to the traced run.)
     pub fn trace_path(&self) -> PathBuf {
-        self.dir.join("strace.out")
+        self.runtime_dir().join("strace.out")
     }
 
     /// `program args…` in namespace `netns` as the unit runs it, with capabilities `caps`
-    /// (setpriv's form; the unit's unless the caller takes some away), traced by strace.
+    /// (setpriv's form; the unit's unless the caller takes some away), traced by strace, in a
+    /// mount namespace of its own with the unit's file-system view: everything read-only but
+    /// `writable` (the pin directory: the unit's `ReadWritePaths`) and the runtime directory,
+    /// home directories empty, /proc with only processes.
     pub fn command(
         &self,
         netns: &str,
         caps: &str,
+        writable: &[&Path],
         program: &Path,
         args: &[&str],
     ) -> Result<Command> {
+        for (key, value) in [
+            ("ProtectSystem", "strict"),
+            ("ProtectHome", "yes"),
+            ("ProcSubset", "pid"),
+            ("ProtectProc", "invisible"),
+        ] {
+            ensure!(
+                self.unit.one(key)? == value,
+                "the unit's {key} is not the {value} this run emulates"
+            );
+        }
         let umask = self.unit.one("UMask")?;
         ensure!(
             umask.len() <= 4 && umask.chars().all(|c| c.is_digit(8)),
@@ -285,6 +336,11 @@ impl ServiceRun {
         };
         let mut c = Command::new("nsenter");
         c.arg(format!("--net=/run/netns/{netns}"))
+            .args(["unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", FILE_SYSTEM_VIEW, "sh"])
+            .args(writable)
+            .arg(self.runtime_dir())
+            .arg("--")
             .arg("setpriv")
             .arg(format!("--reuid={}", self.uid))
             .arg(format!("--regid={}", self.gid))
@@ -334,6 +390,20 @@ impl ServiceRun {
             refused.is_empty(),
             "system calls the unit's SystemCallFilter refuses: {refused:?}"
         );
+        if self.unit.one("MemoryDenyWriteExecute")? == "yes" {
+            ensure!(
+                t.write_exec.is_empty(),
+                "writable and executable memory, which MemoryDenyWriteExecute refuses: {:?}",
+                t.write_exec
+            );
+        }
+        if self.unit.one("RestrictNamespaces")? == "yes" {
+            ensure!(
+                t.namespaces.is_empty(),
+                "new namespaces, which RestrictNamespaces refuses: {:?}",
+                t.namespaces
+            );
+        }
         let families = self.unit.allowed_families()?;
         let refused: Vec<&String> = t.families.difference(&families).collect();
         ensure!(
@@ -391,11 +461,19 @@ mod tests {
     #[test]
     fn strace_lines_give_calls_and_families() {
         let t = Trace::parse(
-            "12 socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_TCP) = 5\n13 <... bpf resumed>) = 0\n12 +++ exited with 0 +++\n13 --- SIGCHLD {si_signo=SIGCHLD} ---\n14 socketpair(AF_UNIX, SOCK_STREAM, 0, [3, 4]) = 0\n",
+            "12 socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_TCP) = 5\n13 <... bpf resumed>) = 0\n12 +++ exited with 0 +++\n13 --- SIGCHLD {si_signo=SIGCHLD} ---\n14 socketpair(AF_UNIX, SOCK_STREAM, 0, [3, 4]) = 0\n15 mmap(NULL, 4096, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f\n15 mprotect(0x7f, 4096, PROT_READ|PROT_EXEC) = 0\n16 clone3({flags=CLONE_NEWNET|CLONE_VM, exit_signal=0}, 88) = 17\n",
         );
+        assert_eq!((t.write_exec.len(), t.namespaces.len()), (1, 1));
         assert_eq!(
             t.syscalls,
-            BTreeSet::from(["bpf".into(), "socket".into(), "socketpair".into()])
+            BTreeSet::from([
+                "bpf".into(),
+                "clone3".into(),
+                "mmap".into(),
+                "mprotect".into(),
+                "socket".into(),
+                "socketpair".into()
+            ])
         );
         assert_eq!(
             t.families,
