@@ -39,8 +39,6 @@ pub struct Bird {
     pub socket: PathBuf,
     /// What was last written and loaded (None: nothing yet).
     announced: Option<BTreeSet<IpAddr>>,
-    /// Whose rights birdc runs with (root following a service user's record); None: ours.
-    run_as: Option<crate::identity::Identity>,
 }
 
 impl Bird {
@@ -49,7 +47,6 @@ impl Bird {
             include,
             socket,
             announced: None,
-            run_as: None,
         }
     }
 
@@ -77,9 +74,6 @@ impl Bird {
         }
         let mut cmd = Command::new("birdc");
         cmd.arg("-s").arg(&self.socket).arg("configure");
-        if let Some(id) = &self.run_as {
-            id.run_as(&mut cmd);
-        }
         let out =
             output_within(cmd, BIRDC_TIMEOUT).context("running birdc (is bird2 installed?)")?;
         let text = String::from_utf8_lossy(&out.stdout);
@@ -176,17 +170,56 @@ pub fn runtime_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/run/lb"))
 }
 
-/// Removes the record for `pin_dir` (`lb detach --purge`), with its owner's rights.
-pub fn forget_record(pin_dir: &Path) {
-    let Ok(owner) = crate::identity::Identity::of_owner(&runtime_dir()) else {
-        return;
-    };
-    let _files = owner.as_ref().map(|id| id.files());
-    let _ = std::fs::remove_file(record_path(pin_dir));
+/// What `withdraw-recorded` prints when it withdrew.
+pub const WITHDREW: &str = "withdrew";
+
+/// Runs `lb withdraw-recorded PIN_DIR [--forget]` as `owner`: this very binary in a child
+/// that is that user entirely (groups, gid, uid), bounded in time.
+fn as_owner(owner: &crate::identity::Identity, pin_dir: &Path, forget: bool) -> Result<String> {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg("withdraw-recorded")
+        .arg(pin_dir)
+        .env("LB_RUNTIME_DIR", runtime_dir());
+    if forget {
+        cmd.arg("--forget");
+    }
+    owner.run_as(&mut cmd);
+    let out = output_within(cmd, BIRDC_TIMEOUT * 2)
+        .with_context(|| format!("running lb as {}", owner.describe()))?;
+    if !out.status.success() {
+        bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Records `bird`'s settings for `pin_dir` (`record_path`).
+/// Removes the record for `pin_dir` (`lb detach --purge`): as its owner when that is not us.
+pub fn forget_record(pin_dir: &Path) -> Result<()> {
+    match crate::identity::Identity::of_owner(&runtime_dir()) {
+        Ok(Some(owner)) => as_owner(&owner, pin_dir, true).map(|_| ()),
+        Ok(None) => forget_record_here(pin_dir),
+        Err(_) => Ok(()), // no runtime directory: nothing recorded
+    }
+}
+
+/// `forget_record` in this process.
+pub fn forget_record_here(pin_dir: &Path) -> Result<()> {
+    match std::fs::remove_file(record_path(pin_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Records `bird`'s settings for `pin_dir` (`record_path`). Not by root in another user's
+/// runtime directory (a root-run agent on a gateway made for the service user): root would
+/// write through whatever that user put there.
 pub fn record(pin_dir: &Path, bird: &Bird) -> Result<()> {
+    if let Ok(Some(owner)) = crate::identity::Identity::of_owner(&runtime_dir()) {
+        bail!(
+            "not recording the BIRD settings in {}, which belongs to {}, as root: `lb detach` will not withdraw this agent's VIPs (run the agent as that user, or set LB_RUNTIME_DIR to a directory of root's)",
+            runtime_dir().display(),
+            owner.describe()
+        );
+    }
     let text = format!("{}\n{}\n", bird.include.display(), bird.socket.display());
     write_atomically(&record_path(pin_dir), &text, 0o600)
 }
@@ -195,16 +228,36 @@ pub fn record(pin_dir: &Path, bird: &Bird) -> Result<()> {
 /// (`record`). Ok(false): nothing recorded.
 ///
 /// The record is the agent's: when root runs this and the runtime directory is another user's
-/// (the service user's), the record is read, the include file written and birdc run with that
-/// user's rights (`identity`), never root's.
+/// (the service user's), the record is read, the include file written and birdc run by a
+/// child that is that user (`as_owner`), never with root's rights.
 pub fn withdraw_recorded(pin_dir: &Path) -> Result<bool> {
-    let Ok(owner) = crate::identity::Identity::of_owner(&runtime_dir()) else {
-        return Ok(false); // no runtime directory: nothing recorded
+    match crate::identity::Identity::of_owner(&runtime_dir()) {
+        Ok(Some(owner)) => Ok(as_owner(&owner, pin_dir, false)? == WITHDREW),
+        Ok(None) => withdraw_recorded_here(pin_dir),
+        Err(_) => Ok(false), // no runtime directory: nothing recorded
+    }
+}
+
+/// `withdraw_recorded` in this process. The record is read as a regular file only, never
+/// through a link, at most 64 KiB.
+pub fn withdraw_recorded_here(pin_dir: &Path) -> Result<bool> {
+    use std::io::Read;
+    let path = record_path(pin_dir);
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path);
+    let file = match opened {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        r => r.with_context(|| format!("opening {}", path.display()))?,
     };
-    let _files = owner.as_ref().map(|id| id.files());
-    let Ok(text) = std::fs::read_to_string(record_path(pin_dir)) else {
-        return Ok(false);
-    };
+    if !file.metadata()?.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    let mut text = String::new();
+    file.take(64 * 1024)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut lines = text.lines();
     let (Some(include), Some(socket)) = (lines.next(), lines.next()) else {
         bail!(
@@ -212,9 +265,7 @@ pub fn withdraw_recorded(pin_dir: &Path) -> Result<bool> {
             record_path(pin_dir).display()
         );
     };
-    let mut bird = Bird::new(include.into(), socket.into());
-    bird.run_as = owner.clone();
-    bird.announce(&BTreeSet::new())?;
+    Bird::new(include.into(), socket.into()).announce(&BTreeSet::new())?;
     Ok(true)
 }
 

@@ -1,9 +1,8 @@
 //! Acting as another user from root: for `lb detach`, which follows what the agent — the
 //! service user — recorded in its runtime directory. Root must not write where that record
 //! says or run birdc on the socket it names with root's rights, or a compromised service could
-//! have root overwrite any file. So root reads and writes those files with the owner's file
-//! identity (`setfsuid`/`setfsgid`: the kernel also drops root's file capabilities meanwhile)
-//! and runs birdc as the owner, with the owner's groups (BIRD's socket is group `bird`'s).
+//! have root overwrite any file. So that work runs in a child that is that user entirely:
+//! its groups from the user database (BIRD's socket is group `bird`'s), its gid, its uid.
 
 use std::{ffi::CString, os::unix::fs::MetadataExt, path::Path, process::Command};
 
@@ -20,7 +19,7 @@ pub struct Identity {
 
 impl Identity {
     /// The owner of `path` (not followed if a link), when this process is root and the owner
-    /// is not: whose rights files there must be used with. None otherwise.
+    /// is not: whose rights work there must be done with. None otherwise.
     pub fn of_owner(path: &Path) -> Result<Option<Identity>> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -31,53 +30,41 @@ impl Identity {
         if m.uid() == 0 {
             return Ok(None);
         }
+        let uid = m.uid();
+        // The user's own group, as its processes have it; the file's for an unnamed uid.
+        let gid = user_gid(uid).unwrap_or(m.gid());
         Ok(Some(Identity {
-            uid: m.uid(),
-            gid: m.gid(),
-            groups: groups_of(m.uid(), m.gid()),
+            uid,
+            gid,
+            groups: groups_of(uid, gid),
         }))
     }
 
-    /// File access as this user until the guard is dropped (this thread only).
-    pub fn files(&self) -> FilesAs {
-        // SAFETY: plain syscalls; they change this thread's file identity only.
-        unsafe {
-            libc::setfsgid(self.gid);
-            libc::setfsuid(self.uid);
+    /// "user lb (uid 105)" or "uid 64350".
+    pub fn describe(&self) -> String {
+        match user_name(self.uid) {
+            Some(name) => format!("user {name} (uid {})", self.uid),
+            None => format!("uid {}", self.uid),
         }
-        FilesAs
     }
 
-    /// Makes `cmd` run as this user, with its groups.
+    /// Makes `cmd` run as this user: its groups, gid and uid, set in the child before exec
+    /// (a child that cannot set them fails to start).
     pub fn run_as(&self, cmd: &mut Command) {
         use std::os::unix::process::CommandExt;
         let id = self.clone();
-        // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-        // (on memory allocated before the fork).
+        // SAFETY: between fork and exec the closure makes only async-signal-safe system calls,
+        // on memory allocated before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                let fail = || Err(std::io::Error::last_os_error());
                 if libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
                     || libc::setresgid(id.gid, id.gid, id.gid) != 0
                     || libc::setresuid(id.uid, id.uid, id.uid) != 0
                 {
-                    return fail();
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
-        }
-    }
-}
-
-/// Root's file identity again when dropped.
-pub struct FilesAs;
-
-impl Drop for FilesAs {
-    fn drop(&mut self) {
-        // SAFETY: as in `files`.
-        unsafe {
-            libc::setfsuid(0);
-            libc::setfsgid(0);
         }
     }
 }
@@ -98,53 +85,59 @@ pub fn user_name(uid: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// The primary group of `uid` in the user database.
+fn user_gid(uid: u32) -> Option<u32> {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: as in `user_name`.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: the pointers are valid for the lengths given.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    (rc == 0 && !result.is_null()).then_some(pwd.pw_gid)
+}
+
 /// `uid`'s groups: its primary `gid` and those the group database lists it in.
 fn groups_of(uid: u32, gid: u32) -> Vec<u32> {
     let Some(name) = user_name(uid).and_then(|n| CString::new(n).ok()) else {
         return vec![gid];
     };
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut n = groups.len() as libc::c_int;
-    // SAFETY: `groups` has room for `n` entries; getgrouplist writes at most that many.
-    let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-    if rc < 0 {
-        return vec![gid];
+    let mut groups = vec![0 as libc::gid_t; 64];
+    for _ in 0..2 {
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: `groups` has room for `n` entries; getgrouplist writes at most that many
+        // and says how many there are.
+        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n.max(0) as usize);
+            return groups;
+        }
+        groups.resize(n.max(1) as usize, 0);
     }
-    groups.truncate(n.max(0) as usize);
-    groups
+    vec![gid]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// As root: files written with another user's identity are that user's, and that user's
-    /// permissions apply (a root-only directory refuses); root's identity comes back.
+    /// As root: work for a directory another user owns runs as that user, groups and all.
     #[test]
-    fn files_as_the_owner() {
+    fn children_run_as_the_owner() {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "run the tests as root");
-        let base = std::env::temp_dir().join(format!("lb-identity-{}", std::process::id()));
-        let theirs = base.join("theirs");
-        let roots = base.join("roots");
-        std::fs::create_dir_all(&theirs).unwrap();
-        std::fs::create_dir_all(&roots).unwrap();
-        std::fs::set_permissions(&roots, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .unwrap();
-        std::os::unix::fs::chown(&theirs, Some(64_370), Some(64_371)).unwrap();
-        let id = Identity::of_owner(&theirs).unwrap().expect("not root's");
-        let (made, refused) = {
-            let _as = id.files();
-            let made = std::fs::write(theirs.join("f"), "x").is_ok();
-            let refused = std::fs::write(roots.join("f"), "x").is_err();
-            (made, refused)
-        };
-        let back = std::fs::write(roots.join("g"), "x").is_ok();
-        let owner = std::fs::metadata(theirs.join("f")).map(|m| (m.uid(), m.gid()));
-        std::fs::remove_dir_all(&base).unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-identity-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(64_370), Some(64_371)).unwrap();
+        let id = Identity::of_owner(&dir).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+        let id = id.expect("not root's");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "id -u; id -g; id -G"]);
+        id.run_as(&mut cmd);
+        let out = cmd.output().unwrap();
         assert_eq!(
-            (made, refused, back, owner.ok()),
-            (true, true, true, Some((64_370, 64_371)))
+            String::from_utf8_lossy(&out.stdout),
+            "64370\n64371\n64371\n"
         );
     }
 }

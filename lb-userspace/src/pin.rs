@@ -223,6 +223,12 @@ impl PinDir {
         // waited, lock the one that is there now, so commands stay serialized.
         for _ in 0..100 {
             match fs::symlink_metadata(path) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    bail!(
+                        "the pin directory {} is a symbolic link: refused",
+                        path.display()
+                    )
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let made = fs::DirBuilder::new()
@@ -253,9 +259,10 @@ impl PinDir {
                 Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                     return Err(ownership::denied(path))
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                // (Made a link since: O_NOFOLLOW|O_DIRECTORY says ENOTDIR.)
+                Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
                     bail!(
-                        "the pin directory {} is a symbolic link: refused",
+                        "the pin directory {} is not a directory: refused",
                         path.display()
                     )
                 }

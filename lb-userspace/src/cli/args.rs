@@ -199,6 +199,14 @@ SIGHUP re-reads the file at once; SIGTERM/SIGINT stop the agent (not the data pl
     /// Write the man pages (lb(1) and one per subcommand) into a directory (packaging).
     #[command(hide = true)]
     Manpages { dir: PathBuf },
+    /// Withdraw the VIPs an agent recorded for PIN_DIR, or with --forget remove its record:
+    /// what root's `lb detach` runs as the record's owner (lb::announce).
+    #[command(hide = true)]
+    WithdrawRecorded {
+        pin_dir: PathBuf,
+        #[arg(long)]
+        forget: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<std::time::Duration, String> {

@@ -157,7 +157,9 @@ pub fn detach(dir: PinDir, ifaces: &[String], purge: bool) -> CmdResult {
     if purge {
         let path = dir.path().to_path_buf();
         dir.purge().context("removing the pinned state")?;
-        lb::announce::forget_record(&path);
+        if let Err(e) = lb::announce::forget_record(&path) {
+            eprintln!("warning: removing the announcement record failed: {e:#}");
+        }
         outln!("removed the program and all state from {}", path.display());
     }
     Ok(())

@@ -150,6 +150,15 @@ fn run(cli: Cli) -> CmdResult {
             return Ok(());
         }
         Command::Manpages { dir } => return Ok(docs::manpages(dir)?),
+        // Takes no lock: `lb detach`, which runs it, holds the pin directory's.
+        Command::WithdrawRecorded { pin_dir, forget } => {
+            if *forget {
+                lb::announce::forget_record_here(pin_dir)?;
+            } else if lb::announce::withdraw_recorded_here(pin_dir)? {
+                out!("{}", lb::announce::WITHDREW);
+            }
+            return Ok(());
+        }
         _ => {}
     }
     // No root needed: what loads a program checks its capabilities (`privileges`); the rest
@@ -220,7 +229,10 @@ fn run(cli: Cli) -> CmdResult {
         Command::Check => config_cmd::check(&dir, json),
         Command::Decap(c) => lifecycle::decap(&dir, c, json),
         Command::Upgrade { object } => agent_cmd::upgrade(&dir, object.as_deref(), json),
-        Command::Run { .. } | Command::Completions { .. } | Command::Manpages { .. } => {
+        Command::Run { .. }
+        | Command::Completions { .. }
+        | Command::Manpages { .. }
+        | Command::WithdrawRecorded { .. } => {
             unreachable!("handled above")
         }
     }

@@ -40,15 +40,28 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
     {
         anyhow::bail!("{} is not on a BPF filesystem", path.display());
     }
-    let parent = path.parent().context("the pin directory's parent")?;
-    let p = fs::metadata(parent).with_context(|| format!("reading {}", parent.display()))?;
-    if p.uid() != 0 || p.mode() & 0o022 != 0 {
+    // The parent of the locked directory itself (not of the path, which may be relative or
+    // renamed since).
+    let dotdot = CString::new("..").expect("no NUL");
+    // SAFETY: all-zero is a valid stat; fstatat writes into it.
+    let mut parent: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, C string and out pointer.
+    if unsafe { libc::fstatat(locked.as_raw_fd(), dotdot.as_ptr(), &mut parent, 0) } != 0 {
+        anyhow::bail!(
+            "reading the parent of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let parent_mode = parent.st_mode & 0o7777;
+    if parent.st_uid != 0 || parent_mode & 0o022 != 0 {
+        let parent = path.parent().unwrap_or(Path::new(".."));
         anyhow::bail!(
             "pins made here stay root's: {} belongs to {}, but its parent {} is writable by others (mode {:04o}), so anyone could have made it — chmod 0711 {} (the package's tmpfiles.d does), or run lb as that user",
             path.display(),
             describe_user(meta.uid()),
             parent.display(),
-            p.mode() & 0o7777,
+            parent_mode,
             parent.display()
         );
     }

@@ -217,12 +217,20 @@ impl Trace {
                     .collect();
                 t.families.insert(family);
             }
-            let memory = matches!(name.as_str(), "mmap" | "mprotect" | "pkey_mprotect");
-            if memory && after.contains("PROT_WRITE") && after.contains("PROT_EXEC") {
+            // (systemd's rule: no mapping writable and executable, and no mapping made
+            // executable later.)
+            let exec = after.contains("PROT_EXEC");
+            let refused = match name.as_str() {
+                "mmap" => exec && after.contains("PROT_WRITE"),
+                "mprotect" | "pkey_mprotect" => exec,
+                "shmat" => after.contains("SHM_EXEC"),
+                _ => false,
+            };
+            if refused {
                 t.write_exec.push(line.to_string());
             }
-            let spawn = matches!(name.as_str(), "clone" | "clone3" | "unshare" | "setns");
-            if spawn && after.contains("CLONE_NEW") {
+            let spawn = matches!(name.as_str(), "clone" | "clone3" | "unshare");
+            if (spawn && after.contains("CLONE_NEW")) || name == "setns" {
                 t.namespaces.push(line.to_string());
             }
             t.syscalls.insert(name);
@@ -241,6 +249,8 @@ for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   case "$m" in /proc|/proc/*|/dev|/dev/*) continue;; esac
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
+writable=$(awk '$5 !~ "^/(proc|dev)(/|$)" && $6 !~ "(^|,)ro(,|$)" {print $5}' /proc/self/mountinfo)
+if [ -n "$writable" ]; then echo "still writable: $writable" >&2; exit 1; fi
 while [ "$1" != -- ]; do
   mount --bind "$1" "$1"
   mount -o remount,bind,rw "$1"
@@ -461,7 +471,7 @@ mod tests {
     #[test]
     fn strace_lines_give_calls_and_families() {
         let t = Trace::parse(
-            "12 socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_TCP) = 5\n13 <... bpf resumed>) = 0\n12 +++ exited with 0 +++\n13 --- SIGCHLD {si_signo=SIGCHLD} ---\n14 socketpair(AF_UNIX, SOCK_STREAM, 0, [3, 4]) = 0\n15 mmap(NULL, 4096, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f\n15 mprotect(0x7f, 4096, PROT_READ|PROT_EXEC) = 0\n16 clone3({flags=CLONE_NEWNET|CLONE_VM, exit_signal=0}, 88) = 17\n",
+            "12 socket(AF_INET, SOCK_STREAM|SOCK_CLOEXEC, IPPROTO_TCP) = 5\n13 <... bpf resumed>) = 0\n12 +++ exited with 0 +++\n13 --- SIGCHLD {si_signo=SIGCHLD} ---\n14 socketpair(AF_UNIX, SOCK_STREAM, 0, [3, 4]) = 0\n15 mmap(NULL, 4096, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0x7f\n15 mprotect(0x7f, 4096, PROT_READ) = 0\n16 clone3({flags=CLONE_NEWNET|CLONE_VM, exit_signal=0}, 88) = 17\n",
         );
         assert_eq!((t.write_exec.len(), t.namespaces.len()), (1, 1));
         assert_eq!(
