@@ -95,6 +95,19 @@ impl Drop for Bpffs {
     }
 }
 
+/// `birdc show route` on BIRD's socket, if it answers.
+fn bird_routes(socket: &Path) -> Option<String> {
+    let o = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(["show", "route"])
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
 fn log(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
@@ -314,12 +327,7 @@ fn the_agent_runs_as_the_unit_says() {
 
     // Announced through BIRD's control socket.
     wait_for(Duration::from_secs(10), "the VIP in BIRD", || {
-        Command::new("birdc")
-            .arg("-s")
-            .arg(&socket)
-            .args(["show", "route"])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("{VIP}/32")))
+        bird_routes(&socket).is_some_and(|r| r.contains(&format!("{VIP}/32")))
     });
 
     // Root from a shell: detach and attach again. Its new link pin goes to the service user,
@@ -440,14 +448,6 @@ fn the_agent_runs_as_the_unit_says() {
     let m = std::fs::metadata(&include).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (SERVICE_UID, 0o644));
     wait_for(Duration::from_secs(10), "the VIP gone from BIRD", || {
-        Command::new("birdc")
-            .arg("-s")
-            .arg(&socket)
-            .args(["show", "route"])
-            .output()
-            .is_ok_and(|o| {
-                o.status.success()
-                    && !String::from_utf8_lossy(&o.stdout).contains(&format!("{VIP}/32"))
-            })
+        bird_routes(&socket).is_some_and(|r| !r.contains(&format!("{VIP}/32")))
     });
 }
