@@ -80,7 +80,8 @@ fn connections(e: &Ecmp, n: usize) {
             let state = |g: usize| {
                 let b = e.lb(g, &["backend", "list"]).unwrap_or_default();
                 let s = e.lb(g, &["stats"]).unwrap_or_default();
-                format!("gw{}:\n{b}\n{s}", g + 1)
+                let f = e.lb(g, &["flows"]).unwrap_or_default();
+                format!("gw{}:\n{b}\n{s}\n{f}", g + 1)
             };
             panic!("connection {i} failed: {err:#}\n{}\n{}", state(0), state(1));
         }

@@ -446,8 +446,17 @@ impl Client<'_> {
                 sock.set_reuse_address(true)?;
                 sock.bind(&SocketAddr::new(client, port).into())?;
             }
-            sock.connect_timeout(&addr.into(), IO_TIMEOUT)
-                .with_context(|| format!("connecting to {addr}"))?;
+            if let Err(e) = sock.connect_timeout(&addr.into(), IO_TIMEOUT) {
+                // (The port the kernel chose, for a failure to be traced.)
+                let from = sock
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .map(|a| a.port())
+                    .unwrap_or(0);
+                return Err(anyhow::Error::from(e)
+                    .context(format!("connecting to {addr} from port {from}")));
+            }
             let mut s: TcpStream = sock.into();
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
