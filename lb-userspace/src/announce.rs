@@ -20,11 +20,10 @@
 use std::{
     collections::BTreeSet,
     net::IpAddr,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
 };
-
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use anyhow::{bail, Context, Result};
 

@@ -42,10 +42,7 @@ impl Identity {
 
     /// "user lb (uid 105)" or "uid 64350".
     pub fn describe(&self) -> String {
-        match user_name(self.uid) {
-            Some(name) => format!("user {name} (uid {})", self.uid),
-            None => format!("uid {}", self.uid),
-        }
+        describe_user(self.uid)
     }
 
     /// Makes `cmd` run as this user: its groups, gid and uid, set in the child before exec
@@ -66,6 +63,14 @@ impl Identity {
                 Ok(())
             });
         }
+    }
+}
+
+/// "user lb (uid 105)", or "uid 64350" for a user without a name.
+pub fn describe_user(uid: u32) -> String {
+    match user_name(uid) {
+        Some(name) => format!("user {name} (uid {uid})"),
+        None => format!("uid {uid}"),
     }
 }
 

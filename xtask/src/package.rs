@@ -193,25 +193,25 @@ impl Machine {
         self.root.join(rel)
     }
 
-    /// A command on this machine (in its chroot); its trimmed stdout.
-    fn output(&self, program: &str, args: &[&str]) -> Result<String> {
+    /// `program args` as run on this machine: as it is, or through `chroot ROOT`.
+    fn argv<'a>(&'a self, program: &'a str, args: &[&'a str]) -> Result<(&'a str, Vec<&'a str>)> {
         if self.is_host() {
-            return output(program, args);
+            return Ok((program, args.to_vec()));
         }
-        let root = self.root.to_str().context("path")?;
-        let mut all = vec![root, program];
+        let mut all = vec![self.root.to_str().context("path")?, program];
         all.extend(args);
-        output("chroot", &all)
+        Ok(("chroot", all))
+    }
+
+    /// A command on this machine; its trimmed stdout.
+    fn output(&self, program: &str, args: &[&str]) -> Result<String> {
+        let (program, args) = self.argv(program, args)?;
+        output(program, &args)
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<()> {
-        if self.is_host() {
-            return cmd(program, args);
-        }
-        let root = self.root.to_str().context("path")?;
-        let mut all = vec![root, program];
-        all.extend(args);
-        cmd("chroot", &all)
+        let (program, args) = self.argv(program, args)?;
+        cmd(program, &args)
     }
 }
 

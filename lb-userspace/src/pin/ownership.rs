@@ -59,7 +59,7 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
         anyhow::bail!(
             "pins made here stay root's: {} belongs to {}, but its parent {} is writable by others (mode {:04o}), so anyone could have made it — chmod 0711 {} (the package's tmpfiles.d does), or run lb as that user",
             path.display(),
-            describe_user(meta.uid()),
+            crate::identity::describe_user(meta.uid()),
             parent.display(),
             parent_mode,
             parent.display()
@@ -117,20 +117,13 @@ pub fn hand_over(locked: &fs::File, path: &Path) -> Result<Vec<String>> {
 }
 
 /// "user lb (uid 105)", or "uid 105" for a user without a name.
-fn describe_user(uid: u32) -> String {
-    match crate::identity::user_name(uid) {
-        Some(name) => format!("user {name} (uid {uid})"),
-        None => format!("uid {uid}"),
-    }
-}
-
 /// The error for a pin directory this process may not open (`EACCES`).
 pub fn denied(path: &Path) -> anyhow::Error {
     let owner = fs::metadata(path)
         .map(|m| {
             format!(
                 "it belongs to {}, mode {:04o}",
-                describe_user(m.uid()),
+                crate::identity::describe_user(m.uid()),
                 m.mode() & 0o7777
             )
         })
@@ -158,7 +151,7 @@ pub fn require_access(path: &Path) -> Result<()> {
         return Ok(());
     }
     let owner = fs::symlink_metadata(path)
-        .map(|m| describe_user(m.uid()))
+        .map(|m| crate::identity::describe_user(m.uid()))
         .unwrap_or_else(|_| "another user".into());
     anyhow::bail!(
         "permission denied on the pin {} (it belongs to {owner}): run lb as that user or as root; after an upgrade from an lb that ran as root, give the pins to the service user (chown -R lb:lb {}; the package does it)",

@@ -476,7 +476,7 @@ impl Drop for Ecmp {
         super::cleanup_prefix(&format!("{}-", self.prefix));
         for i in 0..2 {
             let pin = PathBuf::from(self.pin_dir(i));
-            let _ = std::fs::remove_file(crate::announce::record_path(&pin));
+            let _ = crate::announce::forget_record_here(&pin);
         }
         if std::thread::panicking() {
             for i in 0..2 {
